@@ -1,0 +1,19 @@
+"""ALBERT-base sizes (E128 H768, 12 heads, FFN 3072, encoder 12, decoder 6) on a GPU or TPU VM.
+
+  python -m flax_albert_code.train --config configs/base.py --workdir runs/base \
+      --config.data.sources=stdlib,site-packages --config.train.steps=20000
+  # local variant: --config.train.steps=10 --config.train.batch_size=8
+"""
+from flax_albert_code import config_lib
+
+
+def get_config():
+  c = config_lib.get_config("base")
+  c.model.dtype = "bfloat16"
+  c.model.attention_impl = "cudnn"
+  c.data.tokenizer_vocab_size = 32000
+  c.train.batch_size = 64
+  c.train.learning_rate = 5e-4
+  c.train.steps = 20000
+  c.train.warmup_steps = 1000
+  return c

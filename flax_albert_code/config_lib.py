@@ -1,0 +1,108 @@
+"""The config schema: every field a run can set, with its default.
+
+Config files in `configs/` call `get_config(preset)` and override what they need; every field is
+overridable from the command line (`--config.train.steps=100`). Model presets follow ALBERT's
+published sizes; `tiny` exists for tests.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# Token ids fixed by the tokenizer (see tokenizer.py): the model and data code share them.
+PAD_ID, UNK_ID, BOS_ID, EOS_ID, CLS_ID, SEP_ID = 0, 1, 2, 3, 4, 5
+
+MODEL_PRESETS = {
+    # name: (vocab, E, H, heads, FFN, encoder layers, decoder layers, max positions)
+    "tiny": dict(vocab_size=512, embedding_size=16, hidden_size=32, num_attention_heads=4,
+                 intermediate_size=64, num_hidden_layers=2, decoder_layers=2,
+                 max_position_embeddings=128, align_dim=16),
+    "small": dict(vocab_size=8000, embedding_size=128, hidden_size=256, num_attention_heads=4,
+                  intermediate_size=1024, num_hidden_layers=4, decoder_layers=4,
+                  max_position_embeddings=512, align_dim=128),
+    "base": dict(vocab_size=32000, embedding_size=128, hidden_size=768, num_attention_heads=12,
+                 intermediate_size=3072, num_hidden_layers=12, decoder_layers=6,
+                 max_position_embeddings=512, align_dim=256),
+    "large": dict(vocab_size=32000, embedding_size=128, hidden_size=1024, num_attention_heads=16,
+                  intermediate_size=4096, num_hidden_layers=24, decoder_layers=12,
+                  max_position_embeddings=512, align_dim=256),
+}
+
+
+def model_config(preset: str = "small") -> ml_collections.ConfigDict:
+  if preset not in MODEL_PRESETS:
+    raise ValueError(f"Unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}.")
+  m = ml_collections.ConfigDict(dict(
+      preset=preset,
+      vocab_size=32000, embedding_size=128, hidden_size=768, num_attention_heads=12,
+      intermediate_size=3072, num_hidden_layers=12, num_hidden_groups=1, inner_group_num=1,
+      hidden_act="gelu_new", max_position_embeddings=512, type_vocab_size=2,
+      layer_norm_eps=1e-12, initializer_range=0.02,
+      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+      # Decoder: one shared block (self-attn, cross-attn, FFN) applied `decoder_layers` times.
+      decoder_layers=6,
+      share_embedding=True,              # decoder reuses the encoder's factorized embedding
+      share_encoder_decoder_block=False,  # decoder reuses encoder self-attn + FFN weights
+      decoder_memory="states",           # "states": all encoder states; "vector": only v_d
+      # Sentence vector and alignment head.
+      pooling="cls",                     # "cls": tanh pooler over [CLS] (ALBERT); "mean"
+      align_dim=256, align_normalize=True,
+      # Numerics and compilation.
+      dtype="float32", param_dtype="float32",
+      attention_impl="xla",              # "xla" | "cudnn" (jax.nn.dot_product_attention)
+      remat="none",                      # "none" | "full" | "dots": rematerialise the shared block
+      scan_layers=True,                  # loop over depth with nn.scan (compile time flat in depth)
+  ))
+  m.update(MODEL_PRESETS[preset])
+  return m
+
+
+def get_config(preset: str = "small") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = preset
+  c.seed = 0
+  c.model = model_config(preset)
+  c.data = ml_collections.ConfigDict(dict(
+      sources="stdlib",            # comma-separated: stdlib, site-packages, dir:PATH, csn:PATH, jsonl:PATH, tfds:NAME
+      data_dir="",                 # prepared data lives here; "" -> <workdir>/data
+      max_examples=0,              # 0: all mined pairs; N: keep the first N after dedupe (tests, smoke runs)
+      min_desc_words=3, max_code_lines=80, max_code_chars=4000,
+      valid_fraction=0.05, test_fraction=0.05, split_seed=0,
+      tokenizer_vocab_size=8000, tokenizer_path="",  # "" -> train on the prepared train split
+      max_desc_len=64, max_code_len=256,
+      code_buckets=(64, 128, 256),  # static batch shapes; each code length goes to the smallest bucket that fits
+      shuffle_seed=0, num_workers=0,
+  ))
+  c.train = ml_collections.ConfigDict(dict(
+      stage="joint",               # "pretrain" (alignment only) | "finetune" (generation [+alignment]) | "joint"
+      init_from="",                # finetune start: a pretrain checkpoint dir or an HF ALBERT dir
+      steps=3000, batch_size=32, microbatches=1,
+      optimizer="adamw",           # "adamw" | "lamb"
+      learning_rate=1e-3, warmup_steps=200, schedule="cosine", end_lr_fraction=0.1,
+      weight_decay=0.01, b1=0.9, b2=0.98, eps=1e-8, grad_clip=1.0,
+      align_losses="infonce",      # comma-separated subset of {l2, infonce}; "" disables alignment
+      l2_weight=1.0, infonce_weight=0.1, gen_weight=1.0, init_temperature=0.07,
+      label_smoothing=0.0, z_loss=0.0,
+      log_every=50, eval_every=500, eval_batches=8,
+      checkpoint_every=500, keep_checkpoints=3, async_checkpointing=True,
+      samples_at_end=4,
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Logical axis -> mesh axes. Batch over (data, fsdp); parameters' `embed` over fsdp (ZeRO-3
+  # style), heads/mlp/vocab over tensor (Megatron style).
+  c.logical_axis_rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("emb", None),
+      ("vocab", "tensor"),
+      ("heads", "tensor"),
+      ("kv", None),
+      ("mlp", "tensor"),
+      ("length", None),
+      ("align", None),
+      ("layers", None),
+  )
+  c.sample = ml_collections.ConfigDict(dict(
+      strategy="greedy", max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
+      num_beams=4, length_penalty=1.0, num_samples=1, batch_buckets=(1, 8, 32),
+  ))
+  return c
