@@ -1,0 +1,67 @@
+"""Okapi BM25 (k1=1.5, b=0.75) in numpy, and the two baselines built on it.
+
+Text is lowercased into words, with identifiers split at underscores and camelCase, so that a
+description's "read file" meets code's `read_file` / `readFile`. IDF is Lucene's
+log(1 + (N - df + 0.5) / (df + 0.5)), which stays positive for common terms.
+"""
+from __future__ import annotations
+
+import collections
+import re
+from typing import Sequence
+
+import numpy as np
+
+_WORD = re.compile(r"[A-Za-z]+|\d+")
+_CAMEL = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
+
+
+def words(text: str) -> list[str]:
+  """Lowercased words; `readFile_v2` -> read, file, v, 2."""
+  return [w.lower() for tok in _WORD.findall(text) for w in _CAMEL.findall(tok)]
+
+
+class BM25:
+  """An index over `documents` (token lists); `scores(query)` -> [num_docs] float array."""
+
+  def __init__(self, documents: Sequence[Sequence[str]], k1: float = 1.5, b: float = 0.75):
+    self.k1, self.b = k1, b
+    self.num_docs = len(documents)
+    lengths = np.array([len(d) for d in documents], dtype=np.float64)
+    avg = lengths.mean() if self.num_docs and lengths.mean() > 0 else 1.0
+    self._norm_D = k1 * (1.0 - b + b * lengths / avg)
+    postings: dict[str, tuple[list[int], list[int]]] = {}
+    for i, doc in enumerate(documents):
+      for term, tf in collections.Counter(doc).items():
+        docs, tfs = postings.setdefault(term, ([], []))
+        docs.append(i)
+        tfs.append(tf)
+    self._postings = {t: (np.array(d), np.array(f, dtype=np.float64))
+                      for t, (d, f) in postings.items()}
+
+  def idf(self, term: str) -> float:
+    df = len(self._postings[term][0]) if term in self._postings else 0
+    return float(np.log1p((self.num_docs - df + 0.5) / (df + 0.5)))
+
+  def scores(self, query: Sequence[str]) -> np.ndarray:
+    out_D = np.zeros(self.num_docs)
+    for term, qtf in collections.Counter(query).items():
+      if term not in self._postings:
+        continue
+      docs, tf = self._postings[term]
+      out_D[docs] += qtf * self.idf(term) * tf * (self.k1 + 1) / (tf + self._norm_D[docs])
+    return out_D
+
+  def score_matrix(self, queries: Sequence[Sequence[str]]) -> np.ndarray:
+    return np.stack([self.scores(q) for q in queries]) if queries else np.zeros((0, self.num_docs))
+
+
+def nearest_neighbour(queries: Sequence[str], corpus_keys: Sequence[str]) -> np.ndarray:
+  """For each query text, the index of the best-scoring corpus text (first on ties)."""
+  index = BM25([words(k) for k in corpus_keys])
+  return np.array([int(np.argmax(index.scores(words(q)))) for q in queries], dtype=np.int64)
+
+
+def retrieval_scores(queries: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
+  """[Q, C] BM25 scores of each query text against the candidate texts."""
+  return BM25([words(c) for c in candidates]).score_matrix([words(q) for q in queries])

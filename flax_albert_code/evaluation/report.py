@@ -1,0 +1,87 @@
+"""report.json and report.md from an `evaluate` / `evaluate_humaneval` results dict.
+
+The markdown has one table (rows: each decoding strategy with and without alignment reranking,
+the model's retrieval, and the BM25 baselines; a blank where a metric does not apply) and the
+best and worst examples with every method's output side by side.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+# (column header, row key, format)
+COLUMNS = (("BLEU", "bleu", "{:.2f}"), ("EM %", "exact_match", "{:.2f}"),
+           ("parses %", "parse_rate", "{:.1f}"), ("MRR", "mrr", "{:.3f}"),
+           ("R@1 %", "r@1", "{:.1f}"), ("R@5 %", "r@5", "{:.1f}"), ("R@10 %", "r@10", "{:.1f}"),
+           ("candidates", "candidates", "{}"), ("pass@1 %", "pass@1", "{:.2f}"),
+           ("pass@10 %", "pass@10", "{:.2f}"), ("samples", "samples", "{}"),
+           ("examples", "examples", "{}"))
+
+
+def table(rows: list[dict]) -> str:
+  """A markdown table of the columns that some row has."""
+  cols = [c for c in COLUMNS if any(c[1] in r for r in rows)]
+  lines = ["| method | " + " | ".join(c[0] for c in cols) + " |",
+           "|---|" + "---:|" * len(cols)]
+  for r in rows:
+    cells = [fmt.format(r[key]) if key in r else "" for _, key, fmt in cols]
+    lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def _fence(code: str) -> str:
+  ticks = "```"
+  while ticks in code:
+    ticks += "`"
+  return f"{ticks}python\n{code.rstrip()}\n{ticks}"
+
+
+def _cases(title: str, cases: list[dict]) -> list[str]:
+  out = [f"### {title}", ""]
+  for c in cases:
+    label = c.get("task_id") or c.get("name") or ""
+    out += [f"**{label}** sentence BLEU {c['sentence_bleu']:.1f} ({c['ranked_by']})".strip(), "",
+            "> " + c["description"].replace("\n", "\n> "), "",
+            "<table><tr><th>reference</th>"
+            + "".join(f"<th>{name}</th>" for name in c["outputs"]) + "</tr><tr>", "",
+            "<td>", "", _fence(c["reference"]), "", "</td>"]
+    for code in c["outputs"].values():
+      out += ["<td>", "", _fence(code), "", "</td>"]
+    out += ["</tr></table>", ""]
+  return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+  task = results.get("task", "generation")
+  lines = [f"# Evaluation: {results.get('title', task)}", "",
+           f"{results['num_examples']} examples"
+           + (f"; BM25 baselines over {results['num_train_examples']} training examples"
+              if results.get("num_train_examples") else "") + ".", ""]
+  if any(r.get("kind") == "retrieval" for r in results["rows"]):
+    lines += ["Retrieval follows CodeSearchNet: each query is ranked against its own target and "
+              "the other examples of its chunk as distractors; `candidates` is the chunk size "
+              "(ties count against the target).", ""]
+  if task == "humaneval":
+    lines += ["HumanEval: every candidate ran in the sandbox (see `sandbox` in report.json). "
+              "Unreranked sampling: unbiased pass@k over all samples; greedy, beam and reranked "
+              "lists: one of the first k passes.", ""]
+  lines += [table(results["rows"]), ""]
+  ex = results.get("examples") or {}
+  if ex.get("best"):
+    lines += _cases("Best examples", ex["best"])
+  if ex.get("worst"):
+    lines += _cases("Worst examples", ex["worst"])
+  return "\n".join(lines).rstrip() + "\n"
+
+
+def write(results: dict[str, Any], out_dir: str) -> tuple[str, str]:
+  """Writes report.json and report.md into `out_dir`; returns their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  json_path = os.path.join(out_dir, "report.json")
+  md_path = os.path.join(out_dir, "report.md")
+  with open(json_path, "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=2, ensure_ascii=False)
+  with open(md_path, "w", encoding="utf-8") as f:
+    f.write(markdown(results))
+  return json_path, md_path
