@@ -66,6 +66,7 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
       data_dir="",                 # prepared data lives here; "" -> <workdir>/data
       max_examples=0,              # 0: all mined pairs; N: keep the first N after dedupe (tests, smoke runs)
       min_desc_words=3, max_code_lines=80, max_code_chars=4000,
+      max_file_bytes=1 << 20,      # larger source files are skipped (generated code, data tables)
       valid_fraction=0.05, test_fraction=0.05, split_seed=0,
       tokenizer_vocab_size=8000, tokenizer_path="",  # "" -> train on the prepared train split
       max_desc_len=64, max_code_len=256,
