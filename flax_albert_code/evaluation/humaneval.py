@@ -57,7 +57,11 @@ def signature(problem: dict) -> str:
 
 
 def description(problem: dict) -> str:
-  doc = ast.get_docstring(_entry_def(problem)) or ""
+  """The docstring, whitespace folded, a newline, then the signature."""
+  # The docstring is the first string statement: HumanEval/115 puts an import before it.
+  strings = [n.value.value for n in _entry_def(problem).body if isinstance(n, ast.Expr)
+             and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)]
+  doc = strings[0] if strings else ""
   return " ".join(doc.split()) + "\n" + signature(problem)
 
 

@@ -46,6 +46,7 @@ import time
 from typing import Sequence
 
 NOBODY = 65534
+PYTHON = sys.executable  # the interpreter that runs programs (any Python >= 3.8 with audit hooks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +159,7 @@ _WORDS = {"cpu", "syntax", "assert", "exit", "exception"}
 
 
 def _python() -> list[str]:
-  return [sys.executable, "-I", "-B", "-S", "-c", _BOOTSTRAP]
+  return [PYTHON, "-I", "-B", "-S", "-c", _BOOTSTRAP]
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,7 +172,7 @@ def _unshare_prefix() -> tuple[str, ...]:
   if os.getuid() != 0:
     prefix[1:1] = ["--user", "--map-root-user"]
   try:
-    ok = subprocess.run(prefix + [sys.executable, "-I", "-S", "-c", "pass"], capture_output=True,
+    ok = subprocess.run(prefix + [PYTHON, "-I", "-S", "-c", "pass"], capture_output=True,
                         timeout=10, env={}).returncode == 0
   except (OSError, subprocess.TimeoutExpired):
     ok = False
