@@ -205,3 +205,49 @@ def test_report_table_leaves_blanks_where_a_metric_does_not_apply():
   assert md.splitlines()[0] == "| method | BLEU | MRR | candidates | examples |"
   assert md.splitlines()[2] == "| greedy | 12.35 |  |  | 3 |"
   assert md.splitlines()[3] == "| BM25 desc→code |  | 0.500 | 1000 |  |"
+
+
+# ---------------------------------------------------------------- the CLI with a fake checkpoint
+
+class _Prepared:
+  def __init__(self, splits):
+    self.splits = splits
+
+  def source(self, split):
+    yield from self.splits[split]
+
+
+def test_evaluate_cli_writes_reports(tmp_path, monkeypatch, capsys):
+  import sys
+  import types
+  from flax_albert_code import evaluate as cli
+  test, train = _examples(6), _examples(20)[6:]
+  jsonl = tmp_path / "extra.jsonl"
+  jsonl.write_text("".join(json.dumps({"description": e["description"], "code": e["code"]}) + "\n"
+                           for e in test))
+
+  class FakeCheckpointGenerator(FakeGenerator):
+    loaded = []
+
+    @classmethod
+    def from_checkpoint(cls, path):
+      cls.loaded.append(path)
+      gen = cls(test)
+      gen.prepared = _Prepared({"train": train, "test": test})
+      return gen
+  monkeypatch.setitem(sys.modules, "flax_albert_code.generator",
+                      types.SimpleNamespace(CodeGenerator=FakeCheckpointGenerator))
+  ckpt = tmp_path / "ckpt"
+  ckpt.mkdir()
+  results = cli.main(["--checkpoint", str(ckpt), "--strategies", "greedy,beam", "--rerank",
+                      "--max-examples", "4"])
+  assert FakeCheckpointGenerator.loaded == [str(ckpt)]
+  assert results["num_examples"] == 4 and results["num_train_examples"] == 14
+  assert [r["method"] for r in results["rows"]][:4] == [
+      "greedy", "beam", "beam + align rerank", "BM25 nearest neighbour"]
+  assert (ckpt / "report.json").exists() and "| beam + align rerank |" in capsys.readouterr().out
+  out = tmp_path / "out"
+  results = cli.main(["--checkpoint", str(ckpt), "--data", f"jsonl:{jsonl}", "--out", str(out),
+                      "--no-baselines", "--no-retrieval"])
+  assert results["num_examples"] == 6 and results["rows"][0]["exact_match"] == 50.0
+  assert (out / "report.md").read_text().startswith(f"# Evaluation: jsonl:{jsonl} (test)")

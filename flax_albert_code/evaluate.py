@@ -1,0 +1,97 @@
+"""Evaluates a checkpoint: generation, retrieval and baselines, or HumanEval; writes report.json/.md.
+
+  python -m flax_albert_code.evaluate --checkpoint DIR [--data SOURCE] [--split test] \\
+      [--strategies greedy,beam,sample] [--rerank] [--max-examples N] [--out DIR]
+
+SOURCE: `prepared` (default: the checkpoint's prepared data), any data source spec
+(`jsonl:PATH`, `csn:PATH`, `dir:PATH`, ...; a source with partitions keeps `--split`), or
+`humaneval`. Baselines use the prepared train split. The logic lives in
+`flax_albert_code.evaluation`; this file only wires it to a checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from typing import Sequence
+
+from flax_albert_code import evaluation
+from flax_albert_code.evaluation import report, sandbox
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m flax_albert_code.evaluate",
+                              description=__doc__.split("\n\n")[0])
+  arg = p.add_argument
+  arg("--checkpoint", required=True, help="checkpoint directory")
+  arg("--data", default="prepared", help="prepared | humaneval | a data source spec")
+  arg("--split", default="test")
+  arg("--strategies", default="greedy", help="comma-separated: greedy, beam, sample")
+  arg("--rerank", action="store_true", help="also rerank beams/samples by alignment")
+  arg("--max-examples", "--max_examples", type=int, default=0, help="0: all")
+  arg("--out", default="", help="report directory (default: the checkpoint's)")
+  arg("--num-samples", type=int, default=10)
+  arg("--num-beams", type=int, default=4)
+  arg("--temperature", type=float, default=0.8)
+  arg("--top-k", type=int, default=0)
+  arg("--top-p", type=float, default=0.95)
+  arg("--max-new-tokens", type=int, default=None)
+  arg("--seed", type=int, default=0)
+  arg("--batch-size", type=int, default=64)
+  arg("--max-candidates", type=int, default=1000, help="retrieval: target + distractors")
+  arg("--no-retrieval", action="store_true")
+  arg("--no-baselines", action="store_true")
+  arg("--timeout", type=float, default=5.0, help="HumanEval: seconds per candidate")
+  arg("--workers", type=int, default=0, help="HumanEval: parallel sandboxes (0: CPU count)")
+  arg("--show", type=int, default=3, help="best and worst examples in the report")
+  return p.parse_args(argv)
+
+
+def load_examples(spec: str, split: str, prepared) -> list[dict]:
+  """Examples of a data source spec as dicts; `prepared` reads the checkpoint's prepared data."""
+  if spec == "prepared":
+    return [dict(e) for e in prepared.source(split)]
+  from flax_albert_code.data import mining, sources, splits  # pylint: disable=import-outside-toplevel
+  split = splits.canonical_split(split)
+  skipped: collections.Counter = collections.Counter()
+  pairs = [pr for spec_ in sources.parse_specs(spec) for unit in sources.units(spec_)
+           for pr in unit.read(mining.Filters(), skipped)]
+  if any(pr.partition for pr in pairs):
+    pairs = [pr for pr in pairs if pr.partition == split]
+  return [{"description": pr.description, "code": pr.code, "path": pr.path, "name": pr.name}
+          for pr in pairs]
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  args = parse_args(argv)
+  try:
+    from flax_albert_code.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    sys.exit(f"Cannot import flax_albert_code.generator ({e}); evaluation needs the sampler.")
+  gen = CodeGenerator.from_checkpoint(args.checkpoint)
+  decode = evaluation.DecodeSettings(
+      num_samples=args.num_samples, num_beams=args.num_beams, temperature=args.temperature,
+      top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
+      batch_size=args.batch_size)
+  strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+  train = [] if args.no_baselines else [dict(e) for e in gen.prepared.source("train")]
+  if args.data == "humaneval":
+    from flax_albert_code.evaluation import humaneval  # pylint: disable=import-outside-toplevel
+    problems = humaneval.load_problems()[:args.max_examples or None]
+    results = evaluation.evaluate_humaneval(
+        gen, problems, strategies, args.rerank, decode, train,
+        sandbox.Limits(timeout_s=args.timeout), args.workers or None, args.show)
+  else:
+    examples = load_examples(args.data, args.split, gen.prepared)[:args.max_examples or None]
+    results = evaluation.evaluate(gen, examples, train, strategies, args.rerank, decode,
+                                  not args.no_retrieval, args.max_candidates, args.show)
+  results.update(title=f"{args.data} ({args.split})" if args.data != "humaneval" else "HumanEval",
+                 checkpoint=args.checkpoint, data=args.data, split=args.split)
+  json_path, md_path = report.write(results, args.out or args.checkpoint)
+  print(report.table(results["rows"]))
+  print(f"\nWrote {json_path} and {md_path}")
+  return results
+
+
+if __name__ == "__main__":
+  main()
