@@ -1,0 +1,96 @@
+"""The prepared pairs as a TFDS dataset in array_record format, read back without TensorFlow.
+
+Writing goes through `tfds.core.GeneratorBasedBuilder(file_format="array_record")`; reading uses
+`tfds.builder_from_directory(...).as_data_source(split)` (random access, no TensorFlow; never
+`as_dataset`, which needs it). Examples keep the generation order (`disable_shuffling`), so the
+record at position i has `index == i`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+NAME = "code_pairs"
+TEXT_FIELDS = ("description", "code", "path", "name", "source")
+
+
+class CodePairs(tfds.core.GeneratorBasedBuilder):
+  """(description, code) pairs with their token ids (no special tokens, not truncated)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First version."}
+
+  # TFDS looks for a checksums file next to the builder's code through `importlib_resources`
+  # (not installed, not needed: nothing is downloaded). No code path, no lookup.
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    return None
+
+  def __init__(self, *, examples: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+               **kwargs):
+    self._examples = examples or {}
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    tokens = tfds.features.Tensor(shape=(None,), dtype=np.int32)
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Python (description, code) pairs mined by flax_albert_code.prepare.",
+        features=tfds.features.FeaturesDict({
+            "index": np.int64, "lineno": np.int64,
+            **{f: tfds.features.Text() for f in TEXT_FIELDS},
+            "desc_tokens": tokens, "code_tokens": tokens,
+        }),
+        disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(rows) for split, rows in self._examples.items()}
+
+  def _generate_examples(self, rows) -> Iterator[tuple[int, dict]]:
+    for row in rows:
+      yield int(row["index"]), dict(row)
+
+
+def write(data_dir: str, examples: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+  """Writes the splits (each a list of feature dicts) and returns the dataset directory."""
+  tfds.disable_progress_bar()  # prepare shows its own; TFDS's bars are per split and noisy
+  builder = CodePairs(data_dir=data_dir, examples=examples, file_format="array_record")
+  builder.download_and_prepare(file_format="array_record")
+  return os.fspath(builder.data_path)
+
+
+def open_splits(dataset_dir: str):
+  """A read-only builder for a written dataset; `.as_data_source(split)` gives random access."""
+  return tfds.builder_from_directory(dataset_dir)
+
+
+class ExampleSource:
+  """Random access to one split's examples as dicts of str, int and int32 arrays."""
+
+  def __init__(self, data_source):
+    self.data_source = data_source  # raw tfds source: text fields come back as bytes
+
+  def __len__(self) -> int:
+    return len(self.data_source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    if not -len(self) <= index < len(self):
+      raise IndexError(f"index {index} out of range for a split of {len(self)} examples")
+    return decode(self.data_source[int(index) % len(self)])
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
+
+def decode(record: Mapping[str, Any]) -> dict[str, Any]:
+  out = dict(record)
+  for f in TEXT_FIELDS:
+    if isinstance(out[f], bytes):
+      out[f] = out[f].decode("utf-8", "surrogateescape")
+  out["index"], out["lineno"] = int(out["index"]), int(out["lineno"])
+  return out

@@ -1,0 +1,168 @@
+"""Input pipeline: grain over the prepared token store, length-bucketed, resumable, per host.
+
+Each epoch is planned up front from the code lengths: examples are shuffled (seed, epoch), grouped
+by bucket (the smallest of `config.data.code_buckets` that holds code + EOS), cut into global
+batches, and the batches shuffled. Element i of the grain dataset is global batch i, so the
+iterator state is one integer and a restored iterator yields exactly the batches an uninterrupted
+one would. Every host plans the same global batches and reads its own rows
+[process_index * b, (process_index + 1) * b), b = batch_size // process_count, so all hosts agree
+on the bucket (the array shape) of every step.
+
+A batch is a dict of numpy arrays:
+  desc_ids  int32 [b, max_desc_len]  [CLS] description [SEP], zero padded, long ones cut before SEP
+  code_ids  int32 [b, bucket]        code [EOS], zero padded; code longer than the bucket is cut
+                                     and gets no EOS. No BOS: the decoder shifts right itself.
+  index     int32 [b]                the example's index in `prepared.source(split)`; -1 marks a
+                                     filler row (only with drop_remainder=False), all-PAD code
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from flax_albert_code.config_lib import CLS_ID, EOS_ID, SEP_ID
+from flax_albert_code.data import splits, token_store
+from flax_albert_code.data.sources import DataError
+
+Batch = dict[str, np.ndarray]
+
+
+class BatchPlan(grain.MapDataset):
+  """Global batch i of the run -> (this host's example indices, code bucket width)."""
+
+  def __init__(self, code_lens: np.ndarray, buckets: tuple[int, ...], batch_size: int, *,
+               shuffle: bool, seed: int, num_epochs: int | None, drop_remainder: bool,
+               process_index: int, process_count: int):
+    super().__init__()
+    self.buckets = np.asarray(sorted(buckets))
+    self.bucket = np.minimum(np.searchsorted(self.buckets, code_lens), len(self.buckets) - 1)
+    self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+    self.drop_remainder = drop_remainder
+    self.per_host = batch_size // process_count
+    self.rows = slice(process_index * self.per_host, (process_index + 1) * self.per_host)
+    counts = np.bincount(self.bucket, minlength=len(self.buckets))
+    per_bucket = counts // batch_size if drop_remainder else -(-counts // batch_size)
+    self.batches_per_epoch = int(per_bucket.sum())
+    self.num_epochs = num_epochs
+    self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    self._length = sys.maxsize if num_epochs is None else self.batches_per_epoch * num_epochs
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __str__(self) -> str:
+    return (f"BatchPlan({len(self.bucket)} examples, {self.batches_per_epoch} batches/epoch of "
+            f"{self.batch_size}, buckets {self.buckets.tolist()})")
+
+  def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """([batches, batch_size] example indices, -1 for filler; [batches] bucket id)."""
+    if epoch not in self._plans:
+      self._plans = {epoch: self._plan(epoch), **{e: self._plans[e] for e in self._plans
+                                                   if e == epoch - 1}}
+    return self._plans[epoch]
+
+  def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([self.seed, epoch])
+    order = rng.permutation(len(self.bucket)) if self.shuffle else np.arange(len(self.bucket))
+    batches, bucket_ids = [], []
+    for b in range(len(self.buckets)):
+      members = order[self.bucket[order] == b]
+      n = len(members) // self.batch_size if self.drop_remainder else -(-len(members) // self.batch_size)
+      members = np.concatenate([members, np.full(max(n * self.batch_size - len(members), 0), -1)])
+      batches.append(members[:n * self.batch_size].reshape(n, self.batch_size))
+      bucket_ids.append(np.full(n, b))
+    batches, bucket_ids = np.concatenate(batches), np.concatenate(bucket_ids)
+    perm = rng.permutation(len(batches)) if self.shuffle else np.argsort(batches[:, 0], kind="stable")
+    return batches[perm], bucket_ids[perm]
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    if index >= self._length:
+      raise IndexError(index)
+    epoch, i = divmod(index, self.batches_per_epoch)
+    batches, bucket_ids = self.epoch(epoch)
+    return batches[i, self.rows], int(self.buckets[bucket_ids[i]])
+
+
+class Assemble(grain.transforms.Map):
+  """(indices, width) -> the padded batch dict, gathered from the token store."""
+
+  def __init__(self, store: token_store.TokenStore, max_desc_len: int):
+    self.store, self.max_desc_len = store, max_desc_len
+
+  def map(self, element: tuple[np.ndarray, int]) -> Batch:
+    indices, width = element
+    filler = indices < 0
+    idx = np.where(filler, 0, indices)
+    rows = np.arange(len(idx))
+    ld = self.max_desc_len
+    desc = np.zeros((len(idx), ld), np.int32)
+    desc[:, :ld - 1] = self.store.gather("desc", idx, ld - 1, start=1)
+    desc[:, 0] = CLS_ID
+    desc_len = np.where(filler, 0, np.minimum(self.store.lengths["desc"][idx], ld - 2))
+    desc[filler] = 0
+    desc[filler, 0] = CLS_ID
+    desc[rows, desc_len + 1] = SEP_ID
+    code = self.store.gather("code", idx, width)
+    code_len = self.store.lengths["code"][idx]
+    fits = (code_len < width) & ~filler
+    code[rows[fits], code_len[fits]] = EOS_ID
+    code[filler] = 0
+    return {"desc_ids": desc, "code_ids": code, "index": indices.astype(np.int32)}
+
+
+def make_dataset(config: ml_collections.ConfigDict, prepared, split: str, batch_size: int, *,
+                 shuffle: bool, num_epochs: int | None, drop_remainder: bool | None = None,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> grain.MapDataset:
+  """The grain MapDataset of this host's batches; see `make_iterator`."""
+  d = config.data
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  split = splits.canonical_split(split)
+  if batch_size % process_count:
+    raise ValueError(f"The global batch size {batch_size} is not divisible by the "
+                     f"{process_count} processes; change config.train.batch_size.")
+  buckets = tuple(sorted(b for b in d.code_buckets if b <= d.max_code_len)) or (d.max_code_len,)
+  if d.max_desc_len < 2:
+    raise ValueError(f"config.data.max_desc_len={d.max_desc_len} cannot hold [CLS] and [SEP].")
+  store = prepared.tokens(split)
+  code_lens = np.minimum(store.lengths["code"] + 1, buckets[-1])
+  plan = BatchPlan(code_lens, buckets, batch_size, shuffle=shuffle, seed=d.shuffle_seed,
+                   num_epochs=num_epochs, process_index=process_index,
+                   process_count=process_count,
+                   drop_remainder=shuffle if drop_remainder is None else drop_remainder)
+  if plan.batches_per_epoch == 0:
+    raise DataError(f"Split {split!r} of {prepared.data_dir} has {len(store)} examples, not one "
+                    f"full batch of {batch_size} in any code bucket {buckets}; lower the batch "
+                    "size, use fewer buckets or add data.")
+  return plan.map(Assemble(store, d.max_desc_len))
+
+
+def make_iterator(config: ml_collections.ConfigDict, prepared, split: str, batch_size: int, *,
+                  shuffle: bool, num_epochs: int | None, drop_remainder: bool | None = None,
+                  process_index: int | None = None, process_count: int | None = None,
+                  prefetch: int = 2) -> grain.DatasetIterator:
+  """An iterator over this host's part of each global batch (`batch_size` is global).
+
+  `drop_remainder` (default: `shuffle`) drops each bucket's last partial batch per epoch;
+  without it the last batch is completed with filler rows (index -1). The iterator's
+  `get_state()`/`set_state()` (grain) resume it exactly; checkpoint it with the train state.
+  """
+  ds = make_dataset(config, prepared, split, batch_size, shuffle=shuffle, num_epochs=num_epochs,
+                    drop_remainder=drop_remainder, process_index=process_index,
+                    process_count=process_count)
+  read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
+  return iter(ds.to_iter_dataset(read))
+
+
+def to_global(batch: Batch, sharding: jax.sharding.Sharding) -> dict[str, Any]:
+  """Per-host numpy batch -> global jax arrays laid out by `sharding` (e.g. the batch sharding
+  NamedSharding(mesh, P(("data", "fsdp"))))."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

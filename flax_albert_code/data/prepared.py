@@ -1,0 +1,246 @@
+"""Prepared data on disk: mine -> split -> tokenizer -> TFDS array_record + token store.
+
+Layout of `config.data.data_dir` (default `<workdir>/data`):
+
+  <key>/             one complete preparation; key = hash of sources (+ file sizes and mtimes) and
+    COMPLETE           the options that change the data; written last, inside a temp dir that is
+    meta.json          then renamed, so a half-written preparation is never seen under <key>/
+    spm.model
+    tfds/code_pairs/1.0.0/...    TFDS array_record dataset, splits train/valid/test
+    tokens/<split>.*.npy         the same token ids, flat, for the input pipeline
+  CURRENT            the key of the latest complete preparation (for `load_prepared`)
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from typing import Any
+
+import ml_collections
+
+from flax_albert_code import tokenizer as tokenizer_lib
+from flax_albert_code.data import builder, mining, sources, splits, token_store
+
+FORMAT_VERSION = 1
+KEY_FIELDS = ("sources", "max_examples", "min_desc_words", "max_code_lines", "max_code_chars",
+              "max_file_bytes", "valid_fraction", "test_fraction", "split_seed",
+              "tokenizer_vocab_size", "tokenizer_path")
+DataError = sources.DataError
+
+
+@dataclasses.dataclass
+class Prepared:
+  """A complete preparation. `source(split)` and `tokens(split)` give random access."""
+  data_dir: str                 # this preparation's directory, <data_dir>/<key>
+  tokenizer_path: str
+  split_sizes: dict[str, int]
+  tokenizer: tokenizer_lib.Tokenizer
+  meta: dict[str, Any]
+  reused: bool = False
+  _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  def source(self, split: str) -> builder.ExampleSource:
+    """Examples as dicts: description, code, path, name, lineno, source, index, desc_tokens,
+    code_tokens (token ids without special tokens, not truncated)."""
+    split = splits.canonical_split(split)
+    if ("source", split) not in self._cache:
+      if not self.split_sizes.get(split):
+        self._cache["source", split] = builder.ExampleSource([])
+      else:
+        b = builder.open_splits(os.path.join(self.data_dir, self.meta["tfds_dir"]))
+        self._cache["source", split] = builder.ExampleSource(b.as_data_source(split))
+    return self._cache["source", split]
+
+  def tokens(self, split: str) -> token_store.TokenStore:
+    split = splits.canonical_split(split)
+    if ("tokens", split) not in self._cache:
+      self._cache["tokens", split] = token_store.TokenStore(
+          os.path.join(self.data_dir, "tokens"), split)
+    return self._cache["tokens", split]
+
+
+def data_root(config: ml_collections.ConfigDict, workdir: str) -> str:
+  return os.path.abspath(os.path.expanduser(config.data.data_dir or os.path.join(workdir, "data")))
+
+
+def _filters(d: ml_collections.ConfigDict) -> mining.Filters:
+  return mining.Filters(d.min_desc_words, d.max_code_lines, d.max_code_chars, d.max_file_bytes)
+
+
+def _key(d: ml_collections.ConfigDict, units: list[sources.Unit]) -> str:
+  h = hashlib.sha256(json.dumps(
+      [FORMAT_VERSION, {f: d[f] for f in KEY_FIELDS}], sort_keys=True).encode())
+  if d.tokenizer_path:
+    with open(os.path.expanduser(d.tokenizer_path), "rb") as f:
+      h.update(hashlib.sha256(f.read()).digest())
+  for u in units:
+    h.update(f"{u.label}\0{u.stamp}\n".encode("utf-8", "surrogateescape"))
+  return h.hexdigest()[:16]
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str, *,
+            progress: bool = False) -> Prepared:
+  """Returns the preparation for `config.data`, building it unless a complete one exists."""
+  d = config.data
+  root = data_root(config, workdir)
+  specs = sources.parse_specs(d.sources)
+  if d.tokenizer_path and not os.path.isfile(os.path.expanduser(d.tokenizer_path)):
+    raise DataError(f"config.data.tokenizer_path {d.tokenizer_path} does not exist; fix it or set "
+                    "it to '' to train a tokenizer on the data.")
+  all_units = [u for spec in specs for u in sources.units(spec)]
+  key = _key(d, all_units)
+  final = os.path.join(root, key)
+  if os.path.isfile(os.path.join(final, "COMPLETE")):
+    _set_current(root, key)
+    return dataclasses.replace(load_prepared(final), reused=True)
+  os.makedirs(root, exist_ok=True)
+  tmp = os.path.join(root, f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+  os.makedirs(tmp)
+  try:
+    _build(d, specs, tmp, key, progress)
+    try:
+      os.rename(tmp, final)
+    except OSError:  # another process finished the same preparation first
+      if not os.path.isfile(os.path.join(final, "COMPLETE")):
+        raise
+  finally:
+    if os.path.isdir(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+  _set_current(root, key)
+  return load_prepared(final)
+
+
+def _build(d: ml_collections.ConfigDict, specs: list[str], out: str, key: str,
+           progress: bool) -> None:
+  start = time.time()
+  got = splits.collect(specs, _filters(d), max_examples=d.max_examples, seed=d.split_seed,
+                       valid_fraction=d.valid_fraction, test_fraction=d.test_fraction,
+                       progress=progress)
+  skipped = ", ".join(f"{k} {v}" for k, v in sorted(got.skipped.items())) or "nothing"
+  if not any(got.splits.values()):
+    raise DataError(f"No (description, code) pairs in {d.sources!r} after filtering (skipped: "
+                    f"{skipped}); add sources or loosen config.data.min_desc_words/max_code_*.")
+  if not got.splits["train"]:
+    raise DataError(f"The train split of {d.sources!r} is empty ({ {s: len(p) for s, p in got.splits.items()} }); "
+                    "add data or lower config.data.valid_fraction/test_fraction.")
+  spm_path = os.path.join(out, "spm.model")
+  if d.tokenizer_path:
+    shutil.copyfile(os.path.expanduser(d.tokenizer_path), spm_path)
+    tok = tokenizer_lib.Tokenizer.load(spm_path)
+  else:
+    train = got.splits["train"]
+    tok = tokenizer_lib.train_tokenizer(
+        [p.description for p in train] + [p.code for p in train], spm_path,
+        d.tokenizer_vocab_size)
+  os.makedirs(os.path.join(out, "tokens"))
+  examples, per_source = {}, {}
+  for split, pairs in got.splits.items():
+    desc = tok.encode_batch([p.description for p in pairs])
+    code = tok.encode_batch([p.code for p in pairs])
+    token_store.write(os.path.join(out, "tokens"), split,
+                      {"desc": desc, "code": code}, tok.vocab_size)
+    per_source[split] = {}
+    for p in pairs:
+      per_source[split][p.source] = per_source[split].get(p.source, 0) + 1
+    if pairs:
+      examples[split] = [
+          dict(index=i, lineno=p.lineno, description=p.description, code=p.code, path=p.path,
+               name=p.name, source=p.source, desc_tokens=desc[i], code_tokens=code[i])
+          for i, p in enumerate(pairs)]
+  tfds_dir = builder.write(os.path.join(out, "tfds"), examples)
+  meta = dict(
+      format=FORMAT_VERSION, key=key, created=datetime.datetime.now().isoformat(timespec="seconds"),
+      seconds=round(time.time() - start, 1), sources=specs,
+      options={f: d[f] for f in KEY_FIELDS},
+      split_sizes={s: len(p) for s, p in got.splits.items()}, per_source=per_source,
+      skipped=dict(sorted(got.skipped.items())), units_read=got.units_read,
+      units_total=got.units_total, vocab_size=tok.vocab_size,
+      tokenizer_trained=not d.tokenizer_path, tfds_dir=os.path.relpath(tfds_dir, out))
+  with open(os.path.join(out, "meta.json"), "w") as f:
+    json.dump(meta, f, indent=1)
+  with open(os.path.join(out, "COMPLETE"), "w") as f:
+    f.write(key + "\n")
+
+
+def _set_current(root: str, key: str) -> None:
+  tmp = os.path.join(root, f".CURRENT-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+  with open(tmp, "w") as f:
+    f.write(key + "\n")
+  os.replace(tmp, os.path.join(root, "CURRENT"))
+
+
+def load_prepared(path: str) -> Prepared:
+  """Opens a preparation: its own directory, a data dir (uses CURRENT), or a workdir (data/)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  for candidate in (path, os.path.join(path, "data")):
+    if os.path.isfile(os.path.join(candidate, "COMPLETE")):
+      prep_dir = candidate
+      break
+    current = os.path.join(candidate, "CURRENT")
+    if os.path.isfile(current):
+      with open(current) as f:
+        prep_dir = os.path.join(candidate, f.read().strip())
+      if os.path.isfile(os.path.join(prep_dir, "COMPLETE")):
+        break
+  else:
+    raise DataError(f"No complete prepared data under {path}; run `python -m "
+                    "flax_albert_code.prepare --workdir DIR` (or train, which prepares) first.")
+  try:
+    with open(os.path.join(prep_dir, "meta.json")) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise DataError(f"Prepared data in {prep_dir} is damaged ({e}); delete that directory and "
+                    "prepare again.") from None
+  spm_path = os.path.join(prep_dir, "spm.model")
+  return Prepared(prep_dir, spm_path, meta["split_sizes"], tokenizer_lib.Tokenizer.load(spm_path),
+                  meta)
+
+
+def bucket_of(code_len: Any, buckets: tuple[int, ...]):
+  """Index of the smallest bucket that holds `code_len` tokens (the largest if none does)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return np.minimum(np.searchsorted(np.asarray(sorted(buckets)), code_len), len(buckets) - 1)
+
+
+def summary(prepared: Prepared, data: ml_collections.ConfigDict) -> str:
+  """The human summary `prepare` prints: pairs, skips, token lengths, padding."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  m = prepared.meta
+  names = sorted({s for per in m["per_source"].values() for s in per})
+  lines = [f"Prepared data {prepared.data_dir} ({'reused' if prepared.reused else 'built'}; "
+           f"{m['units_read']}/{m['units_total']} files read in {m['seconds']} s)",
+           f"{'pairs':<40}" + "".join(f"{s:>8}" for s in (*splits.SPLITS, "total"))]
+  for name in names + ["total"]:
+    row = [m["per_source"][s].get(name, 0) if name != "total" else m["split_sizes"][s]
+           for s in splits.SPLITS]
+    lines.append(f"  {name:<38}" + "".join(f"{n:>8}" for n in (*row, sum(row))))
+  lines.append("skipped:" if m["skipped"] else "skipped: nothing")
+  lines += [f"  {reason:<38}{n:>8}" for reason, n in m["skipped"].items()]
+  lines.append(f"tokenizer: {prepared.tokenizer_path} (vocab {m['vocab_size']}, "
+               f"{'trained on train' if m['tokenizer_trained'] else 'given'})")
+  store = prepared.tokens("train")
+  desc, code = store.lengths["desc"], store.lengths["code"]
+  buckets = tuple(sorted(data.code_buckets))
+  longest = min(data.max_code_len, buckets[-1])
+  lines.append(f"{'train token lengths':<40}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'cut':>8}")
+  for name, lens, limit in (("description (+CLS, SEP)", desc + 2, data.max_desc_len),
+                            ("code (+EOS)", code + 1, longest)):
+    p = np.percentile(lens, [50, 90, 99]).astype(int).tolist() if len(lens) else [0, 0, 0]
+    cut = f"{np.mean(lens > limit):.1%}" if len(lens) else "-"
+    lines.append(f"  {name:<38}" + "".join(f"{v:>8}" for v in (*p, lens.max(initial=0), cut)))
+  real_code = np.minimum(code + 1, longest)
+  padded_code = np.asarray(buckets)[bucket_of(real_code, buckets)]
+  real_desc = np.minimum(desc + 2, data.max_desc_len)
+  frac = lambda real, padded: 1 - real.sum() / max(padded.sum(), 1)  # noqa: E731
+  lines.append(
+      f"padding after bucketing (code buckets {','.join(map(str, buckets))}, descriptions padded "
+      f"to {data.max_desc_len}): code {frac(real_code, padded_code):.1%}, description "
+      f"{frac(real_desc, np.full_like(real_desc, data.max_desc_len)):.1%}, all "
+      f"{frac(real_code.sum() + real_desc.sum(), padded_code.sum() + data.max_desc_len * len(desc)):.1%}")
+  return "\n".join(lines)

@@ -1,0 +1,41 @@
+"""Prepares the data: mine the sources, split, train the tokenizer, write TFDS array_record.
+
+  python -m flax_albert_code.prepare --config configs/default.py --workdir runs/small
+  python -m flax_albert_code.prepare --workdir /tmp/d --config.data.sources=stdlib,dir:~/src/repo
+
+Re-running with the same sources and options reuses the prepared data. Train calls `prepare`
+itself when the data is missing; the logic lives in `flax_albert_code.data.prepared`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from flax_albert_code.data.prepared import (DataError, Prepared, load_prepared,  # noqa: F401
+                                            prepare, summary)
+from flax_albert_code.tokenizer import TokenizerError
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "default.py")
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.normpath(_DEFAULT_CONFIG),
+                                          "Config file (see configs/).")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default",
+                               "Run directory; data goes to <workdir>/data unless "
+                               "config.data.data_dir is set.")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  config = _CONFIG.value
+  try:
+    prepared = prepare(config, _WORKDIR.value, progress=True)
+  except (DataError, TokenizerError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(summary(prepared, config.data))
+
+
+if __name__ == "__main__":
+  app.run(main)
