@@ -81,7 +81,10 @@ def test_writing_outside_the_temp_dir_is_refused(run, tmp_path):
                   f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
                   f"import os\nos.symlink({str(victim)!r}, 'link')\nopen('link', 'w').write('x')",
                   f"import os\nos.chmod({str(victim)!r}, 0o777)",
-                  f"open({str(victim)!r}, 'a').write('x')"]:
+                  f"open({str(victim)!r}, 'a').write('x')",
+                  f"import os\nd = os.open({str(tmp_path)!r}, os.O_RDONLY)\n"
+                  "os.open('pwned', os.O_CREAT | os.O_WRONLY, dir_fd=d)",
+                  f"import sqlite3\nsqlite3.connect({str(target)!r}).execute('create table t(x)')"]:
     r = run(program)
     assert not r.passed and "not allowed" in r.detail, program
   assert not target.exists() and victim.read_text() == "keep me"

@@ -10,10 +10,10 @@ environment (PATH, HOME and TMPDIR only). A bootstrap run by that interpreter, b
   * when we are root and the interpreter is readable by `nobody`, drops to uid/gid 65534 (then
     RLIMIT_NPROC binds and file permissions protect the rest of the machine);
   * installs an audit hook (PEP 578) that refuses: creating processes (fork, exec, spawn, system,
-    subprocess), sending signals, sockets and network clients, ctypes and `_posixsubprocess`
-    imports, changing resource limits, frame/GC introspection, and opening for writing, creating,
-    deleting, renaming, linking or changing the mode/owner of any path outside the working
-    directory.
+    subprocess), sending signals, sockets and network clients, ctypes, `_posixsubprocess` and
+    C dbm imports, changing resource limits, GC introspection, and opening for writing, creating,
+    deleting, renaming, linking, changing the mode/owner of, or opening as a directory (a
+    `dir_fd`), any path outside the working directory (sqlite databases included).
 When `unshare` works (root or user namespaces allowed), the interpreter also runs in new network
 and PID namespaces: no network interface but a down loopback, no other process visible, and every
 process it could start dies with it. On timeout the whole process group is killed (SIGKILL) and
@@ -102,12 +102,14 @@ def _boot():
           "resource.", "sys._current_frames", "gc.get_", "urllib.", "http.",
           "ftplib.", "smtplib.", "imaplib.", "poplib.", "nntplib.", "telnetlib.", "webbrowser.",
           "signal.pthread_kill", "os.setuid", "os.setgid", "sys.settrace", "sys.setprofile")
-  deny_import = {"ctypes", "_ctypes", "_posixsubprocess", "_socket", "socket", "ssl", "_ssl"}
+  deny_import = {"ctypes", "_ctypes", "_posixsubprocess", "_socket", "socket", "ssl", "_ssl",
+                 "_dbm", "_gdbm"}
   path_events = {"os.remove": 1, "os.rmdir": 1, "os.mkdir": 1, "os.chmod": 1, "os.chown": 1,
                  "os.truncate": 1, "os.utime": 1, "os.chflags": 1, "os.lchflags": 1,
                  "os.setxattr": 1, "os.removexattr": 1, "os.mkfifo": 1, "os.mknod": 1,
                  "os.rename": 2, "os.link": 2, "os.symlink": 2, "shutil.rmtree": 1,
-                 "shutil.move": 2, "shutil.copyfile": 2, "shutil.copytree": 2}
+                 "shutil.move": 2, "shutil.copyfile": 2, "shutil.copytree": 2,
+                 "sqlite3.connect": 1}
   def inside(p):
     if isinstance(p, int):
       return False
@@ -121,8 +123,11 @@ def _boot():
       path, mode, flags = args
       writes = (isinstance(flags, int) and flags & write_flags) or (
           isinstance(mode, str) and any(c in mode for c in "wax+"))
-      if writes and not isinstance(path, int) and not inside(path):
-        refuse("open(%%r) for writing" %% (path,))
+      if not isinstance(path, int) and not inside(path):
+        if writes:
+          refuse("open(%%r) for writing" %% (path,))
+        if os.path.isdir(path):  # a directory fd would let dir_fd= write outside
+          refuse("open(%%r), a directory" %% (path,))
     elif event == "import":
       if args[0].split(".")[0] in deny_import:
         refuse("import " + args[0])
