@@ -3,9 +3,10 @@
 Each program runs in a fresh `python -I -B -S` interpreter (isolated mode: no user site, no PYTHON*
 variables, no bytecode written, no site-packages, so only the standard library) started in its own
 session, inside a fresh temporary working directory that is removed afterwards, with an empty
-environment (PATH, HOME and TMPDIR only). A bootstrap run by that interpreter, before the program:
+environment (PATH, HOME, TMPDIR, LANG only), stdout/stderr to files. A bootstrap run by that interpreter, before the program:
   * lowers its resource limits (soft == hard): RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_FSIZE
-    (file size), RLIMIT_CORE = 0, RLIMIT_NPROC; the limits are set in the child, not through
+    (file size), RLIMIT_CORE = 0, and unless root RLIMIT_NPROC (no process beyond those the user
+    already has, plus `Limits.extra_processes`); the limits are set in the child, not through
     `preexec_fn`, which is unsafe with the thread pool that `run_many` uses;
   * when we are root and the interpreter is readable by `nobody`, drops to uid/gid 65534 (then
     RLIMIT_NPROC binds and file permissions protect the rest of the machine);
@@ -16,11 +17,14 @@ environment (PATH, HOME and TMPDIR only). A bootstrap run by that interpreter, b
     `dir_fd`), any path outside the working directory (sqlite databases included).
 When `unshare` works (root or user namespaces allowed), the interpreter also runs in new network
 and PID namespaces: no network interface but a down loopback, no other process visible, and every
-process it could start dies with it. On timeout the whole process group is killed (SIGKILL) and
+process it could start dies with it. Without `unshare` (a CI container without the capability)
+the hook is the only network barrier. On timeout the whole process group is killed (SIGKILL) and
 the PID namespace with it. Output goes to files capped by RLIMIT_FSIZE, never into our memory.
 
 What it does NOT protect against (it contains accidents of generated code, not an attacker):
-  * reading any file the user can read (with root and no privilege drop: every file on the disk);
+  * reading any file the user can read (with root and no privilege drop: every file on the disk),
+    and writing to devices or files through descriptors it inherits (it inherits only stdio and
+    one report pipe);
   * a determined adversary escaping the audit hook (audit hooks are not a security boundary):
     e.g. races between the path check and the open, tricks through objects reachable from the
     program, or faking a pass by reaching the bootstrap's frame through a traceback;
