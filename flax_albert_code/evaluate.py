@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import sys
 from typing import Sequence
 
@@ -47,10 +48,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def load_examples(spec: str, split: str, prepared) -> list[dict]:
-  """Examples of a data source spec as dicts; `prepared` reads the checkpoint's prepared data."""
+_FIELDS = ("description", "code", "path", "name")
+
+
+def load_examples(spec: str, split: str, prepared, max_examples: int = 0) -> list[dict]:
+  """The first `max_examples` (0: all) examples of a data source spec as dicts of text;
+  `prepared` reads the checkpoint's prepared data."""
   if spec == "prepared":
-    return [dict(e) for e in prepared.source(split)]
+    return [{k: e[k] for k in _FIELDS if k in e}
+            for e in itertools.islice(prepared.source(split), max_examples or None)]
   from flax_albert_code.data import mining, sources, splits  # pylint: disable=import-outside-toplevel
   split = splits.canonical_split(split)
   skipped: collections.Counter = collections.Counter()
@@ -58,8 +64,7 @@ def load_examples(spec: str, split: str, prepared) -> list[dict]:
            for pr in unit.read(mining.Filters(), skipped)]
   if any(pr.partition for pr in pairs):
     pairs = [pr for pr in pairs if pr.partition == split]
-  return [{"description": pr.description, "code": pr.code, "path": pr.path, "name": pr.name}
-          for pr in pairs]
+  return [{k: getattr(pr, k) for k in _FIELDS} for pr in pairs[:max_examples or None]]
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -74,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
       batch_size=args.batch_size)
   strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-  train = [] if args.no_baselines else [dict(e) for e in gen.prepared.source("train")]
+  train = [] if args.no_baselines else load_examples("prepared", "train", gen.prepared)
   if args.data == "humaneval":
     from flax_albert_code.evaluation import humaneval  # pylint: disable=import-outside-toplevel
     problems = humaneval.load_problems()[:args.max_examples or None]
@@ -82,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         gen, problems, strategies, args.rerank, decode, train,
         sandbox.Limits(timeout_s=args.timeout), args.workers or None, args.show)
   else:
-    examples = load_examples(args.data, args.split, gen.prepared)[:args.max_examples or None]
+    examples = load_examples(args.data, args.split, gen.prepared, args.max_examples)
     results = evaluation.evaluate(gen, examples, train, strategies, args.rerank, decode,
                                   not args.no_retrieval, args.max_candidates, args.show)
   results.update(title=f"{args.data} ({args.split})" if args.data != "humaneval" else "HumanEval",
