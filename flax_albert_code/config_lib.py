@@ -101,6 +101,11 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
       ("length", None),
       ("align", None),
       ("layers", None),
+      # Activations: batch over (data, fsdp); heads/mlp/vocab over tensor; hidden replicated.
+      ("act_embed", None),
+      ("act_heads", "tensor"),
+      ("act_mlp", "tensor"),
+      ("act_vocab", "tensor"),
   )
   c.sample = ml_collections.ConfigDict(dict(
       strategy="greedy", max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,

@@ -1,0 +1,285 @@
+"""ALBERT building blocks: factorized embedding, attention (self, cross, cached), FFN.
+
+Every parameter carries logical axis names; activations carry logical sharding constraints.
+Layouts: activations `x_BxLxH`, attention heads `q_BxLxNxD`. Parameter names follow Hugging
+Face's ALBERT so that `hf.py` maps them one to one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+DType = Any
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hashable model hyper-parameters (built from `config.model` by `ModelConfig.from_config`)."""
+  vocab_size: int = 32000
+  embedding_size: int = 128
+  hidden_size: int = 768
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  num_hidden_layers: int = 12
+  num_hidden_groups: int = 1
+  inner_group_num: int = 1
+  hidden_act: str = "gelu_new"
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  initializer_range: float = 0.02
+  hidden_dropout_prob: float = 0.0
+  attention_probs_dropout_prob: float = 0.0
+  decoder_layers: int = 6
+  share_embedding: bool = True
+  share_encoder_decoder_block: bool = False
+  decoder_memory: str = "states"
+  pooling: str = "cls"
+  align_dim: int = 256
+  align_normalize: bool = True
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention_impl: str = "xla"
+  remat: str = "none"
+  scan_layers: bool = True
+
+  @classmethod
+  def from_config(cls, cfg) -> "ModelConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v)
+                  for k, v in values.items() if k in names})
+
+  def __post_init__(self):
+    checks = [
+        (self.hidden_size % self.num_attention_heads == 0,
+         f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+         f"{self.num_attention_heads}"),
+        (self.num_hidden_layers % self.num_hidden_groups == 0,
+         f"num_hidden_layers {self.num_hidden_layers} is not a multiple of num_hidden_groups "
+         f"{self.num_hidden_groups}"),
+        (self.hidden_act in ACTIVATIONS,
+         f"hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}"),
+        (self.decoder_memory in ("states", "vector"),
+         f"decoder_memory {self.decoder_memory!r} must be 'states' or 'vector'"),
+        (self.pooling in ("cls", "mean"), f"pooling {self.pooling!r} must be 'cls' or 'mean'"),
+        (self.attention_impl in ("xla", "cudnn"),
+         f"attention_impl {self.attention_impl!r} must be 'xla' or 'cudnn'"),
+        (self.remat in ("none", "full", "dots"),
+         f"remat {self.remat!r} must be 'none', 'full' or 'dots'"),
+    ]
+    for ok, msg in checks:
+      if not ok:
+        raise ValueError(f"Bad model config: {msg}; fix config.model.")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @property
+  def compute_dtype(self) -> DType:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self) -> DType:
+    return jnp.dtype(self.param_dtype)
+
+
+def _init(cfg: ModelConfig, names: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), names)
+
+
+def _zeros(names):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _ones(names):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+def layer_norm(cfg: ModelConfig, axis_name: str, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
+                      param_dtype=cfg.weight_dtype, scale_init=_ones((axis_name,)),
+                      bias_init=_zeros((axis_name,)), name=name)
+
+
+class Dense(nn.Module):
+  """y = x . kernel + bias over the last `n_in` input axes; kernel shape in_shape + features.
+
+  (flax's DenseGeneral initialises multi-axis kernels flat, which breaks logical partitioning.)
+  """
+  features: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  n_in: int
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    in_shape = x.shape[-self.n_in:]
+    kernel = self.param("kernel", _init(cfg, self.axes), in_shape + self.features,
+                        cfg.weight_dtype)
+    bias = self.param("bias", _zeros(self.axes[self.n_in:]), self.features, cfg.weight_dtype)
+    dt = cfg.compute_dtype
+    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+    y = jax.lax.dot_general(x.astype(dt), kernel.astype(dt), (contract, ((), ())))
+    return y + bias.astype(dt)
+
+
+def dense(cfg: ModelConfig, features, axes: tuple[str | None, ...], name: str,
+          n_in: int = 1) -> Dense:
+  """A Dense whose kernel has logical axes `axes` (inputs first) and bias the output axes."""
+  features = features if isinstance(features, tuple) else (features,)
+  return Dense(features, axes, n_in, cfg, name=name)
+
+
+def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
+  return nn.with_logical_constraint(x, names)
+
+
+class FactorizedEmbedding(nn.Module):
+  """ALBERT embedding: word (V x E) + position + token type, LayerNorm, dropout, then E -> H.
+
+  `attend` ties the output layer to it: H -> E with the projection transposed, then E -> V
+  with the word matrix transposed.
+  """
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    emb = functools.partial(nn.Embed, features=cfg.embedding_size, dtype=cfg.compute_dtype,
+                            param_dtype=cfg.weight_dtype)
+    self.word_embeddings = emb(cfg.vocab_size, embedding_init=_init(cfg, ("vocab", "emb")))
+    self.position_embeddings = emb(cfg.max_position_embeddings,
+                                   embedding_init=_init(cfg, (None, "emb")))
+    self.token_type_embeddings = emb(cfg.type_vocab_size,
+                                     embedding_init=_init(cfg, (None, "emb")))
+    self.LayerNorm = layer_norm(cfg, "emb", "LayerNorm")
+    self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+    self.embedding_hidden_mapping_in = dense(cfg, cfg.hidden_size, ("emb", "embed"),
+                                             "embedding_hidden_mapping_in")
+
+  def __call__(self, ids_BxL: Array, positions_BxL: Array | None = None,
+               token_types_BxL: Array | None = None, deterministic: bool = True) -> Array:
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(ids_BxL.shape[-1]), ids_BxL.shape)
+    if token_types_BxL is None:
+      token_types_BxL = jnp.zeros_like(ids_BxL)
+    x = (self.word_embeddings(ids_BxL) + self.position_embeddings(positions_BxL)
+         + self.token_type_embeddings(token_types_BxL))
+    x = self.dropout(self.LayerNorm(x), deterministic=deterministic)
+    x_BxLxH = self.embedding_hidden_mapping_in(x)
+    return constrain(x_BxLxH, ("batch", "length", "act_embed"))
+
+  def attend(self, h_BxLxH: Array) -> Array:
+    """Tied output projection to vocabulary logits (compute dtype; the loss upcasts)."""
+    dt = self.cfg.compute_dtype
+    proj_ExH = nn.meta.unbox(self.embedding_hidden_mapping_in.variables["params"]["kernel"])
+    proj_ExH = proj_ExH.astype(dt)
+    e_BxLxE = jnp.einsum("blh,eh->ble", h_BxLxH.astype(dt), proj_ExH)
+    word_VxE = self.word_embeddings.embedding.astype(dt)
+    logits = jnp.einsum("ble,ve->blv", e_BxLxE, word_VxE)
+    return constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def attention(q_BxTxNxD: Array, k_BxSxNxD: Array, v_BxSxNxD: Array, *, impl: str,
+              is_causal: bool = False, kv_lengths_B: Array | None = None,
+              mask: Array | None = None) -> Array:
+  """jax.nn.dot_product_attention; cuDNN's fused kernel where asked and supported.
+
+  Padding is given either as `kv_lengths_B` (right padding: what our data produces; cuDNN
+  takes it natively) or as a boolean `mask` broadcastable to [B, N, T, S] (any pattern, XLA).
+  """
+  use_cudnn = (impl == "cudnn" and mask is None and q_BxTxNxD.dtype in (jnp.bfloat16, jnp.float16)
+               and jax.default_backend() == "gpu")
+  if kv_lengths_B is not None:
+    kv_lengths_B = kv_lengths_B.astype(jnp.int32)
+  return jax.nn.dot_product_attention(
+      q_BxTxNxD, k_BxSxNxD, v_BxSxNxD, mask=mask, is_causal=is_causal,
+      key_value_seq_lengths=kv_lengths_B, implementation="cudnn" if use_cudnn else "xla")
+
+
+class AlbertAttention(nn.Module):
+  """Multi-head attention with ALBERT's post-LayerNorm residual: LN(x + dense(attn(x, mem))).
+
+  Self-attention when `memory` is None; cross-attention otherwise. `kv` computes the keys and
+  values of a memory once, so a shared cross-attention block reuses them at every layer and
+  every decoding step.
+  """
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    heads = (cfg.num_attention_heads, cfg.head_dim)
+    self.query = dense(cfg, heads, ("embed", "heads", "kv"), "query")
+    self.key = dense(cfg, heads, ("embed", "heads", "kv"), "key")
+    self.value = dense(cfg, heads, ("embed", "heads", "kv"), "value")
+    self.dense = dense(cfg, cfg.hidden_size, ("heads", "kv", "embed"), "dense", n_in=2)
+    self.LayerNorm = layer_norm(cfg, "embed", "LayerNorm")
+    self.dropout = nn.Dropout(self.cfg.hidden_dropout_prob)
+
+  def kv(self, memory_BxSxH: Array) -> tuple[Array, Array]:
+    names = ("batch", "length", "act_heads", "kv")
+    return constrain(self.key(memory_BxSxH), names), constrain(self.value(memory_BxSxH), names)
+
+  def __call__(self, x_BxTxH: Array, kv: tuple[Array, Array] | None = None, *,
+               is_causal: bool = False, kv_lengths_B: Array | None = None,
+               mask: Array | None = None, deterministic: bool = True) -> Array:
+    k, v = self.kv(x_BxTxH) if kv is None else kv
+    q = constrain(self.query(x_BxTxH), ("batch", "length", "act_heads", "kv"))
+    ctx = attention(q, k.astype(q.dtype), v.astype(q.dtype), impl=self.cfg.attention_impl,
+                    is_causal=is_causal, kv_lengths_B=kv_lengths_B, mask=mask)
+    return self.residual(x_BxTxH, ctx, deterministic)
+
+  def residual(self, x_BxTxH: Array, ctx_BxTxNxD: Array, deterministic: bool) -> Array:
+    out = self.dropout(self.dense(ctx_BxTxNxD), deterministic=deterministic)
+    return constrain(self.LayerNorm(x_BxTxH + out), ("batch", "length", "act_embed"))
+
+
+class AlbertFFN(nn.Module):
+  """ALBERT's FFN with post-LayerNorm residual: LN(x + W2 act(W1 x))."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.ffn = dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "ffn")
+    self.ffn_output = dense(cfg, cfg.hidden_size, ("mlp", "embed"), "ffn_output")
+    self.full_layer_layer_norm = layer_norm(cfg, "embed", "full_layer_layer_norm")
+    self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+  def __call__(self, x_BxLxH: Array, deterministic: bool = True) -> Array:
+    h = constrain(ACTIVATIONS[self.cfg.hidden_act](self.ffn(x_BxLxH)),
+                  ("batch", "length", "act_mlp"))
+    out = self.dropout(self.ffn_output(h), deterministic=deterministic)
+    return constrain(self.full_layer_layer_norm(x_BxLxH + out), ("batch", "length", "act_embed"))
+
+
+class AlbertLayer(nn.Module):
+  """One ALBERT transformer layer: self-attention, then FFN (HF `AlbertLayer`)."""
+  cfg: ModelConfig
+
+  def setup(self):
+    self.attention = AlbertAttention(self.cfg)
+    self.ffn = AlbertFFN(self.cfg)
+
+  def __call__(self, x_BxLxH: Array, kv_lengths_B: Array | None, mask: Array | None,
+               deterministic: bool) -> Array:
+    x = self.attention(x_BxLxH, kv_lengths_B=kv_lengths_B, mask=mask, deterministic=deterministic)
+    return self.ffn(x, deterministic=deterministic)

@@ -1,0 +1,303 @@
+"""CodeModel: an ALBERT encoder for descriptions and code, and an ALBERT-style decoder for code.
+
+Parameter tree (one shared block per stack, so the parameter count does not depend on depth):
+
+  shared_embedding/          word, position, token type, LayerNorm, E->H projection (tied logits)
+  encoder/albert_layer_groups_{g}/albert_layers_{k}/{attention,ffn}   (HF ALBERT layout)
+  encoder/{pooler,align_head}
+  decoder/{self_attention,cross_attention,ffn}   self_attention/ffn absent when shared with
+                                                 the encoder (share_encoder_decoder_block)
+  decoder/logits_bias, decoder/decoder_embedding (only when share_embedding=False)
+
+Depth is an `nn.scan` over the shared block (parameters broadcast), so compile time is flat
+in depth; `remat` rematerialises the block in the backward pass.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flax_albert_code import layers
+from flax_albert_code.config_lib import BOS_ID, CLS_ID, PAD_ID
+from flax_albert_code.layers import ModelConfig
+
+Array = jax.Array
+
+
+class EncoderOutput(NamedTuple):
+  states_BxLxH: Array     # last hidden states
+  mask_BxL: Array         # True at real tokens
+  pooled_BxH: Array       # sentence vector v (tanh pooler over [CLS], or masked mean)
+  vector_BxA: Array       # alignment vector (projection of v, optionally L2-normalised)
+
+
+class DecodeCache(NamedTuple):
+  """Static-shape decoding state: self-attention KV per layer, cross-attention KV once."""
+  k_LxBxSxNxD: Array
+  v_LxBxSxNxD: Array
+  cross_k_BxMxNxD: Array
+  cross_v_BxMxNxD: Array
+  memory_lengths_B: Array
+  index: Array            # scalar int32: the position the next token is written at
+
+
+def _remat(module_cls, cfg: ModelConfig):
+  if cfg.remat == "none":
+    return module_cls
+  policy = (jax.checkpoint_policies.nothing_saveable if cfg.remat == "full"
+            else jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)
+  return nn.remat(module_cls, policy=policy, prevent_cse=not cfg.scan_layers)
+
+
+class _Unrolled(nn.Module):
+  """The Python-loop twin of `nn.scan` (scan_layers=False): same parameters, unrolled graph."""
+  body: nn.Module
+  length: int
+  in_axes: tuple
+
+  def __call__(self, carry, *args):
+    ys = []
+    for i in range(self.length):
+      xs = [a if ax is nn.broadcast else jax.tree.map(lambda t, i=i: t[i], a)
+            for a, ax in zip(args, self.in_axes)]
+      carry, y = self.body(carry, *xs)
+      ys.append(y)
+    return carry, (None if ys[0] is None else jax.tree.map(lambda *t: jnp.stack(t), *ys))
+
+
+def _repeat(body_cls, cfg: ModelConfig, length: int, in_axes: tuple, **attrs) -> nn.Module:
+  """A module applying `body_cls(**attrs)` `length` times: a scan (compile time flat in depth)
+  or a Python loop. The body owns no parameters: it calls shared modules passed in."""
+  body_cls = _remat(body_cls, cfg)
+  if cfg.scan_layers:
+    return nn.scan(body_cls, variable_broadcast="params", split_rngs={"params": False,
+                   "dropout": True}, in_axes=in_axes, length=length)(**attrs)
+  return _Unrolled(body_cls(**attrs), length, in_axes)
+
+
+class _GroupBody(nn.Module):
+  """One application of an ALBERT layer group (its `inner_group_num` layers in order)."""
+  group: nn.Module
+  deterministic: bool
+
+  def __call__(self, x, kv_lengths, mask):
+    for layer in self.group.albert_layers:
+      x = layer(x, kv_lengths, mask, self.deterministic)
+    return x, None
+
+
+class AlbertLayerGroup(nn.Module):
+  cfg: ModelConfig
+
+  def setup(self):
+    self.albert_layers = [layers.AlbertLayer(self.cfg) for _ in range(self.cfg.inner_group_num)]
+
+
+class AlbertEncoder(nn.Module):
+  """ALBERT encoder over an already embedded sequence, plus pooler and alignment head."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.albert_layer_groups = [AlbertLayerGroup(cfg) for _ in range(cfg.num_hidden_groups)]
+    self.pooler = layers.dense(cfg, cfg.hidden_size, ("embed", None), "pooler")
+    self.align_head = layers.dense(cfg, cfg.align_dim, ("embed", "align"), "align_head")
+    repeats = cfg.num_hidden_layers // cfg.num_hidden_groups
+    # One stack per group and dropout mode (stacks hold no parameters of their own).
+    self.stacks = [[_repeat(_GroupBody, cfg, repeats, (nn.broadcast, nn.broadcast), group=group,
+                            deterministic=det) for det in (True, False)]
+                   for group in self.albert_layer_groups]
+
+  def __call__(self, x_BxLxH: Array, mask_BxL: Array, *, deterministic: bool = True,
+               attention_mask: Array | None = None) -> EncoderOutput:
+    cfg = self.cfg
+    # Right padding (what our data makes) is passed as lengths, which cuDNN handles natively;
+    # an arbitrary mask (HF parity tests) goes through `attention_mask`.
+    lengths = None if attention_mask is not None else mask_BxL.sum(-1)
+    mask = None if attention_mask is None else attention_mask[:, None, None, :]
+    for det_stack, drop_stack in self.stacks:
+      x_BxLxH, _ = (det_stack if deterministic else drop_stack)(x_BxLxH, lengths, mask)
+    if cfg.pooling == "cls":
+      pooled = jnp.tanh(self.pooler(x_BxLxH[:, 0]))
+    else:
+      w = mask_BxL[..., None].astype(x_BxLxH.dtype)
+      pooled = (x_BxLxH * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+    vec = self.align_head(pooled).astype(jnp.float32)
+    if cfg.align_normalize:
+      vec = vec / jnp.maximum(jnp.linalg.norm(vec, axis=-1, keepdims=True), 1e-6)
+    return EncoderOutput(x_BxLxH, mask_BxL, pooled, vec)
+
+
+class _DecoderBody(nn.Module):
+  """One application of the shared decoder block: causal self-attn, cross-attn, FFN.
+
+  mode "train": full sequences, causal mask. mode "decode": new tokens at `index` written into
+  this layer's slice of the KV cache (scanned input), attending to positions <= their own.
+  """
+  self_attention: nn.Module
+  cross_attention: nn.Module
+  ffn: nn.Module
+  deterministic: bool
+  mode: str = "train"
+
+  def __call__(self, x, cross_kv, memory_lengths, *decode_args):
+    det = self.deterministic
+    if self.mode == "train":
+      x = self.self_attention(x, is_causal=True, deterministic=det)
+      new_cache = None
+    else:
+      (cache_k, cache_v), index = decode_args
+      k, v = self.self_attention.kv(x)
+      cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, 1)
+      cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, 1)
+      t, s = x.shape[1], cache_k.shape[1]
+      q_pos = index + jnp.arange(t)
+      mask = (jnp.arange(s)[None, :] <= q_pos[:, None])[None, None]
+      x = self.self_attention(x, (cache_k, cache_v), mask=mask, deterministic=det)
+      new_cache = (cache_k, cache_v)
+    x = self.cross_attention(x, cross_kv, kv_lengths_B=memory_lengths, deterministic=det)
+    return self.ffn(x, deterministic=det), new_cache
+
+
+class AlbertDecoder(nn.Module):
+  """Shared-parameter decoder with cross-attention; logits tied to the factorized embedding."""
+  cfg: ModelConfig
+  embedding: nn.Module
+  shared_layer: nn.Module | None = None   # encoder layer whose attention/FFN the decoder reuses
+
+  def setup(self):
+    cfg = self.cfg
+    if self.shared_layer is None:
+      self.self_attention = layers.AlbertAttention(cfg)
+      self.ffn = layers.AlbertFFN(cfg)
+    self.cross_attention = layers.AlbertAttention(cfg)
+    sa, ffn = self._blocks()
+    blocks = dict(self_attention=sa, cross_attention=self.cross_attention, ffn=ffn)
+    self.train_stacks = [_repeat(_DecoderBody, cfg, cfg.decoder_layers,
+                                 (nn.broadcast, nn.broadcast), deterministic=det, **blocks)
+                         for det in (True, False)]
+    self.decode_stack = _repeat(_DecoderBody, cfg, cfg.decoder_layers,
+                                (nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                                deterministic=True, mode="decode", **blocks)
+    self.logits_bias = self.param("logits_bias", layers._zeros(("vocab",)), (cfg.vocab_size,),
+                                  cfg.weight_dtype)
+
+  def _blocks(self):
+    if self.shared_layer is None:
+      return self.self_attention, self.ffn
+    return self.shared_layer.attention, self.shared_layer.ffn
+
+  def memory_kv(self, memory_BxMxH: Array) -> tuple[Array, Array]:
+    """Cross-attention keys/values: computed once, reused by every layer and decoding step."""
+    return self.cross_attention.kv(memory_BxMxH)
+
+  def hidden(self, ids_BxT: Array, cross_kv, memory_lengths_B: Array, *,
+             deterministic: bool = True) -> Array:
+    x = self.embedding(ids_BxT, deterministic=deterministic)
+    x, _ = self.train_stacks[0 if deterministic else 1](x, cross_kv, memory_lengths_B)
+    return x
+
+  def logits(self, h_BxTxH: Array) -> Array:
+    return self.embedding.attend(h_BxTxH) + self.logits_bias.astype(self.cfg.compute_dtype)
+
+  def step(self, ids_BxT: Array, cache: DecodeCache) -> tuple[Array, DecodeCache]:
+    """Incremental decoding: logits for `ids_BxT` at positions cache.index.. and the new cache."""
+    positions = cache.index + jnp.broadcast_to(jnp.arange(ids_BxT.shape[1]), ids_BxT.shape)
+    x = self.embedding(ids_BxT, positions)
+    x, (k, v) = self.decode_stack(x, (cache.cross_k_BxMxNxD, cache.cross_v_BxMxNxD), cache.memory_lengths_B,
+                      (cache.k_LxBxSxNxD, cache.v_LxBxSxNxD), cache.index)
+    new = cache._replace(k_LxBxSxNxD=k, v_LxBxSxNxD=v, index=cache.index + ids_BxT.shape[1])
+    return self.logits(x), new
+
+
+class CodeModel(nn.Module):
+  """Encoder + decoder. `__call__` is the training forward pass; `encode`, `init_cache` and
+  `decode_step` serve inference (call them with `model.apply(..., method=...)`)."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.shared_embedding = layers.FactorizedEmbedding(cfg)
+    self.encoder = AlbertEncoder(cfg)
+    shared_layer = None
+    if cfg.share_encoder_decoder_block:
+      shared_layer = self.encoder.albert_layer_groups[0].albert_layers[0]
+    dec_emb = self.shared_embedding
+    if not cfg.share_embedding:
+      self.decoder_embedding = layers.FactorizedEmbedding(cfg)
+      dec_emb = self.decoder_embedding
+    self.decoder = AlbertDecoder(cfg, embedding=dec_emb, shared_layer=shared_layer)
+
+  def encode(self, ids_BxL: Array, *, deterministic: bool = True,
+             attention_mask: Array | None = None,
+             token_type_ids: Array | None = None) -> EncoderOutput:
+    mask = ids_BxL != PAD_ID if attention_mask is None else attention_mask.astype(bool)
+    x = self.shared_embedding(ids_BxL, token_types_BxL=token_type_ids,
+                              deterministic=deterministic)
+    return self.encoder(x, mask, deterministic=deterministic, attention_mask=attention_mask)
+
+  def _memory(self, enc: EncoderOutput) -> tuple[Array, Array]:
+    if self.cfg.decoder_memory == "vector":
+      b = enc.pooled_BxH.shape[0]
+      return enc.pooled_BxH[:, None, :], jnp.ones((b,), jnp.int32)
+    return enc.states_BxLxH, enc.mask_BxL.sum(-1).astype(jnp.int32)
+
+  def decoder_hidden(self, enc: EncoderOutput, dec_in_BxT: Array, *,
+                     deterministic: bool = True) -> Array:
+    memory, lengths = self._memory(enc)
+    return self.decoder.hidden(dec_in_BxT, self.decoder.memory_kv(memory), lengths,
+                               deterministic=deterministic)
+
+  def logits(self, h_BxTxH: Array) -> Array:
+    return self.decoder.logits(h_BxTxH)
+
+  def __call__(self, desc_ids_BxL: Array, code_ids_BxT: Array, *, deterministic: bool = True,
+               encode_code: bool = True) -> dict[str, Any]:
+    """Training forward pass. `code_ids` are targets (code tokens, EOS, padding)."""
+    enc_d = self.encode(desc_ids_BxL, deterministic=deterministic)
+    out = {"desc": enc_d}
+    dec_in = shift_right(code_ids_BxT, BOS_ID)
+    out["hidden"] = self.decoder_hidden(enc_d, dec_in, deterministic=deterministic)
+    if encode_code:
+      out["code"] = self.encode(shift_right(code_ids_BxT, CLS_ID), deterministic=deterministic)
+    return out
+
+  def init_cache(self, enc: EncoderOutput, max_len: int, batch_repeat: int = 1) -> DecodeCache:
+    """A zeroed KV cache for `max_len` tokens, and the cross-attention KV of `enc`.
+
+    `batch_repeat` tiles each description (beams, samples) next to itself.
+    """
+    cfg = self.cfg
+    memory, lengths = self._memory(enc)
+    ck, cv = self.decoder.memory_kv(memory)
+    if batch_repeat > 1:
+      ck, cv, lengths = (jnp.repeat(t, batch_repeat, axis=0) for t in (ck, cv, lengths))
+    b = ck.shape[0]
+    shape = (cfg.decoder_layers, b, max_len, cfg.num_attention_heads, cfg.head_dim)
+    zeros = jnp.zeros(shape, cfg.compute_dtype)
+    return DecodeCache(zeros, zeros, ck, cv, lengths, jnp.zeros((), jnp.int32))
+
+  def decode_step(self, ids_BxT: Array, cache: DecodeCache) -> tuple[Array, DecodeCache]:
+    return self.decoder.step(ids_BxT, cache)
+
+  def decode_logits(self, enc: EncoderOutput, dec_in_BxT: Array) -> Array:
+    """Teacher-forced logits (reference for the cached path)."""
+    return self.logits(self.decoder_hidden(enc, dec_in_BxT))
+
+
+def shift_right(ids_BxT: Array, first_id: int) -> Array:
+  """[a, b, c] -> [first, a, b]: decoder inputs from targets (and [CLS]-led code for the encoder)."""
+  first = jnp.full_like(ids_BxT[:, :1], first_id)
+  return jnp.concatenate([first, ids_BxT[:, :-1]], axis=1)
+
+
+def build(config) -> tuple[CodeModel, ModelConfig]:
+  cfg = ModelConfig.from_config(config.model if hasattr(config, "model") else config)
+  return CodeModel(cfg), cfg
+
+
+def param_count(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

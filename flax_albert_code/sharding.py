@@ -1,0 +1,67 @@
+"""Device mesh from the config and logical -> mesh shardings for state and batches.
+
+The mesh has axes (data, fsdp, tensor); a size of -1 takes the remaining devices. Parameters
+carry logical axis names (layers.py); `config.logical_axis_rules` maps them to mesh axes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"Only one mesh axis may be -1 (the rest of the devices); got {sizes} for "
+                     f"{MESH_AXES}. Set config.mesh.data/fsdp/tensor.")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"Mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} "
+                       "devices; change config.mesh.")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"Mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
+                     f"{num_devices} exist; set one axis to -1 or change config.mesh.")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices: Sequence[Any] | None = None) -> Mesh:
+  """A mesh over all (or the given) devices with Auto axis types (not the new Explicit default)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if devices == list(jax.devices()):
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+  return Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def rules(config) -> tuple[tuple[str, Any], ...]:
+  return tuple((name, tuple(ax) if isinstance(ax, list) else ax)
+               for name, ax in config.logical_axis_rules)
+
+
+def logical_shardings(boxed_tree, mesh: Mesh, axis_rules) -> Any:
+  """NamedShardings for a tree of (abstract) values boxed with logical names."""
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, axis_rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches: leading dim over (data, fsdp), the rest replicated."""
+  return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
