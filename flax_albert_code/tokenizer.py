@@ -151,8 +151,8 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int, *,
     os.replace(tmp, out_path)
   except RuntimeError as e:
     raise TokenizerError(f"Training the tokenizer {out_path} with vocab_size={vocab_size} "
-                         f"failed ({str(e).strip()}); raise config.data.tokenizer_vocab_size "
-                         "above 300 or add data.") from None
+                         f"failed ({str(e).strip()}); raise config.data.tokenizer_vocab_size (the 256 byte "
+                         "pieces, 8 special ones and one per distinct character come first).") from None
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)

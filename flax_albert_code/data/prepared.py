@@ -104,6 +104,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
   os.makedirs(tmp)
   try:
     _build(d, specs, tmp, key, progress)
+    if os.path.isdir(final) and not os.path.isfile(os.path.join(final, "COMPLETE")):
+      shutil.rmtree(final)  # not ours (we only ever rename complete ones here): never trust it
     try:
       os.rename(tmp, final)
     except OSError:  # another process finished the same preparation first

@@ -60,6 +60,7 @@ def assign_splits(pairs: Iterable[mining.Pair], seed: int, valid_fraction: float
 @dataclasses.dataclass
 class Collected:
   splits: dict[str, list[mining.Pair]]
+  pairs: list[mining.Pair]          # all kept pairs in reading order (before splitting)
   skipped: collections.Counter      # "file: ..." / "row: ..." / "pair: ..." -> count
   units_read: int
   units_total: int
@@ -92,5 +93,5 @@ def collect(specs: Iterable[str], filters: mining.Filters, *, max_examples: int 
         break
     if max_examples and len(kept) >= max_examples:
       break
-  return Collected(assign_splits(kept, seed, valid_fraction, test_fraction), skipped, read,
+  return Collected(assign_splits(kept, seed, valid_fraction, test_fraction), kept, skipped, read,
                    len(all_units))

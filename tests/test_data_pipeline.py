@@ -1,0 +1,169 @@
+"""The grain pipeline: framing, bucketing, determinism, exact resume, per-host slices, sharding."""
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from flax_albert_code import config_lib
+from flax_albert_code.data import pipeline, prepared as prepared_lib
+from flax_albert_code.data.sources import DataError
+
+CLS, SEP, EOS, BOS = (config_lib.CLS_ID, config_lib.SEP_ID, config_lib.EOS_ID,
+                      config_lib.BOS_ID)
+BUCKETS = (32, 64, 128)  # code is ~20..170 tokens: every bucket used, some code cut
+
+
+def write_tree(root, n_files=40, per_file=6):
+  """Documented functions whose bodies grow from 0 to 15 lines: code lengths span the buckets."""
+  for f in range(n_files):
+    funcs = []
+    for g in range(per_file):
+      k = f * per_file + g
+      body = "    x = x * 2\n" * (k % 16)
+      words = " and then more" * (k % 5)
+      funcs.append(f'def fn_{k}(x):\n    """Double x a few times{words}."""\n{body}    return x\n')
+    (root / f"mod_{f}.py").write_text("\n\n".join(funcs))
+
+
+def make_config(tree, **data):
+  c = config_lib.get_config("tiny")
+  c.data.update(sources=f"dir:{tree}", tokenizer_vocab_size=400, max_desc_len=24,
+                max_code_len=128, code_buckets=BUCKETS, valid_fraction=0.1, test_fraction=0.1,
+                **data)
+  return c
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  tree = tmp_path_factory.mktemp("tree")
+  write_tree(tree)
+  config = make_config(tree)
+  return config, prepared_lib.prepare(config, str(tmp_path_factory.mktemp("work")))
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def assert_same(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_batches_are_framed_and_bucketed(setup):
+  config, prep = setup
+  store, src, tok = prep.tokens("train"), prep.source("train"), prep.tokenizer
+  batches = list(pipeline.make_iterator(config, prep, "train", 8, shuffle=True, num_epochs=1))
+  seen = np.concatenate([b["index"] for b in batches])
+  assert len(set(seen.tolist())) == len(seen)  # an epoch shows each example at most once
+  assert len(store) - len(seen) < len(BUCKETS) * 8  # only partial batches are dropped
+  assert {b["code_ids"].shape[1] for b in batches} == set(BUCKETS)
+  cut = {"code": 0, "desc": 0}
+  for b in batches:
+    assert b["desc_ids"].shape == (8, 24) and b["desc_ids"].dtype == np.int32
+    assert b["code_ids"].dtype == np.int32 and b["index"].dtype == np.int32
+    width = b["code_ids"].shape[1]
+    for row, i in enumerate(b["index"]):
+      n_desc, n_code = store.lengths["desc"][i], store.lengths["code"][i]
+      assert BUCKETS[int(np.searchsorted(BUCKETS, min(n_code + 1, 128)))] == width
+      desc = b["desc_ids"][row]
+      assert desc[0] == CLS and list(desc).count(SEP) == 1
+      assert desc[min(n_desc, 22) + 1] == SEP and not desc[min(n_desc, 22) + 2:].any()
+      code = b["code_ids"][row]
+      assert BOS not in code
+      if n_code < width:
+        assert code[n_code] == EOS and not code[n_code + 1:].any()
+        assert tok.decode(code) == src[int(i)]["code"]
+      else:
+        assert EOS not in code and code.all()  # cut: no EOS
+        cut["code"] += 1
+      assert src[int(i)]["description"].startswith(tok.decode(desc))
+      cut["desc"] += src[int(i)]["description"] != tok.decode(desc)
+  assert 0 < cut["code"] < len(seen) and 0 < cut["desc"] < len(seen)  # both cases were checked
+
+
+def test_eval_iterator_covers_every_example_once(setup):
+  config, prep = setup
+  batches = list(pipeline.make_iterator(config, prep, "valid", 8, shuffle=False, num_epochs=1))
+  index = np.concatenate([b["index"] for b in batches])
+  real = index[index >= 0]
+  assert sorted(real.tolist()) == list(range(prep.split_sizes["valid"]))
+  for b in batches:
+    filler = b["index"] < 0
+    assert not b["code_ids"][filler].any()
+    assert (b["desc_ids"][filler][:, :2] == [CLS, SEP]).all()
+
+
+def test_same_seed_same_batches_other_seed_other_order(setup):
+  config, prep = setup
+  run = lambda c: take(pipeline.make_iterator(c, prep, "train", 8, shuffle=True, num_epochs=None), 30)  # noqa: E731
+  a, b = run(config), run(config)
+  assert_same(a, b)
+  other = config.copy_and_resolve_references()
+  other.data.shuffle_seed = 1
+  c = run(other)
+  assert [x["index"].tolist() for x in a] != [x["index"].tolist() for x in c]
+
+
+def test_resume_equals_uninterrupted(setup):
+  config, prep = setup
+  make = lambda: pipeline.make_iterator(config, prep, "train", 8, shuffle=True, num_epochs=None)  # noqa: E731
+  per_epoch = len(pipeline.make_dataset(config, prep, "train", 8, shuffle=True, num_epochs=1))
+  for k in (3, per_epoch - 2):  # mid-epoch, and a restart that crosses into the next epoch
+    full = make()
+    head = take(full, k)
+    state = full.get_state()
+    tail = take(full, 6)
+    resumed = make()
+    resumed.set_state(state)
+    assert_same(take(resumed, 6), tail)
+    assert len(head) == k
+
+
+def test_epochs_are_reshuffled(setup):
+  config, prep = setup
+  n = len(pipeline.make_dataset(config, prep, "train", 8, shuffle=True, num_epochs=1))
+  two = take(pipeline.make_iterator(config, prep, "train", 8, shuffle=True, num_epochs=2), 2 * n)
+  first, second = two[:n], two[n:]
+  assert [b["index"].tolist() for b in first] != [b["index"].tolist() for b in second]
+
+
+def test_hosts_split_each_global_batch(setup):
+  config, prep = setup
+  kw = dict(shuffle=True, num_epochs=None)
+  whole = take(pipeline.make_iterator(config, prep, "train", 8, **kw), 10)
+  hosts = [take(pipeline.make_iterator(config, prep, "train", 8, process_index=p,
+                                       process_count=2, **kw), 10) for p in range(2)]
+  for step, b in enumerate(whole):
+    h0, h1 = hosts[0][step], hosts[1][step]
+    assert h0["code_ids"].shape == h1["code_ids"].shape == (4, b["code_ids"].shape[1])
+    for k in b:
+      np.testing.assert_array_equal(np.concatenate([h0[k], h1[k]]), b[k])
+  with pytest.raises(ValueError, match="not divisible"):
+    pipeline.make_iterator(config, prep, "train", 9, shuffle=True, num_epochs=1,
+                           process_index=0, process_count=2)
+
+
+def test_too_few_examples_for_a_batch_is_a_clear_error(setup):
+  config, prep = setup
+  with pytest.raises(DataError, match="not one full batch of 4096"):
+    pipeline.make_iterator(config, prep, "valid", 4096, shuffle=True, num_epochs=1)
+
+
+def test_to_global_shards_over_8_devices(setup):
+  config, prep = setup
+  assert jax.device_count() == 8
+  mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  sharding = NamedSharding(mesh, P(("data", "fsdp")))
+  batch = next(pipeline.make_iterator(config, prep, "train", 16, shuffle=True, num_epochs=None))
+  out = pipeline.to_global(batch, sharding)
+  assert out.keys() == batch.keys()
+  for k, v in out.items():
+    assert v.shape == batch[k].shape and v.sharding == sharding
+    np.testing.assert_array_equal(np.asarray(v), batch[k])
+    shards = sorted(v.addressable_shards, key=lambda s: s.index[0].start)
+    assert len(shards) == 8 and all(s.data.shape[0] == 2 for s in shards)
+    np.testing.assert_array_equal(np.asarray(shards[3].data), batch[k][6:8])
