@@ -188,15 +188,19 @@ class FactorizedEmbedding(nn.Module):
     x_BxLxH = self.embedding_hidden_mapping_in(x)
     return constrain(x_BxLxH, ("batch", "length", "act_embed"))
 
-  def attend(self, h_BxLxH: Array) -> Array:
+  def attend(self, h_BxLxH: Array, bias_V: Array) -> Array:
     """Tied output projection to vocabulary logits (compute dtype; the loss upcasts)."""
-    dt = self.cfg.compute_dtype
     proj_ExH = nn.meta.unbox(self.embedding_hidden_mapping_in.variables["params"]["kernel"])
-    proj_ExH = proj_ExH.astype(dt)
-    e_BxLxE = jnp.einsum("blh,eh->ble", h_BxLxH.astype(dt), proj_ExH)
-    word_VxE = self.word_embeddings.embedding.astype(dt)
-    logits = jnp.einsum("ble,ve->blv", e_BxLxE, word_VxE)
+    logits = tied_logits(h_BxLxH.astype(self.cfg.compute_dtype), proj_ExH,
+                         self.word_embeddings.embedding, bias_V)
     return constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def tied_logits(h_BxTxH: Array, proj_ExH: Array, word_VxE: Array, bias_V: Array) -> Array:
+  """Output layer tied to the factorized embedding: H -> E (projection^T) -> V (words^T)."""
+  dt = h_BxTxH.dtype
+  e = jnp.einsum("bth,eh->bte", h_BxTxH, proj_ExH.astype(dt))
+  return jnp.einsum("bte,ve->btv", e, word_VxE.astype(dt)) + bias_V.astype(dt)
 
 
 def attention(q_BxTxNxD: Array, k_BxSxNxD: Array, v_BxSxNxD: Array, *, impl: str,

@@ -117,7 +117,7 @@ class AlbertEncoder(nn.Module):
     # Right padding (what our data makes) is passed as lengths, which cuDNN handles natively;
     # an arbitrary mask (HF parity tests) goes through `attention_mask`.
     lengths = None if attention_mask is not None else mask_BxL.sum(-1)
-    mask = None if attention_mask is None else attention_mask[:, None, None, :]
+    mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
     for det_stack, drop_stack in self.stacks:
       x_BxLxH, _ = (det_stack if deterministic else drop_stack)(x_BxLxH, lengths, mask)
     if cfg.pooling == "cls":
@@ -201,7 +201,7 @@ class AlbertDecoder(nn.Module):
     return x
 
   def logits(self, h_BxTxH: Array) -> Array:
-    return self.embedding.attend(h_BxTxH) + self.logits_bias.astype(self.cfg.compute_dtype)
+    return self.embedding.attend(h_BxTxH, self.logits_bias)
 
   def step(self, ids_BxT: Array, cache: DecodeCache) -> tuple[Array, DecodeCache]:
     """Incremental decoding: logits for `ids_BxT` at positions cache.index.. and the new cache."""
@@ -255,13 +255,18 @@ class CodeModel(nn.Module):
     return self.decoder.logits(h_BxTxH)
 
   def __call__(self, desc_ids_BxL: Array, code_ids_BxT: Array, *, deterministic: bool = True,
-               encode_code: bool = True) -> dict[str, Any]:
-    """Training forward pass. `code_ids` are targets (code tokens, EOS, padding)."""
+               encode_code: bool = True, decode: bool = True) -> dict[str, Any]:
+    """Training forward pass. `code_ids` are targets (code tokens, EOS, padding).
+
+    Returns the description's EncoderOutput ("desc"), the decoder's last hidden states
+    ("hidden"; logits come from `logits` or the chunked loss) and the code's EncoderOutput.
+    """
     enc_d = self.encode(desc_ids_BxL, deterministic=deterministic)
     out = {"desc": enc_d}
-    dec_in = shift_right(code_ids_BxT, BOS_ID)
-    out["hidden"] = self.decoder_hidden(enc_d, dec_in, deterministic=deterministic)
-    if encode_code:
+    if decode or self.is_initializing():
+      dec_in = shift_right(code_ids_BxT, BOS_ID)
+      out["hidden"] = self.decoder_hidden(enc_d, dec_in, deterministic=deterministic)
+    if encode_code or self.is_initializing():
       out["code"] = self.encode(shift_right(code_ids_BxT, CLS_ID), deterministic=deterministic)
     return out
 

@@ -1,0 +1,183 @@
+"""The pure, jitted training and evaluation steps, and sharded state creation.
+
+`train_step(state, batch) -> (state, metrics)` is one `jax.jit` with explicit in/out shardings
+and the state donated; per-step randomness is `fold_in(state.rng, state.step)`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from flax_albert_code import losses, sharding
+from flax_albert_code.config_lib import PAD_ID
+from flax_albert_code.model import CodeModel
+
+Array = jax.Array
+STAGES = ("pretrain", "finetune", "joint")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array
+  params: Any        # {"model": CodeModel params, "log_inv_temp": InfoNCE temperature}
+  opt_state: Any
+  rng: Array         # raw uint32[2] key, checkpointable
+
+
+def objectives(train_cfg) -> tuple[bool, tuple[str, ...]]:
+  """(generation on?, alignment losses) for the configured stage."""
+  if train_cfg.stage not in STAGES:
+    raise ValueError(f"config.train.stage={train_cfg.stage!r} is not one of {STAGES}.")
+  align = tuple(a.strip() for a in train_cfg.align_losses.split(",") if a.strip())
+  bad = [a for a in align if a not in ("l2", "infonce")]
+  if bad:
+    raise ValueError(f"config.train.align_losses has unknown {bad}; use a subset of l2,infonce.")
+  if train_cfg.stage == "pretrain" and not align:
+    raise ValueError("Stage 'pretrain' trains alignment only, but config.train.align_losses is "
+                     "empty; set it to l2, infonce or both.")
+  return train_cfg.stage != "pretrain", align
+
+
+def example_batch(config, batch_size: int) -> dict[str, np.ndarray]:
+  return {"desc_ids": np.full((batch_size, config.data.max_desc_len), 7, np.int32),
+          "code_ids": np.full((batch_size, max(config.data.code_buckets)), 7, np.int32)}
+
+
+def make_init(model: CodeModel, tx: optax.GradientTransformation, config) -> Callable:
+  batch = example_batch(config, 2)
+
+  def init(rng: Array) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    params = {"model": model.init(init_rng, batch["desc_ids"], batch["code_ids"])["params"],
+              "log_inv_temp": jnp.log(1.0 / config.train.init_temperature).astype(jnp.float32)}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=state_rng)
+  return init
+
+
+def create_state(model, tx, config, mesh, rng) -> tuple[TrainState, Any]:
+  """State born sharded: eval_shape -> logical shardings -> jitted init (nothing full-size on
+  one device). Returns the unboxed state and its shardings."""
+  init = make_init(model, tx, config)
+  rules = sharding.rules(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(init, rng)
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+    state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def abstract_state(model, tx, config, mesh) -> tuple[TrainState, Any]:
+  """Shapes, dtypes and shardings of the state without allocating it (for restores)."""
+  init = make_init(model, tx, config)
+  rules = sharding.rules(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.unbox(boxed), shardings)
+  return abstract, shardings
+
+
+def _output_weights(model_params, cfg):
+  emb = model_params["shared_embedding" if cfg.share_embedding else "decoder_embedding"]
+  return (emb["embedding_hidden_mapping_in"]["kernel"], emb["word_embeddings"]["embedding"],
+          model_params["decoder"]["logits_bias"])
+
+
+def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool):
+  """Weighted total loss and metrics for one batch."""
+  tc, mc = config.train, model.cfg
+  gen, align = objectives(tc)
+  dropout = train and (mc.hidden_dropout_prob > 0 or mc.attention_probs_dropout_prob > 0)
+  desc, code = batch["desc_ids"], batch["code_ids"]
+  out = model.apply({"params": params["model"]}, desc, code, deterministic=not dropout,
+                    encode_code=bool(align), decode=gen, rngs={"dropout": rng})
+  metrics, total = {}, 0.0
+  if gen:
+    weights = code != PAD_ID
+    ce, acc, count = losses.generation_loss(
+        out["hidden"], code, weights, *_output_weights(params["model"], mc),
+        label_smoothing=tc.label_smoothing, z_loss=tc.z_loss)
+    total += tc.gen_weight * ce
+    metrics.update(gen_loss=ce, token_accuracy=acc, code_tokens=count)
+  if align:
+    v_d, v_c = out["desc"].vector_BxA, out["code"].vector_BxA
+    if "l2" in align:
+      l2 = losses.l2_alignment(v_d, v_c)
+      total += tc.l2_weight * l2
+      metrics["l2_loss"] = l2
+    if "infonce" in align:
+      nce = losses.infonce(v_d, v_c, params["log_inv_temp"])
+      total += tc.infonce_weight * nce
+      metrics.update(infonce_loss=nce, temperature=jnp.exp(-params["log_inv_temp"]))
+    metrics["retrieval_accuracy"] = losses.retrieval_accuracy(v_d, v_c)
+  metrics["loss"] = total
+  return total, metrics
+
+
+def _split_micro(batch, n: int):
+  return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+
+
+def train_step(state: TrainState, batch, *, model: CodeModel, tx, config) -> tuple[TrainState, dict]:
+  rng = jax.random.fold_in(state.rng, state.step)
+  grad_fn = jax.value_and_grad(
+      functools.partial(compute_losses, model=model, config=config, train=True), has_aux=True)
+  n_micro = int(config.train.microbatches)
+  if n_micro <= 1:
+    (_, metrics), grads = grad_fn(state.params, batch, rng)
+  else:
+    micro_batches = _split_micro(batch, n_micro)
+
+    def micro(carry, mb_i):
+      mb, i = mb_i
+      (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, carry, (g, m)), None
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    (_, m0), g0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                               jax.eval_shape(grad_fn, state.params, first, rng))
+    (g_sum, m_sum), _ = jax.lax.scan(micro, (g0, m0), (micro_batches, jnp.arange(n_micro)))
+    grads = jax.tree.map(lambda g: g / n_micro, g_sum)
+    metrics = jax.tree.map(lambda m: m / n_micro, m_sum)
+    if "code_tokens" in metrics:
+      metrics["code_tokens"] = m_sum["code_tokens"]
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new, metrics
+
+
+def eval_step(params, batch, *, model: CodeModel, config) -> dict:
+  _, metrics = compute_losses(params, batch, jax.random.PRNGKey(0), model=model, config=config,
+                              train=False)
+  return metrics
+
+
+def jit_steps(model, tx, config, mesh, state_shardings):
+  """The jitted train and eval steps with explicit shardings (call under `jax.set_mesh`)."""
+  rules = sharding.rules(config)
+  batch_sh = sharding.batch_sharding(mesh)
+  repl = sharding.replicated(mesh)
+
+  def with_rules(fn):
+    @functools.wraps(fn)
+    def wrapped(*args):
+      with nn.logical_axis_rules(rules):
+        return fn(*args)
+    return wrapped
+
+  train = jax.jit(with_rules(functools.partial(train_step, model=model, tx=tx, config=config)),
+                  in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, repl),
+                  donate_argnums=0)
+  evaluate = jax.jit(with_rules(functools.partial(eval_step, model=model, config=config)),
+                     in_shardings=(state_shardings.params, batch_sh), out_shardings=repl)
+  return train, evaluate
