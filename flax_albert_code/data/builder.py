@@ -7,6 +7,8 @@ record at position i has `index == i`.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -60,7 +62,8 @@ def write(data_dir: str, examples: Mapping[str, Sequence[Mapping[str, Any]]]) ->
   """Writes the splits (each a list of feature dicts) and returns the dataset directory."""
   tfds.disable_progress_bar()  # prepare shows its own; TFDS's bars are per split and noisy
   builder = CodePairs(data_dir=data_dir, examples=examples, file_format="array_record")
-  builder.download_and_prepare(file_format="array_record")
+  with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints "Downloading and preparing..."
+    builder.download_and_prepare(file_format="array_record")
   return os.fspath(builder.data_path)
 
 

@@ -215,27 +215,28 @@ def summary(prepared: Prepared, data: ml_collections.ConfigDict) -> str:
   import numpy as np  # pylint: disable=g-import-not-at-top
   m = prepared.meta
   names = sorted({s for per in m["per_source"].values() for s in per})
+  w = max([38] + [len(s) + 1 for s in (*names, *m["skipped"])])
   lines = [f"Prepared data {prepared.data_dir} ({'reused' if prepared.reused else 'built'}; "
-           f"{m['units_read']}/{m['units_total']} files read in {m['seconds']} s)",
-           f"{'pairs':<40}" + "".join(f"{s:>8}" for s in (*splits.SPLITS, "total"))]
+           f"{m['units_read']}/{m['units_total']} files read, prepared in {m['seconds']} s)",
+           f"{'pairs':<{w + 2}}" + "".join(f"{s:>8}" for s in (*splits.SPLITS, "total"))]
   for name in names + ["total"]:
     row = [m["per_source"][s].get(name, 0) if name != "total" else m["split_sizes"][s]
            for s in splits.SPLITS]
-    lines.append(f"  {name:<38}" + "".join(f"{n:>8}" for n in (*row, sum(row))))
+    lines.append(f"  {name:<{w}}" + "".join(f"{n:>8}" for n in (*row, sum(row))))
   lines.append("skipped:" if m["skipped"] else "skipped: nothing")
-  lines += [f"  {reason:<38}{n:>8}" for reason, n in m["skipped"].items()]
+  lines += [f"  {reason:<{w}}{n:>8}" for reason, n in m["skipped"].items()]
   lines.append(f"tokenizer: {prepared.tokenizer_path} (vocab {m['vocab_size']}, "
                f"{'trained on train' if m['tokenizer_trained'] else 'given'})")
   store = prepared.tokens("train")
   desc, code = store.lengths["desc"], store.lengths["code"]
   buckets = tuple(sorted(data.code_buckets))
   longest = min(data.max_code_len, buckets[-1])
-  lines.append(f"{'train token lengths':<40}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'cut':>8}")
+  lines.append(f"{'train token lengths':<{w + 2}}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'cut':>8}")
   for name, lens, limit in (("description (+CLS, SEP)", desc + 2, data.max_desc_len),
                             ("code (+EOS)", code + 1, longest)):
     p = np.percentile(lens, [50, 90, 99]).astype(int).tolist() if len(lens) else [0, 0, 0]
     cut = f"{np.mean(lens > limit):.1%}" if len(lens) else "-"
-    lines.append(f"  {name:<38}" + "".join(f"{v:>8}" for v in (*p, lens.max(initial=0), cut)))
+    lines.append(f"  {name:<{w}}" + "".join(f"{v:>8}" for v in (*p, lens.max(initial=0), cut)))
   real_code = np.minimum(code + 1, longest)
   padded_code = np.asarray(buckets)[bucket_of(real_code, buckets)]
   real_desc = np.minimum(desc + 2, data.max_desc_len)
