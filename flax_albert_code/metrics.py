@@ -1,0 +1,98 @@
+"""Metric writers (metrics.jsonl + TensorBoard), model FLOPs by formula, MFU.
+
+XLA's cost analysis counts a scan/fori_loop body once, so it undercounts a shared-block model
+by its depth; FLOPs here are counted from the config and the batch shapes instead.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+
+# Dense bf16 peak per chip, for MFU. H100/H200: the measured bf16 matmul ceiling on our
+# machines (../shared/BENCH.md), not the datasheet; TPUs: datasheet.
+PEAK_TFLOPS = {"H100": 766.0, "H200": 790.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
+               "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0}
+
+
+def peak_flops_per_device(device=None) -> float | None:
+  kind = (device or jax.devices()[0]).device_kind
+  for name, tflops in PEAK_TFLOPS.items():
+    if name.lower() in kind.lower():
+      return tflops * 1e12
+  return None
+
+
+def _encoder_flops(mc, length: int) -> float:
+  h, i, e = mc.hidden_size, mc.intermediate_size, mc.embedding_size
+  layers = mc.num_hidden_layers * mc.inner_group_num
+  per_token = 2 * e * h + layers * (8 * h * h + 4 * h * i + 4 * length * h)
+  return length * per_token + 2 * h * h + 2 * h * mc.align_dim
+
+
+def _decoder_flops(mc, desc_len: int, code_len: int) -> float:
+  h, i, e, v = mc.hidden_size, mc.intermediate_size, mc.embedding_size, mc.vocab_size
+  mem = 1 if mc.decoder_memory == "vector" else desc_len
+  per_layer = 8 * h * h + 4 * h * h + 4 * h * i + 4 * code_len * h + 4 * mem * h
+  per_token = 2 * e * h + mc.decoder_layers * per_layer + 2 * h * e + 2 * e * v
+  return code_len * per_token + mem * 4 * h * h   # cross K/V projected once (shared block)
+
+
+def train_flops_per_example(mc, desc_len: int, code_len: int, *, generation: bool = True,
+                            align: bool = True) -> float:
+  """Model FLOPs of one training example (forward + backward = 3x forward).
+
+  Attention scores are counted in full (not halved for the causal mask), as is customary.
+  """
+  fwd = _encoder_flops(mc, desc_len)
+  if generation:
+    fwd += _decoder_flops(mc, desc_len, code_len)
+  if align:
+    fwd += _encoder_flops(mc, code_len)
+  return 3.0 * fwd
+
+
+def decode_step_flops(mc, batch: int, desc_len: int, cache_len: int) -> float:
+  """FLOPs of one cached decoding step for `batch` sequences (attention over the full cache)."""
+  h, i, e, v = mc.hidden_size, mc.intermediate_size, mc.embedding_size, mc.vocab_size
+  mem = 1 if mc.decoder_memory == "vector" else desc_len
+  per_layer = 8 * h * h + 4 * h * h + 4 * h * i + 4 * cache_len * h + 4 * mem * h
+  return batch * (2 * e * h + mc.decoder_layers * per_layer + 2 * h * e + 2 * e * v)
+
+
+class Writer:
+  """Scalars to `<workdir>/metrics.jsonl` and TensorBoard; only process 0 writes."""
+
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    self.active = jax.process_index() == 0
+    self.tb = None
+    if not self.active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:
+        self.tb = None
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if not self.active:
+      return
+    clean = {k: float(v) for k, v in scalars.items()}
+    self.jsonl.write(json.dumps({"step": int(step), "time": time.time(), **clean}) + "\n")
+    if self.tb is not None:
+      for k, v in clean.items():
+        if math.isfinite(v):
+          self.tb.add_scalar(k, v, int(step))
+
+  def close(self) -> None:
+    if self.active:
+      self.jsonl.close()
+      if self.tb is not None:
+        self.tb.close()

@@ -1,0 +1,255 @@
+"""The training loop: data -> sharded state -> jitted steps -> metrics -> checkpoints.
+
+`run(config, workdir)` resumes from the latest complete checkpoint in `workdir`, saves on
+SIGTERM/SIGINT (TPU VM preemption) and stops on a non-finite loss naming the step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from flax_albert_code import checkpoint, metrics as metrics_lib, model as model_lib, optim
+from flax_albert_code import sharding, train_step
+from flax_albert_code.data import pipeline
+from flax_albert_code.data.prepared import prepare
+
+log = logging.getLogger("flax_albert_code")
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (non-finite loss, bad warm start); the message says why and what to do."""
+
+
+@dataclasses.dataclass
+class Result:
+  workdir: str
+  step: int
+  history: list[dict[str, float]]      # per-step training metrics fetched from the device
+  valid: dict[str, float]               # last validation metrics
+  stopped_by_signal: bool
+  state: Any = None
+  prepared: Any = None
+
+
+class _Signals:
+  """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits cleanly."""
+
+  def __init__(self):
+    self.received = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def _warm_start(state, config, model_cfg):
+  """Initialise from a pretrain checkpoint (all matching params) or an HF ALBERT encoder."""
+  path = os.path.expanduser(config.train.init_from)
+  if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(
+      os.path.join(path, "checkpoints")):
+    from flax_albert_code import hf
+    params, _ = hf.load_hf_encoder(path, params=jax.device_get(state.params["model"]))
+    loaded = params
+  else:
+    _, loaded, _ = checkpoint.load_for_inference(path)
+  current = state.params["model"]
+  flat_cur = dict(_flatten(current))
+  flat_new = dict(_flatten(loaded))
+  mismatched = [k for k in flat_new if k in flat_cur and flat_new[k].shape != flat_cur[k].shape]
+  if mismatched:
+    raise TrainingError(f"config.train.init_from={path} has parameters of other shapes "
+                        f"({'/'.join(mismatched[0])}: {flat_new[mismatched[0]].shape} vs "
+                        f"{flat_cur[mismatched[0]].shape}); use the same model config.")
+  merged = jax.tree_util.tree_map_with_path(
+      lambda p, x: jax.device_put(jnp.asarray(flat_new.get(_key(p), x), x.dtype), x.sharding),
+      current)
+  log.info("Warm start from %s: %d of %d tensors loaded.", path,
+           sum(k in flat_new for k in flat_cur), len(flat_cur))
+  return state.replace(params={**state.params, "model": merged})
+
+
+def _key(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", k)) for k in path)
+
+
+def _flatten(tree):
+  return [(_key(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _model_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {"desc_ids": batch["desc_ids"], "code_ids": batch["code_ids"]}
+
+
+def evaluate(eval_fn, params, config, prepared, mesh, batch_size: int) -> dict[str, float]:
+  """Mean validation metrics over the first `eval_batches` batches of the valid split."""
+  try:
+    it = pipeline.make_iterator(config, prepared, "valid", batch_size, shuffle=False,
+                                num_epochs=1, drop_remainder=True, prefetch=0)
+  except (ValueError, pipeline.DataError) as e:
+    log.warning("No validation: %s", e)
+    return {}
+  sums, n = {}, 0
+  for batch in it:
+    m = jax.device_get(eval_fn(params, pipeline.to_global(_model_batch(batch),
+                                                          sharding.batch_sharding(mesh))))
+    for k, v in m.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+    n += 1
+    if n >= config.train.eval_batches:
+      break
+  return {f"valid_{k}": v / n for k, v in sums.items()} if n else {}
+
+
+def run(config, workdir: str, *, progress: bool = True, max_steps: int | None = None) -> Result:
+  """Train `config` in `workdir`; `max_steps` stops early (tests of resume) without saving."""
+  tc = config.train
+  is_main = jax.process_index() == 0
+  prepared = prepare(config, workdir, progress=progress and is_main)
+  if config.model.vocab_size != prepared.tokenizer.vocab_size:
+    log.info("model.vocab_size set to the tokenizer's %d", prepared.tokenizer.vocab_size)
+    with config.unlocked():
+      config.model.vocab_size = prepared.tokenizer.vocab_size
+  gen, align = train_step.objectives(tc)
+  mesh = sharding.make_mesh(config.mesh)
+  divisor = sharding.batch_divisor(mesh) * max(int(tc.microbatches), 1)
+  if tc.batch_size % divisor:
+    raise ValueError(f"config.train.batch_size={tc.batch_size} must be a multiple of "
+                     f"{divisor} (data x fsdp mesh axes x microbatches).")
+  model, mc = model_lib.build(config)
+  tx = optim.make(tc)
+  ckpt = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints,
+                                 async_save=tc.async_checkpointing)
+  ckpt.check_compatible(config)
+  train_iter = pipeline.make_iterator(config, prepared, "train", tc.batch_size, shuffle=True,
+                                      num_epochs=None)
+  abstract, shardings = train_step.abstract_state(model, tx, config, mesh)
+  if ckpt.latest_step() is not None:
+    state, start = ckpt.restore(abstract, train_iter)
+    log.info("Resumed from step %d in %s", start, ckpt.directory)
+  else:
+    state, _ = train_step.create_state(model, tx, config, mesh, jax.random.PRNGKey(config.seed))
+    if tc.init_from:
+      state = _warm_start(state, config, mc)
+    start = 0
+  writer = metrics_lib.Writer(workdir)
+  peak = metrics_lib.peak_flops_per_device()
+  history, valid = [], {}
+  eval_bs = int(tc.get("eval_batch_size", 0) or tc.batch_size)
+  bsh = sharding.batch_sharding(mesh)
+  end = tc.steps if max_steps is None else min(tc.steps, max_steps)
+  stopped = None
+  with jax.set_mesh(mesh), _Signals() as signals:
+    train_fn, eval_fn = train_step.jit_steps(model, tx, config, mesh, shardings)
+    bar = tqdm(total=tc.steps, initial=start, disable=not (progress and is_main),
+               dynamic_ncols=True, desc="train")
+    pending, t_last, tokens_since, flops_since, step = None, time.perf_counter(), 0, 0.0, start
+    while step < end:
+      batch = _model_batch(next(train_iter))
+      ld, lc = batch["desc_ids"].shape[1], batch["code_ids"].shape[1]
+      state, step_metrics = train_fn(state, pipeline.to_global(batch, bsh))
+      step += 1
+      tokens_since += tc.batch_size * (ld + lc)
+      # Fetch the previous step's metrics now that this step is queued: the device never waits.
+      if pending is not None:
+        _record(pending, history, bar, writer, tc, peak, mc, gen, align)
+      flops = tc.batch_size * metrics_lib.train_flops_per_example(mc, ld, lc, generation=gen,
+                                                                  align=bool(align))
+      flops_since += flops
+      pending = (step, step_metrics, flops, ld + lc)
+      if step % tc.log_every == 0 or step == end:
+        _record(pending, history, bar, writer, tc, peak, mc, gen, align)
+        pending = None
+        dt = time.perf_counter() - t_last
+        rate = {"tokens_per_s": tokens_since / dt, "model_tflops": flops_since / dt / 1e12}
+        if peak:
+          rate["mfu"] = flops_since / dt / (peak * jax.device_count())
+        writer.write(step, rate)
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", tok_s=f"{rate['tokens_per_s']:.0f}")
+        t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
+      if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
+        valid = evaluate(eval_fn, state.params, config, prepared, mesh, eval_bs)
+        if valid:
+          writer.write(step, valid)
+          log.info("step %d: %s", step, {k: round(v, 4) for k, v in valid.items()})
+      stop = signals.received or (ckpt.manager.reached_preemption(step) and "preemption")
+      if step % tc.checkpoint_every == 0 or step == tc.steps or stop:
+        if pending is not None:   # never checkpoint a state whose loss was not checked
+          _record(pending, history, bar, writer, tc, peak, mc, gen, align)
+          pending = None
+        ckpt.save(step, state, train_iter, config,
+                  metrics={"valid_loss": valid["valid_loss"]} if valid else None,
+                  force=bool(stop) or step == tc.steps)
+      if stop:
+        stopped = stop
+        log.warning("Received %s at step %d: checkpoint saved, exiting.", stop, step)
+        break
+    if pending is not None:
+      _record(pending, history, bar, writer, tc, peak, mc, gen, align)
+    bar.close()
+  ckpt.close()
+  writer.close()
+  return Result(workdir, step, history, valid, bool(stopped), state, prepared)
+
+
+def _record(pending, history, bar, writer, tc, peak, mc, gen, align) -> None:
+  step, device_metrics, flops, _ = pending
+  m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+  if not np.isfinite(m["loss"]):
+    raise TrainingError(f"Non-finite loss ({m['loss']}) at step {step}; the last good "
+                        "checkpoint is intact. Lower config.train.learning_rate or check the data.")
+  history.append({"step": step, **m})
+  if step % tc.log_every == 0:
+    writer.write(step, m)
+  bar.update(step - bar.n)
+
+
+def report(result: Result, config) -> None:
+  """What the user sees at the end: losses, a few generated samples, where the checkpoint is."""
+  if jax.process_index() != 0:
+    return
+  if result.history:
+    first, last = result.history[0], result.history[-1]
+    print(f"step {last['step']}: train loss {first['loss']:.3f} -> {last['loss']:.3f}")
+  if result.valid:
+    print("final validation: " + ", ".join(f"{k[6:]} {v:.4f}" for k, v in result.valid.items()))
+  n = int(config.train.samples_at_end)
+  if n and train_step.objectives(config.train)[0] and result.state is not None:
+    _print_samples(result, config, n)
+  print(f"checkpoint: {os.path.abspath(str(checkpoint.checkpoint_dir(result.workdir)))}"
+        f"/{result.step}")
+
+
+def _print_samples(result: Result, config, n: int) -> None:
+  from flax_albert_code.generator import CodeGenerator
+  split = "valid" if result.prepared.split_sizes.get("valid") else "train"
+  source = result.prepared.source(split)
+  examples = [source[i] for i in range(min(n, len(source)))]
+  params = jax.device_get(result.state.params["model"])
+  gen = CodeGenerator(config, params, result.prepared.tokenizer, prepared=result.prepared)
+  outs = gen.generate([e["description"] for e in examples], strategy="greedy",
+                      max_new_tokens=config.sample.max_new_tokens)
+  for e, cands in zip(examples, outs):
+    print(f"\n# {e['description']}\n{cands[0]['code']}")
+  print()
