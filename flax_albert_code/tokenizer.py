@@ -124,12 +124,13 @@ def frame_code(tokens: Sequence[int], max_len: int) -> list[int]:
 
 
 def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int, *,
-                    num_threads: int = os.cpu_count() or 1,
-                    input_sentence_size: int = 0) -> Tokenizer:
+                    num_threads: int = 8, input_sentence_size: int = 0) -> Tokenizer:
   """Trains a unigram model on `texts` and writes it to `out_path` atomically.
 
   The vocabulary may come out smaller than `vocab_size` when the corpus is small
-  (`hard_vocab_limit=False`); read `.vocab_size` of the result.
+  (`hard_vocab_limit=False`); read `.vocab_size` of the result. The model is a deterministic
+  function of (texts, vocab_size, num_threads): the thread count is fixed, not the machine's CPU
+  count, so hosts of any size that prepare the same data get the same tokenizer.
   """
   out_path = os.fspath(out_path)
   texts = [escape(t) for t in texts if t]

@@ -88,3 +88,8 @@ def test_load_and_atomic_write(tok, tmp_path):
   with pytest.raises(tokenizer_lib.TokenizerError, match="No text"):
     tokenizer_lib.train_tokenizer([], str(tmp_path / "x.model"), 300)
   assert not (tmp_path / "x.model").exists()
+
+
+def test_training_is_deterministic(tok, tmp_path):
+  again = tokenizer_lib.train_tokenizer(CORPUS, str(tmp_path / "again.model"), vocab_size=300)
+  assert open(again.path, "rb").read() == open(tok.path, "rb").read()
