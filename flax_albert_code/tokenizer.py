@@ -73,8 +73,8 @@ class Tokenizer:
   def load(cls, path: str) -> Tokenizer:
     path = os.fspath(path)
     if not os.path.isfile(path):
-      raise TokenizerError(f"Tokenizer model {path} does not exist; train one with "
-                           "`python -m flax_albert_code.prepare` or fix config.data.tokenizer_path.")
+      raise TokenizerError(f"Tokenizer model {path} does not exist; train one with `python -m "
+                           "flax_albert_code.prepare` or fix config.data.tokenizer_path.")
     processor = spm.SentencePieceProcessor()
     try:
       processor.Load(path)
@@ -152,8 +152,9 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int, *,
     os.replace(tmp, out_path)
   except RuntimeError as e:
     raise TokenizerError(f"Training the tokenizer {out_path} with vocab_size={vocab_size} "
-                         f"failed ({str(e).strip()}); raise config.data.tokenizer_vocab_size (the 256 byte "
-                         "pieces, 8 special ones and one per distinct character come first).") from None
+                         f"failed ({str(e).strip()}); raise config.data.tokenizer_vocab_size "
+                         "(the 256 byte pieces, 8 special ones and one per distinct character "
+                         "come first).") from None
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)

@@ -72,12 +72,14 @@ class BatchPlan(grain.MapDataset):
     batches, bucket_ids = [], []
     for b in range(len(self.buckets)):
       members = order[self.bucket[order] == b]
-      n = len(members) // self.batch_size if self.drop_remainder else -(-len(members) // self.batch_size)
+      n = (len(members) // self.batch_size if self.drop_remainder
+           else -(-len(members) // self.batch_size))
       members = np.concatenate([members, np.full(max(n * self.batch_size - len(members), 0), -1)])
       batches.append(members[:n * self.batch_size].reshape(n, self.batch_size))
       bucket_ids.append(np.full(n, b))
     batches, bucket_ids = np.concatenate(batches), np.concatenate(bucket_ids)
-    perm = rng.permutation(len(batches)) if self.shuffle else np.argsort(batches[:, 0], kind="stable")
+    perm = (rng.permutation(len(batches)) if self.shuffle
+            else np.argsort(batches[:, 0], kind="stable"))  # unshuffled: in data order
     return batches[perm], bucket_ids[perm]
 
   def __getitem__(self, index):

@@ -129,7 +129,8 @@ def _build(d: ml_collections.ConfigDict, specs: list[str], out: str, key: str,
     raise DataError(f"No (description, code) pairs in {d.sources!r} after filtering (skipped: "
                     f"{skipped}); add sources or loosen config.data.min_desc_words/max_code_*.")
   if not got.splits["train"]:
-    raise DataError(f"The train split of {d.sources!r} is empty ({ {s: len(p) for s, p in got.splits.items()} }); "
+    sizes = {s: len(p) for s, p in got.splits.items()}
+    raise DataError(f"The train split of {d.sources!r} is empty ({sizes}); "
                     "add data or lower config.data.valid_fraction/test_fraction.")
   spm_path = os.path.join(out, "spm.model")
   if d.tokenizer_path:
@@ -231,7 +232,8 @@ def summary(prepared: Prepared, data: ml_collections.ConfigDict) -> str:
   desc, code = store.lengths["desc"], store.lengths["code"]
   buckets = tuple(sorted(data.code_buckets))
   longest = min(data.max_code_len, buckets[-1])
-  lines.append(f"{'train token lengths':<{w + 2}}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'cut':>8}")
+  lines.append(f"{'train token lengths':<{w + 2}}" +
+               "".join(f"{h:>8}" for h in ("p50", "p90", "p99", "max", "cut")))
   for name, lens, limit in (("description (+CLS, SEP)", desc + 2, data.max_desc_len),
                             ("code (+EOS)", code + 1, longest)):
     p = np.percentile(lens, [50, 90, 99]).astype(int).tolist() if len(lens) else [0, 0, 0]
@@ -240,10 +242,12 @@ def summary(prepared: Prepared, data: ml_collections.ConfigDict) -> str:
   real_code = np.minimum(code + 1, longest)
   padded_code = np.asarray(buckets)[bucket_of(real_code, buckets)]
   real_desc = np.minimum(desc + 2, data.max_desc_len)
-  frac = lambda real, padded: 1 - real.sum() / max(padded.sum(), 1)  # noqa: E731
+  real = {"code": real_code.sum(), "desc": real_desc.sum()}
+  padded = {"code": padded_code.sum(), "desc": data.max_desc_len * len(desc)}
+  pad = {k: 1 - real[k] / max(padded[k], 1) for k in real}
+  pad_all = 1 - sum(real.values()) / max(sum(padded.values()), 1)
   lines.append(
       f"padding after bucketing (code buckets {','.join(map(str, buckets))}, descriptions padded "
-      f"to {data.max_desc_len}): code {frac(real_code, padded_code):.1%}, description "
-      f"{frac(real_desc, np.full_like(real_desc, data.max_desc_len)):.1%}, all "
-      f"{frac(real_code.sum() + real_desc.sum(), padded_code.sum() + data.max_desc_len * len(desc)):.1%}")
+      f"to {data.max_desc_len}): code {pad['code']:.1%}, description {pad['desc']:.1%}, "
+      f"all {pad_all:.1%}")
   return "\n".join(lines)

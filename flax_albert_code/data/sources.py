@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import gzip
 import hashlib
 import io
@@ -87,7 +88,7 @@ def units(spec: str) -> list[Unit]:
   if not files:
     raise DataError(f"Data source {spec!r}: no {' or '.join(suffixes)} files under {path}; "
                     "point it at the files or their directory.")
-  reader = _read_csn if kind == "csn" else _read_jsonl
+  reader = functools.partial(_read_records, csn=kind == "csn")
   return [Unit(f, _bind(reader, spec, f), _stamp(f)) for f in files]
 
 
@@ -196,7 +197,8 @@ def _partition(value) -> str:
 
 
 def _record_pair(obj: dict, spec: str, default_path: str, filters: mining.Filters,
-                 skipped: collections.Counter, *, csn: bool, partition: str = "") -> mining.Pair | None:
+                 skipped: collections.Counter, *, csn: bool,
+                 partition: str = "") -> mining.Pair | None:
   desc = _text_field(obj, "docstring") if csn else _text_field(obj, "description", "docstring")
   code = _text_field(obj, "code", "original_string")
   if desc is None or code is None:
@@ -224,18 +226,10 @@ def _record_pair(obj: dict, spec: str, default_path: str, filters: mining.Filter
                      partition or _partition(obj.get("partition") or obj.get("split")))
 
 
-def _read_jsonl(spec: str, filename: str, filters: mining.Filters,
-                skipped: collections.Counter) -> list[mining.Pair]:
+def _read_records(spec: str, filename: str, filters: mining.Filters,
+                  skipped: collections.Counter, *, csn: bool) -> list[mining.Pair]:
   base = os.path.basename(filename)
-  pairs = (_record_pair(obj, spec, f"{base}:{n}", filters, skipped, csn=False)
-           for n, obj in _records(filename, skipped))
-  return [p for p in pairs if p is not None]
-
-
-def _read_csn(spec: str, filename: str, filters: mining.Filters,
-              skipped: collections.Counter) -> list[mining.Pair]:
-  base = os.path.basename(filename)
-  pairs = (_record_pair(obj, spec, f"{base}:{n}", filters, skipped, csn=True)
+  pairs = (_record_pair(obj, spec, f"{base}:{n}", filters, skipped, csn=csn)
            for n, obj in _records(filename, skipped))
   return [p for p in pairs if p is not None]
 
@@ -270,5 +264,5 @@ def _tfds_units(spec: str, name: str) -> list[Unit]:
         pairs.append(p)
     return pairs
 
-  return [Unit(f"{name}/{s}", _bind(read, s), f"{builder.data_dir}:{builder.info.splits[s].num_examples}")
-          for s in splits]
+  return [Unit(f"{name}/{s}", _bind(read, s),
+               f"{builder.data_dir}:{builder.info.splits[s].num_examples}") for s in splits]

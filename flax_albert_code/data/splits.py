@@ -1,7 +1,7 @@
 """Collecting pairs from all sources: exact dedupe, `max_examples`, split by source file.
 
-Whole source files go to one split (see `assign_splits`), so no file feeds two splits. Sources that fix a partition (CodeSearchNet,
-jsonl/TFDS with a `partition`) keep it.
+Whole source files go to one split (see `assign_splits`), so no file feeds two splits. Sources
+that fix a partition (CodeSearchNet, jsonl/TFDS with a `partition`) keep it.
 """
 from __future__ import annotations
 
