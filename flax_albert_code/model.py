@@ -134,8 +134,10 @@ class AlbertEncoder(nn.Module):
 class _DecoderBody(nn.Module):
   """One application of the shared decoder block: causal self-attn, cross-attn, FFN.
 
-  mode "train": full sequences, causal mask. mode "decode": new tokens at `index` written into
-  this layer's slice of the KV cache (scanned input), attending to positions <= their own.
+  mode "train": full sequences, causal mask. mode "decode": the carry is (x, cache_k, cache_v,
+  layer) with the whole [L, B, S, N, D] cache in it, so the new tokens' keys/values at `index`
+  are written in place (a scanned cache would be copied whole every step); queries attend to
+  positions <= their own.
   """
   self_attention: nn.Module
   cross_attention: nn.Module
@@ -147,19 +149,21 @@ class _DecoderBody(nn.Module):
     det = self.deterministic
     if self.mode == "train":
       x = self.self_attention(x, is_causal=True, deterministic=det)
-      new_cache = None
     else:
-      (cache_k, cache_v), index = decode_args
+      (x, cache_k, cache_v, layer), (index,) = x, decode_args
       k, v = self.self_attention.kv(x)
-      cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, 1)
-      cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, 1)
-      t, s = x.shape[1], cache_k.shape[1]
+      at = (layer, 0, index, 0, 0)
+      cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
+      cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), at)
+      t, s = x.shape[1], cache_k.shape[2]
       q_pos = index + jnp.arange(t)
       mask = (jnp.arange(s)[None, :] <= q_pos[:, None])[None, None]
-      x = self.self_attention(x, (cache_k, cache_v), mask=mask, deterministic=det)
-      new_cache = (cache_k, cache_v)
+      x = self.self_attention(x, (cache_k[layer], cache_v[layer]), mask=mask, deterministic=det)
     x = self.cross_attention(x, cross_kv, kv_lengths_B=memory_lengths, deterministic=det)
-    return self.ffn(x, deterministic=det), new_cache
+    x = self.ffn(x, deterministic=det)
+    if self.mode == "train":
+      return x, None
+    return (x, cache_k, cache_v, layer + 1), None
 
 
 class AlbertDecoder(nn.Module):
@@ -180,7 +184,7 @@ class AlbertDecoder(nn.Module):
                                  (nn.broadcast, nn.broadcast), deterministic=det, **blocks)
                          for det in (True, False)]
     self.decode_stack = _repeat(_DecoderBody, cfg, cfg.decoder_layers,
-                                (nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                                (nn.broadcast, nn.broadcast, nn.broadcast),
                                 deterministic=True, mode="decode", **blocks)
     self.logits_bias = self.param("logits_bias", layers._zeros(("vocab",)), (cfg.vocab_size,),
                                   cfg.weight_dtype)
@@ -207,8 +211,9 @@ class AlbertDecoder(nn.Module):
     """Incremental decoding: logits for `ids_BxT` at positions cache.index.. and the new cache."""
     positions = cache.index + jnp.broadcast_to(jnp.arange(ids_BxT.shape[1]), ids_BxT.shape)
     x = self.embedding(ids_BxT, positions)
-    x, (k, v) = self.decode_stack(x, (cache.cross_k_BxMxNxD, cache.cross_v_BxMxNxD), cache.memory_lengths_B,
-                      (cache.k_LxBxSxNxD, cache.v_LxBxSxNxD), cache.index)
+    carry = (x, cache.k_LxBxSxNxD, cache.v_LxBxSxNxD, jnp.zeros((), jnp.int32))
+    (x, k, v, _), _ = self.decode_stack(carry, (cache.cross_k_BxMxNxD, cache.cross_v_BxMxNxD),
+                                        cache.memory_lengths_B, cache.index)
     new = cache._replace(k_LxBxSxNxD=k, v_LxBxSxNxD=v, index=cache.index + ids_BxT.shape[1])
     return self.logits(x), new
 
@@ -267,6 +272,9 @@ class CodeModel(nn.Module):
       dec_in = shift_right(code_ids_BxT, BOS_ID)
       out["hidden"] = self.decoder_hidden(enc_d, dec_in, deterministic=deterministic)
     if encode_code or self.is_initializing():
+      # [CLS] + code, kept at length T (the EOS slot holds [CLS]): T+1 would break cuDNN's
+      # flash attention (lengths must tile) and cost a 257th position. A row truncated without
+      # EOS loses its last token here; rows that end in EOS are padding-invariant.
       out["code"] = self.encode(shift_right(code_ids_BxT, CLS_ID), deterministic=deterministic)
     return out
 
@@ -294,7 +302,7 @@ class CodeModel(nn.Module):
 
 
 def shift_right(ids_BxT: Array, first_id: int) -> Array:
-  """[a, b, c] -> [first, a, b]: decoder inputs from targets (and [CLS]-led code for the encoder)."""
+  """[a, b, c] -> [first, a, b]: decoder inputs from targets, [CLS]-led code for the encoder."""
   first = jnp.full_like(ids_BxT[:, :1], first_id)
   return jnp.concatenate([first, ids_BxT[:, :-1]], axis=1)
 
