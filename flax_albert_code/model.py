@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_albert_code import layers
-from flax_albert_code.config_lib import BOS_ID, CLS_ID, PAD_ID
+from flax_albert_code.config_lib import BOS_ID, CLS_ID, EOS_ID, PAD_ID
 from flax_albert_code.layers import ModelConfig
 
 Array = jax.Array
@@ -273,9 +273,11 @@ class CodeModel(nn.Module):
       out["hidden"] = self.decoder_hidden(enc_d, dec_in, deterministic=deterministic)
     if encode_code or self.is_initializing():
       # [CLS] + code, kept at length T (the EOS slot holds [CLS]): T+1 would break cuDNN's
-      # flash attention (lengths must tile) and cost a 257th position. A row truncated without
-      # EOS loses its last token here; rows that end in EOS are padding-invariant.
-      out["code"] = self.encode(shift_right(code_ids_BxT, CLS_ID), deterministic=deterministic)
+      # flash attention (lengths must tile) and cost a 257th position. EOS is read as padding,
+      # so rows that end in EOS are padding-invariant (EOS is dropped by the shift only in a
+      # full row); a row truncated without EOS loses its last token here.
+      code = jnp.where(code_ids_BxT == EOS_ID, PAD_ID, code_ids_BxT)
+      out["code"] = self.encode(shift_right(code, CLS_ID), deterministic=deterministic)
     return out
 
   def init_cache(self, enc: EncoderOutput, max_len: int, batch_repeat: int = 1) -> DecodeCache:

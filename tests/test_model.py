@@ -1,0 +1,257 @@
+"""Properties of CodeModel on the `tiny` preset, fp32 on CPU: padding, causality, cached
+decoding, depth-independent parameters and compile time, scan/remat equivalence, sharding."""
+from __future__ import annotations
+
+import functools
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_albert_code import config_lib, sharding
+from flax_albert_code import model as model_lib
+from flax_albert_code.config_lib import EOS_ID, PAD_ID
+
+B, L, T = 2, 6, 7  # batch, description length, code length (tiny shapes keep compiles short)
+# XLA:CPU compiles 3-5x faster without its backend optimisations; these tests are compile bound.
+FAST_CPU = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+_jit = functools.partial(jax.jit, compiler_options=FAST_CPU)
+
+
+def _config(**model_overrides):
+  config = config_lib.get_config("tiny")
+  config.model.update(model_overrides)
+  return config
+
+
+def _model(**model_overrides) -> model_lib.CodeModel:
+  return model_lib.build(_config(**model_overrides))[0]
+
+
+def _batch(seed: int = 0, b: int = B) -> tuple[np.ndarray, np.ndarray]:
+  """Right-padded descriptions and code framed as the tokenizer does (tokens, EOS, padding);
+  the first row of each fills its length."""
+  rs = np.random.RandomState(seed)
+  desc = rs.randint(6, 512, (b, L)).astype(np.int32)
+  code = rs.randint(6, 512, (b, T)).astype(np.int32)
+  for i in range(b):
+    n_desc, n_code = (L, T) if i == 0 else (rs.randint(2, L), rs.randint(2, T))
+    desc[i, n_desc:] = PAD_ID
+    code[i, n_code - 1] = EOS_ID
+    code[i, n_code:] = PAD_ID
+  return desc, code
+
+
+def random_params(model: model_lib.CodeModel, seed: int = 0) -> dict:
+  """Parameters drawn with numpy (no init compile): normal(0.2) weights and biases, LayerNorm
+  scales near 1, so every tensor, bias included, matters to the outputs."""
+  desc, code = _batch()
+  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), desc, code)["params"])
+  rs = np.random.RandomState(seed)
+
+  def draw(path, leaf):
+    x = rs.normal(0.0, 0.2 if path[-1].key != "scale" else 0.1, leaf.shape)
+    return jnp.asarray(x + (path[-1].key == "scale"), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _pad(x: np.ndarray, extra: int) -> np.ndarray:
+  return np.pad(x, ((0, 0), (0, extra)), constant_values=PAD_ID)
+
+
+def _assert_close(a, b, atol: float, what: str = ""):
+  err = float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+  assert err <= atol, f"{what}: max abs diff {err:.3g} > {atol}"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = _model()
+  desc, code = _batch()
+  return model, random_params(model), desc, code
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_extra_padding_changes_nothing_at_real_positions(pooling):
+  model = _model(pooling=pooling)
+  desc, code = _batch()
+  params = random_params(model)
+  fwd = _jit(lambda p, d, c: model.apply({"params": p}, d, c))
+  out = fwd(params, desc, code)
+  out_pad = fwd(params, _pad(desc, 5), _pad(code, 3))
+  for key in ("desc", "code"):
+    a, b = out[key], out_pad[key]
+    n = a.states_BxLxH.shape[1]
+    mask = np.asarray(a.mask_BxL)[..., None]
+    _assert_close(a.states_BxLxH * mask, b.states_BxLxH[:, :n] * mask, 1e-5, f"{key} states")
+    _assert_close(a.pooled_BxH, b.pooled_BxH, 1e-5, f"{key} pooled")
+    _assert_close(a.vector_BxA, b.vector_BxA, 1e-5, f"{key} vector")
+  code_mask = (code != PAD_ID)[..., None]
+  _assert_close(out["hidden"] * code_mask, out_pad["hidden"][:, :T] * code_mask, 1e-5,
+                "decoder hidden")
+  # Not vacuous: a real token in a padded (or EOS) slot does change the encodings.
+  desc2, code2 = desc.copy(), code.copy()
+  desc2[1, -1] = 9
+  code2[1, np.argmax(code[1] == EOS_ID)] = 9
+  assert desc[1, -1] == PAD_ID
+  out2 = fwd(params, desc2, code2)
+  assert np.abs(out2["desc"].pooled_BxH - out["desc"].pooled_BxH).max() > 1e-3
+  assert np.abs(out2["code"].pooled_BxH - out["code"].pooled_BxH).max() > 1e-3
+
+
+def _logits_from_embedded(module: model_lib.CodeModel, x_BxTxH, enc):
+  """Decoder logits from an already embedded input, so we can differentiate w.r.t. it."""
+  memory, lengths = module._memory(enc)  # pylint: disable=protected-access
+  h, _ = module.decoder.train_stacks[0](x_BxTxH, module.decoder.memory_kv(memory), lengths)
+  return module.logits(h)
+
+
+def test_decoder_is_causal(tiny):
+  model, params, desc, code = tiny
+  variables = {"params": params}
+
+  @_jit
+  def jacobian(desc, dec_in):
+    enc = model.apply(variables, desc, method="encode")
+    x = model.apply(variables, dec_in, method=lambda m, ids: m.shared_embedding(ids))
+    f = lambda x: model.apply(variables, x, enc, method=_logits_from_embedded)[0]
+    return jax.jacrev(f)(x)                            # [T, V, 1, T, H]
+
+  jac = jacobian(desc[:1], model_lib.shift_right(code[:1], config_lib.BOS_ID))
+  norms = np.asarray(jnp.abs(jac).sum(axis=(1, 2, 4)))  # [T out, T in]
+  future = np.triu(np.ones((T, T), bool), k=1)
+  assert norms[future].max() == 0.0, f"logits depend on later tokens:\n{norms}"
+  assert norms[~future].min() > 1e-6, f"logits ignore earlier tokens:\n{norms}"
+
+
+@pytest.mark.parametrize("memory,share_block,share_emb", [
+    ("states", False, True), ("vector", True, False), ("states", True, False)])
+def test_cached_decoding_equals_teacher_forcing(memory, share_block, share_emb):
+  model = _model(decoder_memory=memory, share_encoder_decoder_block=share_block,
+                 share_embedding=share_emb)
+  desc, code = _batch(1)
+  variables = {"params": random_params(model)}
+  dec_in = model_lib.shift_right(code, config_lib.BOS_ID)
+
+  @_jit
+  def full_and_cache(desc, dec_in):
+    enc = model.apply(variables, desc, method="encode")
+    logits = model.apply(variables, enc, dec_in, method="decode_logits")
+    return logits, model.apply(variables, enc, T, method="init_cache")
+
+  want, cache = full_and_cache(desc, dec_in)
+  step = _jit(lambda ids, c: model.apply(variables, ids, c, method="decode_step"))
+  got, prefix = [], 3  # a few tokens at once, then one at a time
+  logits, cache = step(dec_in[:, :prefix], cache)
+  got.append(logits)
+  for t in range(prefix, T):
+    logits, cache = step(dec_in[:, t:t + 1], cache)
+    got.append(logits)
+  assert int(cache.index) == T
+  _assert_close(jnp.concatenate(got, axis=1), want, 1e-5, "cached vs teacher-forced logits")
+
+
+def _param_count(**overrides) -> int:
+  model = _model(**overrides)
+  desc, code = _batch()
+  shapes = jax.eval_shape(model.init, jax.random.key(0), desc, code)
+  return model_lib.param_count(nn.meta.unbox(shapes))
+
+
+def test_parameter_count_independent_of_depth():
+  n2 = _param_count(num_hidden_layers=2, decoder_layers=2)
+  n12 = _param_count(num_hidden_layers=12, decoder_layers=12)
+  assert n2 == n12
+  # Sanity: the count does see real structure (more groups -> more blocks).
+  assert _param_count(num_hidden_layers=12, num_hidden_groups=2) > n12
+
+
+def _loss(model: model_lib.CodeModel):
+  """Generation CE plus a term on the sentence vector, through every shared stack."""
+  def loss(params, desc, code):
+    out = model.apply({"params": params}, desc, code, encode_code=False)
+    logits = model.apply({"params": params}, out["hidden"], method="logits")
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    nll = -jnp.take_along_axis(logp, code[..., None], -1)[..., 0]
+    w = (code != PAD_ID).astype(jnp.float32)
+    return (nll * w).sum() / w.sum() + jnp.sum(out["desc"].vector_BxA[:, 0])
+  return loss
+
+
+def test_unrolled_matches_scan_and_remat_keeps_gradient():
+  groups = dict(num_hidden_layers=4, num_hidden_groups=2, inner_group_num=2, decoder_layers=3)
+  ref_model = _model(**groups)
+  params = random_params(ref_model)
+  desc, code = _batch()
+  fwd = lambda m: _jit(lambda p: m.apply({"params": p}, desc, code))
+  ref_out = fwd(ref_model)(params)
+  unrolled = _model(scan_layers=False, **groups)
+  assert jax.tree.structure(random_params(unrolled)) == jax.tree.structure(params)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(fwd(unrolled)(params)),
+                          jax.tree.leaves(ref_out)):
+    _assert_close(a, b, 1e-5, f"scan_layers=False output {jax.tree_util.keystr(path)}")
+
+  grad = lambda m: _jit(jax.grad(_loss(m)))(params, desc, code)
+  ref_grad = grad(ref_model)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grad(_model(remat="full", **groups))),
+                          jax.tree.leaves(ref_grad)):
+    _assert_close(a, b, 1e-5, f"remat=full gradient {jax.tree_util.keystr(path)}")
+  assert min(float(jnp.abs(g).max()) for g in jax.tree.leaves(ref_grad["encoder"])) > 0
+
+
+def _compile_seconds(depth: int) -> float:
+  """Trace + compile of the full forward pass with default XLA options."""
+  model = _model(num_hidden_layers=depth, decoder_layers=depth)
+  desc, code = _batch()
+  params = jax.eval_shape(lambda: random_params(model))
+  start = time.perf_counter()
+  jax.jit(lambda p, d, c: model.apply({"params": p}, d, c)).lower(params, desc, code).compile()
+  return time.perf_counter() - start
+
+
+def test_compile_time_flat_in_depth():
+  _compile_seconds(3)  # warm up what all depths share (primitive rules, the compiler itself)
+  t2 = _compile_seconds(2)
+  t24 = _compile_seconds(24)
+  print(f"\ncompile (forward, encoder + decoder): depth 2 {t2:.2f}s, depth 24 {t24:.2f}s, "
+        f"ratio {t24 / t2:.2f}")
+  assert t24 < 2.5 * max(t2, 0.5), (t2, t24)
+
+
+def test_sharded_forward_matches_single_device():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (fake) devices; conftest.py sets XLA_FLAGS")
+  config = _config()
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  model = model_lib.build(config)[0]
+  desc, code = _batch(2, b=4)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules(config)
+  init = lambda rng: model.init(rng, desc, code)
+  fwd = _jit(lambda v, d, c: model.apply(v, d, c))
+  rng = jax.random.key(0, impl="unsafe_rbg")  # compiles faster than threefry
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract = jax.eval_shape(init, rng)
+    shardings = sharding.logical_shardings(abstract, mesh, rules)
+    variables = _jit(init, out_shardings=shardings)(rng)
+    batch = sharding.batch_sharding(mesh)
+    out = fwd(variables, jax.device_put(desc, batch), jax.device_put(code, batch))
+  params = variables["params"]
+  word = params["shared_embedding"]["word_embeddings"]["embedding"].value
+  layer = params["encoder"]["albert_layer_groups_0"]["albert_layers_0"]
+  P = jax.sharding.PartitionSpec
+  assert word.sharding.spec == P("tensor", None)
+  assert layer["attention"]["query"]["kernel"].value.sharding.spec == P("fsdp", "tensor", None)
+  assert layer["ffn"]["ffn"]["kernel"].value.sharding.spec == P("fsdp", "tensor")
+  assert out["hidden"].sharding.spec[0] == ("data", "fsdp")
+
+  single = jax.device_put(jax.device_get(nn.meta.unbox(variables)), jax.devices()[0])
+  ref = fwd(single, desc, code)
+  assert ref["hidden"].sharding.num_devices == 1
+  # fp32; sharded matmuls may sum in another order, so allow a few ulps of O(1) activations.
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(out), jax.tree.leaves(ref)):
+    _assert_close(a, b, 1e-5, f"sharded vs single device {jax.tree_util.keystr(path)}")
