@@ -1,11 +1,25 @@
-"""Default run: the `small` model on the built-in standard-library corpus; what the bare command runs.
+"""Default run: the `small` model on the built-in standard-library corpus; what the bare command
+runs. Sized to finish in about 10-15 minutes on a 2-core CPU with a clearly falling loss.
 
   python -m flax_albert_code.train                      # same as --config configs/default.py
   python -m flax_albert_code.train --config configs/default.py --workdir runs/small \
-      --config.train.steps=500                          # a shorter local variant
+      --config.train.steps=200                          # a shorter local variant
 """
 from flax_albert_code import config_lib
 
 
 def get_config():
-  return config_lib.get_config("small")
+  c = config_lib.get_config("small")
+  c.data.tokenizer_vocab_size = 4000
+  c.data.max_desc_len = 32
+  c.data.max_code_len = 128
+  c.data.code_buckets = (64, 128)
+  c.train.steps = 1000
+  c.train.batch_size = 16
+  c.train.learning_rate = 2e-3
+  c.train.warmup_steps = 100
+  c.train.log_every = 25
+  c.train.eval_every = 250
+  c.train.checkpoint_every = 250
+  c.sample.max_new_tokens = 128
+  return c
