@@ -161,7 +161,7 @@ def versions() -> dict:
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--mode", default="all", choices=["all", "train", "generate", "maxbatch"])
+  ap.add_argument("--mode", default="all", choices=["all", "train", "gen_step", "generate", "maxbatch"])
   ap.add_argument("--workload", default="bench-a", choices=sorted(WORKLOADS))
   ap.add_argument("--out", default=None, help="write the results as JSON here")
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -171,8 +171,9 @@ def main() -> None:
   _, _, _, _, steps, reps = WORKLOADS[args.workload]
   res = {"versions": versions(), "workload": args.workload, "overrides": args.set}
   rows = []
-  if args.mode in ("all", "train"):
-    for name, align in (("train_generation_step", False), ("train_full_step", True)):
+  if args.mode in ("all", "train", "gen_step"):
+    variants = (("train_generation_step", False), ("train_full_step", True))
+    for name, align in variants[:1] if args.mode == "gen_step" else variants:
       r = res[name] = bench_train(c, align=align, steps=steps)
       rows.append((name, f"{r['tokens_per_s']:,.0f} tok/s", f"{r['step_ms']:.2f} ms",
                    f"{r['model_tflops']:.1f} TFLOP/s",

@@ -31,6 +31,11 @@ def generation_loss(h_BxTxH: Array, targets_BxT: Array, weights_BxT: Array, proj
                     z_loss: float = 0.0, chunk: int = 128) -> tuple[Array, Array, Array]:
   """Token-mean cross-entropy; returns (loss, token accuracy, token count)."""
   b, t, h = h_BxTxH.shape
+  if not chunk:   # one pass, logits kept for the backward pass
+    nll, correct = _chunk_stats(h_BxTxH, targets_BxT, weights_BxT.astype(jnp.float32), proj_ExH,
+                                word_VxE, bias_V, label_smoothing, z_loss)
+    count = jnp.maximum(weights_BxT.sum().astype(jnp.float32), 1.0)
+    return nll / count, correct / count, count
   chunk = min(chunk, t)
   if t % chunk:
     chunk = t
