@@ -183,7 +183,7 @@ def _loss(model: model_lib.CodeModel):
 
 
 def test_unrolled_matches_scan_and_remat_keeps_gradient():
-  groups = dict(num_hidden_layers=4, num_hidden_groups=2, inner_group_num=2, decoder_layers=3)
+  groups = dict(num_hidden_layers=4, num_hidden_groups=2, decoder_layers=3)  # repeats of 2, 3
   ref_model = _model(**groups)
   params = random_params(ref_model)
   desc, code = _batch()
