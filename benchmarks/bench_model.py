@@ -109,6 +109,40 @@ def bench_train(c, *, align: bool, steps: int, warmup: int = 3) -> dict:
               loss=float(m["loss"]), params=model_lib.param_count(state.params["model"]))
 
 
+def profile_train(c, out_dir: str, *, align: bool, steps: int = 3) -> list[tuple[str, float]]:
+  """Trace a few steps (perfetto JSON) and sum GPU kernel time by kernel name, per step."""
+  import glob
+  import gzip
+  c = c.copy_and_resolve_references()
+  c.train.stage = "joint" if align else "finetune"
+  c.train.align_losses = "infonce" if align else ""
+  mesh = sharding.make_mesh(c.mesh)
+  model, _ = model_lib.build(c)
+  tx = optim.make(c.train)
+  state, shardings = train_step.create_state(model, tx, c, mesh, jax.random.PRNGKey(0))
+  batch = jax.device_put(random_batch(c, np.random.RandomState(0)), sharding.batch_sharding(mesh))
+  with jax.set_mesh(mesh):
+    train_fn, _ = train_step.jit_steps(model, tx, c, mesh, shardings)
+    for _ in range(3):
+      state, m = train_fn(state, batch)
+    _sync(state)
+    jax.profiler.start_trace(out_dir, create_perfetto_trace=True)
+    for _ in range(steps):
+      state, m = train_fn(state, batch)
+    _sync(state)
+    jax.profiler.stop_trace()
+  path = sorted(glob.glob(os.path.join(out_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
+  trace = json.load(gzip.open(path))
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+              and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
+  totals: dict[str, float] = {}
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in gpu_pids:
+      totals[e["name"]] = totals.get(e["name"], 0.0) + e.get("dur", 0) / 1e3 / steps
+  return sorted(totals.items(), key=lambda kv: -kv[1])
+
+
 def bench_generate(c, *, strategy: str, num_beams: int, reps: int) -> dict:
   model, mc = model_lib.build(c)
   ld, lc, b = c.data.max_desc_len, c.data.max_code_len, c.train.batch_size
@@ -164,6 +198,8 @@ def main() -> None:
   ap.add_argument("--mode", default="all", choices=["all", "train", "gen_step", "generate", "maxbatch"])
   ap.add_argument("--workload", default="bench-a", choices=sorted(WORKLOADS))
   ap.add_argument("--out", default=None, help="write the results as JSON here")
+  ap.add_argument("--profile", default=None, metavar="DIR",
+                  help="also trace the generation step and print GPU time by kernel")
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                   help="config override, e.g. model.attention_impl=xla")
   args = ap.parse_args()
@@ -181,6 +217,13 @@ def main() -> None:
                    f"compile {r['compile_s']:.1f} s",
                    f"peak {r['peak_bytes'] / 2**30:.2f} GiB" if r["peak_bytes"] else ""))
       print(json.dumps({name: r}), flush=True)
+  if args.profile:
+    kernels = profile_train(c, args.profile, align=False)
+    total = sum(t for _, t in kernels)
+    res["profile_generation_step_ms"] = kernels[:60]
+    print(f"GPU kernel time per generation step: {total:.2f} ms; top kernels:")
+    for name, t in kernels[:25]:
+      print(f"  {t:8.3f} ms  {t / total:6.1%}  {name[:110]}")
   if args.mode in ("all", "generate"):
     for name, strategy, beams in (("generate_greedy", "greedy", 1), ("generate_beam4", "beam", 4)):
       r = res[name] = bench_generate(c, strategy=strategy, num_beams=beams, reps=reps)

@@ -51,6 +51,7 @@ def model_config(preset: str = "small") -> ml_collections.ConfigDict:
       attention_impl="xla",              # "xla" | "cudnn" (jax.nn.dot_product_attention)
       remat="none",                      # "none" | "full" | "dots": rematerialise the shared block
       scan_layers=True,                  # loop over depth with nn.scan (compile time flat in depth)
+      embedding_grad="scatter",          # word-embedding backward: "scatter" | "onehot" (a matmul)
   ))
   m.update(MODEL_PRESETS[preset])
   return m

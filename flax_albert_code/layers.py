@@ -59,6 +59,7 @@ class ModelConfig:
   attention_impl: str = "xla"
   remat: str = "none"
   scan_layers: bool = True
+  embedding_grad: str = "scatter"
 
   @classmethod
   def from_config(cls, cfg) -> "ModelConfig":
@@ -82,6 +83,8 @@ class ModelConfig:
         (self.pooling in ("cls", "mean"), f"pooling {self.pooling!r} must be 'cls' or 'mean'"),
         (self.attention_impl in ("xla", "cudnn"),
          f"attention_impl {self.attention_impl!r} must be 'xla' or 'cudnn'"),
+        (self.embedding_grad in ("scatter", "onehot"),
+         f"embedding_grad {self.embedding_grad!r} must be 'scatter' or 'onehot'"),
         (self.remat in ("none", "full", "dots"),
          f"remat {self.remat!r} must be 'none', 'full' or 'dots'"),
     ]
@@ -176,14 +179,30 @@ class FactorizedEmbedding(nn.Module):
     self.embedding_hidden_mapping_in = dense(cfg, cfg.hidden_size, ("emb", "embed"),
                                              "embedding_hidden_mapping_in")
 
-  def __call__(self, ids_BxL: Array, positions_BxL: Array | None = None,
+  def __call__(self, ids_BxL: Array, position_offset: Array | int = 0,
                token_types_BxL: Array | None = None, deterministic: bool = True) -> Array:
-    if positions_BxL is None:
-      positions_BxL = jnp.broadcast_to(jnp.arange(ids_BxL.shape[-1]), ids_BxL.shape)
+    """Positions are `position_offset + arange(L)` for every row (one decoding index per batch).
+
+    Positions and token types are read by slicing and by a tiny one-hot product rather than by
+    a gather: the gather's backward is a scatter-add whose rows all collide (every example has
+    position 0 and token type 0), which serialises on GPU atomics.
+    """
+    dt = self.cfg.compute_dtype
+    length = ids_BxL.shape[-1]
+    x = embed_lookup(self.word_embeddings.embedding.astype(dt), ids_BxL,
+                     self.cfg.embedding_grad == "onehot")
+    pos_table = self.position_embeddings.embedding.astype(dt)
+    if isinstance(position_offset, int):
+      pos_LxE = pos_table[position_offset:position_offset + length]
+    else:
+      pos_LxE = jax.lax.dynamic_slice_in_dim(pos_table, position_offset, length)
+    types = self.token_type_embeddings.embedding.astype(dt)
     if token_types_BxL is None:
-      token_types_BxL = jnp.zeros_like(ids_BxL)
-    x = (self.word_embeddings(ids_BxL) + self.position_embeddings(positions_BxL)
-         + self.token_type_embeddings(token_types_BxL))
+      type_E = types[0]
+      x = x + (pos_LxE + type_E)[None]
+    else:
+      onehot = jax.nn.one_hot(token_types_BxL, types.shape[0], dtype=dt)
+      x = x + pos_LxE[None] + jnp.einsum("blt,te->ble", onehot, types)
     x = self.dropout(self.LayerNorm(x), deterministic=deterministic)
     x_BxLxH = self.embedding_hidden_mapping_in(x)
     return constrain(x_BxLxH, ("batch", "length", "act_embed"))
@@ -194,6 +213,33 @@ class FactorizedEmbedding(nn.Module):
     logits = tied_logits(h_BxLxH.astype(self.cfg.compute_dtype), proj_ExH,
                          self.word_embeddings.embedding, bias_V)
     return constrain(logits, ("batch", "length", "act_vocab"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def embed_lookup(table_VxE: Array, ids: Array, onehot_grad: bool) -> Array:
+  """Row gather; with `onehot_grad` its backward is one_hot(ids)^T @ g (a matmul) instead of a
+  scatter-add, which is slow where many rows collide (frequent tokens)."""
+  return jnp.take(table_VxE, ids, axis=0)
+
+
+def _embed_fwd(table, ids, onehot_grad):
+  return jnp.take(table, ids, axis=0), (ids, table)   # the table is alive anyway (a parameter)
+
+
+def _embed_bwd(onehot_grad, res, g):
+  ids, table = res
+  vocab, dtype = table.shape[0], table.dtype
+  flat_ids, flat_g = ids.reshape(-1), g.reshape(-1, g.shape[-1])
+  if onehot_grad:
+    onehot = jax.nn.one_hot(flat_ids, vocab, dtype=g.dtype)
+    grad = jnp.einsum("nv,ne->ve", onehot, flat_g, preferred_element_type=jnp.float32)
+  else:
+    grad = jnp.zeros((vocab, g.shape[-1]), jnp.float32).at[flat_ids].add(
+        flat_g.astype(jnp.float32))
+  return grad.astype(dtype), None
+
+
+embed_lookup.defvjp(_embed_fwd, _embed_bwd)
 
 
 def tied_logits(h_BxTxH: Array, proj_ExH: Array, word_VxE: Array, bias_V: Array) -> Array:

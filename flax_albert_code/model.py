@@ -209,8 +209,7 @@ class AlbertDecoder(nn.Module):
 
   def step(self, ids_BxT: Array, cache: DecodeCache) -> tuple[Array, DecodeCache]:
     """Incremental decoding: logits for `ids_BxT` at positions cache.index.. and the new cache."""
-    positions = cache.index + jnp.broadcast_to(jnp.arange(ids_BxT.shape[1]), ids_BxT.shape)
-    x = self.embedding(ids_BxT, positions)
+    x = self.embedding(ids_BxT, cache.index)
     carry = (x, cache.k_LxBxSxNxD, cache.v_LxBxSxNxD, jnp.zeros((), jnp.int32))
     (x, k, v, _), _ = self.decode_stack(carry, (cache.cross_k_BxMxNxD, cache.cross_v_BxMxNxD),
                                         cache.memory_lengths_B, cache.index)

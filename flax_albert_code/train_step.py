@@ -47,7 +47,7 @@ def objectives(train_cfg) -> tuple[bool, tuple[str, ...]]:
 
 def example_batch(config, batch_size: int) -> dict[str, np.ndarray]:
   return {"desc_ids": np.full((batch_size, config.data.max_desc_len), 7, np.int32),
-          "code_ids": np.full((batch_size, max(config.data.code_buckets)), 7, np.int32)}
+          "code_ids": np.full((batch_size, config.data.max_code_len), 7, np.int32)}
 
 
 def make_init(model: CodeModel, tx: optax.GradientTransformation, config) -> Callable:

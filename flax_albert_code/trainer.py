@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -122,8 +122,10 @@ def evaluate(eval_fn, params, config, prepared, mesh, batch_size: int) -> dict[s
   return {f"valid_{k}": v / n for k, v in sums.items()} if n else {}
 
 
-def run(config, workdir: str, *, progress: bool = True, max_steps: int | None = None) -> Result:
-  """Train `config` in `workdir`; `max_steps` stops early (tests of resume) without saving."""
+def run(config, workdir: str, *, progress: bool = True, max_steps: int | None = None,
+        devices: Sequence[Any] | None = None) -> Result:
+  """Train `config` in `workdir`; `max_steps` stops early (tests of resume) without saving;
+  `devices` (default all) are the mesh's devices."""
   tc = config.train
   is_main = jax.process_index() == 0
   prepared = prepare(config, workdir, progress=progress and is_main)
@@ -132,7 +134,7 @@ def run(config, workdir: str, *, progress: bool = True, max_steps: int | None = 
     with config.unlocked():
       config.model.vocab_size = prepared.tokenizer.vocab_size
   gen, align = train_step.objectives(tc)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   divisor = sharding.batch_divisor(mesh) * max(int(tc.microbatches), 1)
   if tc.batch_size % divisor:
     raise ValueError(f"config.train.batch_size={tc.batch_size} must be a multiple of "
@@ -184,7 +186,7 @@ def run(config, workdir: str, *, progress: bool = True, max_steps: int | None = 
         dt = time.perf_counter() - t_last
         rate = {"tokens_per_s": tokens_since / dt, "model_tflops": flops_since / dt / 1e12}
         if peak:
-          rate["mfu"] = flops_since / dt / (peak * jax.device_count())
+          rate["mfu"] = flops_since / dt / (peak * mesh.devices.size)
         writer.write(step, rate)
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", tok_s=f"{rate['tokens_per_s']:.0f}")
         t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
