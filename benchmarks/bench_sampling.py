@@ -1,0 +1,101 @@
+"""Decoding speed at BENCH-A (shared/BENCH.md): 64 descriptions of 64 tokens, exactly N new tokens.
+
+  python benchmarks/bench_sampling.py [--batch 64] [--new-tokens 256] [--strategies greedy,beam]
+
+Random base-size parameters (matrices cast to bf16 as `CodeGenerator` does), EOS made impossible
+through the logits bias so every row decodes all N tokens. Per-step time is
+(time(N tokens) - time(1 token)) / (N - 1), so the encoder and cache set-up are not in it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import base  # noqa: E402
+from flax_albert_code import model as model_lib, sampling  # noqa: E402
+from flax_albert_code.generator import inference_params  # noqa: E402
+from flax_albert_code.config_lib import CLS_ID, EOS_ID, SEP_ID  # noqa: E402
+
+
+def timed(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())  # compile + warm up
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--desc-len", type=int, default=64)
+  p.add_argument("--new-tokens", type=int, default=256)
+  p.add_argument("--strategies", default="greedy,beam")
+  p.add_argument("--num-beams", type=int, default=4)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--attention", default="", help="override config.model.attention_impl")
+  p.add_argument("--no-scan", action="store_true", help="config.model.scan_layers=False")
+  p.add_argument("--hlo", default="", help="write the compiled HLO of each strategy here")
+  p.add_argument("--profile", default="", help="write a perfetto trace of one run of each here")
+  args = p.parse_args()
+
+  config = base.get_config()
+  if args.attention:
+    config.model.attention_impl = args.attention
+  if args.no_scan:
+    config.model.scan_layers = False
+  model, cfg = model_lib.build(config)
+  rng = np.random.RandomState(0)
+  desc = rng.randint(SEP_ID + 1, cfg.vocab_size, (args.batch, args.desc_len)).astype(np.int32)
+  desc[:, 0], desc[:, -1] = CLS_ID, SEP_ID
+  desc = jnp.asarray(desc)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), desc, desc[:, :8])
+  variables = inference_params(variables, cfg.compute_dtype)
+  bias = variables["params"]["decoder"]["logits_bias"]
+  variables["params"]["decoder"]["logits_bias"] = bias.at[EOS_ID].set(-1e4)
+
+  print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; "
+        f"attention {cfg.attention_impl}; scan {cfg.scan_layers}")
+  rows = []
+  n = args.new_tokens
+  for strategy in args.strategies.split(","):
+    def run(t, strategy=strategy):
+      return sampling.generate(model, variables, desc, strategy=strategy, max_new_tokens=t,
+                               num_beams=args.num_beams, num_samples=1, top_p=1.0)
+    tokens, _ = run(n)
+    if args.hlo:
+      os.makedirs(args.hlo, exist_ok=True)
+      lowered = sampling._generate.lower(  # pylint: disable=protected-access
+          model, variables, desc, jax.random.PRNGKey(0), jnp.float32(1), jnp.float32(1),
+          jnp.float32(1), strategy=strategy, max_new_tokens=n,
+          k=sampling.num_candidates(strategy, args.num_beams, 1), top_k=0, nucleus=False,
+          mesh=None, axis_rules=None)
+      with open(os.path.join(args.hlo, f"{strategy}.hlo.txt"), "w") as f:
+        f.write(lowered.compile().as_text())
+    assert tokens.shape[-1] == n and int((np.asarray(tokens) != 0).sum(-1).min()) == n, \
+        "not every row decoded all tokens"
+    t_full, t_one = timed(lambda: run(n), args.repeats), timed(lambda: run(1), args.repeats)
+    step_ms = 1e3 * (t_full - t_one) / (n - 1)
+    rows.append((strategy, t_full * 1e3, step_ms, args.batch * n / t_full))
+    if args.profile:
+      with jax.profiler.trace(os.path.join(args.profile, strategy), create_perfetto_trace=True):
+        jax.block_until_ready(run(n))
+  print(f"{'strategy':<10}{'total ms':>10}{'ms/step':>10}{'new tok/s':>12}")
+  for s, total, step, tps in rows:
+    print(f"{s:<10}{total:>10.1f}{step:>10.3f}{tps:>12.0f}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,290 @@
+"""CodeGenerator: descriptions -> ranked code candidates; texts -> alignment vectors.
+
+  gen = CodeGenerator.from_checkpoint("runs/small")        # a workdir or one checkpoint dir
+  gen.generate(["return the sum of two integers"], strategy="beam", num_samples=4, rerank=True)
+  gen.embed(["def add(a, b):\\n  return a + b"], kind="code")
+
+Descriptions are batched into the buckets of `config.sample.batch_buckets` (padding rows are not
+decoded), so repeated calls reuse one compiled program per (bucket, strategy, options).
+`rerank` orders candidates by the cosine similarity between the description's alignment vector
+and the encoder's vector of each candidate (the alignment objective used at inference time).
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import logging
+import os
+import warnings
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from flax_albert_code import config_lib, sampling, sharding
+from flax_albert_code import model as model_lib
+from flax_albert_code.config_lib import CLS_ID, PAD_ID
+from flax_albert_code.layers import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def full_config(config) -> ml_collections.ConfigDict:
+  """A whole config from a whole config, its `model` section or a ModelConfig."""
+  if hasattr(config, "model") and hasattr(config, "sample"):
+    return config
+  c = config_lib.get_config()
+  if isinstance(config, ModelConfig):
+    c.model.update(dataclasses.asdict(config))
+  else:
+    c.model.update(dict(config))
+  return c
+
+
+def parses(code: str) -> bool:
+  """Whether `code` is syntactically valid Python."""
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")   # SyntaxWarning for odd escapes in generated strings
+      ast.parse(code)
+  except (SyntaxError, ValueError, RecursionError, MemoryError):
+    return False
+  return True
+
+
+def inference_params(params, compute_dtype) -> Any:
+  """The model's variables for inference: unboxed, matrices in the compute dtype (every layer
+  casts them to it anyway, so outputs are unchanged and the weights take half the memory)."""
+  params = nn.meta.unbox(params)
+  variables = params if "params" in params else {"params": params}
+  return jax.tree.map(lambda x: jnp.asarray(x).astype(compute_dtype)
+                      if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else jnp.asarray(x),
+                      variables)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "mesh", "axis_rules"))
+def _vectors(model, variables, ids_BxL, *, mesh, axis_rules):
+  with sampling.mesh_context(mesh, axis_rules):
+    vec = model.apply(variables, ids_BxL, method=model_lib.CodeModel.encode).vector_BxA
+  return vec / jnp.maximum(jnp.linalg.norm(vec, axis=-1, keepdims=True), 1e-6)
+
+
+class CodeGenerator:
+  """Generation, reranking and embedding with one model's parameters."""
+
+  def __init__(self, config, params, tokenizer, prepared=None,
+               mesh: jax.sharding.Mesh | None = None):
+    self.config = full_config(config)
+    self.model, self.cfg = model_lib.build(self.config)
+    self.tokenizer = tokenizer
+    self.prepared = prepared
+    self.mesh = mesh
+    self.axis_rules = sharding.rules(self.config) if mesh is not None else None
+    self.max_desc_len = int(self.config.data.max_desc_len)
+    limit = self.cfg.max_position_embeddings
+    self.code_buckets = sorted({min(int(b), limit) for b in self.config.data.code_buckets})
+    self.default_max_new_tokens = min(int(self.config.sample.max_new_tokens), limit)
+    divisor = sharding.batch_divisor(mesh) if mesh is not None else 1
+    self.batch_buckets = sorted({-(-int(b) // divisor) * divisor
+                                 for b in self.config.sample.batch_buckets})
+    self.variables = self._place(params)
+    self.step: int | None = None
+    self.checkpoint_path: str | None = None
+
+  @classmethod
+  def from_checkpoint(cls, path: str, *, mesh: jax.sharding.Mesh | None = None) -> CodeGenerator:
+    """From a training workdir (its latest checkpoint) or one checkpoint step directory; the
+    tokenizer comes from the run's prepared data (or `config.data.tokenizer_path`)."""
+    from flax_albert_code import checkpoint  # pylint: disable=import-outside-toplevel
+    config, params, step = checkpoint.load_for_inference(path)
+    directory, _ = checkpoint.resolve(path)
+    prepared = _find_prepared(config, os.fspath(directory.parent))
+    if prepared is not None:
+      tokenizer = prepared.tokenizer
+    elif config.data.get("tokenizer_path"):
+      from flax_albert_code.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
+      tokenizer = Tokenizer.load(os.path.expanduser(config.data.tokenizer_path))
+    else:
+      raise ValueError(f"No prepared data (and so no tokenizer) found for the checkpoint {path}; "
+                       "keep the run's data/ directory beside its checkpoints or set "
+                       "config.data.data_dir.")
+    gen = cls(config, params, tokenizer, prepared=prepared, mesh=mesh)
+    gen.step, gen.checkpoint_path = step, os.fspath(directory / str(step))
+    return gen
+
+  # -------------------------------------------------------------------------------------------
+  # Generation.
+
+  def generate(self, descriptions: Sequence[str], strategy: str = "greedy", num_samples: int = 1,
+               num_beams: int = 4, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               rerank: bool = False, max_new_tokens: int | None = None, seed: int = 0,
+               length_penalty: float = 1.0,
+               drop_unparsable: bool = False) -> list[list[dict[str, Any]]]:
+    """Per description, candidates best first: {"code", "score", "align", "parses"}.
+
+    greedy gives 1 candidate, sample `num_samples`, beam the best `num_samples` of `num_beams`
+    (after reranking when `rerank`). "score" is the length-penalised log-probability; "align"
+    the cosine similarity of description and code vectors (None unless `rerank`). With
+    `drop_unparsable`, candidates that `ast.parse` rejects are dropped unless none parses.
+    """
+    texts = self._check_texts(descriptions, "Description")
+    max_new = self.default_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+    if strategy == "greedy" and num_samples != 1:
+      raise ValueError(f"Greedy decoding gives one candidate, not num_samples={num_samples}; use "
+                       "strategy='sample' or 'beam' for several.")
+    if strategy == "beam" and num_samples > num_beams:
+      raise ValueError(f"Beam search keeps {num_beams} beams, so it cannot return "
+                       f"num_samples={num_samples}; raise num_beams or lower num_samples.")
+    sampling.check_options(strategy, max_new_tokens=max_new, num_beams=num_beams,
+                           num_samples=num_samples, top_k=top_k, top_p=top_p,
+                           temperature=temperature, vocab_size=self.cfg.vocab_size,
+                           max_positions=self.cfg.max_position_embeddings)
+    if not texts:
+      return []
+    ids = np.array([self._pad(self._description_ids(t, i), self.max_desc_len)
+                    for i, t in enumerate(texts)], np.int32)
+    tokens, scores = [], []
+    for c, (start, size, bucket) in enumerate(self._chunks(len(texts))):
+      batch = np.zeros((bucket, self.max_desc_len), np.int32)
+      batch[:size] = ids[start:start + size]
+      rng = jax.random.fold_in(jax.random.PRNGKey(seed), c)
+      t, s = sampling.generate(
+          self.model, self.variables, self._put(batch), strategy=strategy,
+          max_new_tokens=max_new, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
+          num_beams=num_beams, length_penalty=length_penalty, num_samples=num_samples,
+          mesh=self.mesh, axis_rules=self.axis_rules)
+      tokens.append(np.asarray(jax.device_get(t))[:size])
+      scores.append(np.asarray(jax.device_get(s))[:size])
+    tokens_NxKxT, scores_NxK = np.concatenate(tokens), np.concatenate(scores)
+
+    results = []
+    for row_tokens, row_scores in zip(tokens_NxKxT, scores_NxK):
+      results.append([{"code": self.tokenizer.decode(seq.tolist()), "score": float(score),
+                       "align": None, "parses": False}
+                      for seq, score in zip(row_tokens, row_scores)])
+    for cands in results:
+      for cand in cands:
+        cand["parses"] = parses(cand["code"])
+    if rerank:
+      self._add_alignment(texts, results)
+    keep = num_samples
+    for i, cands in enumerate(results):
+      if drop_unparsable and any(c["parses"] for c in cands):
+        cands = [c for c in cands if c["parses"]]
+      if rerank:
+        cands = sorted(cands, key=lambda c: -c["align"])   # stable: ties keep score order
+      results[i] = cands[:keep]
+    return results
+
+  def _add_alignment(self, texts: list[str], results: list[list[dict]]) -> None:
+    desc_vecs = self.embed(texts, kind="desc")
+    flat = [(i, c) for i, cands in enumerate(results) for c in cands]
+    code_vecs = self._code_vectors([c["code"] for _, c in flat])
+    for (i, cand), vec in zip(flat, code_vecs):
+      cand["align"] = float(np.dot(desc_vecs[i], vec))
+
+  # -------------------------------------------------------------------------------------------
+  # Embedding.
+
+  def embed(self, texts: Sequence[str], kind: str = "desc") -> np.ndarray:
+    """L2-normalised alignment vectors [N, align_dim] of descriptions or code."""
+    if kind not in ("desc", "code"):
+      raise ValueError(f"Unknown embedding kind {kind!r}; use 'desc' or 'code'.")
+    what = "Description" if kind == "desc" else "Code"
+    texts = self._check_texts(texts, what, allow_blank=kind == "code")
+    if kind == "code":
+      return self._code_vectors(texts)
+    ids = [self._description_ids(t, i) for i, t in enumerate(texts)]
+    return self._vectors_by_width(ids, [self.max_desc_len])
+
+  def _code_vectors(self, codes: list[str]) -> np.ndarray:
+    # What training encodes: [CLS] + code tokens, EOS read as padding, in the code's bucket.
+    ids = [[CLS_ID, *self.tokenizer.encode(c)[:self.code_buckets[-1] - 1]] for c in codes]
+    return self._vectors_by_width(ids, self.code_buckets)
+
+  def _vectors_by_width(self, ids: list[list[int]], widths: list[int]) -> np.ndarray:
+    out = np.zeros((len(ids), self.cfg.align_dim), np.float32)
+    lengths = np.array([len(x) for x in ids])
+    groups = np.searchsorted(np.asarray(widths), lengths)
+    for g, width in enumerate(widths):
+      rows = np.flatnonzero(groups == g)
+      for start, size, bucket in self._chunks(len(rows)):
+        batch = np.zeros((bucket, width), np.int32)
+        for j, r in enumerate(rows[start:start + size]):
+          batch[j] = self._pad(ids[r], width)
+        vecs = _vectors(self.model, self.variables, self._put(batch), mesh=self.mesh,
+                        axis_rules=self.axis_rules)
+        out[rows[start:start + size]] = np.asarray(jax.device_get(vecs))[:size]
+    return out
+
+  # -------------------------------------------------------------------------------------------
+  # Helpers.
+
+  def _check_texts(self, texts, what: str, allow_blank: bool = False) -> list[str]:
+    if isinstance(texts, (str, bytes)):
+      raise ValueError(f"Pass a list of {what.lower()}s, not a single string.")
+    out = []
+    for i, t in enumerate(texts):
+      if isinstance(t, bytes):
+        try:
+          t = t.decode("utf-8")
+        except UnicodeDecodeError:
+          raise ValueError(f"{what} {i} is not valid UTF-8 text.") from None
+      if not isinstance(t, str):
+        raise ValueError(f"{what} {i} is a {type(t).__name__}, not a string.")
+      if not allow_blank and not t.strip():
+        raise ValueError(f"{what} {i} is empty; give it some text.")
+      out.append(t)
+    return out
+
+  def _description_ids(self, text: str, i: int) -> list[int]:
+    n = len(self.tokenizer.encode(text))
+    if n > self.max_desc_len - 2:
+      log.warning("Description %d is %d tokens long; the model reads at most %d, so it was "
+                  "truncated.", i, n, self.max_desc_len - 2)
+    return self.tokenizer.encode_description(text, self.max_desc_len)
+
+  @staticmethod
+  def _pad(ids: Sequence[int], width: int) -> list[int]:
+    ids = list(ids[:width])
+    return ids + [PAD_ID] * (width - len(ids))
+
+  def _chunks(self, n: int) -> list[tuple[int, int, int]]:
+    """(start, size, bucket): the largest bucket at a time, the remainder in the smallest fit."""
+    largest, out = self.batch_buckets[-1], []
+    for start in range(0, n, largest):
+      size = min(largest, n - start)
+      out.append((start, size, next(b for b in self.batch_buckets if b >= size)))
+    return out
+
+  def _put(self, batch: np.ndarray) -> jax.Array:
+    if self.mesh is None:
+      return jnp.asarray(batch)
+    return jax.device_put(batch, sharding.batch_sharding(self.mesh))
+
+  def _place(self, params) -> Any:
+    variables = inference_params(params, self.cfg.compute_dtype)
+    if self.mesh is None:
+      return variables
+    dummy = jnp.zeros((1, 4), jnp.int32)
+    abstract = jax.eval_shape(self.model.init, jax.random.PRNGKey(0), dummy, dummy)
+    shardings = sharding.logical_shardings(abstract, self.mesh, self.axis_rules)
+    return jax.device_put(variables, shardings)
+
+
+def _find_prepared(config, workdir: str):
+  """The run's prepared data (for its tokenizer), or None."""
+  from flax_albert_code.data import prepared as prepared_lib  # pylint: disable=g-import-not-at-top
+  candidates = [config.data.get("data_dir") or "", workdir]
+  for path in candidates:
+    if not path:
+      continue
+    try:
+      return prepared_lib.load_prepared(path)
+    except (prepared_lib.DataError, OSError, ValueError):
+      continue
+  return None

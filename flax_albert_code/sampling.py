@@ -1,0 +1,364 @@
+"""Jitted KV-cache decoding: greedy, temperature/top-k/top-p sampling, beam search.
+
+`generate` runs the encoder once; `CodeModel.init_cache` computes the cross-attention keys and
+values once and a zeroed self-attention cache of static shape; the whole decoding loop is one
+`lax.while_loop` that stops as soon as every row has emitted EOS (beam search: as soon as no live
+beam can beat the finished ones) or after `max_new_tokens`. Nothing leaves the device inside it.
+
+The loops (`sample_loop`, `beam_search`) only see `tokens_to_logits(ids_Nx1, cache) ->
+(logits_NxV, cache)`, so tests drive them with a toy model whose answer is known (flax lm1b
+`temperature_sampler`, wmt `beam_search`).
+
+Scores are length-penalised log-probabilities, `sum log p / ((5 + length) / 6) ** alpha` (GNMT),
+where the length counts EOS; every strategy returns candidates best first.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import numbers
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flax_albert_code.config_lib import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID
+from flax_albert_code.model import CodeModel, DecodeCache
+
+Array = jax.Array
+TokensToLogits = Callable[[Array, Any], tuple[Array, Any]]
+
+STRATEGIES = ("greedy", "sample", "beam")
+NEG_INF = -1.0e7          # "impossible" log-probability that stays finite in arithmetic
+BANNED_IDS = (PAD_ID, BOS_ID, CLS_ID, SEP_ID)   # never targets in training; never generated
+
+
+def length_penalty_fn(length: Array, alpha: Array) -> Array:
+  """GNMT length penalty ((5 + length) / 6) ** alpha."""
+  return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
+
+
+def ban_special(logits_NxV: Array) -> Array:
+  """-inf at PAD/BOS/CLS/SEP: the decoder is never trained to emit them."""
+  ids = lax.broadcasted_iota(jnp.int32, logits_NxV.shape, logits_NxV.ndim - 1)
+  banned = functools.reduce(jnp.logical_or, [ids == i for i in BANNED_IDS])
+  return jnp.where(banned, -jnp.inf, logits_NxV)
+
+
+def filter_logits(logits_NxV: Array, *, top_k: int = 0, top_p: Array | float = 1.0,
+                  nucleus: bool = False) -> Array:
+  """Keeps the `top_k` largest logits (0: all), then the smallest set whose probability reaches
+  `top_p` (only when `nucleus`); the rest become -inf. Ties with the threshold are kept."""
+  if top_k:
+    top_NxK = lax.top_k(logits_NxV, top_k)[0]
+    logits_NxV = jnp.where(logits_NxV < top_NxK[:, -1:], -jnp.inf, logits_NxV)
+  if nucleus:
+    # Sorted descending: the top-k values when they are known, else the whole row.
+    sorted_NxK = top_NxK if top_k else -jnp.sort(-logits_NxV, axis=-1)
+    probs = jax.nn.softmax(sorted_NxK, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs          # mass of the strictly better tokens
+    keep = before < top_p
+    threshold = jnp.min(jnp.where(keep, sorted_NxK, jnp.inf), axis=-1, keepdims=True)
+    logits_NxV = jnp.where(logits_NxV < threshold, -jnp.inf, logits_NxV)
+  return logits_NxV
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy and sampling.
+
+
+class _SampleState(NamedTuple):
+  step: Array          # scalar int32: tokens generated so far
+  last_N: Array        # the token fed next
+  tokens_NxT: Array
+  done_N: Array        # emitted EOS (or an inactive row)
+  logprob_N: Array     # sum of log p of the emitted tokens, EOS included
+  length_N: Array      # emitted tokens, EOS included
+  cache: Any
+
+
+def sample_loop(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int,
+                max_new_tokens: int, choose: Callable[[Array, Array], Array], rng: Array,
+                done_N: Array | None = None) -> tuple[Array, Array, Array, Array]:
+  """Decodes `batch_size` rows one token per step until all emitted EOS or `max_new_tokens`.
+
+  `choose(logits_NxV, step_rng) -> ids_N` picks the next tokens (argmax, or a draw). Returns
+  tokens [N, T] (PAD after EOS), summed log-probs [N], lengths [N] (EOS counted) and the
+  number of steps run. Rows where `done_N` is True from the start are not decoded.
+  """
+  n, t = batch_size, max_new_tokens
+  done0 = jnp.zeros((n,), bool) if done_N is None else done_N
+  state = _SampleState(jnp.zeros((), jnp.int32), jnp.full((n,), BOS_ID, jnp.int32),
+                       jnp.full((n, t), PAD_ID, jnp.int32), done0,
+                       jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.int32), cache)
+
+  def cond(s: _SampleState) -> Array:
+    return (s.step < t) & ~jnp.all(s.done_N)
+
+  def body(s: _SampleState) -> _SampleState:
+    logits, cache = tokens_to_logits(s.last_N[:, None], s.cache)
+    logits = ban_special(logits.reshape(n, -1).astype(jnp.float32))
+    ids = choose(logits, jax.random.fold_in(rng, s.step)).astype(jnp.int32)
+    ids = jnp.where(s.done_N, PAD_ID, ids)
+    logp = jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, -1)
+    live = ~s.done_N
+    return _SampleState(
+        s.step + 1, ids, lax.dynamic_update_slice(s.tokens_NxT, ids[:, None], (0, s.step)),
+        s.done_N | (ids == EOS_ID), s.logprob_N + jnp.where(live, logp, 0.0),
+        s.length_N + live.astype(jnp.int32), cache)
+
+  final = lax.while_loop(cond, body, state)
+  return final.tokens_NxT, final.logprob_N, final.length_N, final.step
+
+
+def greedy_choice(logits_NxV: Array, rng: Array) -> Array:
+  del rng
+  return jnp.argmax(logits_NxV, axis=-1)
+
+
+def sample_choice(temperature, top_k: int, top_p, nucleus: bool) -> Callable[[Array, Array], Array]:
+  """Draws from softmax(logits / temperature) restricted by top-k and top-p."""
+  def choose(logits_NxV: Array, rng: Array) -> Array:
+    logits = filter_logits(logits_NxV / temperature, top_k=top_k, top_p=top_p, nucleus=nucleus)
+    return jax.random.categorical(rng, logits, axis=-1)
+  return choose
+
+
+# ---------------------------------------------------------------------------------------------
+# Beam search (flax examples/wmt/decode.py, t5x; EOS handling as in Hugging Face's): 2K
+# candidates per step, so that K live beams remain even when K of them end; finished beams are
+# kept aside with their penalised score, and the search stops when no live beam can beat them.
+
+
+class _BeamState(NamedTuple):
+  step: Array                  # scalar int32: tokens generated so far
+  last_BxK: Array              # the token each live beam feeds next
+  live_seqs_BxKxT: Array
+  live_logprob_BxK: Array      # sorted descending
+  finished_seqs_BxKxT: Array
+  finished_scores_BxK: Array   # sorted descending; NEG_INF where empty
+  finished_flags_BxK: Array
+  cache: Any
+
+
+def reorder_leading(cache: Any, flat_idx_N: Array) -> Any:
+  """Gathers every non-scalar leaf of `cache` along axis 0 (a batch-major toy cache)."""
+  return jax.tree.map(lambda x: x if x.ndim == 0 else jnp.take(x, flat_idx_N, axis=0), cache)
+
+
+def reorder_decode_cache(cache: DecodeCache, parent_BxK: Array) -> DecodeCache:
+  """Beam `k` of description `b` takes over the self-attention KV of beam `parent[b, k]`.
+
+  Only the self-attention cache moves: the cross-attention KV is the same for all beams of a
+  description. The gather is batched over descriptions, so it stays local to each shard.
+  """
+  b, k = parent_BxK.shape
+
+  def gather(x_LxNxSxHxD):
+    x = x_LxNxSxHxD.reshape(x_LxNxSxHxD.shape[0], b, k, *x_LxNxSxHxD.shape[2:])
+    x = jnp.take_along_axis(x, parent_BxK.reshape(1, b, k, 1, 1, 1), axis=2)
+    return x.reshape(x_LxNxSxHxD.shape)
+
+  return cache._replace(k_LxBxSxNxD=gather(cache.k_LxBxSxNxD),
+                        v_LxBxSxNxD=gather(cache.v_LxBxSxNxD))
+
+
+def _gather_beams(x_BxKx: Array, idx_BxJ: Array) -> Array:
+  return jnp.take_along_axis(x_BxKx, idx_BxJ.reshape(idx_BxJ.shape + (1,) * (x_BxKx.ndim - 2)),
+                             axis=1)
+
+
+def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int, beam_size: int,
+                max_new_tokens: int, length_penalty: Array | float = 1.0,
+                active_B: Array | None = None,
+                reorder_cache: Callable[[Any, Array], Any] | None = None) -> tuple[Array, Array]:
+  """Beam search over a cache holding `batch_size * beam_size` rows (beams of a row adjacent).
+
+  `reorder_cache(cache, parent_BxK)` makes each beam take over its parent's cache (default:
+  gather every leaf along axis 0). Returns sequences [B, K, T] (PAD after EOS) and scores
+  [B, K], best first: finished beams by penalised score, then (only if fewer than K finished
+  before `max_new_tokens`) unfinished beams scored at length T. Rows where `active_B` is False
+  are not searched (they stop the loop from waiting on them).
+  """
+  b, k, t = batch_size, beam_size, max_new_tokens
+  if reorder_cache is None:
+    def reorder_cache(c, parent_BxK):
+      return reorder_leading(c, (jnp.arange(b)[:, None] * k + parent_BxK).reshape(-1))
+  active = jnp.ones((b,), bool) if active_B is None else active_B
+  alpha = jnp.asarray(length_penalty, jnp.float32)
+  live0 = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (b, 1))
+  state = _BeamState(jnp.zeros((), jnp.int32), jnp.full((b, k), BOS_ID, jnp.int32),
+                     jnp.full((b, k, t), PAD_ID, jnp.int32), live0,
+                     jnp.full((b, k, t), PAD_ID, jnp.int32), jnp.full((b, k), NEG_INF),
+                     jnp.zeros((b, k), bool), cache)
+
+  def cond(s: _BeamState) -> Array:
+    # The best any live beam can still reach: its log-prob (which only falls) over the most
+    # favourable penalty among the lengths it can still end at.
+    best_live = s.live_logprob_BxK[:, 0]
+    bound = jnp.maximum(best_live / length_penalty_fn(s.step + 1, alpha),
+                        best_live / length_penalty_fn(jnp.asarray(t), alpha))
+    worst_finished = jnp.where(jnp.all(s.finished_flags_BxK, axis=1),
+                               s.finished_scores_BxK[:, -1], NEG_INF)
+    settled = (worst_finished > bound) | ~active
+    return (s.step < t) & ~jnp.all(settled)
+
+  def body(s: _BeamState) -> _BeamState:
+    logits, cache = tokens_to_logits(s.last_BxK.reshape(b * k, 1), s.cache)
+    logits = ban_special(logits.reshape(b * k, -1).astype(jnp.float32))
+    v = logits.shape[-1]
+    logprob_BxKxV = (jax.nn.log_softmax(logits).reshape(b, k, v)
+                     + s.live_logprob_BxK[:, :, None])
+    top_lp, top_idx = lax.top_k(logprob_BxKxV.reshape(b, k * v), 2 * k)   # [B, 2K]
+    parent, ids = top_idx // v, (top_idx % v).astype(jnp.int32)
+    seqs = _gather_beams(s.live_seqs_BxKxT, parent)
+    seqs = lax.dynamic_update_slice(seqs, ids[:, :, None], (0, 0, s.step))
+    # An EOS candidate finishes only if it ranks among the top K (so width 1 is greedy); the
+    # other K candidates are there to keep K beams alive when some of those end.
+    in_top_k = jnp.arange(2 * k)[None, :] < k
+    is_eos = ids == EOS_ID
+    ended = is_eos & in_top_k & (top_lp > NEG_INF / 2)
+
+    # Live: the best K candidates that did not end.
+    live_lp, sel = lax.top_k(jnp.where(is_eos, NEG_INF, top_lp), k)
+    live_parent = _gather_beams(parent, sel)
+    cache = reorder_cache(cache, live_parent)
+
+    # Finished: merge the ended candidates into the kept-aside set.
+    new_scores = jnp.where(ended, top_lp / length_penalty_fn(s.step + 1, alpha), NEG_INF)
+    all_scores = jnp.concatenate([s.finished_scores_BxK, new_scores], axis=1)
+    fin_scores, fsel = lax.top_k(all_scores, k)
+    fin_seqs = _gather_beams(jnp.concatenate([s.finished_seqs_BxKxT, seqs], axis=1), fsel)
+    fin_flags = _gather_beams(jnp.concatenate([s.finished_flags_BxK, ended], axis=1), fsel)
+    return _BeamState(s.step + 1, _gather_beams(ids, sel), _gather_beams(seqs, sel), live_lp,
+                      fin_seqs, fin_scores, fin_flags, cache)
+
+  final = lax.while_loop(cond, body, state)
+  # Finished beams first, then unfinished ones (only to fill empty slots), each by score.
+  live_scores = jnp.where(final.live_logprob_BxK > NEG_INF / 2,
+                          final.live_logprob_BxK / length_penalty_fn(final.step, alpha), NEG_INF)
+  scores = jnp.concatenate([jnp.where(final.finished_flags_BxK, final.finished_scores_BxK,
+                                      NEG_INF), live_scores], axis=1)
+  unfinished = jnp.concatenate([~final.finished_flags_BxK, jnp.ones((b, k), bool)], axis=1)
+  order = jnp.lexsort((-scores, unfinished), axis=-1)[:, :k]
+  seqs = jnp.concatenate([final.finished_seqs_BxKxT, final.live_seqs_BxKxT], axis=1)
+  seqs, scores = _gather_beams(seqs, order), _gather_beams(scores, order)
+  seqs = jnp.where(active[:, None, None], seqs, PAD_ID)
+  return seqs, jnp.where(active[:, None], scores, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model-level entry point.
+
+
+def num_candidates(strategy: str, num_beams: int, num_samples: int) -> int:
+  return {"greedy": 1, "sample": num_samples, "beam": num_beams}[strategy]
+
+
+def check_options(strategy: str, *, max_new_tokens: int, num_beams: int, num_samples: int,
+                  top_k: int, top_p=1.0, temperature=1.0, vocab_size: int | None = None,
+                  max_positions: int | None = None) -> None:
+  """Raises ValueError (one sentence) for an unknown strategy or options that cannot work."""
+  def static(x):
+    return isinstance(x, numbers.Real)
+  if strategy not in STRATEGIES:
+    raise ValueError(f"Unknown decoding strategy {strategy!r}; use greedy, sample or beam.")
+  checks = [
+      (max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {max_new_tokens}"),
+      (max_positions is None or max_new_tokens <= max_positions,
+       f"max_new_tokens {max_new_tokens} exceeds the model's {max_positions} positions"),
+      (num_beams >= 1, f"num_beams must be at least 1, got {num_beams}"),
+      (num_samples >= 1, f"num_samples must be at least 1, got {num_samples}"),
+      (top_k >= 0, f"top_k must be 0 (off) or positive, got {top_k}"),
+      (vocab_size is None or top_k <= vocab_size,
+       f"top_k {top_k} exceeds the vocabulary size {vocab_size}"),
+      (not static(top_p) or 0.0 < top_p <= 1.0, f"top_p must be in (0, 1], got {top_p}"),
+      (strategy != "sample" or not static(temperature) or temperature > 0,
+       f"temperature must be positive, got {temperature}"),
+  ]
+  for ok, msg in checks:
+    if not ok:
+      raise ValueError(f"{msg}.")
+
+
+def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: str = "greedy",
+             max_new_tokens: int = 256, rng: Array | int = 0, temperature=1.0, top_k: int = 0,
+             top_p=1.0, num_beams: int = 4, length_penalty=1.0, num_samples: int = 1,
+             mesh: jax.sharding.Mesh | None = None,
+             axis_rules: tuple | None = None) -> tuple[Array, Array]:
+  """Decodes code for each description: tokens [B, K, T] int32 (PAD after EOS), scores [B, K].
+
+  K is 1 (greedy), `num_samples` (sample) or `num_beams` (beam); candidates best first. Rows of
+  `desc_ids` that are all PAD (bucket padding) are not decoded. `params` is the model's
+  variables ({"params": ...}). With `mesh` (and `config.logical_axis_rules` as `axis_rules`) the
+  batch is sharded over (data, fsdp) as in training; B must divide by data * fsdp.
+  Compiled once per (shapes, strategy, max_new_tokens, K, top_k, top_p < 1, mesh); temperature,
+  top_p and length_penalty are traced.
+  """
+  cfg = model.cfg
+  check_options(strategy, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                num_samples=num_samples, top_k=top_k, top_p=top_p, temperature=temperature,
+                vocab_size=cfg.vocab_size, max_positions=cfg.max_position_embeddings)
+  nucleus = strategy == "sample" and not (isinstance(top_p, numbers.Real) and top_p >= 1.0)
+  if isinstance(rng, int):
+    rng = jax.random.PRNGKey(rng)
+  return _generate(model, params, desc_ids_BxL, rng, jnp.float32(temperature),
+                   jnp.float32(top_p), jnp.float32(length_penalty), strategy=strategy,
+                   max_new_tokens=max_new_tokens,
+                   k=num_candidates(strategy, num_beams, num_samples),
+                   top_k=top_k if strategy == "sample" else 0, nucleus=nucleus, mesh=mesh,
+                   axis_rules=None if axis_rules is None else _hashable(axis_rules))
+
+
+def _hashable(rules) -> tuple:
+  return tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in rules)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: jax.sharding.Mesh | None, axis_rules: tuple | None):
+  """Inside a jitted function: the mesh and logical axis rules the layers' constraints use."""
+  if mesh is None:
+    yield
+    return
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(axis_rules or ()):
+    yield
+
+
+@functools.partial(jax.jit, static_argnames=("model", "strategy", "max_new_tokens", "k", "top_k",
+                                             "nucleus", "mesh", "axis_rules"))
+def _generate(model: CodeModel, params, desc_ids_BxL, rng, temperature, top_p, length_penalty, *,
+              strategy: str, max_new_tokens: int, k: int, top_k: int, nucleus: bool, mesh,
+              axis_rules):
+  with mesh_context(mesh, axis_rules):
+    b = desc_ids_BxL.shape[0]
+    active_B = desc_ids_BxL[:, 0] != PAD_ID
+    enc = model.apply(params, desc_ids_BxL, method=CodeModel.encode)
+    cache = model.apply(params, enc, max_new_tokens, k, method=CodeModel.init_cache)
+
+    def tokens_to_logits(ids_Nx1, cache):
+      logits, cache = model.apply(params, ids_Nx1, cache, method=CodeModel.decode_step)
+      return logits[:, -1], cache
+
+    alpha = length_penalty
+    if strategy == "beam":
+      tokens, scores = beam_search(tokens_to_logits, cache, batch_size=b, beam_size=k,
+                                   max_new_tokens=max_new_tokens, length_penalty=alpha,
+                                   active_B=active_B, reorder_cache=reorder_decode_cache)
+    else:
+      choose = (greedy_choice if strategy == "greedy"
+                else sample_choice(temperature, top_k, top_p, nucleus))
+      tokens, logprob, length, _ = sample_loop(
+          tokens_to_logits, cache, batch_size=b * k, max_new_tokens=max_new_tokens,
+          choose=choose, rng=rng, done_N=jnp.repeat(~active_B, k))
+      scores = jnp.where(length > 0, logprob / length_penalty_fn(length, alpha), 0.0)
+      tokens, scores = tokens.reshape(b, k, max_new_tokens), scores.reshape(b, k)
+      if k > 1:   # samples best first
+        order = jnp.argsort(-scores, axis=1, stable=True)
+        tokens, scores = _gather_beams(tokens, order), _gather_beams(scores, order)
+    if mesh is not None:
+      spec = jax.sharding.PartitionSpec(("data", "fsdp"))
+      tokens = lax.with_sharding_constraint(tokens, jax.sharding.NamedSharding(mesh, spec))
+      scores = lax.with_sharding_constraint(scores, jax.sharding.NamedSharding(mesh, spec))
+    return tokens, scores

@@ -1,0 +1,267 @@
+"""CodeGenerator, the search index and the generate/search commands, on the tiny model with random
+parameters and a byte-level tokenizer of the real tokenizer's interface."""
+from __future__ import annotations
+
+import json
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_albert_code import config_lib, generate, sampling, search, sharding
+from flax_albert_code import model as model_lib
+from flax_albert_code.config_lib import CLS_ID, EOS_ID, PAD_ID, SEP_ID
+from flax_albert_code.generator import CodeGenerator, parses
+from flax_albert_code.tokenizer import frame_code, frame_description
+from test_sampling import random_variables
+
+_SPECIAL = frozenset((PAD_ID, 2, CLS_ID, SEP_ID))
+
+
+class ByteTokenizer:
+  """Bytes as ids 6..261 (the tiny vocabulary has 512); the real tokenizer's interface."""
+
+  vocab_size = 262
+
+  def encode(self, text: str) -> list[int]:
+    return [6 + b for b in text.encode("utf-8")]
+
+  def decode(self, ids) -> str:
+    out = bytearray()
+    for i in ids:
+      i = int(i)
+      if i == EOS_ID:
+        break
+      if i not in _SPECIAL and i >= 6:
+        out.append((i - 6) % 256)
+    return out.decode("utf-8", "replace")
+
+  def encode_description(self, text: str, max_len: int) -> list[int]:
+    return frame_description(self.encode(text), max_len)
+
+  def encode_code(self, text: str, max_len: int) -> list[int]:
+    return frame_code(self.encode(text), max_len)
+
+
+def _config():
+  config = config_lib.get_config("tiny")
+  config.model.initializer_range = 0.2
+  config.data.max_desc_len = 24
+  config.data.code_buckets = (16, 32)
+  config.sample.max_new_tokens = 12
+  config.sample.batch_buckets = (2, 4)
+  return config
+
+
+@pytest.fixture(scope="module")
+def gen():
+  config = _config()
+  model = model_lib.build(config)[0]
+  ids = jnp.ones((1, 8), jnp.int32)
+  params = random_variables(model, ids, ids)["params"]
+  return CodeGenerator(config, params, ByteTokenizer())
+
+
+DESCS = ["add two numbers", "reverse a string", "read a file and count its lines"]
+
+
+def test_generate_returns_ranked_candidates(gen):
+  out = gen.generate(DESCS[:2])
+  assert len(out) == 2 and all(len(c) == 1 for c in out)
+  cand = out[0][0]
+  assert set(cand) == {"code", "score", "align", "parses"}
+  assert isinstance(cand["code"], str) and cand["score"] < 0 and cand["align"] is None
+  assert cand["parses"] == parses(cand["code"])
+  beams = gen.generate(DESCS, strategy="beam", num_beams=2, num_samples=2)
+  assert [len(c) for c in beams] == [2, 2, 2]
+  for cands in beams:
+    scores = [c["score"] for c in cands]
+    assert scores == sorted(scores, reverse=True)
+  assert gen.generate([]) == []
+
+
+def test_second_call_with_new_descriptions_does_not_recompile(gen):
+  gen.generate(["sort a list of numbers"], strategy="sample", num_samples=2, temperature=0.9,
+               top_p=0.9, seed=1)
+  before = sampling._generate._cache_size()  # pylint: disable=protected-access
+  # Another description, seed, temperature and top_p: the same bucket and static options.
+  again = gen.generate(["merge two dictionaries into one"], strategy="sample", num_samples=2,
+                       temperature=0.7, top_p=0.8, seed=2)
+  assert sampling._generate._cache_size() == before  # pylint: disable=protected-access
+  assert len(again[0]) == 2
+
+
+def test_batch_padding_and_chunks_do_not_change_outputs(gen):
+  # 3 descriptions -> bucket 4 (one padding row); 5 -> 4 + 2 (the largest bucket, then a fit).
+  alone = [gen.generate([d], strategy="beam", num_beams=2, num_samples=2)[0] for d in DESCS]
+  together = gen.generate(DESCS + DESCS[:2], strategy="beam", num_beams=2, num_samples=2)
+  for a, b in zip(alone + alone[:2], together):
+    assert [c["code"] for c in a] == [c["code"] for c in b]
+    np.testing.assert_allclose([c["score"] for c in a], [c["score"] for c in b], rtol=1e-5)
+
+
+def test_rerank_orders_by_alignment_and_drops_unparsable(gen):
+  kw = dict(strategy="sample", num_samples=2, top_p=0.9, seed=3)   # the program of the test above
+  out = gen.generate(DESCS[:1], rerank=True, **kw)[0]
+  aligns = [c["align"] for c in out]
+  assert all(-1.0 - 1e-5 <= a <= 1.0 + 1e-5 for a in aligns)
+  assert aligns == sorted(aligns, reverse=True)
+  # The alignment is the cosine of the description and code vectors.
+  d = gen.embed(DESCS[:1], kind="desc")[0]
+  c = gen.embed([out[0]["code"]], kind="code")[0]
+  np.testing.assert_allclose(out[0]["align"], d @ c, rtol=1e-5, atol=1e-6)
+  kept = gen.generate(DESCS[:1], drop_unparsable=True, **kw)
+  assert all(c["parses"] for c in kept[0]) or not any(c["parses"] for c in out)
+
+
+def test_embed_matches_the_training_encoding(gen):
+  codes = ["def f(a, b):\n  return a + b\n", "x = 1", "print('a line longer than the bucket')"]
+  vecs = gen.embed(codes, kind="code")
+  assert vecs.shape == (3, gen.cfg.align_dim)
+  np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-5)
+  # The training forward pass encodes code_ids (tokens + EOS, padded to a bucket; a longer one
+  # cut to it) and [CLS] description [SEP] padded to max_desc_len.
+  tok, width = gen.tokenizer, gen.code_buckets[-1]
+  code_ids = np.zeros((3, width), np.int32)
+  desc_ids = np.zeros((3, gen.max_desc_len), np.int32)
+  for i, (c, d) in enumerate(zip(codes, DESCS)):
+    ids = tok.encode_code(c, width)
+    code_ids[i, :len(ids)] = ids
+    ids = tok.encode_description(d, gen.max_desc_len)
+    desc_ids[i, :len(ids)] = ids
+  out = gen.model.apply(gen.variables, jnp.asarray(desc_ids), jnp.asarray(code_ids))
+  np.testing.assert_allclose(vecs, np.asarray(out["code"].vector_BxA), atol=2e-5)
+  np.testing.assert_allclose(gen.embed(DESCS, kind="desc"), np.asarray(out["desc"].vector_BxA),
+                             atol=2e-5)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(descriptions=["ok", "  "]), "Description 1 is empty"),
+    (dict(descriptions="add"), "list of descriptions"),
+    (dict(descriptions=[b"\xff\xfe"]), "not valid UTF-8"),
+    (dict(strategy="nucleus"), "Unknown decoding strategy"),
+    (dict(strategy="beam", num_beams=2, num_samples=3), "cannot return num_samples=3"),
+    (dict(num_samples=2), "Greedy decoding gives one candidate"),
+    (dict(strategy="sample", top_p=1.5), "top_p must be in"),
+    (dict(strategy="sample", top_p=0.0), "top_p must be in"),
+    (dict(strategy="sample", temperature=-1.0), "temperature must be positive"),
+    (dict(max_new_tokens=0), "max_new_tokens must be at least 1"),
+])
+def test_bad_input_is_one_value_error_sentence(gen, kwargs, words):
+  kwargs = {"descriptions": ["add two numbers"], **kwargs}
+  with pytest.raises(ValueError, match=words) as info:
+    gen.generate(**kwargs)
+  assert str(info.value).count(". ") == 0 and str(info.value).endswith(".")
+
+
+def test_long_description_is_truncated_with_a_warning(gen, caplog):
+  with caplog.at_level(logging.WARNING):
+    out = gen.generate(["word " * 40])
+  assert len(out) == 1
+  assert "Description 0 is 200 tokens long" in caplog.text and "truncated" in caplog.text
+
+
+def test_generation_on_a_mesh_equals_single_device(gen):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (fake) devices")
+  config = _config()
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  mesh = sharding.make_mesh(config.mesh)
+  sharded = CodeGenerator(config, gen.variables, gen.tokenizer, mesh=mesh)
+  assert sharded.batch_buckets == [4]
+  ref = gen.generate(DESCS, strategy="greedy")
+  out = sharded.generate(DESCS, strategy="greedy")
+  assert [c[0]["code"] for c in out] == [c[0]["code"] for c in ref]
+  np.testing.assert_allclose([c[0]["score"] for c in out], [c[0]["score"] for c in ref],
+                             rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Search index and the command lines.
+
+
+def _corpus():
+  pairs = [("add two numbers", "def f(a, b):\n  return a + b"),
+           ("reverse a string", "def g(s):\n  return s[::-1]"),
+           ("count lines", "def h(p):\n  return len(open(p).readlines())")]
+  return [{"name": f"f{i}", "path": f"m{i}.py", "lineno": i + 1, "description": d, "code": c}
+          for i, (d, c) in enumerate(pairs)]
+
+
+def test_search_index_is_built_once_and_reused(gen, tmp_path):
+  examples = _corpus()
+  index = search.load_or_build(gen, examples, "corpus-v1", str(tmp_path))
+  assert not index.reused and index.vectors.shape == (3, gen.cfg.align_dim)
+  again = search.load_or_build(gen, examples, "corpus-v1", str(tmp_path))
+  assert again.reused and again.key == index.key
+  np.testing.assert_array_equal(again.vectors, index.vectors)
+  changed = search.load_or_build(gen, examples, "corpus-v2", str(tmp_path))
+  assert not changed.reused and changed.key != index.key
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+  hits = search.query(gen, index, ["reverse a string"], top_k=2)[0]
+  assert [h["rank"] for h in hits] == [1, 2] and hits[0]["score"] >= hits[1]["score"]
+  # Scores are the cosine of the query's description vector and each code vector.
+  expected = gen.embed(["reverse a string"]) @ index.vectors.T
+  assert hits[0]["name"] == examples[int(np.argmax(expected))]["name"]
+
+
+@pytest.fixture()
+def cli(gen, monkeypatch):
+  gen.checkpoint_path = "/nonexistent/run/checkpoints/5"
+  monkeypatch.setattr(generate, "load_generator", lambda path: gen)
+  return gen
+
+
+def test_generate_command_prints_code_and_json(cli, capsys):
+  assert generate.main(["--checkpoint", "x", "add two numbers"]) == 0
+  assert capsys.readouterr().out.strip("\n") == cli.generate(["add two numbers"])[0][0][
+      "code"].strip("\n")
+  assert generate.main(["--checkpoint", "x", "--strategy", "beam", "--num-beams", "2",
+                        "--num-samples", "2", "--json", "a", "b"]) == 0
+  lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+  assert [x["description"] for x in lines] == ["a", "b"]
+  assert all(len(x["candidates"]) == 2 for x in lines)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--strategy", "nucleus", "a"], "Unknown decoding strategy"),
+    (["--top-p", "2", "--strategy", "sample", "a"], "top_p must be in"),
+    (["  "], "Description 0 is empty"),
+])
+def test_generate_command_bad_input_is_one_line_on_stderr(cli, capsys, argv, words):
+  assert generate.main(["--checkpoint", "x", *argv]) == 1
+  captured = capsys.readouterr()
+  assert captured.out == "" and words in captured.err and len(captured.err.splitlines()) == 1
+  assert "Traceback" not in captured.err
+
+
+def test_generate_command_reads_a_file_and_rejects_bad_utf8(cli, capsys, tmp_path):
+  good, bad = tmp_path / "d.txt", tmp_path / "bad.txt"
+  good.write_text("add two numbers\n\nreverse a string\n")
+  bad.write_bytes(b"ok\n\xff\n")
+  assert generate.main(["--checkpoint", "x", "--input", str(good)]) == 0
+  assert capsys.readouterr().out.count("# ") == 2
+  assert generate.main(["--checkpoint", "x", "--input", str(bad)]) == 1
+  assert "not valid UTF-8" in capsys.readouterr().err
+
+
+def test_generate_command_missing_checkpoint(capsys, tmp_path):
+  assert generate.main(["--checkpoint", str(tmp_path / "nope"), "add two numbers"]) == 1
+  err = capsys.readouterr().err
+  assert "does not exist" in err and len(err.splitlines()) == 1
+
+
+def test_search_command(cli, capsys, tmp_path, monkeypatch):
+  monkeypatch.setattr(search, "corpus", lambda spec, prepared: (_corpus(), f"fake:{spec}"))
+  argv = ["--checkpoint", "x", "--corpus", "fake", "--index-dir", str(tmp_path), "--top-k", "2"]
+  assert search.main([*argv, "--json", "reverse a string"]) == 0
+  out = capsys.readouterr()
+  hit = json.loads(out.out)
+  assert hit["query"] == "reverse a string" and len(hit["results"]) == 2
+  assert "built" in out.err
+  assert search.main([*argv, "reverse a string"]) == 0
+  assert "reused" in capsys.readouterr().err
+  assert search.main([*argv[:-2], "--top-k", "0", "q"]) == 1
+  assert "top_k must be at least 1" in capsys.readouterr().err

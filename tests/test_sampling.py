@@ -1,0 +1,233 @@
+"""The jitted sampler: toy `tokens_to_logits` with known answers (flax lm1b/wmt style), then the
+tiny model with random fp32 parameters, sharpened so that outputs vary with position and EOS
+comes at different steps (argmax gaps stay far above rounding)."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_albert_code import config_lib, sampling, sharding
+from flax_albert_code import model as model_lib
+from flax_albert_code.config_lib import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID, UNK_ID
+
+V = 8  # toy vocabulary: 0-5 special (PAD, BOS, CLS, SEP are banned), 6 and 7 ordinary
+
+
+def _toy_logits(table):
+  """tokens_to_logits whose next-token log-probs depend on the previous token only."""
+  table = jnp.log(jnp.asarray(table, jnp.float32))
+
+  def tokens_to_logits(ids_Nx1, cache):
+    return table[ids_Nx1[:, 0]], cache + 1   # the cache counts decoding steps
+  return tokens_to_logits
+
+
+def _row(**probs):
+  row = np.full(V, 1e-9)
+  for tok, p in probs.items():
+    row[{"eos": EOS_ID, "unk": UNK_ID, "a": 6, "b": 7}[tok]] = p
+  return row
+
+
+# After BOS: a (0.6) or b (0.4). After a: EOS 0.3, the rest 0.7 spread thin; after b: EOS 1.0.
+# Greedy takes a, then EOS: log(0.6 * 0.3) = -1.71. Best: b, EOS: log 0.4 = -0.92.
+_TABLE = np.stack([_row(eos=1.0)] * V)
+_TABLE[BOS_ID] = _row(a=0.6, b=0.4)
+_TABLE[6] = _row(eos=0.3, unk=0.25, a=0.225, b=0.225)
+_TABLE[7] = _row(eos=1.0)
+
+
+def test_toy_greedy_stops_at_eos_and_pads():
+  tokens, logprob, length, steps = sampling.sample_loop(
+      _toy_logits(_TABLE), jnp.zeros((), jnp.int32), batch_size=2, max_new_tokens=10,
+      choose=sampling.greedy_choice, rng=jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(tokens, [[6, EOS_ID] + [PAD_ID] * 8] * 2)
+  np.testing.assert_allclose(logprob, [np.log(0.6 * 0.3)] * 2, rtol=1e-5)
+  np.testing.assert_array_equal(length, [2, 2])
+  assert int(steps) == 2   # the loop stopped when every row had emitted EOS, not at 10
+
+
+def test_toy_beam_finds_the_best_sequence_greedy_misses():
+  seqs, scores = sampling.beam_search(
+      _toy_logits(_TABLE), jnp.zeros((2,), jnp.int32), batch_size=1, beam_size=2,
+      max_new_tokens=6, length_penalty=0.0)
+  np.testing.assert_array_equal(seqs[0, 0], [7, EOS_ID, 0, 0, 0, 0])
+  np.testing.assert_array_equal(seqs[0, 1], [6, EOS_ID, 0, 0, 0, 0])
+  np.testing.assert_allclose(scores[0], [np.log(0.4), np.log(0.6 * 0.3)], rtol=1e-5)
+
+
+def test_toy_beam_length_penalty_prefers_longer_finished_beams():
+  # After a: UNK (0.6) then EOS. a, UNK, EOS (log 0.36) loses to b, EOS (log 0.4) without a
+  # length penalty and wins with alpha = 4 (-1.02 / (8/6)^4 > -0.92 / (7/6)^4).
+  table = _TABLE.copy()
+  table[6] = _row(unk=0.6, eos=0.4)
+  table[UNK_ID] = _row(eos=1.0)
+  for alpha, best in ((0.0, [7, EOS_ID]), (4.0, [6, UNK_ID, EOS_ID])):
+    seqs, _ = sampling.beam_search(_toy_logits(table), jnp.zeros((2,), jnp.int32), batch_size=1,
+                                   beam_size=2, max_new_tokens=5, length_penalty=alpha)
+    np.testing.assert_array_equal(seqs[0, 0, :len(best)], best)
+
+
+def test_toy_top_k_and_top_p_filters():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  keep = lambda **kw: np.isfinite(np.asarray(sampling.filter_logits(logits, **kw)))[0].tolist()
+  assert keep(top_k=2) == [True, True, False, False]
+  assert keep(top_p=0.7, nucleus=True) == [True, True, False, False]
+  assert keep(top_p=0.5, nucleus=True) == [True, False, False, False]
+  assert keep(top_p=0.9, nucleus=True) == [True, True, True, False]
+  assert keep(top_k=1, top_p=0.99, nucleus=True) == [True, False, False, False]
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny model.
+
+B, L, T = 4, 12, 16
+
+
+def _config():
+  config = config_lib.get_config("tiny")
+  config.model.initializer_range = 0.2
+  return config
+
+
+def random_variables(model, desc, code, seed: int = 0):
+  """The model's initialisation (normal(initializer_range) weights, zero biases, unit LayerNorm
+  scales) drawn with numpy from the abstract shapes: no compile of `init`."""
+  abstract = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), desc, code))
+  rs = np.random.RandomState(seed)
+
+  def draw(path, x):
+    name = jax.tree_util.keystr(path)
+    if "'bias'" in name or "logits_bias" in name:
+      return np.zeros(x.shape, x.dtype)
+    if "'scale'" in name:
+      return np.ones(x.shape, x.dtype)
+    return (rs.standard_normal(x.shape) * model.cfg.initializer_range).astype(x.dtype)
+  return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  config = _config()
+  model = model_lib.build(config)[0]
+  rs = np.random.RandomState(0)
+  desc = rs.randint(SEP_ID + 1, 512, (B, L)).astype(np.int32)
+  desc[:, 0] = CLS_ID
+  for i, n in enumerate((12, 9, 7, 5)):
+    desc[i, n - 1], desc[i, n:] = SEP_ID, PAD_ID
+  variables = random_variables(model, desc, desc[:, :4])
+  # Loud positions (a random model otherwise repeats one token) and a likelier EOS, so rows
+  # differ along the sequence and end at different steps.
+  emb = variables["params"]["shared_embedding"]["position_embeddings"]
+  emb["embedding"] = emb["embedding"] * 10.0
+  variables["params"]["decoder"]["logits_bias"][EOS_ID] = 2.0
+  return config, model, jax.tree.map(jnp.asarray, variables), jnp.asarray(desc)
+
+
+def _gen(tiny, desc=None, **kw):
+  _, model, variables, d = tiny
+  kw.setdefault("max_new_tokens", T)
+  tokens, scores = sampling.generate(model, variables, d if desc is None else desc, **kw)
+  return np.asarray(tokens), np.asarray(scores)
+
+
+def _lengths(tokens_NxT):
+  eos = tokens_NxT == EOS_ID
+  return np.where(eos.any(-1), eos.argmax(-1) + 1, tokens_NxT.shape[-1])
+
+
+def test_greedy_equals_argmax_of_teacher_forced_pass_over_its_output(tiny):
+  _, model, variables, desc = tiny
+  tokens, scores = _gen(tiny, strategy="greedy")
+  tokens = tokens[:, 0]
+  enc = model.apply(variables, desc, method=model_lib.CodeModel.encode)
+  dec_in = model_lib.shift_right(jnp.asarray(tokens), BOS_ID)
+  logits = sampling.ban_special(
+      model.apply(variables, enc, dec_in, method=model_lib.CodeModel.decode_logits))
+  argmax = np.asarray(jnp.argmax(logits, -1))
+  lengths = _lengths(tokens)
+  assert len(set(lengths.tolist())) > 1 and lengths.min() < T, "EOS should end rows early"
+  logp = np.asarray(jax.nn.log_softmax(logits))
+  for i, n in enumerate(lengths):
+    np.testing.assert_array_equal(tokens[i, :n], argmax[i, :n])
+    assert (tokens[i, n:] == PAD_ID).all()
+    expected = logp[i, np.arange(n), tokens[i, :n]].sum() / ((5 + n) / 6)
+    np.testing.assert_allclose(scores[i, 0], expected, rtol=1e-4)
+
+
+def test_beam_width_one_and_top_k_one_equal_greedy(tiny):
+  # Without a length penalty: with one, a width-1 beam rightly keeps looking for a longer
+  # sequence whose penalised score beats the greedy one.
+  greedy, greedy_scores = _gen(tiny, strategy="greedy", length_penalty=0.0)
+  beam, beam_scores = _gen(tiny, strategy="beam", num_beams=1, length_penalty=0.0)
+  np.testing.assert_array_equal(beam, greedy)
+  np.testing.assert_allclose(beam_scores, greedy_scores, rtol=1e-5)
+  top1, _ = _gen(tiny, strategy="sample", top_k=1, temperature=0.7, rng=3)
+  np.testing.assert_array_equal(top1, greedy)
+
+
+def test_beam_is_at_least_as_good_as_greedy_and_ranked(tiny):
+  greedy, greedy_scores = _gen(tiny, strategy="greedy")
+  beam, scores = _gen(tiny, strategy="beam", num_beams=3)
+  assert beam.shape == (B, 3, T)
+  assert (np.diff(scores, axis=1) <= 1e-6).all(), "beams must come best first"
+  assert (scores[:, 0] >= greedy_scores[:, 0] - 1e-5).all()
+  for seq in beam.reshape(-1, T):  # PAD after EOS
+    n = _lengths(seq[None])[0]
+    assert (seq[n:] == PAD_ID).all() and not np.isin(seq[:n], (PAD_ID, BOS_ID, CLS_ID)).any()
+
+
+def test_output_for_a_description_does_not_depend_on_the_batch(tiny):
+  _, _, _, desc = tiny
+  alone = np.zeros_like(np.asarray(desc))   # all-PAD rows are bucket padding: not decoded
+  alone[0] = desc[2]
+  for strategy in ("greedy", "beam"):
+    full, full_scores = _gen(tiny, strategy=strategy, num_beams=3)
+    solo, solo_scores = _gen(tiny, jnp.asarray(alone), strategy=strategy, num_beams=3)
+    np.testing.assert_array_equal(solo[0], full[2])
+    np.testing.assert_allclose(solo_scores[0], full_scores[2], rtol=1e-5)
+    assert (solo[1:] == PAD_ID).all()
+
+
+def test_same_seed_same_samples(tiny):
+  kw = dict(strategy="sample", num_samples=3, temperature=1.5, top_p=0.9)
+  a, sa = _gen(tiny, rng=7, **kw)
+  b, sb = _gen(tiny, rng=7, **kw)
+  c, _ = _gen(tiny, rng=8, **kw)
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(sa, sb)
+  assert not np.array_equal(a, c)
+  assert (np.diff(sa, axis=1) <= 1e-6).all(), "samples must come best first"
+
+
+def test_bad_options_are_one_sentence_value_errors(tiny):
+  for kw, words in ((dict(strategy="nucleus"), "Unknown decoding strategy"),
+                    (dict(strategy="sample", top_p=0.0), "top_p"),
+                    (dict(strategy="sample", temperature=0.0), "temperature"),
+                    (dict(strategy="greedy", max_new_tokens=10_000), "positions")):
+    with pytest.raises(ValueError, match=words):
+      _gen(tiny, **kw)
+
+
+def test_sharded_generation_on_8_devices_equals_single_device(tiny):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (fake) devices; conftest.py sets XLA_FLAGS")
+  config, model, variables, desc = tiny
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules(config)
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), desc, desc[:, :4])
+  sharded = jax.device_put(variables, sharding.logical_shardings(abstract, mesh, rules))
+  d = jax.device_put(desc, sharding.batch_sharding(mesh))
+  # The programs of the tests above, so only the sharded ones compile here.
+  for kw in (dict(strategy="greedy"), dict(strategy="beam", num_beams=3),
+             dict(strategy="sample", num_samples=3, temperature=1.5, top_p=0.9, rng=7)):
+    ref, ref_scores = _gen(tiny, **kw)
+    out = sampling.generate(model, sharded, d, max_new_tokens=T, mesh=mesh, axis_rules=rules,
+                            **kw)
+    assert out[0].sharding.spec[0] == ("data", "fsdp")
+    np.testing.assert_array_equal(np.asarray(out[0]), ref)
+    np.testing.assert_allclose(np.asarray(out[1]), ref_scores, rtol=1e-4, atol=1e-5)
