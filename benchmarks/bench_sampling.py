@@ -47,6 +47,9 @@ def main() -> None:
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--attention", default="", help="override config.model.attention_impl")
   p.add_argument("--no-scan", action="store_true", help="config.model.scan_layers=False")
+  p.add_argument("--scan", action="store_true", help="config.model.scan_layers=True")
+  p.add_argument("--decode-xla", action="store_true",
+                 help="experiment: XLA attention for one-token queries even when cuDNN is set")
   p.add_argument("--hlo", default="", help="write the compiled HLO of each strategy here")
   p.add_argument("--profile", default="", help="write a perfetto trace of one run of each here")
   args = p.parse_args()
@@ -54,8 +57,15 @@ def main() -> None:
   config = base.get_config()
   if args.attention:
     config.model.attention_impl = args.attention
-  if args.no_scan:
-    config.model.scan_layers = False
+  if args.no_scan or args.scan:
+    config.model.scan_layers = args.scan
+  if args.decode_xla:
+    from flax_albert_code import layers  # pylint: disable=import-outside-toplevel
+    attention = layers.attention
+
+    def one_token_xla(q, k, v, *, impl, **kw):
+      return attention(q, k, v, impl="xla" if q.shape[1] == 1 else impl, **kw)
+    layers.attention = one_token_xla
   model, cfg = model_lib.build(config)
   rng = np.random.RandomState(0)
   desc = rng.randint(SEP_ID + 1, cfg.vocab_size, (args.batch, args.desc_len)).astype(np.int32)
@@ -67,7 +77,8 @@ def main() -> None:
   variables["params"]["decoder"]["logits_bias"] = bias.at[EOS_ID].set(-1e4)
 
   print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; "
-        f"attention {cfg.attention_impl}; scan {cfg.scan_layers}")
+        f"attention {cfg.attention_impl}{' (XLA for one token)' if args.decode_xla else ''}; "
+        f"scan {cfg.scan_layers}")
   rows = []
   n = args.new_tokens
   for strategy in args.strategies.split(","):

@@ -10,13 +10,47 @@ import logging
 import os
 import sys
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.normpath(os.path.join(os.path.dirname(__file__), os.pardir, "configs",
                                                 "default.py"))
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (configs/).",
-                                          lock_config=True)
+
+
+def _unknown_field(err: Exception) -> str:
+  """Which `--config.a.b=v` names no field, and the fields that exist there."""
+  from flax_albert_code import config_lib
+  for arg in sys.argv[1:]:
+    flag = arg.split("=", 1)[0]
+    if not flag.startswith("--config."):
+      continue
+    node, path = config_lib.get_config(), flag[len("--config."):].split(".")
+    for i, name in enumerate(path):
+      where = ".".join(["config", *path[:i]])
+      if not isinstance(node, ml_collections.ConfigDict):
+        return f"{flag}: {where} is a value, not a section; drop the '.{name}'."
+      if name not in node:
+        return (f"{flag}: {where} has no field {name!r}; its fields are "
+                f"{', '.join(sorted(node.keys()))}.")
+      node = node[name]
+  return f"bad --config override ({err})."
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, but a mistyped `--config.a.b` ends in one sentence, not a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (KeyError, AttributeError) as e:
+    sys.exit(f"error: {_unknown_field(e)}")
+
+
+# config_flags also applies the overrides when it loads the default config, here.
+try:
+  _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (configs/).",
+                                            lock_config=True)
+except (KeyError, AttributeError) as e:
+  sys.exit(f"error: {_unknown_field(e)}")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default ./runs/<config name>).")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", None, "Call jax.distributed.initialize() (default: when the environment names "
@@ -31,11 +65,18 @@ def _want_distributed() -> bool:
               or env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0)
 
 
+def _distributed_args() -> dict[str, int]:
+  """num_processes and process_id from JAX_NUM_PROCESSES / JAX_PROCESS_ID: jax reads only the
+  coordinator address from the environment; TPU pods and SLURM need neither."""
+  names = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+  return {arg: int(os.environ[var]) for arg, var in names.items() if os.environ.get(var)}
+
+
 def main(argv: list[str]) -> None:
   del argv
   import jax
   if _want_distributed():
-    jax.distributed.initialize()
+    jax.distributed.initialize(**_distributed_args())
   from flax_albert_code import checkpoint, trainer
   from flax_albert_code.data.prepared import DataError
   from flax_albert_code.tokenizer import TokenizerError
@@ -44,8 +85,10 @@ def main(argv: list[str]) -> None:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join("runs", config.name)
-  print(f"Training config {config.name!r} on {jax.device_count()} {jax.devices()[0].platform} "
-        f"device(s) into {os.path.abspath(workdir)}", flush=True)
+  if jax.process_index() == 0:
+    print(f"Training config {config.name!r} on {jax.device_count()} {jax.devices()[0].platform} "
+          f"device(s) in {jax.process_count()} process(es) into "
+          f"{workdir if '://' in workdir else os.path.abspath(workdir)}", flush=True)
   try:
     result = trainer.run(config, workdir)
   except (DataError, TokenizerError, checkpoint.CheckpointError, trainer.TrainingError,
@@ -56,4 +99,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -152,6 +152,7 @@ def train_step(state: TrainState, batch, *, model: CodeModel, tx, config) -> tup
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["param_norm"] = optax.global_norm(params)   # the trainer's NaN guard checks it too
   new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new, metrics
 

@@ -5,6 +5,7 @@ SIGTERM/SIGINT (TPU VM preemption) and stops on a non-finite loss naming the ste
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -162,7 +163,10 @@ def run(config, workdir: str, *, progress: bool = True, max_steps: int | None = 
   bsh = sharding.batch_sharding(mesh)
   end = tc.steps if max_steps is None else min(tc.steps, max_steps)
   stopped = None
-  with jax.set_mesh(mesh), _Signals() as signals:
+  # Closing the checkpointer waits for in-flight async saves, also when training stops with an
+  # error: the last good checkpoint is then complete on disk.
+  with contextlib.closing(ckpt), contextlib.closing(writer), jax.set_mesh(mesh), \
+       _Signals() as signals:
     train_fn, eval_fn = train_step.jit_steps(model, tx, config, mesh, shardings)
     bar = tqdm(total=tc.steps, initial=start, disable=not (progress and is_main),
                dynamic_ncols=True, desc="train")
@@ -210,17 +214,19 @@ def run(config, workdir: str, *, progress: bool = True, max_steps: int | None = 
     if pending is not None:
       _record(pending, history, bar, writer, tc, peak, mc, gen, align)
     bar.close()
-  ckpt.close()
-  writer.close()
   return Result(workdir, step, history, valid, bool(stopped), state, prepared)
 
 
 def _record(pending, history, bar, writer, tc, peak, mc, gen, align) -> None:
   step, device_metrics, flops, _ = pending
   m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-  if not np.isfinite(m["loss"]):
-    raise TrainingError(f"Non-finite loss ({m['loss']}) at step {step}; the last good "
-                        "checkpoint is intact. Lower config.train.learning_rate or check the data.")
+  # The parameter norm covers the state about to be checkpointed (the loss is that of the
+  # parameters before this step's update).
+  bad = [f"{k} ({m[k]})" for k in ("loss", "grad_norm", "param_norm")
+         if k in m and not np.isfinite(m[k])]
+  if bad:
+    raise TrainingError(f"Non-finite {', '.join(bad)} at step {step}; the last good checkpoint "
+                        "is intact. Lower config.train.learning_rate or check the data.")
   history.append({"step": step, **m})
   if step % tc.log_every == 0:
     writer.write(step, m)
