@@ -41,6 +41,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
+def quiet_logs() -> None:
+  """Our warnings as `warning: ...` lines; library chatter (orbax, absl) only when it is an error."""
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter("warning: %(message)s"))
+  ours = logging.getLogger("flax_albert_code")
+  ours.addHandler(handler)
+  ours.propagate = False
+  logging.getLogger("absl").setLevel(logging.ERROR)
+
+
 def fail(error: BaseException) -> int:
   """One sentence on stderr, exit status 1."""
   print(f"error: {error}", file=sys.stderr)
@@ -87,8 +97,12 @@ def load_generator(path: str):
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  logging.basicConfig(format="warning: %(message)s", level=logging.WARNING)
+  quiet_logs()
   try:
+    from flax_albert_code import sampling  # pylint: disable=import-outside-toplevel
+    sampling.check_options(args.strategy, max_new_tokens=args.max_new_tokens or 1,
+                           num_beams=args.num_beams, num_samples=args.num_samples,
+                           top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
     texts = read_texts(args.descriptions, args.input)
     gen = load_generator(args.checkpoint)
     results = gen.generate(

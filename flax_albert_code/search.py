@@ -154,7 +154,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
   from flax_albert_code import generate as cli  # pylint: disable=import-outside-toplevel
   args = parse_args(argv)
+  cli.quiet_logs()
   try:
+    if args.top_k < 1:
+      raise ValueError(f"--top-k must be at least 1, got {args.top_k}.")
     queries = cli.read_texts(args.queries, "", "query")
     gen = cli.load_generator(args.checkpoint)
     examples, fingerprint = corpus(args.corpus, gen.prepared)

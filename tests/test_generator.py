@@ -264,4 +264,4 @@ def test_search_command(cli, capsys, tmp_path, monkeypatch):
   assert search.main([*argv, "reverse a string"]) == 0
   assert "reused" in capsys.readouterr().err
   assert search.main([*argv[:-2], "--top-k", "0", "q"]) == 1
-  assert "top_k must be at least 1" in capsys.readouterr().err
+  assert "--top-k must be at least 1" in capsys.readouterr().err
