@@ -1,0 +1,421 @@
+"""Runs an export (export.py) alone: generation, embedding and search with no flax or orbax.
+
+  exp = flax_albert_code.load_export("exports/small", index="runs/small/search_index/<key>")
+  exp.generate(["return the sum of two integers"], strategy="beam", num_samples=2, rerank=True)
+  exp.embed(["def add(a, b):\\n  return a + b"], kind="code")
+  exp.search("parse a date string", k=5)
+
+Loading checks the manifest first: a file it lists that is missing, of another size or another
+sha256, or that does not fit the programs, is refused with one sentence naming the file.
+Programs are deserialised with `jax.export.deserialize` and compiled on first use.
+Inputs are batched into the export's batch buckets as `CodeGenerator` batches them, so greedy
+decoding gives the same tokens as the checkpoint it came from. A request for fewer new tokens
+than a compiled length runs that length and cuts the code; a candidate cut before its end gets
+score None.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import threading
+import warnings
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from flax_albert_code import export as export_lib
+from flax_albert_code.config_lib import CLS_ID, EOS_ID, PAD_ID
+from flax_albert_code.tokenizer import Tokenizer, TokenizerError
+
+KINDS = ("desc", "code")
+
+
+class ExportError(ValueError):
+  """An export directory is incomplete, altered or inconsistent; the message names the file."""
+
+
+@dataclasses.dataclass
+class Index:
+  """Code vectors [N, align_dim] and the item (name, path, lineno, description, code) of each."""
+  vectors: np.ndarray
+  items: list[dict[str, Any]]
+  directory: str = ""
+
+
+def load_export(path: str, *, index: str | Index | None = None, verify: bool = True) -> Export:
+  """Opens an export directory; `index` is a search index (see `Export.load_index`)."""
+  exp = Export(path, verify=verify)
+  if index is not None:
+    exp.load_index(index)
+  return exp
+
+
+def verify_files(root: str, manifest: dict[str, Any]) -> None:
+  """Raises ExportError naming the first listed file that is missing, resized or altered."""
+  files = manifest.get("files")
+  if not isinstance(files, dict) or not files:
+    raise ExportError(f"{os.path.join(root, export_lib.MANIFEST)} lists no files; export again.")
+  for rel, want in sorted(files.items()):
+    path = os.path.join(root, rel)
+    if not os.path.isfile(path):
+      raise ExportError(f"Export file {path} is missing; copy the whole export directory or "
+                        "export again.")
+    size = os.path.getsize(path)
+    if size != want.get("size"):
+      raise ExportError(f"Export file {path} is {size} bytes, not the {want.get('size')} the "
+                        "manifest lists (truncated or replaced); export again.")
+    if export_lib.sha256(path) != want.get("sha256"):
+      raise ExportError(f"Export file {path} does not match its sha256 in the manifest (altered "
+                        "or corrupted); export again.")
+
+
+def parses(code: str) -> bool:
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      ast.parse(code)
+  except (SyntaxError, ValueError, RecursionError, MemoryError):
+    return False
+  return True
+
+
+class Export:
+  """A loaded export: `generate`, `embed` and `search`, thread-safe."""
+
+  def __init__(self, path: str, *, verify: bool = True):
+    self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    manifest_path = os.path.join(self.path, export_lib.MANIFEST)
+    if not os.path.isdir(self.path):
+      raise ExportError(f"Export directory {self.path} does not exist; pass the --out of "
+                        "`python -m flax_albert_code.export`.")
+    try:
+      with open(manifest_path, encoding="utf-8") as f:
+        self.manifest = json.load(f)
+      info = self.manifest["inference"]
+      programs = self.manifest["programs"]
+    except FileNotFoundError:
+      raise ExportError(f"{manifest_path} is missing, so {self.path} is not a complete export; "
+                        "export again.") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise ExportError(f"{manifest_path} cannot be read ({type(e).__name__}: {e}); "
+                        "export again.") from None
+    if self.manifest.get("format") != export_lib.FORMAT:
+      raise ExportError(f"{manifest_path} has format {self.manifest.get('format')}, this "
+                        f"library reads format {export_lib.FORMAT}; export again.")
+    if verify:
+      verify_files(self.path, self.manifest)
+    self.step = self.manifest.get("step")
+    self.batch_buckets = sorted(int(b) for b in info["batch_buckets"])
+    self.desc_len = int(info["desc_len"])
+    self.code_widths = sorted(int(w) for w in info["code_widths"])
+    self.lengths = sorted(int(t) for t in info["lengths"])
+    self.max_new_tokens = int(info["max_new_tokens"])
+    self.strategies = list(info["strategies"])
+    self.num_beams = int(info["num_beams"])
+    self.align_dim = int(info["align_dim"])
+    tok_path = os.path.join(self.path, info["tokenizer"])
+    try:
+      self.tokenizer = Tokenizer.load(tok_path)
+    except TokenizerError as e:
+      raise ExportError(f"Export file {tok_path} is not a usable tokenizer ({e}).") from None
+    self._programs: dict[str, jax.export.Exported] = {}
+    self._meta = {p["name"]: p for p in programs}
+    for p in programs:
+      self._programs[p["name"]] = self._deserialize(p)
+    self.variables = self._load_params(os.path.join(self.path, info["params"]))
+    want = [(x.shape, x.dtype) for x in jax.tree.leaves(self.variables)]
+    for name, exp in self._programs.items():
+      if [(a.shape, a.dtype) for a in exp.in_avals[:len(want)]] != want:
+        raise ExportError(f"Export file {os.path.join(self.path, self._meta[name]['file'])} "
+                          "takes other parameters than the other programs; export again.")
+    self._compiled: dict[str, Any] = {}
+    self._lock = threading.Lock()
+    self.index: Index | None = None
+
+  # -------------------------------------------------------------------------------------------
+  # Loading.
+
+  def _deserialize(self, meta: dict[str, Any]) -> jax.export.Exported:
+    path = os.path.join(self.path, meta["file"])
+    try:
+      with open(path, "rb") as f:
+        exp = jax.export.deserialize(bytearray(f.read()))
+    except Exception as e:  # pylint: disable=broad-except  # flatbuffers raises many types
+      raise ExportError(f"Export file {path} is not a serialised jax.export program "
+                        f"({type(e).__name__}); export again.") from None
+    ids = exp.in_avals[len(exp.in_avals) - (1 if meta["kind"] == "encode" else 5)]
+    if tuple(ids.shape) != (meta["batch"], meta["width"]):
+      raise ExportError(f"Export file {path} takes ids of shape {tuple(ids.shape)}, not the "
+                        f"({meta['batch']}, {meta['width']}) its manifest entry says.")
+    here = jax.default_backend()
+    if here not in exp.platforms:
+      raise ExportError(f"Export file {path} was lowered for {', '.join(exp.platforms)}, not "
+                        f"for this machine's {here}; export on (or for) {here}.")
+    return exp
+
+  def _load_params(self, path: str) -> Any:
+    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+    try:
+      flat = load_file(path)
+    except Exception as e:  # pylint: disable=broad-except  # safetensors raises its own types
+      raise ExportError(f"Export file {path} is not a readable safetensors file "
+                        f"({type(e).__name__}: {e}).") from None
+    some = next(iter(self._programs.values()))
+    n_params = some.in_tree.children()[0].children()[0].num_leaves
+    leaves_avals = some.in_avals[:n_params]
+    treedef = some.in_tree.children()[0].children()[0]
+    names = ["/".join(str(getattr(k, "key", k)) for k in kp) for kp, _ in
+             jax.tree_util.tree_flatten_with_path(
+                 jax.tree_util.tree_unflatten(treedef, range(n_params)))[0]]
+    leaves = []
+    for name, aval in zip(names, leaves_avals):
+      x = flat.pop(name, None)
+      if x is None:
+        raise ExportError(f"Export file {path} lacks the tensor {name} that the programs take.")
+      if tuple(x.shape) != tuple(aval.shape) or np.dtype(x.dtype) != np.dtype(aval.dtype):
+        raise ExportError(f"Export file {path} holds {name} as {x.dtype}{list(x.shape)}; the "
+                          f"programs take {aval.dtype}{list(aval.shape)}.")
+      leaves.append(jax.device_put(x))
+    if flat:
+      raise ExportError(f"Export file {path} holds tensors the programs do not take "
+                        f"({', '.join(sorted(flat)[:3])}).")
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+  def load_index(self, index: str | Index) -> Index:
+    """A search index: an `Index`, a directory with vectors.npy and items.json (as
+    `python -m flax_albert_code.search` saves), or a .jsonl/.json file of items with "code"
+    (embedded now)."""
+    if isinstance(index, Index):
+      idx = index
+    elif os.path.isdir(index):
+      vec_path, items_path = (os.path.join(index, n) for n in ("vectors.npy", "items.json"))
+      try:
+        vectors = np.load(vec_path, allow_pickle=False)
+        with open(items_path, encoding="utf-8", errors="surrogateescape") as f:
+          items = [_item(it) for it in json.load(f)]
+      except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise ExportError(f"Search index {index} cannot be read ({type(e).__name__}: {e}); "
+                          "pass a directory with vectors.npy and items.json.") from None
+      idx = Index(np.asarray(vectors, np.float32), items, index)
+    else:
+      try:
+        with open(index, encoding="utf-8") as f:
+          text = f.read()
+        items = [_item(it) for it in (
+            json.loads(text) if index.endswith(".json")
+            else [json.loads(line) for line in text.splitlines() if line.strip()])]
+      except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise ExportError(f"Search corpus {index} cannot be read ({type(e).__name__}: {e}); "
+                          "pass JSON lines, each an object with at least \"code\".") from None
+      idx = Index(self.embed([it["code"] for it in items], kind="code"), items, index)
+    if idx.vectors.ndim != 2 or idx.vectors.shape[1] != self.align_dim or len(
+        idx.items) != len(idx.vectors):
+      raise ExportError(f"Search index {idx.directory or 'given'} holds vectors of shape "
+                        f"{idx.vectors.shape} for {len(idx.items)} items; this model's are "
+                        f"{self.align_dim}-dimensional, one per item.")
+    self.index = idx
+    return idx
+
+  def warmup(self, strategies: Sequence[str] = ("greedy",), embed: bool = False) -> int:
+    """Compiles the generate programs of `strategies` (and with `embed` the encoders) now;
+    returns how many. Others compile on first use."""
+    names = [n for n, m in self._meta.items()
+             if (m["kind"] == "encode" and embed) or m.get("strategy") in strategies]
+    for name in names:
+      exp = self._programs[name]
+      args = [np.zeros(a.shape, a.dtype) for a in exp.in_avals[len(jax.tree.leaves(
+          self.variables)):]]
+      jax.block_until_ready(self._fn(name)(self.variables, *args))
+    return len(names)
+
+  # -------------------------------------------------------------------------------------------
+  # Generation.
+
+  def check_generate(self, descriptions: Sequence[str], strategy: str = "greedy",
+                     num_samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+                     max_new_tokens: int | None = None, length_penalty: float = 1.0) -> list[str]:
+    """The descriptions as strings; ValueError (one sentence) for what this export cannot do."""
+    texts = _check_texts(descriptions, "Description")
+    if strategy not in self.strategies:
+      raise ValueError(f"This export has no {strategy!r} programs; use one of "
+                       f"{', '.join(self.strategies)}.")
+    checks = [
+        (strategy != "greedy" or num_samples == 1,
+         f"Greedy decoding gives one candidate, not num_samples={num_samples}; use strategy "
+         "'sample' or 'beam' for several"),
+        (strategy != "beam" or num_samples <= self.num_beams,
+         f"This export's beam search keeps {self.num_beams} beams, so it cannot return "
+         f"num_samples={num_samples}"),
+        (num_samples >= 1, f"num_samples must be at least 1, got {num_samples}"),
+        (max_new_tokens is None or 1 <= max_new_tokens <= self.lengths[-1],
+         f"max_new_tokens must be in 1..{self.lengths[-1]} for this export, got {max_new_tokens}"),
+        (0.0 < top_p <= 1.0, f"top_p must be in (0, 1], got {top_p}"),
+        (temperature > 0.0 and np.isfinite(temperature),
+         f"temperature must be positive, got {temperature}"),
+        (np.isfinite(length_penalty), f"length_penalty must be finite, got {length_penalty}"),
+    ]
+    for ok, msg in checks:
+      if not ok:
+        raise ValueError(f"{msg}.")
+    return texts
+
+  def generate(self, descriptions: Sequence[str], strategy: str = "greedy", num_samples: int = 1,
+               temperature: float = 1.0, top_p: float = 1.0, rerank: bool = False,
+               max_new_tokens: int | None = None, seed: int = 0, length_penalty: float = 1.0,
+               drop_unparsable: bool = False) -> list[list[dict[str, Any]]]:
+    """Per description, candidates best first: {"code", "score", "align", "parses"}; as
+    `CodeGenerator.generate` (beam width and top_k are fixed by the export)."""
+    texts = self.check_generate(descriptions, strategy, num_samples, temperature, top_p,
+                                max_new_tokens, length_penalty)
+    if not texts:
+      return []
+    want = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+    tokens_NxKxT, scores_NxK = self.generate_tokens(
+        texts, strategy=strategy, num_samples=num_samples, temperature=temperature,
+        top_p=top_p, max_new_tokens=want, seed=seed, length_penalty=length_penalty)
+    t, several = tokens_NxKxT.shape[2], strategy == "sample" and num_samples > 1
+    results = []
+    for row_tokens, row_scores in zip(tokens_NxKxT, scores_NxK):
+      order = np.argsort(-row_scores, kind="stable") if several else range(len(row_scores))
+      cands = []
+      for j in order:
+        seq = row_tokens[j]
+        cut = want < t and EOS_ID not in seq[:want].tolist()
+        code = self.tokenizer.decode(seq[:want].tolist())
+        cands.append({"code": code, "score": None if cut else float(row_scores[j]),
+                      "align": None, "parses": parses(code)})
+      results.append(cands)
+    if rerank:
+      desc_vecs = self.embed(texts, kind="desc")
+      flat = [(i, c) for i, cands in enumerate(results) for c in cands]
+      code_vecs = self.embed([c["code"] for _, c in flat], kind="code")
+      for (i, cand), vec in zip(flat, code_vecs):
+        cand["align"] = float(np.dot(desc_vecs[i], vec))
+    for i, cands in enumerate(results):
+      if drop_unparsable and any(c["parses"] for c in cands):
+        cands = [c for c in cands if c["parses"]]
+      if rerank:
+        cands = sorted(cands, key=lambda c: -c["align"])
+      results[i] = cands[:num_samples]
+    return results
+
+  def generate_tokens(self, texts: Sequence[str], *, strategy: str = "greedy",
+                      num_samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+                      max_new_tokens: int | None = None, seed: int = 0,
+                      length_penalty: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [N, K, T] (T the smallest compiled length >= max_new_tokens; PAD after EOS) and
+    scores [N, K] of checked `texts`; K is 1, num_samples (sample) or the export's beams."""
+    want = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+    t = next(x for x in self.lengths if x >= want)
+    reps = num_samples if strategy == "sample" else 1      # sample programs draw one per row
+    rows = [self._pad(self.tokenizer.encode_description(x, self.desc_len), self.desc_len)
+            for x in texts for _ in range(reps)]
+    ids = np.asarray(rows, np.int32)
+    tokens, scores = [], []
+    for c, (start, size, bucket) in enumerate(self._chunks(len(rows))):
+      batch = np.zeros((bucket, self.desc_len), np.int32)
+      batch[:size] = ids[start:start + size]
+      rng = jax.random.fold_in(jax.random.PRNGKey(seed), c)
+      out = self._fn(f"generate_{strategy}_b{bucket}_t{t}")(
+          self.variables, batch, rng, np.float32(temperature), np.float32(top_p),
+          np.float32(length_penalty))
+      tok, sc = jax.device_get(out)
+      tokens.append(np.asarray(tok)[:size])
+      scores.append(np.asarray(sc)[:size])
+    k = tokens[0].shape[1] * reps
+    return (np.concatenate(tokens).reshape(len(texts), k, t),
+            np.concatenate(scores).reshape(len(texts), k))
+
+  # -------------------------------------------------------------------------------------------
+  # Embedding and search.
+
+  def embed(self, texts: Sequence[str], kind: str = "desc") -> np.ndarray:
+    """L2-normalised alignment vectors [N, align_dim] of descriptions or code."""
+    if kind not in KINDS:
+      raise ValueError(f"Unknown embedding kind {kind!r}; use 'desc' or 'code'.")
+    texts = _check_texts(texts, "Description" if kind == "desc" else "Code",
+                         allow_blank=kind == "code")
+    if kind == "desc":
+      ids = [self.tokenizer.encode_description(x, self.desc_len) for x in texts]
+      widths = [self.desc_len]
+    else:   # what training encodes: [CLS] + code tokens, in the code's bucket
+      ids = [[CLS_ID, *self.tokenizer.encode(x)[:self.code_widths[-1] - 1]] for x in texts]
+      widths = self.code_widths
+    out = np.zeros((len(ids), self.align_dim), np.float32)
+    groups = np.searchsorted(np.asarray(widths), np.array([len(x) for x in ids], int))
+    for g, width in enumerate(widths):
+      rows = np.flatnonzero(groups == g)
+      for start, size, bucket in self._chunks(len(rows)):
+        batch = np.zeros((bucket, width), np.int32)
+        for j, r in enumerate(rows[start:start + size]):
+          batch[j] = self._pad(ids[r], width)
+        vecs = self._fn(f"encode_b{bucket}_w{width}")(self.variables, batch)
+        out[rows[start:start + size]] = np.asarray(jax.device_get(vecs))[:size]
+    return out
+
+  def search(self, query: str | Sequence[str], k: int = 10,
+             index: Index | None = None) -> list[dict] | list[list[dict]]:
+    """The `k` best index items for a query ({**item, "score", "rank"}); a list of queries
+    gives a list per query."""
+    from flax_albert_code import search as search_lib  # pylint: disable=import-outside-toplevel
+    index = index or self.index
+    if index is None:
+      raise ValueError("No search index is loaded; pass index= to load_export or call "
+                       "load_index.")
+    single = isinstance(query, str)
+    queries = [query] if single else list(query)
+    hits = search_lib.query(self, index, queries, top_k=k)
+    return hits[0] if single else hits
+
+  # -------------------------------------------------------------------------------------------
+  # Helpers.
+
+  def _fn(self, name: str):
+    fn = self._compiled.get(name)
+    if fn is None:
+      if name not in self._programs:
+        raise ValueError(f"This export has no program {name}.")
+      with self._lock:
+        fn = self._compiled.setdefault(name, jax.jit(self._programs[name].call))
+    return fn
+
+  @staticmethod
+  def _pad(ids: Sequence[int], width: int) -> list[int]:
+    ids = list(ids[:width])
+    return ids + [PAD_ID] * (width - len(ids))
+
+  def _chunks(self, n: int) -> list[tuple[int, int, int]]:
+    """(start, size, bucket): the largest bucket at a time, the remainder in the smallest fit."""
+    largest, out = self.batch_buckets[-1], []
+    for start in range(0, n, largest):
+      size = min(largest, n - start)
+      out.append((start, size, next(b for b in self.batch_buckets if b >= size)))
+    return out
+
+
+def _item(it: dict[str, Any]) -> dict[str, Any]:
+  """A search item with the fields `python -m flax_albert_code.search` keeps, typed."""
+  return {"name": str(it.get("name") or ""), "path": str(it.get("path") or ""),
+          "lineno": int(it.get("lineno") or 0), "description": str(it.get("description") or ""),
+          "code": str(it.get("code") or "")}
+
+
+def _check_texts(texts, what: str, allow_blank: bool = False) -> list[str]:
+  if isinstance(texts, (str, bytes)):
+    raise ValueError(f"Pass a list of {what.lower()}s, not a single string.")
+  out = []
+  for i, t in enumerate(texts):
+    if isinstance(t, bytes):
+      try:
+        t = t.decode("utf-8")
+      except UnicodeDecodeError:
+        raise ValueError(f"{what} {i} is not valid UTF-8 text.") from None
+    if not isinstance(t, str):
+      raise ValueError(f"{what} {i} is a {type(t).__name__}, not a string.")
+    if not allow_blank and not t.strip():
+      raise ValueError(f"{what} {i} is empty; give it some text.")
+    out.append(t)
+  return out
