@@ -1,0 +1,280 @@
+"""Training end to end on the tiny config (CPU, 8 fake devices): 1 vs 8 devices, overfitting,
+exact resume, SIGTERM, restore onto another mesh, config errors, the NaN stop, checkpoint policy.
+
+Every run shares one prepared dataset and a persistent compilation cache (both in a temp dir
+shared with the other xdist worker): the runs compile the same few programs, and a compile is
+most of a short run's time on CPU.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from unittest import mock
+
+import filelock
+import jax
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from flax_albert_code import checkpoint, model as model_lib, optim, sharding, train_step, trainer
+from flax_albert_code.data import pipeline
+from flax_albert_code.data.prepared import prepare
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESH_8 = (2, 2, 2)   # (data, fsdp, tensor)
+MESH_1 = (1, 1, 1)
+# configs/tiny.py with one code bucket (one compiled shape), batch 8 and a constant LR without
+# warmup, so `steps` does not enter the compiled program (the tests' runs share compiles). The tiny preset's H=32 with 4 heads of 8 sits on
+# the unigram plateau (loss ~4.1) for over 150 steps at any LR we tried; H=64 with 2 heads
+# leaves it within ~30 steps, which the overfitting test needs.
+OVERRIDES = {
+    "model.hidden_size": 64, "model.intermediate_size": 128, "model.embedding_size": 32,
+    "model.num_attention_heads": 2,
+    "data.max_examples": 160, "data.max_desc_len": 32, "data.max_code_len": 64,
+    "data.code_buckets": (64,), "data.valid_fraction": 0.1, "data.test_fraction": 0.05,
+    "train.batch_size": 8, "train.schedule": "constant", "train.learning_rate": 3e-3,
+    "train.warmup_steps": 0, "train.log_every": 1, "train.eval_every": 0,
+    "train.checkpoint_every": 1000, "train.samples_at_end": 0,
+}
+
+
+def tiny_config():
+  spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(REPO, "configs",
+                                                                            "tiny.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def make_config(data_dir, mesh=MESH_8, **overrides):
+  """configs/tiny.py with OVERRIDES and `overrides` ({"section.key": value})."""
+  config = tiny_config()
+  for path, value in {**OVERRIDES, "data.data_dir": str(data_dir), **overrides}.items():
+    section, key = path.split(".")
+    config[section][key] = value
+  config.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+  return config
+
+
+def cli_flags(data_dir, mesh=MESH_8, **overrides):
+  """The same config as `make_config`, as command-line overrides of configs/tiny.py."""
+  values = {**OVERRIDES, "data.data_dir": str(data_dir), **overrides,
+            **dict(zip(("mesh.data", "mesh.fsdp", "mesh.tensor"), mesh))}
+  return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def devices_for(mesh):
+  return jax.devices()[:int(np.prod(mesh))]
+
+
+def run(config, workdir, **kw):
+  """trainer.run that also records each training batch's example indices (the data order)."""
+  seen, real = [], trainer._model_batch
+
+  def recording(batch):
+    seen.append(batch["index"].copy())
+    return real(batch)
+  mesh = tuple(config.mesh[a] for a in sharding.MESH_AXES)
+  with mock.patch.object(trainer, "_model_batch", recording):
+    result = trainer.run(config, str(workdir), progress=False, devices=devices_for(mesh), **kw)
+  return result, seen
+
+
+def losses(result):
+  return [h["loss"] for h in result.history]
+
+
+def tree_equal(a, b) -> bool:
+  return all(np.array_equal(x, y) for x, y in
+             zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))))
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+  """(data_dir, cache_dir, tokenizer path), shared by both xdist workers; the first one here
+  compiles the steps of both meshes while the other waits, rather than both at once."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent
+  data_dir, cache_dir = root / "train_data", root / "train_jax_cache"
+  old = {k: getattr(jax.config, k) for k in (
+      "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+      "jax_persistent_cache_min_entry_size_bytes")}
+  jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  compilation_cache.reset_cache()
+  with filelock.FileLock(str(root / "train_warm.lock")):
+    prepared = prepare(make_config(data_dir), str(root / "unused"))
+    if not (root / "train_warm").exists():
+      for mesh in (MESH_8, MESH_1):
+        run(make_config(data_dir, mesh=mesh, **{"train.steps": 1}),
+            root / f"train_warm_{np.prod(mesh)}")
+      (root / "train_warm").touch()
+  yield data_dir, cache_dir, os.path.join(prepared.data_dir, "spm.model")
+  for k, v in old.items():
+    jax.config.update(k, v)
+  compilation_cache.reset_cache()
+
+
+def test_one_and_eight_devices_give_the_same_losses(shared, tmp_path):
+  config = dict(data_dir=shared[0], **{"train.steps": 6})
+  eight, eight_batches = run(make_config(mesh=MESH_8, **config), tmp_path / "8", max_steps=2)
+  one, one_batches = run(make_config(mesh=MESH_1, **config), tmp_path / "1", max_steps=2)
+  assert [h["step"] for h in one.history] == [h["step"] for h in eight.history] == [1, 2]
+  np.testing.assert_array_equal(np.stack(one_batches), np.stack(eight_batches))
+  for k in ("loss", "gen_loss", "infonce_loss", "grad_norm", "param_norm"):
+    # Measured: relative differences up to ~4e-7 (float32 sums in another order).
+    np.testing.assert_allclose([h[k] for h in one.history], [h[k] for h in eight.history],
+                               rtol=1e-5, err_msg=k)
+
+
+def test_resume_equals_uninterrupted_bitwise(shared, tmp_path):
+  # Metrics are fetched a step late between logs (log_every=4); checkpoints every 3 steps.
+  config = make_config(shared[0], **{"train.steps": 6, "train.checkpoint_every": 3,
+                                     "train.log_every": 4})
+  full, full_batches = run(config, tmp_path / "full")
+  first, first_batches = run(config, tmp_path / "cut", max_steps=3)
+  assert first.step == 3 and checkpoint.Checkpointer(str(tmp_path / "cut")).latest_step() == 3
+  second, second_batches = run(config, tmp_path / "cut")
+  assert [h["step"] for h in first.history + second.history] == [1, 2, 3, 4, 5, 6]
+  assert first.history + second.history == full.history      # every metric, exactly
+  np.testing.assert_array_equal(np.stack(first_batches + second_batches), np.stack(full_batches))
+  assert tree_equal(second.state, full.state)
+
+
+def test_checkpoint_from_eight_devices_restores_on_one(shared, tmp_path):
+  config = make_config(shared[0], **{"train.steps": 2})
+  result, _ = run(config, tmp_path)
+  assert len(result.state.params["model"]["decoder"]["logits_bias"].sharding.device_set) == 8
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  model, _ = model_lib.build(config)
+  abstract, _ = train_step.abstract_state(model, optim.make(config.train), config, mesh)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), read_only=True)
+  state, step = ckpt.restore(abstract)
+  ckpt.close()
+  assert step == 2
+  assert {len(x.sharding.device_set) for x in jax.tree.leaves(state)} == {1}
+  assert tree_equal(state, result.state)
+
+
+def test_other_config_refuses_to_resume(shared, tmp_path):
+  run(make_config(shared[0], **{"train.steps": 1}), tmp_path)
+  other = make_config(shared[0], **{"model.hidden_size": 32, "train.steps": 2})
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"holds checkpoints of another config \(config\.model differs in "
+                           r"\['hidden_size'\]\); use a new --workdir or the same config\."):
+    trainer.run(other, str(tmp_path), progress=False, devices=devices_for(MESH_8))
+  assert checkpoint.Checkpointer(str(tmp_path), read_only=True).latest_step() == 1
+
+
+def test_overfits_a_tiny_set(shared, tmp_path):
+  # 8 examples (one batch), same tokenizer, so the same compiled step as the 1-device run above.
+  config = make_config(tmp_path / "data", mesh=MESH_1, **{
+      "data.max_examples": 8, "data.valid_fraction": 0.0, "data.test_fraction": 0.0,
+      "data.tokenizer_path": shared[2], "train.steps": 200, "train.log_every": 50})
+  result, seen = run(config, tmp_path / "work")
+  assert len(np.unique(np.stack(seen))) == 8
+  first, last = result.history[0], result.history[-1]
+  tail = {k: np.mean([h[k] for h in result.history[-20:]])
+          for k in ("infonce_loss", "retrieval_accuracy")}
+  # Measured at step 200: gen_loss 6.24 -> 0.25 (the unigram plateau is ~4.1), token accuracy
+  # 0.97; over the last 20 steps infonce 0.014 (ln 8 = 2.08 at the start), retrieval 1.0.
+  assert first["gen_loss"] > 6.0
+  assert last["gen_loss"] < 1.0, [round(h["gen_loss"], 2) for h in result.history[::10]]
+  assert last["token_accuracy"] > 0.8
+  assert tail["infonce_loss"] < 0.25 and tail["retrieval_accuracy"] >= 0.9, tail
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(shared, tmp_path):
+  data_dir, cache_dir, _ = shared
+  workdir = tmp_path / "w"
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "flax_albert_code.train", "--config", "configs/tiny.py",
+       "--workdir", str(workdir), *cli_flags(data_dir, **{"train.steps": 100000})],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics_file, deadline = workdir / "metrics.jsonl", time.time() + 240
+  try:
+    while time.time() < deadline and proc.poll() is None:   # wait for a few training steps
+      if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 6:
+        break
+      time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, out
+  saved = int(re.search(r"Received SIGTERM at step (\d+): checkpoint saved", out).group(1))
+  assert 3 <= saved < 100000
+  ckpt_dir = checkpoint.checkpoint_dir(str(workdir))
+  assert sorted(p.name for p in ckpt_dir.iterdir()) == [str(saved)]   # complete, nothing tmp
+  assert {p.name for p in (ckpt_dir / str(saved)).iterdir()} >= {"state", "data", "config"}
+  assert f"checkpoint: {ckpt_dir}/{saved}" in out
+
+  config = make_config(data_dir, **{"train.steps": saved + 2})
+  result, seen = run(config, workdir)
+  assert [h["step"] for h in result.history] == [saved + 1, saved + 2]
+  assert checkpoint.Checkpointer(str(workdir), read_only=True).latest_step() == saved + 2
+  # The data iterator resumed where it stopped: batches saved and saved+1 of a fresh iterator.
+  prepared = prepare(config, str(workdir))
+  fresh = pipeline.make_iterator(config, prepared, "train", 8, shuffle=True, num_epochs=None)
+  expected = [next(fresh)["index"] for _ in range(saved + 2)][saved:]
+  np.testing.assert_array_equal(np.stack(seen), np.stack(expected))
+
+
+def _train_cli(tmp_path, *flags):
+  return subprocess.run([sys.executable, "-m", "flax_albert_code.train", "--config",
+                         "configs/tiny.py", "--workdir", str(tmp_path / "w"), *flags],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_config_typo_and_bad_value_fail_at_once(tmp_path):
+  typo = _train_cli(tmp_path, "--config.train.stepz=3")
+  assert typo.returncode != 0 and "Traceback" not in typo.stderr
+  assert typo.stderr.strip() == typo.stderr.strip().splitlines()[0]       # one line
+  assert "--config.train.stepz: config.train has no field 'stepz'" in typo.stderr
+  assert "steps, warmup_steps" in typo.stderr                             # the valid fields
+  section = _train_cli(tmp_path, "--config.trian.steps=3")
+  assert section.returncode != 0 and "config has no field 'trian'" in section.stderr
+  assert "model, name, sample, seed, train" in section.stderr
+  bad = _train_cli(tmp_path, "--config.train.steps=abc")
+  assert bad.returncode != 0 and "Traceback" not in bad.stderr
+  assert "--config.train.steps=abc: invalid literal for int()" in bad.stderr
+  assert not (tmp_path / "w").exists()       # nothing was started
+
+
+def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(shared, tmp_path):
+  # LR 1e30 (optax's schedule gives LR 0 to step 1): step 2's update blows the parameters up.
+  config = make_config(shared[0], mesh=MESH_1, **{
+      "train.learning_rate": 1e30, "train.steps": 6, "train.checkpoint_every": 1,
+      "train.log_every": 100})
+  with pytest.raises(trainer.TrainingError, match=r"Non-finite .* at step (\d+); the last good "
+                                                  r"checkpoint is intact") as err:
+    run(config, tmp_path)
+  bad_step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
+  assert bad_step == 2
+  ckpt_dir = checkpoint.checkpoint_dir(str(tmp_path))
+  assert sorted(p.name for p in ckpt_dir.iterdir()) == ["1"]    # complete, no tmp dir left
+  _, params, step = checkpoint.load_for_inference(str(tmp_path))
+  assert step == 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_checkpoint_policy_keeps_last_k_and_the_best(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
+  valid_loss = {1: 3.0, 2: 1.0, 3: 2.0, 4: 2.5, 5: 2.2, 6: None}
+  for step, loss in valid_loss.items():
+    ckpt.save(step, {"w": np.full((2,), step, np.float32)},
+              metrics=None if loss is None else {"valid_loss": loss})
+  ckpt.close()
+  # The last two (5, 6) and the lowest validation loss (2).
+  assert sorted(int(p.name) for p in checkpoint.checkpoint_dir(str(tmp_path)).iterdir()) == [2, 5, 6]
