@@ -7,6 +7,7 @@ restores on 1 (and the other way round).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -28,6 +29,34 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_dir(workdir: str) -> epath.Path:
   return epath.Path(workdir) / "checkpoints"
+
+
+class _DataHandler(grain.checkpoint.CheckpointHandler):
+  """grain's iterator handler (one `process_<i>-of-<n>.json` per process) that also restores on
+  another process count: our iterator's state is the global batch index, the same on every
+  host (data/pipeline.py), so any process's file holds it."""
+
+  def restore(self, directory: epath.Path, item=None, args=None):
+    item, directory = item or args.item, epath.Path(directory)
+    own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    files = [own] if own.exists() else sorted(directory.glob("process_*-of-*.json"))
+    if not files:
+      raise ValueError(f"{directory} holds no data iterator state (process_*-of-*.json).")
+    item.set_state(json.loads(files[0].read_text()))
+    item.start_prefetch()  # as grain's handler does
+    return item
+
+
+@ocp.args.register_with_handler(_DataHandler, for_save=True)
+@dataclasses.dataclass
+class _DataSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(_DataHandler, for_restore=True)
+@dataclasses.dataclass
+class _DataRestore(ocp.args.CheckpointArgs):
+  item: Any
 
 
 class Checkpointer:
@@ -54,7 +83,7 @@ class Checkpointer:
            force: bool = False) -> bool:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+      items["data"] = _DataSave(data_iter)
     if config is not None:
       items["config"] = ocp.args.JsonSave(config.to_dict())
     return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
@@ -66,7 +95,7 @@ class Checkpointer:
       raise CheckpointError(f"No complete checkpoint in {self.directory}.")
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      items["data"] = _DataRestore(data_iter)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many types for unreadable files
