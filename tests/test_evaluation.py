@@ -251,3 +251,9 @@ def test_evaluate_cli_writes_reports(tmp_path, monkeypatch, capsys):
                       "--no-baselines", "--no-retrieval"])
   assert results["num_examples"] == 6 and results["rows"][0]["exact_match"] == 50.0
   assert (out / "report.md").read_text().startswith(f"# Evaluation: jsonl:{jsonl} (test)")
+
+
+def test_empty_output_does_not_count_as_parsing():
+  assert not metrics.parses("")
+  assert not metrics.parses("# only a comment\n")
+  assert metrics.parses("def f():\n  return 1\n")

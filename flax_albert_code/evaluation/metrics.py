@@ -67,10 +67,10 @@ def exact_match_rate(hypotheses: Sequence[str], references: Sequence[str]) -> fl
 
 
 def parses(code: str) -> bool:
-  """Whether `ast.parse` accepts the code (nothing is executed)."""
+  """Whether `ast.parse` accepts the code and it holds at least one statement (an empty or
+  comment-only output would parse trivially and is not counted). Nothing is executed."""
   try:
-    ast.parse(code)
-    return True
+    return bool(ast.parse(code).body)
   except (SyntaxError, ValueError, RecursionError, MemoryError):
     return False
 
