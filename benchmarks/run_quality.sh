@@ -15,6 +15,7 @@ python3 -m flax_albert_code.train --config "$root/configs/quality.py" --workdir 
   2>&1 | tr '\r' '\n' | grep -v -i "warn" | grep -E "^(Training|Prepared|pairs|  |step|final|checkpoint|#|def |error)|valid_|train:.*(000|00)/" \
   | tail -60 | tee "$out/train.log"
 cp "$work/metrics.jsonl" "$out/" 2>/dev/null || true
+cp "$work"/data/*/summary.txt "$out/" 2>/dev/null || true
 stamp "evaluate: test split"
 python3 -m flax_albert_code.evaluate --checkpoint "$work" --split test --max-examples 1000 \
   --strategies greedy,beam,sample --rerank --num-samples 8 --out "$out/test" 2>&1 \
@@ -24,7 +25,8 @@ python3 -m flax_albert_code.evaluate --checkpoint "$work" --data humaneval \
   --strategies greedy,sample --num-samples 10 --out "$out/humaneval" 2>&1 | grep -v "truncated" | tail -12
 stamp "export"
 if python3 -c "import flax_albert_code.export" 2>/dev/null; then
-  python3 -m flax_albert_code.export --checkpoint "$work" --out "$work/export" --dtype bf16
+  python3 -m flax_albert_code.export --checkpoint "$work" --out "$work/export" --dtype bf16 \
+    --platforms cuda 2>&1 | grep -v -i "warn" | tail -3
   du -sh "$work/export" | tee "$out/export_size.txt"
 fi
 stamp "done"

@@ -21,7 +21,7 @@ def get_config():
   c.model.scan_layers = False
   c.model.hidden_dropout_prob = 0.1
   c.data.sources = "stdlib,site-packages"
-  c.data.max_examples = 60000
+  c.data.max_examples = 25000
   c.data.tokenizer_vocab_size = 16000
   c.data.max_desc_len = 64
   c.data.max_code_len = 256
@@ -30,13 +30,13 @@ def get_config():
   c.train.align_losses = "infonce"
   c.train.infonce_weight = 1.0
   c.train.batch_size = 128
-  c.train.steps = 4000
+  c.train.steps = 1500
   c.train.learning_rate = 5e-4
-  c.train.warmup_steps = 300
+  c.train.warmup_steps = 150
   c.train.log_every = 100
-  c.train.eval_every = 1000
+  c.train.eval_every = 500
   c.train.eval_batches = 16
-  c.train.checkpoint_every = 1000
+  c.train.checkpoint_every = 500
   c.train.samples_at_end = 4
   c.sample.max_new_tokens = 256
   return c
