@@ -6,7 +6,7 @@ Prepares the full stdlib corpus with configs/default.py (reused when already the
 `make_iterator` at BENCH-A shapes (64 description + 256 code tokens) for a few batch sizes, with
 the default buckets (64, 128, 256) and with one fixed 256 bucket. For reference it also times
 reading whole records through the TFDS data source, which is why batches come from the token store.
-Prints a table and writes benchmarks/RESULTS_pipeline.md.
+Prints a table and writes the input-pipeline section of benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--workdir", default="/tmp/fac_bench")
   ap.add_argument("--seconds", type=float, default=3.0)
-  ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "RESULTS_pipeline.md"))
+  ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "RESULTS.md"))
   args = ap.parse_args()
 
   config = default.get_config()
@@ -90,7 +90,7 @@ def main() -> None:
       "jax", "grain", "numpy", "tensorflow-datasets", "array_record", "sentencepiece"))
   best_default = max(r for name, b, r, _ in rows if "64,128,256" in name and b == 32)
   text = "\n".join([
-      "## pipeline",
+      "## Input pipeline (2-core CPU)",
       "",
       f"`python benchmarks/bench_pipeline.py` on {datetime.date.today().isoformat()}; "
       f"{cpu_name()}, {os.cpu_count()} cores; Python {platform.python_version()}, {versions}.",
@@ -113,9 +113,21 @@ def main() -> None:
       summary.replace(prepared.data_dir, "<workdir>/data/<key>"),
       "```",
       ""])
-  with open(args.out, "w") as f:
-    f.write(text)
-  print(f"wrote {args.out}")
+  _replace_section(args.out, "## Input pipeline", text)
+  print(f"wrote the pipeline section of {args.out}")
+
+
+def _replace_section(path: str, heading: str, text: str) -> None:
+  """Replaces the section starting with `heading` (up to the next '## ') or appends it."""
+  old = open(path).read() if os.path.exists(path) else ""
+  start = old.find(heading)
+  if start < 0:
+    new = old.rstrip("\n") + "\n\n" + text
+  else:
+    end = old.find("\n## ", start + len(heading))
+    new = old[:start] + text.rstrip("\n") + "\n" + (old[end:] if end >= 0 else "")
+  with open(path, "w") as f:
+    f.write(new)
 
 
 if __name__ == "__main__":
