@@ -151,8 +151,8 @@ def train_step(state: TrainState, batch, *, model: CodeModel, tx, config) -> tup
       metrics["code_tokens"] = m_sum["code_tokens"]
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics["grad_norm"] = optax.global_norm(grads)
-  metrics["param_norm"] = optax.global_norm(params)   # the trainer's NaN guard checks it too
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  metrics["param_norm"] = optax.tree.norm(params)   # the trainer's NaN guard checks it too
   new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new, metrics
 

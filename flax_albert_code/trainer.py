@@ -241,11 +241,14 @@ def report(result: Result, config) -> None:
     first, last = result.history[0], result.history[-1]
     print(f"step {last['step']}: train loss {first['loss']:.3f} -> {last['loss']:.3f}")
   if result.valid:
-    print("final validation: " + ", ".join(f"{k[6:]} {v:.4f}" for k, v in result.valid.items()))
+    shown = {k[6:]: v for k, v in result.valid.items()
+             if k.endswith(("loss", "accuracy"))}
+    print("final validation: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
   n = int(config.train.samples_at_end)
   if n and train_step.objectives(config.train)[0] and result.state is not None:
     _print_samples(result, config, n)
-  print(f"checkpoint: {os.path.abspath(str(checkpoint.checkpoint_dir(result.workdir)))}"
+  where = str(checkpoint.checkpoint_dir(result.workdir))
+  print(f"checkpoint: {where if '://' in where else os.path.abspath(where)}"
         f"/{result.step}")
 
 
