@@ -280,6 +280,8 @@ def _find_prepared(config, workdir: str):
   """The run's prepared data (for its tokenizer), or None."""
   from flax_albert_code.data import prepared as prepared_lib  # pylint: disable=g-import-not-at-top
   candidates = [config.data.get("data_dir") or "", workdir]
+  if "://" in workdir:  # a gs:// run prepared its data on the local disk (prepared.data_root)
+    candidates.append(prepared_lib.REMOTE_WORKDIR_DATA)
   for path in candidates:
     if not path:
       continue

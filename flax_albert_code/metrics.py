@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Any, Mapping
 
 import jax
+from etils import epath
 
 # Dense bf16 peak per chip, for MFU. H100/H200: the measured bf16 matmul ceiling on our
 # machines (../shared/BENCH.md), not the datasheet; TPUs: datasheet.
@@ -65,19 +65,29 @@ def decode_step_flops(mc, batch: int, desc_len: int, cache_len: int) -> float:
 
 
 class Writer:
-  """Scalars to `<workdir>/metrics.jsonl` and TensorBoard; only process 0 writes."""
+  """Scalars to `<workdir>/metrics.jsonl` and TensorBoard; only process 0 writes.
+
+  The workdir may be a `gs://` URL (etils.epath; TensorBoard through tensorboardX's GCS writer).
+  A GCS object cannot be appended to, so there metrics.jsonl is rewritten whole on each write.
+  """
 
   def __init__(self, workdir: str, tensorboard: bool = True):
     self.active = jax.process_index() == 0
     self.tb = None
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    root = epath.Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    self.path = root / "metrics.jsonl"
+    self.remote = "://" in str(workdir)
+    if self.remote:
+      self.text = self.path.read_text() if self.path.exists() else ""
+    else:
+      self.jsonl = open(self.path, "a", buffering=1)
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.tb = SummaryWriter(str(root / "tensorboard"))
       except ImportError:
         self.tb = None
 
@@ -85,7 +95,12 @@ class Writer:
     if not self.active:
       return
     clean = {k: float(v) for k, v in scalars.items()}
-    self.jsonl.write(json.dumps({"step": int(step), "time": time.time(), **clean}) + "\n")
+    line = json.dumps({"step": int(step), "time": time.time(), **clean}) + "\n"
+    if self.remote:
+      self.text += line
+      self.path.write_text(self.text)
+    else:
+      self.jsonl.write(line)
     if self.tb is not None:
       for k, v in clean.items():
         if math.isfinite(v):
@@ -93,6 +108,7 @@ class Writer:
 
   def close(self) -> None:
     if self.active:
-      self.jsonl.close()
+      if not self.remote:
+        self.jsonl.close()
       if self.tb is not None:
         self.tb.close()

@@ -65,7 +65,19 @@ class Prepared:
     return self._cache["tokens", split]
 
 
+# Where the data of a run with a remote workdir (gs://...) is prepared: a local disk.
+REMOTE_WORKDIR_DATA = os.path.join("~", ".cache", "flax_albert_code", "data")
+
+
 def data_root(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """config.data.data_dir, else <workdir>/data; local disk only (the token store is memory
+  mapped). With a gs:// workdir each host prepares into REMOTE_WORKDIR_DATA (the preparation is
+  deterministic, so all hosts get the same data from the same sources)."""
+  if "://" in config.data.data_dir:
+    raise DataError(f"config.data.data_dir={config.data.data_dir} is not a local path; prepared "
+                    "data is memory-mapped from a local disk: set a local directory (or '').")
+  if not config.data.data_dir and "://" in str(workdir):
+    return os.path.abspath(os.path.expanduser(REMOTE_WORKDIR_DATA))
   return os.path.abspath(os.path.expanduser(config.data.data_dir or os.path.join(workdir, "data")))
 
 
