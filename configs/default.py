@@ -14,12 +14,12 @@ def get_config():
   c.data.max_desc_len = 32
   c.data.max_code_len = 128
   c.data.code_buckets = (64, 128)
-  c.train.steps = 1000
+  c.train.steps = 800
   c.train.batch_size = 16
   c.train.learning_rate = 2e-3
   c.train.warmup_steps = 100
   c.train.log_every = 25
-  c.train.eval_every = 250
-  c.train.checkpoint_every = 250
+  c.train.eval_every = 200
+  c.train.checkpoint_every = 200
   c.sample.max_new_tokens = 128
   return c

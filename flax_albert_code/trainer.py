@@ -129,6 +129,9 @@ def run(config, workdir: str, *, progress: bool = True, max_steps: int | None = 
   `devices` (default all) are the mesh's devices."""
   tc = config.train
   is_main = jax.process_index() == 0
+  workdir = str(workdir)
+  if "://" not in workdir:   # orbax wants absolute paths; users type relative ones
+    workdir = os.path.abspath(os.path.expanduser(workdir))
   prepared = prepare(config, workdir, progress=progress and is_main)
   if config.model.vocab_size != prepared.tokenizer.vocab_size:
     log.info("model.vocab_size set to the tokenizer's %d", prepared.tokenizer.vocab_size)
