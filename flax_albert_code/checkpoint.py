@@ -4,11 +4,32 @@ Layout: `<workdir>/checkpoints/<step>/{state,data,config}`. Orbax writes each st
 temporary directory and renames it when complete, so a half-written checkpoint is never listed.
 Restores take target shardings from the current mesh, so a checkpoint written on 8 devices
 restores on 1 (and the other way round).
+
+Integrity. Orbax checksums no array data, so each step also holds `sha256_manifest.json`: size and
+sha256 of every file of the step but orbax's own `_CHECKPOINT_METADATA` (which it rewrites at the
+commit; orbax fails to restore a step whose metadata is unreadable). With async saves it is written
+by orbax's post-finalization callback into the temporary directory just before the rename that
+commits the step, so a committed step always carries it; with sync saves it is written (atomically)
+right after the commit. A step without a manifest (written by an older version, or killed between a
+sync commit and its manifest) is trusted on orbax's commit alone: a kill cannot leave a committed
+step partial, and a step whose files do not restore is still skipped below. `restore()` verifies
+the latest step and, when a file is missing, truncated or altered (or orbax cannot read it), falls
+back to the previous step, says which step and file in a warning, and moves the bad step aside to
+`<workdir>/checkpoints_corrupt/` (only once an earlier step has restored, so a bug that fails every
+restore never moves a checkpoint) so that later saves of those step numbers are possible.
+`load_for_inference` refuses a step that fails its manifest. Hashing reads each step once more
+after it is written and once before it is restored.
+
+A save that fails (disk full, permissions) raises CheckpointError at the next save or at
+close(), naming the step and the earlier steps that are intact.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
 import json
+import logging
 import os
 from typing import Any
 
@@ -21,6 +42,11 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 # A resumed run must train the same model on the same data: these sections must match.
 MUST_MATCH = ("model", "data")
+MANIFEST = "sha256_manifest.json"
+_UNHASHED = (MANIFEST, "_CHECKPOINT_METADATA")   # orbax rewrites its step metadata at the commit
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"   # orbax's uncommitted step directories: <step><suffix>[-*]
+
+log = logging.getLogger("flax_albert_code")
 
 
 class CheckpointError(RuntimeError):
@@ -60,11 +86,15 @@ class _DataRestore(ocp.args.CheckpointArgs):
 
 
 class Checkpointer:
-  """Thin wrapper over `ocp.CheckpointManager` with our items and policies."""
+  """Thin wrapper over `ocp.CheckpointManager` with our items, policies and integrity checks."""
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
     self.directory = checkpoint_dir(workdir)
+    self.read_only = read_only
+    self._saving: int | None = None         # the step whose (async) save is in flight
+    self._problems: dict[int, str | None] = {}   # verify() results
+    self._save_failed = False
     policy = pp.AnyPreservationPolicy([
         pp.LatestN(n=max(int(keep), 1)),
         pp.BestN(get_metric_fn=lambda m: m["valid_loss"], reverse=True, n=1,
@@ -72,7 +102,10 @@ class Checkpointer:
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=async_save, create=not read_only,
-        read_only=read_only, cleanup_tmp_directories=not read_only)
+        read_only=read_only, cleanup_tmp_directories=not read_only,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._manifest_before_commit)
+        if async_save else None)
+    self.async_save = async_save
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data", "config"))
 
@@ -86,23 +119,99 @@ class Checkpointer:
       items["data"] = _DataSave(data_iter)
     if config is not None:
       items["config"] = ocp.args.JsonSave(config.to_dict())
-    return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+    self.wait()                  # the previous save, so that `_saving` names this one
+    self._saving = step
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
+                                force=force)
+    except Exception as e:  # disk full, permissions: orbax and tensorstore raise many types
+      raise self._failure(step, e) from e
+    if saved and not self.async_save:
+      self._write_manifest(self.directory / str(step), atomic=True)
+    return saved
+
+  def _manifest_before_commit(self) -> None:
+    """Orbax's post-finalization callback: every file of the step is written, the rename that
+    commits it comes next."""
+    step = self._saving
+    if step is None or jax.process_index() != 0:
+      return
+    tmp = sorted(self.directory.glob(f"{step}{_TMP_SUFFIX}*"))
+    self._write_manifest(tmp[-1] if tmp else self.directory / str(step), atomic=not tmp)
+
+  def _write_manifest(self, path: epath.Path, atomic: bool) -> None:
+    try:
+      files = {str(f.relative_to(path)): {"size": f.stat().length, "sha256": _sha256(f)}
+               for f in _files(path) if f.name not in _UNHASHED}
+      text = json.dumps({"files": files}, indent=1)
+      if atomic:
+        tmp = path / (MANIFEST + ".tmp")
+        tmp.write_text(text)
+        tmp.rename(path / MANIFEST)
+      else:
+        (path / MANIFEST).write_text(text)
+    except Exception as e:  # the step itself is complete: it stays unverified
+      log.warning("Could not write the checksum manifest of %s (%s: %s); that checkpoint will "
+                  "be restored unverified.", path, type(e).__name__, e)
+
+  def verify(self, step: int) -> str | None:
+    """None if step's files match its manifest (or it has none); else what is wrong, by file."""
+    if step not in self._problems:
+      self._problems[step] = verify_step(self.directory / str(step))
+    return self._problems[step]
 
   def restore(self, abstract_state, data_iter=None, step: int | None = None):
-    """Restore the state (resharded onto `abstract_state`'s shardings) and the iterator."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+    """Restore the state (resharded onto `abstract_state`'s shardings) and the iterator.
+
+    Without `step`: the latest step whose files verify and restore; a newer bad one is reported
+    in a warning and moved aside (see the module docstring)."""
+    steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
       raise CheckpointError(f"No complete checkpoint in {self.directory}.")
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       items["data"] = _DataRestore(data_iter)
+    bad = []
+    for i, s in enumerate(steps):
+      problem = self.verify(s)
+      if problem is None:
+        try:
+          restored = self.manager.restore(s, args=ocp.args.Composite(**items))
+        except Exception as e:  # orbax raises many types for unreadable files
+          problem = f"{type(e).__name__}: {str(e)[:300]}"
+      if problem is None:
+        for b, _ in bad:
+          self._move_aside(b)
+        return restored["state"], s
+      bad.append((s, problem))
+      if i + 1 < len(steps):
+        log.warning("Checkpoint step %d is unusable (%s); falling back to step %d.", s, problem,
+                    steps[i + 1])
+    s, problem = bad[0]
+    raise CheckpointError(
+        f"Checkpoint {self.directory / str(s)} could not be restored ({problem})"
+        + (f", nor could any earlier one ({len(bad) - 1} tried)" if len(bad) > 1 else "")
+        + "; delete the bad step directories to start from an earlier one, or use a new "
+        "--workdir.")
+
+  def _move_aside(self, step: int) -> None:
+    """Move a corrupt step out of orbax's sight, so that training can save that step again."""
+    if self.read_only:
+      return
+    src = self.directory / str(step)
+    dest = self.directory.parent / "checkpoints_corrupt" / str(step)
+    n = 1
+    while dest.exists():
+      dest, n = dest.parent / f"{step}.{n}", n + 1
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # orbax raises many types for unreadable files
-      raise CheckpointError(f"Checkpoint {self.directory / str(step)} could not be restored "
-                            f"({type(e).__name__}: {str(e)[:300]}); delete that step directory "
-                            "to fall back to an earlier one.") from e
-    return restored["state"], step
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      src.rename(dest)
+    except Exception as e:
+      raise CheckpointError(f"Checkpoint {src} is corrupt and could not be moved aside "
+                            f"({type(e).__name__}: {e}); delete it and run again.") from e
+    log.warning("Moved the corrupt checkpoint step %d to %s.", step, dest)
+    self._problems.pop(step, None)
+    self.manager.reload()
 
   def saved_config(self, step: int | None = None) -> ml_collections.ConfigDict:
     step = self.latest_step() if step is None else step
@@ -115,9 +224,16 @@ class Checkpointer:
 
   def check_compatible(self, config) -> None:
     """Refuse to resume a workdir written by another model or data config."""
-    if self.latest_step() is None:
-      return
-    saved = self.saved_config()
+    saved = None
+    for step in sorted(self.manager.all_steps(), reverse=True):   # the newest intact config
+      if self.verify(step) is None:
+        try:
+          saved = self.saved_config(step)
+          break
+        except CheckpointError:
+          pass
+    if saved is None:
+      return      # nothing to compare with: restore() says what is wrong
     for section in MUST_MATCH:
       a, b = saved.get(section), config.get(section)
       a = a.to_dict() if a is not None else None
@@ -129,11 +245,79 @@ class Checkpointer:
             f"(config.{section} differs in {diff}); use a new --workdir or the same config.")
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Wait for the save in flight; CheckpointError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._failure(self._saving, e) from e
+
+  def _failure(self, step, e: Exception) -> CheckpointError:
+    self._save_failed = True
+    full = (getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
+            or "os_error_code='28'" in str(e))
+    self.manager.reload()
+    kept = sorted(self.manager.all_steps())
+    return CheckpointError(
+        f"Saving checkpoint step {step} in {self.directory} failed: "
+        + ("the disk is full (no space left on device)" if full
+           else f"{type(e).__name__}: {str(e)[:300]}")
+        + (f". The earlier checkpoint{'s' * (len(kept) > 1)} (step{'s' * (len(kept) > 1)} "
+           f"{', '.join(map(str, kept))}) {'are' if len(kept) > 1 else 'is'} intact"
+           if kept else ". No earlier checkpoint was saved")
+        + ("; free disk space or use a --workdir on a larger disk, then run the same command "
+           "to resume." if full else "; fix the cause, then run the same command to resume."))
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Wait for the save in flight and close; a failed save not yet reported raises here."""
+    already_reported, error = self._save_failed, None
+    try:
+      self.wait()
+    except CheckpointError as e:
+      error = e
+    try:
+      self.manager.close()
+    except Exception as e:  # orbax raises a failed save's error again
+      error = error or self._failure(self._saving, e)
+    if error is not None and not already_reported:
+      raise error
+
+
+def _files(path: epath.Path) -> list[epath.Path]:
+  """Every file under `path` (epath has no recursive glob on GCS)."""
+  out = []
+  for p in sorted(path.iterdir()):
+    out.extend(_files(p) if p.is_dir() else [p])
+  return out
+
+
+def _sha256(path: epath.Path) -> str:
+  h = hashlib.sha256()
+  with path.open("rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def verify_step(path: epath.Path) -> str | None:
+  """None if the files of step directory `path` match its manifest or it has none; else which
+  file is missing, truncated or altered."""
+  manifest = path / MANIFEST
+  if not manifest.exists():
+    return None
+  try:
+    files = json.loads(manifest.read_text())["files"]
+  except Exception as e:
+    return f"its manifest {manifest} is unreadable ({type(e).__name__})"
+  for rel, want in sorted(files.items()):
+    f = path / rel
+    if not f.exists():
+      return f"{f} is missing"
+    size = f.stat().length
+    if size != want["size"]:
+      return f"{f} has {size} bytes instead of {want['size']} (truncated?)"
+    if _sha256(f) != want["sha256"]:
+      return f"{f} does not match its sha256 (altered on disk)"
+  return None
 
 
 def _jsonable(d):
@@ -160,6 +344,10 @@ def resolve(path: str) -> tuple[epath.Path, int]:
 def load_for_inference(path: str) -> tuple[ml_collections.ConfigDict, Any, int]:
   """(config, model params, step) from a workdir or checkpoint dir, on the default device."""
   directory, step = resolve(path)
+  problem = verify_step(directory / str(step))
+  if problem:
+    raise CheckpointError(f"Checkpoint {directory / str(step)} is corrupt ({problem}); pass an "
+                          "earlier step directory.")
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
                                   item_names=("state", "data", "config"))
   try:

@@ -6,6 +6,8 @@ published sizes; `tiny` exists for tests.
 """
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 # Token ids fixed by the tokenizer (see tokenizer.py): the model and data code share them.
@@ -114,3 +116,35 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
       num_beams=4, length_penalty=1.0, num_samples=1, batch_buckets=(1, 8, 32),
   ))
   return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """ValueError, in one sentence naming the field, for a value of the wrong type or out of range.
+
+  Types are those of `get_config()`'s defaults: `--config.a.b=v` overrides of int, float, bool
+  and str fields are type-checked by ml_collections already, but a tuple field takes any string.
+  """
+  schema = get_config(config.model.get("preset", "small")) if "model" in config else get_config()
+
+  def check(node, default, path):
+    for key, want in default.items():
+      if key not in node:
+        continue
+      name, value = f"{path}.{key}", node[key]
+      if isinstance(want, ml_collections.ConfigDict):
+        check(value, want, name)
+      elif isinstance(want, tuple) and want and isinstance(want[0], int):
+        if not (isinstance(value, (tuple, list)) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+          raise ValueError(f"{name}={value!r} is not a tuple of positive ints; set it like "
+                           f"--{name}='{want}'.")
+      elif isinstance(want, float) and isinstance(value, (int, float)):
+        if not math.isfinite(value):
+          raise ValueError(f"{name}={value!r} is not a finite number; give a finite value.")
+
+  check(config, schema, "config")
+  for name in ("steps", "batch_size"):
+    value = config.train.get(name)
+    if isinstance(value, int) and value < 1:
+      raise ValueError(f"config.train.{name}={value} must be at least 1.")
+

@@ -77,13 +77,17 @@ def main(argv: list[str]) -> None:
   import jax
   if _want_distributed():
     jax.distributed.initialize(**_distributed_args())
-  from flax_albert_code import checkpoint, trainer
+  from flax_albert_code import checkpoint, config_lib, trainer
   from flax_albert_code.data.prepared import DataError
   from flax_albert_code.tokenizer import TokenizerError
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   for noisy in ("absl", "jax", "orbax", "grain", "tensorflow_datasets"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   config = _CONFIG.value
+  try:
+    config_lib.validate(config)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   workdir = _WORKDIR.value or os.path.join("runs", config.name)
   if jax.process_index() == 0:
     print(f"Training config {config.name!r} on {jax.device_count()} {jax.devices()[0].platform} "

@@ -220,7 +220,7 @@ def _record_pair(obj: dict, spec: str, default_path: str, filters: mining.Filter
   name = _text_field(obj, "func_name", "name") or ""
   lineno = obj.get("lineno") if isinstance(obj.get("lineno"), int) else 0
   url = _text_field(obj, "url") or ""
-  if not lineno and (m := re.search(r"#L(\d+)", url)):
+  if not lineno and (m := re.search(r"#L(\d{1,9})(?!\d)", url)):   # not a line: 0
     lineno = int(m.group(1))
   return mining.Pair(description, code, path, name, lineno, spec,
                      partition or _partition(obj.get("partition") or obj.get("split")))
