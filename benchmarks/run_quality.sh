@@ -17,12 +17,12 @@ python3 -m flax_albert_code.train --config "$root/configs/quality.py" --workdir 
 cp "$work/metrics.jsonl" "$out/" 2>/dev/null || true
 cp "$work"/data/*/summary.txt "$out/" 2>/dev/null || true
 stamp "evaluate: test split"
-python3 -m flax_albert_code.evaluate --checkpoint "$work" --split test --max-examples 1000 \
+python3 -m flax_albert_code.evaluate --checkpoint "$work" --split test --max-examples "${QUALITY_EVAL_EXAMPLES:-1000}" \
   --strategies greedy,beam,sample --rerank --num-samples 8 --out "$out/test" 2>&1 \
   | grep -v "truncated" | tail -20
 stamp "evaluate: HumanEval"
 python3 -m flax_albert_code.evaluate --checkpoint "$work" --data humaneval \
-  --strategies greedy,sample --num-samples 10 --out "$out/humaneval" 2>&1 | grep -v "truncated" | tail -12
+  --strategies "${QUALITY_HUMANEVAL_STRATEGIES:-greedy,sample}" --num-samples 10 --out "$out/humaneval" 2>&1 | grep -v "truncated" | tail -12
 stamp "export"
 if python3 -c "import flax_albert_code.export" 2>/dev/null; then
   python3 -m flax_albert_code.export --checkpoint "$work" --out "$work/export" --dtype bf16 \
