@@ -184,6 +184,7 @@ def model_config_from_hf(hf: Mapping[str, Any], config=None) -> ml_collections.C
       m[name] = defaults[name]
     else:
       raise ValueError(f"The HF config lacks {name!r}; it is not a complete AlbertConfig.")
+  m.pooling = "cls"   # an HF ALBERT encoder comes with its [CLS] pooler; use it
   return m
 
 

@@ -32,6 +32,7 @@ _jit = functools.partial(jax.jit, compiler_options=FAST_CPU)
 def _model_config(hf_config: dict):
   """Our model config for an HF config (tiny decoder around it; [CLS] pooling as ALBERT)."""
   base = config_lib.get_config("tiny")
+  base.model.pooling = "cls"   # ALBERT's pooler, compared with HF's pooler_output
   m = hf.model_config_from_hf(hf_config, base)
   assert m.pooling == "cls"
   return m
