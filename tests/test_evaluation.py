@@ -256,4 +256,5 @@ def test_evaluate_cli_writes_reports(tmp_path, monkeypatch, capsys):
 def test_empty_output_does_not_count_as_parsing():
   assert not metrics.parses("")
   assert not metrics.parses("# only a comment\n")
+  assert not metrics.parses("def" + "_" * 40)   # a degenerate model output seen on the GPU
   assert metrics.parses("def f():\n  return 1\n")

@@ -67,12 +67,15 @@ def exact_match_rate(hypotheses: Sequence[str], references: Sequence[str]) -> fl
 
 
 def parses(code: str) -> bool:
-  """Whether `ast.parse` accepts the code and it holds at least one statement (an empty or
-  comment-only output would parse trivially and is not counted). Nothing is executed."""
+  """Whether `ast.parse` accepts the code and it holds at least one real statement (empty,
+  comment-only or lone-identifier outputs parse trivially and are not counted). Nothing runs."""
   try:
-    return bool(ast.parse(code).body)
+    body = ast.parse(code).body
   except (SyntaxError, ValueError, RecursionError, MemoryError):
     return False
+  # A lone name or constant (`def______`, `x`) parses as an expression statement but is no code.
+  return any(not (isinstance(n, ast.Expr) and isinstance(n.value, (ast.Name, ast.Constant)))
+             for n in body)
 
 
 def parse_rate(codes: Sequence[str]) -> float:
