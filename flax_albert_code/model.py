@@ -123,6 +123,8 @@ class AlbertEncoder(nn.Module):
     if cfg.pooling == "cls":
       pooled = jnp.tanh(self.pooler(x_BxLxH[:, 0]))
     else:
+      if self.is_initializing():   # the pooler exists either way (HF export, pooling switches)
+        self.pooler(x_BxLxH[:, 0])
       w = mask_BxL[..., None].astype(x_BxLxH.dtype)
       pooled = (x_BxLxH * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
     vec = self.align_head(pooled).astype(jnp.float32)
