@@ -27,7 +27,8 @@ import numpy as np
 
 from flax_albert_code import config_lib, sampling, sharding
 from flax_albert_code import model as model_lib
-from flax_albert_code.config_lib import CLS_ID, PAD_ID
+from flax_albert_code import batching
+from flax_albert_code.config_lib import CLS_ID
 from flax_albert_code.layers import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class CodeGenerator:
     the cosine similarity of description and code vectors (None unless `rerank`). With
     `drop_unparsable`, candidates that `ast.parse` rejects are dropped unless none parses.
     """
-    texts = self._check_texts(descriptions, "Description")
+    texts = batching.check_texts(descriptions, "Description")
     max_new = self.default_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
     if strategy == "greedy" and num_samples != 1:
       raise ValueError(f"Greedy decoding gives one candidate, not num_samples={num_samples}; use "
@@ -145,10 +146,10 @@ class CodeGenerator:
                            max_positions=self.cfg.max_position_embeddings)
     if not texts:
       return []
-    ids = np.array([self._pad(self._description_ids(t, i), self.max_desc_len)
+    ids = np.array([batching.pad(self._description_ids(t, i), self.max_desc_len)
                     for i, t in enumerate(texts)], np.int32)
     tokens, scores = [], []
-    for c, (start, size, bucket) in enumerate(self._chunks(len(texts))):
+    for c, (start, size, bucket) in enumerate(batching.chunks(len(texts), self.batch_buckets)):
       batch = np.zeros((bucket, self.max_desc_len), np.int32)
       batch[:size] = ids[start:start + size]
       rng = jax.random.fold_in(jax.random.PRNGKey(seed), c)
@@ -195,7 +196,7 @@ class CodeGenerator:
     if kind not in ("desc", "code"):
       raise ValueError(f"Unknown embedding kind {kind!r}; use 'desc' or 'code'.")
     what = "Description" if kind == "desc" else "Code"
-    texts = self._check_texts(texts, what, allow_blank=kind == "code")
+    texts = batching.check_texts(texts, what, allow_blank=kind == "code")
     if kind == "code":
       return self._code_vectors(texts)
     ids = [self._description_ids(t, i) for i, t in enumerate(texts)]
@@ -212,10 +213,10 @@ class CodeGenerator:
     groups = np.searchsorted(np.asarray(widths), lengths)
     for g, width in enumerate(widths):
       rows = np.flatnonzero(groups == g)
-      for start, size, bucket in self._chunks(len(rows)):
+      for start, size, bucket in batching.chunks(len(rows), self.batch_buckets):
         batch = np.zeros((bucket, width), np.int32)
         for j, r in enumerate(rows[start:start + size]):
-          batch[j] = self._pad(ids[r], width)
+          batch[j] = batching.pad(ids[r], width)
         vecs = _vectors(self.model, self.variables, self._put(batch), mesh=self.mesh,
                         axis_rules=self.axis_rules)
         out[rows[start:start + size]] = np.asarray(jax.device_get(vecs))[:size]
@@ -224,23 +225,6 @@ class CodeGenerator:
   # -------------------------------------------------------------------------------------------
   # Helpers.
 
-  def _check_texts(self, texts, what: str, allow_blank: bool = False) -> list[str]:
-    if isinstance(texts, (str, bytes)):
-      raise ValueError(f"Pass a list of {what.lower()}s, not a single string.")
-    out = []
-    for i, t in enumerate(texts):
-      if isinstance(t, bytes):
-        try:
-          t = t.decode("utf-8")
-        except UnicodeDecodeError:
-          raise ValueError(f"{what} {i} is not valid UTF-8 text.") from None
-      if not isinstance(t, str):
-        raise ValueError(f"{what} {i} is a {type(t).__name__}, not a string.")
-      if not allow_blank and not t.strip():
-        raise ValueError(f"{what} {i} is empty; give it some text.")
-      out.append(t)
-    return out
-
   def _description_ids(self, text: str, i: int) -> list[int]:
     n = len(self.tokenizer.encode(text))
     if n > self.max_desc_len - 2:
@@ -248,18 +232,7 @@ class CodeGenerator:
                   "truncated.", i, n, self.max_desc_len - 2)
     return self.tokenizer.encode_description(text, self.max_desc_len)
 
-  @staticmethod
-  def _pad(ids: Sequence[int], width: int) -> list[int]:
-    ids = list(ids[:width])
-    return ids + [PAD_ID] * (width - len(ids))
 
-  def _chunks(self, n: int) -> list[tuple[int, int, int]]:
-    """(start, size, bucket): the largest bucket at a time, the remainder in the smallest fit."""
-    largest, out = self.batch_buckets[-1], []
-    for start in range(0, n, largest):
-      size = min(largest, n - start)
-      out.append((start, size, next(b for b in self.batch_buckets if b >= size)))
-    return out
 
   def _put(self, batch: np.ndarray) -> jax.Array:
     if self.mesh is None:

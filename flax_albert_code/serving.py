@@ -27,7 +27,8 @@ import jax
 import numpy as np
 
 from flax_albert_code import export as export_lib
-from flax_albert_code.config_lib import CLS_ID, EOS_ID, PAD_ID
+from flax_albert_code import batching
+from flax_albert_code.config_lib import CLS_ID, EOS_ID
 from flax_albert_code.tokenizer import Tokenizer, TokenizerError
 
 KINDS = ("desc", "code")
@@ -238,7 +239,7 @@ class Export:
                      num_samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                      max_new_tokens: int | None = None, length_penalty: float = 1.0) -> list[str]:
     """The descriptions as strings; ValueError (one sentence) for what this export cannot do."""
-    texts = _check_texts(descriptions, "Description")
+    texts = batching.check_texts(descriptions, "Description")
     if strategy not in self.strategies:
       raise ValueError(f"This export has no {strategy!r} programs; use one of "
                        f"{', '.join(self.strategies)}.")
@@ -311,11 +312,11 @@ class Export:
     want = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
     t = next(x for x in self.lengths if x >= want)
     reps = num_samples if strategy == "sample" else 1      # sample programs draw one per row
-    rows = [self._pad(self.tokenizer.encode_description(x, self.desc_len), self.desc_len)
+    rows = [batching.pad(self.tokenizer.encode_description(x, self.desc_len), self.desc_len)
             for x in texts for _ in range(reps)]
     ids = np.asarray(rows, np.int32)
     tokens, scores = [], []
-    for c, (start, size, bucket) in enumerate(self._chunks(len(rows))):
+    for c, (start, size, bucket) in enumerate(batching.chunks(len(rows), self.batch_buckets)):
       batch = np.zeros((bucket, self.desc_len), np.int32)
       batch[:size] = ids[start:start + size]
       rng = jax.random.fold_in(jax.random.PRNGKey(seed), c)
@@ -336,7 +337,7 @@ class Export:
     """L2-normalised alignment vectors [N, align_dim] of descriptions or code."""
     if kind not in KINDS:
       raise ValueError(f"Unknown embedding kind {kind!r}; use 'desc' or 'code'.")
-    texts = _check_texts(texts, "Description" if kind == "desc" else "Code",
+    texts = batching.check_texts(texts, "Description" if kind == "desc" else "Code",
                          allow_blank=kind == "code")
     if kind == "desc":
       ids = [self.tokenizer.encode_description(x, self.desc_len) for x in texts]
@@ -348,10 +349,10 @@ class Export:
     groups = np.searchsorted(np.asarray(widths), np.array([len(x) for x in ids], int))
     for g, width in enumerate(widths):
       rows = np.flatnonzero(groups == g)
-      for start, size, bucket in self._chunks(len(rows)):
+      for start, size, bucket in batching.chunks(len(rows), self.batch_buckets):
         batch = np.zeros((bucket, width), np.int32)
         for j, r in enumerate(rows[start:start + size]):
-          batch[j] = self._pad(ids[r], width)
+          batch[j] = batching.pad(ids[r], width)
         vecs = self._fn(f"encode_b{bucket}_w{width}")(self.variables, batch)
         out[rows[start:start + size]] = np.asarray(jax.device_get(vecs))[:size]
     return out
@@ -382,18 +383,7 @@ class Export:
         fn = self._compiled.setdefault(name, jax.jit(self._programs[name].call))
     return fn
 
-  @staticmethod
-  def _pad(ids: Sequence[int], width: int) -> list[int]:
-    ids = list(ids[:width])
-    return ids + [PAD_ID] * (width - len(ids))
 
-  def _chunks(self, n: int) -> list[tuple[int, int, int]]:
-    """(start, size, bucket): the largest bucket at a time, the remainder in the smallest fit."""
-    largest, out = self.batch_buckets[-1], []
-    for start in range(0, n, largest):
-      size = min(largest, n - start)
-      out.append((start, size, next(b for b in self.batch_buckets if b >= size)))
-    return out
 
 
 def _item(it: dict[str, Any]) -> dict[str, Any]:
@@ -403,19 +393,3 @@ def _item(it: dict[str, Any]) -> dict[str, Any]:
           "code": str(it.get("code") or "")}
 
 
-def _check_texts(texts, what: str, allow_blank: bool = False) -> list[str]:
-  if isinstance(texts, (str, bytes)):
-    raise ValueError(f"Pass a list of {what.lower()}s, not a single string.")
-  out = []
-  for i, t in enumerate(texts):
-    if isinstance(t, bytes):
-      try:
-        t = t.decode("utf-8")
-      except UnicodeDecodeError:
-        raise ValueError(f"{what} {i} is not valid UTF-8 text.") from None
-    if not isinstance(t, str):
-      raise ValueError(f"{what} {i} is a {type(t).__name__}, not a string.")
-    if not allow_blank and not t.strip():
-      raise ValueError(f"{what} {i} is empty; give it some text.")
-    out.append(t)
-  return out

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from export_util import CODES, DESCRIPTIONS, shared_export, subprocess_env
-from flax_albert_code import export, sampling, serving
+from flax_albert_code import batching, export, sampling, serving
 from flax_albert_code.generator import CodeGenerator
 
 
@@ -62,7 +62,7 @@ def test_greedy_from_the_export_is_token_identical_to_the_checkpoint(exp, gen):
   assert [c[0]["code"] for c in ours] == [c[0]["code"] for c in ref]
   assert [c[0]["score"] for c in ours] == [c[0]["score"] for c in ref]
   tokens, scores = exp.generate_tokens(descs)
-  for start, size, bucket in gen._chunks(len(descs)):  # pylint: disable=protected-access
+  for start, size, bucket in batching.chunks(len(descs), gen.batch_buckets):
     batch = np.zeros((bucket, gen.max_desc_len), np.int32)
     for j, d in enumerate(descs[start:start + size]):
       ids = gen.tokenizer.encode_description(d, gen.max_desc_len)
