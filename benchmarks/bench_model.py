@@ -75,7 +75,9 @@ def _peak_bytes() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
-def bench_train(c, *, align: bool, steps: int, warmup: int = 3) -> dict:
+def _train_setup(c, align: bool, num_batches: int):
+  """(config, model config, mesh, state, jitted train step, device batches) for one step kind:
+  the generation step alone, or the full step with InfoNCE."""
   c = c.copy_and_resolve_references()
   c.train.stage = "joint" if align else "finetune"
   c.train.align_losses = "infonce" if align else ""
@@ -84,9 +86,16 @@ def bench_train(c, *, align: bool, steps: int, warmup: int = 3) -> dict:
   tx = optim.make(c.train)
   state, shardings = train_step.create_state(model, tx, c, mesh, jax.random.PRNGKey(0))
   rng = np.random.RandomState(0)
-  batches = [jax.device_put(random_batch(c, rng), sharding.batch_sharding(mesh)) for _ in range(4)]
+  batches = [jax.device_put(random_batch(c, rng), sharding.batch_sharding(mesh))
+             for _ in range(num_batches)]
   with jax.set_mesh(mesh):
     train_fn, _ = train_step.jit_steps(model, tx, c, mesh, shardings)
+  return c, mc, mesh, state, train_fn, batches
+
+
+def bench_train(c, *, align: bool, steps: int, warmup: int = 3) -> dict:
+  c, mc, mesh, state, train_fn, batches = _train_setup(c, align, 4)
+  with jax.set_mesh(mesh):
     t0 = time.perf_counter()
     compiled = train_fn.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
@@ -119,16 +128,8 @@ def profile_train(c, out_dir: str, *, align: bool, steps: int = 3) -> list[tuple
   """Trace a few steps (perfetto JSON) and sum GPU kernel time by kernel name, per step."""
   import glob
   import gzip
-  c = c.copy_and_resolve_references()
-  c.train.stage = "joint" if align else "finetune"
-  c.train.align_losses = "infonce" if align else ""
-  mesh = sharding.make_mesh(c.mesh)
-  model, _ = model_lib.build(c)
-  tx = optim.make(c.train)
-  state, shardings = train_step.create_state(model, tx, c, mesh, jax.random.PRNGKey(0))
-  batch = jax.device_put(random_batch(c, np.random.RandomState(0)), sharding.batch_sharding(mesh))
+  _, _, mesh, state, train_fn, (batch,) = _train_setup(c, align, 1)
   with jax.set_mesh(mesh):
-    train_fn, _ = train_step.jit_steps(model, tx, c, mesh, shardings)
     for _ in range(3):
       state, m = train_fn(state, batch)
     _sync(state)
