@@ -45,6 +45,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   arg("--timeout", type=float, default=5.0, help="HumanEval: seconds per candidate")
   arg("--workers", type=int, default=0, help="HumanEval: parallel sandboxes (0: CPU count)")
   arg("--show", type=int, default=3, help="best and worst examples in the report")
+  arg("--random-examples", type=int, default=5,
+      help="examples drawn at random (with --seed) for the report")
   return p.parse_args(argv)
 
 
@@ -89,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   else:
     examples = load_examples(args.data, args.split, gen.prepared, args.max_examples)
     results = evaluation.evaluate(gen, examples, train, strategies, args.rerank, decode,
-                                  not args.no_retrieval, args.max_candidates, args.show)
+                                  not args.no_retrieval, args.max_candidates, args.show,
+                                  args.random_examples, args.seed)
   results.update(title=f"{args.data} ({args.split})" if args.data != "humaneval" else "HumanEval",
                  checkpoint=args.checkpoint, data=args.data, split=args.split)
   json_path, md_path = report.write(results, args.out or args.checkpoint)

@@ -2,6 +2,7 @@
 import itertools
 import json
 import math
+import random
 
 import hypothesis
 import hypothesis.strategies as st
@@ -162,7 +163,8 @@ def test_evaluate_with_fake_generator_end_to_end(tmp_path):
   gen = FakeGenerator(examples)
   results = evaluation.evaluate(
       gen, examples, train, strategies=("greedy", "sample"), rerank=True,
-      decode=evaluation.DecodeSettings(num_samples=3, batch_size=4), max_candidates=4)
+      decode=evaluation.DecodeSettings(num_samples=3, batch_size=4), max_candidates=4,
+      num_random=3, seed=7)
   rows = {r["method"]: r for r in results["rows"]}
   assert list(rows) == ["greedy", "sample", "sample + align rerank", "BM25 nearest neighbour",
                         "alignment desc→code", "alignment code→desc", "BM25 desc→code",
@@ -181,11 +183,17 @@ def test_evaluate_with_fake_generator_end_to_end(tmp_path):
   best, worst = results["examples"]["best"], results["examples"]["worst"]
   assert best[0]["sentence_bleu"] == pytest.approx(100.0)
   assert worst[0]["outputs"]["greedy"] == "def broken(:"
+  # Random examples: drawn by the seed, not by score, each with its index and every output.
+  drawn = results["examples"]["random"]
+  assert [d["index"] for d in drawn] == random.Random(7).sample(range(10), 3)
+  assert all(d["reference"] == examples[d["index"]]["code"] and "greedy" in d["outputs"]
+             for d in drawn)
   json_path, md_path = report.write(results, str(tmp_path))
   assert json.load(open(json_path))["rows"][0]["method"] == "greedy"
   md = open(md_path).read()
   assert "| sample + align rerank | " in md and "| BM25 nearest neighbour |" in md
   assert "Worst examples" in md and "def broken(:" in md
+  assert "Random examples (random.Random(7)" in md
 
 
 def test_retrieval_chunks_follow_codesearchnet():

@@ -15,6 +15,7 @@ included. Scores are percentages except MRR (0-1).
 from __future__ import annotations
 
 import dataclasses
+import random
 from typing import Any, Sequence
 
 import numpy as np
@@ -119,7 +120,8 @@ def _generation_row(name: str, outputs: Sequence[str], refs: Sequence[str]) -> d
 def evaluate(generator, examples: Sequence[dict], train_examples: Sequence[dict] = (),
              strategies: Sequence[str] = ("greedy",), rerank: bool = False,
              decode: DecodeSettings = DecodeSettings(), retrieval: bool = True,
-             max_candidates: int = 1000, num_show: int = 3) -> dict[str, Any]:
+             max_candidates: int = 1000, num_show: int = 3, num_random: int = 0,
+             seed: int = 0) -> dict[str, Any]:
   """Generation and retrieval metrics of `generator` on `examples` ("description", "code").
 
   Baselines on the same examples: BM25 nearest neighbour over `train_examples` (the training
@@ -151,17 +153,18 @@ def evaluate(generator, examples: Sequence[dict], train_examples: Sequence[dict]
         chunks)
   return {"task": "generation", "num_examples": len(examples),
           "num_train_examples": len(train_examples), "rows": rows,
-          "examples": show_examples(examples, outputs, num_show),
+          "examples": show_examples(examples, outputs, num_show, num_random, seed),
           "settings": dict(strategies=list(strategies), rerank=rerank,
                            decode=dataclasses.asdict(decode), max_candidates=max_candidates)}
 
 
-def show_examples(examples: Sequence[dict], outputs: dict[str, list[str]],
-                  num_show: int) -> dict[str, list[dict]]:
-  """The `num_show` best and worst examples of the first method by sentence BLEU, with every
+def show_examples(examples: Sequence[dict], outputs: dict[str, list[str]], num_show: int,
+                  num_random: int = 0, seed: int = 0) -> dict[str, Any]:
+  """The `num_show` best and worst examples of the first method by sentence BLEU, and
+  `num_random` examples drawn with `random.Random(seed)` (not chosen by score), with every
   method's output side by side."""
-  if not outputs or num_show <= 0:
-    return {"best": [], "worst": []}
+  if not outputs or (num_show <= 0 and num_random <= 0):
+    return {"best": [], "worst": [], "random": []}
   first = next(iter(outputs))
   scores = [metrics.sentence_bleu(h, e["code"]) for h, e in zip(outputs[first], examples)]
   order = np.argsort(scores, kind="stable")
@@ -171,8 +174,10 @@ def show_examples(examples: Sequence[dict], outputs: dict[str, list[str]],
             "sentence_bleu": scores[i], "ranked_by": first,
             "outputs": {name: out[i] for name, out in outputs.items()},
             **{k: examples[i][k] for k in ("path", "name", "task_id") if k in examples[i]}}
-  n = min(num_show, len(order))
-  return {"best": [case(int(i)) for i in order[::-1][:n]], "worst": [case(int(i)) for i in order[:n]]}
+  n = max(0, min(num_show, len(order)))
+  drawn = random.Random(seed).sample(range(len(examples)), min(num_random, len(examples)))
+  return {"best": [case(int(i)) for i in order[::-1][:n]], "worst": [case(int(i)) for i in order[:n]],
+          "random": [dict(case(i), index=i) for i in drawn], "random_seed": seed}
 
 
 def evaluate_humaneval(generator, problems: Sequence[dict] | None = None,

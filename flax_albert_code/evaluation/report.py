@@ -72,6 +72,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines += _cases("Best examples", ex["best"])
   if ex.get("worst"):
     lines += _cases("Worst examples", ex["worst"])
+  if ex.get("random"):
+    lines += _cases(f"Random examples (random.Random({ex.get('random_seed', 0)}), not chosen by "
+                    "score)", ex["random"])
   return "\n".join(lines).rstrip() + "\n"
 
 
