@@ -65,3 +65,12 @@ def test_tokenizer_round_trips_every_test_code_sample(stdlib, tmp_path):
   failures += [d for ids, d in zip(tok.encode_batch(descs), descs) if tok.decode(ids) != d]
   assert failures == []
   assert sum(map(len, tok.encode_batch(codes))) < sum(map(len, codes)) / 2  # real compression
+
+
+def test_parallel_mining_equals_serial(stdlib):
+  """Worker processes read files in order: the same pairs, skips and splits as one process."""
+  serial = splits.collect(["stdlib"], FILTERS, seed=0, valid_fraction=0.05, test_fraction=0.05,
+                          workers=1)
+  assert serial.pairs == stdlib.pairs and serial.skipped == stdlib.skipped
+  parallel = splits.collect(["stdlib"], FILTERS, max_examples=400, workers=2)
+  assert parallel.pairs == serial.pairs[:400]

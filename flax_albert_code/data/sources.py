@@ -93,7 +93,9 @@ def units(spec: str) -> list[Unit]:
 
 
 def _bind(fn, *args):
-  return lambda filters, skipped: fn(*args, filters, skipped)
+  """`read(filters, skipped)` = fn(*args, filters, skipped); picklable when `fn` is module-level,
+  so files can be mined in worker processes (splits.collect)."""
+  return functools.partial(fn, *args)
 
 
 def _files(path: str, suffixes: tuple[str, ...]) -> list[str]:

@@ -6,8 +6,14 @@ that fix a partition (CodeSearchNet, jsonl/TFDS with a `partition`) keep it.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
+import itertools
+import multiprocessing
+import os
+import pickle
 from typing import Iterable
 
 from tqdm import tqdm
@@ -68,30 +74,64 @@ class Collected:
 
 def collect(specs: Iterable[str], filters: mining.Filters, *, max_examples: int = 0,
             seed: int = 0, valid_fraction: float = 0.05, test_fraction: float = 0.05,
-            progress: bool = False) -> Collected:
+            progress: bool = False, workers: int | None = None) -> Collected:
   """Reads the sources in order and returns the deduped pairs by split.
 
   With `max_examples` > 0 reading stops once that many unique pairs are in hand; since units are
   read in a fixed order and duplicates keep their first occurrence, this equals reading
-  everything and keeping the first `max_examples`.
+  everything and keeping the first `max_examples`. Units are read by `workers` processes
+  (default: one a CPU core, for 256 units or more) and taken in order, so the result does not
+  depend on the number of workers.
   """
   all_units = [u for spec in specs for u in sources.units(spec)]
   skipped: collections.Counter = collections.Counter()
   seen: set[bytes] = set()
   kept: list[mining.Pair] = []
   read = 0
-  for unit in tqdm(all_units, desc="mining", unit="file", disable=not progress, leave=False):
-    read += 1
-    for pair in unit.read(filters, skipped):
-      key = mining.code_key(pair.code)
-      if key in seen:
-        skipped["pair: duplicate code"] += 1
-        continue
-      seen.add(key)
-      kept.append(pair)
+  with _reader(all_units, filters, workers) as results:
+    for pairs, unit_skipped in tqdm(results, total=len(all_units), desc="mining", unit="file",
+                                    disable=not progress, leave=False):
+      read += 1
+      skipped.update(unit_skipped)
+      for pair in pairs:
+        key = mining.code_key(pair.code)
+        if key in seen:
+          skipped["pair: duplicate code"] += 1
+          continue
+        seen.add(key)
+        kept.append(pair)
+        if max_examples and len(kept) >= max_examples:
+          break
       if max_examples and len(kept) >= max_examples:
         break
-    if max_examples and len(kept) >= max_examples:
-      break
   return Collected(assign_splits(kept, seed, valid_fraction, test_fraction), kept, skipped, read,
                    len(all_units))
+
+
+def _read_unit(unit: sources.Unit, filters: mining.Filters):
+  skipped: collections.Counter = collections.Counter()
+  return unit.read(filters, skipped), skipped
+
+
+@contextlib.contextmanager
+def _reader(units: list[sources.Unit], filters: mining.Filters, workers: int | None):
+  """Yields an iterator of (pairs, skipped) per unit, in the units' order."""
+  if workers is None:
+    workers = min(os.cpu_count() or 1, 32) if len(units) >= 256 else 1
+  if workers > 1:
+    try:
+      pickle.dumps(units[0])
+    except (pickle.PicklingError, AttributeError, TypeError):
+      workers = 1   # e.g. TFDS splits: few, large units read in this process
+  if workers <= 1:
+    yield (_read_unit(u, filters) for u in units)
+    return
+  # forkserver: the parent may hold JAX's threads, which fork does not copy safely.
+  ctx = multiprocessing.get_context("forkserver")
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    results = pool.map(_read_unit, units, itertools.repeat(filters),
+                       chunksize=max(1, min(64, len(units) // (8 * workers))))
+    try:
+      yield results
+    finally:
+      pool.shutdown(wait=True, cancel_futures=True)
