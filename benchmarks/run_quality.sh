@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The quality recipe end to end on one GPU (configs/quality.py): prepare from this machine's
-# stdlib + site-packages, train, evaluate on the held-out test split, export bf16, generate the
-# source design's example, HumanEval. Every stage is stamped with seconds since the start.
+# stdlib + site-packages, train, evaluate on the held-out test split and HumanEval, export bf16,
+# generate the source design's example (greedy and beam). Stages are stamped in seconds.
 #   bash benchmarks/run_quality.sh [OUTDIR] [--config.train.steps=N ...]
 # Environment: QUALITY_EVAL_EXAMPLES (test examples, default 500), QUALITY_HUMANEVAL_STRATEGIES
 # (default greedy,sample), QUALITY_WORKDIR (default /tmp/quality_run).
@@ -27,6 +27,10 @@ stamp "evaluate: test split"
 python3 -m flax_albert_code.evaluate --checkpoint "$work" --split test \
   --max-examples "${QUALITY_EVAL_EXAMPLES:-500}" --strategies greedy,beam,sample --rerank \
   --num-samples 8 --random-examples 5 --seed 0 --out "$out/test" 2>&1 | grep -v "truncated" | tail -20
+stamp "evaluate: HumanEval"
+python3 -m flax_albert_code.evaluate --checkpoint "$work" --data humaneval \
+  --strategies "${QUALITY_HUMANEVAL_STRATEGIES:-greedy,sample}" --num-samples 10 \
+  --out "$out/humaneval" 2>&1 | grep -v "truncated" | tail -12
 stamp "export bf16"
 python3 -m flax_albert_code.export --checkpoint "$work" --out "$work/export" --dtype bf16 \
   --platforms cuda --buckets 8 --lengths 256 --no-hf-encoder 2>&1 | grep -v -i "warn" | tail -3 \
@@ -34,14 +38,9 @@ python3 -m flax_albert_code.export --checkpoint "$work" --out "$work/export" --d
 du -sb "$work/export" | tee -a "$out/export.txt"
 stamp "generate: the source design's example"
 desc="create a function that takes two integers and returns their sum"
-for args in "--strategy greedy" "--strategy beam --num-beams 4" \
-            "--strategy sample --num-samples 8 --temperature 0.8 --top-p 0.95 --rerank"; do
+for args in "--strategy greedy" "--strategy beam --num-beams 4"; do
   # shellcheck disable=SC2086
   echo "## $args" && python3 -m flax_albert_code.generate --checkpoint "$work" $args "$desc" 2>&1 \
     | grep -v -i "warn" | tail -20
 done | tee "$out/sum_example.txt"
-stamp "evaluate: HumanEval"
-python3 -m flax_albert_code.evaluate --checkpoint "$work" --data humaneval \
-  --strategies "${QUALITY_HUMANEVAL_STRATEGIES:-greedy,sample}" --num-samples 10 \
-  --out "$out/humaneval" 2>&1 | grep -v "truncated" | tail -12
 stamp "done"
