@@ -58,6 +58,7 @@ def model_config(preset: str = "small") -> ml_collections.ConfigDict:
       remat="none",                      # "none" | "full" | "dots": rematerialise the shared block
       scan_layers=True,                  # loop over depth with nn.scan (compile time flat in depth)
       embedding_grad="scatter",          # word-embedding backward: "scatter" | "onehot" (a matmul)
+      fused_qkv=True,                    # Q|K|V (and a memory's K|V) as one matmul; same parameters
   ))
   m.update(MODEL_PRESETS[preset])
   return m

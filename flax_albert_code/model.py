@@ -153,14 +153,15 @@ class _DecoderBody(nn.Module):
       x = self.self_attention(x, is_causal=True, deterministic=det)
     else:
       (x, cache_k, cache_v, layer), (index,) = x, decode_args
-      k, v = self.self_attention.kv(x)
+      q, k, v = self.self_attention.qkv(x)
       at = (layer, 0, index, 0, 0)
       cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
       cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), at)
       t, s = x.shape[1], cache_k.shape[2]
       q_pos = index + jnp.arange(t)
       mask = (jnp.arange(s)[None, :] <= q_pos[:, None])[None, None]
-      x = self.self_attention(x, (cache_k[layer], cache_v[layer]), mask=mask, deterministic=det)
+      x = self.self_attention.attend(x, q, cache_k[layer], cache_v[layer], mask=mask,
+                                     deterministic=det)
     x = self.cross_attention(x, cross_kv, kv_lengths_B=memory_lengths, deterministic=det)
     x = self.ffn(x, deterministic=det)
     if self.mode == "train":
