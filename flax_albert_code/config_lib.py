@@ -119,6 +119,7 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict(dict(
       strategy="greedy", max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
       num_beams=4, length_penalty=1.0, num_samples=1, batch_buckets=(1, 8, 32),
+      decode_phase=64,             # decode in phases of N steps that read only the cache written so far; 0: off
   ))
   return c
 

@@ -144,12 +144,15 @@ def test_cached_decoding_equals_teacher_forcing(memory, share_block, share_emb):
     return logits, model.apply(variables, enc, T, method="init_cache")
 
   want, cache = full_and_cache(desc, dec_in)
-  step = _jit(lambda ids, c: model.apply(variables, ids, c, method="decode_step"))
-  got, prefix = [], 3  # a few tokens at once, then one at a time
-  logits, cache = step(dec_in[:, :prefix], cache)
+  step = _jit(lambda ids, c, n: model.apply(variables, ids, c, n, method="decode_step"),
+              static_argnums=2)
+  # A few tokens at once over the whole cache, then one at a time in decoding phases that
+  # attend to the first 4, 6, then all 7 positions.
+  got, prefix = [], 3
+  logits, cache = step(dec_in[:, :prefix], cache, None)
   got.append(logits)
   for t in range(prefix, T):
-    logits, cache = step(dec_in[:, t:t + 1], cache)
+    logits, cache = step(dec_in[:, t:t + 1], cache, 4 if t < 4 else 6 if t < 6 else None)
     got.append(logits)
   assert int(cache.index) == T
   _assert_close(jnp.concatenate(got, axis=1), want, 1e-5, "cached vs teacher-forced logits")
