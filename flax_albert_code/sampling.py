@@ -12,9 +12,9 @@ The loops (`sample_loop`, `beam_search`) only see `tokens_to_logits(ids_Nx1, cac
 Phased decoding (`decode_phase`, config.sample.decode_phase): the cache has a static length
 S = max_new_tokens, but step i only needs positions <= i. With `phase_ends` (e.g. 64, 128, ..,
 S) the loop is one `while_loop` per phase, run while step < end, and each calls
-`tokens_to_logits(ids, cache, end)` with the static `end`, so the step attends to only the
-first `end` cache positions: on average about half the cache instead of all of it, for the
-price of compiling the step once per phase. A phase whose rows are all
+`tokens_to_logits(ids, cache, end)` with the static `end`, so the step attends to (and beam
+search reorders) only the first `end` cache positions: on average about half the cache instead
+of all of it, for the price of compiling the step once per phase. A phase whose rows are all
 done exits at once, so later phases cost nothing.
 
 Scores are length-penalised log-probabilities, `sum log p / ((5 + length) / 6) ** alpha` (GNMT),
@@ -183,18 +183,26 @@ def reorder_leading(cache: Any, flat_idx_N: Array) -> Any:
   return jax.tree.map(lambda x: x if x.ndim == 0 else jnp.take(x, flat_idx_N, axis=0), cache)
 
 
-def reorder_decode_cache(cache: DecodeCache, parent_BxK: Array) -> DecodeCache:
+def reorder_decode_cache(cache: DecodeCache, parent_BxK: Array,
+                         end: int | None = None) -> DecodeCache:
   """Beam `k` of description `b` takes over the self-attention KV of beam `parent[b, k]`.
 
   Only the self-attention cache moves: the cross-attention KV is the same for all beams of a
-  description. The gather is batched over descriptions, so it stays local to each shard.
+  description. The gather is batched over descriptions, so it stays local to each shard. With
+  `end` (static; the decoding phase's end) only the first `end` positions move, the only ones
+  written so far, and they are written back into the cache as a static slice update, which XLA
+  does in place: the rest of the cache is neither gathered nor copied into the loop's carry.
   """
   b, k = parent_BxK.shape
 
   def gather(x_LxNxSxHxD):
-    x = x_LxNxSxHxD.reshape(x_LxNxSxHxD.shape[0], b, k, *x_LxNxSxHxD.shape[2:])
-    x = jnp.take_along_axis(x, parent_BxK.reshape(1, b, k, 1, 1, 1), axis=2)
-    return x.reshape(x_LxNxSxHxD.shape)
+    x = x_LxNxSxHxD if end is None else x_LxNxSxHxD[:, :, :end]
+    shape = x.shape
+    x = x.reshape(shape[0], b, k, *shape[2:])
+    x = jnp.take_along_axis(x, parent_BxK.reshape(1, b, k, 1, 1, 1), axis=2).reshape(shape)
+    if end is None:
+      return x
+    return lax.dynamic_update_slice(x_LxNxSxHxD, x, (0,) * x.ndim)
 
   return cache._replace(k_LxBxSxNxD=gather(cache.k_LxBxSxNxD),
                         v_LxBxSxNxD=gather(cache.v_LxBxSxNxD))
@@ -208,7 +216,7 @@ def _gather_beams(x_BxKx: Array, idx_BxJ: Array) -> Array:
 def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int, beam_size: int,
                 max_new_tokens: int, length_penalty: Array | float = 1.0,
                 active_B: Array | None = None,
-                reorder_cache: Callable[[Any, Array], Any] | None = None,
+                reorder_cache: Callable[..., Any] | None = None,
                 phase_ends: Sequence[int] | None = None) -> tuple[Array, Array]:
   """Beam search over a cache holding `batch_size * beam_size` rows (beams of a row adjacent).
 
@@ -217,11 +225,13 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
   [B, K], best first: finished beams by penalised score, then (only if fewer than K finished
   before `max_new_tokens`) unfinished beams scored at length T. Rows where `active_B` is False
   are not searched (they stop the loop from waiting on them). With `phase_ends` the steps
-  before `end` call `tokens_to_logits(ids, cache, end)` (see the module docstring).
+  before `end` call `tokens_to_logits(ids, cache, end)` and `reorder_cache(cache, parent, end)`
+  (see the module docstring).
   """
   b, k, t = batch_size, beam_size, max_new_tokens
   if reorder_cache is None:
-    def reorder_cache(c, parent_BxK):
+    def reorder_cache(c, parent_BxK, end=None):
+      del end
       return reorder_leading(c, (jnp.arange(b)[:, None] * k + parent_BxK).reshape(-1))
   active = jnp.ones((b,), bool) if active_B is None else active_B
   alpha = jnp.asarray(length_penalty, jnp.float32)
@@ -261,7 +271,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
     # Live: the best K candidates that did not end.
     live_lp, sel = lax.top_k(jnp.where(is_eos, NEG_INF, top_lp), k)
     live_parent = _gather_beams(parent, sel)
-    cache = reorder_cache(cache, live_parent)
+    cache = (reorder_cache(cache, live_parent) if end is None
+             else reorder_cache(cache, live_parent, end))
 
     # Finished: merge the ended candidates into the kept-aside set.
     new_scores = jnp.where(ended, top_lp / length_penalty_fn(s.step + 1, alpha), NEG_INF)
@@ -332,8 +343,8 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
   variables ({"params": ...}). With `mesh` (and `config.logical_axis_rules` as `axis_rules`) the
   batch is sharded over (data, fsdp) as in training; B must divide by data * fsdp.
   `decode_phase` (config.sample.decode_phase): decode in phases of that many steps, each
-  attending to only the cache positions it can have written (module docstring); 0 attends to
-  the whole cache at every step. Outputs are the same.
+  attending to (and, for beams, reordering) only the cache positions it can have written
+  (module docstring); 0 attends to the whole cache at every step. Outputs are the same.
   Compiled once per (shapes, strategy, max_new_tokens, K, top_k, top_p < 1, decode_phase,
   mesh); temperature, top_p and length_penalty are traced.
   """

@@ -91,9 +91,16 @@ def test_toy_phases_call_each_step_with_its_phase_end():
       choose=sampling.greedy_choice, rng=jax.random.PRNGKey(0), phase_ends=ends)
   np.testing.assert_array_equal(tokens, [[6] * 7] * 2)
   assert int(steps) == 7
+  seen = []
+
+  def reorder(cache, parent_BxK, end):
+    seen.append(end)   # at trace time: one call per phase
+    return sampling.reorder_leading(cache, (parent_BxK + jnp.arange(2)[:, None] * 2).reshape(-1))
   seqs, _ = sampling.beam_search(_toy_phased_logits(3), jnp.zeros((4,), jnp.int32), batch_size=2,
-                                 beam_size=2, max_new_tokens=7, phase_ends=ends)
+                                 beam_size=2, max_new_tokens=7, reorder_cache=reorder,
+                                 phase_ends=ends)
   np.testing.assert_array_equal(seqs[:, 0], [[6] * 7] * 2)
+  assert seen == [3, 6, 7]
 
 
 def test_toy_phases_stop_at_eos_like_one_loop():
@@ -104,6 +111,22 @@ def test_toy_phases_stop_at_eos_like_one_loop():
       rng=jax.random.PRNGKey(0), phase_ends=(3, 6, 9, 10))
   np.testing.assert_array_equal(tokens, [[6, EOS_ID] + [PAD_ID] * 8] * 2)
   assert int(steps) == 2
+
+
+def test_reorder_with_a_phase_end_moves_only_the_written_prefix():
+  rs = np.random.RandomState(0)
+  shape = (2, 2 * 3, 5, 2, 4)   # [L, B*K, S, N, D]: 2 descriptions, 3 beams, 5 positions
+  k, v = (jnp.asarray(rs.standard_normal(shape), jnp.float32) for _ in range(2))
+  cache = model_lib.DecodeCache(k, v, jnp.zeros((6, 1, 2, 4)), jnp.zeros((6, 1, 2, 4)),
+                                jnp.ones((6,), jnp.int32), jnp.zeros((), jnp.int32))
+  parent = jnp.array([[2, 2, 0], [1, 0, 1]])
+  full = sampling.reorder_decode_cache(cache, parent)
+  part = jax.jit(sampling.reorder_decode_cache, static_argnums=2)(cache, parent, 3)
+  for moved, kept, old in ((part.k_LxBxSxNxD, full.k_LxBxSxNxD, k),
+                           (part.v_LxBxSxNxD, full.v_LxBxSxNxD, v)):
+    np.testing.assert_array_equal(moved[:, :, :3], kept[:, :, :3])
+    np.testing.assert_array_equal(moved[:, :, 3:], old[:, :, 3:])
+  np.testing.assert_array_equal(full.k_LxBxSxNxD[:, 0], k[:, 2])   # beam 0 of row 0 <- beam 2
 
 
 def test_toy_top_k_and_top_p_filters():
