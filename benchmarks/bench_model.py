@@ -213,7 +213,7 @@ def main() -> None:
                   help="also trace the generation step and print GPU time by kernel")
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                   help="config override, e.g. model.attention_impl=xla, model.fused_qkv=false, "
-                       "sample.decode_phase=0")
+                       "sample.decode_phase=0, train.logits_dtype=bfloat16")
   args = ap.parse_args()
   c = make_config(args.workload, args.set)
   _, _, _, _, steps, reps = WORKLOADS[args.workload]

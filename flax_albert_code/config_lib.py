@@ -92,6 +92,7 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
       l2_weight=1.0, infonce_weight=0.1, gen_weight=1.0, init_temperature=0.07,
       label_smoothing=0.0, z_loss=0.0,
       loss_chunk=128,              # sequence chunk of the tied-logit CE (recomputed in backward); 0: one pass
+      logits_dtype="float32",      # CE logits: "float32" (upcast) | "bfloat16" (fp32 sums, fused bf16 gradient)
       log_every=50, eval_every=500, eval_batches=8,
       checkpoint_every=500, keep_checkpoints=3, async_checkpointing=True,
       samples_at_end=4,
