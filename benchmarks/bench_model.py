@@ -2,6 +2,9 @@
 
   python benchmarks/bench_model.py --mode all                    # on a GPU: BENCH-A
   python benchmarks/bench_model.py --mode all --workload tiny    # on CPU (CI): a tiny smoke run
+  python benchmarks/bench_model.py --mode generate --set sample.decode_phase=0   # A/B a switch
+
+`--set` values are JSON for non-string fields (`model.fused_qkv=false`, not `False`).
 
 Random weights, random token data (never zeros), warm-up first, device synchronised around the
 timed region. FLOPs are counted by formula (metrics.py): XLA's cost analysis counts the scanned
@@ -159,7 +162,8 @@ def bench_generate(c, *, strategy: str, num_beams: int, reps: int) -> dict:
   # "EOS ignored": the benchmark bans EOS so every sequence decodes exactly `lc` new tokens.
   bias = params["params"]["decoder"]["logits_bias"]
   params["params"]["decoder"]["logits_bias"] = bias.at[EOS_ID].set(-1e9)
-  kw = dict(strategy=strategy, max_new_tokens=lc, num_beams=num_beams)
+  kw = dict(strategy=strategy, max_new_tokens=lc, num_beams=num_beams,
+            decode_phase=c.sample.decode_phase)
   t0 = time.perf_counter()
   tokens, scores = sampling.generate(model, params, desc, **kw)
   _sync(tokens)
@@ -208,7 +212,8 @@ def main() -> None:
   ap.add_argument("--profile", default=None, metavar="DIR",
                   help="also trace the generation step and print GPU time by kernel")
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                  help="config override, e.g. model.attention_impl=xla")
+                  help="config override, e.g. model.attention_impl=xla, model.fused_qkv=false, "
+                       "sample.decode_phase=0, train.logits_dtype=bfloat16")
   args = ap.parse_args()
   c = make_config(args.workload, args.set)
   _, _, _, _, steps, reps = WORKLOADS[args.workload]

@@ -50,6 +50,9 @@ def main() -> None:
   p.add_argument("--scan", action="store_true", help="config.model.scan_layers=True")
   p.add_argument("--decode-xla", action="store_true",
                  help="experiment: XLA attention for one-token queries even when cuDNN is set")
+  p.add_argument("--decode-phase", type=int, default=None,
+                 help="override config.sample.decode_phase (0: attend to the whole cache)")
+  p.add_argument("--no-fused-qkv", action="store_true", help="config.model.fused_qkv=False")
   p.add_argument("--hlo", default="", help="write the compiled HLO of each strategy here")
   p.add_argument("--profile", default="", help="write a perfetto trace of one run of each here")
   args = p.parse_args()
@@ -59,6 +62,10 @@ def main() -> None:
     config.model.attention_impl = args.attention
   if args.no_scan or args.scan:
     config.model.scan_layers = args.scan
+  if args.decode_phase is not None:
+    config.sample.decode_phase = args.decode_phase
+  if args.no_fused_qkv:
+    config.model.fused_qkv = False
   if args.decode_xla:
     from flax_albert_code import layers  # pylint: disable=import-outside-toplevel
     attention = layers.attention
@@ -78,13 +85,15 @@ def main() -> None:
 
   print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; "
         f"attention {cfg.attention_impl}{' (XLA for one token)' if args.decode_xla else ''}; "
-        f"scan {cfg.scan_layers}")
+        f"scan {cfg.scan_layers}; fused qkv {cfg.fused_qkv}; "
+        f"decode phase {config.sample.decode_phase}")
   rows = []
   n = args.new_tokens
   for strategy in args.strategies.split(","):
     def run(t, strategy=strategy):
       return sampling.generate(model, variables, desc, strategy=strategy, max_new_tokens=t,
-                               num_beams=args.num_beams, num_samples=1, top_p=1.0)
+                               num_beams=args.num_beams, num_samples=1, top_p=1.0,
+                               decode_phase=config.sample.decode_phase)
     tokens, _ = run(n)
     if args.hlo:
       os.makedirs(args.hlo, exist_ok=True)
@@ -92,7 +101,8 @@ def main() -> None:
           model, variables, desc, jax.random.PRNGKey(0), jnp.float32(1), jnp.float32(1),
           jnp.float32(1), strategy=strategy, max_new_tokens=n,
           k=sampling.num_candidates(strategy, args.num_beams, 1), top_k=0, nucleus=False,
-          mesh=None, axis_rules=None)
+          phases=sampling.decode_phases(n, config.sample.decode_phase), mesh=None,
+          axis_rules=None)
       with open(os.path.join(args.hlo, f"{strategy}.hlo.txt"), "w") as f:
         f.write(lowered.compile().as_text())
     assert tokens.shape[-1] == n and int((np.asarray(tokens) != 0).sum(-1).min()) == n, \

@@ -58,6 +58,7 @@ def model_config(preset: str = "small") -> ml_collections.ConfigDict:
       remat="none",                      # "none" | "full" | "dots": rematerialise the shared block
       scan_layers=True,                  # loop over depth with nn.scan (compile time flat in depth)
       embedding_grad="scatter",          # word-embedding backward: "scatter" | "onehot" (a matmul)
+      fused_qkv=True,                    # Q|K|V (and a memory's K|V) as one matmul; same parameters
   ))
   m.update(MODEL_PRESETS[preset])
   return m
@@ -91,6 +92,7 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
       l2_weight=1.0, infonce_weight=0.1, gen_weight=1.0, init_temperature=0.07,
       label_smoothing=0.0, z_loss=0.0,
       loss_chunk=128,              # sequence chunk of the tied-logit CE (recomputed in backward); 0: one pass
+      logits_dtype="float32",      # CE logits: "float32" (upcast) | "bfloat16" (fp32 sums, fused bf16 gradient)
       log_every=50, eval_every=500, eval_batches=8,
       checkpoint_every=500, keep_checkpoints=3, async_checkpointing=True,
       samples_at_end=4,
@@ -118,6 +120,7 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict(dict(
       strategy="greedy", max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
       num_beams=4, length_penalty=1.0, num_samples=1, batch_buckets=(1, 8, 32),
+      decode_phase=64,             # decode in phases of N steps that read only the cache written so far; 0: off
   ))
   return c
 

@@ -169,7 +169,8 @@ def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str]
     for strategy in strategies:
       k = sampling.num_candidates(strategy, int(gen.config.sample.num_beams), 1)
       for t in lengths:
-        fn = functools.partial(_generate, gen.model, strategy=strategy, max_new_tokens=t, k=k)
+        fn = functools.partial(_generate, gen.model, strategy=strategy, max_new_tokens=t, k=k,
+                               decode_phase=gen.decode_phase)
         specs.append(({"name": f"generate_{strategy}_b{b}_t{t}", "kind": "generate", "batch": b,
                        "width": gen.max_desc_len, "strategy": strategy, "k": k,
                        "max_new_tokens": t},
@@ -196,12 +197,12 @@ def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str]
 
 
 def _generate(model, variables, desc_ids, rng, temperature, top_p, length_penalty, *,
-              strategy: str, max_new_tokens: int, k: int):
+              strategy: str, max_new_tokens: int, k: int, decode_phase: int):
   from flax_albert_code import sampling  # pylint: disable=import-outside-toplevel
   return sampling.generate(model, variables, desc_ids, strategy=strategy,
                            max_new_tokens=max_new_tokens, rng=rng, temperature=temperature,
                            top_k=0, top_p=top_p, num_beams=k, length_penalty=length_penalty,
-                           num_samples=1)
+                           num_samples=1, decode_phase=decode_phase)
 
 
 def _write_params(variables, path: str, dtype: str) -> None:

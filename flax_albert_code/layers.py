@@ -60,6 +60,7 @@ class ModelConfig:
   remat: str = "none"
   scan_layers: bool = True
   embedding_grad: str = "scatter"
+  fused_qkv: bool = True
 
   @classmethod
   def from_config(cls, cfg) -> "ModelConfig":
@@ -272,6 +273,12 @@ class AlbertAttention(nn.Module):
   Self-attention when `memory` is None; cross-attention otherwise. `kv` computes the keys and
   values of a memory once, so a shared cross-attention block reuses them at every layer and
   every decoding step.
+
+  With `cfg.fused_qkv` the projections of one input are one matmul against their kernels
+  stacked at compute time (Q|K|V for self-attention, K|V for a memory): the input is read once
+  and one larger GEMM replaces two or three latency-bound ones. The kernels are stacked on a new
+  axis of size 2-3 in front of (heads, head_dim), so the `heads` axis stays where tensor
+  parallelism shards it, and the parameters stay separate (Hugging Face's names, `hf.py`).
   """
   cfg: ModelConfig
 
@@ -285,17 +292,46 @@ class AlbertAttention(nn.Module):
     self.LayerNorm = layer_norm(cfg, "embed", "LayerNorm")
     self.dropout = nn.Dropout(self.cfg.hidden_dropout_prob)
 
+  def _project(self, x_BxTxH: Array, names: tuple[str, ...]) -> tuple[Array, ...]:
+    """The projections `names` (of query, key, value) of x, each [B, T, N, D]."""
+    modules = [getattr(self, n) for n in names]
+    out_names = ("batch", "length", "act_heads", "kv")
+    if not self.cfg.fused_qkv or len(names) == 1 or self.is_initializing():
+      return tuple(constrain(m(x_BxTxH), out_names) for m in modules)
+    dt = self.cfg.compute_dtype
+    weights = [nn.meta.unbox(m.variables["params"]) for m in modules]
+    kernel_HxPxNxD = constrain(jnp.stack([w["kernel"].astype(dt) for w in weights], axis=1),
+                               ("embed", None, "heads", "kv"))
+    bias_PxNxD = jnp.stack([w["bias"].astype(dt) for w in weights])
+    y_BxTxPxNxD = jax.lax.dot_general(x_BxTxH.astype(dt), kernel_HxPxNxD,
+                                      (((x_BxTxH.ndim - 1,), (0,)), ((), ()))) + bias_PxNxD
+    y_BxTxPxNxD = constrain(y_BxTxPxNxD, ("batch", "length", None, "act_heads", "kv"))
+    return tuple(constrain(y_BxTxPxNxD[:, :, i], out_names) for i in range(len(names)))
+
   def kv(self, memory_BxSxH: Array) -> tuple[Array, Array]:
-    names = ("batch", "length", "act_heads", "kv")
-    return constrain(self.key(memory_BxSxH), names), constrain(self.value(memory_BxSxH), names)
+    return self._project(memory_BxSxH, ("key", "value"))
+
+  def qkv(self, x_BxTxH: Array) -> tuple[Array, Array, Array]:
+    return self._project(x_BxTxH, ("query", "key", "value"))
 
   def __call__(self, x_BxTxH: Array, kv: tuple[Array, Array] | None = None, *,
                is_causal: bool = False, kv_lengths_B: Array | None = None,
                mask: Array | None = None, deterministic: bool = True) -> Array:
-    k, v = self.kv(x_BxTxH) if kv is None else kv
-    q = constrain(self.query(x_BxTxH), ("batch", "length", "act_heads", "kv"))
-    ctx = attention(q, k.astype(q.dtype), v.astype(q.dtype), impl=self.cfg.attention_impl,
-                    is_causal=is_causal, kv_lengths_B=kv_lengths_B, mask=mask)
+    if kv is None:
+      q, k, v = self.qkv(x_BxTxH)
+    else:
+      (q,), (k, v) = self._project(x_BxTxH, ("query",)), kv
+    return self.attend(x_BxTxH, q, k, v, is_causal=is_causal, kv_lengths_B=kv_lengths_B,
+                       mask=mask, deterministic=deterministic)
+
+  def attend(self, x_BxTxH: Array, q_BxTxNxD: Array, k_BxSxNxD: Array, v_BxSxNxD: Array, *,
+             is_causal: bool = False, kv_lengths_B: Array | None = None,
+             mask: Array | None = None, deterministic: bool = True) -> Array:
+    """Attention of projected queries over keys/values, then the residual block."""
+    q = q_BxTxNxD
+    ctx = attention(q, k_BxSxNxD.astype(q.dtype), v_BxSxNxD.astype(q.dtype),
+                    impl=self.cfg.attention_impl, is_causal=is_causal,
+                    kv_lengths_B=kv_lengths_B, mask=mask)
     return self.residual(x_BxTxH, ctx, deterministic)
 
   def residual(self, x_BxTxH: Array, ctx_BxTxNxD: Array, deterministic: bool) -> Array:

@@ -2,8 +2,12 @@
 
 The generation loss never materialises fp32 logits for the whole batch: the sequence is cut
 into chunks and each chunk's logits are recomputed in the backward pass (`jax.checkpoint`).
+With `logits_dtype="bfloat16"` (config.train.logits_dtype) the logits stay bf16 and a custom
+gradient writes d(logits) in bf16 in one elementwise pass; see `_bf16_cross_entropy`.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +17,61 @@ from flax_albert_code.layers import tied_logits
 Array = jax.Array
 
 
-def _chunk_stats(h, targets, weights, proj, word, bias, label_smoothing, z_loss):
-  logits = tied_logits(h, proj, word, bias).astype(jnp.float32)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _bf16_cross_entropy(logits_BxTxV: Array, targets_BxT: Array, weights_BxT: Array,
+                        label_smoothing: float, z_loss: float) -> tuple[Array, Array]:
+  """(sum of weighted token NLL, sum of weighted correct tokens) from bf16 logits.
+
+  The same arithmetic as the float32 path, whose logits are these bf16 values upcast: the
+  max is exact, exp and the sums run in fp32, the target logit is read by a gather. Only the
+  gradient differs in form: autodiff of the gather is a scatter into a dense fp32 [B, T, V]
+  buffer that is then cast to bf16; here d(logits) = w g ((1 + 2 z lse) p - (1 - s) onehot
+  - s / V) is computed in fp32 per element and written in bf16 once. A token counts as
+  correct when its logit equals the maximum (ties count, where argmax would pick the first).
+  """
+  return _bf16_ce_fwd(logits_BxTxV, targets_BxT, weights_BxT, label_smoothing, z_loss)[0]
+
+
+def _bf16_ce_fwd(logits, targets, weights, label_smoothing, z_loss):
+  f32 = jnp.float32
+  m = jnp.max(logits, axis=-1).astype(f32)
+  lse = m + jnp.log(jnp.sum(jnp.exp(logits.astype(f32) - m[..., None]), axis=-1))
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(f32)
+  nll = lse - target_logit
+  if label_smoothing:
+    mean = jnp.mean(logits.astype(f32), axis=-1)
+    nll = (1 - label_smoothing) * nll + label_smoothing * (lse - mean)
+  if z_loss:
+    nll = nll + z_loss * jnp.square(lse)
+  weights = weights.astype(f32)
+  correct = (target_logit >= m).astype(f32)
+  out = ((nll * weights).sum(), (correct * weights).sum())
+  return out, (logits, targets, weights, lse, nll)
+
+
+def _bf16_ce_bwd(label_smoothing, z_loss, res, g):
+  logits, targets, weights, lse, nll = res
+  g_nll = g[0]   # the correct-token count has no gradient
+  f32 = jnp.float32
+  scale = (g_nll * weights)[..., None]
+  p = jnp.exp(logits.astype(f32) - lse[..., None])
+  onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
+  d = p * (1 + 2 * z_loss * lse[..., None]) - jnp.where(onehot, 1 - label_smoothing, 0.0)
+  if label_smoothing:
+    d = d - label_smoothing / logits.shape[-1]
+  return (d * scale).astype(logits.dtype), None, g_nll * nll
+
+
+_bf16_cross_entropy.defvjp(_bf16_ce_fwd, _bf16_ce_bwd)
+
+
+def _chunk_stats(h, targets, weights, proj, word, bias, label_smoothing, z_loss,
+                 logits_dtype="float32"):
+  logits = tied_logits(h, proj, word, bias)
+  if logits_dtype == "bfloat16":
+    return _bf16_cross_entropy(logits.astype(jnp.bfloat16), targets, weights, label_smoothing,
+                               z_loss)
+  logits = logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   nll = lse - target_logit
@@ -28,12 +85,20 @@ def _chunk_stats(h, targets, weights, proj, word, bias, label_smoothing, z_loss)
 
 def generation_loss(h_BxTxH: Array, targets_BxT: Array, weights_BxT: Array, proj_ExH: Array,
                     word_VxE: Array, bias_V: Array, *, label_smoothing: float = 0.0,
-                    z_loss: float = 0.0, chunk: int = 128) -> tuple[Array, Array, Array]:
-  """Token-mean cross-entropy; returns (loss, token accuracy, token count)."""
+                    z_loss: float = 0.0, chunk: int = 128,
+                    logits_dtype: str = "float32") -> tuple[Array, Array, Array]:
+  """Token-mean cross-entropy; returns (loss, token accuracy, token count).
+
+  `logits_dtype`: "float32" upcasts each chunk's logits (autodiff gradient), "bfloat16" keeps
+  them bf16 with fp32 reductions and a fused bf16 gradient (`_bf16_cross_entropy`).
+  """
+  if logits_dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"logits_dtype {logits_dtype!r} must be 'float32' or 'bfloat16'; fix "
+                     "config.train.logits_dtype.")
   b, t, h = h_BxTxH.shape
   if not chunk:   # one pass, logits kept for the backward pass
     nll, correct = _chunk_stats(h_BxTxH, targets_BxT, weights_BxT.astype(jnp.float32), proj_ExH,
-                                word_VxE, bias_V, label_smoothing, z_loss)
+                                word_VxE, bias_V, label_smoothing, z_loss, logits_dtype)
     count = jnp.maximum(weights_BxT.sum().astype(jnp.float32), 1.0)
     return nll / count, correct / count, count
   chunk = min(chunk, t)
@@ -42,7 +107,7 @@ def generation_loss(h_BxTxH: Array, targets_BxT: Array, weights_BxT: Array, proj
   n = t // chunk
   split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
   stats = jax.checkpoint(lambda args: _chunk_stats(*args, proj_ExH, word_VxE, bias_V,
-                                                   label_smoothing, z_loss))
+                                                   label_smoothing, z_loss, logits_dtype))
   nll, correct = jax.lax.map(stats, (split(h_BxTxH), split(targets_BxT),
                                      split(weights_BxT.astype(jnp.float32))))
   count = jnp.maximum(weights_BxT.sum().astype(jnp.float32), 1.0)

@@ -139,7 +139,8 @@ class _DecoderBody(nn.Module):
   mode "train": full sequences, causal mask. mode "decode": the carry is (x, cache_k, cache_v,
   layer) with the whole [L, B, S, N, D] cache in it, so the new tokens' keys/values at `index`
   are written in place (a scanned cache would be copied whole every step); queries attend to
-  positions <= their own.
+  positions <= their own among the first `attend_len` (a static int <= S; None: all S) of the
+  cache, so a decoding phase that knows `index < attend_len` reads only that much of it.
   """
   self_attention: nn.Module
   cross_attention: nn.Module
@@ -152,15 +153,16 @@ class _DecoderBody(nn.Module):
     if self.mode == "train":
       x = self.self_attention(x, is_causal=True, deterministic=det)
     else:
-      (x, cache_k, cache_v, layer), (index,) = x, decode_args
-      k, v = self.self_attention.kv(x)
+      (x, cache_k, cache_v, layer), (index, attend_len) = x, decode_args
+      q, k, v = self.self_attention.qkv(x)
       at = (layer, 0, index, 0, 0)
       cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
       cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), at)
-      t, s = x.shape[1], cache_k.shape[2]
+      t, s = x.shape[1], attend_len or cache_k.shape[2]
       q_pos = index + jnp.arange(t)
       mask = (jnp.arange(s)[None, :] <= q_pos[:, None])[None, None]
-      x = self.self_attention(x, (cache_k[layer], cache_v[layer]), mask=mask, deterministic=det)
+      x = self.self_attention.attend(x, q, cache_k[layer, :, :s], cache_v[layer, :, :s],
+                                     mask=mask, deterministic=det)
     x = self.cross_attention(x, cross_kv, kv_lengths_B=memory_lengths, deterministic=det)
     x = self.ffn(x, deterministic=det)
     if self.mode == "train":
@@ -186,7 +188,7 @@ class AlbertDecoder(nn.Module):
                                  (nn.broadcast, nn.broadcast), deterministic=det, **blocks)
                          for det in (True, False)]
     self.decode_stack = _repeat(_DecoderBody, cfg, cfg.decoder_layers,
-                                (nn.broadcast, nn.broadcast, nn.broadcast),
+                                (nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                                 deterministic=True, mode="decode", **blocks)
     self.logits_bias = self.param("logits_bias", layers._zeros(("vocab",)), (cfg.vocab_size,),
                                   cfg.weight_dtype)
@@ -209,12 +211,18 @@ class AlbertDecoder(nn.Module):
   def logits(self, h_BxTxH: Array) -> Array:
     return self.embedding.attend(h_BxTxH, self.logits_bias)
 
-  def step(self, ids_BxT: Array, cache: DecodeCache) -> tuple[Array, DecodeCache]:
-    """Incremental decoding: logits for `ids_BxT` at positions cache.index.. and the new cache."""
+  def step(self, ids_BxT: Array, cache: DecodeCache,
+           attend_len: int | None = None) -> tuple[Array, DecodeCache]:
+    """Incremental decoding: logits for `ids_BxT` at positions cache.index.. and the new cache.
+
+    `attend_len` (static): the new tokens attend only to the first `attend_len` cache positions,
+    which must hold them (cache.index + T <= attend_len; the caller knows this statically, e.g.
+    in a decoding phase); None: the whole cache.
+    """
     x = self.embedding(ids_BxT, cache.index)
     carry = (x, cache.k_LxBxSxNxD, cache.v_LxBxSxNxD, jnp.zeros((), jnp.int32))
     (x, k, v, _), _ = self.decode_stack(carry, (cache.cross_k_BxMxNxD, cache.cross_v_BxMxNxD),
-                                        cache.memory_lengths_B, cache.index)
+                                        cache.memory_lengths_B, cache.index, attend_len)
     new = cache._replace(k_LxBxSxNxD=k, v_LxBxSxNxD=v, index=cache.index + ids_BxT.shape[1])
     return self.logits(x), new
 
@@ -296,8 +304,9 @@ class CodeModel(nn.Module):
     zeros = jnp.zeros(shape, cfg.compute_dtype)
     return DecodeCache(zeros, zeros, ck, cv, lengths, jnp.zeros((), jnp.int32))
 
-  def decode_step(self, ids_BxT: Array, cache: DecodeCache) -> tuple[Array, DecodeCache]:
-    return self.decoder.step(ids_BxT, cache)
+  def decode_step(self, ids_BxT: Array, cache: DecodeCache,
+                  attend_len: int | None = None) -> tuple[Array, DecodeCache]:
+    return self.decoder.step(ids_BxT, cache, attend_len)
 
   def decode_logits(self, enc: EncoderOutput, dec_in_BxT: Array) -> Array:
     """Teacher-forced logits (reference for the cached path)."""

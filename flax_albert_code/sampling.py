@@ -9,6 +9,14 @@ The loops (`sample_loop`, `beam_search`) only see `tokens_to_logits(ids_Nx1, cac
 (logits_NxV, cache)`, so tests drive them with a toy model whose answer is known (flax lm1b
 `temperature_sampler`, wmt `beam_search`).
 
+Phased decoding (`decode_phase`, config.sample.decode_phase): the cache has a static length
+S = max_new_tokens, but step i only needs positions <= i. With `phase_ends` (e.g. 64, 128, ..,
+S) the loop is one `while_loop` per phase, run while step < end, and each calls
+`tokens_to_logits(ids, cache, end)` with the static `end`, so the step attends to (and beam
+search reorders) only the first `end` cache positions: on average about half the cache instead
+of all of it, for the price of compiling the step once per phase. A phase whose rows are all
+done exits at once, so later phases cost nothing.
+
 Scores are length-penalised log-probabilities, `sum log p / ((5 + length) / 6) ** alpha` (GNMT),
 where the length counts EOS; every strategy returns candidates best first.
 """
@@ -17,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import numbers
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -79,14 +87,41 @@ class _SampleState(NamedTuple):
   cache: Any
 
 
+def decode_phases(max_new_tokens: int, decode_phase: int) -> tuple[int, ...] | None:
+  """The static ends of the decoding phases: (p, 2p, .., max_new_tokens); None when off (0)
+  or when one phase would span everything."""
+  if decode_phase <= 0 or decode_phase >= max_new_tokens:
+    return None
+  return tuple(range(decode_phase, max_new_tokens, decode_phase)) + (max_new_tokens,)
+
+
+def _phased_loop(cond: Callable[[Any], Array], body: Callable[[Any, int | None], Any], state,
+                 ends: Sequence[int] | None):
+  """`while cond(s): s = body(s, None)`, or one loop per phase: `while s.step < end and
+  cond(s): s = body(s, end)` for each static `end`."""
+  if ends is None:
+    return lax.while_loop(cond, lambda s: body(s, None), state)
+  for end in ends:
+    state = lax.while_loop(lambda s, end=end: (s.step < end) & cond(s),
+                           lambda s, end=end: body(s, end), state)
+  return state
+
+
+def _call(tokens_to_logits: TokensToLogits, ids, cache, end: int | None):
+  return tokens_to_logits(ids, cache) if end is None else tokens_to_logits(ids, cache, end)
+
+
 def sample_loop(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int,
                 max_new_tokens: int, choose: Callable[[Array, Array], Array], rng: Array,
-                done_N: Array | None = None) -> tuple[Array, Array, Array, Array]:
+                done_N: Array | None = None,
+                phase_ends: Sequence[int] | None = None) -> tuple[Array, Array, Array, Array]:
   """Decodes `batch_size` rows one token per step until all emitted EOS or `max_new_tokens`.
 
   `choose(logits_NxV, step_rng) -> ids_N` picks the next tokens (argmax, or a draw). Returns
   tokens [N, T] (PAD after EOS), summed log-probs [N], lengths [N] (EOS counted) and the
-  number of steps run. Rows where `done_N` is True from the start are not decoded.
+  number of steps run. Rows where `done_N` is True from the start are not decoded. With
+  `phase_ends` (increasing, the last `max_new_tokens`) the steps before `end` call
+  `tokens_to_logits(ids, cache, end)` (see the module docstring).
   """
   n, t = batch_size, max_new_tokens
   done0 = jnp.zeros((n,), bool) if done_N is None else done_N
@@ -97,8 +132,8 @@ def sample_loop(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
   def cond(s: _SampleState) -> Array:
     return (s.step < t) & ~jnp.all(s.done_N)
 
-  def body(s: _SampleState) -> _SampleState:
-    logits, cache = tokens_to_logits(s.last_N[:, None], s.cache)
+  def body(s: _SampleState, end: int | None) -> _SampleState:
+    logits, cache = _call(tokens_to_logits, s.last_N[:, None], s.cache, end)
     logits = ban_special(logits.reshape(n, -1).astype(jnp.float32))
     ids = choose(logits, jax.random.fold_in(rng, s.step)).astype(jnp.int32)
     ids = jnp.where(s.done_N, PAD_ID, ids)
@@ -109,7 +144,7 @@ def sample_loop(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
         s.done_N | (ids == EOS_ID), s.logprob_N + jnp.where(live, logp, 0.0),
         s.length_N + live.astype(jnp.int32), cache)
 
-  final = lax.while_loop(cond, body, state)
+  final = _phased_loop(cond, body, state, phase_ends)
   return final.tokens_NxT, final.logprob_N, final.length_N, final.step
 
 
@@ -148,18 +183,26 @@ def reorder_leading(cache: Any, flat_idx_N: Array) -> Any:
   return jax.tree.map(lambda x: x if x.ndim == 0 else jnp.take(x, flat_idx_N, axis=0), cache)
 
 
-def reorder_decode_cache(cache: DecodeCache, parent_BxK: Array) -> DecodeCache:
+def reorder_decode_cache(cache: DecodeCache, parent_BxK: Array,
+                         end: int | None = None) -> DecodeCache:
   """Beam `k` of description `b` takes over the self-attention KV of beam `parent[b, k]`.
 
   Only the self-attention cache moves: the cross-attention KV is the same for all beams of a
-  description. The gather is batched over descriptions, so it stays local to each shard.
+  description. The gather is batched over descriptions, so it stays local to each shard. With
+  `end` (static; the decoding phase's end) only the first `end` positions move, the only ones
+  written so far, and they are written back into the cache as a static slice update, which XLA
+  does in place: the rest of the cache is neither gathered nor copied into the loop's carry.
   """
   b, k = parent_BxK.shape
 
   def gather(x_LxNxSxHxD):
-    x = x_LxNxSxHxD.reshape(x_LxNxSxHxD.shape[0], b, k, *x_LxNxSxHxD.shape[2:])
-    x = jnp.take_along_axis(x, parent_BxK.reshape(1, b, k, 1, 1, 1), axis=2)
-    return x.reshape(x_LxNxSxHxD.shape)
+    x = x_LxNxSxHxD if end is None else x_LxNxSxHxD[:, :, :end]
+    shape = x.shape
+    x = x.reshape(shape[0], b, k, *shape[2:])
+    x = jnp.take_along_axis(x, parent_BxK.reshape(1, b, k, 1, 1, 1), axis=2).reshape(shape)
+    if end is None:
+      return x
+    return lax.dynamic_update_slice(x_LxNxSxHxD, x, (0,) * x.ndim)
 
   return cache._replace(k_LxBxSxNxD=gather(cache.k_LxBxSxNxD),
                         v_LxBxSxNxD=gather(cache.v_LxBxSxNxD))
@@ -173,18 +216,22 @@ def _gather_beams(x_BxKx: Array, idx_BxJ: Array) -> Array:
 def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int, beam_size: int,
                 max_new_tokens: int, length_penalty: Array | float = 1.0,
                 active_B: Array | None = None,
-                reorder_cache: Callable[[Any, Array], Any] | None = None) -> tuple[Array, Array]:
+                reorder_cache: Callable[..., Any] | None = None,
+                phase_ends: Sequence[int] | None = None) -> tuple[Array, Array]:
   """Beam search over a cache holding `batch_size * beam_size` rows (beams of a row adjacent).
 
   `reorder_cache(cache, parent_BxK)` makes each beam take over its parent's cache (default:
   gather every leaf along axis 0). Returns sequences [B, K, T] (PAD after EOS) and scores
   [B, K], best first: finished beams by penalised score, then (only if fewer than K finished
   before `max_new_tokens`) unfinished beams scored at length T. Rows where `active_B` is False
-  are not searched (they stop the loop from waiting on them).
+  are not searched (they stop the loop from waiting on them). With `phase_ends` the steps
+  before `end` call `tokens_to_logits(ids, cache, end)` and `reorder_cache(cache, parent, end)`
+  (see the module docstring).
   """
   b, k, t = batch_size, beam_size, max_new_tokens
   if reorder_cache is None:
-    def reorder_cache(c, parent_BxK):
+    def reorder_cache(c, parent_BxK, end=None):
+      del end
       return reorder_leading(c, (jnp.arange(b)[:, None] * k + parent_BxK).reshape(-1))
   active = jnp.ones((b,), bool) if active_B is None else active_B
   alpha = jnp.asarray(length_penalty, jnp.float32)
@@ -205,8 +252,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
     settled = (worst_finished > bound) | ~active
     return (s.step < t) & ~jnp.all(settled)
 
-  def body(s: _BeamState) -> _BeamState:
-    logits, cache = tokens_to_logits(s.last_BxK.reshape(b * k, 1), s.cache)
+  def body(s: _BeamState, end: int | None) -> _BeamState:
+    logits, cache = _call(tokens_to_logits, s.last_BxK.reshape(b * k, 1), s.cache, end)
     logits = ban_special(logits.reshape(b * k, -1).astype(jnp.float32))
     v = logits.shape[-1]
     logprob_BxKxV = (jax.nn.log_softmax(logits).reshape(b, k, v)
@@ -224,7 +271,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
     # Live: the best K candidates that did not end.
     live_lp, sel = lax.top_k(jnp.where(is_eos, NEG_INF, top_lp), k)
     live_parent = _gather_beams(parent, sel)
-    cache = reorder_cache(cache, live_parent)
+    cache = (reorder_cache(cache, live_parent) if end is None
+             else reorder_cache(cache, live_parent, end))
 
     # Finished: merge the ended candidates into the kept-aside set.
     new_scores = jnp.where(ended, top_lp / length_penalty_fn(s.step + 1, alpha), NEG_INF)
@@ -235,7 +283,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
     return _BeamState(s.step + 1, _gather_beams(ids, sel), _gather_beams(seqs, sel), live_lp,
                       fin_seqs, fin_scores, fin_flags, cache)
 
-  final = lax.while_loop(cond, body, state)
+  final = _phased_loop(cond, body, state, phase_ends)
   # Finished beams first, then unfinished ones (only to fill empty slots), each by score.
   live_scores = jnp.where(final.live_logprob_BxK > NEG_INF / 2,
                           final.live_logprob_BxK / length_penalty_fn(final.step, alpha), NEG_INF)
@@ -286,7 +334,7 @@ def check_options(strategy: str, *, max_new_tokens: int, num_beams: int, num_sam
 def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: str = "greedy",
              max_new_tokens: int = 256, rng: Array | int = 0, temperature=1.0, top_k: int = 0,
              top_p=1.0, num_beams: int = 4, length_penalty=1.0, num_samples: int = 1,
-             mesh: jax.sharding.Mesh | None = None,
+             decode_phase: int = 64, mesh: jax.sharding.Mesh | None = None,
              axis_rules: tuple | None = None) -> tuple[Array, Array]:
   """Decodes code for each description: tokens [B, K, T] int32 (PAD after EOS), scores [B, K].
 
@@ -294,8 +342,11 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
   `desc_ids` that are all PAD (bucket padding) are not decoded. `params` is the model's
   variables ({"params": ...}). With `mesh` (and `config.logical_axis_rules` as `axis_rules`) the
   batch is sharded over (data, fsdp) as in training; B must divide by data * fsdp.
-  Compiled once per (shapes, strategy, max_new_tokens, K, top_k, top_p < 1, mesh); temperature,
-  top_p and length_penalty are traced.
+  `decode_phase` (config.sample.decode_phase): decode in phases of that many steps, each
+  attending to (and, for beams, reordering) only the cache positions it can have written
+  (module docstring); 0 attends to the whole cache at every step. Outputs are the same.
+  Compiled once per (shapes, strategy, max_new_tokens, K, top_k, top_p < 1, decode_phase,
+  mesh); temperature, top_p and length_penalty are traced.
   """
   cfg = model.cfg
   check_options(strategy, max_new_tokens=max_new_tokens, num_beams=num_beams,
@@ -308,7 +359,8 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
                    jnp.float32(top_p), jnp.float32(length_penalty), strategy=strategy,
                    max_new_tokens=max_new_tokens,
                    k=num_candidates(strategy, num_beams, num_samples),
-                   top_k=top_k if strategy == "sample" else 0, nucleus=nucleus, mesh=mesh,
+                   top_k=top_k if strategy == "sample" else 0, nucleus=nucleus,
+                   phases=decode_phases(max_new_tokens, int(decode_phase)), mesh=mesh,
                    axis_rules=None if axis_rules is None else _hashable(axis_rules))
 
 
@@ -327,31 +379,33 @@ def mesh_context(mesh: jax.sharding.Mesh | None, axis_rules: tuple | None):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "strategy", "max_new_tokens", "k", "top_k",
-                                             "nucleus", "mesh", "axis_rules"))
+                                             "nucleus", "phases", "mesh", "axis_rules"))
 def _generate(model: CodeModel, params, desc_ids_BxL, rng, temperature, top_p, length_penalty, *,
-              strategy: str, max_new_tokens: int, k: int, top_k: int, nucleus: bool, mesh,
-              axis_rules):
+              strategy: str, max_new_tokens: int, k: int, top_k: int, nucleus: bool,
+              mesh, axis_rules, phases: tuple[int, ...] | None = None):
   with mesh_context(mesh, axis_rules):
     b = desc_ids_BxL.shape[0]
     active_B = desc_ids_BxL[:, 0] != PAD_ID
     enc = model.apply(params, desc_ids_BxL, method=CodeModel.encode)
     cache = model.apply(params, enc, max_new_tokens, k, method=CodeModel.init_cache)
 
-    def tokens_to_logits(ids_Nx1, cache):
-      logits, cache = model.apply(params, ids_Nx1, cache, method=CodeModel.decode_step)
+    def tokens_to_logits(ids_Nx1, cache, attend_len=None):
+      logits, cache = model.apply(params, ids_Nx1, cache, attend_len,
+                                  method=CodeModel.decode_step)
       return logits[:, -1], cache
 
     alpha = length_penalty
     if strategy == "beam":
       tokens, scores = beam_search(tokens_to_logits, cache, batch_size=b, beam_size=k,
                                    max_new_tokens=max_new_tokens, length_penalty=alpha,
-                                   active_B=active_B, reorder_cache=reorder_decode_cache)
+                                   active_B=active_B, reorder_cache=reorder_decode_cache,
+                                   phase_ends=phases)
     else:
       choose = (greedy_choice if strategy == "greedy"
                 else sample_choice(temperature, top_k, top_p, nucleus))
       tokens, logprob, length, _ = sample_loop(
           tokens_to_logits, cache, batch_size=b * k, max_new_tokens=max_new_tokens,
-          choose=choose, rng=rng, done_N=jnp.repeat(~active_B, k))
+          choose=choose, rng=rng, done_N=jnp.repeat(~active_B, k), phase_ends=phases)
       scores = jnp.where(length > 0, logprob / length_penalty_fn(length, alpha), 0.0)
       tokens, scores = tokens.reshape(b, k, max_new_tokens), scores.reshape(b, k)
       if k > 1:   # samples best first

@@ -105,7 +105,8 @@ def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool)
     weights = code != PAD_ID
     ce, acc, count = losses.generation_loss(
         out["hidden"], code, weights, *_output_weights(params["model"], mc),
-        label_smoothing=tc.label_smoothing, z_loss=tc.z_loss, chunk=tc.get("loss_chunk", 128))
+        label_smoothing=tc.label_smoothing, z_loss=tc.z_loss, chunk=tc.get("loss_chunk", 128),
+        logits_dtype=tc.get("logits_dtype", "float32"))
     total += tc.gen_weight * ce
     metrics.update(gen_loss=ce, token_accuracy=acc, code_tokens=count)
   if align:

@@ -144,15 +144,53 @@ def test_cached_decoding_equals_teacher_forcing(memory, share_block, share_emb):
     return logits, model.apply(variables, enc, T, method="init_cache")
 
   want, cache = full_and_cache(desc, dec_in)
-  step = _jit(lambda ids, c: model.apply(variables, ids, c, method="decode_step"))
-  got, prefix = [], 3  # a few tokens at once, then one at a time
-  logits, cache = step(dec_in[:, :prefix], cache)
+  step = _jit(lambda ids, c, n: model.apply(variables, ids, c, n, method="decode_step"),
+              static_argnums=2)
+  # A few tokens at once over the whole cache, then one at a time in decoding phases that
+  # attend to the first 4, 6, then all 7 positions.
+  got, prefix = [], 3
+  logits, cache = step(dec_in[:, :prefix], cache, None)
   got.append(logits)
   for t in range(prefix, T):
-    logits, cache = step(dec_in[:, t:t + 1], cache)
+    logits, cache = step(dec_in[:, t:t + 1], cache, 4 if t < 4 else 6 if t < 6 else None)
     got.append(logits)
   assert int(cache.index) == T
   _assert_close(jnp.concatenate(got, axis=1), want, 1e-5, "cached vs teacher-forced logits")
+
+
+def test_fused_projections_equal_separate_ones():
+  """model.fused_qkv: one matmul against the stacked query|key|value kernels (a memory's
+  key|value) gives what the separate projections give, from the same parameters: forward,
+  gradient and cached decoding."""
+  separate, fused = _model(fused_qkv=False), _model()
+  assert fused.cfg.fused_qkv, "the fused projections are the default"
+  params = random_params(separate)
+  assert jax.tree.structure(random_params(fused)) == jax.tree.structure(params)
+  desc, code = _batch()
+  fwd = lambda m: jax.make_jaxpr(lambda p: m.apply({"params": p}, desc, code))(params)
+  dots = lambda m: str(fwd(m)).count("dot_general")
+  # Encoder Q|K|V 3 -> 1, decoder Q|K|V 3 -> 1, memory K|V 2 -> 1 (the code encoding too).
+  assert dots(separate) - dots(fused) == 7, (dots(separate), dots(fused))
+
+  run = lambda m: _jit(lambda p: m.apply({"params": p}, desc, code))(params)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(run(fused)),
+                          jax.tree.leaves(run(separate))):
+    _assert_close(a, b, 1e-5, f"fused forward {jax.tree_util.keystr(path)}")
+  grad = lambda m: _jit(jax.grad(_loss(m)))(params, desc, code)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grad(fused)),
+                          jax.tree.leaves(grad(separate))):
+    _assert_close(a, b, 1e-5, f"fused gradient {jax.tree_util.keystr(path)}")
+
+  def decode(m):
+    variables = {"params": params}
+    enc = m.apply(variables, desc, method="encode")
+    cache = m.apply(variables, enc, T, method="init_cache")
+    dec_in = model_lib.shift_right(code, config_lib.BOS_ID)
+    first, cache = m.apply(variables, dec_in[:, :3], cache, method="decode_step")
+    second, cache = m.apply(variables, dec_in[:, 3:4], cache, method="decode_step")
+    return first, second, cache.k_LxBxSxNxD, cache.cross_v_BxMxNxD
+  for a, b in zip(_jit(decode, static_argnums=0)(fused), _jit(decode, static_argnums=0)(separate)):
+    _assert_close(a, b, 1e-5, "fused cached decoding")
 
 
 def _param_count(**overrides) -> int:

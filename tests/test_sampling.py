@@ -71,6 +71,64 @@ def test_toy_beam_length_penalty_prefers_longer_finished_beams():
     np.testing.assert_array_equal(seqs[0, 0, :len(best)], best)
 
 
+def _toy_phased_logits(phase: int):
+  """tokens_to_logits(ids, cache, end) that favours token 6 when the step (the cache) lies in
+  the phase ending at `end`, and 7 otherwise: the output shows every step ran in its phase."""
+  def tokens_to_logits(ids_Nx1, cache, end):
+    in_phase = (cache >= end - phase) & (cache < end)
+    favourite = jnp.where(in_phase, 6, 7)[:, None] if cache.ndim else jnp.where(in_phase, 6, 7)
+    logits = jnp.where(jnp.arange(V) == favourite, 0.0, -5.0)
+    return jnp.broadcast_to(logits, (ids_Nx1.shape[0], V)), cache + 1
+  return tokens_to_logits
+
+
+def test_toy_phases_call_each_step_with_its_phase_end():
+  ends = sampling.decode_phases(7, 3)
+  assert ends == (3, 6, 7) and sampling.decode_phases(7, 0) is None
+  assert sampling.decode_phases(7, 7) is None and sampling.decode_phases(7, 64) is None
+  tokens, _, _, steps = sampling.sample_loop(
+      _toy_phased_logits(3), jnp.zeros((), jnp.int32), batch_size=2, max_new_tokens=7,
+      choose=sampling.greedy_choice, rng=jax.random.PRNGKey(0), phase_ends=ends)
+  np.testing.assert_array_equal(tokens, [[6] * 7] * 2)
+  assert int(steps) == 7
+  seen = []
+
+  def reorder(cache, parent_BxK, end):
+    seen.append(end)   # at trace time: one call per phase
+    return sampling.reorder_leading(cache, (parent_BxK + jnp.arange(2)[:, None] * 2).reshape(-1))
+  seqs, _ = sampling.beam_search(_toy_phased_logits(3), jnp.zeros((4,), jnp.int32), batch_size=2,
+                                 beam_size=2, max_new_tokens=7, reorder_cache=reorder,
+                                 phase_ends=ends)
+  np.testing.assert_array_equal(seqs[:, 0], [[6] * 7] * 2)
+  assert seen == [3, 6, 7]
+
+
+def test_toy_phases_stop_at_eos_like_one_loop():
+  # After the first phase every row has ended: the later phases must not run a step.
+  tokens, logprob, length, steps = sampling.sample_loop(
+      lambda ids, cache, end: _toy_logits(_TABLE)(ids, cache), jnp.zeros((), jnp.int32),
+      batch_size=2, max_new_tokens=10, choose=sampling.greedy_choice,
+      rng=jax.random.PRNGKey(0), phase_ends=(3, 6, 9, 10))
+  np.testing.assert_array_equal(tokens, [[6, EOS_ID] + [PAD_ID] * 8] * 2)
+  assert int(steps) == 2
+
+
+def test_reorder_with_a_phase_end_moves_only_the_written_prefix():
+  rs = np.random.RandomState(0)
+  shape = (2, 2 * 3, 5, 2, 4)   # [L, B*K, S, N, D]: 2 descriptions, 3 beams, 5 positions
+  k, v = (jnp.asarray(rs.standard_normal(shape), jnp.float32) for _ in range(2))
+  cache = model_lib.DecodeCache(k, v, jnp.zeros((6, 1, 2, 4)), jnp.zeros((6, 1, 2, 4)),
+                                jnp.ones((6,), jnp.int32), jnp.zeros((), jnp.int32))
+  parent = jnp.array([[2, 2, 0], [1, 0, 1]])
+  full = sampling.reorder_decode_cache(cache, parent)
+  part = jax.jit(sampling.reorder_decode_cache, static_argnums=2)(cache, parent, 3)
+  for moved, kept, old in ((part.k_LxBxSxNxD, full.k_LxBxSxNxD, k),
+                           (part.v_LxBxSxNxD, full.v_LxBxSxNxD, v)):
+    np.testing.assert_array_equal(moved[:, :, :3], kept[:, :, :3])
+    np.testing.assert_array_equal(moved[:, :, 3:], old[:, :, 3:])
+  np.testing.assert_array_equal(full.k_LxBxSxNxD[:, 0], k[:, 2])   # beam 0 of row 0 <- beam 2
+
+
 def test_toy_top_k_and_top_p_filters():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   keep = lambda **kw: np.isfinite(np.asarray(sampling.filter_logits(logits, **kw)))[0].tolist()
@@ -210,6 +268,25 @@ def test_bad_options_are_one_sentence_value_errors(tiny):
                     (dict(strategy="greedy", max_new_tokens=10_000), "positions")):
     with pytest.raises(ValueError, match=words):
       _gen(tiny, **kw)
+
+
+def test_phased_decoding_gives_the_tokens_of_one_loop(tiny):
+  # 32 new tokens in phases of 6 (the last one 2 long), EOS less likely than in the tests above
+  # so that rows end in different phases and some run to the end.
+  config, model, variables, desc = tiny
+  variables = jax.tree.map(lambda x: x, variables)
+  bias = variables["params"]["decoder"]["logits_bias"]
+  variables["params"]["decoder"]["logits_bias"] = bias.at[EOS_ID].set(1.0)
+  run = lambda **kw: (np.asarray(x) for x in sampling.generate(
+      model, variables, desc, max_new_tokens=32, **kw))
+  for kw in (dict(strategy="greedy"), dict(strategy="beam", num_beams=3),
+             dict(strategy="sample", num_samples=2, temperature=1.5, rng=5)):
+    one, one_scores = run(decode_phase=0, **kw)
+    phased, phased_scores = run(decode_phase=6, **kw)
+    np.testing.assert_array_equal(phased, one)
+    np.testing.assert_allclose(phased_scores, one_scores, rtol=1e-5, atol=1e-6)
+    lengths = _lengths(one.reshape(-1, 32))
+    assert lengths.max() == 32 and len(set((lengths - 1) // 6)) > 1, (kw, lengths)
 
 
 def test_sharded_generation_on_8_devices_equals_single_device(tiny):
