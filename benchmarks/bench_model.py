@@ -214,6 +214,8 @@ def main() -> None:
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                   help="config override, e.g. model.attention_impl=xla, model.fused_qkv=false, "
                        "sample.decode_phase=0, train.logits_dtype=bfloat16")
+  ap.add_argument("--max-batch", default="128,256,512,1024",
+                  help="batch sizes the largest-batch search tries, in order, until one fails")
   args = ap.parse_args()
   c = make_config(args.workload, args.set)
   _, _, _, _, steps, reps = WORKLOADS[args.workload]
@@ -243,7 +245,7 @@ def main() -> None:
                    f"first call {r['compile_and_first_s']:.1f} s", "", "", ""))
       print(json.dumps({name: r}), flush=True)
   if args.mode in ("all", "maxbatch") and args.workload == "bench-a":
-    res["max_batch"] = max_batch(c)
+    res["max_batch"] = max_batch(c, [int(b) for b in args.max_batch.split(",") if b.strip()])
     print(json.dumps({"max_batch": res["max_batch"]}), flush=True)
   print()
   for row in rows:
