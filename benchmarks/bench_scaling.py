@@ -49,7 +49,7 @@ WORKLOADS = {
     # name: per-device batch, loss steps, timed steps, the large part's model preset and batch
     # ladder, default time budget (s)
     "bench-a": dict(batch=64, loss_steps=20, timed_steps=20, large="large",
-                    ladder=(128, 256, 512, 1024), budget=420),
+                    ladder=(128, 256, 512, 1024), budget=400),
     "tiny": dict(batch=8, loss_steps=20, timed_steps=3, large="tiny", ladder=(8,), budget=600),
 }
 # Loss agreement across meshes, relative, by compute dtype. bf16 keeps 8 significant bits (a
@@ -362,8 +362,10 @@ def part_large(base, devices, w, budget: Budget, out) -> dict:
   res["state_bytes_per_device"] = {
       name: abstract_bytes_per_device(c, devices[:1] if name == "single" else devices, axes)
       for name, axes in (("single", {}), ("data", {"data": n}), ("fsdp", {"fsdp": n}))}
+  # Seconds for a run at batch b, from the last rung's (a guess before the first: the scanned
+  # large step compiles in ~20 s on an H100 host).
   cost = lambda prev, b: (prev["compile_s"] + 2 * prev["step_ms"] / 1e3 * b / prev["batch"]
-                          if prev else 90.0)
+                          if prev else 45.0)
   prev, oom_at = None, None
   for b in w["ladder"]:
     if budget.left() < 2 * cost(prev, b) + 15:
@@ -455,7 +457,7 @@ def main() -> None:
   ap.add_argument("--parts", default="losses,throughput,checkpoint,large")
   ap.add_argument("--time-budget", type=float, default=0,
                   help="seconds from the start; parts that would overrun it are skipped "
-                       "(default: bench-a 420, tiny 600)")
+                       "(default: bench-a 400, tiny 600)")
   ap.add_argument("--out", default=None, help="write the results as JSON here (after each part)")
   ap.add_argument("--workdir", default=None, help="checkpoint directory (default: a temporary one)")
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
