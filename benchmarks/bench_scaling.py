@@ -295,6 +295,22 @@ def guarded(res: dict, key: str, out: str | None, fn, *args, **kw):
 _ROOT: dict = {}   # every result of this run, written after each run and part
 
 
+def guarded_run(res: dict, key: str, out: str | None, c, devices, *args, **kw) -> dict:
+  """guarded run_mesh; if it fails with cuDNN attention on several devices (cuDNN attention's
+  partitioning has had bugs: jax issue 25986), once more with XLA's, marked so."""
+  r = guarded(res, key, out, run_mesh, c, devices, *args, **kw)
+  if ("error" in r and not is_oom(r["error"]) and c.model.attention_impl == "cudnn"
+      and len(devices) > 1):
+    log(f"  {key}: once more with XLA attention")
+    first = r["error"]
+    c = c.copy_and_resolve_references()
+    c.model.attention_impl = "xla"
+    r = guarded(res, key, out, run_mesh, c, devices, *args, **kw)
+    r.update(attention_impl="xla", cudnn_error=first)
+    write_json(_ROOT, out)
+  return r
+
+
 def part_losses(c, devices, w, workdir, out) -> dict:
   """One device and each N-device mesh at the same global batch: losses, memory, speed."""
   n = len(devices)
@@ -302,9 +318,8 @@ def part_losses(c, devices, w, workdir, out) -> dict:
   plan = [(axis, devices, {axis: n}) for axis in MESHES] + [("single", devices[:1], {})]
   for name, devs, axes in plan:
     log(f"run {name}: mesh {axes or {'data': 1}} on {len(devs)} device(s), batch {w['batch']}")
-    r = guarded(runs, name, out, run_mesh, c, devs, axes, w["batch"],
-                loss_steps=w["loss_steps"], timed_steps=w["timed_steps"],
-                save_to=workdir if name == "fsdp" else None)
+    r = guarded_run(runs, name, out, c, devs, axes, w["batch"], loss_steps=w["loss_steps"],
+                    timed_steps=w["timed_steps"], save_to=workdir if name == "fsdp" else None)
     if "tokens_per_s" in r:
       log(f"  {r['tokens_per_s']:,.0f} tok/s, step {r['step_ms']:.1f} ms, compile "
           f"{r['compile_s']:.1f} s, losses {r['history'][0]['loss']:.4f} -> "
@@ -323,8 +338,8 @@ def part_throughput(c, devices, w, out) -> dict:
   n = len(devices)
   runs = _ROOT.setdefault("runs", {})
   log(f"run data_scaled: mesh data={n}, batch {w['batch'] * n} ({w['batch']} per device)")
-  r = guarded(runs, "data_scaled", out, run_mesh, c, devices, {"data": n}, w["batch"] * n,
-              timed_steps=w["timed_steps"])
+  r = guarded_run(runs, "data_scaled", out, c, devices, {"data": n}, w["batch"] * n,
+                  timed_steps=w["timed_steps"])
   one = runs.get("single", {})
   res = {"devices": n}
   if "tokens_per_s" in r and "tokens_per_s" in one:
@@ -398,8 +413,7 @@ def part_large(base, devices, w, budget: Budget, out) -> dict:
     res["fsdp"] = {"skipped": f"time: {budget.left():.0f} s left"}
     return res
   log(f"run large_fsdp: batch {batch} on {n} devices (fsdp={n})")
-  r = guarded(res, "fsdp", out, run_mesh, c, devices, {"fsdp": n}, batch, warmup=1,
-              timed_steps=2)
+  r = guarded_run(res, "fsdp", out, c, devices, {"fsdp": n}, batch, warmup=1, timed_steps=2)
   if "tokens_per_s" in r:
     log(f"  {r['tokens_per_s']:,.0f} tok/s, step {r['step_ms']:.0f} ms")
   return res

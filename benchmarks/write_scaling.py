@@ -27,6 +27,11 @@ def _gib(b) -> str:
   return f"{b / 2**30:,.2f} GiB" if b >= 2**30 else _mib(b)
 
 
+def _label(name: str, r: dict, n) -> str:
+  label = NAMES[name].format(n=n)
+  return label + " (XLA attention: cuDNN's failed)" if r.get("cudnn_error") else label
+
+
 def _error(r) -> str:
   return f"failed: `{r['error'][:200]}`" if isinstance(r, dict) and "error" in r else "not run"
 
@@ -49,7 +54,7 @@ def losses_section(res, runs, n) -> list[str]:
   ]
   for name in ("single", "data", "fsdp", "tensor"):
     r = runs.get(name, {})
-    label = NAMES[name].format(n=n)
+    label = _label(name, r, n)
     if not r.get("history"):
       lines.append(f"| {label} | {_error(r)} | | | | | | |")
       continue
@@ -83,7 +88,7 @@ def throughput_section(res, runs, n) -> list[str]:
   ]
   for name in ("single", "data_scaled", "data", "fsdp", "tensor"):
     r = runs.get(name, {})
-    label = NAMES[name].format(n=n)
+    label = _label(name, r, n)
     if "tokens_per_s" not in r:
       lines.append(f"| {label} | | | {_error(r)} | | | |")
       continue
@@ -120,7 +125,7 @@ def memory_section(res, runs, n) -> list[str]:
       continue
     xla = (r.get("xla_memory") or {}).get("total")
     peak = (r.get("after_steps") or {}).get("peak_bytes_in_use")
-    lines.append(f"| {NAMES[name].format(n=n)} | {r['batch']} | {_mib(r['params_bytes'])} | "
+    lines.append(f"| {_label(name, r, n)} | {r['batch']} | {_mib(r['params_bytes'])} | "
                  f"{_mib(r['opt_bytes'])} | {_mib(r['params_bytes'] + r['opt_bytes'])} | "
                  f"{_gib(xla)} | {_gib(peak)} |")
   f, d = runs.get("fsdp", {}), runs.get("data", {})
@@ -180,7 +185,8 @@ def large_section(res, n) -> list[str]:
     beyond = ("a batch that ran out of memory on one device"
               if g.get("fsdp_batch_exceeds_one_device")
               else "twice the largest batch tried on one device (none ran out of memory)")
-    lines += ["", f"fsdp={n} at batch {f['batch']} ({beyond}): {f['tokens_per_s']:,.0f} tokens/s, "
+    lines += ["", f"{_label('fsdp', f, n)} at batch {f['batch']} ({beyond}): "
+              f"{f['tokens_per_s']:,.0f} tokens/s, "
               f"step {f['step_ms']:.0f} ms, peak of device 0 "
               f"{_gib((f.get('after_steps') or {}).get('peak_bytes_in_use'))}, XLA's estimate "
               f"{_gib((f.get('xla_memory') or {}).get('total'))}."]
