@@ -245,7 +245,7 @@ def restore_in_subprocess(workdir: str, platform: str) -> dict:
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
   env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=1".strip()
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--restore", workdir],
-                        env=env, capture_output=True, text=True, timeout=240)
+                        env=env, capture_output=True, text=True, timeout=120)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
   if proc.returncode or not lines:
     raise RuntimeError(f"the restoring process exited {proc.returncode}: {proc.stderr[-1500:]}")
@@ -489,8 +489,8 @@ def main() -> None:
       "XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
   res = run_all(args)
-  print(json.dumps({k: res.get(k) for k in ("losses", "throughput", "checkpoint", "skipped")},
-                   default=str)[:4000], flush=True)
+  log(f"done; skipped: {res['skipped'] or 'nothing'}" + (f"; results in {args.out}"
+                                                         if args.out else ""))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,7 @@ timeout -k 30 "${SCALING_TIMEOUT:-450}" python3 "$here/bench_scaling.py" --out "
   "${@:2}" 2>&1 | tee "$out/scaling.log"
 status=${PIPESTATUS[0]}
 if [ -f "$out/scaling.json" ]; then
-  python3 "$here/write_scaling.py" "$out/scaling.json" --gpu "$gpu" --out "$here/RESULTS.md" \
-    > /dev/null
+  python3 "$here/write_scaling.py" "$out/scaling.json" --gpu "$gpu" --out "$here/RESULTS.md"
   cp "$here/RESULTS.md" "$out/RESULTS.md"
 fi
 echo "bench_scaling.py exited $status; results in $out"
