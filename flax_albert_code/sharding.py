@@ -49,9 +49,30 @@ def rules(config) -> tuple[tuple[str, Any], ...]:
 
 
 def logical_shardings(boxed_tree, mesh: Mesh, axis_rules) -> Any:
-  """NamedShardings for a tree of (abstract) values boxed with logical names."""
+  """NamedShardings for a tree of (abstract) values boxed with logical names.
+
+  A dimension that its mesh axes do not divide (a tokenizer's vocabulary of 7861 over 4
+  devices) keeps only the leading mesh axes that do, down to none (replicated)."""
   specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, axis_rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, axis_rules)
+  boxed = lambda x: isinstance(x, nn.Partitioned)
+  values = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if boxed(x) else x,
+                        boxed_tree, is_leaf=boxed)
+  return jax.tree.map(lambda x, s: _divisible(s, x.shape), values, shardings)
+
+
+def _divisible(s: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+  """`s` without the trailing mesh axes of each dimension that do not divide its size."""
+  size = lambda names: math.prod(s.mesh.shape[a] for a in names)
+  spec = list(s.spec) + [None] * (len(shape) - len(s.spec))
+  names = [[ax] if isinstance(ax, str) else list(ax or ()) for ax in spec]
+  if all(dim % size(n) == 0 for dim, n in zip(shape, names)):
+    return s
+  for i, dim in enumerate(shape):
+    while dim % size(names[i]):
+      names[i].pop()
+      spec[i] = tuple(names[i]) or None
+  return NamedSharding(s.mesh, P(*spec))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -284,7 +284,7 @@ def test_sharded_forward_matches_single_device():
   word = params["shared_embedding"]["word_embeddings"]["embedding"].value
   layer = params["encoder"]["albert_layer_groups_0"]["albert_layers_0"]
   P = jax.sharding.PartitionSpec
-  assert word.sharding.spec == P("tensor", None)
+  assert word.sharding.spec == P(("tensor", "fsdp"), None)   # FSDP shards the vocabulary too
   assert layer["attention"]["query"]["kernel"].value.sharding.spec == P("fsdp", "tensor", None)
   assert layer["ffn"]["ffn"]["kernel"].value.sharding.spec == P("fsdp", "tensor")
   assert out["hidden"].sharding.spec[0] == ("data", "fsdp")
@@ -295,3 +295,25 @@ def test_sharded_forward_matches_single_device():
   # fp32; sharded matmuls may sum in another order, so allow a few ulps of O(1) activations.
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(out), jax.tree.leaves(ref)):
     _assert_close(a, b, 1e-5, f"sharded vs single device {jax.tree_util.keystr(path)}")
+
+
+def test_a_vocabulary_the_mesh_does_not_divide_is_sharded_over_what_divides_it():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (fake) devices; conftest.py sets XLA_FLAGS")
+  P = jax.sharding.PartitionSpec
+  for fsdp, tensor in ((4, 2), (8, 1)):
+    config = _config(vocab_size=510)   # a tokenizer's vocabulary: 510 = 2 x 255
+    config.mesh.update(data=1, fsdp=fsdp, tensor=tensor)
+    model = model_lib.build(config)[0]
+    desc, code = _batch(2)
+    rules = sharding.rules(config)
+    mesh = sharding.make_mesh(config.mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      abstract = jax.eval_shape(lambda r: model.init(r, desc, code), jax.random.PRNGKey(0))
+      shardings = sharding.logical_shardings(abstract, mesh, rules)["params"]
+    word = shardings["shared_embedding"]["word_embeddings"]["embedding"]
+    assert word.spec == P("tensor", None), (fsdp, tensor, word.spec)   # fsdp dropped
+    assert word.shard_shape((510, 16)) == (510 // tensor, 16)
+    # Dimensions that divide keep their axes.
+    ffn = shardings["encoder"]["albert_layer_groups_0"]["albert_layers_0"]["ffn"]
+    assert ffn["ffn"]["kernel"].spec == P("fsdp", "tensor")
