@@ -262,8 +262,12 @@ def _print_samples(result: Result, config, n: int) -> None:
   examples = [source[i] for i in range(min(n, len(source)))]
   params = jax.device_get(result.state.params["model"])
   gen = CodeGenerator(config, params, result.prepared.tokenizer, prepared=result.prepared)
-  outs = gen.generate([e["description"] for e in examples], strategy="greedy",
+  strategy = config.sample.strategy if config.sample.strategy in ("greedy", "beam") else "greedy"
+  outs = gen.generate([e["description"] for e in examples], strategy=strategy,
+                      num_beams=config.sample.num_beams,
                       max_new_tokens=config.sample.max_new_tokens)
+  how = f"beam {config.sample.num_beams}" if strategy == "beam" else "greedy"
+  print(f"\nGenerated for {len(examples)} {split} descriptions ({how}, config.sample.strategy):")
   for e, cands in zip(examples, outs):
     print(f"\n# {e['description']}\n{cands[0]['code']}")
   print()
