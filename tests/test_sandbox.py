@@ -4,8 +4,10 @@ Every containment case runs with namespaces (when `unshare` works here) and with
 not allow them. Limits are tight so that the whole file takes a few seconds.
 """
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -21,6 +23,17 @@ def run(request):
   prefix = sandbox._unshare_prefix() if request.param == "namespaces" else ()
   drop = sandbox._can_drop_privileges()
   return lambda program, limits=LIMITS: sandbox._run(program, limits, drop=drop, prefix=prefix)
+
+
+@pytest.fixture
+def own_tmp(monkeypatch):
+  """This test's sandboxes go under a directory of its own, so that sandboxes of tests running at
+  the same time in other pytest workers (HumanEval, evaluate) are not taken for leftovers."""
+  root = tempfile.mkdtemp(prefix="sandbox-test-")
+  os.chmod(root, 0o755)   # the sandbox may run as an unprivileged user
+  monkeypatch.setattr(tempfile, "tempdir", root)
+  yield root
+  shutil.rmtree(root, ignore_errors=True)
 
 
 def test_passing_and_failing_assertions(run):
@@ -58,10 +71,10 @@ def test_cpu_limit_stops_a_busy_c_loop(run):
     "import multiprocessing as mp\nwhile True:\n    mp.Process(target=print).start()",
     "import pty\npty.fork()",
 ])
-def test_fork_bomb_is_contained(run, program):
+def test_fork_bomb_is_contained(run, program, own_tmp):
   r = run(program)
   assert not r.passed and r.status == "error" and "not allowed" in r.detail
-  assert not _leftovers()
+  assert not _leftovers(own_tmp)
 
 
 def test_memory_hog_is_stopped(run):
@@ -143,13 +156,13 @@ def test_timeout_kills_the_whole_process_group():
   assert not [p for p in members if _alive(p)]
 
 
-def test_run_many_keeps_order_and_the_evaluator_survives():
+def test_run_many_keeps_order_and_the_evaluator_survives(own_tmp):
   programs = ["assert True", "while True: pass", "assert False", "import os\nos.fork()",
               "x = bytearray(1 << 40)", "assert 1 + 1 == 2"]
   results = sandbox.run_many(programs, sandbox.Limits(timeout_s=1.0, memory_bytes=256 << 20),
                              workers=2)
   assert [r.status for r in results] == ["passed", "timeout", "failed", "error", "error", "passed"]
-  assert not _leftovers()
+  assert not _leftovers(own_tmp)
   assert sandbox.capabilities()["root"] == (os.getuid() == 0)
 
 
@@ -172,15 +185,15 @@ def _alive(pid):
     return False
 
 
-def _leftovers():
-  """Live processes still working in a (removed) sandbox directory."""
+def _leftovers(root: str = ""):
+  """Live processes still working in a (removed) sandbox directory (under `root` if given)."""
   out = []
   for p in _pids():
     try:
       cwd = os.readlink(f"/proc/{p}/cwd")
     except OSError:
       continue
-    if "/sandbox-" in cwd and _alive(p):
+    if "/sandbox-" in cwd and cwd.startswith(root) and _alive(p):
       out.append((p, cwd))
   return out
 
