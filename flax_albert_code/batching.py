@@ -4,9 +4,11 @@ Kept free of flax/orbax so that `load_export` stays light.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
-from flax_albert_code.config_lib import PAD_ID
+import numpy as np
+
+from flax_albert_code.config_lib import CLS_ID, PAD_ID
 
 
 def check_texts(texts, what: str, allow_blank: bool = False) -> list[str]:
@@ -39,4 +41,27 @@ def chunks(n: int, buckets: Sequence[int]) -> list[tuple[int, int, int]]:
   for start in range(0, n, largest):
     size = min(largest, n - start)
     out.append((start, size, next(b for b in buckets if b >= size)))
+  return out
+
+
+def code_ids(tokens: Sequence[int], max_width: int) -> list[int]:
+  """What training encodes for a code's vector: [CLS] + code tokens, at most `max_width`."""
+  return [CLS_ID, *tokens[:max_width - 1]]
+
+
+def vectors_by_width(ids: Sequence[Sequence[int]], widths: Sequence[int],
+                     batch_buckets: Sequence[int], dim: int,
+                     encode: Callable[[np.ndarray, int, int], np.ndarray]) -> np.ndarray:
+  """[len(ids), dim] float32: each row encoded at the smallest of `widths` that holds it, in
+  batches padded to `batch_buckets`; `encode(batch[bucket, width] int32, bucket, width)` gives
+  the batch's vectors (a jitted call or an exported program)."""
+  out = np.zeros((len(ids), dim), np.float32)
+  groups = np.searchsorted(np.asarray(widths), np.array([len(x) for x in ids], int))
+  for g, width in enumerate(widths):
+    rows = np.flatnonzero(groups == g)
+    for start, size, bucket in chunks(len(rows), batch_buckets):
+      batch = np.zeros((bucket, width), np.int32)
+      for j, r in enumerate(rows[start:start + size]):
+        batch[j] = pad(ids[r], width)
+      out[rows[start:start + size]] = np.asarray(encode(batch, bucket, width))[:size]
   return out

@@ -28,7 +28,6 @@ import numpy as np
 from flax_albert_code import config_lib, sampling, sharding
 from flax_albert_code import model as model_lib
 from flax_albert_code import batching
-from flax_albert_code.config_lib import CLS_ID
 from flax_albert_code.layers import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -206,23 +205,15 @@ class CodeGenerator:
 
   def _code_vectors(self, codes: list[str]) -> np.ndarray:
     # What training encodes: [CLS] + code tokens, EOS read as padding, in the code's bucket.
-    ids = [[CLS_ID, *self.tokenizer.encode(c)[:self.code_buckets[-1] - 1]] for c in codes]
+    ids = [batching.code_ids(self.tokenizer.encode(c), self.code_buckets[-1]) for c in codes]
     return self._vectors_by_width(ids, self.code_buckets)
 
   def _vectors_by_width(self, ids: list[list[int]], widths: list[int]) -> np.ndarray:
-    out = np.zeros((len(ids), self.cfg.align_dim), np.float32)
-    lengths = np.array([len(x) for x in ids])
-    groups = np.searchsorted(np.asarray(widths), lengths)
-    for g, width in enumerate(widths):
-      rows = np.flatnonzero(groups == g)
-      for start, size, bucket in batching.chunks(len(rows), self.batch_buckets):
-        batch = np.zeros((bucket, width), np.int32)
-        for j, r in enumerate(rows[start:start + size]):
-          batch[j] = batching.pad(ids[r], width)
-        vecs = _vectors(self.model, self.variables, self._put(batch), mesh=self.mesh,
-                        axis_rules=self.axis_rules)
-        out[rows[start:start + size]] = np.asarray(jax.device_get(vecs))[:size]
-    return out
+    def encode(batch, bucket, width):
+      del bucket, width
+      return jax.device_get(_vectors(self.model, self.variables, self._put(batch),
+                                     mesh=self.mesh, axis_rules=self.axis_rules))
+    return batching.vectors_by_width(ids, widths, self.batch_buckets, self.cfg.align_dim, encode)
 
   # -------------------------------------------------------------------------------------------
   # Helpers.

@@ -107,8 +107,9 @@ def _phased_loop(cond: Callable[[Any], Array], body: Callable[[Any, int | None],
   return state
 
 
-def _call(tokens_to_logits: TokensToLogits, ids, cache, end: int | None):
-  return tokens_to_logits(ids, cache) if end is None else tokens_to_logits(ids, cache, end)
+def _call(fn: Callable[..., Any], a, b, end: int | None):
+  """`fn(a, b)`, or `fn(a, b, end)` inside a decoding phase (tokens_to_logits, reorder_cache)."""
+  return fn(a, b) if end is None else fn(a, b, end)
 
 
 def sample_loop(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int,
@@ -271,8 +272,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
     # Live: the best K candidates that did not end.
     live_lp, sel = lax.top_k(jnp.where(is_eos, NEG_INF, top_lp), k)
     live_parent = _gather_beams(parent, sel)
-    cache = (reorder_cache(cache, live_parent) if end is None
-             else reorder_cache(cache, live_parent, end))
+    cache = _call(reorder_cache, cache, live_parent, end)
 
     # Finished: merge the ended candidates into the kept-aside set.
     new_scores = jnp.where(ended, top_lp / length_penalty_fn(s.step + 1, alpha), NEG_INF)

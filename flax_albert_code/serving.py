@@ -28,7 +28,7 @@ import numpy as np
 
 from flax_albert_code import export as export_lib
 from flax_albert_code import batching
-from flax_albert_code.config_lib import CLS_ID, EOS_ID
+from flax_albert_code.config_lib import EOS_ID
 from flax_albert_code.tokenizer import Tokenizer, TokenizerError
 
 KINDS = ("desc", "code")
@@ -343,19 +343,12 @@ class Export:
       ids = [self.tokenizer.encode_description(x, self.desc_len) for x in texts]
       widths = [self.desc_len]
     else:   # what training encodes: [CLS] + code tokens, in the code's bucket
-      ids = [[CLS_ID, *self.tokenizer.encode(x)[:self.code_widths[-1] - 1]] for x in texts]
+      ids = [batching.code_ids(self.tokenizer.encode(x), self.code_widths[-1]) for x in texts]
       widths = self.code_widths
-    out = np.zeros((len(ids), self.align_dim), np.float32)
-    groups = np.searchsorted(np.asarray(widths), np.array([len(x) for x in ids], int))
-    for g, width in enumerate(widths):
-      rows = np.flatnonzero(groups == g)
-      for start, size, bucket in batching.chunks(len(rows), self.batch_buckets):
-        batch = np.zeros((bucket, width), np.int32)
-        for j, r in enumerate(rows[start:start + size]):
-          batch[j] = batching.pad(ids[r], width)
-        vecs = self._fn(f"encode_b{bucket}_w{width}")(self.variables, batch)
-        out[rows[start:start + size]] = np.asarray(jax.device_get(vecs))[:size]
-    return out
+
+    def encode(batch, bucket, width):
+      return jax.device_get(self._fn(f"encode_b{bucket}_w{width}")(self.variables, batch))
+    return batching.vectors_by_width(ids, widths, self.batch_buckets, self.align_dim, encode)
 
   def search(self, query: str | Sequence[str], k: int = 10,
              index: Index | None = None) -> list[dict] | list[list[dict]]:
