@@ -59,6 +59,9 @@ def model_config(preset: str = "small") -> ml_collections.ConfigDict:
       scan_layers=True,                  # loop over depth with nn.scan (compile time flat in depth)
       embedding_grad="scatter",          # word-embedding backward: "scatter" | "onehot" (a matmul)
       fused_qkv=True,                    # Q|K|V (and a memory's K|V) as one matmul; same parameters
+      # "post": ALBERT's LN(x + f(x)) (HF weights); "pre": x + f(LN(x)) and a final LN per stack,
+      # which trains at higher learning rates (not HF-compatible).
+      norm_position="post",
   ))
   m.update(MODEL_PRESETS[preset])
   return m

@@ -30,6 +30,7 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import shutil
@@ -40,6 +41,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+log = logging.getLogger("flax_albert_code")
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -118,7 +121,9 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
     shutil.copyfile(xgen.tokenizer.path, os.path.join(tmp, TOKENIZER))
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
       json.dump(config.to_dict(), f, indent=1, sort_keys=True)
-    if hf_encoder:
+    if hf_encoder and xgen.cfg.pre_norm:
+      log.warning("No hf_encoder/: norm_position='pre' is not an HF ALBERT layout.")
+    elif hf_encoder:
       hf.save_hf_encoder(xgen.variables["params"], xgen.cfg, os.path.join(tmp, "hf_encoder"))
     manifest = {
         "format": FORMAT, "created": datetime.datetime.now().isoformat(timespec="seconds"),

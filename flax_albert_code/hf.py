@@ -242,6 +242,7 @@ def load_hf_encoder(path: str, params: Mapping | None = None, config=None, *,
                             "directory (config.json + model.safetensors).")
   model_cfg = model_config_from_hf(_read_config(path), config)
   cfg = ModelConfig.from_config(model_cfg)
+  _check_post_norm(cfg, f"{path} holds an HF ALBERT (post-LayerNorm) encoder")
   weights = _read_weights(path)
   prefix = "albert." if any(k.startswith("albert.embeddings.") for k in weights) else ""
   weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
@@ -284,6 +285,12 @@ def _as_model_config(model_cfg) -> ModelConfig:
   return ModelConfig.from_config(model_cfg)
 
 
+def _check_post_norm(cfg: ModelConfig, what: str) -> None:
+  if cfg.pre_norm:
+    raise ValueError(f"{what}, but config.model.norm_position='pre' places LayerNorm before each "
+                     "sublayer, which HF ALBERT does not; use norm_position='post'.")
+
+
 def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
   """config.json for our encoder: AlbertConfig fields (the rest take AlbertConfig defaults)."""
   d = {"architectures": ["AlbertModel"], "model_type": "albert"}
@@ -317,6 +324,7 @@ def save_hf_encoder(params: Mapping, model_cfg, out_dir: str) -> str:
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   cfg = _as_model_config(model_cfg)
+  _check_post_norm(cfg, "An HF ALBERT directory holds a post-LayerNorm encoder")
   root, _ = _params_root(params)
   tensors = {t.hf_key: _to_hf(t, _leaf(root, t.path)) for t in _tensors(cfg)}
   out_dir = os.path.abspath(os.fspath(out_dir))

@@ -61,6 +61,7 @@ class ModelConfig:
   scan_layers: bool = True
   embedding_grad: str = "scatter"
   fused_qkv: bool = True
+  norm_position: str = "post"
 
   @classmethod
   def from_config(cls, cfg) -> "ModelConfig":
@@ -88,10 +89,16 @@ class ModelConfig:
          f"embedding_grad {self.embedding_grad!r} must be 'scatter' or 'onehot'"),
         (self.remat in ("none", "full", "dots"),
          f"remat {self.remat!r} must be 'none', 'full' or 'dots'"),
+        (self.norm_position in ("post", "pre"),
+         f"norm_position {self.norm_position!r} must be 'post' (ALBERT) or 'pre'"),
     ]
     for ok, msg in checks:
       if not ok:
         raise ValueError(f"Bad model config: {msg}; fix config.model.")
+
+  @property
+  def pre_norm(self) -> bool:
+    return self.norm_position == "pre"
 
   @property
   def head_dim(self) -> int:
@@ -268,7 +275,8 @@ def attention(q_BxTxNxD: Array, k_BxSxNxD: Array, v_BxSxNxD: Array, *, impl: str
 
 
 class AlbertAttention(nn.Module):
-  """Multi-head attention with ALBERT's post-LayerNorm residual: LN(x + dense(attn(x, mem))).
+  """Multi-head attention with ALBERT's post-LayerNorm residual: LN(x + dense(attn(x, mem))),
+  or with `norm_position="pre"` x + dense(attn(LN(x), mem)) (the same LayerNorm parameters).
 
   Self-attention when `memory` is None; cross-attention otherwise. `kv` computes the keys and
   values of a memory once, so a shared cross-attention block reuses them at every layer and
@@ -308,11 +316,16 @@ class AlbertAttention(nn.Module):
     y_BxTxPxNxD = constrain(y_BxTxPxNxD, ("batch", "length", None, "act_heads", "kv"))
     return tuple(constrain(y_BxTxPxNxD[:, :, i], out_names) for i in range(len(names)))
 
+  def _in(self, x_BxTxH: Array) -> Array:
+    """The sublayer's input: LN(x) in the pre-norm layout, x in ALBERT's."""
+    return self.LayerNorm(x_BxTxH) if self.cfg.pre_norm else x_BxTxH
+
   def kv(self, memory_BxSxH: Array) -> tuple[Array, Array]:
+    """A memory's keys and values (the memory is taken as it is: no LayerNorm of this block)."""
     return self._project(memory_BxSxH, ("key", "value"))
 
   def qkv(self, x_BxTxH: Array) -> tuple[Array, Array, Array]:
-    return self._project(x_BxTxH, ("query", "key", "value"))
+    return self._project(self._in(x_BxTxH), ("query", "key", "value"))
 
   def __call__(self, x_BxTxH: Array, kv: tuple[Array, Array] | None = None, *,
                is_causal: bool = False, kv_lengths_B: Array | None = None,
@@ -320,7 +333,7 @@ class AlbertAttention(nn.Module):
     if kv is None:
       q, k, v = self.qkv(x_BxTxH)
     else:
-      (q,), (k, v) = self._project(x_BxTxH, ("query",)), kv
+      (q,), (k, v) = self._project(self._in(x_BxTxH), ("query",)), kv
     return self.attend(x_BxTxH, q, k, v, is_causal=is_causal, kv_lengths_B=kv_lengths_B,
                        mask=mask, deterministic=deterministic)
 
@@ -336,11 +349,13 @@ class AlbertAttention(nn.Module):
 
   def residual(self, x_BxTxH: Array, ctx_BxTxNxD: Array, deterministic: bool) -> Array:
     out = self.dropout(self.dense(ctx_BxTxNxD), deterministic=deterministic)
-    return constrain(self.LayerNorm(x_BxTxH + out), ("batch", "length", "act_embed"))
+    y = x_BxTxH + out if self.cfg.pre_norm else self.LayerNorm(x_BxTxH + out)
+    return constrain(y, ("batch", "length", "act_embed"))
 
 
 class AlbertFFN(nn.Module):
-  """ALBERT's FFN with post-LayerNorm residual: LN(x + W2 act(W1 x))."""
+  """ALBERT's FFN with post-LayerNorm residual: LN(x + W2 act(W1 x)); pre-norm:
+  x + W2 act(W1 LN(x))."""
   cfg: ModelConfig
 
   def setup(self):
@@ -351,10 +366,12 @@ class AlbertFFN(nn.Module):
     self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
   def __call__(self, x_BxLxH: Array, deterministic: bool = True) -> Array:
-    h = constrain(ACTIVATIONS[self.cfg.hidden_act](self.ffn(x_BxLxH)),
-                  ("batch", "length", "act_mlp"))
+    pre = self.cfg.pre_norm
+    h = self.full_layer_layer_norm(x_BxLxH) if pre else x_BxLxH
+    h = constrain(ACTIVATIONS[self.cfg.hidden_act](self.ffn(h)), ("batch", "length", "act_mlp"))
     out = self.dropout(self.ffn_output(h), deterministic=deterministic)
-    return constrain(self.full_layer_layer_norm(x_BxLxH + out), ("batch", "length", "act_embed"))
+    y = x_BxLxH + out if pre else self.full_layer_layer_norm(x_BxLxH + out)
+    return constrain(y, ("batch", "length", "act_embed"))
 
 
 class AlbertLayer(nn.Module):

@@ -7,6 +7,7 @@ Parameter tree (one shared block per stack, so the parameter count does not depe
   encoder/{pooler,align_head}
   decoder/{self_attention,cross_attention,ffn}   self_attention/ffn absent when shared with
                                                  the encoder (share_encoder_decoder_block)
+  {encoder,decoder}/final_layer_norm             only with norm_position="pre"
   decoder/logits_bias, decoder/decoder_embedding (only when share_embedding=False)
 
 Depth is an `nn.scan` over the shared block (parameters broadcast), so compile time is flat
@@ -105,6 +106,8 @@ class AlbertEncoder(nn.Module):
     self.albert_layer_groups = [AlbertLayerGroup(cfg) for _ in range(cfg.num_hidden_groups)]
     self.pooler = layers.dense(cfg, cfg.hidden_size, ("embed", None), "pooler")
     self.align_head = layers.dense(cfg, cfg.align_dim, ("embed", "align"), "align_head")
+    if cfg.pre_norm:   # the pre-norm residual stream is normalised once, at the end
+      self.final_layer_norm = layers.layer_norm(cfg, "embed", "final_layer_norm")
     repeats = cfg.num_hidden_layers // cfg.num_hidden_groups
     # One stack per group and dropout mode (stacks hold no parameters of their own).
     self.stacks = [[_repeat(_GroupBody, cfg, repeats, (nn.broadcast, nn.broadcast), group=group,
@@ -120,6 +123,8 @@ class AlbertEncoder(nn.Module):
     mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
     for det_stack, drop_stack in self.stacks:
       x_BxLxH, _ = (det_stack if deterministic else drop_stack)(x_BxLxH, lengths, mask)
+    if cfg.pre_norm:
+      x_BxLxH = self.final_layer_norm(x_BxLxH)
     if cfg.pooling == "cls":
       pooled = jnp.tanh(self.pooler(x_BxLxH[:, 0]))
     else:
@@ -192,6 +197,11 @@ class AlbertDecoder(nn.Module):
                                 deterministic=True, mode="decode", **blocks)
     self.logits_bias = self.param("logits_bias", layers._zeros(("vocab",)), (cfg.vocab_size,),
                                   cfg.weight_dtype)
+    if cfg.pre_norm:
+      self.final_layer_norm = layers.layer_norm(cfg, "embed", "final_layer_norm")
+
+  def _final(self, x_BxTxH: Array) -> Array:
+    return self.final_layer_norm(x_BxTxH) if self.cfg.pre_norm else x_BxTxH
 
   def _blocks(self):
     if self.shared_layer is None:
@@ -206,7 +216,7 @@ class AlbertDecoder(nn.Module):
              deterministic: bool = True) -> Array:
     x = self.embedding(ids_BxT, deterministic=deterministic)
     x, _ = self.train_stacks[0 if deterministic else 1](x, cross_kv, memory_lengths_B)
-    return x
+    return self._final(x)
 
   def logits(self, h_BxTxH: Array) -> Array:
     return self.embedding.attend(h_BxTxH, self.logits_bias)
@@ -224,7 +234,7 @@ class AlbertDecoder(nn.Module):
     (x, k, v, _), _ = self.decode_stack(carry, (cache.cross_k_BxMxNxD, cache.cross_v_BxMxNxD),
                                         cache.memory_lengths_B, cache.index, attend_len)
     new = cache._replace(k_LxBxSxNxD=k, v_LxBxSxNxD=v, index=cache.index + ids_BxT.shape[1])
-    return self.logits(x), new
+    return self.logits(self._final(x)), new
 
 
 class CodeModel(nn.Module):

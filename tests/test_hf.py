@@ -154,6 +154,16 @@ def test_load_errors_are_one_clear_sentence(tmp_path, monkeypatch):
   save_file(weights, str(tmp_path / "model.safetensors"))
   with pytest.raises(ValueError, match=f"{key} .* has shape \\(48, 31\\)"):
     hf.load_hf_encoder(tmp_path)
+  # A pre-LayerNorm model is no HF ALBERT: neither loaded into nor written as one.
+  save_file(load_file(os.path.join(FIXTURE, "model.safetensors")),
+            str(tmp_path / "model.safetensors"))
+  pre = config_lib.get_config("tiny")
+  pre.model.norm_position = "pre"
+  with pytest.raises(ValueError, match="norm_position='pre'.*use norm_position='post'"):
+    hf.load_hf_encoder(tmp_path, config=pre)
+  with pytest.raises(ValueError, match="norm_position='pre'"):
+    hf.save_hf_encoder({}, pre, tmp_path / "out")
+  assert not (tmp_path / "out").exists()
   os.remove(tmp_path / "model.safetensors")
   (tmp_path / "pytorch_model.bin").write_bytes(b"not really")
   monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed

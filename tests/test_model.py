@@ -75,9 +75,9 @@ def tiny():
   return model, random_params(model), desc, code
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_extra_padding_changes_nothing_at_real_positions(pooling):
-  model = _model(pooling=pooling)
+@pytest.mark.parametrize("pooling,norm", [("cls", "post"), ("mean", "post"), ("mean", "pre")])
+def test_extra_padding_changes_nothing_at_real_positions(pooling, norm):
+  model = _model(pooling=pooling, norm_position=norm)
   desc, code = _batch()
   params = random_params(model)
   fwd = _jit(lambda p, d, c: model.apply({"params": p}, d, c))
@@ -128,11 +128,12 @@ def test_decoder_is_causal(tiny):
   assert norms[~future].min() > 1e-6, f"logits ignore earlier tokens:\n{norms}"
 
 
-@pytest.mark.parametrize("memory,share_block,share_emb", [
-    ("states", False, True), ("vector", True, False), ("states", True, False)])
-def test_cached_decoding_equals_teacher_forcing(memory, share_block, share_emb):
+@pytest.mark.parametrize("memory,share_block,share_emb,norm", [
+    ("states", False, True, "post"), ("vector", True, False, "post"),
+    ("states", True, False, "post"), ("states", False, True, "pre")])
+def test_cached_decoding_equals_teacher_forcing(memory, share_block, share_emb, norm):
   model = _model(decoder_memory=memory, share_encoder_decoder_block=share_block,
-                 share_embedding=share_emb)
+                 share_embedding=share_emb, norm_position=norm)
   desc, code = _batch(1)
   variables = {"params": random_params(model)}
   dec_in = model_lib.shift_right(code, config_lib.BOS_ID)
@@ -156,6 +157,33 @@ def test_cached_decoding_equals_teacher_forcing(memory, share_block, share_emb):
     got.append(logits)
   assert int(cache.index) == T
   _assert_close(jnp.concatenate(got, axis=1), want, 1e-5, "cached vs teacher-forced logits")
+
+
+def test_pre_norm_layout():
+  """norm_position="pre": the same block parameters plus one final LayerNorm per stack, and
+  LayerNorm before each sublayer: scaling a block's LayerNorm input by a constant changes
+  nothing but the residual (the post-norm block normalises the sum instead)."""
+  post, pre = _model(), _model(norm_position="pre")
+  desc, code = _batch()
+  shapes = lambda m: jax.tree.map(lambda x: x.shape, nn.meta.unbox(
+      jax.eval_shape(m.init, jax.random.key(0), desc, code)["params"]))
+  p_post, p_pre = shapes(post), shapes(pre)
+  assert set(p_pre["encoder"]) - set(p_post["encoder"]) == {"final_layer_norm"}
+  assert set(p_pre["decoder"]) - set(p_post["decoder"]) == {"final_layer_norm"}
+  strip = lambda t: {k: {kk: vv for kk, vv in v.items() if kk != "final_layer_norm"}
+                     if isinstance(v, dict) else v for k, v in t.items()}
+  assert strip(p_pre) == p_post
+  with pytest.raises(ValueError, match="norm_position"):
+    _model(norm_position="sandwich").init(jax.random.key(0), desc, code)
+  params = random_params(pre)
+  out = _jit(lambda p, d, c: pre.apply({"params": p}, d, c))(params, desc, code)
+  assert np.isfinite(np.asarray(out["hidden"])).all()
+  # The final LayerNorm is applied: with scale 1 and bias 0 the decoder output has zero mean
+  # over features.
+  final = params["decoder"]["final_layer_norm"]
+  final["scale"], final["bias"] = jnp.ones_like(final["scale"]), jnp.zeros_like(final["bias"])
+  out = _jit(lambda p, d, c: pre.apply({"params": p}, d, c))(params, desc, code)
+  _assert_close(np.asarray(out["hidden"]).mean(-1), 0.0, 1e-4, "final LayerNorm mean")
 
 
 def test_fused_projections_equal_separate_ones():
