@@ -16,6 +16,7 @@ def get_config():
   c.model.scan_layers = False
   # bf16 logits in the loss (fp32 reductions): 31.8 -> 30.2 ms a BENCH-A step on an H100.
   c.train.logits_dtype = "bfloat16"
+  c.train.precompile = True   # every bucket's steps compiled at once, in threads
   c.data.tokenizer_vocab_size = 32000
   c.train.batch_size = 64
   # 5e-4 kept the post-LayerNorm stack at the unigram solution in benchmarks/sweep_quality.sh

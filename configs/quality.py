@@ -30,6 +30,7 @@ def get_config():
   c.data.max_desc_len = 64
   c.data.max_code_len = 256
   c.data.code_buckets = (64, 128, 256)
+  c.train.precompile = True
   c.train.stage = "joint"
   c.train.align_losses = "infonce"
   c.train.infonce_weight = 1.0

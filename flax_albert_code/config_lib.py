@@ -46,7 +46,8 @@ def model_config(preset: str = "small") -> ml_collections.ConfigDict:
       share_encoder_decoder_block=False,  # decoder reuses encoder self-attn + FFN weights
       decoder_memory="states",           # "states": all encoder states; "vector": only v_d
       # Sentence vector and alignment head.
-      # Sentence vector: "mean" (masked mean of the last states) or "cls" (ALBERT's tanh pooler
+      # Sentence vector: "mean" (masked mean of the last states), "first_last" (masked mean of
+      # the embedded input and the last states, averaged) or "cls" (ALBERT's tanh pooler
       # over [CLS], the source design; HF imports). With "cls" InfoNCE did not move from ln(B) in
       # 300 steps on a real stdlib batch nor in 900 steps of the GPU quality run (the [CLS] state
       # barely depends on the input at init); "mean" reached 0.004 on the same batch.
@@ -96,6 +97,10 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
       label_smoothing=0.0, z_loss=0.0,
       loss_chunk=128,              # sequence chunk of the tied-logit CE (recomputed in backward); 0: one pass
       logits_dtype="float32",      # CE logits: "float32" (upcast) | "bfloat16" (fp32 sums, fused bf16 gradient)
+      # Compile the train/eval steps of every code bucket at start, side by side in threads
+      # (XLA compiles without the GIL): on a GPU the buckets' programs then cost one compile
+      # time, not one each. Off by default: small CPU runs may never meet every bucket.
+      precompile=False,
       log_every=50, eval_every=500, eval_batches=8,
       checkpoint_every=500, keep_checkpoints=3, async_checkpointing=True,
       samples_at_end=4,

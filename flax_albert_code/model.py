@@ -31,7 +31,7 @@ Array = jax.Array
 class EncoderOutput(NamedTuple):
   states_BxLxH: Array     # last hidden states
   mask_BxL: Array         # True at real tokens
-  pooled_BxH: Array       # sentence vector v (tanh pooler over [CLS], or masked mean)
+  pooled_BxH: Array       # sentence vector v (tanh pooler over [CLS], or a masked mean)
   vector_BxA: Array       # alignment vector (projection of v, optionally L2-normalised)
 
 
@@ -121,6 +121,7 @@ class AlbertEncoder(nn.Module):
     # an arbitrary mask (HF parity tests) goes through `attention_mask`.
     lengths = None if attention_mask is not None else mask_BxL.sum(-1)
     mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
+    embedded_BxLxH = x_BxLxH
     for det_stack, drop_stack in self.stacks:
       x_BxLxH, _ = (det_stack if deterministic else drop_stack)(x_BxLxH, lengths, mask)
     if cfg.pre_norm:
@@ -131,7 +132,10 @@ class AlbertEncoder(nn.Module):
       if self.is_initializing():   # the pooler exists either way (HF export, pooling switches)
         self.pooler(x_BxLxH[:, 0])
       w = mask_BxL[..., None].astype(x_BxLxH.dtype)
-      pooled = (x_BxLxH * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+      # "first_last": the mean of the embedded input and of the last states, a direct lexical
+      # path next to the contextual one (BERT-flow's first-last average).
+      h = x_BxLxH if cfg.pooling == "mean" else 0.5 * (x_BxLxH + embedded_BxLxH)
+      pooled = (h * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
     vec = self.align_head(pooled).astype(jnp.float32)
     if cfg.align_normalize:
       vec = vec / jnp.maximum(jnp.linalg.norm(vec, axis=-1, keepdims=True), 1e-6)

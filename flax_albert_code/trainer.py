@@ -171,6 +171,11 @@ def run(config, workdir: str, *, progress: bool = True, max_steps: int | None = 
   with contextlib.closing(ckpt), contextlib.closing(writer), jax.set_mesh(mesh), \
        _Signals() as signals:
     train_fn, eval_fn = train_step.jit_steps(model, tx, config, mesh, shardings)
+    if tc.get("precompile", False) and start < end:
+      compiled = train_step.precompile(train_fn, eval_fn if tc.eval_every else None, state,
+                                       config, mesh, eval_bs, tuple(config.data.code_buckets))
+      train_fn = _dispatch(compiled, "train", train_fn)
+      eval_fn = _dispatch(compiled, "eval", eval_fn)
     bar = tqdm(total=tc.steps, initial=start, disable=not (progress and is_main),
                dynamic_ncols=True, desc="train")
     pending, t_last, tokens_since, flops_since, step = None, time.perf_counter(), 0, 0.0, start
@@ -218,6 +223,14 @@ def run(config, workdir: str, *, progress: bool = True, max_steps: int | None = 
       _record(pending, history, bar, writer, tc, peak, mc, gen, align)
     bar.close()
   return Result(workdir, step, history, valid, bool(stopped), state, prepared)
+
+
+def _dispatch(compiled, kind: str, fallback):
+  """A step that runs the precompiled program for its batch's code length (else `fallback`)."""
+  def step(state_or_params, batch):
+    fn = compiled.get((kind, batch["code_ids"].shape[1]), fallback)
+    return fn(state_or_params, batch)
+  return step
 
 
 def _record(pending, history, bar, writer, tc, peak, mc, gen, align) -> None:

@@ -75,7 +75,8 @@ def tiny():
   return model, random_params(model), desc, code
 
 
-@pytest.mark.parametrize("pooling,norm", [("cls", "post"), ("mean", "post"), ("mean", "pre")])
+@pytest.mark.parametrize("pooling,norm", [("cls", "post"), ("mean", "post"),
+                                          ("first_last", "pre")])
 def test_extra_padding_changes_nothing_at_real_positions(pooling, norm):
   model = _model(pooling=pooling, norm_position=norm)
   desc, code = _batch()
