@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import sys
 
 
@@ -25,10 +26,10 @@ def _eval_rows(path: str) -> dict[str, dict]:
 
 
 def summarize(out_dir: str) -> str:
-  lines = ["| run | overrides | steps | valid gen_loss | valid tok acc | valid InfoNCE "
+  lines = ["| run | overrides | steps | compile s | valid gen_loss | valid tok acc | valid InfoNCE "
            "| valid retrieval acc | tok/s | greedy BLEU | greedy parses % | MRR d->c "
            "| BM25 MRR d->c | BM25 NN BLEU |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for path in sorted(glob.glob(os.path.join(out_dir, "metrics_*.jsonl"))):
     name = os.path.basename(path)[len("metrics_"):-len(".jsonl")]
     with open(path, encoding="utf-8") as f:
@@ -40,7 +41,12 @@ def summarize(out_dir: str) -> str:
     ev = _eval_rows(os.path.join(out_dir, f"eval_{name}", "report.json"))
     fmt = lambda v, f="{:.3f}": "" if v is None else f.format(v)
     get = lambda method, key: ev.get(method, {}).get(key)
+    log_path = os.path.join(out_dir, f"train_{name}.log")
+    log = open(log_path, encoding="utf-8", errors="replace").read() if os.path.exists(
+        log_path) else ""
+    compiled = re.findall(r"Compiled \d+ step programs in ([\d.]+) s", log)
     cells = [name, overrides, fmt(_last(rows, "step"), "{}"),
+             fmt(float(compiled[-1]) if compiled else None, "{:.0f}"),
              fmt(_last(rows, "valid_gen_loss")), fmt(_last(rows, "valid_token_accuracy")),
              fmt(_last(rows, "valid_infonce_loss")), fmt(_last(rows, "valid_retrieval_accuracy")),
              fmt(sum(rates) / len(rates) if rates else None, "{:.0f}"),

@@ -3,7 +3,8 @@
 # (never test): the evidence behind the recipe's choices. One prepared dataset is shared; runs
 # go side by side on the one GPU (SWEEP_PARALLEL at a time, default 1), so compiles overlap
 # and each run's metrics depend on its steps, not on its neighbours.
-#   bash benchmarks/sweep_quality.sh OUTDIR STEPS "name: overrides" "name: overrides" ...
+#   bash benchmarks/sweep_quality.sh OUTDIR STEPS "name: [VAR=value ...] overrides" ...
+# (VAR=value words set that run's environment, e.g. XLA_FLAGS.)
 # Environment: SWEEP_COMMON (overrides of every run and of the data, e.g.
 # "--config.data.max_examples=50000"), SWEEP_PARALLEL, SWEEP_EVAL_EXAMPLES (after training,
 # `evaluate` greedy decoding and retrieval on that many valid examples; 0: skip),
@@ -25,18 +26,20 @@ python3 -m flax_albert_code.prepare --config configs/quality.py --workdir /tmp/s
 one() {   # name, overrides...
   local name="$1"; shift
   local work="/tmp/sweep_run_$name"
+  local env=()
+  while [ $# -gt 0 ] && [[ "$1" =~ ^[A-Z_][A-Z0-9_]*= ]]; do env+=("$1"); shift; done
   rm -rf "$work"
   stamp "start $name: $*"
-  python3 -m flax_albert_code.train --config configs/quality.py --workdir "$work" \
+  env "${env[@]}" python3 -m flax_albert_code.train --config configs/quality.py --workdir "$work" \
     --config.data.data_dir="$data" --config.train.steps="$steps" \
     --config.train.eval_every="$(( steps / 2 ))" --config.train.checkpoint_every="$steps" \
     --config.train.samples_at_end=0 --config.train.log_every=50 "${common[@]}" "$@" \
     > "$out/train_$name.log" 2>&1 || { stamp "FAILED $name"; tail -5 "$out/train_$name.log"; }
   cp "$work/metrics.jsonl" "$out/metrics_$name.jsonl" 2>/dev/null || true
-  echo "$*" > "$out/overrides_$name.txt"
+  echo "${env[*]} $*" > "$out/overrides_$name.txt"
   stamp "trained $name"
   if [ "$n_eval" -gt 0 ] && [ -d "$work/checkpoints" ]; then
-    python3 -m flax_albert_code.evaluate --checkpoint "$work" --split valid \
+    env "${env[@]}" python3 -m flax_albert_code.evaluate --checkpoint "$work" --split valid \
       --max-examples "$n_eval" --strategies greedy --out "$out/eval_$name" \
       > "$out/eval_$name.log" 2>&1 || stamp "FAILED evaluate $name"
     stamp "evaluated $name"

@@ -168,7 +168,8 @@ def test_evaluate_with_fake_generator_end_to_end(tmp_path):
   rows = {r["method"]: r for r in results["rows"]}
   assert list(rows) == ["greedy", "sample", "sample + align rerank", "BM25 nearest neighbour",
                         "alignment desc→code", "alignment code→desc", "BM25 desc→code",
-                        "BM25 code→desc"]
+                        "BM25 code→desc", "alignment + BM25 desc→code",
+                        "alignment + BM25 code→desc"]
   assert rows["greedy"]["exact_match"] == 50.0 and rows["greedy"]["parse_rate"] == 50.0
   assert rows["sample + align rerank"]["exact_match"] == 100.0
   assert rows["sample + align rerank"]["bleu"] == pytest.approx(100.0)
@@ -194,6 +195,22 @@ def test_evaluate_with_fake_generator_end_to_end(tmp_path):
   assert "| sample + align rerank | " in md and "| BM25 nearest neighbour |" in md
   assert "Worst examples" in md and "def broken(:" in md
   assert "Random examples (random.Random(7)" in md
+
+
+def test_fusion_adds_per_query_z_scores():
+  """Hybrid retrieval: each method's scores standardised over a query's candidates, summed; a
+  method that scales its scores has no more say than one that does not."""
+  a = np.array([[3.0, 1.0, 2.0], [0.0, 0.0, 6.0]])
+  b = np.array([[10.0, 30.0, 20.0], [1.0, 2.0, 3.0]])
+  fused = evaluation.fuse(a, b)
+  z = lambda x: (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)
+  np.testing.assert_allclose(fused, z(a) + z(b))
+  np.testing.assert_allclose(evaluation.fuse(a, 1000 * b), fused, atol=1e-12)
+  assert np.isfinite(evaluation.fuse(np.ones((1, 3)), b[:1])).all()   # ties: z = 0
+  # Two half-right rankers: each has the target second once; fused, it is first both times.
+  align = np.array([[0.9, 1.0, 0.0], [0.2, 0.9, 1.0]])
+  lexical = np.array([[1.0, 0.1, 0.9], [0.0, 1.0, 0.8]])
+  assert (np.argmax(evaluation.fuse(align, lexical), 1) == [0, 1]).all()
 
 
 def test_retrieval_chunks_follow_codesearchnet():

@@ -106,6 +106,15 @@ def _retrieval_rows(name: str, score_fn, chunks: list[np.ndarray]) -> list[dict]
   return rows
 
 
+def fuse(*scores_QxC: np.ndarray) -> np.ndarray:
+  """Hybrid retrieval: the sum of each method's scores standardised per query (z-scores over
+  that query's candidates), with equal weights fixed in advance, not tuned on any split."""
+  def z(s):
+    s = np.asarray(s, np.float64)
+    return (s - s.mean(-1, keepdims=True)) / np.maximum(s.std(-1, keepdims=True), 1e-9)
+  return sum(z(s) for s in scores_QxC)
+
+
 def _span(sizes: Sequence[int]) -> str:
   lo, hi = min(sizes), max(sizes)
   return str(lo) if lo == hi else f"{lo}-{hi}"
@@ -145,12 +154,13 @@ def evaluate(generator, examples: Sequence[dict], train_examples: Sequence[dict]
     chunks = retrieval_chunks(len(examples), max_candidates)
     d_emb = _embed(generator, descs, "desc", decode.batch_size)
     c_emb = _embed(generator, refs, "code", decode.batch_size)
-    rows += _retrieval_rows(
-        "alignment", lambda i: (d_emb[i] @ c_emb[i].T, c_emb[i] @ d_emb[i].T), chunks)
-    rows += _retrieval_rows(
-        "BM25", lambda i: (bm25.retrieval_scores([descs[j] for j in i], [refs[j] for j in i]),
-                           bm25.retrieval_scores([refs[j] for j in i], [descs[j] for j in i])),
-        chunks)
+    align = lambda i: (d_emb[i] @ c_emb[i].T, c_emb[i] @ d_emb[i].T)
+    lexical = lambda i: (bm25.retrieval_scores([descs[j] for j in i], [refs[j] for j in i]),
+                         bm25.retrieval_scores([refs[j] for j in i], [descs[j] for j in i]))
+    rows += _retrieval_rows("alignment", align, chunks)
+    rows += _retrieval_rows("BM25", lexical, chunks)
+    rows += _retrieval_rows("alignment + BM25", lambda i: tuple(
+        fuse(a, b) for a, b in zip(align(i), lexical(i))), chunks)
   return {"task": "generation", "num_examples": len(examples),
           "num_train_examples": len(train_examples), "rows": rows,
           "examples": show_examples(examples, outputs, num_show, num_random, seed),
