@@ -34,6 +34,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   arg("--num-samples", type=int, default=10)
   arg("--num-beams", type=int, default=4)
   arg("--temperature", type=float, default=0.8)
+  arg("--repetition-penalty", type=float, default=1.0,
+      help="greedy and sample: CTRL repetition penalty (1.0: off)")
   arg("--top-k", type=int, default=0)
   arg("--top-p", type=float, default=0.95)
   arg("--max-new-tokens", type=int, default=None)
@@ -79,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   decode = evaluation.DecodeSettings(
       num_samples=args.num_samples, num_beams=args.num_beams, temperature=args.temperature,
       top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
-      batch_size=args.batch_size)
+      batch_size=args.batch_size, repetition_penalty=args.repetition_penalty)
   strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
   train = [] if args.no_baselines else load_examples("prepared", "train", gen.prepared)
   if args.data == "humaneval":

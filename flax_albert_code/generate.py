@@ -33,6 +33,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   arg("--top-k", type=int, default=0)
   arg("--top-p", type=float, default=1.0)
   arg("--length-penalty", type=float, default=1.0)
+  arg("--repetition-penalty", type=float, default=1.0,
+      help="greedy, sample: make tokens already emitted less likely (CTRL; 1.0: off)")
   arg("--rerank", action="store_true", help="order candidates by description-code alignment")
   arg("--drop-unparsable", action="store_true", help="drop candidates that do not parse")
   arg("--seed", type=int, default=0)
@@ -102,14 +104,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flax_albert_code import sampling  # pylint: disable=import-outside-toplevel
     sampling.check_options(args.strategy, max_new_tokens=args.max_new_tokens or 1,
                            num_beams=args.num_beams, num_samples=args.num_samples,
-                           top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
+                           top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                           repetition_penalty=args.repetition_penalty)
     texts = read_texts(args.descriptions, args.input)
     gen = load_generator(args.checkpoint)
     results = gen.generate(
         texts, strategy=args.strategy, num_samples=args.num_samples, num_beams=args.num_beams,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, rerank=args.rerank,
         max_new_tokens=args.max_new_tokens, seed=args.seed,
-        length_penalty=args.length_penalty, drop_unparsable=args.drop_unparsable)
+        length_penalty=args.length_penalty,
+        repetition_penalty=args.repetition_penalty, drop_unparsable=args.drop_unparsable)
   except USER_ERRORS as e:
     return fail(e)
   for text, cands in zip(texts, results):

@@ -124,7 +124,7 @@ class CodeGenerator:
   def generate(self, descriptions: Sequence[str], strategy: str = "greedy", num_samples: int = 1,
                num_beams: int = 4, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                rerank: bool = False, max_new_tokens: int | None = None, seed: int = 0,
-               length_penalty: float = 1.0,
+               length_penalty: float = 1.0, repetition_penalty: float = 1.0,
                drop_unparsable: bool = False) -> list[list[dict[str, Any]]]:
     """Per description, candidates best first: {"code", "score", "align", "parses"}.
 
@@ -132,6 +132,8 @@ class CodeGenerator:
     (after reranking when `rerank`). "score" is the length-penalised log-probability; "align"
     the cosine similarity of description and code vectors (None unless `rerank`). With
     `drop_unparsable`, candidates that `ast.parse` rejects are dropped unless none parses.
+    `repetition_penalty` > 1 (greedy, sample) makes tokens already emitted less likely
+    (`sampling.penalize_repeats`).
     """
     texts = batching.check_texts(descriptions, "Description")
     max_new = self.default_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
@@ -144,7 +146,8 @@ class CodeGenerator:
     sampling.check_options(strategy, max_new_tokens=max_new, num_beams=num_beams,
                            num_samples=num_samples, top_k=top_k, top_p=top_p,
                            temperature=temperature, vocab_size=self.cfg.vocab_size,
-                           max_positions=self.cfg.max_position_embeddings)
+                           max_positions=self.cfg.max_position_embeddings,
+                           repetition_penalty=repetition_penalty)
     if not texts:
       return []
     ids = np.array([batching.pad(self._description_ids(t, i), self.max_desc_len)
@@ -158,7 +161,8 @@ class CodeGenerator:
           self.model, self.variables, self._put(batch), strategy=strategy,
           max_new_tokens=max_new, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
           num_beams=num_beams, length_penalty=length_penalty, num_samples=num_samples,
-          decode_phase=self.decode_phase, mesh=self.mesh, axis_rules=self.axis_rules)
+          decode_phase=self.decode_phase, mesh=self.mesh, axis_rules=self.axis_rules,
+          repetition_penalty=repetition_penalty)
       tokens.append(np.asarray(jax.device_get(t))[:size])
       scores.append(np.asarray(jax.device_get(s))[:size])
     tokens_NxKxT, scores_NxK = np.concatenate(tokens), np.concatenate(scores)

@@ -85,6 +85,15 @@ class _SampleState(NamedTuple):
   logprob_N: Array     # sum of log p of the emitted tokens, EOS included
   length_N: Array      # emitted tokens, EOS included
   cache: Any
+  seen_NxV: Array | None = None   # tokens emitted so far (with a repetition penalty)
+
+
+def penalize_repeats(logits_NxV: Array, seen_NxV: Array, penalty: Array) -> Array:
+  """CTRL's repetition penalty (Keskar et al. 2019; Hugging Face's `repetition_penalty`): the
+  logit of a token already emitted in its row is divided by `penalty` when positive and
+  multiplied by it when negative, so it becomes less likely either way (1.0: unchanged)."""
+  penalized = jnp.where(logits_NxV > 0, logits_NxV / penalty, logits_NxV * penalty)
+  return jnp.where(seen_NxV, penalized, logits_NxV)
 
 
 def decode_phases(max_new_tokens: int, decode_phase: int) -> tuple[int, ...] | None:
@@ -115,20 +124,25 @@ def _call(fn: Callable[..., Any], a, b, end: int | None):
 def sample_loop(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int,
                 max_new_tokens: int, choose: Callable[[Array, Array], Array], rng: Array,
                 done_N: Array | None = None,
-                phase_ends: Sequence[int] | None = None) -> tuple[Array, Array, Array, Array]:
+                phase_ends: Sequence[int] | None = None,
+                repetition_penalty: Array | None = None) -> tuple[Array, Array, Array, Array]:
   """Decodes `batch_size` rows one token per step until all emitted EOS or `max_new_tokens`.
 
   `choose(logits_NxV, step_rng) -> ids_N` picks the next tokens (argmax, or a draw). Returns
   tokens [N, T] (PAD after EOS), summed log-probs [N], lengths [N] (EOS counted) and the
   number of steps run. Rows where `done_N` is True from the start are not decoded. With
   `phase_ends` (increasing, the last `max_new_tokens`) the steps before `end` call
-  `tokens_to_logits(ids, cache, end)` (see the module docstring).
+  `tokens_to_logits(ids, cache, end)` (see the module docstring). With `repetition_penalty`
+  (None: off) tokens are chosen from `penalize_repeats` logits; log-probs stay the model's.
   """
   n, t = batch_size, max_new_tokens
   done0 = jnp.zeros((n,), bool) if done_N is None else done_N
   state = _SampleState(jnp.zeros((), jnp.int32), jnp.full((n,), BOS_ID, jnp.int32),
                        jnp.full((n, t), PAD_ID, jnp.int32), done0,
                        jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.int32), cache)
+  if repetition_penalty is not None:
+    v = jax.eval_shape(tokens_to_logits, state.last_N[:, None], cache)[0].shape[-1]
+    state = state._replace(seen_NxV=jnp.zeros((n, v), bool))
 
   def cond(s: _SampleState) -> Array:
     return (s.step < t) & ~jnp.all(s.done_N)
@@ -136,14 +150,17 @@ def sample_loop(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
   def body(s: _SampleState, end: int | None) -> _SampleState:
     logits, cache = _call(tokens_to_logits, s.last_N[:, None], s.cache, end)
     logits = ban_special(logits.reshape(n, -1).astype(jnp.float32))
-    ids = choose(logits, jax.random.fold_in(rng, s.step)).astype(jnp.int32)
+    chosen_from = (logits if s.seen_NxV is None
+                   else penalize_repeats(logits, s.seen_NxV, repetition_penalty))
+    ids = choose(chosen_from, jax.random.fold_in(rng, s.step)).astype(jnp.int32)
     ids = jnp.where(s.done_N, PAD_ID, ids)
     logp = jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, -1)
     live = ~s.done_N
+    seen = None if s.seen_NxV is None else s.seen_NxV.at[jnp.arange(n), ids].set(True)
     return _SampleState(
         s.step + 1, ids, lax.dynamic_update_slice(s.tokens_NxT, ids[:, None], (0, s.step)),
         s.done_N | (ids == EOS_ID), s.logprob_N + jnp.where(live, logp, 0.0),
-        s.length_N + live.astype(jnp.int32), cache)
+        s.length_N + live.astype(jnp.int32), cache, seen)
 
   final = _phased_loop(cond, body, state, phase_ends)
   return final.tokens_NxT, final.logprob_N, final.length_N, final.step
@@ -307,7 +324,7 @@ def num_candidates(strategy: str, num_beams: int, num_samples: int) -> int:
 
 def check_options(strategy: str, *, max_new_tokens: int, num_beams: int, num_samples: int,
                   top_k: int, top_p=1.0, temperature=1.0, vocab_size: int | None = None,
-                  max_positions: int | None = None) -> None:
+                  max_positions: int | None = None, repetition_penalty=1.0) -> None:
   """Raises ValueError (one sentence) for an unknown strategy or options that cannot work."""
   def static(x):
     return isinstance(x, numbers.Real)
@@ -325,6 +342,10 @@ def check_options(strategy: str, *, max_new_tokens: int, num_beams: int, num_sam
       (not static(top_p) or 0.0 < top_p <= 1.0, f"top_p must be in (0, 1], got {top_p}"),
       (strategy != "sample" or not static(temperature) or temperature > 0,
        f"temperature must be positive, got {temperature}"),
+      (not static(repetition_penalty) or repetition_penalty >= 1.0,
+       f"repetition_penalty must be at least 1.0 (1.0: off), got {repetition_penalty}"),
+      (strategy != "beam" or not static(repetition_penalty) or repetition_penalty == 1.0,
+       "repetition_penalty applies to greedy and sample decoding, not to beam search"),
   ]
   for ok, msg in checks:
     if not ok:
@@ -335,7 +356,7 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
              max_new_tokens: int = 256, rng: Array | int = 0, temperature=1.0, top_k: int = 0,
              top_p=1.0, num_beams: int = 4, length_penalty=1.0, num_samples: int = 1,
              decode_phase: int = 64, mesh: jax.sharding.Mesh | None = None,
-             axis_rules: tuple | None = None) -> tuple[Array, Array]:
+             axis_rules: tuple | None = None, repetition_penalty=1.0) -> tuple[Array, Array]:
   """Decodes code for each description: tokens [B, K, T] int32 (PAD after EOS), scores [B, K].
 
   K is 1 (greedy), `num_samples` (sample) or `num_beams` (beam); candidates best first. Rows of
@@ -346,21 +367,27 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
   attending to (and, for beams, reordering) only the cache positions it can have written
   (module docstring); 0 attends to the whole cache at every step. Outputs are the same.
   Compiled once per (shapes, strategy, max_new_tokens, K, top_k, top_p < 1, decode_phase,
-  mesh); temperature, top_p and length_penalty are traced.
+  mesh, repetition_penalty != 1); temperature, top_p, length_penalty and a repetition
+  penalty's value are traced. `repetition_penalty` (greedy and sample; 1.0: off) is
+  `penalize_repeats`.
   """
   cfg = model.cfg
   check_options(strategy, max_new_tokens=max_new_tokens, num_beams=num_beams,
                 num_samples=num_samples, top_k=top_k, top_p=top_p, temperature=temperature,
-                vocab_size=cfg.vocab_size, max_positions=cfg.max_position_embeddings)
+                vocab_size=cfg.vocab_size, max_positions=cfg.max_position_embeddings,
+                repetition_penalty=repetition_penalty)
   nucleus = strategy == "sample" and not (isinstance(top_p, numbers.Real) and top_p >= 1.0)
   if isinstance(rng, int):
     rng = jax.random.PRNGKey(rng)
   return _generate(model, params, desc_ids_BxL, rng, jnp.float32(temperature),
-                   jnp.float32(top_p), jnp.float32(length_penalty), strategy=strategy,
+                   jnp.float32(top_p), jnp.float32(length_penalty),
+                   jnp.float32(repetition_penalty), strategy=strategy,
                    max_new_tokens=max_new_tokens,
                    k=num_candidates(strategy, num_beams, num_samples),
                    top_k=top_k if strategy == "sample" else 0, nucleus=nucleus,
                    phases=decode_phases(max_new_tokens, int(decode_phase)), mesh=mesh,
+                   penalize=not (isinstance(repetition_penalty, numbers.Real)
+                                 and repetition_penalty == 1.0),
                    axis_rules=None if axis_rules is None else _hashable(axis_rules))
 
 
@@ -379,10 +406,12 @@ def mesh_context(mesh: jax.sharding.Mesh | None, axis_rules: tuple | None):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "strategy", "max_new_tokens", "k", "top_k",
-                                             "nucleus", "phases", "mesh", "axis_rules"))
-def _generate(model: CodeModel, params, desc_ids_BxL, rng, temperature, top_p, length_penalty, *,
-              strategy: str, max_new_tokens: int, k: int, top_k: int, nucleus: bool,
-              mesh, axis_rules, phases: tuple[int, ...] | None = None):
+                                             "nucleus", "phases", "mesh", "axis_rules",
+                                             "penalize"))
+def _generate(model: CodeModel, params, desc_ids_BxL, rng, temperature, top_p, length_penalty,
+              repetition_penalty, *, strategy: str, max_new_tokens: int, k: int, top_k: int,
+              nucleus: bool, mesh, axis_rules, phases: tuple[int, ...] | None = None,
+              penalize: bool = False):
   with mesh_context(mesh, axis_rules):
     b = desc_ids_BxL.shape[0]
     active_B = desc_ids_BxL[:, 0] != PAD_ID
@@ -405,7 +434,8 @@ def _generate(model: CodeModel, params, desc_ids_BxL, rng, temperature, top_p, l
                 else sample_choice(temperature, top_k, top_p, nucleus))
       tokens, logprob, length, _ = sample_loop(
           tokens_to_logits, cache, batch_size=b * k, max_new_tokens=max_new_tokens,
-          choose=choose, rng=rng, done_N=jnp.repeat(~active_B, k), phase_ends=phases)
+          choose=choose, rng=rng, done_N=jnp.repeat(~active_B, k), phase_ends=phases,
+          repetition_penalty=repetition_penalty if penalize else None)
       scores = jnp.where(length > 0, logprob / length_penalty_fn(length, alpha), 0.0)
       tokens, scores = tokens.reshape(b, k, max_new_tokens), scores.reshape(b, k)
       if k > 1:   # samples best first

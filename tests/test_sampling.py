@@ -50,6 +50,28 @@ def test_toy_greedy_stops_at_eos_and_pads():
   assert int(steps) == 2   # the loop stopped when every row had emitted EOS, not at 10
 
 
+def test_toy_repetition_penalty_breaks_a_greedy_loop():
+  """After a: a again (0.5) or EOS (0.4). Plain greedy loops on a to the length limit; with
+  CTRL's penalty a's logit log 0.5 < 0 is multiplied by 2 (log 0.25 < log 0.4), so greedy
+  ends after one a. The returned log-prob is the model's, not the penalised one."""
+  table = np.stack([_row(eos=1.0)] * V)
+  table[BOS_ID] = _row(a=0.9, b=0.1)
+  table[6] = _row(a=0.5, eos=0.4, b=0.1)
+  run = lambda penalty: sampling.sample_loop(
+      _toy_logits(table), jnp.zeros((), jnp.int32), batch_size=1, max_new_tokens=6,
+      choose=sampling.greedy_choice, rng=jax.random.PRNGKey(0), repetition_penalty=penalty)
+  np.testing.assert_array_equal(run(None)[0], [[6] * 6])
+  tokens, logprob, length, _ = run(jnp.float32(2.0))
+  np.testing.assert_array_equal(tokens, [[6, EOS_ID, 0, 0, 0, 0]])
+  np.testing.assert_allclose(logprob, [np.log(0.9 * 0.4)], rtol=1e-5)
+  # Penalty 1.0 changes nothing; positive logits are divided, negative ones multiplied.
+  np.testing.assert_array_equal(run(jnp.float32(1.0))[0], run(None)[0])
+  logits = jnp.array([[2.0, -2.0, 2.0]])
+  np.testing.assert_allclose(
+      sampling.penalize_repeats(logits, jnp.array([[True, True, False]]), 2.0),
+      [[1.0, -4.0, 2.0]])
+
+
 def test_toy_beam_finds_the_best_sequence_greedy_misses():
   seqs, scores = sampling.beam_search(
       _toy_logits(_TABLE), jnp.zeros((2,), jnp.int32), batch_size=1, beam_size=2,
@@ -261,11 +283,31 @@ def test_same_seed_same_samples(tiny):
   assert (np.diff(sa, axis=1) <= 1e-6).all(), "samples must come best first"
 
 
+def test_repetition_penalty_on_the_model(tiny):
+  """Compiled with the penalty: 1.0 gives plain greedy exactly; a strong one changes outputs
+  and repeats fewer tokens."""
+  config, model, variables, desc = tiny
+  variables = jax.tree.map(lambda x: x, variables)
+  bias = variables["params"]["decoder"]["logits_bias"]
+  variables["params"]["decoder"]["logits_bias"] = bias.at[EOS_ID].set(-10.0)  # long outputs
+  loud = (config, model, variables, desc)
+  plain, plain_scores = _gen(loud, strategy="greedy")
+  same, same_scores = _gen(loud, strategy="greedy", repetition_penalty=1.0)
+  np.testing.assert_array_equal(same, plain)
+  np.testing.assert_array_equal(same_scores, plain_scores)
+  strong, _ = _gen(loud, strategy="greedy", repetition_penalty=5.0)
+  assert not np.array_equal(strong, plain)
+  repeats = lambda t: sum(len(r[r > EOS_ID]) - len(set(r[r > EOS_ID])) for r in t[:, 0])
+  assert repeats(strong) < repeats(plain)
+
+
 def test_bad_options_are_one_sentence_value_errors(tiny):
   for kw, words in ((dict(strategy="nucleus"), "Unknown decoding strategy"),
                     (dict(strategy="sample", top_p=0.0), "top_p"),
                     (dict(strategy="sample", temperature=0.0), "temperature"),
-                    (dict(strategy="greedy", max_new_tokens=10_000), "positions")):
+                    (dict(strategy="greedy", max_new_tokens=10_000), "positions"),
+                    (dict(strategy="greedy", repetition_penalty=0.5), "repetition_penalty"),
+                    (dict(strategy="beam", repetition_penalty=1.2), "not to beam search")):
     with pytest.raises(ValueError, match=words):
       _gen(tiny, **kw)
 

@@ -35,6 +35,7 @@ class DecodeSettings:
   max_new_tokens: int | None = None
   seed: int = 0
   batch_size: int = 64       # descriptions per `generate` / `embed` call
+  repetition_penalty: float = 1.0   # greedy and sample only (beam search ignores it)
 
 
 def methods(strategies: Sequence[str], rerank: bool) -> list[tuple[str, bool]]:
@@ -65,7 +66,9 @@ def _generate(generator, descriptions: Sequence[str], strategy: str, rerank: boo
     cands = generator.generate(
         batch, strategy=strategy, num_samples=_num_candidates(strategy, d),
         num_beams=d.num_beams, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p,
-        rerank=rerank, max_new_tokens=d.max_new_tokens, seed=d.seed + i)
+        rerank=rerank, max_new_tokens=d.max_new_tokens, seed=d.seed + i,
+        **({"repetition_penalty": d.repetition_penalty}
+           if d.repetition_penalty != 1.0 and strategy != "beam" else {}))
     if len(cands) != len(batch) or any(not c for c in cands):
       raise ValueError(f"generate({strategy!r}) returned {len(cands)} candidate lists for "
                        f"{len(batch)} descriptions, or an empty list; expected one non-empty each.")
