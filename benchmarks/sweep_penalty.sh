@@ -4,18 +4,19 @@
 #   bash benchmarks/sweep_penalty.sh WORKDIR OUTDIR "1.0 1.1 1.2 1.5" [VALID_N] [TEST_N]
 # Picks the penalty with the highest valid greedy parse rate (ties: the smaller penalty).
 set -euo pipefail
-work="$1"; out="$2"; penalties="$3"; n_valid="${4:-300}"; n_test="${5:-500}"
+work="$1"; out="$2"; n_valid="${4:-300}"; n_test="${5:-500}"
+read -r -a penalties <<< "$3"
 mkdir -p "$out"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-${work}_jax_cache}"
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$out/timeline.txt"; }
-for p in $penalties; do
+for p in "${penalties[@]}"; do
   stamp "valid, greedy, repetition penalty $p"
   python3 -m flax_albert_code.evaluate --checkpoint "$work" --split valid --max-examples "$n_valid" \
     --strategies greedy --repetition-penalty "$p" --no-baselines --no-retrieval --show 0 \
     --out "$out/valid_$p" > "$out/valid_$p.log" 2>&1 || { tail -5 "$out/valid_$p.log"; exit 1; }
 done
-best=$(python3 - "$out" $penalties <<'PY'
+best=$(python3 - "$out" "${penalties[@]}" <<'PY'
 import json, sys
 out, penalties = sys.argv[1], sys.argv[2:]
 rate = {p: json.load(open(f"{out}/valid_{p}/report.json"))["rows"][0]["parse_rate"] for p in penalties}
@@ -33,7 +34,7 @@ for p in 1.0 "$best"; do
     --random-examples 5 --seed 0 --out "$out/test_$p" > "$out/test_$p.log" 2>&1 \
     || { tail -5 "$out/test_$p.log"; exit 1; }
 done
-python3 - "$out" $penalties "$best" <<'PY'
+python3 - "$out" "${penalties[@]}" "$best" <<'PY'
 import json, os, sys
 out, penalties, best = sys.argv[1], sys.argv[2:-1], sys.argv[-1]
 print("| split | repetition penalty | greedy BLEU | greedy parses % | examples |")

@@ -13,7 +13,7 @@ set -euo pipefail
 out="$1"; steps="$2"; shift 2
 mkdir -p "$out"
 data="${SWEEP_DATA_DIR:-/tmp/sweep_data}"
-common=(${SWEEP_COMMON:-})
+read -r -a common <<< "${SWEEP_COMMON:-}"
 parallel="${SWEEP_PARALLEL:-1}"
 n_eval="${SWEEP_EVAL_EXAMPLES:-0}"
 start=$(date +%s)
