@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Short runs of configs/quality.py that differ in a few overrides, judged on the VALID split
 # (never test): the evidence behind the recipe's choices. One prepared dataset is shared; runs
-# go side by side on the one GPU (SWEEP_PARALLEL at a time, default 1), so compiles overlap
-# and each run's metrics depend on its steps, not on its neighbours.
+# go one after another (SWEEP_PARALLEL > 1 runs that many side by side on the one GPU: six
+# base-sized runs on an H100 thrashed and ran out of memory, so keep it at 1 for this config).
 #   bash benchmarks/sweep_quality.sh OUTDIR STEPS "name: [VAR=value ...] overrides" ...
 # (VAR=value words set that run's environment, e.g. XLA_FLAGS.)
 # Environment: SWEEP_COMMON (overrides of every run and of the data, e.g.
