@@ -90,14 +90,13 @@ def retrieval_chunks(n: int, max_candidates: int = 1000) -> list[np.ndarray]:
   return np.array_split(np.arange(n), -(-n // max_candidates))
 
 
-def _retrieval_rows(name: str, score_fn, chunks: list[np.ndarray]) -> list[dict]:
-  """`score_fn(idx)` -> ([n, n] desc->code scores, [n, n] code->desc scores) within a chunk."""
+def _retrieval_rows(name: str, scores: list[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
+  """`scores`: per chunk, ([n, n] desc->code scores, [n, n] code->desc scores)."""
   ranks: dict[str, list[np.ndarray]] = {"desc→code": [], "code→desc": []}
-  for idx in chunks:
-    d2c, c2d = score_fn(idx)
+  for d2c, c2d in scores:
     ranks["desc→code"].append(metrics.ranks(d2c))
     ranks["code→desc"].append(metrics.ranks(c2d))
-  sizes = [len(c) for c in chunks]
+  sizes = [len(d2c) for d2c, _ in scores]
   rows = []
   for direction, rs in ranks.items():
     r = np.concatenate(rs)
@@ -157,13 +156,14 @@ def evaluate(generator, examples: Sequence[dict], train_examples: Sequence[dict]
     chunks = retrieval_chunks(len(examples), max_candidates)
     d_emb = _embed(generator, descs, "desc", decode.batch_size)
     c_emb = _embed(generator, refs, "code", decode.batch_size)
-    align = lambda i: (d_emb[i] @ c_emb[i].T, c_emb[i] @ d_emb[i].T)
-    lexical = lambda i: (bm25.retrieval_scores([descs[j] for j in i], [refs[j] for j in i]),
-                         bm25.retrieval_scores([refs[j] for j in i], [descs[j] for j in i]))
-    rows += _retrieval_rows("alignment", align, chunks)
-    rows += _retrieval_rows("BM25", lexical, chunks)
-    rows += _retrieval_rows("alignment + BM25", lambda i: tuple(
-        fuse(a, b) for a, b in zip(align(i), lexical(i))), chunks)
+    align = [(d_emb[i] @ c_emb[i].T, c_emb[i] @ d_emb[i].T) for i in chunks]
+    lexical = [(bm25.retrieval_scores([descs[j] for j in i], [refs[j] for j in i]),
+                bm25.retrieval_scores([refs[j] for j in i], [descs[j] for j in i]))
+               for i in chunks]
+    rows += _retrieval_rows("alignment", align)
+    rows += _retrieval_rows("BM25", lexical)
+    rows += _retrieval_rows("alignment + BM25", [(fuse(ad, ld), fuse(ac, lc))
+                                                 for (ad, ac), (ld, lc) in zip(align, lexical)])
   return {"task": "generation", "num_examples": len(examples),
           "num_train_examples": len(train_examples), "rows": rows,
           "examples": show_examples(examples, outputs, num_show, num_random, seed),
