@@ -26,9 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
-from flax_albert_code import config_lib, metrics, model as model_lib, optim, sharding  # noqa: E402
-from flax_albert_code import sampling, train_step  # noqa: E402
-from flax_albert_code.config_lib import EOS_ID  # noqa: E402
+from flax_albert_code import config as config_lib  # noqa: E402
+from flax_albert_code.training import metrics  # noqa: E402
+from flax_albert_code.model import albert as model_lib  # noqa: E402
+from flax_albert_code.training import optim  # noqa: E402
+from flax_albert_code.model import sharding  # noqa: E402
+from flax_albert_code.inference import decoding as sampling  # noqa: E402
+from flax_albert_code.training import step as train_step  # noqa: E402
+from flax_albert_code.config import EOS_ID  # noqa: E402
 
 WORKLOADS = {
     # name: (preset, batch, desc_len, code_len, timed steps, timed generations)
@@ -42,7 +47,7 @@ def make_config(workload: str, overrides: list[str]):
   preset, batch, ld, lc, _, _ = WORKLOADS[workload]
   if workload == "bench-a":
     spec = importlib.util.spec_from_file_location("base_config", os.path.join(
-        os.path.dirname(__file__), os.pardir, "configs", "base.py"))
+        os.path.dirname(__file__), os.pardir, "flax_albert_code", "configs", "base.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()

@@ -22,9 +22,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
-from flax_albert_code import model as model_lib, sampling  # noqa: E402
-from flax_albert_code.generator import inference_params  # noqa: E402
-from flax_albert_code.config_lib import CLS_ID, EOS_ID, SEP_ID  # noqa: E402
+from flax_albert_code.model import albert as model_lib  # noqa: E402
+from flax_albert_code.inference import decoding as sampling  # noqa: E402
+from flax_albert_code.inference.generator import inference_params  # noqa: E402
+from flax_albert_code.config import CLS_ID, EOS_ID, SEP_ID  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -67,7 +68,7 @@ def main() -> None:
   if args.no_fused_qkv:
     config.model.fused_qkv = False
   if args.decode_xla:
-    from flax_albert_code import layers  # pylint: disable=import-outside-toplevel
+    from flax_albert_code.model import layers  # pylint: disable=import-outside-toplevel
     attention = layers.attention
 
     def one_token_xla(q, k, v, *, impl, **kw):

@@ -14,7 +14,7 @@ leaves its data. The parts, in this order:
               memory estimate of the step, and the device's peak so far (FSDP runs first, so
               its peak is its own; the peak is process-wide, hence also XLA's estimate)
   throughput  data parallel at a fixed per-device batch: 64 on one device vs 64N on N
-  checkpoint  the FSDP state saved on N devices (checkpoint.py, as trainer.py saves), restored on
+  checkpoint  the FSDP state saved on N devices (checkpoint.py, as training/loop.py saves), restored on
               one device by a fresh process that sees one device: bitwise equal
   large       ALBERT-large sizes with configs/base.py's settings (bf16, cuDNN, no remat; depth
               scanned): batches doubled on one device until one runs out of memory, then that
@@ -41,8 +41,11 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
-from flax_albert_code import model as model_lib, optim, sharding  # noqa: E402
-from flax_albert_code import config_lib, train_step  # noqa: E402
+from flax_albert_code.model import albert as model_lib  # noqa: E402
+from flax_albert_code.training import optim  # noqa: E402
+from flax_albert_code.model import sharding  # noqa: E402
+from flax_albert_code import config as config_lib  # noqa: E402
+from flax_albert_code.training import step as train_step  # noqa: E402
 import bench_model  # noqa: E402  (benchmarks/, beside this file)
 
 WORKLOADS = {
@@ -199,8 +202,8 @@ def run_mesh(c, devices, axes: dict, batch: int, *, loss_steps: int = 0, warmup:
 
 
 def save_checkpoint(state, c, workdir: str) -> dict:
-  """Save as trainer.py does (no data iterator here) and keep the state's hashes beside it."""
-  from flax_albert_code import checkpoint   # orbax and grain: only this part needs them
+  """Save as training/loop.py does (no data iterator here) and keep the state's hashes beside it."""
+  from flax_albert_code.training import checkpoint   # orbax and grain: only this part needs them
   t0 = time.perf_counter()
   ckpt = checkpoint.Checkpointer(workdir, keep=1, async_save=c.train.async_checkpointing)
   step = int(state.step)
@@ -215,9 +218,9 @@ def save_checkpoint(state, c, workdir: str) -> dict:
 
 
 def restore_check(workdir: str, devices=None) -> dict:
-  """Restore the checkpoint in `workdir` onto a one-device mesh, as trainer.py restores, and
+  """Restore the checkpoint in `workdir` onto a one-device mesh, as training/loop.py restores, and
   compare every array with the hashes taken when it was saved."""
-  from flax_albert_code import checkpoint
+  from flax_albert_code.training import checkpoint
   devices = list(devices or jax.devices()[:1])
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   config = ckpt.saved_config()

@@ -17,7 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
-from flax_albert_code import config_lib, model as model_lib, optim, sharding, train_step  # noqa: E402
+from flax_albert_code import config as config_lib  # noqa: E402
+from flax_albert_code.model import albert as model_lib  # noqa: E402
+from flax_albert_code.training import optim  # noqa: E402
+from flax_albert_code.model import sharding  # noqa: E402
+from flax_albert_code.training import step as train_step  # noqa: E402
 
 
 def attention_parity() -> None:

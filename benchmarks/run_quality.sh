@@ -19,7 +19,7 @@ stamp() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$out/timeline.txt"; 
 python3 -c "import jax, flax, optax, orbax.checkpoint, grain, sentencepiece; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', orbax.checkpoint.__version__, 'grain', grain.__version__ if hasattr(grain, '__version__') else '?', 'sentencepiece', sentencepiece.__version__, jax.devices()[0].device_kind)" \
   | tee "$out/versions.txt"
 stamp "train (prepares the data first)"
-python3 -m flax_albert_code.train --config "$root/configs/quality.py" --workdir "$work" "${@:2}" \
+python3 -m flax_albert_code.train --config "$root/flax_albert_code/configs/quality.py" --workdir "$work" "${@:2}" \
   > "$out/train_full.log" 2>&1 || { tail -30 "$out/train_full.log"; exit 1; }
 tr '\r' '\n' < "$out/train_full.log" | grep -v -i "warn" \
   | grep -E "^(Training|Prepared|pairs|  |step|final|checkpoint|#|def |error)|step [0-9]+: \{" \

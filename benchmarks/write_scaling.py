@@ -142,7 +142,7 @@ def checkpoint_section(res, n) -> list[str]:
   if not isinstance(c, dict) or "error" in c:
     return lines + [_error(c) if c else "Not run."]
   saved = c.get("saved") or {}
-  lines.append(f"Saved by `checkpoint.Checkpointer` as trainer.py saves (step "
+  lines.append(f"Saved by `checkpoint.Checkpointer` as training/loop.py saves (step "
                f"{saved.get('step')}, {saved.get('arrays')} arrays, each over "
                f"{saved.get('devices_per_array')} devices).")
   for key, what in (("subprocess", "a fresh process that sees one device"),

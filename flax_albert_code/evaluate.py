@@ -16,7 +16,7 @@ import itertools
 import sys
 from typing import Sequence
 
-from flax_albert_code import evaluation
+from flax_albert_code.evaluation import harness
 from flax_albert_code.evaluation import report, sandbox
 
 
@@ -74,11 +74,11 @@ def load_examples(spec: str, split: str, prepared, max_examples: int = 0) -> lis
 def main(argv: Sequence[str] | None = None) -> dict:
   args = parse_args(argv)
   try:
-    from flax_albert_code.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
+    from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     sys.exit(f"Cannot import flax_albert_code.generator ({e}); evaluation needs the sampler.")
   gen = CodeGenerator.from_checkpoint(args.checkpoint)
-  decode = evaluation.DecodeSettings(
+  decode = harness.DecodeSettings(
       num_samples=args.num_samples, num_beams=args.num_beams, temperature=args.temperature,
       top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
       batch_size=args.batch_size, repetition_penalty=args.repetition_penalty)
@@ -87,12 +87,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
   if args.data == "humaneval":
     from flax_albert_code.evaluation import humaneval  # pylint: disable=import-outside-toplevel
     problems = humaneval.load_problems()[:args.max_examples or None]
-    results = evaluation.evaluate_humaneval(
+    results = harness.evaluate_humaneval(
         gen, problems, strategies, args.rerank, decode, train,
         sandbox.Limits(timeout_s=args.timeout), args.workers or None, args.show)
   else:
     examples = load_examples(args.data, args.split, gen.prepared, args.max_examples)
-    results = evaluation.evaluate(gen, examples, train, strategies, args.rerank, decode,
+    results = harness.evaluate(gen, examples, train, strategies, args.rerank, decode,
                                   not args.no_retrieval, args.max_candidates, args.show,
                                   args.random_examples, args.seed)
   results.update(title=f"{args.data} ({args.split})" if args.data != "humaneval" else "HumanEval",

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from typing import Sequence
 
-USER_ERRORS: tuple = (ValueError, OSError, RuntimeError)  # CheckpointError is a RuntimeError
-
+from flax_albert_code.utils import cli
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m flax_albert_code.generate",
@@ -43,79 +41,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def quiet_logs() -> None:
-  """Our warnings as `warning: ...` lines; library chatter (orbax, absl) only when it is an error."""
-  handler = logging.StreamHandler()
-  handler.setFormatter(logging.Formatter("warning: %(message)s"))
-  ours = logging.getLogger("flax_albert_code")
-  ours.addHandler(handler)
-  ours.propagate = False
-  logging.getLogger("absl").setLevel(logging.ERROR)
-
-
-def fail(error: BaseException) -> int:
-  """One sentence on stderr, exit status 1."""
-  print(f"error: {error}", file=sys.stderr)
-  return 1
-
-
-def _utf8(data: bytes, where: str) -> str:
-  try:
-    return data.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise ValueError(f"{where} is not valid UTF-8 (byte {e.start}).") from None
-
-
-def read_texts(args: Sequence[str], input_path: str, what: str = "description") -> list[str]:
-  """Texts from the arguments, else a file (one a line), else stdin; blank lines skipped."""
-  if args:
-    texts = []
-    for i, a in enumerate(args):   # undecodable argv bytes arrive as lone surrogates
-      texts.append(_utf8(a.encode("utf-8", "surrogateescape"), f"Argument {i + 1}"))
-  else:
-    if input_path and input_path != "-":
-      with open(input_path, "rb") as f:
-        data = _utf8(f.read(), input_path)
-    else:
-      if sys.stdin is None or sys.stdin.isatty():
-        raise ValueError(f"No {what} given; pass it as an argument, with --input FILE or on stdin.")
-      data = _utf8(sys.stdin.buffer.read(), "stdin")
-    texts = [line for line in data.splitlines() if line.strip()]
-  if not texts:
-    raise ValueError(f"No {what} given; the input is empty.")
-  return texts
-
-
-def load_generator(path: str):
-  """CodeGenerator over all local devices (the batch sharded over them when there are several)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax_albert_code import sharding  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
-  mesh = None
-  if jax.device_count() > 1:
-    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
-  return CodeGenerator.from_checkpoint(path, mesh=mesh)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  quiet_logs()
+  cli.quiet_logs()
   try:
-    from flax_albert_code import sampling  # pylint: disable=import-outside-toplevel
+    from flax_albert_code.inference import decoding as sampling  # pylint: disable=import-outside-toplevel
     sampling.check_options(args.strategy, max_new_tokens=args.max_new_tokens or 1,
                            num_beams=args.num_beams, num_samples=args.num_samples,
                            top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                            repetition_penalty=args.repetition_penalty)
-    texts = read_texts(args.descriptions, args.input)
-    gen = load_generator(args.checkpoint)
+    texts = cli.read_texts(args.descriptions, args.input)
+    gen = cli.load_generator(args.checkpoint)
     results = gen.generate(
         texts, strategy=args.strategy, num_samples=args.num_samples, num_beams=args.num_beams,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, rerank=args.rerank,
         max_new_tokens=args.max_new_tokens, seed=args.seed,
         length_penalty=args.length_penalty,
         repetition_penalty=args.repetition_penalty, drop_unparsable=args.drop_unparsable)
-  except USER_ERRORS as e:
-    return fail(e)
+  except cli.USER_ERRORS as e:
+    return cli.fail(e)
   for text, cands in zip(texts, results):
     if args.json:
       print(json.dumps({"description": text, "candidates": cands}))

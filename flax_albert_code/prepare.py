@@ -14,13 +14,14 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from flax_albert_code import config as config_lib
 from flax_albert_code.data.prepared import (DataError, Prepared, load_prepared,  # noqa: F401
                                             prepare, summary)
 from flax_albert_code.tokenizer import TokenizerError
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "default.py")
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.normpath(_DEFAULT_CONFIG),
-                                          "Config file (see configs/).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(config_lib.CONFIG_DIR, "default.py"),
+    "Config file, or the name of a shipped one (default, quality, base, large, tiny).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default",
                                "Run directory; data goes to <workdir>/data unless "
                                "config.data.data_dir is set.")
@@ -38,4 +39,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, argv=config_lib.with_shipped_configs(sys.argv))

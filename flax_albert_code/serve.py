@@ -18,7 +18,7 @@ from typing import Sequence
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  from flax_albert_code.server import Limits  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.deploy.server import Limits  # pylint: disable=import-outside-toplevel
   d = Limits()
   p = argparse.ArgumentParser(prog="python -m flax_albert_code.serve",
                               description=__doc__.split("\n\n")[0])
@@ -43,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   import uvicorn  # pylint: disable=import-outside-toplevel
-  from flax_albert_code import server, serving  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.deploy import server  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.deploy import runtime as serving  # pylint: disable=import-outside-toplevel
   try:
     exp = serving.load_export(args.export, index=args.index or None)
   except (ValueError, OSError) as e:   # ExportError is a ValueError

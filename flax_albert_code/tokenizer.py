@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
-from flax_albert_code.config_lib import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID, UNK_ID
+from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID, UNK_ID
 
 USER_SYMBOLS = ("\n", "\t")
 CONTROL_SYMBOLS = ("[CLS]", "[SEP]")  # get ids 4 and 5

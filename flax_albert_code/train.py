@@ -2,7 +2,7 @@
 
 With no arguments: the `small` config on the built-in stdlib corpus, into ./runs/<config name>.
 The same command resumes from the latest checkpoint in the workdir. Intentionally short: the
-loop lives in trainer.py.
+loop lives in training/loop.py.
 """
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-_DEFAULT_CONFIG = os.path.normpath(os.path.join(os.path.dirname(__file__), os.pardir, "configs",
-                                                "default.py"))
+from flax_albert_code import config as config_lib
+
+_DEFAULT_CONFIG = os.path.join(config_lib.CONFIG_DIR, "default.py")
 
 
 def _unknown_field(err: Exception) -> str:
   """Which `--config.a.b=v` names no field, and the fields that exist there."""
-  from flax_albert_code import config_lib
   for arg in sys.argv[1:]:
     flag = arg.split("=", 1)[0]
     if not flag.startswith("--config."):
@@ -40,15 +40,17 @@ def _unknown_field(err: Exception) -> str:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, but a mistyped `--config.a.b` ends in one sentence, not a traceback."""
   try:
-    return app.parse_flags_with_usage(argv)
+    return app.parse_flags_with_usage(config_lib.with_shipped_configs(argv))
   except (KeyError, AttributeError) as e:
     sys.exit(f"error: {_unknown_field(e)}")
 
 
 # config_flags also applies the overrides when it loads the default config, here.
 try:
-  _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (configs/).",
-                                            lock_config=True)
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", _DEFAULT_CONFIG,
+      "Config file, or the name of a shipped one (default, quality, base, large, tiny).",
+      lock_config=True)
 except (KeyError, AttributeError) as e:
   sys.exit(f"error: {_unknown_field(e)}")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default ./runs/<config name>).")
@@ -77,7 +79,8 @@ def main(argv: list[str]) -> None:
   import jax
   if _want_distributed():
     jax.distributed.initialize(**_distributed_args())
-  from flax_albert_code import checkpoint, config_lib, trainer
+  from flax_albert_code.training import checkpoint
+  from flax_albert_code.training import loop as trainer
   from flax_albert_code.data.prepared import DataError
   from flax_albert_code.tokenizer import TokenizerError
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -22,7 +22,7 @@ CODES = ["def add(a, b):\n  return a + b\n", "def rev(s):\n  return s[::-1]\n",
 
 
 def tiny_config():
-  from flax_albert_code import config_lib  # pylint: disable=import-outside-toplevel
+  from flax_albert_code import config as config_lib  # pylint: disable=import-outside-toplevel
   config = config_lib.get_config("tiny")
   config.model.initializer_range = 0.2
   config.data.max_desc_len = 24
@@ -37,8 +37,9 @@ def make_checkpoint(workdir: str) -> str:
   """A training workdir with one checkpoint (step 7) of random tiny weights, a tokenizer named by
   config.data.tokenizer_path and a metrics.jsonl holding validation metrics."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax_albert_code import checkpoint, tokenizer  # pylint: disable=import-outside-toplevel
-  from flax_albert_code import model as model_lib  # pylint: disable=import-outside-toplevel
+  from flax_albert_code import tokenizer  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.training import checkpoint  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.model import albert as model_lib  # pylint: disable=import-outside-toplevel
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from test_sampling import random_variables  # pylint: disable=import-outside-toplevel
   os.makedirs(workdir, exist_ok=True)
@@ -62,7 +63,7 @@ def make_checkpoint(workdir: str) -> str:
 def shared_export(tmp_path_factory) -> tuple[str, str]:
   """(workdir, export dir) of the tiny run, built by the first worker that asks (all xdist
   workers of a session share it)."""
-  from flax_albert_code import export  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.deploy import writer as export  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.getbasetemp()
   root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
   out, workdir = os.path.join(root, "tiny_export"), os.path.join(root, "tiny_run")

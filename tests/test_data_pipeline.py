@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flax_albert_code import config_lib
+from flax_albert_code import config as config_lib
 from flax_albert_code.data import pipeline, prepared as prepared_lib
 from flax_albert_code.data.sources import DataError
 

@@ -9,7 +9,7 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 
-from flax_albert_code import evaluation
+from flax_albert_code.evaluation import harness
 from flax_albert_code.evaluation import bm25, metrics, report
 
 CODE = '''def area(radius: float) -> float:
@@ -161,9 +161,9 @@ def test_evaluate_with_fake_generator_end_to_end(tmp_path):
   examples = _examples(10)
   train = _examples(26)[10:]  # the same topics as the test examples, other code
   gen = FakeGenerator(examples)
-  results = evaluation.evaluate(
+  results = harness.evaluate(
       gen, examples, train, strategies=("greedy", "sample"), rerank=True,
-      decode=evaluation.DecodeSettings(num_samples=3, batch_size=4), max_candidates=4,
+      decode=harness.DecodeSettings(num_samples=3, batch_size=4), max_candidates=4,
       num_random=3, seed=7)
   rows = {r["method"]: r for r in results["rows"]}
   assert list(rows) == ["greedy", "sample", "sample + align rerank", "BM25 nearest neighbour",
@@ -202,26 +202,26 @@ def test_fusion_adds_per_query_z_scores():
   method that scales its scores has no more say than one that does not."""
   a = np.array([[3.0, 1.0, 2.0], [0.0, 0.0, 6.0]])
   b = np.array([[10.0, 30.0, 20.0], [1.0, 2.0, 3.0]])
-  fused = evaluation.fuse(a, b)
+  fused = harness.fuse(a, b)
   z = lambda x: (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)
   np.testing.assert_allclose(fused, z(a) + z(b))
-  np.testing.assert_allclose(evaluation.fuse(a, 1000 * b), fused, atol=1e-12)
-  assert np.isfinite(evaluation.fuse(np.ones((1, 3)), b[:1])).all()   # ties: z = 0
+  np.testing.assert_allclose(harness.fuse(a, 1000 * b), fused, atol=1e-12)
+  assert np.isfinite(harness.fuse(np.ones((1, 3)), b[:1])).all()   # ties: z = 0
   # Two half-right rankers: each has the target second once; fused, it is first both times.
   align = np.array([[0.9, 1.0, 0.0], [0.2, 0.9, 1.0]])
   lexical = np.array([[1.0, 0.1, 0.9], [0.0, 1.0, 0.8]])
-  assert (np.argmax(evaluation.fuse(align, lexical), 1) == [0, 1]).all()
+  assert (np.argmax(harness.fuse(align, lexical), 1) == [0, 1]).all()
 
 
 def test_retrieval_chunks_follow_codesearchnet():
-  assert [len(c) for c in evaluation.retrieval_chunks(2500)] == [834, 833, 833]
-  assert [len(c) for c in evaluation.retrieval_chunks(1000)] == [1000]
-  assert np.concatenate(evaluation.retrieval_chunks(2001)).tolist() == list(range(2001))
+  assert [len(c) for c in harness.retrieval_chunks(2500)] == [834, 833, 833]
+  assert [len(c) for c in harness.retrieval_chunks(1000)] == [1000]
+  assert np.concatenate(harness.retrieval_chunks(2001)).tolist() == list(range(2001))
 
 
 def test_unknown_strategy_is_an_error():
   with pytest.raises(ValueError, match="Unknown decoding strategy"):
-    evaluation.methods(["nucleus"], rerank=False)
+    harness.methods(["nucleus"], rerank=False)
 
 
 def test_report_table_leaves_blanks_where_a_metric_does_not_apply():
@@ -260,7 +260,7 @@ def test_evaluate_cli_writes_reports(tmp_path, monkeypatch, capsys):
       gen = cls(test)
       gen.prepared = _Prepared({"train": train, "test": test})
       return gen
-  monkeypatch.setitem(sys.modules, "flax_albert_code.generator",
+  monkeypatch.setitem(sys.modules, "flax_albert_code.inference.generator",
                       types.SimpleNamespace(CodeGenerator=FakeCheckpointGenerator))
   ckpt = tmp_path / "ckpt"
   ckpt.mkdir()

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 from export_util import CODES, DESCRIPTIONS, shared_export, subprocess_env
-from flax_albert_code import batching, export, sampling, serving
-from flax_albert_code.generator import CodeGenerator
+from flax_albert_code.inference import postprocess as batching
+from flax_albert_code.deploy import writer as export
+from flax_albert_code.inference import decoding as sampling
+from flax_albert_code.deploy import runtime as serving
+from flax_albert_code.inference.generator import CodeGenerator
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_albert_code import config_lib, generate, sampling, search, sharding
-from flax_albert_code import model as model_lib
-from flax_albert_code.config_lib import CLS_ID, EOS_ID, PAD_ID, SEP_ID
-from flax_albert_code.generator import CodeGenerator, parses
+from flax_albert_code import generate
+from flax_albert_code import config as config_lib
+from flax_albert_code.inference import decoding as sampling
+from flax_albert_code.inference import index as search
+from flax_albert_code.model import sharding
+from flax_albert_code.model import albert as model_lib
+from flax_albert_code.config import CLS_ID, EOS_ID, PAD_ID, SEP_ID
+from flax_albert_code.inference.generator import CodeGenerator, parses
 from flax_albert_code.tokenizer import frame_code, frame_description
 from test_sampling import random_variables
 

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from flax_albert_code import config_lib, hf
-from flax_albert_code import model as model_lib
-from flax_albert_code.layers import ModelConfig
+from flax_albert_code import config as config_lib
+from flax_albert_code.model import hf
+from flax_albert_code.model import albert as model_lib
+from flax_albert_code.model.layers import ModelConfig
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf_albert_tiny")
 ATOL = 1e-5  # max abs, float32

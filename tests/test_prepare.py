@@ -6,7 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from flax_albert_code import config_lib, prepare as prepare_cli
+from flax_albert_code import prepare as prepare_cli
+from flax_albert_code import config as config_lib
 from flax_albert_code.data import builder, prepared as prepared_lib
 from flax_albert_code.data.sources import DataError
 

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import pytest
 
-from flax_albert_code import checkpoint
+from flax_albert_code.training import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24

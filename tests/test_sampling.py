@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_albert_code import config_lib, sampling, sharding
-from flax_albert_code import model as model_lib
-from flax_albert_code.config_lib import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID, UNK_ID
+from flax_albert_code import config as config_lib
+from flax_albert_code.inference import decoding as sampling
+from flax_albert_code.model import sharding
+from flax_albert_code.model import albert as model_lib
+from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID, UNK_ID
 
 V = 8  # toy vocabulary: 0-5 special (PAD, BOS, CLS, SEP are banned), 6 and 7 ordinary
 

@@ -190,7 +190,7 @@ class SlowExport:
 
 def test_slow_requests_get_408_and_a_full_queue_429():
   from fastapi.testclient import TestClient  # pylint: disable=import-outside-toplevel
-  from flax_albert_code import server as server_lib  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.deploy import server as server_lib  # pylint: disable=import-outside-toplevel
   fake = SlowExport(delay=0.3)
   app = server_lib.create_app(fake, server_lib.Limits(request_timeout_s=0.1, max_queue_texts=3,
                                                       max_wait_ms=1))
@@ -215,7 +215,7 @@ def test_slow_requests_get_408_and_a_full_queue_429():
 
 
 def test_batcher_merges_waiting_requests_with_the_same_options():
-  from flax_albert_code import server as server_lib  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.deploy import server as server_lib  # pylint: disable=import-outside-toplevel
   seen = []
 
   def run(key, texts):

@@ -5,7 +5,7 @@ import hypothesis
 import pytest
 from hypothesis import strategies as st
 
-from flax_albert_code import config_lib
+from flax_albert_code import config as config_lib
 from flax_albert_code import tokenizer as tokenizer_lib
 
 CORPUS = [

@@ -23,7 +23,12 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from flax_albert_code import checkpoint, model as model_lib, optim, sharding, train_step, trainer
+from flax_albert_code.training import checkpoint
+from flax_albert_code.model import albert as model_lib
+from flax_albert_code.training import optim
+from flax_albert_code.model import sharding
+from flax_albert_code.training import step as train_step
+from flax_albert_code.training import loop as trainer
 from flax_albert_code.data import pipeline
 from flax_albert_code.data.prepared import prepare
 
@@ -46,7 +51,7 @@ OVERRIDES = {
 
 
 def tiny_config():
-  spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(REPO, "configs",
+  spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(REPO, "flax_albert_code", "configs",
                                                                             "tiny.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -211,8 +216,8 @@ def test_overfits_a_tiny_set(shared, tmp_path):
   assert last["token_accuracy"] > 0.8
   assert tail["infonce_loss"] < 0.25 and tail["retrieval_accuracy"] >= 0.9, tail
   # Search after this short training run: each description finds its own function first.
-  from flax_albert_code import search
-  from flax_albert_code.generator import CodeGenerator
+  from flax_albert_code.inference import index as search
+  from flax_albert_code.inference.generator import CodeGenerator
   gen = CodeGenerator(config, jax.device_get(result.state.params["model"]),
                       result.prepared.tokenizer, prepared=result.prepared)
   examples = list(result.prepared.source("train"))

@@ -25,7 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from flax_albert_code.config_lib import CLS_ID, EOS_ID, SEP_ID
+from flax_albert_code.config import CLS_ID, EOS_ID, SEP_ID
 from flax_albert_code.data import splits, token_store
 from flax_albert_code.data.sources import DataError
 

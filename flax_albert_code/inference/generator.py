@@ -25,10 +25,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from flax_albert_code import config_lib, sampling, sharding
-from flax_albert_code import model as model_lib
-from flax_albert_code import batching
-from flax_albert_code.layers import ModelConfig
+from flax_albert_code import config as config_lib
+from flax_albert_code.inference import decoding as sampling
+from flax_albert_code.model import sharding
+from flax_albert_code.model import albert as model_lib
+from flax_albert_code.inference import postprocess as batching
+from flax_albert_code.model.layers import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,7 @@ class CodeGenerator:
   def from_checkpoint(cls, path: str, *, mesh: jax.sharding.Mesh | None = None) -> CodeGenerator:
     """From a training workdir (its latest checkpoint) or one checkpoint step directory; the
     tokenizer comes from the run's prepared data (or `config.data.tokenizer_path`)."""
-    from flax_albert_code import checkpoint  # pylint: disable=import-outside-toplevel
+    from flax_albert_code.training import checkpoint  # pylint: disable=import-outside-toplevel
     config, params, step = checkpoint.load_for_inference(path)
     directory, _ = checkpoint.resolve(path)
     prepared = _find_prepared(config, os.fspath(directory.parent))

@@ -21,7 +21,7 @@ Choices, each measured on the VALID split, never on test (benchmarks/RESULTS.md 
   no compile time: the compile is dominated by autotuning, not depth).
 """
 
-from flax_albert_code import config_lib
+from flax_albert_code import config as config_lib
 
 
 def get_config():

@@ -5,7 +5,7 @@ runs. Sized to finish in about 7 minutes on a 2-core CPU with a clearly falling 
   python -m flax_albert_code.train --config configs/default.py --workdir runs/small \
       --config.train.steps=200                          # a shorter local variant
 """
-from flax_albert_code import config_lib
+from flax_albert_code import config as config_lib
 
 
 def get_config():

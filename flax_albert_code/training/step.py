@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flax_albert_code import losses, sharding
-from flax_albert_code.config_lib import PAD_ID
-from flax_albert_code.model import CodeModel
+from flax_albert_code.training import losses
+from flax_albert_code.model import sharding
+from flax_albert_code.config import PAD_ID
+from flax_albert_code.model.albert import CodeModel
 
 log = logging.getLogger("flax_albert_code")
 Array = jax.Array

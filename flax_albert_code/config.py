@@ -1,14 +1,17 @@
 """The config schema: every field a run can set, with its default.
 
-Config files in `configs/` call `get_config(preset)` and override what they need; every field is
+Config files in `flax_albert_code/configs/` (shipped in the package) call `get_config(preset)` and override what they need; every field is
 overridable from the command line (`--config.train.steps=100`). Model presets follow ALBERT's
 published sizes; `tiny` exists for tests.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import ml_collections
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 # Token ids fixed by the tokenizer (see tokenizer.py): the model and data code share them.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, CLS_ID, SEP_ID = 0, 1, 2, 3, 4, 5
@@ -165,3 +168,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if isinstance(value, int) and value < 1:
       raise ValueError(f"config.train.{name}={value} must be at least 1.")
 
+
+def config_path(spec: str) -> str:
+  """A `--config` value as a file config_flags can load: an existing path as given, else a shipped
+  config named `configs/X.py`, `X.py` or `X` (so the README's commands work from any directory
+  and from a wheel install). A `:arg` suffix (big_vision variants) is kept."""
+  path, colon, arg = spec.partition(":")
+  if os.path.exists(path) or not path:
+    return spec
+  name = os.path.basename(path)
+  shipped = os.path.join(CONFIG_DIR, name if name.endswith(".py") else name + ".py")
+  return shipped + colon + arg if os.path.exists(shipped) else spec
+
+
+def with_shipped_configs(argv: list[str]) -> list[str]:
+  """argv with every `--config X` / `--config=X` resolved by `config_path`."""
+  out = list(argv)
+  for i, a in enumerate(out):
+    if a.startswith("--config="):
+      out[i] = "--config=" + config_path(a[len("--config="):])
+    elif a == "--config" and i + 1 < len(out):
+      out[i + 1] = config_path(out[i + 1])
+  return out

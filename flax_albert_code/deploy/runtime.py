@@ -26,9 +26,9 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from flax_albert_code import export as export_lib
-from flax_albert_code import batching
-from flax_albert_code.config_lib import EOS_ID
+from flax_albert_code.deploy import writer as export_lib
+from flax_albert_code.inference import postprocess as batching
+from flax_albert_code.config import EOS_ID
 from flax_albert_code.tokenizer import Tokenizer, TokenizerError
 
 KINDS = ("desc", "code")
@@ -354,7 +354,7 @@ class Export:
              index: Index | None = None) -> list[dict] | list[list[dict]]:
     """The `k` best index items for a query ({**item, "score", "rank"}); a list of queries
     gives a list per query."""
-    from flax_albert_code import search as search_lib  # pylint: disable=import-outside-toplevel
+    from flax_albert_code.inference import index as search_lib  # pylint: disable=import-outside-toplevel
     index = index or self.index
     if index is None:
       raise ValueError("No search index is loaded; pass index= to load_export or call "

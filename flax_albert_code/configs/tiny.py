@@ -2,7 +2,7 @@
 
   python -m flax_albert_code.train --config configs/tiny.py --workdir /tmp/tiny
 """
-from flax_albert_code import config_lib
+from flax_albert_code import config as config_lib
 
 
 def get_config():

@@ -21,9 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_albert_code import layers
-from flax_albert_code.config_lib import BOS_ID, CLS_ID, EOS_ID, PAD_ID
-from flax_albert_code.layers import ModelConfig
+from flax_albert_code.model import layers
+from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID
+from flax_albert_code.model.layers import ModelConfig
 
 Array = jax.Array
 

@@ -4,7 +4,7 @@
       --config.data.sources=stdlib,site-packages --config.train.steps=20000
   # local variant: --config.train.steps=10 --config.train.batch_size=8
 """
-from flax_albert_code import config_lib
+from flax_albert_code import config as config_lib
 
 
 def get_config():

@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from flax_albert_code.layers import tied_logits
+from flax_albert_code.model.layers import tied_logits
 
 Array = jax.Array
 

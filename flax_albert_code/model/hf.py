@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from flax_albert_code import config_lib
-from flax_albert_code import model as model_lib
-from flax_albert_code.layers import ModelConfig
+from flax_albert_code import config as config_lib
+from flax_albert_code.model import albert as model_lib
+from flax_albert_code.model.layers import ModelConfig
 
 # HF AlbertConfig fields that define the encoder; they override ours on import.
 HF_CONFIG_FIELDS = (

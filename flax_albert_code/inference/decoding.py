@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_albert_code.config_lib import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID
-from flax_albert_code.model import CodeModel, DecodeCache
+from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID
+from flax_albert_code.model.albert import CodeModel, DecodeCache
 
 Array = jax.Array
 TokensToLogits = Callable[[Array, Any], tuple[Array, Any]]

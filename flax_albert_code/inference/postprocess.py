@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from flax_albert_code.config_lib import CLS_ID, PAD_ID
+from flax_albert_code.config import CLS_ID, PAD_ID
 
 
 def check_texts(texts, what: str, allow_blank: bool = False) -> list[str]:

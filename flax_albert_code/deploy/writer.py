@@ -1,0 +1,282 @@
+"""Self-contained inference exports: config, tokenizer, safetensors parameters, StableHLO programs.
+
+  python -m flax_albert_code.export --checkpoint runs/small --out exports/small [--dtype bf16]
+
+Layout of an export directory (every file's sha256 and size are in the manifest):
+
+  manifest.json           format, versions, training step, validation metrics, programs, files
+  config.json             the run's config, model section as exported (dtype, attention_impl)
+  spm.model               the tokenizer
+  params.safetensors      the inference variables, keys "params/encoder/..." (no pickle anywhere)
+  programs/*.jaxexport    `jax.export.Exported.serialize()`: StableHLO plus calling convention
+  hf_encoder/             the encoder as a Hugging Face ALBERT directory (hf.save_hf_encoder)
+
+Programs take the variables as their first argument: `encode_b{B}_w{W}(variables, ids[B, W])`
+gives L2-normalised alignment vectors; `generate_{strategy}_b{B}_t{T}(variables, desc_ids[B, L],
+rng, temperature, top_p, length_penalty)` gives (tokens [B, K, T], scores [B, K]), for every
+batch bucket B of `config.sample.batch_buckets`, code width W (the code buckets and the
+description length) and length T (the code buckets up to `config.sample.max_new_tokens`).
+`sample` programs draw one candidate per row (serving tiles a description num_samples times)
+with top_k off; `beam` programs keep `config.sample.num_beams` beams. Programs are lowered for
+CPU and CUDA at once where `jax.export` can (the manifest's `platforms` says which).
+The directory is written beside the target and renamed into place when complete.
+`flax_albert_code.load_export` (deploy/runtime.py) runs it with neither flax nor orbax.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger("flax_albert_code")
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+PARAMS = "params.safetensors"
+TOKENIZER = "spm.model"
+DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+PLATFORMS = ("cpu", "cuda")
+STRATEGIES = ("greedy", "sample", "beam")
+
+
+def export(checkpoint_path: str, out_dir: str, dtype: str = "float32",
+           buckets: Sequence[int] | None = None, **kwargs) -> str:
+  """Exports a training workdir's latest checkpoint (or one checkpoint directory) to `out_dir`.
+
+  `buckets` overrides `config.sample.batch_buckets`; other keyword arguments go to
+  `export_generator`. Returns the export's absolute path.
+  """
+  from flax_albert_code.training import checkpoint  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
+  gen = CodeGenerator.from_checkpoint(checkpoint_path)
+  params = None
+  if jnp.dtype(gen.config.model.dtype) != jnp.dtype(_dtype(dtype)):
+    params = checkpoint.load_for_inference(checkpoint_path)[1]   # the unrounded weights
+  directory, _ = checkpoint.resolve(checkpoint_path)
+  info = {"checkpoint": os.path.abspath(gen.checkpoint_path), "step": gen.step,
+          "valid_metrics": validation_metrics(os.fspath(directory.parent), gen.step)}
+  return export_generator(gen, out_dir, dtype=dtype, buckets=buckets, params=params, info=info,
+                          **kwargs)
+
+
+def export_generator(gen, out_dir: str, *, dtype: str = "float32",
+                     buckets: Sequence[int] | None = None, lengths: Sequence[int] | None = None,
+                     strategies: Sequence[str] = STRATEGIES,
+                     platforms: Sequence[str] = PLATFORMS, hf_encoder: bool = True,
+                     params: Any = None, info: dict[str, Any] | None = None) -> str:
+  """Exports a `CodeGenerator`'s model (or `params` with its config) and tokenizer."""
+  from flax_albert_code.model import hf  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
+  dtype = _dtype(dtype)
+  unknown = sorted(set(strategies) - set(STRATEGIES))
+  if unknown or not strategies:
+    raise ValueError(f"Unknown or no strategies {unknown or list(strategies)}; choose from "
+                     f"{', '.join(STRATEGIES)}.")
+  config = gen.config.copy_and_resolve_references()
+  # Portable numerics: the cuDNN attention kernel has no CPU lowering; remat is training only.
+  config.model.update(dtype=dtype, attention_impl="xla", remat="none")
+  if buckets:
+    config.sample.batch_buckets = tuple(sorted({int(b) for b in buckets}))
+  if min(config.sample.batch_buckets) < 1:
+    raise ValueError(f"Batch buckets must be positive, got {config.sample.batch_buckets}.")
+  if gen.tokenizer.vocab_size != config.model.vocab_size:
+    raise ValueError(f"The tokenizer has {gen.tokenizer.vocab_size} pieces but the model's "
+                     f"vocabulary is {config.model.vocab_size}; export a checkpoint with the "
+                     "tokenizer it was trained with.")
+  src = params if params is not None else gen.variables
+  xgen = CodeGenerator(config, src, gen.tokenizer)
+  lengths = sorted({int(t) for t in lengths} if lengths else
+                   {min(b, xgen.default_max_new_tokens) for b in xgen.code_buckets}
+                   | {xgen.default_max_new_tokens})
+  if lengths[0] < 1 or lengths[-1] > xgen.cfg.max_position_embeddings:
+    raise ValueError(f"Lengths {lengths} must lie in 1..{xgen.cfg.max_position_embeddings} (the "
+                     "model's positions).")
+
+  out_dir = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
+  if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.isfile(
+      os.path.join(out_dir, MANIFEST)):
+    raise FileExistsError(f"{out_dir} exists and is not an export; choose another --out or "
+                          "empty it.")
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  try:
+    programs, used_platforms, note = _write_programs(xgen, tmp, lengths, strategies, platforms)
+    _write_params(xgen.variables, os.path.join(tmp, PARAMS), dtype)
+    shutil.copyfile(xgen.tokenizer.path, os.path.join(tmp, TOKENIZER))
+    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(config.to_dict(), f, indent=1, sort_keys=True)
+    if hf_encoder and xgen.cfg.pre_norm:
+      log.warning("No hf_encoder/: norm_position='pre' is not an HF ALBERT layout.")
+    elif hf_encoder:
+      hf.save_hf_encoder(xgen.variables["params"], xgen.cfg, os.path.join(tmp, "hf_encoder"))
+    manifest = {
+        "format": FORMAT, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "versions": versions(), **(info or {}), "dtype": dtype,
+        "platforms": used_platforms, "platforms_note": note,
+        "inference": {
+            "batch_buckets": list(xgen.batch_buckets), "desc_len": xgen.max_desc_len,
+            "code_widths": list(xgen.code_buckets), "lengths": lengths,
+            "max_new_tokens": xgen.default_max_new_tokens, "strategies": list(strategies),
+            "num_beams": int(config.sample.num_beams), "sample_top_k": 0,
+            "align_dim": xgen.cfg.align_dim, "vocab_size": xgen.cfg.vocab_size,
+            "tokenizer": TOKENIZER, "params": PARAMS,
+        },
+        "programs": programs,
+        "files": file_digests(tmp),
+    }
+    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+      json.dump(manifest, f, indent=1)
+      f.write("\n")
+    _move_into_place(tmp, out_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return out_dir
+
+
+def _dtype(name: str) -> str:
+  if str(name).lower() not in DTYPES:
+    raise ValueError(f"Unknown export dtype {name!r}; use float32 or bfloat16 (bf16).")
+  return DTYPES[str(name).lower()]
+
+
+def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str],
+                    platforms: Sequence[str]) -> tuple[list[dict], list[str], str]:
+  """Lowers and serialises every program; tries all `platforms` at once, else this backend's."""
+  from flax_albert_code.inference import generator  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.inference import decoding as sampling  # pylint: disable=import-outside-toplevel
+  os.makedirs(os.path.join(out, "programs"))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), gen.variables)
+  ids = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
+  scalar = jax.ShapeDtypeStruct((), jnp.float32)
+  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+  specs = []
+  for b in gen.batch_buckets:
+    for w in sorted({gen.max_desc_len, *gen.code_buckets}):
+      fn = functools.partial(generator._vectors, gen.model,  # pylint: disable=protected-access
+                             mesh=None, axis_rules=None)
+      specs.append(({"name": f"encode_b{b}_w{w}", "kind": "encode", "batch": b, "width": w},
+                    fn, (abstract, ids((b, w)))))
+    for strategy in strategies:
+      k = sampling.num_candidates(strategy, int(gen.config.sample.num_beams), 1)
+      for t in lengths:
+        fn = functools.partial(_generate, gen.model, strategy=strategy, max_new_tokens=t, k=k,
+                               decode_phase=gen.decode_phase)
+        specs.append(({"name": f"generate_{strategy}_b{b}_t{t}", "kind": "generate", "batch": b,
+                       "width": gen.max_desc_len, "strategy": strategy, "k": k,
+                       "max_new_tokens": t},
+                      fn, (abstract, ids((b, gen.max_desc_len)), key, scalar, scalar, scalar)))
+  wanted = tuple(dict.fromkeys(platforms))
+  here = jax.default_backend()
+  note = f"lowered for {', '.join(wanted)} at once"
+  programs = []
+  for meta, fn, args in specs:
+    try:
+      exported = jax.export.export(jax.jit(fn), platforms=wanted)(*args)
+    except Exception as e:  # pylint: disable=broad-except  # jax raises many types here
+      if wanted == (here,):
+        raise
+      note = (f"jax.export could not lower for {', '.join(wanted)} at once "
+              f"({type(e).__name__}: {str(e)[:200]}); lowered for {here} only")
+      wanted = (here,)
+      exported = jax.export.export(jax.jit(fn), platforms=wanted)(*args)
+    meta["file"] = f"programs/{meta['name']}.jaxexport"
+    with open(os.path.join(out, meta["file"]), "wb") as f:
+      f.write(exported.serialize())
+    programs.append(meta)
+  return programs, list(wanted), note
+
+
+def _generate(model, variables, desc_ids, rng, temperature, top_p, length_penalty, *,
+              strategy: str, max_new_tokens: int, k: int, decode_phase: int):
+  from flax_albert_code.inference import decoding as sampling  # pylint: disable=import-outside-toplevel
+  return sampling.generate(model, variables, desc_ids, strategy=strategy,
+                           max_new_tokens=max_new_tokens, rng=rng, temperature=temperature,
+                           top_k=0, top_p=top_p, num_beams=k, length_penalty=length_penalty,
+                           num_samples=1, decode_phase=decode_phase)
+
+
+def _write_params(variables, path: str, dtype: str) -> None:
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  flat = {"/".join(str(getattr(p, "key", p)) for p in kp): np.asarray(jax.device_get(x))
+          for kp, x in jax.tree_util.tree_leaves_with_path(variables)}
+  save_file(flat, path, metadata={"format": "flax_albert_code", "dtype": dtype})
+
+
+def file_digests(root: str) -> dict[str, dict[str, Any]]:
+  """{relative path: {"sha256", "size"}} of every file under `root` but the manifest."""
+  out = {}
+  for d, _, names in sorted(os.walk(root)):
+    for name in sorted(names):
+      path = os.path.join(d, name)
+      rel = os.path.relpath(path, root).replace(os.sep, "/")
+      if rel != MANIFEST:
+        out[rel] = {"sha256": sha256(path), "size": os.path.getsize(path)}
+  return out
+
+
+def sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+  out = {"python": platform.python_version()}
+  for dist in ("flax_albert_code", "jax", "jaxlib", "flax", "numpy", "sentencepiece",
+               "safetensors"):
+    try:
+      out[dist] = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def validation_metrics(workdir: str, step: int | None) -> dict[str, float]:
+  """The last `valid_*` metrics at or before `step` in `<workdir>/metrics.jsonl` ({} if none)."""
+  found: dict[str, float] = {}
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+      for line in f:
+        try:
+          rec = json.loads(line)
+        except ValueError:
+          continue
+        valid = {k: v for k, v in rec.items() if k.startswith("valid_")}
+        if valid and (step is None or rec.get("step", 0) <= step):
+          found = {"step": rec.get("step"), **valid}
+  except OSError:
+    pass
+  return found
+
+
+def _move_into_place(tmp: str, out_dir: str) -> None:
+  """Renames the finished export into place; an older export there is replaced whole."""
+  if not os.path.exists(out_dir):
+    os.rename(tmp, out_dir)
+    return
+  old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-",
+                         dir=os.path.dirname(out_dir))
+  os.rmdir(old)
+  os.rename(out_dir, old)
+  try:
+    os.rename(tmp, out_dir)
+  except OSError:
+    os.rename(old, out_dir)
+    raise
+  shutil.rmtree(old, ignore_errors=True)

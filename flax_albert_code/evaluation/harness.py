@@ -1,0 +1,243 @@
+"""Evaluation: generation (BLEU, exact match, parse rate), retrieval (MRR, R@k), HumanEval pass@k.
+
+`evaluate` and `evaluate_humaneval` take any object with the generator's interface (duck typed,
+so tests use a fake):
+
+  generate(descriptions, strategy="greedy"|"beam"|"sample", num_samples=1, num_beams=4,
+           temperature=1.0, top_k=0, top_p=1.0, rerank=False, max_new_tokens=None, seed=0)
+      -> per description, candidates best first: dicts with "code", "score", "align", "parses"
+  embed(texts, kind="desc"|"code") -> [N, D] L2-normalised vectors
+
+Both return a results dict (`rows`, `examples`, `settings`) that `report.write` turns into
+report.json and report.md. Every number for a method is computed on the same examples, baselines
+included. Scores are percentages except MRR (0-1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any, Sequence
+
+import numpy as np
+
+from flax_albert_code.evaluation import bm25, humaneval, metrics, sandbox
+
+STRATEGIES = ("greedy", "beam", "sample")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+  num_samples: int = 10      # candidates drawn by "sample" (rerank picks among them; pass@k uses all)
+  num_beams: int = 4
+  temperature: float = 0.8
+  top_k: int = 0
+  top_p: float = 0.95
+  max_new_tokens: int | None = None
+  seed: int = 0
+  batch_size: int = 64       # descriptions per `generate` / `embed` call
+  repetition_penalty: float = 1.0   # greedy and sample only (beam search ignores it)
+
+
+def methods(strategies: Sequence[str], rerank: bool) -> list[tuple[str, bool]]:
+  """(strategy, rerank) pairs to run; greedy has one candidate, so it is never reranked."""
+  for s in strategies:
+    if s not in STRATEGIES:
+      raise ValueError(f"Unknown decoding strategy {s!r}; use {', '.join(STRATEGIES)}.")
+  out = [(s, False) for s in strategies]
+  if rerank:
+    out += [(s, True) for s in strategies if s != "greedy"]
+  return out
+
+
+def method_name(strategy: str, rerank: bool) -> str:
+  return f"{strategy} + align rerank" if rerank else strategy
+
+
+def _num_candidates(strategy: str, d: DecodeSettings) -> int:
+  """Candidates asked for: every beam, every sample, one greedy output."""
+  return {"greedy": 1, "beam": d.num_beams, "sample": d.num_samples}[strategy]
+
+
+def _generate(generator, descriptions: Sequence[str], strategy: str, rerank: bool,
+              d: DecodeSettings) -> list[list[dict]]:
+  out: list[list[dict]] = []
+  for i in range(0, len(descriptions), d.batch_size):
+    batch = list(descriptions[i:i + d.batch_size])
+    cands = generator.generate(
+        batch, strategy=strategy, num_samples=_num_candidates(strategy, d),
+        num_beams=d.num_beams, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p,
+        rerank=rerank, max_new_tokens=d.max_new_tokens, seed=d.seed + i,
+        **({"repetition_penalty": d.repetition_penalty}
+           if d.repetition_penalty != 1.0 and strategy != "beam" else {}))
+    if len(cands) != len(batch) or any(not c for c in cands):
+      raise ValueError(f"generate({strategy!r}) returned {len(cands)} candidate lists for "
+                       f"{len(batch)} descriptions, or an empty list; expected one non-empty each.")
+    out.extend(cands)
+  return out
+
+
+def _embed(generator, texts: Sequence[str], kind: str, batch_size: int) -> np.ndarray:
+  parts = [np.asarray(generator.embed(list(texts[i:i + batch_size]), kind=kind), np.float32)
+           for i in range(0, len(texts), batch_size)]
+  return np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
+
+
+def retrieval_chunks(n: int, max_candidates: int = 1000) -> list[np.ndarray]:
+  """CodeSearchNet protocol: consecutive chunks of at most `max_candidates` examples (as equal as
+  possible); each query is ranked against its own chunk: its target and the rest as distractors."""
+  if n == 0:
+    return []
+  return np.array_split(np.arange(n), -(-n // max_candidates))
+
+
+def _retrieval_rows(name: str, scores: list[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
+  """`scores`: per chunk, ([n, n] desc->code scores, [n, n] code->desc scores)."""
+  ranks: dict[str, list[np.ndarray]] = {"desc→code": [], "code→desc": []}
+  for d2c, c2d in scores:
+    ranks["desc→code"].append(metrics.ranks(d2c))
+    ranks["code→desc"].append(metrics.ranks(c2d))
+  sizes = [len(d2c) for d2c, _ in scores]
+  rows = []
+  for direction, rs in ranks.items():
+    r = np.concatenate(rs)
+    row = {"method": f"{name} {direction}", "kind": "retrieval", "examples": int(len(r)),
+           "mrr": float(np.mean(1.0 / r)), "candidates": _span(sizes)}
+    for k in (1, 5, 10):
+      row[f"r@{k}"] = 100.0 * float(np.mean(r <= k))
+    rows.append(row)
+  return rows
+
+
+def fuse(*scores_QxC: np.ndarray) -> np.ndarray:
+  """Hybrid retrieval: the sum of each method's scores standardised per query (z-scores over
+  that query's candidates), with equal weights fixed in advance, not tuned on any split."""
+  def z(s):
+    s = np.asarray(s, np.float64)
+    return (s - s.mean(-1, keepdims=True)) / np.maximum(s.std(-1, keepdims=True), 1e-9)
+  return sum(z(s) for s in scores_QxC)
+
+
+def _span(sizes: Sequence[int]) -> str:
+  lo, hi = min(sizes), max(sizes)
+  return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def _generation_row(name: str, outputs: Sequence[str], refs: Sequence[str]) -> dict:
+  return {"method": name, "kind": "generation", "examples": len(outputs),
+          "bleu": metrics.bleu(outputs, refs), "exact_match": metrics.exact_match_rate(outputs, refs),
+          "parse_rate": metrics.parse_rate(outputs)}
+
+
+def evaluate(generator, examples: Sequence[dict], train_examples: Sequence[dict] = (),
+             strategies: Sequence[str] = ("greedy",), rerank: bool = False,
+             decode: DecodeSettings = DecodeSettings(), retrieval: bool = True,
+             max_candidates: int = 1000, num_show: int = 3, num_random: int = 0,
+             seed: int = 0) -> dict[str, Any]:
+  """Generation and retrieval metrics of `generator` on `examples` ("description", "code").
+
+  Baselines on the same examples: BM25 nearest neighbour over `train_examples` (the training
+  function whose description is closest answers), and BM25 retrieval.
+  """
+  if not examples:
+    raise ValueError("No examples to evaluate; check --data and --split.")
+  descs = [e["description"] for e in examples]
+  refs = [e["code"] for e in examples]
+  rows: list[dict] = []
+  outputs: dict[str, list[str]] = {}
+  for strategy, rr in methods(strategies, rerank):
+    name = method_name(strategy, rr)
+    outputs[name] = [c[0]["code"] for c in _generate(generator, descs, strategy, rr, decode)]
+    rows.append(_generation_row(name, outputs[name], refs))
+  if train_examples:
+    nn = bm25.nearest_neighbour(descs, [t["description"] for t in train_examples])
+    outputs["BM25 nearest neighbour"] = [train_examples[i]["code"] for i in nn]
+    rows.append(_generation_row("BM25 nearest neighbour", outputs["BM25 nearest neighbour"], refs))
+  if retrieval:
+    chunks = retrieval_chunks(len(examples), max_candidates)
+    d_emb = _embed(generator, descs, "desc", decode.batch_size)
+    c_emb = _embed(generator, refs, "code", decode.batch_size)
+    align = [(d_emb[i] @ c_emb[i].T, c_emb[i] @ d_emb[i].T) for i in chunks]
+    lexical = [(bm25.retrieval_scores([descs[j] for j in i], [refs[j] for j in i]),
+                bm25.retrieval_scores([refs[j] for j in i], [descs[j] for j in i]))
+               for i in chunks]
+    rows += _retrieval_rows("alignment", align)
+    rows += _retrieval_rows("BM25", lexical)
+    rows += _retrieval_rows("alignment + BM25", [(fuse(ad, ld), fuse(ac, lc))
+                                                 for (ad, ac), (ld, lc) in zip(align, lexical)])
+  return {"task": "generation", "num_examples": len(examples),
+          "num_train_examples": len(train_examples), "rows": rows,
+          "examples": show_examples(examples, outputs, num_show, num_random, seed),
+          "settings": dict(strategies=list(strategies), rerank=rerank,
+                           decode=dataclasses.asdict(decode), max_candidates=max_candidates)}
+
+
+def show_examples(examples: Sequence[dict], outputs: dict[str, list[str]], num_show: int,
+                  num_random: int = 0, seed: int = 0) -> dict[str, Any]:
+  """The `num_show` best and worst examples of the first method by sentence BLEU, and
+  `num_random` examples drawn with `random.Random(seed)` (not chosen by score), with every
+  method's output side by side."""
+  if not outputs or (num_show <= 0 and num_random <= 0):
+    return {"best": [], "worst": [], "random": []}
+  first = next(iter(outputs))
+  scores = [metrics.sentence_bleu(h, e["code"]) for h, e in zip(outputs[first], examples)]
+  order = np.argsort(scores, kind="stable")
+
+  def case(i):
+    return {"description": examples[i]["description"], "reference": examples[i]["code"],
+            "sentence_bleu": scores[i], "ranked_by": first,
+            "outputs": {name: out[i] for name, out in outputs.items()},
+            **{k: examples[i][k] for k in ("path", "name", "task_id") if k in examples[i]}}
+  n = max(0, min(num_show, len(order)))
+  drawn = random.Random(seed).sample(range(len(examples)), min(num_random, len(examples)))
+  return {"best": [case(int(i)) for i in order[::-1][:n]], "worst": [case(int(i)) for i in order[:n]],
+          "random": [dict(case(i), index=i) for i in drawn], "random_seed": seed}
+
+
+def evaluate_humaneval(generator, problems: Sequence[dict] | None = None,
+                       strategies: Sequence[str] = ("greedy",), rerank: bool = False,
+                       decode: DecodeSettings = DecodeSettings(), train_examples: Sequence[dict] = (),
+                       limits: sandbox.Limits = humaneval.DEFAULT_LIMITS,
+                       workers: int | None = None, num_show: int = 3) -> dict[str, Any]:
+  """pass@1/10 on HumanEval (all 164 problems by default), every candidate run in the sandbox.
+
+  Unreranked sampling gives independent samples: pass@k is the unbiased estimator over all
+  `num_samples`. Greedy, beam and reranked lists are ranked: pass@k = one of the first k passes.
+  With `train_examples`, the BM25 nearest neighbour's training function is run as a baseline.
+  """
+  problems = humaneval.load_problems() if problems is None else list(problems)
+  descs = [humaneval.description(p) for p in problems]
+  rows: list[dict] = []
+  outputs: dict[str, list[str]] = {}
+  for strategy, rr in methods(strategies, rerank):
+    name = method_name(strategy, rr)
+    cands = [[c["code"] for c in cs] for cs in _generate(generator, descs, strategy, rr, decode)]
+    results = humaneval.execute(problems, cands, limits, workers)
+    outputs[name] = [c[0] for c in cands]
+    rows.append(_humaneval_row(name, results, outputs[name], ranked=rr or strategy != "sample"))
+  if train_examples:
+    nn = bm25.nearest_neighbour(descs, [t["description"] for t in train_examples])
+    cands = [[train_examples[i]["code"]] for i in nn]
+    outputs["BM25 nearest neighbour"] = [c[0] for c in cands]
+    rows.append(_humaneval_row("BM25 nearest neighbour",
+                               humaneval.execute(problems, cands, limits, workers),
+                               outputs["BM25 nearest neighbour"], ranked=True))
+  examples = [{"description": d, "code": p["prompt"] + p["canonical_solution"],
+               "task_id": p["task_id"]} for d, p in zip(descs, problems)]
+  return {"task": "humaneval", "num_examples": len(problems),
+          "num_train_examples": len(train_examples), "rows": rows,
+          "examples": show_examples(examples, outputs, num_show),
+          "sandbox": sandbox.capabilities(),
+          "settings": dict(strategies=list(strategies), rerank=rerank,
+                           decode=dataclasses.asdict(decode), limits=dataclasses.asdict(limits))}
+
+
+def _humaneval_row(name: str, results: list[list[sandbox.Result]], top: Sequence[str],
+                   ranked: bool) -> dict:
+  n = {len(r) for r in results}
+  statuses: dict[str, int] = {}
+  for rs in results:
+    for r in rs:
+      statuses[r.status] = statuses.get(r.status, 0) + 1
+  return {"method": name, "kind": "humaneval", "examples": len(results),
+          "samples": "-".join(str(x) for x in sorted(n)), "parse_rate": metrics.parse_rate(top),
+          **humaneval.pass_at(results, (1, 10), ranked=ranked), "statuses": statuses}

@@ -1,0 +1,62 @@
+"""What every command shares: one-line errors, quiet library logs, reading texts, loading a model."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Sequence
+
+USER_ERRORS: tuple = (ValueError, OSError, RuntimeError)  # CheckpointError is a RuntimeError
+
+
+def quiet_logs() -> None:
+  """Our warnings as `warning: ...` lines; library chatter (orbax, absl) only when it is an error."""
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter("warning: %(message)s"))
+  ours = logging.getLogger("flax_albert_code")
+  ours.addHandler(handler)
+  ours.propagate = False
+  logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def fail(error: BaseException) -> int:
+  """One sentence on stderr, exit status 1."""
+  print(f"error: {error}", file=sys.stderr)
+  return 1
+
+
+def _utf8(data: bytes, where: str) -> str:
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{where} is not valid UTF-8 (byte {e.start}).") from None
+
+
+def read_texts(args: Sequence[str], input_path: str, what: str = "description") -> list[str]:
+  """Texts from the arguments, else a file (one a line), else stdin; blank lines skipped."""
+  if args:
+    texts = []
+    for i, a in enumerate(args):   # undecodable argv bytes arrive as lone surrogates
+      texts.append(_utf8(a.encode("utf-8", "surrogateescape"), f"Argument {i + 1}"))
+  else:
+    if input_path and input_path != "-":
+      with open(input_path, "rb") as f:
+        data = _utf8(f.read(), input_path)
+    else:
+      if sys.stdin is None or sys.stdin.isatty():
+        raise ValueError(f"No {what} given; pass it as an argument, with --input FILE or on stdin.")
+      data = _utf8(sys.stdin.buffer.read(), "stdin")
+    texts = [line for line in data.splitlines() if line.strip()]
+  if not texts:
+    raise ValueError(f"No {what} given; the input is empty.")
+  return texts
+
+
+def load_generator(path: str):
+  """CodeGenerator over all local devices (the batch sharded over them when there are several)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.model import sharding  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
+  mesh = None
+  if jax.device_count() > 1:
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+  return CodeGenerator.from_checkpoint(path, mesh=mesh)
