@@ -1,9 +1,6 @@
 """The code index: a corpus encoded once into code vectors, ranked for queries.
 
-Code search by description: encode a corpus once into an index, then rank it for queries.
-
-  python -m flax_albert_code.search --checkpoint runs/small --corpus stdlib "parse a date string"
-  python -m flax_albert_code.search --checkpoint DIR --corpus dir:~/src/repo --top-k 5 --json "..."
+Used by `python -m flax_albert_code.search` (see search.py for the command line).
 
 SOURCE is any data source spec (stdlib, site-packages, dir:PATH, jsonl:PATH, csn:PATH, tfds:NAME,
 comma-separated) or `prepared[:SPLIT]` (the checkpoint's prepared data, default split test).
@@ -11,3 +8,129 @@ The index (code vectors + where each function is) is saved under `<workdir>/sear
 keyed by a hash of the parameters and the corpus files (sizes and mtimes), so it is reused while
 both are unchanged and rebuilt otherwise; it is written to a temporary directory and renamed.
 """
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+INDEX_FORMAT = 1
+_ITEM_FIELDS = ("name", "path", "lineno", "description", "code")
+
+
+@dataclasses.dataclass
+class Index:
+  vectors: np.ndarray          # [N, align_dim] float32, L2-normalised code vectors
+  items: list[dict[str, Any]]  # name, path, lineno, description, code
+  key: str
+  directory: str = ""
+  reused: bool = False
+
+
+def corpus(spec: str, prepared=None) -> tuple[list[dict], str]:
+  """The (description, code, where) examples of a corpus spec and a fingerprint of its files."""
+  if spec == "prepared" or spec.startswith("prepared:"):
+    if prepared is None:
+      raise ValueError(f"--corpus {spec} needs the checkpoint's prepared data, which was not "
+                       "found; pass a data source spec instead (e.g. stdlib or dir:PATH).")
+    split = spec.partition(":")[2] or "test"
+    examples = [{k: e[k] for k in _ITEM_FIELDS} for e in prepared.source(split)]
+    return examples, f"prepared:{prepared.meta.get('key', prepared.data_dir)}:{split}"
+  from flax_albert_code.data import mining, sources  # pylint: disable=import-outside-toplevel
+  specs = sources.parse_specs(spec)
+  units = [u for s in specs for u in sources.units(s)]
+  skipped: collections.Counter = collections.Counter()
+  examples = [{k: getattr(p, k) for k in _ITEM_FIELDS}
+              for u in units for p in u.read(mining.Filters(), skipped)]
+  stamp = hashlib.sha256("\n".join(f"{u.label}\0{u.stamp}" for u in units).encode(
+      "utf-8", "surrogateescape")).hexdigest()
+  return examples, f"{','.join(specs)}:{stamp}"
+
+
+def params_fingerprint(variables) -> str:
+  """A hash of every parameter's name, shape, dtype and bytes."""
+  h = hashlib.sha256()
+  for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(variables),
+                           key=lambda kv: jax.tree_util.keystr(kv[0])):
+    x = np.asarray(jax.device_get(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}:{x.shape}:{x.dtype}\n".encode())
+    h.update(x.tobytes())
+  return h.hexdigest()
+
+
+def index_key(generator, corpus_fingerprint: str) -> str:
+  h = hashlib.sha256(json.dumps([INDEX_FORMAT, dataclasses.asdict(generator.cfg),
+                                 corpus_fingerprint], sort_keys=True).encode())
+  h.update(params_fingerprint(generator.variables).encode())
+  return h.hexdigest()[:16]
+
+
+def build_index(generator, examples: Sequence[dict], batch_size: int = 256) -> np.ndarray:
+  """Code vectors of `examples`, [N, align_dim]."""
+  codes = [e["code"] for e in examples]
+  parts = [generator.embed(codes[i:i + batch_size], kind="code")
+           for i in range(0, len(codes), batch_size)]
+  return np.concatenate(parts) if parts else np.zeros((0, generator.cfg.align_dim), np.float32)
+
+
+def load_or_build(generator, examples: Sequence[dict], corpus_fingerprint: str,
+                  root: str) -> Index:
+  """The index under `root/<key>/` if complete, else built, saved atomically and returned."""
+  key = index_key(generator, corpus_fingerprint)
+  final = os.path.join(root, key)
+  try:
+    vectors = np.load(os.path.join(final, "vectors.npy"))
+    with open(os.path.join(final, "items.json"), encoding="utf-8") as f:
+      items = json.load(f)
+    if len(items) == len(vectors):
+      return Index(vectors, items, key, final, reused=True)
+  except (OSError, ValueError):
+    pass
+  vectors = build_index(generator, examples)
+  items = [{k: e[k] for k in _ITEM_FIELDS} for e in examples]
+  os.makedirs(root, exist_ok=True)
+  tmp = os.path.join(root, f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+  os.makedirs(tmp)
+  try:
+    np.save(os.path.join(tmp, "vectors.npy"), vectors)
+    with open(os.path.join(tmp, "items.json"), "w", encoding="utf-8",
+              errors="surrogateescape") as f:
+      json.dump(items, f)
+    if os.path.isdir(final):
+      shutil.rmtree(final)   # incomplete or damaged (a complete one was returned above)
+    try:
+      os.rename(tmp, final)
+    except OSError:          # another process saved the same index first
+      if not os.path.isfile(os.path.join(final, "items.json")):
+        raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return Index(vectors, items, key, final)
+
+
+def query(generator, index: Index, queries: Sequence[str], top_k: int = 10) -> list[list[dict]]:
+  """Per query, the `top_k` best items with "score" (cosine similarity) and "rank"."""
+  if top_k < 1:
+    raise ValueError(f"top_k must be at least 1, got {top_k}.")
+  q = generator.embed(list(queries), kind="desc")
+  scores = q @ index.vectors.T
+  out = []
+  for row in scores:
+    best = np.argsort(-row, kind="stable")[:top_k]
+    out.append([{**index.items[i], "score": float(row[i]), "rank": r + 1}
+                for r, i in enumerate(best)])
+  return out
+
+
+def default_root(generator) -> str:
+  """`<workdir>/search_index`, beside `<workdir>/checkpoints/<step>`."""
+  workdir = os.path.dirname(os.path.dirname(os.path.abspath(generator.checkpoint_path)))
+  return os.path.join(workdir, "search_index")
