@@ -135,6 +135,14 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
       num_beams=4, length_penalty=1.0, num_samples=1, batch_buckets=(1, 8, 32),
       decode_phase=64,             # decode in phases of N steps that read only the cache written so far; 0: off
   ))
+  # Retrieval-augmented generation: the decoder attends to the description followed by the code
+  # of k train functions retrieved for it (data/neighbours.py, inference/retrieval.py).
+  c.retrieval = ml_collections.ConfigDict(dict(
+      k=0,                         # neighbours per description; 0: the plain model
+      method="hybrid",             # "dense" (aligned vectors) | "bm25" | "hybrid" (both, z-scored)
+      max_ctx_len=256,             # encoder tokens for the description + neighbours
+      refresh_steps=(),            # steps after which the model's own encoder re-mines all neighbours
+  ))
   return c
 
 

@@ -117,6 +117,21 @@ def frame_description(tokens: Sequence[int], max_len: int) -> list[int]:
   return [CLS_ID, *tokens[:max(max_len - 2, 0)], SEP_ID]
 
 
+def frame_context(desc_tokens: Sequence[int], neighbours: Sequence[Sequence[int]],
+                  max_desc_len: int, max_len: int) -> list[int]:
+  """[CLS] description [SEP] code_1 [SEP] ... code_k [SEP]: what a retrieval model's encoder
+  reads for generation. The description is framed as `frame_description` frames it; the room
+  left (max_len minus the description) is shared equally by the neighbours, each cut at its
+  share (a short neighbour leaves the rest to the next)."""
+  out = frame_description(desc_tokens, max_desc_len)
+  for i, code in enumerate(neighbours):
+    share = (max_len - len(out)) // (len(neighbours) - i) - 1
+    if share <= 0:
+      break
+    out += [*code[:share], SEP_ID]
+  return out
+
+
 def frame_code(tokens: Sequence[int], max_len: int) -> list[int]:
   if len(tokens) >= max_len:
     return list(tokens[:max_len])

@@ -14,6 +14,9 @@ A batch is a dict of numpy arrays:
                                      and gets no EOS. No BOS: the decoder shifts right itself.
   index     int32 [b]                the example's index in `prepared.source(split)`; -1 marks a
                                      filler row (only with drop_remainder=False), all-PAD code
+  ctx_ids   int32 [b, max_ctx_len]   only with retrieval (config.retrieval.k > 0): [CLS]
+                                     description [SEP] code of each neighbour [SEP]
+                                     (`tokenizer.frame_context`), what the decoder attends to
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import numpy as np
 
 from flax_albert_code.config import CLS_ID, EOS_ID, SEP_ID
 from flax_albert_code.data import splits, token_store
+from flax_albert_code.tokenizer import frame_context
 from flax_albert_code.data.sources import DataError
 
 Batch = dict[str, np.ndarray]
@@ -95,8 +99,11 @@ class BatchPlan(grain.MapDataset):
 class Assemble(grain.transforms.Map):
   """(indices, width) -> the padded batch dict, gathered from the token store."""
 
-  def __init__(self, store: token_store.TokenStore, max_desc_len: int):
+  def __init__(self, store: token_store.TokenStore, max_desc_len: int,
+               neighbours: np.ndarray | None = None,
+               train_store: token_store.TokenStore | None = None, max_ctx_len: int = 0):
     self.store, self.max_desc_len = store, max_desc_len
+    self.neighbours, self.train_store, self.max_ctx_len = neighbours, train_store, max_ctx_len
 
   def map(self, element: tuple[np.ndarray, int]) -> Batch:
     indices, width = element
@@ -116,13 +123,25 @@ class Assemble(grain.transforms.Map):
     fits = (code_len < width) & ~filler
     code[rows[fits], code_len[fits]] = EOS_ID
     code[filler] = 0
-    return {"desc_ids": desc, "code_ids": code, "index": indices.astype(np.int32)}
+    out = {"desc_ids": desc, "code_ids": code, "index": indices.astype(np.int32)}
+    if self.neighbours is not None:
+      out["ctx_ids"] = self._contexts(idx, filler)
+    return out
+
+  def _contexts(self, idx: np.ndarray, filler: np.ndarray) -> np.ndarray:
+    ctx = np.zeros((len(idx), self.max_ctx_len), np.int32)
+    for r, (i, fill) in enumerate(zip(idx, filler)):
+      desc = [] if fill else self.store.tokens("desc", i)
+      codes = [self.train_store.tokens("code", j) for j in self.neighbours[i] if j >= 0]
+      row = frame_context(desc, [] if fill else codes, self.max_desc_len, self.max_ctx_len)
+      ctx[r, :len(row)] = row
+    return ctx
 
 
 def make_dataset(config: ml_collections.ConfigDict, prepared, split: str, batch_size: int, *,
                  shuffle: bool, num_epochs: int | None, drop_remainder: bool | None = None,
                  process_index: int | None = None,
-                 process_count: int | None = None) -> grain.MapDataset:
+                 process_count: int | None = None, neighbours=None) -> grain.MapDataset:
   """The grain MapDataset of this host's batches; see `make_iterator`."""
   d = config.data
   process_index = jax.process_index() if process_index is None else process_index
@@ -144,13 +163,16 @@ def make_dataset(config: ml_collections.ConfigDict, prepared, split: str, batch_
     raise DataError(f"Split {split!r} of {prepared.data_dir} has {len(store)} examples, not one "
                     f"full batch of {batch_size} in any code bucket {buckets}; lower the batch "
                     "size, use fewer buckets or add data.")
-  return plan.map(Assemble(store, d.max_desc_len))
+  if neighbours is None:
+    return plan.map(Assemble(store, d.max_desc_len))
+  return plan.map(Assemble(store, d.max_desc_len, neighbours.ids[split], prepared.tokens("train"),
+                           int(config.retrieval.max_ctx_len)))
 
 
 def make_iterator(config: ml_collections.ConfigDict, prepared, split: str, batch_size: int, *,
                   shuffle: bool, num_epochs: int | None, drop_remainder: bool | None = None,
                   process_index: int | None = None, process_count: int | None = None,
-                  prefetch: int = 2) -> grain.DatasetIterator:
+                  prefetch: int = 2, neighbours=None) -> grain.DatasetIterator:
   """An iterator over this host's part of each global batch (`batch_size` is global).
 
   `drop_remainder` (default: `shuffle`) drops each bucket's last partial batch per epoch;
@@ -159,7 +181,7 @@ def make_iterator(config: ml_collections.ConfigDict, prepared, split: str, batch
   """
   ds = make_dataset(config, prepared, split, batch_size, shuffle=shuffle, num_epochs=num_epochs,
                     drop_remainder=drop_remainder, process_index=process_index,
-                    process_count=process_count)
+                    process_count=process_count, neighbours=neighbours)
   read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
   return iter(ds.to_iter_dataset(read))
 

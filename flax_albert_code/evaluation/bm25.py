@@ -11,6 +11,7 @@ import re
 from typing import Sequence
 
 import numpy as np
+import scipy.sparse
 
 _WORD = re.compile(r"[A-Za-z]+|\d+")
 _CAMEL = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
@@ -53,7 +54,37 @@ class BM25:
     return out_D
 
   def score_matrix(self, queries: Sequence[Sequence[str]]) -> np.ndarray:
-    return np.stack([self.scores(q) for q in queries]) if queries else np.zeros((0, self.num_docs))
+    """[Q, D] scores, as `scores` row by row, in one sparse product (45k x 45k in seconds)."""
+    if not queries:
+      return np.zeros((0, self.num_docs))
+    return (self._query_matrix(queries) @ self._weights()).toarray()
+
+  def _weights(self) -> scipy.sparse.csr_matrix:
+    """[T, D] BM25 weight of each (term, document): idf * tf (k1 + 1) / (tf + norm)."""
+    if getattr(self, "_W", None) is None:
+      self._terms = {t: i for i, t in enumerate(self._postings)}
+      rows, cols, vals = [], [], []
+      for t, (docs, tf) in self._postings.items():
+        rows.append(np.full(len(docs), self._terms[t]))
+        cols.append(docs)
+        vals.append(self.idf(t) * tf * (self.k1 + 1) / (tf + self._norm_D[docs]))
+      cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+      self._W = scipy.sparse.csr_matrix(
+          (cat(vals, np.float64), (cat(rows, np.int64), cat(cols, np.int64))),
+          shape=(len(self._terms), self.num_docs))
+    return self._W
+
+  def _query_matrix(self, queries: Sequence[Sequence[str]]) -> scipy.sparse.csr_matrix:
+    self._weights()
+    rows, cols, vals = [], [], []
+    for i, q in enumerate(queries):
+      for term, qtf in collections.Counter(q).items():
+        if term in self._terms:
+          rows.append(i)
+          cols.append(self._terms[term])
+          vals.append(qtf)
+    return scipy.sparse.csr_matrix((np.asarray(vals, np.float64), (rows, cols)),
+                                   shape=(len(queries), len(self._terms)))
 
 
 def nearest_neighbour(queries: Sequence[str], corpus_keys: Sequence[str]) -> np.ndarray:

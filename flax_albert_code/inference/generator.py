@@ -29,8 +29,11 @@ from flax_albert_code import config as config_lib
 from flax_albert_code.inference import decoding as sampling
 from flax_albert_code.model import sharding
 from flax_albert_code.model import albert as model_lib
+from flax_albert_code.inference import index as index_lib
 from flax_albert_code.inference import postprocess as batching
+from flax_albert_code.inference import retrieval
 from flax_albert_code.model.layers import ModelConfig
+from flax_albert_code.tokenizer import frame_context
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,11 @@ log = logging.getLogger(__name__)
 def full_config(config) -> ml_collections.ConfigDict:
   """A whole config from a whole config, its `model` section or a ModelConfig."""
   if hasattr(config, "model") and hasattr(config, "sample"):
-    return config
+    if "retrieval" in config:
+      return config
+    c = ml_collections.ConfigDict(config.to_dict())   # saved before retrieval existed
+    c.retrieval = config_lib.get_config().retrieval
+    return c
   c = config_lib.get_config()
   if isinstance(config, ModelConfig):
     c.model.update(dataclasses.asdict(config))
@@ -98,6 +105,9 @@ class CodeGenerator:
     self.variables = self._place(params)
     self.step: int | None = None
     self.checkpoint_path: str | None = None
+    self.retrieval_k = int(self.config.retrieval.k)
+    self.max_ctx_len = int(self.config.retrieval.max_ctx_len)
+    self._corpus: tuple[str, Any] | None = None   # (spec, Retriever over its index)
 
   @classmethod
   def from_checkpoint(cls, path: str, *, mesh: jax.sharding.Mesh | None = None) -> CodeGenerator:
@@ -127,7 +137,8 @@ class CodeGenerator:
                num_beams: int = 4, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                rerank: bool = False, max_new_tokens: int | None = None, seed: int = 0,
                length_penalty: float = 1.0, repetition_penalty: float = 1.0,
-               drop_unparsable: bool = False) -> list[list[dict[str, Any]]]:
+               drop_unparsable: bool = False, retrieve: bool | None = None,
+               corpus: str | None = None) -> list[list[dict[str, Any]]]:
     """Per description, candidates best first: {"code", "score", "align", "parses"}.
 
     greedy gives 1 candidate, sample `num_samples`, beam the best `num_samples` of `num_beams`
@@ -136,6 +147,12 @@ class CodeGenerator:
     `drop_unparsable`, candidates that `ast.parse` rejects are dropped unless none parses.
     `repetition_penalty` > 1 (greedy, sample) makes tokens already emitted less likely
     (`sampling.penalize_repeats`).
+
+    A model trained with retrieval (config.retrieval.k > 0) retrieves by default (`retrieve`
+    None or True): the k functions of `corpus` (a data source spec, `prepared:SPLIT`, or None for
+    the run's train split) nearest to each description join its input, and every candidate
+    lists them under "neighbours" ({"path", "name", "lineno", "score"}, best first).
+    `retrieve=False` generates from the description alone.
     """
     texts = batching.check_texts(descriptions, "Description")
     max_new = self.default_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
@@ -152,11 +169,14 @@ class CodeGenerator:
                            repetition_penalty=repetition_penalty)
     if not texts:
       return []
-    ids = np.array([batching.pad(self._description_ids(t, i), self.max_desc_len)
-                    for i, t in enumerate(texts)], np.int32)
+    used = self._retrieves(retrieve)
+    neighbours = self.retrieve(texts, corpus) if used else [[] for _ in texts]
+    width = self.max_ctx_len if used else self.max_desc_len
+    ids = np.array([batching.pad(self._input_ids(t, i, [n["tokens"] for n in neighbours[i]]),
+                                 width) for i, t in enumerate(texts)], np.int32)
     tokens, scores = [], []
     for c, (start, size, bucket) in enumerate(batching.chunks(len(texts), self.batch_buckets)):
-      batch = np.zeros((bucket, self.max_desc_len), np.int32)
+      batch = np.zeros((bucket, width), np.int32)
       batch[:size] = ids[start:start + size]
       rng = jax.random.fold_in(jax.random.PRNGKey(seed), c)
       t, s = sampling.generate(
@@ -174,9 +194,12 @@ class CodeGenerator:
       results.append([{"code": self.tokenizer.decode(seq.tolist()), "score": float(score),
                        "align": None, "parses": False}
                       for seq, score in zip(row_tokens, row_scores)])
-    for cands in results:
+    for cands, nbs in zip(results, neighbours):
       for cand in cands:
         cand["parses"] = parses(cand["code"])
+        if used:
+          cand["neighbours"] = [{k: n[k] for k in ("path", "name", "lineno", "score")}
+                                for n in nbs]
     if rerank:
       self._add_alignment(texts, results)
     keep = num_samples
@@ -194,6 +217,50 @@ class CodeGenerator:
     code_vecs = self._code_vectors([c["code"] for _, c in flat])
     for (i, cand), vec in zip(flat, code_vecs):
       cand["align"] = float(np.dot(desc_vecs[i], vec))
+
+  # -------------------------------------------------------------------------------------------
+  # Retrieval.
+
+  def _retrieves(self, retrieve: bool | None) -> bool:
+    if retrieve and not self.retrieval_k:
+      raise ValueError("This model was trained without retrieval (config.retrieval.k = 0), so "
+                       "it cannot use neighbours; drop retrieve/--corpus or train with "
+                       "--config.retrieval.k=2.")
+    return bool(self.retrieval_k) if retrieve is None else bool(retrieve)
+
+  def retrieve(self, texts: Sequence[str], corpus: str | None = None,
+               k: int | None = None) -> list[list[dict[str, Any]]]:
+    """Per description, the `k` (default the model's) nearest functions of `corpus` (see
+    `generate`), best first: {"path", "name", "lineno", "code", "score", "tokens"}."""
+    retriever, items = self.retriever(corpus)
+    k = self.retrieval_k if k is None else int(k)
+    method = self.config.retrieval.method
+    qv = None if method == "bm25" else self.embed(list(texts), kind="desc")
+    idx, scores = retriever.search(list(texts), k, method=method, query_vectors_QxA=qv)
+    out = []
+    for row, row_scores in zip(idx, scores):
+      out.append([{**{f: items[j][f] for f in ("path", "name", "lineno", "code")},
+                   "score": float(sc), "tokens": self.tokenizer.encode(items[j]["code"])}
+                  for j, sc in zip(row, row_scores) if j >= 0])
+    return out
+
+  def retriever(self, corpus: str | None = None):
+    """(Retriever, items) over `corpus`'s index (built once with this model, saved under the
+    run's search_index/ and reused while the parameters and the corpus files are unchanged)."""
+    spec = corpus or "prepared:train"
+    if self._corpus is None or self._corpus[0] != spec:
+      examples, fingerprint = index_lib.corpus(spec, self.prepared)
+      if not examples:
+        raise ValueError(f"The retrieval corpus {spec} holds no functions; name another with "
+                         "--corpus (e.g. dir:PATH) or pass --no-retrieve.")
+      if self.checkpoint_path:
+        index = index_lib.load_or_build(self, examples, fingerprint,
+                                        index_lib.default_root(self))
+        vectors, items = index.vectors, index.items
+      else:
+        vectors, items = index_lib.build_index(self, examples), examples
+      self._corpus = (spec, (retrieval.Retriever([e["code"] for e in items], vectors), items))
+    return self._corpus[1]
 
   # -------------------------------------------------------------------------------------------
   # Embedding.
@@ -223,6 +290,14 @@ class CodeGenerator:
 
   # -------------------------------------------------------------------------------------------
   # Helpers.
+
+  def _input_ids(self, text: str, i: int, neighbour_tokens: list[list[int]]) -> list[int]:
+    """The encoder input for generation: the framed description, or with neighbours its
+    retrieval context (`tokenizer.frame_context`, as training builds it)."""
+    if not neighbour_tokens:
+      return self._description_ids(text, i)
+    return frame_context(self.tokenizer.encode(text), neighbour_tokens, self.max_desc_len,
+                         self.max_ctx_len)
 
   def _description_ids(self, text: str, i: int) -> list[int]:
     n = len(self.tokenizer.encode(text))

@@ -283,17 +283,22 @@ class CodeModel(nn.Module):
     return self.decoder.logits(h_BxTxH)
 
   def __call__(self, desc_ids_BxL: Array, code_ids_BxT: Array, *, deterministic: bool = True,
-               encode_code: bool = True, decode: bool = True) -> dict[str, Any]:
+               encode_code: bool = True, decode: bool = True,
+               ctx_ids_BxC: Array | None = None) -> dict[str, Any]:
     """Training forward pass. `code_ids` are targets (code tokens, EOS, padding).
 
     Returns the description's EncoderOutput ("desc"), the decoder's last hidden states
     ("hidden"; logits come from `logits` or the chunked loss) and the code's EncoderOutput.
+    With `ctx_ids` (retrieval: description + neighbours' code), the decoder attends to their
+    encoding instead of the description's; alignment still reads the description alone.
     """
     enc_d = self.encode(desc_ids_BxL, deterministic=deterministic)
     out = {"desc": enc_d}
     if decode or self.is_initializing():
       dec_in = shift_right(code_ids_BxT, BOS_ID)
-      out["hidden"] = self.decoder_hidden(enc_d, dec_in, deterministic=deterministic)
+      memory = enc_d if ctx_ids_BxC is None else self.encode(ctx_ids_BxC,
+                                                               deterministic=deterministic)
+      out["hidden"] = self.decoder_hidden(memory, dec_in, deterministic=deterministic)
     if encode_code or self.is_initializing():
       # [CLS] + code, kept at length T (the EOS slot holds [CLS]): T+1 would break cuDNN's
       # flash attention (lengths must tile) and cost a 257th position. EOS is read as padding,

@@ -24,6 +24,7 @@ from flax_albert_code.model import albert as model_lib
 from flax_albert_code.training import optim
 from flax_albert_code.model import sharding
 from flax_albert_code.training import step as train_step
+from flax_albert_code.data import neighbours as neighbours_lib
 from flax_albert_code.data import pipeline
 from flax_albert_code.data.prepared import prepare
 
@@ -104,14 +105,52 @@ def _flatten(tree):
 
 
 def _model_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  return {"desc_ids": batch["desc_ids"], "code_ids": batch["code_ids"]}
+  return {k: batch[k] for k in ("desc_ids", "code_ids", "ctx_ids") if k in batch}
 
 
-def evaluate(eval_fn, params, config, prepared, mesh, batch_size: int) -> dict[str, float]:
+def _embedder(config, params, prepared, mesh):
+  """(texts, kind) -> the model's aligned vectors, for mining neighbours with its own encoder."""
+  from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
+  embed = CodeGenerator(config, params, prepared.tokenizer, prepared=prepared, mesh=mesh).embed
+
+  def quiet(texts, kind):   # long descriptions are cut as training cuts them: no warning each
+    logger = logging.getLogger("flax_albert_code.inference.generator")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+      return embed(texts, kind)
+    finally:
+      logger.setLevel(level)
+  return quiet
+
+
+def _neighbours(config, prepared, workdir: str, step: int, params, mesh, *, refresh: bool):
+  """This run's retrieval neighbours at `step`: loaded when saved (a resumed run), else mined
+  (before training with BM25, or the warm-started model's vectors; at a refresh step with the
+  model's own encoder) and saved. None for a model without retrieval."""
+  k = train_step.retrieval_k(config)
+  if not k:
+    return None
+  nb = None if refresh else neighbours_lib.load(workdir, step, prepared, k)
+  if nb is None:
+    method = config.retrieval.method if (refresh or config.train.init_from) else "bm25"
+    embed = None if method == "bm25" else _embedder(config, params, prepared, mesh)
+    start = time.perf_counter()
+    nb = neighbours_lib.mine(prepared, k, method, embed, step=step)
+    if jax.process_index() == 0:
+      neighbours_lib.save(workdir, nb)
+    log.info("Step %d: neighbours mined by %s in %.1f s.", step, method,
+             time.perf_counter() - start)
+  return nb
+
+
+def evaluate(eval_fn, params, config, prepared, mesh, batch_size: int,
+             neighbours=None) -> dict[str, float]:
   """Mean validation metrics over the first `eval_batches` batches of the valid split."""
   try:
     it = pipeline.make_iterator(config, prepared, "valid", batch_size, shuffle=False,
-                                num_epochs=1, drop_remainder=True, prefetch=0)
+                                num_epochs=1, drop_remainder=True, prefetch=0,
+                                neighbours=neighbours)
   except (ValueError, pipeline.DataError) as e:
     log.warning("No validation: %s", e)
     return {}
@@ -163,6 +202,9 @@ def run(config, workdir: str, *, progress: bool = True, max_steps: int | None = 
     if tc.init_from:
       state = _warm_start(state, config, mc)
     start = 0
+  nb = _neighbours(config, prepared, workdir, start, state.params["model"], mesh, refresh=False)
+  if nb is not None:
+    train_iter = _with_neighbours(train_iter, config, prepared, nb)
   writer = metrics_lib.Writer(workdir)
   peak = metrics_lib.peak_flops_per_device()
   history, valid = [], {}
@@ -206,8 +248,12 @@ def run(config, workdir: str, *, progress: bool = True, max_steps: int | None = 
         writer.write(step, rate)
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", tok_s=f"{rate['tokens_per_s']:.0f}")
         t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
+      if nb is not None and step in tuple(config.retrieval.refresh_steps):
+        nb = _neighbours(config, prepared, workdir, step, state.params["model"], mesh,
+                         refresh=True)
+        train_iter = _with_neighbours(train_iter, config, prepared, nb)
       if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
-        valid = evaluate(eval_fn, state.params, config, prepared, mesh, eval_bs)
+        valid = evaluate(eval_fn, state.params, config, prepared, mesh, eval_bs, nb)
         if valid:
           writer.write(step, valid)
           log.info("step %d: %s", step, {k: round(v, 4) for k, v in valid.items()})
@@ -227,6 +273,14 @@ def run(config, workdir: str, *, progress: bool = True, max_steps: int | None = 
       _record(pending, history, bar, writer, tc, peak, mc, gen, align)
     bar.close()
   return Result(workdir, step, history, valid, bool(stopped), state, prepared)
+
+
+def _with_neighbours(train_iter, config, prepared, nb):
+  """A train iterator reading `nb`, at the position of `train_iter`."""
+  it = pipeline.make_iterator(config, prepared, "train", config.train.batch_size, shuffle=True,
+                              num_epochs=None, neighbours=nb)
+  it.set_state(train_iter.get_state())
+  return it
 
 
 def _dispatch(compiled, kind: str, fallback):

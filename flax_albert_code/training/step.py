@@ -50,6 +50,11 @@ def objectives(train_cfg) -> tuple[bool, tuple[str, ...]]:
   return train_cfg.stage != "pretrain", align
 
 
+def retrieval_k(config) -> int:
+  """Neighbours per description (0: the plain model; configs saved before retrieval have none)."""
+  return int(config.retrieval.k) if "retrieval" in config else 0
+
+
 def example_batch(config, batch_size: int) -> dict[str, np.ndarray]:
   return {"desc_ids": np.full((batch_size, config.data.max_desc_len), 7, np.int32),
           "code_ids": np.full((batch_size, config.data.max_code_len), 7, np.int32)}
@@ -104,7 +109,8 @@ def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool)
   dropout = train and (mc.hidden_dropout_prob > 0 or mc.attention_probs_dropout_prob > 0)
   desc, code = batch["desc_ids"], batch["code_ids"]
   out = model.apply({"params": params["model"]}, desc, code, deterministic=not dropout,
-                    encode_code=bool(align), decode=gen, rngs={"dropout": rng})
+                    encode_code=bool(align), decode=gen, ctx_ids_BxC=batch.get("ctx_ids"),
+                    rngs={"dropout": rng})
   metrics, total = {}, 0.0
   if gen:
     weights = code != PAD_ID
@@ -203,7 +209,10 @@ def precompile(train_fn, eval_fn, state: TrainState, config, mesh, eval_batch_si
 
   def batch(b, lc):
     shape = lambda n: jax.ShapeDtypeStruct((b, n), jnp.int32, sharding=batch_sh)
-    return {"desc_ids": shape(config.data.max_desc_len), "code_ids": shape(lc)}
+    out = {"desc_ids": shape(config.data.max_desc_len), "code_ids": shape(lc)}
+    if retrieval_k(config):
+      out["ctx_ids"] = shape(int(config.retrieval.max_ctx_len))
+    return out
 
   jobs = {("train", lc): (train_fn, (state, batch(config.train.batch_size, lc)))
           for lc in code_lengths}

@@ -1,0 +1,101 @@
+"""Retrieval for generation: the k nearest functions of a corpus for each description.
+
+Three ways to score a (description, corpus function) pair, chosen by `config.retrieval.method`:
+- "dense": the cosine of the model's own aligned vectors, v_d . v_c (what alignment trains);
+- "bm25": Okapi BM25 of the description's words against the function's code;
+- "hybrid": both, each standardised over the query's candidates (z-scores) and added with equal
+  weights (as `evaluation.harness.fuse`, which measured best on held-out retrieval).
+
+`exclude` keeps a query from retrieving its own source: a candidate whose group (its source file)
+equals the query's is never returned. Training mines each example's neighbours from the train
+split with its own file excluded, so the decoder never sees its target (or anything written beside
+it) among its neighbours and learns to use similar code, not to copy the answer.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from flax_albert_code.evaluation import bm25 as bm25_lib
+
+METHODS = ("dense", "bm25", "hybrid")
+
+
+def check_method(method: str) -> str:
+  if method not in METHODS:
+    raise ValueError(f"Unknown retrieval method {method!r}; use one of {', '.join(METHODS)}.")
+  return method
+
+
+class Retriever:
+  """A corpus of functions (code texts, optional aligned code vectors) ranked for descriptions."""
+
+  def __init__(self, codes: Sequence[str], vectors_NxA: np.ndarray | None = None,
+               groups: Sequence[str] | None = None):
+    self.num = len(codes)
+    self.vectors = None if vectors_NxA is None else np.asarray(vectors_NxA, np.float32)
+    if self.vectors is not None and len(self.vectors) != self.num:
+      raise ValueError(f"The retrieval corpus has {self.num} functions but {len(self.vectors)} "
+                       "vectors; rebuild its index.")
+    self.bm25 = bm25_lib.BM25([bm25_lib.words(c) for c in codes])
+    self.groups = None if groups is None else _group_ids(groups)
+    self._group_names = None if groups is None else {g: i for i, g in enumerate(
+        dict.fromkeys(groups))}
+
+  def search(self, queries: Sequence[str], k: int, *, method: str = "hybrid",
+             query_vectors_QxA: np.ndarray | None = None,
+             exclude: Sequence[str] | None = None,
+             chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """([Q, k] corpus indices best first, [Q, k] scores); -1 / -inf where fewer than k remain.
+
+    `exclude[q]` names query q's group (source file): the corpus's functions of that group are
+    skipped (needs `groups`).
+    """
+    check_method(method)
+    if method != "bm25" and (self.vectors is None or query_vectors_QxA is None):
+      raise ValueError(f"Retrieval method {method!r} needs the model's vectors of the corpus and "
+                       "of the queries; use method 'bm25' or build the index with the model.")
+    if exclude is not None and self.groups is None:
+      raise ValueError("exclude= needs the corpus's groups (source files).")
+    q = len(queries)
+    idx = np.full((q, k), -1, np.int64)
+    scores = np.full((q, k), -np.inf, np.float32)
+    if not q or not self.num or k < 1:
+      return idx, scores
+    words = [bm25_lib.words(t) for t in queries]
+    for start in range(0, q, chunk):
+      rows = slice(start, min(q, start + chunk))
+      s = self._scores(words[rows], None if query_vectors_QxA is None
+                       else np.asarray(query_vectors_QxA[rows], np.float32), method)
+      if exclude is not None:
+        qg = np.array([self._group_names.get(g, -1) for g in exclude[rows]])
+        s[qg[:, None] == self.groups[None, :]] = -np.inf
+      kk = min(k, self.num)
+      top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+      top_s = np.take_along_axis(s, top, 1)
+      order = np.argsort(-top_s, axis=1, kind="stable")
+      top, top_s = np.take_along_axis(top, order, 1), np.take_along_axis(top_s, order, 1)
+      top = np.where(np.isfinite(top_s), top, -1)
+      idx[rows, :kk], scores[rows, :kk] = top, top_s
+    return idx, scores
+
+  def _scores(self, words: list[list[str]], qv: np.ndarray | None, method: str) -> np.ndarray:
+    if method == "dense":
+      return qv @ self.vectors.T
+    lexical = self.bm25.score_matrix(words).astype(np.float32)
+    if method == "bm25":
+      return lexical
+    return zscore(qv @ self.vectors.T) + zscore(lexical)
+
+
+def zscore(s_QxC: np.ndarray) -> np.ndarray:
+  """Each row standardised over its candidates (a constant row becomes zeros)."""
+  s = np.asarray(s_QxC, np.float32)
+  std = s.std(axis=1, keepdims=True)
+  return (s - s.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1.0)
+
+
+def _group_ids(groups: Sequence[str]) -> np.ndarray:
+  names = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+  return np.array([names[g] for g in groups], np.int64)
