@@ -134,6 +134,8 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
       strategy="greedy", max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
       num_beams=4, length_penalty=1.0, num_samples=1, batch_buckets=(1, 8, 32),
       decode_phase=64,             # decode in phases of N steps that read only the cache written so far; 0: off
+      repetition_penalty=1.0,      # CTRL penalty of tokens already emitted (1.0: off)
+      no_repeat_ngram_size=0,      # never repeat an n-gram of the output (0: off)
   ))
   # Retrieval-augmented generation: the decoder attends to the description followed by the code
   # of k train functions retrieved for it (data/neighbours.py, inference/retrieval.py).

@@ -34,15 +34,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   arg("--num-samples", type=int, default=10)
   arg("--num-beams", type=int, default=4)
   arg("--temperature", type=float, default=0.8)
-  arg("--repetition-penalty", type=float, default=1.0,
-      help="greedy and sample: CTRL repetition penalty (1.0: off)")
+  arg("--repetition-penalty", type=float, default=None,
+      help="CTRL repetition penalty (1.0: off; default: the checkpoint's config.sample)")
+  arg("--no-repeat-ngram-size", type=int, default=None,
+      help="never repeat an n-gram (0: off; default: the checkpoint's config.sample)")
   arg("--top-k", type=int, default=0)
   arg("--top-p", type=float, default=0.95)
   arg("--max-new-tokens", type=int, default=None)
   arg("--seed", type=int, default=0)
   arg("--batch-size", type=int, default=64)
   arg("--max-candidates", type=int, default=1000, help="retrieval: target + distractors")
-  arg("--no-retrieval", action="store_true")
+  arg("--no-retrieval", action="store_true", help="skip the retrieval (MRR) rows")
+  arg("--no-retrieve", action="store_true",
+      help="a retrieval model generates from the description alone (no neighbours)")
+  arg("--corpus", default="", help="retrieval corpus (default: the run's train split)")
   arg("--no-baselines", action="store_true")
   arg("--timeout", type=float, default=5.0, help="HumanEval: seconds per candidate")
   arg("--workers", type=int, default=0, help="HumanEval: parallel sandboxes (0: CPU count)")
@@ -81,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   decode = harness.DecodeSettings(
       num_samples=args.num_samples, num_beams=args.num_beams, temperature=args.temperature,
       top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
-      batch_size=args.batch_size, repetition_penalty=args.repetition_penalty)
+      batch_size=args.batch_size, repetition_penalty=args.repetition_penalty,
+      no_repeat_ngram_size=args.no_repeat_ngram_size)
   strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
   train = [] if args.no_baselines else load_examples("prepared", "train", gen.prepared)
   if args.data == "humaneval":
@@ -94,7 +100,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     examples = load_examples(args.data, args.split, gen.prepared, args.max_examples)
     results = harness.evaluate(gen, examples, train, strategies, args.rerank, decode,
                                   not args.no_retrieval, args.max_candidates, args.show,
-                                  args.random_examples, args.seed)
+                                  args.random_examples, args.seed,
+                                  retrieve=False if args.no_retrieve else None,
+                                  corpus=args.corpus or None)
   results.update(title=f"{args.data} ({args.split})" if args.data != "humaneval" else "HumanEval",
                  checkpoint=args.checkpoint, data=args.data, split=args.split)
   json_path, md_path = report.write(results, args.out or args.checkpoint)

@@ -31,14 +31,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   arg("--top-k", type=int, default=0)
   arg("--top-p", type=float, default=1.0)
   arg("--length-penalty", type=float, default=1.0)
-  arg("--repetition-penalty", type=float, default=1.0,
-      help="greedy, sample: make tokens already emitted less likely (CTRL; 1.0: off)")
+  arg("--repetition-penalty", type=float, default=None,
+      help="make tokens already emitted less likely (CTRL; 1.0: off; default: the model's "
+      "config.sample)")
+  arg("--no-repeat-ngram-size", type=int, default=None,
+      help="never repeat an n-gram of the output (0: off; default: the model's config.sample)")
   arg("--rerank", action="store_true", help="order candidates by description-code alignment")
   arg("--drop-unparsable", action="store_true", help="drop candidates that do not parse")
   arg("--seed", type=int, default=0)
   arg("--max-new-tokens", type=int, default=None)
   arg("--json", action="store_true", help="one JSON object per description")
+  arg("--corpus", default="", help="a retrieval model's corpus: a data source spec such as "
+      "dir:~/src/myrepo (default: the run's train split)")
+  arg("--no-retrieve", action="store_true",
+      help="a retrieval model generates from the description alone")
   return p.parse_args(argv)
+
+
+def _print_neighbours(cands: list[dict]) -> None:
+  """The retrieved functions the candidates were written from, as comment lines."""
+  for i, n in enumerate(cands[0].get("neighbours", []) if cands else []):
+    print(f"# neighbour {i + 1}: {n['path']}:{n['lineno']} {n['name']} (score {n['score']:.2f})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sampling.check_options(args.strategy, max_new_tokens=args.max_new_tokens or 1,
                            num_beams=args.num_beams, num_samples=args.num_samples,
                            top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-                           repetition_penalty=args.repetition_penalty)
+                           repetition_penalty=args.repetition_penalty or 1.0,
+                           no_repeat_ngram_size=args.no_repeat_ngram_size or 0)
     texts = cli.read_texts(args.descriptions, args.input)
     gen = cli.load_generator(args.checkpoint)
     results = gen.generate(
@@ -57,16 +71,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, rerank=args.rerank,
         max_new_tokens=args.max_new_tokens, seed=args.seed,
         length_penalty=args.length_penalty,
-        repetition_penalty=args.repetition_penalty, drop_unparsable=args.drop_unparsable)
+        repetition_penalty=args.repetition_penalty, drop_unparsable=args.drop_unparsable,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        retrieve=False if args.no_retrieve else (True if args.corpus else None),
+        corpus=args.corpus or None)
   except cli.USER_ERRORS as e:
     return cli.fail(e)
   for text, cands in zip(texts, results):
     if args.json:
       print(json.dumps({"description": text, "candidates": cands}))
     elif len(texts) == 1 and len(cands) == 1:
+      _print_neighbours(cands)
       print(cands[0]["code"])
     else:
       print(f"# {text}")
+      _print_neighbours(cands)
       for i, c in enumerate(cands):
         if len(cands) > 1:
           align = "" if c["align"] is None else f", align {c['align']:.3f}"

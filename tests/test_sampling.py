@@ -303,13 +303,50 @@ def test_repetition_penalty_on_the_model(tiny):
   assert repeats(strong) < repeats(plain)
 
 
+def _repeated_ngrams(row, n: int) -> int:
+  toks = [int(x) for x in row if x > EOS_ID]
+  grams = [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
+  return len(grams) - len(set(grams))
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+def test_no_repeat_ngram_size_bans_repeated_ngrams_in_every_strategy(tiny, strategy):
+  """With EOS made unlikely the tiny model loops; no_repeat_ngram_size=3 leaves no trigram
+  twice in any candidate, and 0 changes nothing."""
+  config, model, variables, desc = tiny
+  variables = jax.tree.map(lambda x: x, variables)
+  bias = variables["params"]["decoder"]["logits_bias"]
+  variables["params"]["decoder"]["logits_bias"] = bias.at[EOS_ID].set(-10.0)
+  loud = (config, model, variables, desc)
+  kw = dict(strategy=strategy,   # a cold sampler loops like greedy
+            **({"num_samples": 2, "temperature": 0.05} if strategy == "sample" else {}))
+  plain, _ = _gen(loud, **kw)
+  same, _ = _gen(loud, no_repeat_ngram_size=0, **kw)
+  np.testing.assert_array_equal(same, plain)
+  banned, _ = _gen(loud, no_repeat_ngram_size=3, **kw)
+  assert sum(_repeated_ngrams(r, 3) for r in plain.reshape(-1, plain.shape[-1])) > 0
+  assert all(_repeated_ngrams(r, 3) == 0 for r in banned.reshape(-1, banned.shape[-1]))
+
+
+def test_repetition_penalty_applies_to_beam_search(tiny):
+  config, model, variables, desc = tiny
+  variables = jax.tree.map(lambda x: x, variables)
+  bias = variables["params"]["decoder"]["logits_bias"]
+  variables["params"]["decoder"]["logits_bias"] = bias.at[EOS_ID].set(-10.0)
+  loud = (config, model, variables, desc)
+  plain, _ = _gen(loud, strategy="beam")
+  strong, _ = _gen(loud, strategy="beam", repetition_penalty=5.0)
+  repeats = lambda t: sum(len(r[r > EOS_ID]) - len(set(r[r > EOS_ID])) for r in t[:, 0])
+  assert repeats(strong) < repeats(plain)
+
+
 def test_bad_options_are_one_sentence_value_errors(tiny):
   for kw, words in ((dict(strategy="nucleus"), "Unknown decoding strategy"),
                     (dict(strategy="sample", top_p=0.0), "top_p"),
                     (dict(strategy="sample", temperature=0.0), "temperature"),
                     (dict(strategy="greedy", max_new_tokens=10_000), "positions"),
                     (dict(strategy="greedy", repetition_penalty=0.5), "repetition_penalty"),
-                    (dict(strategy="beam", repetition_penalty=1.2), "not to beam search")):
+                    (dict(strategy="beam", no_repeat_ngram_size=-1), "no_repeat_ngram_size")):
     with pytest.raises(ValueError, match=words):
       _gen(tiny, **kw)
 

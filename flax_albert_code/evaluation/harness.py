@@ -35,7 +35,8 @@ class DecodeSettings:
   max_new_tokens: int | None = None
   seed: int = 0
   batch_size: int = 64       # descriptions per `generate` / `embed` call
-  repetition_penalty: float = 1.0   # greedy and sample only (beam search ignores it)
+  repetition_penalty: float | None = None   # None: the checkpoint's config.sample value
+  no_repeat_ngram_size: int | None = None   # None: the checkpoint's config.sample value
 
 
 def methods(strategies: Sequence[str], rerank: bool) -> list[tuple[str, bool]]:
@@ -59,7 +60,7 @@ def _num_candidates(strategy: str, d: DecodeSettings) -> int:
 
 
 def _generate(generator, descriptions: Sequence[str], strategy: str, rerank: bool,
-              d: DecodeSettings) -> list[list[dict]]:
+              d: DecodeSettings, retrieve: bool | None = None) -> list[list[dict]]:
   out: list[list[dict]] = []
   for i in range(0, len(descriptions), d.batch_size):
     batch = list(descriptions[i:i + d.batch_size])
@@ -67,8 +68,9 @@ def _generate(generator, descriptions: Sequence[str], strategy: str, rerank: boo
         batch, strategy=strategy, num_samples=_num_candidates(strategy, d),
         num_beams=d.num_beams, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p,
         rerank=rerank, max_new_tokens=d.max_new_tokens, seed=d.seed + i,
-        **({"repetition_penalty": d.repetition_penalty}
-           if d.repetition_penalty != 1.0 and strategy != "beam" else {}))
+        **({} if retrieve is None else {"retrieve": retrieve}),
+        **{name: getattr(d, name) for name in ("repetition_penalty", "no_repeat_ngram_size")
+           if getattr(d, name) is not None})
     if len(cands) != len(batch) or any(not c for c in cands):
       raise ValueError(f"generate({strategy!r}) returned {len(cands)} candidate lists for "
                        f"{len(batch)} descriptions, or an empty list; expected one non-empty each.")
@@ -122,21 +124,31 @@ def _span(sizes: Sequence[int]) -> str:
   return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
-def _generation_row(name: str, outputs: Sequence[str], refs: Sequence[str]) -> dict:
-  return {"method": name, "kind": "generation", "examples": len(outputs),
-          "bleu": metrics.bleu(outputs, refs), "exact_match": metrics.exact_match_rate(outputs, refs),
-          "parse_rate": metrics.parse_rate(outputs)}
+def _generation_row(name: str, outputs: Sequence[str], refs: Sequence[str],
+                    finished: Sequence[bool] | None = None, k: int | None = None) -> dict:
+  row = {"method": name, "kind": "generation", "examples": len(outputs),
+         "bleu": metrics.bleu(outputs, refs),
+         "exact_match": metrics.exact_match_rate(outputs, refs),
+         "parse_rate": metrics.parse_rate(outputs),
+         "degenerate_rate": metrics.degenerate_rate(outputs, finished)}
+  if k is not None:
+    row["k"] = k
+  return row
 
 
 def evaluate(generator, examples: Sequence[dict], train_examples: Sequence[dict] = (),
              strategies: Sequence[str] = ("greedy",), rerank: bool = False,
              decode: DecodeSettings = DecodeSettings(), retrieval: bool = True,
              max_candidates: int = 1000, num_show: int = 3, num_random: int = 0,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, retrieve: bool | None = None, plain: bool = True,
+             corpus: str | None = None) -> dict[str, Any]:
   """Generation and retrieval metrics of `generator` on `examples` ("description", "code").
 
   Baselines on the same examples: BM25 nearest neighbour over `train_examples` (the training
-  function whose description is closest answers), and BM25 retrieval.
+  function whose description is closest answers), and BM25 retrieval. For a model trained with
+  retrieval, each strategy runs with its k neighbours (column k) and, with `plain`, also without
+  them ("no retrieval", k 0); "dense/hybrid nearest neighbour" rows answer with the code of the
+  top function its retriever finds in the run's train split (retrieval alone, no generation).
   """
   if not examples:
     raise ValueError("No examples to evaluate; check --data and --split.")
@@ -144,10 +156,26 @@ def evaluate(generator, examples: Sequence[dict], train_examples: Sequence[dict]
   refs = [e["code"] for e in examples]
   rows: list[dict] = []
   outputs: dict[str, list[str]] = {}
+  k = int(getattr(generator, "retrieval_k", 0))
+  uses = k > 0 and retrieve is not False
+  if uses:   # (retrieve argument, k of the row)
+    arms = [(True, k)] + ([(False, 0)] if plain else [])
+  else:
+    arms = [(False if k else None, 0)]
   for strategy, rr in methods(strategies, rerank):
-    name = method_name(strategy, rr)
-    outputs[name] = [c[0]["code"] for c in _generate(generator, descs, strategy, rr, decode)]
-    rows.append(_generation_row(name, outputs[name], refs))
+    for arm, arm_k in arms:
+      name = method_name(strategy, rr) + (", no retrieval" if arm is False else "")
+      cands = _generate(generator, descs, strategy, rr, decode,
+                        **({"retrieve": arm} if arm is not None else {}))
+      outputs[name] = [c[0]["code"] for c in cands]
+      finished = [c[0].get("finish_reason", "eos") == "eos" for c in cands]
+      rows.append(_generation_row(name, outputs[name], refs, finished, arm_k))
+  if uses:
+    for how in ("dense", "hybrid"):
+      top = generator.retrieve(descs, corpus, k=1, method=how)
+      name = f"{how} nearest neighbour"
+      outputs[name] = [t[0]["code"] if t else "" for t in top]
+      rows.append(_generation_row(name, outputs[name], refs, k=1))
   if train_examples:
     nn = bm25.nearest_neighbour(descs, [t["description"] for t in train_examples])
     outputs["BM25 nearest neighbour"] = [train_examples[i]["code"] for i in nn]

@@ -82,6 +82,30 @@ def parse_rate(codes: Sequence[str]) -> float:
   return 100.0 * float(np.mean([parses(c) for c in codes])) if codes else 0.0
 
 
+def degenerate(code: str, finished: bool = True, repeats: int = 3) -> bool:
+  """A looping output: one non-blank line `repeats`+ times in a row, or (`finished` False) no
+  EOS before the token limit."""
+  if not finished:
+    return True
+  run, last = 0, None
+  for line in code.splitlines():
+    line = line.strip()
+    if not line:
+      continue
+    run = run + 1 if line == last else 1
+    last = line
+    if run >= repeats:
+      return True
+  return False
+
+
+def degenerate_rate(codes: Sequence[str], finished: Sequence[bool] | None = None) -> float:
+  if not codes:
+    return 0.0
+  finished = [True] * len(codes) if finished is None else finished
+  return 100.0 * float(np.mean([degenerate(c, f) for c, f in zip(codes, finished)]))
+
+
 def ranks(scores_QxC: np.ndarray, targets: Sequence[int] | None = None) -> np.ndarray:
   """1-based rank of each query's target column (default: the diagonal), ties counted against it.
 

@@ -12,7 +12,8 @@ from typing import Any
 
 # (column header, row key, format)
 COLUMNS = (("BLEU", "bleu", "{:.2f}"), ("EM %", "exact_match", "{:.2f}"),
-           ("parses %", "parse_rate", "{:.1f}"), ("MRR", "mrr", "{:.3f}"),
+           ("parses %", "parse_rate", "{:.1f}"), ("degenerate %", "degenerate_rate", "{:.1f}"),
+           ("k", "k", "{}"), ("MRR", "mrr", "{:.3f}"),
            ("R@1 %", "r@1", "{:.1f}"), ("R@5 %", "r@5", "{:.1f}"), ("R@10 %", "r@10", "{:.1f}"),
            ("candidates", "candidates", "{}"), ("pass@1 %", "pass@1", "{:.2f}"),
            ("pass@10 %", "pass@10", "{:.2f}"), ("samples", "samples", "{}"),

@@ -96,6 +96,22 @@ def penalize_repeats(logits_NxV: Array, seen_NxV: Array, penalty: Array) -> Arra
   return jnp.where(seen_NxV, penalized, logits_NxV)
 
 
+def ban_repeated_ngrams(tokens_NxT: Array, step: Array, n: int, vocab_size: int) -> Array:
+  """[N, V] True where emitting the token next would repeat an n-gram already in its row
+  (Hugging Face's `no_repeat_ngram_size`): the last n-1 tokens emitted, followed by it, occur
+  earlier. `tokens_NxT` holds the row's tokens at positions < `step`."""
+  rows, t = tokens_NxT.shape
+  if n < 1 or t < n:
+    return jnp.zeros((rows, vocab_size), bool)
+  width = t - n + 1
+  prefix = lax.dynamic_slice(tokens_NxT, (0, jnp.maximum(step - (n - 1), 0)), (rows, n - 1))
+  match = (jnp.arange(width) + n - 1 < step)[None, :] & (step >= n - 1)
+  for i in range(n - 1):
+    match = match & (tokens_NxT[:, i:i + width] == prefix[:, i:i + 1])
+  banned = jnp.zeros((rows, vocab_size), bool)
+  return banned.at[jnp.arange(rows)[:, None], tokens_NxT[:, n - 1:]].max(match)
+
+
 def decode_phases(max_new_tokens: int, decode_phase: int) -> tuple[int, ...] | None:
   """The static ends of the decoding phases: (p, 2p, .., max_new_tokens); None when off (0)
   or when one phase would span everything."""
@@ -125,7 +141,8 @@ def sample_loop(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
                 max_new_tokens: int, choose: Callable[[Array, Array], Array], rng: Array,
                 done_N: Array | None = None,
                 phase_ends: Sequence[int] | None = None,
-                repetition_penalty: Array | None = None) -> tuple[Array, Array, Array, Array]:
+                repetition_penalty: Array | None = None,
+                no_repeat_ngram_size: int = 0) -> tuple[Array, Array, Array, Array]:
   """Decodes `batch_size` rows one token per step until all emitted EOS or `max_new_tokens`.
 
   `choose(logits_NxV, step_rng) -> ids_N` picks the next tokens (argmax, or a draw). Returns
@@ -134,6 +151,7 @@ def sample_loop(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
   `phase_ends` (increasing, the last `max_new_tokens`) the steps before `end` call
   `tokens_to_logits(ids, cache, end)` (see the module docstring). With `repetition_penalty`
   (None: off) tokens are chosen from `penalize_repeats` logits; log-probs stay the model's.
+  `no_repeat_ngram_size` n > 0 never chooses a token that repeats an n-gram of its row.
   """
   n, t = batch_size, max_new_tokens
   done0 = jnp.zeros((n,), bool) if done_N is None else done_N
@@ -152,6 +170,9 @@ def sample_loop(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
     logits = ban_special(logits.reshape(n, -1).astype(jnp.float32))
     chosen_from = (logits if s.seen_NxV is None
                    else penalize_repeats(logits, s.seen_NxV, repetition_penalty))
+    if no_repeat_ngram_size:
+      banned = ban_repeated_ngrams(s.tokens_NxT, s.step, no_repeat_ngram_size, logits.shape[-1])
+      chosen_from = jnp.where(banned, -jnp.inf, chosen_from)
     ids = choose(chosen_from, jax.random.fold_in(rng, s.step)).astype(jnp.int32)
     ids = jnp.where(s.done_N, PAD_ID, ids)
     logp = jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, -1)
@@ -235,7 +256,9 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
                 max_new_tokens: int, length_penalty: Array | float = 1.0,
                 active_B: Array | None = None,
                 reorder_cache: Callable[..., Any] | None = None,
-                phase_ends: Sequence[int] | None = None) -> tuple[Array, Array]:
+                phase_ends: Sequence[int] | None = None,
+                repetition_penalty: Array | None = None,
+                no_repeat_ngram_size: int = 0) -> tuple[Array, Array]:
   """Beam search over a cache holding `batch_size * beam_size` rows (beams of a row adjacent).
 
   `reorder_cache(cache, parent_BxK)` makes each beam take over its parent's cache (default:
@@ -244,7 +267,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
   before `max_new_tokens`) unfinished beams scored at length T. Rows where `active_B` is False
   are not searched (they stop the loop from waiting on them). With `phase_ends` the steps
   before `end` call `tokens_to_logits(ids, cache, end)` and `reorder_cache(cache, parent, end)`
-  (see the module docstring).
+  (see the module docstring). `no_repeat_ngram_size` n > 0: no beam repeats an n-gram;
+  `repetition_penalty` (None: off): `penalize_repeats` of the logits by the beam's own tokens.
   """
   b, k, t = batch_size, beam_size, max_new_tokens
   if reorder_cache is None:
@@ -274,8 +298,16 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
     logits, cache = _call(tokens_to_logits, s.last_BxK.reshape(b * k, 1), s.cache, end)
     logits = ban_special(logits.reshape(b * k, -1).astype(jnp.float32))
     v = logits.shape[-1]
+    if repetition_penalty is not None:
+      flat = s.live_seqs_BxKxT.reshape(b * k, t)
+      seen = jnp.zeros((b * k, v), bool).at[jnp.arange(b * k)[:, None], flat].set(True)
+      logits = penalize_repeats(logits, seen.at[:, PAD_ID].set(False), repetition_penalty)
     logprob_BxKxV = (jax.nn.log_softmax(logits).reshape(b, k, v)
                      + s.live_logprob_BxK[:, :, None])
+    if no_repeat_ngram_size:
+      banned = ban_repeated_ngrams(s.live_seqs_BxKxT.reshape(b * k, t), s.step,
+                                   no_repeat_ngram_size, v)
+      logprob_BxKxV = jnp.where(banned.reshape(b, k, v), NEG_INF, logprob_BxKxV)
     top_lp, top_idx = lax.top_k(logprob_BxKxV.reshape(b, k * v), 2 * k)   # [B, 2K]
     parent, ids = top_idx // v, (top_idx % v).astype(jnp.int32)
     seqs = _gather_beams(s.live_seqs_BxKxT, parent)
@@ -324,7 +356,8 @@ def num_candidates(strategy: str, num_beams: int, num_samples: int) -> int:
 
 def check_options(strategy: str, *, max_new_tokens: int, num_beams: int, num_samples: int,
                   top_k: int, top_p=1.0, temperature=1.0, vocab_size: int | None = None,
-                  max_positions: int | None = None, repetition_penalty=1.0) -> None:
+                  max_positions: int | None = None, repetition_penalty=1.0,
+                  no_repeat_ngram_size: int = 0) -> None:
   """Raises ValueError (one sentence) for an unknown strategy or options that cannot work."""
   def static(x):
     return isinstance(x, numbers.Real)
@@ -344,8 +377,8 @@ def check_options(strategy: str, *, max_new_tokens: int, num_beams: int, num_sam
        f"temperature must be positive, got {temperature}"),
       (not static(repetition_penalty) or repetition_penalty >= 1.0,
        f"repetition_penalty must be at least 1.0 (1.0: off), got {repetition_penalty}"),
-      (strategy != "beam" or not static(repetition_penalty) or repetition_penalty == 1.0,
-       "repetition_penalty applies to greedy and sample decoding, not to beam search"),
+      (no_repeat_ngram_size >= 0,
+       f"no_repeat_ngram_size must be 0 (off) or positive, got {no_repeat_ngram_size}"),
   ]
   for ok, msg in checks:
     if not ok:
@@ -356,7 +389,8 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
              max_new_tokens: int = 256, rng: Array | int = 0, temperature=1.0, top_k: int = 0,
              top_p=1.0, num_beams: int = 4, length_penalty=1.0, num_samples: int = 1,
              decode_phase: int = 64, mesh: jax.sharding.Mesh | None = None,
-             axis_rules: tuple | None = None, repetition_penalty=1.0) -> tuple[Array, Array]:
+             axis_rules: tuple | None = None, repetition_penalty=1.0,
+             no_repeat_ngram_size: int = 0) -> tuple[Array, Array]:
   """Decodes code for each description: tokens [B, K, T] int32 (PAD after EOS), scores [B, K].
 
   K is 1 (greedy), `num_samples` (sample) or `num_beams` (beam); candidates best first. Rows of
@@ -369,13 +403,13 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
   Compiled once per (shapes, strategy, max_new_tokens, K, top_k, top_p < 1, decode_phase,
   mesh, repetition_penalty != 1); temperature, top_p, length_penalty and a repetition
   penalty's value are traced. `repetition_penalty` (greedy and sample; 1.0: off) is
-  `penalize_repeats`.
+  `penalize_repeats`; `no_repeat_ngram_size` (every strategy; 0: off) `ban_repeated_ngrams`.
   """
   cfg = model.cfg
   check_options(strategy, max_new_tokens=max_new_tokens, num_beams=num_beams,
                 num_samples=num_samples, top_k=top_k, top_p=top_p, temperature=temperature,
                 vocab_size=cfg.vocab_size, max_positions=cfg.max_position_embeddings,
-                repetition_penalty=repetition_penalty)
+                repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
   nucleus = strategy == "sample" and not (isinstance(top_p, numbers.Real) and top_p >= 1.0)
   if isinstance(rng, int):
     rng = jax.random.PRNGKey(rng)
@@ -388,6 +422,7 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
                    phases=decode_phases(max_new_tokens, int(decode_phase)), mesh=mesh,
                    penalize=not (isinstance(repetition_penalty, numbers.Real)
                                  and repetition_penalty == 1.0),
+                   no_repeat_ngram_size=int(no_repeat_ngram_size),
                    axis_rules=None if axis_rules is None else _hashable(axis_rules))
 
 
@@ -407,11 +442,11 @@ def mesh_context(mesh: jax.sharding.Mesh | None, axis_rules: tuple | None):
 
 @functools.partial(jax.jit, static_argnames=("model", "strategy", "max_new_tokens", "k", "top_k",
                                              "nucleus", "phases", "mesh", "axis_rules",
-                                             "penalize"))
+                                             "penalize", "no_repeat_ngram_size"))
 def _generate(model: CodeModel, params, desc_ids_BxL, rng, temperature, top_p, length_penalty,
               repetition_penalty, *, strategy: str, max_new_tokens: int, k: int, top_k: int,
               nucleus: bool, mesh, axis_rules, phases: tuple[int, ...] | None = None,
-              penalize: bool = False):
+              penalize: bool = False, no_repeat_ngram_size: int = 0):
   with mesh_context(mesh, axis_rules):
     b = desc_ids_BxL.shape[0]
     active_B = desc_ids_BxL[:, 0] != PAD_ID
@@ -428,14 +463,16 @@ def _generate(model: CodeModel, params, desc_ids_BxL, rng, temperature, top_p, l
       tokens, scores = beam_search(tokens_to_logits, cache, batch_size=b, beam_size=k,
                                    max_new_tokens=max_new_tokens, length_penalty=alpha,
                                    active_B=active_B, reorder_cache=reorder_decode_cache,
-                                   phase_ends=phases)
+                                   phase_ends=phases, no_repeat_ngram_size=no_repeat_ngram_size,
+                                   repetition_penalty=repetition_penalty if penalize else None)
     else:
       choose = (greedy_choice if strategy == "greedy"
                 else sample_choice(temperature, top_k, top_p, nucleus))
       tokens, logprob, length, _ = sample_loop(
           tokens_to_logits, cache, batch_size=b * k, max_new_tokens=max_new_tokens,
           choose=choose, rng=rng, done_N=jnp.repeat(~active_B, k), phase_ends=phases,
-          repetition_penalty=repetition_penalty if penalize else None)
+          repetition_penalty=repetition_penalty if penalize else None,
+          no_repeat_ngram_size=no_repeat_ngram_size)
       scores = jnp.where(length > 0, logprob / length_penalty_fn(length, alpha), 0.0)
       tokens, scores = tokens.reshape(b, k, max_new_tokens), scores.reshape(b, k)
       if k > 1:   # samples best first

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from flax_albert_code import config as config_lib
+from flax_albert_code.config import EOS_ID
 from flax_albert_code.inference import decoding as sampling
 from flax_albert_code.model import sharding
 from flax_albert_code.model import albert as model_lib
@@ -136,7 +137,8 @@ class CodeGenerator:
   def generate(self, descriptions: Sequence[str], strategy: str = "greedy", num_samples: int = 1,
                num_beams: int = 4, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                rerank: bool = False, max_new_tokens: int | None = None, seed: int = 0,
-               length_penalty: float = 1.0, repetition_penalty: float = 1.0,
+               length_penalty: float = 1.0, repetition_penalty: float | None = None,
+               no_repeat_ngram_size: int | None = None,
                drop_unparsable: bool = False, retrieve: bool | None = None,
                corpus: str | None = None) -> list[list[dict[str, Any]]]:
     """Per description, candidates best first: {"code", "score", "align", "parses"}.
@@ -145,8 +147,9 @@ class CodeGenerator:
     (after reranking when `rerank`). "score" is the length-penalised log-probability; "align"
     the cosine similarity of description and code vectors (None unless `rerank`). With
     `drop_unparsable`, candidates that `ast.parse` rejects are dropped unless none parses.
-    `repetition_penalty` > 1 (greedy, sample) makes tokens already emitted less likely
-    (`sampling.penalize_repeats`).
+    `repetition_penalty` > 1 makes tokens already emitted less likely
+    (`sampling.penalize_repeats`); `no_repeat_ngram_size` n > 0 never repeats an n-gram; None
+    takes each from config.sample (chosen on the valid split).
 
     A model trained with retrieval (config.retrieval.k > 0) retrieves by default (`retrieve`
     None or True): the k functions of `corpus` (a data source spec, `prepared:SPLIT`, or None for
@@ -162,11 +165,17 @@ class CodeGenerator:
     if strategy == "beam" and num_samples > num_beams:
       raise ValueError(f"Beam search keeps {num_beams} beams, so it cannot return "
                        f"num_samples={num_samples}; raise num_beams or lower num_samples.")
+    sc = self.config.sample
+    if repetition_penalty is None:
+      repetition_penalty = float(sc.get("repetition_penalty", 1.0))
+    if no_repeat_ngram_size is None:
+      no_repeat_ngram_size = int(sc.get("no_repeat_ngram_size", 0))
     sampling.check_options(strategy, max_new_tokens=max_new, num_beams=num_beams,
                            num_samples=num_samples, top_k=top_k, top_p=top_p,
                            temperature=temperature, vocab_size=self.cfg.vocab_size,
                            max_positions=self.cfg.max_position_embeddings,
-                           repetition_penalty=repetition_penalty)
+                           repetition_penalty=repetition_penalty,
+                           no_repeat_ngram_size=no_repeat_ngram_size)
     if not texts:
       return []
     used = self._retrieves(retrieve)
@@ -184,7 +193,7 @@ class CodeGenerator:
           max_new_tokens=max_new, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
           num_beams=num_beams, length_penalty=length_penalty, num_samples=num_samples,
           decode_phase=self.decode_phase, mesh=self.mesh, axis_rules=self.axis_rules,
-          repetition_penalty=repetition_penalty)
+          repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
       tokens.append(np.asarray(jax.device_get(t))[:size])
       scores.append(np.asarray(jax.device_get(s))[:size])
     tokens_NxKxT, scores_NxK = np.concatenate(tokens), np.concatenate(scores)
@@ -192,7 +201,8 @@ class CodeGenerator:
     results = []
     for row_tokens, row_scores in zip(tokens_NxKxT, scores_NxK):
       results.append([{"code": self.tokenizer.decode(seq.tolist()), "score": float(score),
-                       "align": None, "parses": False}
+                       "align": None, "parses": False,
+                       "finish_reason": "eos" if (seq == EOS_ID).any() else "length"}
                       for seq, score in zip(row_tokens, row_scores)])
     for cands, nbs in zip(results, neighbours):
       for cand in cands:
@@ -228,13 +238,14 @@ class CodeGenerator:
                        "--config.retrieval.k=2.")
     return bool(self.retrieval_k) if retrieve is None else bool(retrieve)
 
-  def retrieve(self, texts: Sequence[str], corpus: str | None = None,
-               k: int | None = None) -> list[list[dict[str, Any]]]:
+  def retrieve(self, texts: Sequence[str], corpus: str | None = None, k: int | None = None,
+               method: str | None = None) -> list[list[dict[str, Any]]]:
     """Per description, the `k` (default the model's) nearest functions of `corpus` (see
-    `generate`), best first: {"path", "name", "lineno", "code", "score", "tokens"}."""
+    `generate`) by `method` (default config.retrieval.method), best first:
+    {"path", "name", "lineno", "code", "score", "tokens"}."""
     retriever, items = self.retriever(corpus)
     k = self.retrieval_k if k is None else int(k)
-    method = self.config.retrieval.method
+    method = method or self.config.retrieval.method
     qv = None if method == "bm25" else self.embed(list(texts), kind="desc")
     idx, scores = retriever.search(list(texts), k, method=method, query_vectors_QxA=qv)
     out = []
