@@ -1,49 +1,76 @@
 #!/usr/bin/env bash
-# The quality recipe end to end on one GPU (configs/quality.py): prepare from this machine's
-# stdlib + site-packages, train, evaluate on the held-out test split and HumanEval, export bf16,
-# generate the source design's example (greedy and beam), then HumanEval. Stages are stamped in
-# seconds.
+# The quality recipe end to end (configs/quality.py, retrieval-augmented): prepare from this
+# machine's stdlib + site-packages, train, choose the decoding on the VALID split, evaluate the
+# held-out test split (with and without retrieval, beside BM25 / dense nearest neighbours), run
+# the source design's example in the sandbox; optionally export and HumanEval. Stages are
+# stamped in seconds; each stage can run in its own call (the workdir persists):
 #   bash benchmarks/run_quality.sh [OUTDIR] [--config.train.steps=N ...]
-# Environment: QUALITY_EVAL_EXAMPLES (test examples, default 500), QUALITY_HUMANEVAL_STRATEGIES
-# (default greedy,sample), QUALITY_WORKDIR (default /tmp/quality_run).
+#   QUALITY_STAGES=train bash benchmarks/run_quality.sh OUT; QUALITY_STAGES=eval bash ... OUT
+# Environment: QUALITY_STAGES (default "train eval"; also export, humaneval),
+# QUALITY_EVAL_EXAMPLES (test examples, default 500), QUALITY_VALID_EXAMPLES (300),
+# QUALITY_NGRAMS (no_repeat_ngram_size values tried on valid, default "0 4"),
+# QUALITY_WORKDIR (default /tmp/quality_run), QUALITY_JSONL (an extra jsonl: set to evaluate).
 set -euo pipefail
 out="${1:-${OUT:-/tmp/quality}}"
 mkdir -p "$out"
 work="${QUALITY_WORKDIR:-/tmp/quality_run}"
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/.."
+stages=" ${QUALITY_STAGES:-train eval} "
 start=$(date +%s)
 # Every process after training compiles the same sampling programs: share them on disk.
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-${work}_jax_cache}"
 stamp() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$out/timeline.txt"; }
-python3 -c "import jax, flax, optax, orbax.checkpoint, grain, sentencepiece; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', orbax.checkpoint.__version__, 'grain', grain.__version__ if hasattr(grain, '__version__') else '?', 'sentencepiece', sentencepiece.__version__, jax.devices()[0].device_kind)" \
+python3 -c "import jax, flax, optax, orbax.checkpoint, grain, sentencepiece; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', orbax.checkpoint.__version__, 'sentencepiece', sentencepiece.__version__, jax.device_count(), 'x', jax.devices()[0].device_kind)" \
   | tee "$out/versions.txt"
-stamp "train (prepares the data first)"
-python3 -m flax_albert_code.train --config "$root/flax_albert_code/configs/quality.py" --workdir "$work" "${@:2}" \
-  > "$out/train_full.log" 2>&1 || { tail -30 "$out/train_full.log"; exit 1; }
-tr '\r' '\n' < "$out/train_full.log" | grep -v -i "warn" \
-  | grep -E "^(Training|Prepared|pairs|  |step|final|checkpoint|#|def |error)|step [0-9]+: \{" \
-  | tail -60 | tee "$out/train.log"
-cp "$work/metrics.jsonl" "$out/"
-cp "$work"/data/*/summary.txt "$out/" 2>/dev/null || true
-stamp "evaluate: test split"
-python3 -m flax_albert_code.evaluate --checkpoint "$work" --split test \
-  --max-examples "${QUALITY_EVAL_EXAMPLES:-500}" --strategies greedy,beam,sample --rerank \
-  --num-samples 8 --random-examples 5 --seed 0 --out "$out/test" 2>&1 | grep -v "truncated" | tail -20
-stamp "export bf16"
-python3 -m flax_albert_code.export --checkpoint "$work" --out "$work/export" --dtype bf16 \
-  --platforms cuda --buckets 8 --lengths 256 --no-hf-encoder 2>&1 | grep -v -i "warn" | tail -3 \
-  | tee "$out/export.txt"
-du -sb "$work/export" | tee -a "$out/export.txt"
-stamp "generate: the source design's example"
-desc="create a function that takes two integers and returns their sum"
-for args in "--strategy greedy" "--strategy beam --num-beams 4"; do
-  # shellcheck disable=SC2086
-  echo "## $args" && python3 -m flax_albert_code.generate --checkpoint "$work" $args "$desc" 2>&1 \
-    | grep -v -i "warn" | tail -20
-done | tee "$out/sum_example.txt"
-stamp "evaluate: HumanEval"
-python3 -m flax_albert_code.evaluate --checkpoint "$work" --data humaneval \
-  --strategies "${QUALITY_HUMANEVAL_STRATEGIES:-greedy,sample}" --num-samples 10 \
-  --out "$out/humaneval" 2>&1 | grep -v "truncated" | tail -12
+if [[ $stages == *" train "* ]]; then
+  stamp "train (prepares the data first)"
+  python3 -m flax_albert_code.train --config "$root/flax_albert_code/configs/quality.py" \
+    --workdir "$work" "${@:2}" > "$out/train_full.log" 2>&1 || { tail -30 "$out/train_full.log"; exit 1; }
+  tr '\r' '\n' < "$out/train_full.log" | grep -v -i "warn" \
+    | grep -E "^(Training|Prepared|pairs|  |step|final|checkpoint|#|def |error)|step [0-9]+: \{|[Mm]ined|Compiled" \
+    | tail -60 | tee "$out/train.log"
+  cp "$work/metrics.jsonl" "$out/"
+  stamp "trained"
+fi
+if [[ $stages == *" eval "* ]]; then
+  ngrams=()
+  read -r -a ngrams <<< "${QUALITY_NGRAMS:-0 4}"
+  for n in "${ngrams[@]}"; do
+    stamp "evaluate: valid split, greedy, no_repeat_ngram_size $n"
+    python3 -m flax_albert_code.evaluate --checkpoint "$work" --split valid --strategies greedy \
+      --max-examples "${QUALITY_VALID_EXAMPLES:-300}" --no-retrieval --no-baselines --show 0 \
+      --random-examples 0 --no-repeat-ngram-size "$n" --out "$out/valid_ngram$n" 2>&1 \
+      | grep -v "truncated" | grep "^|" | tee -a "$out/valid_sweep.txt"
+  done
+  best=$(python3 "$here/pick_decoding.py" "$out" "${ngrams[@]}")
+  stamp "chosen on valid: no_repeat_ngram_size $best"
+  stamp "evaluate: test split"
+  python3 -m flax_albert_code.evaluate --checkpoint "$work" --split test \
+    --max-examples "${QUALITY_EVAL_EXAMPLES:-500}" --strategies greedy,beam \
+    --no-repeat-ngram-size "$best" --random-examples 5 --seed 0 --out "$out/test" 2>&1 \
+    | grep -v "truncated" | tail -24
+  if [[ -n "${QUALITY_JSONL:-}" ]]; then
+    stamp "evaluate: $QUALITY_JSONL"
+    python3 -m flax_albert_code.evaluate --checkpoint "$work" --data "jsonl:$QUALITY_JSONL" \
+      --max-examples "${QUALITY_EVAL_EXAMPLES:-500}" --strategies greedy \
+      --no-repeat-ngram-size "$best" --random-examples 5 --seed 0 --out "$out/jsonl" 2>&1 \
+      | grep -v "truncated" | tail -20
+  fi
+  stamp "the source design's example"
+  python3 "$here/design_example.py" --checkpoint "$work" --no-repeat-ngram-size "$best" \
+    2>&1 | grep -v -i "warn" | tee "$out/sum_example.txt"
+fi
+if [[ $stages == *" export "* ]]; then
+  stamp "export bf16"
+  python3 -m flax_albert_code.export --checkpoint "$work" --out "$work/export" --dtype bf16 \
+    --platforms cuda --buckets 8 --lengths 256 --no-hf-encoder 2>&1 | grep -v -i "warn" | tail -3 \
+    | tee "$out/export.txt"
+fi
+if [[ $stages == *" humaneval "* ]]; then
+  stamp "evaluate: HumanEval"
+  python3 -m flax_albert_code.evaluate --checkpoint "$work" --data humaneval \
+    --strategies "${QUALITY_HUMANEVAL_STRATEGIES:-greedy,sample}" --num-samples 10 \
+    --out "$out/humaneval" 2>&1 | grep -v "truncated" | tail -12
+fi
 stamp "done"

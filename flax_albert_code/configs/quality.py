@@ -1,4 +1,4 @@
-"""Quality recipe: base-sized model, 10 minutes of one H100 end to end (prepare, train, evaluate,
+"""Quality recipe: base-sized model with retrieval, 10 minutes of one or two H200s end to end (prepare, train, evaluate,
 export), data mined from that machine's own standard library and site-packages.
 
   bash benchmarks/run_quality.sh                 # on the GPU machine: everything, into $OUT
@@ -53,4 +53,10 @@ def get_config():
   c.train.checkpoint_every = 500
   c.train.samples_at_end = 0   # run_quality.sh evaluates and generates after training
   c.sample.max_new_tokens = 256
+  # Retrieval-augmented generation: 2 train functions per description (BM25 before training,
+  # then the model's own aligned encoder + BM25 from step 900), 320 encoder tokens in all.
+  c.retrieval.k = 2
+  c.retrieval.method = "hybrid"
+  c.retrieval.max_ctx_len = 320
+  c.retrieval.refresh_steps = (900,)
   return c

@@ -27,6 +27,7 @@ from flax_albert_code.training import step as train_step
 from flax_albert_code.data import neighbours as neighbours_lib
 from flax_albert_code.data import pipeline
 from flax_albert_code.data.prepared import prepare
+from flax_albert_code.evaluation import design_example
 
 log = logging.getLogger("flax_albert_code")
 
@@ -340,5 +341,12 @@ def _print_samples(result: Result, config, n: int) -> None:
   how = f"beam {config.sample.num_beams}" if strategy == "beam" else "greedy"
   print(f"\nGenerated for {len(examples)} {split} descriptions ({how}, config.sample.strategy):")
   for e, cands in zip(examples, outs):
-    print(f"\n# {e['description']}\n{cands[0]['code']}")
+    print(f"\n# {e['description']}")
+    for i, nb in enumerate(cands[0].get("neighbours", [])):
+      print(f"# neighbour {i + 1}: {nb['path']}:{nb['lineno']} {nb['name']} "
+            f"(score {nb['score']:.2f})")
+    print(cands[0]["code"])
+  print("\nThe source design's example, run in the sandbox:")
+  print(design_example.format_results(design_example.run(gen, (strategy,),
+                                                         config.sample.num_beams)))
   print()

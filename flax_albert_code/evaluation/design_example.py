@@ -1,0 +1,60 @@
+"""The source design's own example, run: does the model's function add two integers?
+
+  "create a function that takes two integers and returns their sum" -> code whose first
+  top-level function `f` passes `f(2, 3) == 5` (and `f(-4, 10) == 6`) in the sandbox.
+"""
+from __future__ import annotations
+
+import ast
+from typing import Any, Sequence
+
+from flax_albert_code.evaluation import sandbox
+
+DESCRIPTION = "create a function that takes two integers and returns their sum"
+CHECKS = ((2, 3, 5), (-4, 10, 6))
+
+
+def first_function(code: str) -> str | None:
+  """The name of the first top-level function `code` defines, or None (or unparsable)."""
+  try:
+    body = ast.parse(code).body
+  except (SyntaxError, ValueError, RecursionError, MemoryError):
+    return None
+  return next((n.name for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))),
+              None)
+
+
+def check(code: str, limits: sandbox.Limits = sandbox.Limits(timeout_s=5.0)) -> sandbox.Result:
+  """Runs `code` and asserts its first function adds: passed, failed, timeout or error."""
+  name = first_function(code)
+  if name is None:
+    return sandbox.Result(False, "error", "no top-level function to call")
+  asserts = "\n".join(f"assert {name}({a}, {b}) == {c}" for a, b, c in CHECKS)
+  return sandbox.run(f"{code}\n\n{asserts}\n", limits)
+
+
+def run(generator, strategies: Sequence[str] = ("greedy", "beam"), num_beams: int = 4,
+        **generate_kw) -> list[dict[str, Any]]:
+  """Generates the example with each strategy and checks it: [{"strategy", "code",
+  "neighbours", "passed", "status"}]. `generate_kw` go to `generator.generate`."""
+  out = []
+  for strategy in strategies:
+    cand = generator.generate([DESCRIPTION], strategy=strategy, num_beams=num_beams,
+                              **generate_kw)[0][0]
+    result = check(cand["code"])
+    out.append({"strategy": strategy, "code": cand["code"],
+                "neighbours": cand.get("neighbours", []), "passed": result.passed,
+                "status": result.status})
+  return out
+
+
+def format_results(results: Sequence[dict[str, Any]]) -> str:
+  lines = [f"# {DESCRIPTION}"]
+  for r in results:
+    verdict = "passes" if r["passed"] else f"does not pass ({r['status']})"
+    lines.append(f"## {r['strategy']}: f(2, 3) == 5 {verdict}")
+    for i, n in enumerate(r["neighbours"]):
+      lines.append(f"# neighbour {i + 1}: {n['path']}:{n['lineno']} {n['name']} "
+                   f"(score {n['score']:.2f})")
+    lines.append(r["code"].rstrip("\n"))
+  return "\n".join(lines)
