@@ -16,6 +16,7 @@ from flax_albert_code.deploy import writer as export
 from flax_albert_code.inference import decoding as sampling
 from flax_albert_code.deploy import runtime as serving
 from flax_albert_code.inference.generator import CodeGenerator
+from flax_albert_code.utils import files
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_export_holds_every_file_with_its_digest(run):
              for n in names}
   assert on_disk == set(manifest["files"]) | {"manifest.json"}
   for rel, want in manifest["files"].items():
-    assert export.sha256(os.path.join(out, rel)) == want["sha256"]
+    assert files.sha256(os.path.join(out, rel)) == want["sha256"]
     assert os.path.getsize(os.path.join(out, rel)) == want["size"]
   assert {"config.json", "spm.model", "params.safetensors", "hf_encoder/config.json",
           "hf_encoder/model.safetensors"} <= on_disk
@@ -167,6 +168,6 @@ def test_a_new_export_replaces_an_old_one_whole(tmp_path):
   for d, name in ((old, "old.txt"), (new, "new.txt")):
     d.mkdir()
     (d / name).write_text(name)
-  export._move_into_place(str(new), str(old))  # pylint: disable=protected-access
+  files.publish(str(new), str(old))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
   assert [p.name for p in old.iterdir()] == ["new.txt"]

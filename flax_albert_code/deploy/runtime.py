@@ -30,6 +30,7 @@ from flax_albert_code.deploy import writer as export_lib
 from flax_albert_code.inference import postprocess as batching
 from flax_albert_code.config import EOS_ID
 from flax_albert_code.tokenizer import Tokenizer, TokenizerError
+from flax_albert_code.utils import files
 
 KINDS = ("desc", "code")
 
@@ -56,21 +57,19 @@ def load_export(path: str, *, index: str | Index | None = None, verify: bool = T
 
 def verify_files(root: str, manifest: dict[str, Any]) -> None:
   """Raises ExportError naming the first listed file that is missing, resized or altered."""
-  files = manifest.get("files")
-  if not isinstance(files, dict) or not files:
+  listed = manifest.get("files")
+  if not isinstance(listed, dict) or not listed:
     raise ExportError(f"{os.path.join(root, export_lib.MANIFEST)} lists no files; export again.")
-  for rel, want in sorted(files.items()):
-    path = os.path.join(root, rel)
-    if not os.path.isfile(path):
-      raise ExportError(f"Export file {path} is missing; copy the whole export directory or "
-                        "export again.")
-    size = os.path.getsize(path)
-    if size != want.get("size"):
-      raise ExportError(f"Export file {path} is {size} bytes, not the {want.get('size')} the "
-                        "manifest lists (truncated or replaced); export again.")
-    if export_lib.sha256(path) != want.get("sha256"):
-      raise ExportError(f"Export file {path} does not match its sha256 in the manifest (altered "
-                        "or corrupted); export again.")
+  bad = files.check(root, listed)
+  if bad is None:
+    return
+  raise ExportError({
+      "missing": f"Export file {bad.path} is missing; copy the whole export directory or "
+                 "export again.",
+      "size": f"Export file {bad.path} is {bad.size} bytes, not the {bad.want} the manifest "
+              "lists (truncated or replaced); export again.",
+      "sha256": f"Export file {bad.path} does not match its sha256 in the manifest (altered or "
+                "corrupted); export again."}[bad.kind])
 
 
 def parses(code: str) -> bool:

@@ -26,19 +26,19 @@ from __future__ import annotations
 
 import datetime
 import functools
-import hashlib
 import importlib.metadata
 import json
 import logging
 import os
 import platform
 import shutil
-import tempfile
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from flax_albert_code.utils import files
 
 log = logging.getLogger("flax_albert_code")
 
@@ -110,10 +110,7 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
       os.path.join(out_dir, MANIFEST)):
     raise FileExistsError(f"{out_dir} exists and is not an export; choose another --out or "
                           "empty it.")
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-  try:
+  with files.staged_dir(out_dir) as tmp:       # an older export there is replaced whole
     programs, used_platforms, note = _write_programs(xgen, tmp, lengths, strategies, platforms)
     _write_params(xgen.variables, os.path.join(tmp, PARAMS), dtype)
     shutil.copyfile(xgen.tokenizer.path, os.path.join(tmp, TOKENIZER))
@@ -123,7 +120,7 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
       log.warning("No hf_encoder/: norm_position='pre' is not an HF ALBERT layout.")
     elif hf_encoder:
       hf.save_hf_encoder(xgen.variables["params"], xgen.cfg, os.path.join(tmp, "hf_encoder"))
-    manifest = {
+    files.write_manifest(tmp, MANIFEST, atomic=False, extra={
         "format": FORMAT, "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "versions": versions(), **(info or {}), "dtype": dtype,
         "platforms": used_platforms, "platforms_note": note,
@@ -136,14 +133,7 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
             "tokenizer": TOKENIZER, "params": PARAMS,
         },
         "programs": programs,
-        "files": file_digests(tmp),
-    }
-    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-      json.dump(manifest, f, indent=1)
-      f.write("\n")
-    _move_into_place(tmp, out_dir)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    })
   return out_dir
 
 
@@ -216,26 +206,6 @@ def _write_params(variables, path: str, dtype: str) -> None:
   save_file(flat, path, metadata={"format": "flax_albert_code", "dtype": dtype})
 
 
-def file_digests(root: str) -> dict[str, dict[str, Any]]:
-  """{relative path: {"sha256", "size"}} of every file under `root` but the manifest."""
-  out = {}
-  for d, _, names in sorted(os.walk(root)):
-    for name in sorted(names):
-      path = os.path.join(d, name)
-      rel = os.path.relpath(path, root).replace(os.sep, "/")
-      if rel != MANIFEST:
-        out[rel] = {"sha256": sha256(path), "size": os.path.getsize(path)}
-  return out
-
-
-def sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def versions() -> dict[str, str]:
   out = {"python": platform.python_version()}
   for dist in ("flax_albert_code", "jax", "jaxlib", "flax", "numpy", "sentencepiece",
@@ -264,19 +234,3 @@ def validation_metrics(workdir: str, step: int | None) -> dict[str, float]:
     pass
   return found
 
-
-def _move_into_place(tmp: str, out_dir: str) -> None:
-  """Renames the finished export into place; an older export there is replaced whole."""
-  if not os.path.exists(out_dir):
-    os.rename(tmp, out_dir)
-    return
-  old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-",
-                         dir=os.path.dirname(out_dir))
-  os.rmdir(old)
-  os.rename(out_dir, old)
-  try:
-    os.rename(tmp, out_dir)
-  except OSError:
-    os.rename(old, out_dir)
-    raise
-  shutil.rmtree(old, ignore_errors=True)

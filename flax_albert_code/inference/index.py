@@ -15,12 +15,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from typing import Any, Sequence
 
 import jax
 import numpy as np
+
+from flax_albert_code.utils import files
 
 INDEX_FORMAT = 1
 _ITEM_FIELDS = ("name", "path", "lineno", "description", "code")
@@ -81,38 +81,34 @@ def build_index(generator, examples: Sequence[dict], batch_size: int = 256) -> n
   return np.concatenate(parts) if parts else np.zeros((0, generator.cfg.align_dim), np.float32)
 
 
+def _whole(directory: str, key: str) -> Index | None:
+  """The index in `directory` if it reads and has one item per vector, else None."""
+  try:
+    vectors = np.load(os.path.join(directory, "vectors.npy"))
+    with open(os.path.join(directory, "items.json"), encoding="utf-8") as f:
+      items = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return Index(vectors, items, key, directory) if len(items) == len(vectors) else None
+
+
 def load_or_build(generator, examples: Sequence[dict], corpus_fingerprint: str,
                   root: str) -> Index:
   """The index under `root/<key>/` if complete, else built, saved atomically and returned."""
   key = index_key(generator, corpus_fingerprint)
   final = os.path.join(root, key)
-  try:
-    vectors = np.load(os.path.join(final, "vectors.npy"))
-    with open(os.path.join(final, "items.json"), encoding="utf-8") as f:
-      items = json.load(f)
-    if len(items) == len(vectors):
-      return Index(vectors, items, key, final, reused=True)
-  except (OSError, ValueError):
-    pass
+  found = _whole(final, key)
+  if found is not None:
+    return dataclasses.replace(found, reused=True)
   vectors = build_index(generator, examples)
   items = [{k: e[k] for k in _ITEM_FIELDS} for e in examples]
-  os.makedirs(root, exist_ok=True)
-  tmp = os.path.join(root, f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-  os.makedirs(tmp)
-  try:
+  # A damaged index there is replaced; one another process saved meanwhile is kept.
+  with files.staged_dir(final, existing="keep",
+                        complete=lambda d: _whole(d, key) is not None) as tmp:
     np.save(os.path.join(tmp, "vectors.npy"), vectors)
     with open(os.path.join(tmp, "items.json"), "w", encoding="utf-8",
               errors="surrogateescape") as f:
       json.dump(items, f)
-    if os.path.isdir(final):
-      shutil.rmtree(final)   # incomplete or damaged (a complete one was returned above)
-    try:
-      os.rename(tmp, final)
-    except OSError:          # another process saved the same index first
-      if not os.path.isfile(os.path.join(final, "items.json")):
-        raise
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
   return Index(vectors, items, key, final)
 
 

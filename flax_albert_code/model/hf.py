@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -29,6 +27,7 @@ import numpy as np
 from flax_albert_code import config as config_lib
 from flax_albert_code.model import albert as model_lib
 from flax_albert_code.model.layers import ModelConfig
+from flax_albert_code.utils import files
 
 # HF AlbertConfig fields that define the encoder; they override ours on import.
 HF_CONFIG_FIELDS = (
@@ -328,19 +327,9 @@ def save_hf_encoder(params: Mapping, model_cfg, out_dir: str) -> str:
   root, _ = _params_root(params)
   tensors = {t.hf_key: _to_hf(t, _leaf(root, t.path)) for t in _tensors(cfg)}
   out_dir = os.path.abspath(os.fspath(out_dir))
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-  try:
+  with files.staged_dir(out_dir, existing="merge") as tmp:
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_config_dict(cfg), f, indent=2, sort_keys=True)
       f.write("\n")
     save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    if not os.path.exists(out_dir):
-      os.rename(tmp, out_dir)
-    else:
-      for name in ("model.safetensors", "config.json"):
-        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
   return out_dir
