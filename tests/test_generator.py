@@ -17,7 +17,8 @@ from flax_albert_code.inference import index as search
 from flax_albert_code.model import sharding
 from flax_albert_code.model import albert as model_lib
 from flax_albert_code.config import CLS_ID, EOS_ID, PAD_ID, SEP_ID
-from flax_albert_code.inference.generator import CodeGenerator, parses
+from flax_albert_code.inference.generator import CodeGenerator
+from flax_albert_code.inference.postprocess import parses
 from flax_albert_code.tokenizer import frame_code, frame_description
 from test_sampling import random_variables
 

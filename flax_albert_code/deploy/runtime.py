@@ -15,12 +15,10 @@ score None.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import os
 import threading
-import warnings
 from typing import Any, Sequence
 
 import jax
@@ -70,16 +68,6 @@ def verify_files(root: str, manifest: dict[str, Any]) -> None:
               "lists (truncated or replaced); export again.",
       "sha256": f"Export file {bad.path} does not match its sha256 in the manifest (altered or "
                 "corrupted); export again."}[bad.kind])
-
-
-def parses(code: str) -> bool:
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")
-      ast.parse(code)
-  except (SyntaxError, ValueError, RecursionError, MemoryError):
-    return False
-  return True
 
 
 class Export:
@@ -286,7 +274,7 @@ class Export:
         cut = want < t and EOS_ID not in seq[:want].tolist()
         code = self.tokenizer.decode(seq[:want].tolist())
         cands.append({"code": code, "score": None if cut else float(row_scores[j]),
-                      "align": None, "parses": parses(code)})
+                      "align": None, "parses": batching.parses(code)})
       results.append(cands)
     if rerank:
       desc_vecs = self.embed(texts, kind="desc")

@@ -11,12 +11,10 @@ and the encoder's vector of each candidate (the alignment objective used at infe
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
 import logging
 import os
-import warnings
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -45,17 +43,6 @@ def full_config(config) -> ml_collections.ConfigDict:
   else:
     c.model.update(dict(config))
   return c
-
-
-def parses(code: str) -> bool:
-  """Whether `code` is syntactically valid Python."""
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")   # SyntaxWarning for odd escapes in generated strings
-      ast.parse(code)
-  except (SyntaxError, ValueError, RecursionError, MemoryError):
-    return False
-  return True
 
 
 def inference_params(params, compute_dtype) -> Any:
@@ -133,7 +120,8 @@ class CodeGenerator:
     greedy gives 1 candidate, sample `num_samples`, beam the best `num_samples` of `num_beams`
     (after reranking when `rerank`). "score" is the length-penalised log-probability; "align"
     the cosine similarity of description and code vectors (None unless `rerank`). With
-    `drop_unparsable`, candidates that `ast.parse` rejects are dropped unless none parses.
+    `drop_unparsable`, candidates that are not code (`postprocess.parses`) are dropped unless
+    none is.
     `repetition_penalty` > 1 (greedy, sample) makes tokens already emitted less likely
     (`sampling.penalize_repeats`).
     """
@@ -176,7 +164,7 @@ class CodeGenerator:
                       for seq, score in zip(row_tokens, row_scores)])
     for cands in results:
       for cand in cands:
-        cand["parses"] = parses(cand["code"])
+        cand["parses"] = batching.parses(cand["code"])
     if rerank:
       self._add_alignment(texts, results)
     keep = num_samples
