@@ -13,6 +13,7 @@ import pytest
 from export_util import CODES, DESCRIPTIONS, shared_export, subprocess_env
 from flax_albert_code.inference import postprocess as batching
 from flax_albert_code.deploy import writer as export
+from flax_albert_code.inference import index as index_lib
 from flax_albert_code.inference import decoding as sampling
 from flax_albert_code.deploy import runtime as serving
 from flax_albert_code.inference.generator import CodeGenerator
@@ -100,7 +101,7 @@ def test_embeddings_match_the_checkpoint_and_search_ranks_by_them(exp, gen, tmp_
   again = exp.search(queries, k=3, index=exp.load_index(str(corpus)))
   assert [h["name"] for h in again[1]] == [h["name"] for h in got[1]]
   with pytest.raises(serving.ExportError, match="16-dimensional"):
-    exp.load_index(serving.Index(codes[:, :3], items))
+    exp.load_index(index_lib.Index(codes[:, :3], items))
 
 
 def test_loading_and_generating_need_neither_flax_nor_orbax(run, exp):

@@ -15,7 +15,6 @@ score None.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import threading
@@ -27,6 +26,7 @@ import numpy as np
 from flax_albert_code.deploy import writer as export_lib
 from flax_albert_code.inference import postprocess as batching
 from flax_albert_code.config import EOS_ID
+from flax_albert_code.inference import index as index_lib
 from flax_albert_code.tokenizer import Tokenizer, TokenizerError
 from flax_albert_code.utils import files
 
@@ -37,15 +37,8 @@ class ExportError(ValueError):
   """An export directory is incomplete, altered or inconsistent; the message names the file."""
 
 
-@dataclasses.dataclass
-class Index:
-  """Code vectors [N, align_dim] and the item (name, path, lineno, description, code) of each."""
-  vectors: np.ndarray
-  items: list[dict[str, Any]]
-  directory: str = ""
-
-
-def load_export(path: str, *, index: str | Index | None = None, verify: bool = True) -> Export:
+def load_export(path: str, *, index: str | index_lib.Index | None = None,
+                verify: bool = True) -> Export:
   """Opens an export directory; `index` is a search index (see `Export.load_index`)."""
   exp = Export(path, verify=verify)
   if index is not None:
@@ -121,7 +114,7 @@ class Export:
                           "takes other parameters than the other programs; export again.")
     self._compiled: dict[str, Any] = {}
     self._lock = threading.Lock()
-    self.index: Index | None = None
+    self.index: index_lib.Index | None = None
 
   # -------------------------------------------------------------------------------------------
   # Loading.
@@ -172,33 +165,30 @@ class Export:
                         f"({', '.join(sorted(flat)[:3])}).")
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
-  def load_index(self, index: str | Index) -> Index:
+  def load_index(self, index: str | index_lib.Index) -> index_lib.Index:
     """A search index: an `Index`, a directory with vectors.npy and items.json (as
     `python -m flax_albert_code.search` saves), or a .jsonl/.json file of items with "code"
     (embedded now)."""
-    if isinstance(index, Index):
+    if isinstance(index, index_lib.Index):
       idx = index
     elif os.path.isdir(index):
-      vec_path, items_path = (os.path.join(index, n) for n in ("vectors.npy", "items.json"))
       try:
-        vectors = np.load(vec_path, allow_pickle=False)
-        with open(items_path, encoding="utf-8", errors="surrogateescape") as f:
-          items = [_item(it) for it in json.load(f)]
+        idx = index_lib.read(index)
       except (OSError, ValueError, TypeError, AttributeError) as e:
         raise ExportError(f"Search index {index} cannot be read ({type(e).__name__}: {e}); "
                           "pass a directory with vectors.npy and items.json.") from None
-      idx = Index(np.asarray(vectors, np.float32), items, index)
     else:
       try:
         with open(index, encoding="utf-8") as f:
           text = f.read()
-        items = [_item(it) for it in (
+        items = [index_lib.item(it) for it in (
             json.loads(text) if index.endswith(".json")
             else [json.loads(line) for line in text.splitlines() if line.strip()])]
       except (OSError, ValueError, TypeError, AttributeError) as e:
         raise ExportError(f"Search corpus {index} cannot be read ({type(e).__name__}: {e}); "
                           "pass JSON lines, each an object with at least \"code\".") from None
-      idx = Index(self.embed([it["code"] for it in items], kind="code"), items, index)
+      idx = index_lib.Index(self.embed([it["code"] for it in items], kind="code"), items,
+                            directory=index)
     if idx.vectors.ndim != 2 or idx.vectors.shape[1] != self.align_dim or len(
         idx.items) != len(idx.vectors):
       raise ExportError(f"Search index {idx.directory or 'given'} holds vectors of shape "
@@ -338,17 +328,16 @@ class Export:
     return batching.vectors_by_width(ids, widths, self.batch_buckets, self.align_dim, encode)
 
   def search(self, query: str | Sequence[str], k: int = 10,
-             index: Index | None = None) -> list[dict] | list[list[dict]]:
+             index: index_lib.Index | None = None) -> list[dict] | list[list[dict]]:
     """The `k` best index items for a query ({**item, "score", "rank"}); a list of queries
     gives a list per query."""
-    from flax_albert_code.inference import index as search_lib  # pylint: disable=import-outside-toplevel
     index = index or self.index
     if index is None:
       raise ValueError("No search index is loaded; pass index= to load_export or call "
                        "load_index.")
     single = isinstance(query, str)
     queries = [query] if single else list(query)
-    hits = search_lib.query(self, index, queries, top_k=k)
+    hits = index_lib.query(self, index, queries, top_k=k)
     return hits[0] if single else hits
 
   # -------------------------------------------------------------------------------------------
@@ -362,14 +351,3 @@ class Export:
       with self._lock:
         fn = self._compiled.setdefault(name, jax.jit(self._programs[name].call))
     return fn
-
-
-
-
-def _item(it: dict[str, Any]) -> dict[str, Any]:
-  """A search item with the fields `python -m flax_albert_code.search` keeps, typed."""
-  return {"name": str(it.get("name") or ""), "path": str(it.get("path") or ""),
-          "lineno": int(it.get("lineno") or 0), "description": str(it.get("description") or ""),
-          "code": str(it.get("code") or "")}
-
-
