@@ -14,7 +14,7 @@ from export_util import CODES, DESCRIPTIONS, shared_export, subprocess_env
 from flax_albert_code.inference import postprocess as batching
 from flax_albert_code.deploy import writer as export
 from flax_albert_code.inference import index as index_lib
-from flax_albert_code.inference import decoding as sampling
+from flax_albert_code.inference import model_decoding
 from flax_albert_code.deploy import runtime as serving
 from flax_albert_code.inference.generator import CodeGenerator
 from flax_albert_code.utils import files
@@ -72,8 +72,8 @@ def test_greedy_from_the_export_is_token_identical_to_the_checkpoint(exp, gen):
     for j, d in enumerate(descs[start:start + size]):
       ids = gen.tokenizer.encode_description(d, gen.max_desc_len)
       batch[j, :len(ids)] = ids
-    t, s = sampling.generate(gen.model, gen.variables, batch, strategy="greedy",
-                             max_new_tokens=gen.default_max_new_tokens)
+    t, s = model_decoding.generate(gen.model, gen.variables, batch, strategy="greedy",
+                                   max_new_tokens=gen.default_max_new_tokens)
     np.testing.assert_array_equal(tokens[start:start + size], np.asarray(t)[:size])
     np.testing.assert_array_equal(scores[start:start + size], np.asarray(s)[:size])
 

@@ -192,11 +192,11 @@ def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str]
 
 def _generate(model, variables, desc_ids, rng, temperature, top_p, length_penalty, *,
               strategy: str, max_new_tokens: int, k: int, decode_phase: int):
-  from flax_albert_code.inference import decoding as sampling  # pylint: disable=import-outside-toplevel
-  return sampling.generate(model, variables, desc_ids, strategy=strategy,
-                           max_new_tokens=max_new_tokens, rng=rng, temperature=temperature,
-                           top_k=0, top_p=top_p, num_beams=k, length_penalty=length_penalty,
-                           num_samples=1, decode_phase=decode_phase)
+  from flax_albert_code.inference import model_decoding  # pylint: disable=import-outside-toplevel
+  return model_decoding.generate(model, variables, desc_ids, strategy=strategy,
+                                 max_new_tokens=max_new_tokens, rng=rng, temperature=temperature,
+                                 top_k=0, top_p=top_p, num_beams=k, length_penalty=length_penalty,
+                                 num_samples=1, decode_phase=decode_phase)
 
 
 def _write_params(variables, path: str, dtype: str) -> None:

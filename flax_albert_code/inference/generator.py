@@ -24,7 +24,8 @@ import ml_collections
 import numpy as np
 
 from flax_albert_code import config as config_lib
-from flax_albert_code.inference import decoding as sampling
+from flax_albert_code.inference import decoding
+from flax_albert_code.inference import model_decoding
 from flax_albert_code.model import sharding
 from flax_albert_code.model import albert as model_lib
 from flax_albert_code.inference import postprocess as batching
@@ -57,7 +58,7 @@ def inference_params(params, compute_dtype) -> Any:
 
 @functools.partial(jax.jit, static_argnames=("model", "mesh", "axis_rules"))
 def _vectors(model, variables, ids_BxL, *, mesh, axis_rules):
-  with sampling.mesh_context(mesh, axis_rules):
+  with model_decoding.mesh_context(mesh, axis_rules):
     vec = model.apply(variables, ids_BxL, method=model_lib.CodeModel.encode).vector_BxA
   return vec / jnp.maximum(jnp.linalg.norm(vec, axis=-1, keepdims=True), 1e-6)
 
@@ -123,7 +124,7 @@ class CodeGenerator:
     `drop_unparsable`, candidates that are not code (`postprocess.parses`) are dropped unless
     none is.
     `repetition_penalty` > 1 (greedy, sample) makes tokens already emitted less likely
-    (`sampling.penalize_repeats`).
+    (`decoding.penalize_repeats`).
     """
     texts = batching.check_texts(descriptions, "Description")
     max_new = self.default_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
@@ -133,7 +134,7 @@ class CodeGenerator:
     if strategy == "beam" and num_samples > num_beams:
       raise ValueError(f"Beam search keeps {num_beams} beams, so it cannot return "
                        f"num_samples={num_samples}; raise num_beams or lower num_samples.")
-    sampling.check_options(strategy, max_new_tokens=max_new, num_beams=num_beams,
+    decoding.check_options(strategy, max_new_tokens=max_new, num_beams=num_beams,
                            num_samples=num_samples, top_k=top_k, top_p=top_p,
                            temperature=temperature, vocab_size=self.cfg.vocab_size,
                            max_positions=self.cfg.max_position_embeddings,
@@ -147,7 +148,7 @@ class CodeGenerator:
       batch = np.zeros((bucket, self.max_desc_len), np.int32)
       batch[:size] = ids[start:start + size]
       rng = jax.random.fold_in(jax.random.PRNGKey(seed), c)
-      t, s = sampling.generate(
+      t, s = model_decoding.generate(
           self.model, self.variables, self._put(batch), strategy=strategy,
           max_new_tokens=max_new, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
           num_beams=num_beams, length_penalty=length_penalty, num_samples=num_samples,
