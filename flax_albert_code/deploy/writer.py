@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_albert_code.inference import decoding
 from flax_albert_code.utils import files
 
 log = logging.getLogger("flax_albert_code")
@@ -49,7 +50,6 @@ TOKENIZER = "spm.model"
 DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 PLATFORMS = ("cpu", "cuda")
-STRATEGIES = ("greedy", "sample", "beam")
 
 
 def export(checkpoint_path: str, out_dir: str, dtype: str = "float32",
@@ -74,17 +74,17 @@ def export(checkpoint_path: str, out_dir: str, dtype: str = "float32",
 
 def export_generator(gen, out_dir: str, *, dtype: str = "float32",
                      buckets: Sequence[int] | None = None, lengths: Sequence[int] | None = None,
-                     strategies: Sequence[str] = STRATEGIES,
+                     strategies: Sequence[str] = decoding.STRATEGIES,
                      platforms: Sequence[str] = PLATFORMS, hf_encoder: bool = True,
                      params: Any = None, info: dict[str, Any] | None = None) -> str:
   """Exports a `CodeGenerator`'s model (or `params` with its config) and tokenizer."""
   from flax_albert_code.model import hf  # pylint: disable=import-outside-toplevel
   from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
   dtype = _dtype(dtype)
-  unknown = sorted(set(strategies) - set(STRATEGIES))
+  unknown = sorted(set(strategies) - set(decoding.STRATEGIES))
   if unknown or not strategies:
     raise ValueError(f"Unknown or no strategies {unknown or list(strategies)}; choose from "
-                     f"{', '.join(STRATEGIES)}.")
+                     f"{', '.join(decoding.STRATEGIES)}.")
   config = gen.config.copy_and_resolve_references()
   # Portable numerics: the cuDNN attention kernel has no CPU lowering; remat is training only.
   config.model.update(dtype=dtype, attention_impl="xla", remat="none")
@@ -147,7 +147,6 @@ def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str]
                     platforms: Sequence[str]) -> tuple[list[dict], list[str], str]:
   """Lowers and serialises every program; tries all `platforms` at once, else this backend's."""
   from flax_albert_code.inference import generator  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.inference import decoding as sampling  # pylint: disable=import-outside-toplevel
   os.makedirs(os.path.join(out, "programs"))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), gen.variables)
   ids = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
@@ -161,7 +160,7 @@ def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str]
       specs.append(({"name": f"encode_b{b}_w{w}", "kind": "encode", "batch": b, "width": w},
                     fn, (abstract, ids((b, w)))))
     for strategy in strategies:
-      k = sampling.num_candidates(strategy, int(gen.config.sample.num_beams), 1)
+      k = decoding.num_candidates(strategy, int(gen.config.sample.num_beams), 1)
       for t in lengths:
         fn = functools.partial(_generate, gen.model, strategy=strategy, max_new_tokens=t, k=k,
                                decode_phase=gen.decode_phase)
