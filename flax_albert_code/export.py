@@ -30,7 +30,8 @@ import os
 import sys
 from typing import Sequence
 
-from flax_albert_code.deploy.writer import MANIFEST, PLATFORMS, export
+from flax_albert_code.deploy.runtime import MANIFEST
+from flax_albert_code.deploy.writer import PLATFORMS, export
 from flax_albert_code.inference.decoding import STRATEGIES
 
 

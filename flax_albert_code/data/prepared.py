@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from flax_albert_code import tokenizer as tokenizer_lib
 from flax_albert_code.data import builder, mining, sources, splits, token_store
@@ -209,13 +210,11 @@ def load_prepared(path: str) -> Prepared:
 
 def bucket_of(code_len: Any, buckets: tuple[int, ...]):
   """Index of the smallest bucket that holds `code_len` tokens (the largest if none does)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   return np.minimum(np.searchsorted(np.asarray(sorted(buckets)), code_len), len(buckets) - 1)
 
 
 def summary(prepared: Prepared, data: ml_collections.ConfigDict) -> str:
   """The human summary `prepare` prints: pairs, skips, token lengths, padding."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   m = prepared.meta
   names = sorted({s for per in m["per_source"].values() for s in per})
   w = max([38] + [len(s) + 1 for s in (*names, *m["skipped"])])

@@ -22,14 +22,16 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from safetensors.numpy import load_file
 
-from flax_albert_code.deploy import writer as export_lib
-from flax_albert_code.inference import postprocess as batching
 from flax_albert_code.config import EOS_ID
 from flax_albert_code.inference import index as index_lib
+from flax_albert_code.inference import postprocess
 from flax_albert_code.tokenizer import Tokenizer, TokenizerError
 from flax_albert_code.utils import files
 
+FORMAT = 1                  # the export format this module reads and deploy/writer.py writes
+MANIFEST = "manifest.json"
 KINDS = ("desc", "code")
 
 
@@ -50,7 +52,7 @@ def verify_files(root: str, manifest: dict[str, Any]) -> None:
   """Raises ExportError naming the first listed file that is missing, resized or altered."""
   listed = manifest.get("files")
   if not isinstance(listed, dict) or not listed:
-    raise ExportError(f"{os.path.join(root, export_lib.MANIFEST)} lists no files; export again.")
+    raise ExportError(f"{os.path.join(root, MANIFEST)} lists no files; export again.")
   bad = files.check(root, listed)
   if bad is None:
     return
@@ -68,7 +70,7 @@ class Export:
 
   def __init__(self, path: str, *, verify: bool = True):
     self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-    manifest_path = os.path.join(self.path, export_lib.MANIFEST)
+    manifest_path = os.path.join(self.path, MANIFEST)
     if not os.path.isdir(self.path):
       raise ExportError(f"Export directory {self.path} does not exist; pass the --out of "
                         "`python -m flax_albert_code.export`.")
@@ -83,9 +85,9 @@ class Export:
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise ExportError(f"{manifest_path} cannot be read ({type(e).__name__}: {e}); "
                         "export again.") from None
-    if self.manifest.get("format") != export_lib.FORMAT:
+    if self.manifest.get("format") != FORMAT:
       raise ExportError(f"{manifest_path} has format {self.manifest.get('format')}, this "
-                        f"library reads format {export_lib.FORMAT}; export again.")
+                        f"library reads format {FORMAT}; export again.")
     if verify:
       verify_files(self.path, self.manifest)
     self.step = self.manifest.get("step")
@@ -138,7 +140,6 @@ class Export:
     return exp
 
   def _load_params(self, path: str) -> Any:
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
     try:
       flat = load_file(path)
     except Exception as e:  # pylint: disable=broad-except  # safetensors raises its own types
@@ -216,7 +217,7 @@ class Export:
                      num_samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                      max_new_tokens: int | None = None, length_penalty: float = 1.0) -> list[str]:
     """The descriptions as strings; ValueError (one sentence) for what this export cannot do."""
-    texts = batching.check_texts(descriptions, "Description")
+    texts = postprocess.check_texts(descriptions, "Description")
     if strategy not in self.strategies:
       raise ValueError(f"This export has no {strategy!r} programs; use one of "
                        f"{', '.join(self.strategies)}.")
@@ -264,7 +265,7 @@ class Export:
         cut = want < t and EOS_ID not in seq[:want].tolist()
         code = self.tokenizer.decode(seq[:want].tolist())
         cands.append({"code": code, "score": None if cut else float(row_scores[j]),
-                      "align": None, "parses": batching.parses(code)})
+                      "align": None, "parses": postprocess.parses(code)})
       results.append(cands)
     if rerank:
       desc_vecs = self.embed(texts, kind="desc")
@@ -289,11 +290,11 @@ class Export:
     want = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
     t = next(x for x in self.lengths if x >= want)
     reps = num_samples if strategy == "sample" else 1      # sample programs draw one per row
-    rows = [batching.pad(self.tokenizer.encode_description(x, self.desc_len), self.desc_len)
+    rows = [postprocess.pad(self.tokenizer.encode_description(x, self.desc_len), self.desc_len)
             for x in texts for _ in range(reps)]
     ids = np.asarray(rows, np.int32)
     tokens, scores = [], []
-    for c, (start, size, bucket) in enumerate(batching.chunks(len(rows), self.batch_buckets)):
+    for c, (start, size, bucket) in enumerate(postprocess.chunks(len(rows), self.batch_buckets)):
       batch = np.zeros((bucket, self.desc_len), np.int32)
       batch[:size] = ids[start:start + size]
       rng = jax.random.fold_in(jax.random.PRNGKey(seed), c)
@@ -314,18 +315,18 @@ class Export:
     """L2-normalised alignment vectors [N, align_dim] of descriptions or code."""
     if kind not in KINDS:
       raise ValueError(f"Unknown embedding kind {kind!r}; use 'desc' or 'code'.")
-    texts = batching.check_texts(texts, "Description" if kind == "desc" else "Code",
-                         allow_blank=kind == "code")
+    texts = postprocess.check_texts(texts, "Description" if kind == "desc" else "Code",
+                                    allow_blank=kind == "code")
     if kind == "desc":
       ids = [self.tokenizer.encode_description(x, self.desc_len) for x in texts]
       widths = [self.desc_len]
     else:   # what training encodes: [CLS] + code tokens, in the code's bucket
-      ids = [batching.code_ids(self.tokenizer.encode(x), self.code_widths[-1]) for x in texts]
+      ids = [postprocess.code_ids(self.tokenizer.encode(x), self.code_widths[-1]) for x in texts]
       widths = self.code_widths
 
     def encode(batch, bucket, width):
       return jax.device_get(self._fn(f"encode_b{bucket}_w{width}")(self.variables, batch))
-    return batching.vectors_by_width(ids, widths, self.batch_buckets, self.align_dim, encode)
+    return postprocess.vectors_by_width(ids, widths, self.batch_buckets, self.align_dim, encode)
 
   def search(self, query: str | Sequence[str], k: int = 10,
              index: index_lib.Index | None = None) -> list[dict] | list[list[dict]]:

@@ -37,14 +37,18 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 
+from flax_albert_code.deploy.runtime import FORMAT, MANIFEST
 from flax_albert_code.inference import decoding
+from flax_albert_code.inference import generator
+from flax_albert_code.inference import model_decoding
+from flax_albert_code.model import hf
+from flax_albert_code.training import checkpoint
 from flax_albert_code.utils import files
 
 log = logging.getLogger("flax_albert_code")
 
-FORMAT = 1
-MANIFEST = "manifest.json"
 PARAMS = "params.safetensors"
 TOKENIZER = "spm.model"
 DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32",
@@ -59,9 +63,7 @@ def export(checkpoint_path: str, out_dir: str, dtype: str = "float32",
   `buckets` overrides `config.sample.batch_buckets`; other keyword arguments go to
   `export_generator`. Returns the export's absolute path.
   """
-  from flax_albert_code.training import checkpoint  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
-  gen = CodeGenerator.from_checkpoint(checkpoint_path)
+  gen = generator.CodeGenerator.from_checkpoint(checkpoint_path)
   params = None
   if jnp.dtype(gen.config.model.dtype) != jnp.dtype(_dtype(dtype)):
     params = checkpoint.load_for_inference(checkpoint_path)[1]   # the unrounded weights
@@ -78,8 +80,6 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
                      platforms: Sequence[str] = PLATFORMS, hf_encoder: bool = True,
                      params: Any = None, info: dict[str, Any] | None = None) -> str:
   """Exports a `CodeGenerator`'s model (or `params` with its config) and tokenizer."""
-  from flax_albert_code.model import hf  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
   dtype = _dtype(dtype)
   unknown = sorted(set(strategies) - set(decoding.STRATEGIES))
   if unknown or not strategies:
@@ -97,7 +97,7 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
                      f"vocabulary is {config.model.vocab_size}; export a checkpoint with the "
                      "tokenizer it was trained with.")
   src = params if params is not None else gen.variables
-  xgen = CodeGenerator(config, src, gen.tokenizer)
+  xgen = generator.CodeGenerator(config, src, gen.tokenizer)
   lengths = sorted({int(t) for t in lengths} if lengths else
                    {min(b, xgen.default_max_new_tokens) for b in xgen.code_buckets}
                    | {xgen.default_max_new_tokens})
@@ -146,7 +146,6 @@ def _dtype(name: str) -> str:
 def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str],
                     platforms: Sequence[str]) -> tuple[list[dict], list[str], str]:
   """Lowers and serialises every program; tries all `platforms` at once, else this backend's."""
-  from flax_albert_code.inference import generator  # pylint: disable=import-outside-toplevel
   os.makedirs(os.path.join(out, "programs"))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), gen.variables)
   ids = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
@@ -191,7 +190,6 @@ def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str]
 
 def _generate(model, variables, desc_ids, rng, temperature, top_p, length_penalty, *,
               strategy: str, max_new_tokens: int, k: int, decode_phase: int):
-  from flax_albert_code.inference import model_decoding  # pylint: disable=import-outside-toplevel
   return model_decoding.generate(model, variables, desc_ids, strategy=strategy,
                                  max_new_tokens=max_new_tokens, rng=rng, temperature=temperature,
                                  top_k=0, top_p=top_p, num_beams=k, length_penalty=length_penalty,
@@ -199,7 +197,6 @@ def _generate(model, variables, desc_ids, rng, temperature, top_p, length_penalt
 
 
 def _write_params(variables, path: str, dtype: str) -> None:
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   flat = {"/".join(str(getattr(p, "key", p)) for p in kp): np.asarray(jax.device_get(x))
           for kp, x in jax.tree_util.tree_leaves_with_path(variables)}
   save_file(flat, path, metadata={"format": "flax_albert_code", "dtype": dtype})

@@ -24,12 +24,15 @@ import ml_collections
 import numpy as np
 
 from flax_albert_code import config as config_lib
+from flax_albert_code.data import prepared as prepared_lib
 from flax_albert_code.inference import decoding
 from flax_albert_code.inference import model_decoding
-from flax_albert_code.model import sharding
+from flax_albert_code.inference import postprocess
 from flax_albert_code.model import albert as model_lib
-from flax_albert_code.inference import postprocess as batching
+from flax_albert_code.model import sharding
 from flax_albert_code.model.layers import ModelConfig
+from flax_albert_code.tokenizer import Tokenizer
+from flax_albert_code.training import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +94,12 @@ class CodeGenerator:
   def from_checkpoint(cls, path: str, *, mesh: jax.sharding.Mesh | None = None) -> CodeGenerator:
     """From a training workdir (its latest checkpoint) or one checkpoint step directory; the
     tokenizer comes from the run's prepared data (or `config.data.tokenizer_path`)."""
-    from flax_albert_code.training import checkpoint  # pylint: disable=import-outside-toplevel
     config, params, step = checkpoint.load_for_inference(path)
     directory, _ = checkpoint.resolve(path)
     prepared = _find_prepared(config, os.fspath(directory.parent))
     if prepared is not None:
       tokenizer = prepared.tokenizer
     elif config.data.get("tokenizer_path"):
-      from flax_albert_code.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
       tokenizer = Tokenizer.load(os.path.expanduser(config.data.tokenizer_path))
     else:
       raise ValueError(f"No prepared data (and so no tokenizer) found for the checkpoint {path}; "
@@ -126,7 +127,7 @@ class CodeGenerator:
     `repetition_penalty` > 1 (greedy, sample) makes tokens already emitted less likely
     (`decoding.penalize_repeats`).
     """
-    texts = batching.check_texts(descriptions, "Description")
+    texts = postprocess.check_texts(descriptions, "Description")
     max_new = self.default_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
     if strategy == "greedy" and num_samples != 1:
       raise ValueError(f"Greedy decoding gives one candidate, not num_samples={num_samples}; use "
@@ -141,10 +142,10 @@ class CodeGenerator:
                            repetition_penalty=repetition_penalty)
     if not texts:
       return []
-    ids = np.array([batching.pad(self._description_ids(t, i), self.max_desc_len)
+    ids = np.array([postprocess.pad(self._description_ids(t, i), self.max_desc_len)
                     for i, t in enumerate(texts)], np.int32)
     tokens, scores = [], []
-    for c, (start, size, bucket) in enumerate(batching.chunks(len(texts), self.batch_buckets)):
+    for c, (start, size, bucket) in enumerate(postprocess.chunks(len(texts), self.batch_buckets)):
       batch = np.zeros((bucket, self.max_desc_len), np.int32)
       batch[:size] = ids[start:start + size]
       rng = jax.random.fold_in(jax.random.PRNGKey(seed), c)
@@ -165,7 +166,7 @@ class CodeGenerator:
                       for seq, score in zip(row_tokens, row_scores)])
     for cands in results:
       for cand in cands:
-        cand["parses"] = batching.parses(cand["code"])
+        cand["parses"] = postprocess.parses(cand["code"])
     if rerank:
       self._add_alignment(texts, results)
     keep = num_samples
@@ -192,7 +193,7 @@ class CodeGenerator:
     if kind not in ("desc", "code"):
       raise ValueError(f"Unknown embedding kind {kind!r}; use 'desc' or 'code'.")
     what = "Description" if kind == "desc" else "Code"
-    texts = batching.check_texts(texts, what, allow_blank=kind == "code")
+    texts = postprocess.check_texts(texts, what, allow_blank=kind == "code")
     if kind == "code":
       return self._code_vectors(texts)
     ids = [self._description_ids(t, i) for i, t in enumerate(texts)]
@@ -200,7 +201,7 @@ class CodeGenerator:
 
   def _code_vectors(self, codes: list[str]) -> np.ndarray:
     # What training encodes: [CLS] + code tokens, EOS read as padding, in the code's bucket.
-    ids = [batching.code_ids(self.tokenizer.encode(c), self.code_buckets[-1]) for c in codes]
+    ids = [postprocess.code_ids(self.tokenizer.encode(c), self.code_buckets[-1]) for c in codes]
     return self._vectors_by_width(ids, self.code_buckets)
 
   def _vectors_by_width(self, ids: list[list[int]], widths: list[int]) -> np.ndarray:
@@ -208,7 +209,7 @@ class CodeGenerator:
       del bucket, width
       return jax.device_get(_vectors(self.model, self.variables, self._put(batch),
                                      mesh=self.mesh, axis_rules=self.axis_rules))
-    return batching.vectors_by_width(ids, widths, self.batch_buckets, self.cfg.align_dim, encode)
+    return postprocess.vectors_by_width(ids, widths, self.batch_buckets, self.cfg.align_dim, encode)
 
   # -------------------------------------------------------------------------------------------
   # Helpers.
@@ -239,7 +240,6 @@ class CodeGenerator:
 
 def _find_prepared(config, workdir: str):
   """The run's prepared data (for its tokenizer), or None."""
-  from flax_albert_code.data import prepared as prepared_lib  # pylint: disable=g-import-not-at-top
   candidates = [config.data.get("data_dir") or "", workdir]
   if "://" in workdir:  # a gs:// run prepared its data on the local disk (prepared.data_root)
     candidates.append(prepared_lib.REMOTE_WORKDIR_DATA)

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from flax_albert_code.data import mining, sources
 from flax_albert_code.utils import files
 
 INDEX_FORMAT = 1
@@ -66,7 +67,6 @@ def corpus(spec: str, prepared=None) -> tuple[list[dict], str]:
     split = spec.partition(":")[2] or "test"
     examples = [{k: e[k] for k in ITEM_FIELDS} for e in prepared.source(split)]
     return examples, f"prepared:{prepared.meta.get('key', prepared.data_dir)}:{split}"
-  from flax_albert_code.data import mining, sources  # pylint: disable=import-outside-toplevel
   specs = sources.parse_specs(spec)
   units = [u for s in specs for u in sources.units(s)]
   skipped: collections.Counter = collections.Counter()

@@ -22,7 +22,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import ml_dtypes
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from flax_albert_code import config as config_lib
 from flax_albert_code.model import albert as model_lib
@@ -105,11 +107,9 @@ def _to_hf(t: _Tensor, x: np.ndarray) -> np.ndarray:
 # Reading an HF directory.
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   try:
     return load_file(path)
   except TypeError:  # bfloat16, which numpy lacks: read the raw layout with ml_dtypes
-    import ml_dtypes  # pylint: disable=g-import-not-at-top
     dtypes = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
               "F64": np.float64, "I64": np.int64, "I32": np.int32}
     with open(path, "rb") as f:
@@ -137,7 +137,7 @@ def _read_weights(path: str) -> dict[str, np.ndarray]:
       shards = sorted(set(json.load(f)["weight_map"].values()))
     raw = {k: v for s in shards for k, v in _read_safetensors(os.path.join(path, s)).items()}
   elif os.path.exists(binary):
-    try:
+    try:  # torch is an optional dependency: only pytorch_model.bin checkpoints need it
       import torch  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise ValueError(
@@ -321,7 +321,6 @@ def save_hf_encoder(params: Mapping, model_cfg, out_dir: str) -> str:
   directory when new, else file by file, leaving other files there alone). The pooler is
   ALBERT's tanh-over-[CLS] one even when our config pools by mean. Returns out_dir.
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   cfg = _as_model_config(model_cfg)
   _check_post_norm(cfg, "An HF ALBERT directory holds a post-LayerNorm encoder")
   root, _ = _params_root(params)

@@ -21,11 +21,13 @@ from tqdm import tqdm
 from flax_albert_code.training import checkpoint
 from flax_albert_code.training import metrics as metrics_lib
 from flax_albert_code.model import albert as model_lib
+from flax_albert_code.model import hf
 from flax_albert_code.training import optim
 from flax_albert_code.model import sharding
 from flax_albert_code.training import step as train_step
 from flax_albert_code.data import pipeline
 from flax_albert_code.data.prepared import prepare
+from flax_albert_code.inference.generator import CodeGenerator
 
 log = logging.getLogger("flax_albert_code")
 
@@ -74,7 +76,6 @@ def _warm_start(state, config, model_cfg):
   path = os.path.expanduser(config.train.init_from)
   if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(
       os.path.join(path, "checkpoints")):
-    from flax_albert_code.model import hf
     params, _ = hf.load_hf_encoder(path, params=jax.device_get(state.params["model"]))
     loaded = params
   else:
@@ -273,7 +274,6 @@ def report(result: Result, config) -> None:
 
 
 def _print_samples(result: Result, config, n: int) -> None:
-  from flax_albert_code.inference.generator import CodeGenerator
   split = "valid" if result.prepared.split_sizes.get("valid") else "train"
   source = result.prepared.source(split)
   examples = [source[i] for i in range(min(n, len(source)))]
