@@ -31,7 +31,7 @@ from flax_albert_code.training import metrics  # noqa: E402
 from flax_albert_code.model import albert as model_lib  # noqa: E402
 from flax_albert_code.training import optim  # noqa: E402
 from flax_albert_code.model import sharding  # noqa: E402
-from flax_albert_code.inference import decoding as sampling  # noqa: E402
+from flax_albert_code.inference import model_decoding  # noqa: E402
 from flax_albert_code.training import step as train_step  # noqa: E402
 from flax_albert_code.config import EOS_ID  # noqa: E402
 
@@ -170,13 +170,13 @@ def bench_generate(c, *, strategy: str, num_beams: int, reps: int) -> dict:
   kw = dict(strategy=strategy, max_new_tokens=lc, num_beams=num_beams,
             decode_phase=c.sample.decode_phase)
   t0 = time.perf_counter()
-  tokens, scores = sampling.generate(model, params, desc, **kw)
+  tokens, scores = model_decoding.generate(model, params, desc, **kw)
   _sync(tokens)
   first_s = time.perf_counter() - t0
   times = []
   for r in range(reps):
     t0 = time.perf_counter()
-    tokens, scores = sampling.generate(model, params, desc, rng=r, **kw)
+    tokens, scores = model_decoding.generate(model, params, desc, rng=r, **kw)
     _sync(tokens)
     times.append(time.perf_counter() - t0)
   tokens = np.asarray(tokens)

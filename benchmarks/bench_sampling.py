@@ -23,7 +23,8 @@ import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
 from flax_albert_code.model import albert as model_lib  # noqa: E402
-from flax_albert_code.inference import decoding as sampling  # noqa: E402
+from flax_albert_code.inference import decoding  # noqa: E402
+from flax_albert_code.inference import model_decoding  # noqa: E402
 from flax_albert_code.inference.generator import inference_params  # noqa: E402
 from flax_albert_code.config import CLS_ID, EOS_ID, SEP_ID  # noqa: E402
 
@@ -92,17 +93,17 @@ def main() -> None:
   n = args.new_tokens
   for strategy in args.strategies.split(","):
     def run(t, strategy=strategy):
-      return sampling.generate(model, variables, desc, strategy=strategy, max_new_tokens=t,
-                               num_beams=args.num_beams, num_samples=1, top_p=1.0,
-                               decode_phase=config.sample.decode_phase)
+      return model_decoding.generate(model, variables, desc, strategy=strategy,
+                                     max_new_tokens=t, num_beams=args.num_beams, num_samples=1,
+                                     top_p=1.0, decode_phase=config.sample.decode_phase)
     tokens, _ = run(n)
     if args.hlo:
       os.makedirs(args.hlo, exist_ok=True)
-      lowered = sampling._generate.lower(  # pylint: disable=protected-access
+      lowered = model_decoding._generate.lower(  # pylint: disable=protected-access
           model, variables, desc, jax.random.PRNGKey(0), jnp.float32(1), jnp.float32(1),
           jnp.float32(1), strategy=strategy, max_new_tokens=n,
-          k=sampling.num_candidates(strategy, args.num_beams, 1), top_k=0, nucleus=False,
-          phases=sampling.decode_phases(n, config.sample.decode_phase), mesh=None,
+          k=decoding.num_candidates(strategy, args.num_beams, 1), top_k=0, nucleus=False,
+          phases=decoding.decode_phases(n, config.sample.decode_phase), mesh=None,
           axis_rules=None)
       with open(os.path.join(args.hlo, f"{strategy}.hlo.txt"), "w") as f:
         f.write(lowered.compile().as_text())

@@ -3,7 +3,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-  # Lazy, so `import flax_albert_code` stays light: serving imports jax.
+  # Lazy (PEP 562), so that `import flax_albert_code` (and so every command's `--help` and
+  # `flax_albert_code.config`) does not import jax, as deploy/runtime.py does.
   if name == "load_export":
     from flax_albert_code.deploy.runtime import load_export  # pylint: disable=import-outside-toplevel
     return load_export

@@ -30,7 +30,9 @@ import os
 import sys
 from typing import Sequence
 
-from flax_albert_code.deploy.writer import MANIFEST, PLATFORMS, STRATEGIES, export
+from flax_albert_code.deploy.runtime import MANIFEST
+from flax_albert_code.deploy.writer import PLATFORMS, export
+from flax_albert_code.inference.decoding import STRATEGIES
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

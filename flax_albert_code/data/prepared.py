@@ -19,13 +19,14 @@ import json
 import os
 import shutil
 import time
-import uuid
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from flax_albert_code import tokenizer as tokenizer_lib
 from flax_albert_code.data import builder, mining, sources, splits, token_store
+from flax_albert_code.utils import files
 
 FORMAT_VERSION = 1
 KEY_FIELDS = ("sources", "max_examples", "min_desc_words", "max_code_lines", "max_code_chars",
@@ -89,8 +90,7 @@ def _key(d: ml_collections.ConfigDict, units: list[sources.Unit]) -> str:
   h = hashlib.sha256(json.dumps(
       [FORMAT_VERSION, {f: d[f] for f in KEY_FIELDS}], sort_keys=True).encode())
   if d.tokenizer_path:
-    with open(os.path.expanduser(d.tokenizer_path), "rb") as f:
-      h.update(hashlib.sha256(f.read()).digest())
+    h.update(bytes.fromhex(files.sha256(os.path.expanduser(d.tokenizer_path))))
   for u in units:
     h.update(f"{u.label}\0{u.stamp}\n".encode("utf-8", "surrogateescape"))
   return h.hexdigest()[:16]
@@ -108,24 +108,13 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
   all_units = [u for spec in specs for u in sources.units(spec)]
   key = _key(d, all_units)
   final = os.path.join(root, key)
-  if os.path.isfile(os.path.join(final, "COMPLETE")):
+  if _complete(final):
     _set_current(root, key)
     return dataclasses.replace(load_prepared(final), reused=True)
-  os.makedirs(root, exist_ok=True)
-  tmp = os.path.join(root, f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-  os.makedirs(tmp)
-  try:
+  # An incomplete <key>/ there is not ours (we only ever rename complete ones): it is removed;
+  # a complete one another process finished meanwhile is kept.
+  with files.staged_dir(final, existing="keep", complete=_complete) as tmp:
     _build(d, specs, tmp, key, progress)
-    if os.path.isdir(final) and not os.path.isfile(os.path.join(final, "COMPLETE")):
-      shutil.rmtree(final)  # not ours (we only ever rename complete ones here): never trust it
-    try:
-      os.rename(tmp, final)
-    except OSError:  # another process finished the same preparation first
-      if not os.path.isfile(os.path.join(final, "COMPLETE")):
-        raise
-  finally:
-    if os.path.isdir(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
   _set_current(root, key)
   return load_prepared(final)
 
@@ -183,11 +172,13 @@ def _build(d: ml_collections.ConfigDict, specs: list[str], out: str, key: str,
     f.write(key + "\n")
 
 
+def _complete(prep_dir: str) -> bool:
+  return os.path.isfile(os.path.join(prep_dir, "COMPLETE"))
+
+
 def _set_current(root: str, key: str) -> None:
-  tmp = os.path.join(root, f".CURRENT-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-  with open(tmp, "w") as f:
+  with files.atomic_write(os.path.join(root, "CURRENT")) as f:
     f.write(key + "\n")
-  os.replace(tmp, os.path.join(root, "CURRENT"))
 
 
 def load_prepared(path: str) -> Prepared:
@@ -219,13 +210,11 @@ def load_prepared(path: str) -> Prepared:
 
 def bucket_of(code_len: Any, buckets: tuple[int, ...]):
   """Index of the smallest bucket that holds `code_len` tokens (the largest if none does)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   return np.minimum(np.searchsorted(np.asarray(sorted(buckets)), code_len), len(buckets) - 1)
 
 
 def summary(prepared: Prepared, data: ml_collections.ConfigDict) -> str:
   """The human summary `prepare` prints: pairs, skips, token lengths, padding."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   m = prepared.meta
   names = sorted({s for per in m["per_source"].values() for s in per})
   w = max([38] + [len(s) + 1 for s in (*names, *m["skipped"])])

@@ -15,22 +15,23 @@ score None.
 """
 from __future__ import annotations
 
-import ast
-import dataclasses
 import json
 import os
 import threading
-import warnings
 from typing import Any, Sequence
 
 import jax
 import numpy as np
+from safetensors.numpy import load_file
 
-from flax_albert_code.deploy import writer as export_lib
-from flax_albert_code.inference import postprocess as batching
 from flax_albert_code.config import EOS_ID
+from flax_albert_code.inference import index as index_lib
+from flax_albert_code.inference import postprocess
 from flax_albert_code.tokenizer import Tokenizer, TokenizerError
+from flax_albert_code.utils import files
 
+FORMAT = 1                  # the export format this module reads and deploy/writer.py writes
+MANIFEST = "manifest.json"
 KINDS = ("desc", "code")
 
 
@@ -38,15 +39,8 @@ class ExportError(ValueError):
   """An export directory is incomplete, altered or inconsistent; the message names the file."""
 
 
-@dataclasses.dataclass
-class Index:
-  """Code vectors [N, align_dim] and the item (name, path, lineno, description, code) of each."""
-  vectors: np.ndarray
-  items: list[dict[str, Any]]
-  directory: str = ""
-
-
-def load_export(path: str, *, index: str | Index | None = None, verify: bool = True) -> Export:
+def load_export(path: str, *, index: str | index_lib.Index | None = None,
+                verify: bool = True) -> Export:
   """Opens an export directory; `index` is a search index (see `Export.load_index`)."""
   exp = Export(path, verify=verify)
   if index is not None:
@@ -56,31 +50,19 @@ def load_export(path: str, *, index: str | Index | None = None, verify: bool = T
 
 def verify_files(root: str, manifest: dict[str, Any]) -> None:
   """Raises ExportError naming the first listed file that is missing, resized or altered."""
-  files = manifest.get("files")
-  if not isinstance(files, dict) or not files:
-    raise ExportError(f"{os.path.join(root, export_lib.MANIFEST)} lists no files; export again.")
-  for rel, want in sorted(files.items()):
-    path = os.path.join(root, rel)
-    if not os.path.isfile(path):
-      raise ExportError(f"Export file {path} is missing; copy the whole export directory or "
-                        "export again.")
-    size = os.path.getsize(path)
-    if size != want.get("size"):
-      raise ExportError(f"Export file {path} is {size} bytes, not the {want.get('size')} the "
-                        "manifest lists (truncated or replaced); export again.")
-    if export_lib.sha256(path) != want.get("sha256"):
-      raise ExportError(f"Export file {path} does not match its sha256 in the manifest (altered "
-                        "or corrupted); export again.")
-
-
-def parses(code: str) -> bool:
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")
-      ast.parse(code)
-  except (SyntaxError, ValueError, RecursionError, MemoryError):
-    return False
-  return True
+  listed = manifest.get("files")
+  if not isinstance(listed, dict) or not listed:
+    raise ExportError(f"{os.path.join(root, MANIFEST)} lists no files; export again.")
+  bad = files.check(root, listed)
+  if bad is None:
+    return
+  raise ExportError({
+      "missing": f"Export file {bad.path} is missing; copy the whole export directory or "
+                 "export again.",
+      "size": f"Export file {bad.path} is {bad.size} bytes, not the {bad.want} the manifest "
+              "lists (truncated or replaced); export again.",
+      "sha256": f"Export file {bad.path} does not match its sha256 in the manifest (altered or "
+                "corrupted); export again."}[bad.kind])
 
 
 class Export:
@@ -88,7 +70,7 @@ class Export:
 
   def __init__(self, path: str, *, verify: bool = True):
     self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-    manifest_path = os.path.join(self.path, export_lib.MANIFEST)
+    manifest_path = os.path.join(self.path, MANIFEST)
     if not os.path.isdir(self.path):
       raise ExportError(f"Export directory {self.path} does not exist; pass the --out of "
                         "`python -m flax_albert_code.export`.")
@@ -103,9 +85,9 @@ class Export:
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise ExportError(f"{manifest_path} cannot be read ({type(e).__name__}: {e}); "
                         "export again.") from None
-    if self.manifest.get("format") != export_lib.FORMAT:
+    if self.manifest.get("format") != FORMAT:
       raise ExportError(f"{manifest_path} has format {self.manifest.get('format')}, this "
-                        f"library reads format {export_lib.FORMAT}; export again.")
+                        f"library reads format {FORMAT}; export again.")
     if verify:
       verify_files(self.path, self.manifest)
     self.step = self.manifest.get("step")
@@ -134,7 +116,7 @@ class Export:
                           "takes other parameters than the other programs; export again.")
     self._compiled: dict[str, Any] = {}
     self._lock = threading.Lock()
-    self.index: Index | None = None
+    self.index: index_lib.Index | None = None
 
   # -------------------------------------------------------------------------------------------
   # Loading.
@@ -158,7 +140,6 @@ class Export:
     return exp
 
   def _load_params(self, path: str) -> Any:
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
     try:
       flat = load_file(path)
     except Exception as e:  # pylint: disable=broad-except  # safetensors raises its own types
@@ -185,33 +166,30 @@ class Export:
                         f"({', '.join(sorted(flat)[:3])}).")
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
-  def load_index(self, index: str | Index) -> Index:
+  def load_index(self, index: str | index_lib.Index) -> index_lib.Index:
     """A search index: an `Index`, a directory with vectors.npy and items.json (as
     `python -m flax_albert_code.search` saves), or a .jsonl/.json file of items with "code"
     (embedded now)."""
-    if isinstance(index, Index):
+    if isinstance(index, index_lib.Index):
       idx = index
     elif os.path.isdir(index):
-      vec_path, items_path = (os.path.join(index, n) for n in ("vectors.npy", "items.json"))
       try:
-        vectors = np.load(vec_path, allow_pickle=False)
-        with open(items_path, encoding="utf-8", errors="surrogateescape") as f:
-          items = [_item(it) for it in json.load(f)]
+        idx = index_lib.read(index)
       except (OSError, ValueError, TypeError, AttributeError) as e:
         raise ExportError(f"Search index {index} cannot be read ({type(e).__name__}: {e}); "
                           "pass a directory with vectors.npy and items.json.") from None
-      idx = Index(np.asarray(vectors, np.float32), items, index)
     else:
       try:
         with open(index, encoding="utf-8") as f:
           text = f.read()
-        items = [_item(it) for it in (
+        items = [index_lib.item(it) for it in (
             json.loads(text) if index.endswith(".json")
             else [json.loads(line) for line in text.splitlines() if line.strip()])]
       except (OSError, ValueError, TypeError, AttributeError) as e:
         raise ExportError(f"Search corpus {index} cannot be read ({type(e).__name__}: {e}); "
                           "pass JSON lines, each an object with at least \"code\".") from None
-      idx = Index(self.embed([it["code"] for it in items], kind="code"), items, index)
+      idx = index_lib.Index(self.embed([it["code"] for it in items], kind="code"), items,
+                            directory=index)
     if idx.vectors.ndim != 2 or idx.vectors.shape[1] != self.align_dim or len(
         idx.items) != len(idx.vectors):
       raise ExportError(f"Search index {idx.directory or 'given'} holds vectors of shape "
@@ -239,7 +217,7 @@ class Export:
                      num_samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                      max_new_tokens: int | None = None, length_penalty: float = 1.0) -> list[str]:
     """The descriptions as strings; ValueError (one sentence) for what this export cannot do."""
-    texts = batching.check_texts(descriptions, "Description")
+    texts = postprocess.check_texts(descriptions, "Description")
     if strategy not in self.strategies:
       raise ValueError(f"This export has no {strategy!r} programs; use one of "
                        f"{', '.join(self.strategies)}.")
@@ -287,7 +265,7 @@ class Export:
         cut = want < t and EOS_ID not in seq[:want].tolist()
         code = self.tokenizer.decode(seq[:want].tolist())
         cands.append({"code": code, "score": None if cut else float(row_scores[j]),
-                      "align": None, "parses": parses(code)})
+                      "align": None, "parses": postprocess.parses(code)})
       results.append(cands)
     if rerank:
       desc_vecs = self.embed(texts, kind="desc")
@@ -312,11 +290,11 @@ class Export:
     want = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
     t = next(x for x in self.lengths if x >= want)
     reps = num_samples if strategy == "sample" else 1      # sample programs draw one per row
-    rows = [batching.pad(self.tokenizer.encode_description(x, self.desc_len), self.desc_len)
+    rows = [postprocess.pad(self.tokenizer.encode_description(x, self.desc_len), self.desc_len)
             for x in texts for _ in range(reps)]
     ids = np.asarray(rows, np.int32)
     tokens, scores = [], []
-    for c, (start, size, bucket) in enumerate(batching.chunks(len(rows), self.batch_buckets)):
+    for c, (start, size, bucket) in enumerate(postprocess.chunks(len(rows), self.batch_buckets)):
       batch = np.zeros((bucket, self.desc_len), np.int32)
       batch[:size] = ids[start:start + size]
       rng = jax.random.fold_in(jax.random.PRNGKey(seed), c)
@@ -337,31 +315,30 @@ class Export:
     """L2-normalised alignment vectors [N, align_dim] of descriptions or code."""
     if kind not in KINDS:
       raise ValueError(f"Unknown embedding kind {kind!r}; use 'desc' or 'code'.")
-    texts = batching.check_texts(texts, "Description" if kind == "desc" else "Code",
-                         allow_blank=kind == "code")
+    texts = postprocess.check_texts(texts, "Description" if kind == "desc" else "Code",
+                                    allow_blank=kind == "code")
     if kind == "desc":
       ids = [self.tokenizer.encode_description(x, self.desc_len) for x in texts]
       widths = [self.desc_len]
     else:   # what training encodes: [CLS] + code tokens, in the code's bucket
-      ids = [batching.code_ids(self.tokenizer.encode(x), self.code_widths[-1]) for x in texts]
+      ids = [postprocess.code_ids(self.tokenizer.encode(x), self.code_widths[-1]) for x in texts]
       widths = self.code_widths
 
     def encode(batch, bucket, width):
       return jax.device_get(self._fn(f"encode_b{bucket}_w{width}")(self.variables, batch))
-    return batching.vectors_by_width(ids, widths, self.batch_buckets, self.align_dim, encode)
+    return postprocess.vectors_by_width(ids, widths, self.batch_buckets, self.align_dim, encode)
 
   def search(self, query: str | Sequence[str], k: int = 10,
-             index: Index | None = None) -> list[dict] | list[list[dict]]:
+             index: index_lib.Index | None = None) -> list[dict] | list[list[dict]]:
     """The `k` best index items for a query ({**item, "score", "rank"}); a list of queries
     gives a list per query."""
-    from flax_albert_code.inference import index as search_lib  # pylint: disable=import-outside-toplevel
     index = index or self.index
     if index is None:
       raise ValueError("No search index is loaded; pass index= to load_export or call "
                        "load_index.")
     single = isinstance(query, str)
     queries = [query] if single else list(query)
-    hits = search_lib.query(self, index, queries, top_k=k)
+    hits = index_lib.query(self, index, queries, top_k=k)
     return hits[0] if single else hits
 
   # -------------------------------------------------------------------------------------------
@@ -375,14 +352,3 @@ class Export:
       with self._lock:
         fn = self._compiled.setdefault(name, jax.jit(self._programs[name].call))
     return fn
-
-
-
-
-def _item(it: dict[str, Any]) -> dict[str, Any]:
-  """A search item with the fields `python -m flax_albert_code.search` keeps, typed."""
-  return {"name": str(it.get("name") or ""), "path": str(it.get("path") or ""),
-          "lineno": int(it.get("lineno") or 0), "description": str(it.get("description") or ""),
-          "code": str(it.get("code") or "")}
-
-

@@ -26,30 +26,34 @@ from __future__ import annotations
 
 import datetime
 import functools
-import hashlib
 import importlib.metadata
 import json
 import logging
 import os
 import platform
 import shutil
-import tempfile
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
+
+from flax_albert_code.deploy.runtime import FORMAT, MANIFEST
+from flax_albert_code.inference import decoding
+from flax_albert_code.inference import generator
+from flax_albert_code.inference import model_decoding
+from flax_albert_code.model import hf
+from flax_albert_code.training import checkpoint
+from flax_albert_code.utils import files
 
 log = logging.getLogger("flax_albert_code")
 
-FORMAT = 1
-MANIFEST = "manifest.json"
 PARAMS = "params.safetensors"
 TOKENIZER = "spm.model"
 DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 PLATFORMS = ("cpu", "cuda")
-STRATEGIES = ("greedy", "sample", "beam")
 
 
 def export(checkpoint_path: str, out_dir: str, dtype: str = "float32",
@@ -59,9 +63,7 @@ def export(checkpoint_path: str, out_dir: str, dtype: str = "float32",
   `buckets` overrides `config.sample.batch_buckets`; other keyword arguments go to
   `export_generator`. Returns the export's absolute path.
   """
-  from flax_albert_code.training import checkpoint  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
-  gen = CodeGenerator.from_checkpoint(checkpoint_path)
+  gen = generator.CodeGenerator.from_checkpoint(checkpoint_path)
   params = None
   if jnp.dtype(gen.config.model.dtype) != jnp.dtype(_dtype(dtype)):
     params = checkpoint.load_for_inference(checkpoint_path)[1]   # the unrounded weights
@@ -74,17 +76,15 @@ def export(checkpoint_path: str, out_dir: str, dtype: str = "float32",
 
 def export_generator(gen, out_dir: str, *, dtype: str = "float32",
                      buckets: Sequence[int] | None = None, lengths: Sequence[int] | None = None,
-                     strategies: Sequence[str] = STRATEGIES,
+                     strategies: Sequence[str] = decoding.STRATEGIES,
                      platforms: Sequence[str] = PLATFORMS, hf_encoder: bool = True,
                      params: Any = None, info: dict[str, Any] | None = None) -> str:
   """Exports a `CodeGenerator`'s model (or `params` with its config) and tokenizer."""
-  from flax_albert_code.model import hf  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
   dtype = _dtype(dtype)
-  unknown = sorted(set(strategies) - set(STRATEGIES))
+  unknown = sorted(set(strategies) - set(decoding.STRATEGIES))
   if unknown or not strategies:
     raise ValueError(f"Unknown or no strategies {unknown or list(strategies)}; choose from "
-                     f"{', '.join(STRATEGIES)}.")
+                     f"{', '.join(decoding.STRATEGIES)}.")
   config = gen.config.copy_and_resolve_references()
   # Portable numerics: the cuDNN attention kernel has no CPU lowering; remat is training only.
   config.model.update(dtype=dtype, attention_impl="xla", remat="none")
@@ -97,7 +97,7 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
                      f"vocabulary is {config.model.vocab_size}; export a checkpoint with the "
                      "tokenizer it was trained with.")
   src = params if params is not None else gen.variables
-  xgen = CodeGenerator(config, src, gen.tokenizer)
+  xgen = generator.CodeGenerator(config, src, gen.tokenizer)
   lengths = sorted({int(t) for t in lengths} if lengths else
                    {min(b, xgen.default_max_new_tokens) for b in xgen.code_buckets}
                    | {xgen.default_max_new_tokens})
@@ -110,10 +110,7 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
       os.path.join(out_dir, MANIFEST)):
     raise FileExistsError(f"{out_dir} exists and is not an export; choose another --out or "
                           "empty it.")
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-  try:
+  with files.staged_dir(out_dir) as tmp:       # an older export there is replaced whole
     programs, used_platforms, note = _write_programs(xgen, tmp, lengths, strategies, platforms)
     _write_params(xgen.variables, os.path.join(tmp, PARAMS), dtype)
     shutil.copyfile(xgen.tokenizer.path, os.path.join(tmp, TOKENIZER))
@@ -123,7 +120,7 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
       log.warning("No hf_encoder/: norm_position='pre' is not an HF ALBERT layout.")
     elif hf_encoder:
       hf.save_hf_encoder(xgen.variables["params"], xgen.cfg, os.path.join(tmp, "hf_encoder"))
-    manifest = {
+    files.write_manifest(tmp, MANIFEST, atomic=False, extra={
         "format": FORMAT, "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "versions": versions(), **(info or {}), "dtype": dtype,
         "platforms": used_platforms, "platforms_note": note,
@@ -136,14 +133,7 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
             "tokenizer": TOKENIZER, "params": PARAMS,
         },
         "programs": programs,
-        "files": file_digests(tmp),
-    }
-    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-      json.dump(manifest, f, indent=1)
-      f.write("\n")
-    _move_into_place(tmp, out_dir)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    })
   return out_dir
 
 
@@ -156,8 +146,6 @@ def _dtype(name: str) -> str:
 def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str],
                     platforms: Sequence[str]) -> tuple[list[dict], list[str], str]:
   """Lowers and serialises every program; tries all `platforms` at once, else this backend's."""
-  from flax_albert_code.inference import generator  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.inference import decoding as sampling  # pylint: disable=import-outside-toplevel
   os.makedirs(os.path.join(out, "programs"))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), gen.variables)
   ids = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
@@ -171,7 +159,7 @@ def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str]
       specs.append(({"name": f"encode_b{b}_w{w}", "kind": "encode", "batch": b, "width": w},
                     fn, (abstract, ids((b, w)))))
     for strategy in strategies:
-      k = sampling.num_candidates(strategy, int(gen.config.sample.num_beams), 1)
+      k = decoding.num_candidates(strategy, int(gen.config.sample.num_beams), 1)
       for t in lengths:
         fn = functools.partial(_generate, gen.model, strategy=strategy, max_new_tokens=t, k=k,
                                decode_phase=gen.decode_phase)
@@ -202,38 +190,16 @@ def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str]
 
 def _generate(model, variables, desc_ids, rng, temperature, top_p, length_penalty, *,
               strategy: str, max_new_tokens: int, k: int, decode_phase: int):
-  from flax_albert_code.inference import decoding as sampling  # pylint: disable=import-outside-toplevel
-  return sampling.generate(model, variables, desc_ids, strategy=strategy,
-                           max_new_tokens=max_new_tokens, rng=rng, temperature=temperature,
-                           top_k=0, top_p=top_p, num_beams=k, length_penalty=length_penalty,
-                           num_samples=1, decode_phase=decode_phase)
+  return model_decoding.generate(model, variables, desc_ids, strategy=strategy,
+                                 max_new_tokens=max_new_tokens, rng=rng, temperature=temperature,
+                                 top_k=0, top_p=top_p, num_beams=k, length_penalty=length_penalty,
+                                 num_samples=1, decode_phase=decode_phase)
 
 
 def _write_params(variables, path: str, dtype: str) -> None:
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   flat = {"/".join(str(getattr(p, "key", p)) for p in kp): np.asarray(jax.device_get(x))
           for kp, x in jax.tree_util.tree_leaves_with_path(variables)}
   save_file(flat, path, metadata={"format": "flax_albert_code", "dtype": dtype})
-
-
-def file_digests(root: str) -> dict[str, dict[str, Any]]:
-  """{relative path: {"sha256", "size"}} of every file under `root` but the manifest."""
-  out = {}
-  for d, _, names in sorted(os.walk(root)):
-    for name in sorted(names):
-      path = os.path.join(d, name)
-      rel = os.path.relpath(path, root).replace(os.sep, "/")
-      if rel != MANIFEST:
-        out[rel] = {"sha256": sha256(path), "size": os.path.getsize(path)}
-  return out
-
-
-def sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def versions() -> dict[str, str]:
@@ -264,19 +230,3 @@ def validation_metrics(workdir: str, step: int | None) -> dict[str, float]:
     pass
   return found
 
-
-def _move_into_place(tmp: str, out_dir: str) -> None:
-  """Renames the finished export into place; an older export there is replaced whole."""
-  if not os.path.exists(out_dir):
-    os.rename(tmp, out_dir)
-    return
-  old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-",
-                         dir=os.path.dirname(out_dir))
-  os.rmdir(old)
-  os.rename(out_dir, old)
-  try:
-    os.rename(tmp, out_dir)
-  except OSError:
-    os.rename(old, out_dir)
-    raise
-  shutil.rmtree(old, ignore_errors=True)

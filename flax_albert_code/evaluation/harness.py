@@ -21,8 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from flax_albert_code.evaluation import bm25, humaneval, metrics, sandbox
-
-STRATEGIES = ("greedy", "beam", "sample")
+from flax_albert_code.inference import decoding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +41,8 @@ class DecodeSettings:
 def methods(strategies: Sequence[str], rerank: bool) -> list[tuple[str, bool]]:
   """(strategy, rerank) pairs to run; greedy has one candidate, so it is never reranked."""
   for s in strategies:
-    if s not in STRATEGIES:
-      raise ValueError(f"Unknown decoding strategy {s!r}; use {', '.join(STRATEGIES)}.")
+    if s not in decoding.STRATEGIES:
+      raise ValueError(f"Unknown decoding strategy {s!r}; use {', '.join(decoding.STRATEGIES)}.")
   out = [(s, False) for s in strategies]
   if rerank:
     out += [(s, True) for s in strategies if s != "greedy"]
@@ -54,18 +53,14 @@ def method_name(strategy: str, rerank: bool) -> str:
   return f"{strategy} + align rerank" if rerank else strategy
 
 
-def _num_candidates(strategy: str, d: DecodeSettings) -> int:
-  """Candidates asked for: every beam, every sample, one greedy output."""
-  return {"greedy": 1, "beam": d.num_beams, "sample": d.num_samples}[strategy]
-
-
 def _generate(generator, descriptions: Sequence[str], strategy: str, rerank: bool,
               d: DecodeSettings, retrieve: bool | None = None) -> list[list[dict]]:
   out: list[list[dict]] = []
   for i in range(0, len(descriptions), d.batch_size):
     batch = list(descriptions[i:i + d.batch_size])
     cands = generator.generate(
-        batch, strategy=strategy, num_samples=_num_candidates(strategy, d),
+        batch, strategy=strategy,
+        num_samples=decoding.num_candidates(strategy, d.num_beams, d.num_samples),
         num_beams=d.num_beams, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p,
         rerank=rerank, max_new_tokens=d.max_new_tokens, seed=d.seed + i,
         **({} if retrieve is None else {"retrieve": retrieve}),

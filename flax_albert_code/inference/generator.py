@@ -11,12 +11,10 @@ and the encoder's vector of each candidate (the alignment objective used at infe
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
 import logging
 import os
-import warnings
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -27,14 +25,17 @@ import numpy as np
 
 from flax_albert_code import config as config_lib
 from flax_albert_code.config import EOS_ID
-from flax_albert_code.inference import decoding as sampling
-from flax_albert_code.model import sharding
-from flax_albert_code.model import albert as model_lib
+from flax_albert_code.data import prepared as prepared_lib
+from flax_albert_code.inference import decoding
 from flax_albert_code.inference import index as index_lib
-from flax_albert_code.inference import postprocess as batching
+from flax_albert_code.inference import model_decoding
+from flax_albert_code.inference import postprocess
 from flax_albert_code.inference import retrieval
+from flax_albert_code.model import albert as model_lib
+from flax_albert_code.model import sharding
 from flax_albert_code.model.layers import ModelConfig
-from flax_albert_code.tokenizer import frame_context
+from flax_albert_code.tokenizer import Tokenizer, frame_context
+from flax_albert_code.training import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +56,6 @@ def full_config(config) -> ml_collections.ConfigDict:
   return c
 
 
-def parses(code: str) -> bool:
-  """Whether `code` is syntactically valid Python."""
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")   # SyntaxWarning for odd escapes in generated strings
-      ast.parse(code)
-  except (SyntaxError, ValueError, RecursionError, MemoryError):
-    return False
-  return True
-
-
 def inference_params(params, compute_dtype) -> Any:
   """The model's variables for inference: unboxed, matrices in the compute dtype (every layer
   casts them to it anyway, so outputs are unchanged and the weights take half the memory)."""
@@ -78,7 +68,7 @@ def inference_params(params, compute_dtype) -> Any:
 
 @functools.partial(jax.jit, static_argnames=("model", "mesh", "axis_rules"))
 def _vectors(model, variables, ids_BxL, *, mesh, axis_rules):
-  with sampling.mesh_context(mesh, axis_rules):
+  with model_decoding.mesh_context(mesh, axis_rules):
     vec = model.apply(variables, ids_BxL, method=model_lib.CodeModel.encode).vector_BxA
   return vec / jnp.maximum(jnp.linalg.norm(vec, axis=-1, keepdims=True), 1e-6)
 
@@ -114,14 +104,12 @@ class CodeGenerator:
   def from_checkpoint(cls, path: str, *, mesh: jax.sharding.Mesh | None = None) -> CodeGenerator:
     """From a training workdir (its latest checkpoint) or one checkpoint step directory; the
     tokenizer comes from the run's prepared data (or `config.data.tokenizer_path`)."""
-    from flax_albert_code.training import checkpoint  # pylint: disable=import-outside-toplevel
     config, params, step = checkpoint.load_for_inference(path)
     directory, _ = checkpoint.resolve(path)
     prepared = _find_prepared(config, os.fspath(directory.parent))
     if prepared is not None:
       tokenizer = prepared.tokenizer
     elif config.data.get("tokenizer_path"):
-      from flax_albert_code.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
       tokenizer = Tokenizer.load(os.path.expanduser(config.data.tokenizer_path))
     else:
       raise ValueError(f"No prepared data (and so no tokenizer) found for the checkpoint {path}; "
@@ -146,9 +134,9 @@ class CodeGenerator:
     greedy gives 1 candidate, sample `num_samples`, beam the best `num_samples` of `num_beams`
     (after reranking when `rerank`). "score" is the length-penalised log-probability; "align"
     the cosine similarity of description and code vectors (None unless `rerank`). With
-    `drop_unparsable`, candidates that `ast.parse` rejects are dropped unless none parses.
-    `repetition_penalty` > 1 makes tokens already emitted less likely
-    (`sampling.penalize_repeats`); `no_repeat_ngram_size` n > 0 never repeats an n-gram; None
+    `drop_unparsable`, candidates that are not code (`postprocess.parses`) are dropped unless
+    none is. `repetition_penalty` > 1 makes tokens already emitted less likely
+    (`decoding.penalize_repeats`); `no_repeat_ngram_size` n > 0 never repeats an n-gram; None
     takes each from config.sample (chosen on the valid split).
 
     A model trained with retrieval (config.retrieval.k > 0) retrieves by default (`retrieve`
@@ -157,7 +145,7 @@ class CodeGenerator:
     lists them under "neighbours" ({"path", "name", "lineno", "score"}, best first).
     `retrieve=False` generates from the description alone.
     """
-    texts = batching.check_texts(descriptions, "Description")
+    texts = postprocess.check_texts(descriptions, "Description")
     max_new = self.default_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
     if strategy == "greedy" and num_samples != 1:
       raise ValueError(f"Greedy decoding gives one candidate, not num_samples={num_samples}; use "
@@ -170,7 +158,7 @@ class CodeGenerator:
       repetition_penalty = float(sc.get("repetition_penalty", 1.0))
     if no_repeat_ngram_size is None:
       no_repeat_ngram_size = int(sc.get("no_repeat_ngram_size", 0))
-    sampling.check_options(strategy, max_new_tokens=max_new, num_beams=num_beams,
+    decoding.check_options(strategy, max_new_tokens=max_new, num_beams=num_beams,
                            num_samples=num_samples, top_k=top_k, top_p=top_p,
                            temperature=temperature, vocab_size=self.cfg.vocab_size,
                            max_positions=self.cfg.max_position_embeddings,
@@ -181,14 +169,14 @@ class CodeGenerator:
     used = self._retrieves(retrieve)
     neighbours = self.retrieve(texts, corpus) if used else [[] for _ in texts]
     width = self.max_ctx_len if used else self.max_desc_len
-    ids = np.array([batching.pad(self._input_ids(t, i, [n["tokens"] for n in neighbours[i]]),
+    ids = np.array([postprocess.pad(self._input_ids(t, i, [n["tokens"] for n in neighbours[i]]),
                                  width) for i, t in enumerate(texts)], np.int32)
     tokens, scores = [], []
-    for c, (start, size, bucket) in enumerate(batching.chunks(len(texts), self.batch_buckets)):
+    for c, (start, size, bucket) in enumerate(postprocess.chunks(len(texts), self.batch_buckets)):
       batch = np.zeros((bucket, width), np.int32)
       batch[:size] = ids[start:start + size]
       rng = jax.random.fold_in(jax.random.PRNGKey(seed), c)
-      t, s = sampling.generate(
+      t, s = model_decoding.generate(
           self.model, self.variables, self._put(batch), strategy=strategy,
           max_new_tokens=max_new, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
           num_beams=num_beams, length_penalty=length_penalty, num_samples=num_samples,
@@ -206,7 +194,7 @@ class CodeGenerator:
                       for seq, score in zip(row_tokens, row_scores)])
     for cands, nbs in zip(results, neighbours):
       for cand in cands:
-        cand["parses"] = parses(cand["code"])
+        cand["parses"] = postprocess.parses(cand["code"])
         if used:
           cand["neighbours"] = [{k: n[k] for k in ("path", "name", "lineno", "score")}
                                 for n in nbs]
@@ -281,7 +269,7 @@ class CodeGenerator:
     if kind not in ("desc", "code"):
       raise ValueError(f"Unknown embedding kind {kind!r}; use 'desc' or 'code'.")
     what = "Description" if kind == "desc" else "Code"
-    texts = batching.check_texts(texts, what, allow_blank=kind == "code")
+    texts = postprocess.check_texts(texts, what, allow_blank=kind == "code")
     if kind == "code":
       return self._code_vectors(texts)
     ids = [self._description_ids(t, i) for i, t in enumerate(texts)]
@@ -289,7 +277,7 @@ class CodeGenerator:
 
   def _code_vectors(self, codes: list[str]) -> np.ndarray:
     # What training encodes: [CLS] + code tokens, EOS read as padding, in the code's bucket.
-    ids = [batching.code_ids(self.tokenizer.encode(c), self.code_buckets[-1]) for c in codes]
+    ids = [postprocess.code_ids(self.tokenizer.encode(c), self.code_buckets[-1]) for c in codes]
     return self._vectors_by_width(ids, self.code_buckets)
 
   def _vectors_by_width(self, ids: list[list[int]], widths: list[int]) -> np.ndarray:
@@ -297,7 +285,7 @@ class CodeGenerator:
       del bucket, width
       return jax.device_get(_vectors(self.model, self.variables, self._put(batch),
                                      mesh=self.mesh, axis_rules=self.axis_rules))
-    return batching.vectors_by_width(ids, widths, self.batch_buckets, self.cfg.align_dim, encode)
+    return postprocess.vectors_by_width(ids, widths, self.batch_buckets, self.cfg.align_dim, encode)
 
   # -------------------------------------------------------------------------------------------
   # Helpers.
@@ -336,7 +324,6 @@ class CodeGenerator:
 
 def _find_prepared(config, workdir: str):
   """The run's prepared data (for its tokenizer), or None."""
-  from flax_albert_code.data import prepared as prepared_lib  # pylint: disable=g-import-not-at-top
   candidates = [config.data.get("data_dir") or "", workdir]
   if "://" in workdir:  # a gs:// run prepared its data on the local disk (prepared.data_root)
     candidates.append(prepared_lib.REMOTE_WORKDIR_DATA)

@@ -1,12 +1,15 @@
 """The code index: a corpus encoded once into code vectors, ranked for queries.
 
-Used by `python -m flax_albert_code.search` (see search.py for the command line).
+Used by `python -m flax_albert_code.search` (see search.py for the command line) and by the
+export runtime (`Export.load_index`, `Export.search`), which pass themselves as the `generator`:
+anything with `embed(texts, kind)`.
 
 SOURCE is any data source spec (stdlib, site-packages, dir:PATH, jsonl:PATH, csn:PATH, tfds:NAME,
 comma-separated) or `prepared[:SPLIT]` (the checkpoint's prepared data, default split test).
 The index (code vectors + where each function is) is saved under `<workdir>/search_index/<key>/`,
 keyed by a hash of the parameters and the corpus files (sizes and mtimes), so it is reused while
 both are unchanged and rebuilt otherwise; it is written to a temporary directory and renamed.
+Imports neither flax nor orbax, so that the export runtime stays light.
 """
 from __future__ import annotations
 
@@ -15,24 +18,44 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 
+from flax_albert_code.data import mining, sources
+from flax_albert_code.utils import files
+
 INDEX_FORMAT = 1
-_ITEM_FIELDS = ("name", "path", "lineno", "description", "code")
+ITEM_FIELDS = ("name", "path", "lineno", "description", "code")
+VECTORS, ITEMS = "vectors.npy", "items.json"
 
 
 @dataclasses.dataclass
 class Index:
-  vectors: np.ndarray          # [N, align_dim] float32, L2-normalised code vectors
-  items: list[dict[str, Any]]  # name, path, lineno, description, code
-  key: str
+  """Code vectors [N, align_dim] (float32, L2-normalised) and the item (name, path, lineno,
+  description, code) of each; `key` and `reused` are set by `load_or_build`."""
+  vectors: np.ndarray
+  items: list[dict[str, Any]]
+  key: str = ""
   directory: str = ""
   reused: bool = False
+
+
+def item(it: dict[str, Any]) -> dict[str, Any]:
+  """A search item with the fields the index keeps, typed ("" and 0 for what is missing)."""
+  return {"name": str(it.get("name") or ""), "path": str(it.get("path") or ""),
+          "lineno": int(it.get("lineno") or 0), "description": str(it.get("description") or ""),
+          "code": str(it.get("code") or "")}
+
+
+def read(directory: str) -> Index:
+  """The index saved in `directory` (vectors.npy, items.json); OSError, ValueError, TypeError
+  or AttributeError when it cannot be read."""
+  vectors = np.load(os.path.join(directory, VECTORS), allow_pickle=False)
+  with open(os.path.join(directory, ITEMS), encoding="utf-8", errors="surrogateescape") as f:
+    items = [item(it) for it in json.load(f)]
+  return Index(np.asarray(vectors, np.float32), items, directory=directory)
 
 
 def corpus(spec: str, prepared=None) -> tuple[list[dict], str]:
@@ -42,13 +65,12 @@ def corpus(spec: str, prepared=None) -> tuple[list[dict], str]:
       raise ValueError(f"--corpus {spec} needs the checkpoint's prepared data, which was not "
                        "found; pass a data source spec instead (e.g. stdlib or dir:PATH).")
     split = spec.partition(":")[2] or "test"
-    examples = [{k: e[k] for k in _ITEM_FIELDS} for e in prepared.source(split)]
+    examples = [{k: e[k] for k in ITEM_FIELDS} for e in prepared.source(split)]
     return examples, f"prepared:{prepared.meta.get('key', prepared.data_dir)}:{split}"
-  from flax_albert_code.data import mining, sources  # pylint: disable=import-outside-toplevel
   specs = sources.parse_specs(spec)
   units = [u for s in specs for u in sources.units(s)]
   skipped: collections.Counter = collections.Counter()
-  examples = [{k: getattr(p, k) for k in _ITEM_FIELDS}
+  examples = [{k: getattr(p, k) for k in ITEM_FIELDS}
               for u in units for p in u.read(mining.Filters(), skipped)]
   stamp = hashlib.sha256("\n".join(f"{u.label}\0{u.stamp}" for u in units).encode(
       "utf-8", "surrogateescape")).hexdigest()
@@ -81,38 +103,30 @@ def build_index(generator, examples: Sequence[dict], batch_size: int = 256) -> n
   return np.concatenate(parts) if parts else np.zeros((0, generator.cfg.align_dim), np.float32)
 
 
+def _whole(directory: str) -> Index | None:
+  """The index in `directory` if it reads and has one item per vector, else None."""
+  try:
+    idx = read(directory)
+  except (OSError, ValueError, TypeError, AttributeError):
+    return None
+  return idx if len(idx.items) == len(idx.vectors) else None
+
+
 def load_or_build(generator, examples: Sequence[dict], corpus_fingerprint: str,
                   root: str) -> Index:
   """The index under `root/<key>/` if complete, else built, saved atomically and returned."""
   key = index_key(generator, corpus_fingerprint)
   final = os.path.join(root, key)
-  try:
-    vectors = np.load(os.path.join(final, "vectors.npy"))
-    with open(os.path.join(final, "items.json"), encoding="utf-8") as f:
-      items = json.load(f)
-    if len(items) == len(vectors):
-      return Index(vectors, items, key, final, reused=True)
-  except (OSError, ValueError):
-    pass
+  found = _whole(final)
+  if found is not None:
+    return dataclasses.replace(found, key=key, reused=True)
   vectors = build_index(generator, examples)
-  items = [{k: e[k] for k in _ITEM_FIELDS} for e in examples]
-  os.makedirs(root, exist_ok=True)
-  tmp = os.path.join(root, f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-  os.makedirs(tmp)
-  try:
-    np.save(os.path.join(tmp, "vectors.npy"), vectors)
-    with open(os.path.join(tmp, "items.json"), "w", encoding="utf-8",
-              errors="surrogateescape") as f:
+  items = [{k: e[k] for k in ITEM_FIELDS} for e in examples]
+  # A damaged index there is replaced; one another process saved meanwhile is kept.
+  with files.staged_dir(final, existing="keep", complete=lambda d: _whole(d) is not None) as tmp:
+    np.save(os.path.join(tmp, VECTORS), vectors)
+    with open(os.path.join(tmp, ITEMS), "w", encoding="utf-8", errors="surrogateescape") as f:
       json.dump(items, f)
-    if os.path.isdir(final):
-      shutil.rmtree(final)   # incomplete or damaged (a complete one was returned above)
-    try:
-      os.rename(tmp, final)
-    except OSError:          # another process saved the same index first
-      if not os.path.isfile(os.path.join(final, "items.json")):
-        raise
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
   return Index(vectors, items, key, final)
 
 

@@ -1,9 +1,13 @@
-"""Text checks and batch-bucket padding shared by CodeGenerator and the export runtime.
+"""What CodeGenerator and the export runtime share around the model: text checks, batch-bucket
+padding, and `parses`, the one meaning of "this candidate is code" (generation's "parses"
+field, `drop_unparsable` and the evaluation parse rate all use it).
 
 Kept free of flax/orbax so that `load_export` stays light.
 """
 from __future__ import annotations
 
+import ast
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -65,3 +69,17 @@ def vectors_by_width(ids: Sequence[Sequence[int]], widths: Sequence[int],
         batch[j] = pad(ids[r], width)
       out[rows[start:start + size]] = np.asarray(encode(batch, bucket, width))[:size]
   return out
+
+
+def parses(code: str) -> bool:
+  """Whether `ast.parse` accepts `code` and it holds at least one real statement: empty,
+  comment-only and lone-name or lone-constant outputs (`x`, `def______`) parse trivially but
+  are no code. Nothing runs."""
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")   # SyntaxWarning for odd escapes in generated strings
+      body = ast.parse(code).body
+  except (SyntaxError, ValueError, RecursionError, MemoryError):
+    return False
+  return any(not (isinstance(n, ast.Expr) and isinstance(n.value, (ast.Name, ast.Constant)))
+             for n in body)

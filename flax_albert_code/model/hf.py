@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -24,11 +22,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import ml_dtypes
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from flax_albert_code import config as config_lib
 from flax_albert_code.model import albert as model_lib
 from flax_albert_code.model.layers import ModelConfig
+from flax_albert_code.utils import files
 
 # HF AlbertConfig fields that define the encoder; they override ours on import.
 HF_CONFIG_FIELDS = (
@@ -106,11 +107,9 @@ def _to_hf(t: _Tensor, x: np.ndarray) -> np.ndarray:
 # Reading an HF directory.
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   try:
     return load_file(path)
   except TypeError:  # bfloat16, which numpy lacks: read the raw layout with ml_dtypes
-    import ml_dtypes  # pylint: disable=g-import-not-at-top
     dtypes = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
               "F64": np.float64, "I64": np.int64, "I32": np.int32}
     with open(path, "rb") as f:
@@ -138,7 +137,7 @@ def _read_weights(path: str) -> dict[str, np.ndarray]:
       shards = sorted(set(json.load(f)["weight_map"].values()))
     raw = {k: v for s in shards for k, v in _read_safetensors(os.path.join(path, s)).items()}
   elif os.path.exists(binary):
-    try:
+    try:  # torch is an optional dependency: only pytorch_model.bin checkpoints need it
       import torch  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise ValueError(
@@ -322,25 +321,14 @@ def save_hf_encoder(params: Mapping, model_cfg, out_dir: str) -> str:
   directory when new, else file by file, leaving other files there alone). The pooler is
   ALBERT's tanh-over-[CLS] one even when our config pools by mean. Returns out_dir.
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   cfg = _as_model_config(model_cfg)
   _check_post_norm(cfg, "An HF ALBERT directory holds a post-LayerNorm encoder")
   root, _ = _params_root(params)
   tensors = {t.hf_key: _to_hf(t, _leaf(root, t.path)) for t in _tensors(cfg)}
   out_dir = os.path.abspath(os.fspath(out_dir))
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-  try:
+  with files.staged_dir(out_dir, existing="merge") as tmp:
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_config_dict(cfg), f, indent=2, sort_keys=True)
       f.write("\n")
     save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    if not os.path.exists(out_dir):
-      os.rename(tmp, out_dir)
-    else:
-      for name in ("model.safetensors", "config.json"):
-        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
   return out_dir

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -40,10 +39,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from flax_albert_code.utils import files
+
 # A resumed run must train the same model on the same data: these sections must match.
 MUST_MATCH = ("model", "data")
 MANIFEST = "sha256_manifest.json"
-_UNHASHED = (MANIFEST, "_CHECKPOINT_METADATA")   # orbax rewrites its step metadata at the commit
+_UNHASHED = ("_CHECKPOINT_METADATA",)   # orbax rewrites its step metadata at the commit
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"   # orbax's uncommitted step directories: <step><suffix>[-*]
 
 log = logging.getLogger("flax_albert_code")
@@ -65,10 +66,10 @@ class _DataHandler(grain.checkpoint.CheckpointHandler):
   def restore(self, directory: epath.Path, item=None, args=None):
     item, directory = item or args.item, epath.Path(directory)
     own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    files = [own] if own.exists() else sorted(directory.glob("process_*-of-*.json"))
-    if not files:
+    found = [own] if own.exists() else sorted(directory.glob("process_*-of-*.json"))
+    if not found:
       raise ValueError(f"{directory} holds no data iterator state (process_*-of-*.json).")
-    item.set_state(json.loads(files[0].read_text()))
+    item.set_state(json.loads(found[0].read_text()))
     item.start_prefetch()  # as grain's handler does
     return item
 
@@ -141,15 +142,7 @@ class Checkpointer:
 
   def _write_manifest(self, path: epath.Path, atomic: bool) -> None:
     try:
-      files = {str(f.relative_to(path)): {"size": f.stat().length, "sha256": _sha256(f)}
-               for f in _files(path) if f.name not in _UNHASHED}
-      text = json.dumps({"files": files}, indent=1)
-      if atomic:
-        tmp = path / (MANIFEST + ".tmp")
-        tmp.write_text(text)
-        tmp.rename(path / MANIFEST)
-      else:
-        (path / MANIFEST).write_text(text)
+      files.write_manifest(path, MANIFEST, skip=_UNHASHED, atomic=atomic)
     except Exception as e:  # the step itself is complete: it stays unverified
       log.warning("Could not write the checksum manifest of %s (%s: %s); that checkpoint will "
                   "be restored unverified.", path, type(e).__name__, e)
@@ -282,22 +275,6 @@ class Checkpointer:
       raise error
 
 
-def _files(path: epath.Path) -> list[epath.Path]:
-  """Every file under `path` (epath has no recursive glob on GCS)."""
-  out = []
-  for p in sorted(path.iterdir()):
-    out.extend(_files(p) if p.is_dir() else [p])
-  return out
-
-
-def _sha256(path: epath.Path) -> str:
-  h = hashlib.sha256()
-  with path.open("rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def verify_step(path: epath.Path) -> str | None:
   """None if the files of step directory `path` match its manifest or it has none; else which
   file is missing, truncated or altered."""
@@ -305,19 +282,15 @@ def verify_step(path: epath.Path) -> str | None:
   if not manifest.exists():
     return None
   try:
-    files = json.loads(manifest.read_text())["files"]
+    listed = json.loads(manifest.read_text())["files"]
   except Exception as e:
     return f"its manifest {manifest} is unreadable ({type(e).__name__})"
-  for rel, want in sorted(files.items()):
-    f = path / rel
-    if not f.exists():
-      return f"{f} is missing"
-    size = f.stat().length
-    if size != want["size"]:
-      return f"{f} has {size} bytes instead of {want['size']} (truncated?)"
-    if _sha256(f) != want["sha256"]:
-      return f"{f} does not match its sha256 (altered on disk)"
-  return None
+  bad = files.check(path, listed)
+  if bad is None:
+    return None
+  return {"missing": f"{bad.path} is missing",
+          "size": f"{bad.path} has {bad.size} bytes instead of {bad.want} (truncated?)",
+          "sha256": f"{bad.path} does not match its sha256 (altered on disk)"}[bad.kind]
 
 
 def _jsonable(d):

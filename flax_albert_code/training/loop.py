@@ -21,6 +21,7 @@ from tqdm import tqdm
 from flax_albert_code.training import checkpoint
 from flax_albert_code.training import metrics as metrics_lib
 from flax_albert_code.model import albert as model_lib
+from flax_albert_code.model import hf
 from flax_albert_code.training import optim
 from flax_albert_code.model import sharding
 from flax_albert_code.training import step as train_step
@@ -28,6 +29,7 @@ from flax_albert_code.data import neighbours as neighbours_lib
 from flax_albert_code.data import pipeline
 from flax_albert_code.data.prepared import prepare
 from flax_albert_code.evaluation import design_example
+from flax_albert_code.inference.generator import CodeGenerator
 
 log = logging.getLogger("flax_albert_code")
 
@@ -76,7 +78,6 @@ def _warm_start(state, config, model_cfg):
   path = os.path.expanduser(config.train.init_from)
   if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(
       os.path.join(path, "checkpoints")):
-    from flax_albert_code.model import hf
     params, _ = hf.load_hf_encoder(path, params=jax.device_get(state.params["model"]))
     loaded = params
   else:
@@ -111,7 +112,6 @@ def _model_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _embedder(config, params, prepared, mesh):
   """(texts, kind) -> the model's aligned vectors, for mining neighbours with its own encoder."""
-  from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
   embed = CodeGenerator(config, params, prepared.tokenizer, prepared=prepared, mesh=mesh).embed
 
   def quiet(texts, kind):   # long descriptions are cut as training cuts them: no warning each
@@ -328,7 +328,6 @@ def report(result: Result, config) -> None:
 
 
 def _print_samples(result: Result, config, n: int) -> None:
-  from flax_albert_code.inference.generator import CodeGenerator
   split = "valid" if result.prepared.split_sizes.get("valid") else "train"
   source = result.prepared.source(split)
   examples = [source[i] for i in range(min(n, len(source)))]

@@ -85,8 +85,8 @@ class Writer:
     else:
       self.jsonl = open(self.path, "a", buffering=1)
     if tensorboard:
-      try:
-        from tensorboardX import SummaryWriter
+      try:  # tensorboardX is optional here: without it only metrics.jsonl is written
+        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
         self.tb = SummaryWriter(str(root / "tensorboard"))
       except ImportError:
         self.tb = None

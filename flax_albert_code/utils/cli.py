@@ -53,6 +53,7 @@ def read_texts(args: Sequence[str], input_path: str, what: str = "description") 
 
 def load_generator(path: str):
   """CodeGenerator over all local devices (the batch sharded over them when there are several)."""
+  # Here, not at the top: flax and orbax would make the commands' `--help` take 1.5 s, not 0.1 s.
   import jax  # pylint: disable=import-outside-toplevel
   from flax_albert_code.model import sharding  # pylint: disable=import-outside-toplevel
   from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel

@@ -1,0 +1,152 @@
+"""`CodeModel` decoding: `generate` runs the generic loops of decoding.py on the model.
+
+`generate` runs the encoder once; `CodeModel.init_cache` computes the cross-attention keys and
+values once and a zeroed self-attention cache of static shape; `decoding.sample_loop` or
+`decoding.beam_search` then decode with `CodeModel.decode_step` as `tokens_to_logits`, and beam
+search moves the cache with `reorder_decode_cache`. All of it is one jitted program per
+(shapes, strategy, options), sharded over a mesh when one is given (`mesh_context`).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import numbers
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flax_albert_code.config import PAD_ID
+from flax_albert_code.inference import decoding
+from flax_albert_code.model.albert import CodeModel, DecodeCache
+
+Array = jax.Array
+
+
+def reorder_decode_cache(cache: DecodeCache, parent_BxK: Array,
+                         end: int | None = None) -> DecodeCache:
+  """Beam `k` of description `b` takes over the self-attention KV of beam `parent[b, k]`.
+
+  Only the self-attention cache moves: the cross-attention KV is the same for all beams of a
+  description. The gather is batched over descriptions, so it stays local to each shard. With
+  `end` (static; the decoding phase's end) only the first `end` positions move, the only ones
+  written so far, and they are written back into the cache as a static slice update, which XLA
+  does in place: the rest of the cache is neither gathered nor copied into the loop's carry.
+  """
+  b, k = parent_BxK.shape
+
+  def gather(x_LxNxSxHxD):
+    x = x_LxNxSxHxD if end is None else x_LxNxSxHxD[:, :, :end]
+    shape = x.shape
+    x = x.reshape(shape[0], b, k, *shape[2:])
+    x = jnp.take_along_axis(x, parent_BxK.reshape(1, b, k, 1, 1, 1), axis=2).reshape(shape)
+    if end is None:
+      return x
+    return lax.dynamic_update_slice(x_LxNxSxHxD, x, (0,) * x.ndim)
+
+  return cache._replace(k_LxBxSxNxD=gather(cache.k_LxBxSxNxD),
+                        v_LxBxSxNxD=gather(cache.v_LxBxSxNxD))
+
+
+def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: str = "greedy",
+             max_new_tokens: int = 256, rng: Array | int = 0, temperature=1.0, top_k: int = 0,
+             top_p=1.0, num_beams: int = 4, length_penalty=1.0, num_samples: int = 1,
+             decode_phase: int = 64, mesh: jax.sharding.Mesh | None = None,
+             axis_rules: tuple | None = None, repetition_penalty=1.0,
+             no_repeat_ngram_size: int = 0) -> tuple[Array, Array]:
+  """Decodes code for each description: tokens [B, K, T] int32 (PAD after EOS), scores [B, K].
+
+  K is 1 (greedy), `num_samples` (sample) or `num_beams` (beam); candidates best first. Rows of
+  `desc_ids` that are all PAD (bucket padding) are not decoded. `params` is the model's
+  variables ({"params": ...}). With `mesh` (and `config.logical_axis_rules` as `axis_rules`) the
+  batch is sharded over (data, fsdp) as in training; B must divide by data * fsdp.
+  `decode_phase` (config.sample.decode_phase): decode in phases of that many steps, each
+  attending to (and, for beams, reordering) only the cache positions it can have written
+  (decoding.py's docstring); 0 attends to the whole cache at every step. Outputs are the same.
+  Compiled once per (shapes, strategy, max_new_tokens, K, top_k, top_p < 1, decode_phase,
+  mesh, repetition_penalty != 1); temperature, top_p, length_penalty and a repetition
+  penalty's value are traced. `repetition_penalty` (1.0: off) is `decoding.penalize_repeats`;
+  `no_repeat_ngram_size` (0: off) `decoding.ban_repeated_ngrams`, both in every strategy.
+  """
+  cfg = model.cfg
+  decoding.check_options(strategy, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                         num_samples=num_samples, top_k=top_k, top_p=top_p,
+                         temperature=temperature, vocab_size=cfg.vocab_size,
+                         max_positions=cfg.max_position_embeddings,
+                         repetition_penalty=repetition_penalty,
+                         no_repeat_ngram_size=no_repeat_ngram_size)
+  nucleus = strategy == "sample" and not (isinstance(top_p, numbers.Real) and top_p >= 1.0)
+  if isinstance(rng, int):
+    rng = jax.random.PRNGKey(rng)
+  return _generate(model, params, desc_ids_BxL, rng, jnp.float32(temperature),
+                   jnp.float32(top_p), jnp.float32(length_penalty),
+                   jnp.float32(repetition_penalty), strategy=strategy,
+                   max_new_tokens=max_new_tokens,
+                   k=decoding.num_candidates(strategy, num_beams, num_samples),
+                   top_k=top_k if strategy == "sample" else 0, nucleus=nucleus,
+                   phases=decoding.decode_phases(max_new_tokens, int(decode_phase)), mesh=mesh,
+                   penalize=not (isinstance(repetition_penalty, numbers.Real)
+                                 and repetition_penalty == 1.0),
+                   no_repeat_ngram_size=int(no_repeat_ngram_size),
+                   axis_rules=None if axis_rules is None else _hashable(axis_rules))
+
+
+def _hashable(rules) -> tuple:
+  return tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in rules)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: jax.sharding.Mesh | None, axis_rules: tuple | None):
+  """Inside a jitted function: the mesh and logical axis rules the layers' constraints use."""
+  if mesh is None:
+    yield
+    return
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(axis_rules or ()):
+    yield
+
+
+@functools.partial(jax.jit, static_argnames=("model", "strategy", "max_new_tokens", "k", "top_k",
+                                             "nucleus", "phases", "mesh", "axis_rules",
+                                             "penalize", "no_repeat_ngram_size"))
+def _generate(model: CodeModel, params, desc_ids_BxL, rng, temperature, top_p, length_penalty,
+              repetition_penalty, *, strategy: str, max_new_tokens: int, k: int, top_k: int,
+              nucleus: bool, mesh, axis_rules, phases: tuple[int, ...] | None = None,
+              penalize: bool = False, no_repeat_ngram_size: int = 0):
+  with mesh_context(mesh, axis_rules):
+    b = desc_ids_BxL.shape[0]
+    active_B = desc_ids_BxL[:, 0] != PAD_ID
+    enc = model.apply(params, desc_ids_BxL, method=CodeModel.encode)
+    cache = model.apply(params, enc, max_new_tokens, k, method=CodeModel.init_cache)
+
+    def tokens_to_logits(ids_Nx1, cache, attend_len=None):
+      logits, cache = model.apply(params, ids_Nx1, cache, attend_len,
+                                  method=CodeModel.decode_step)
+      return logits[:, -1], cache
+
+    alpha = length_penalty
+    if strategy == "beam":
+      tokens, scores = decoding.beam_search(
+          tokens_to_logits, cache, batch_size=b, beam_size=k, max_new_tokens=max_new_tokens,
+          length_penalty=alpha, active_B=active_B, reorder_cache=reorder_decode_cache,
+          phase_ends=phases, no_repeat_ngram_size=no_repeat_ngram_size,
+          repetition_penalty=repetition_penalty if penalize else None)
+    else:
+      choose = (decoding.greedy_choice if strategy == "greedy"
+                else decoding.sample_choice(temperature, top_k, top_p, nucleus))
+      tokens, logprob, length, _ = decoding.sample_loop(
+          tokens_to_logits, cache, batch_size=b * k, max_new_tokens=max_new_tokens,
+          choose=choose, rng=rng, done_N=jnp.repeat(~active_B, k), phase_ends=phases,
+          repetition_penalty=repetition_penalty if penalize else None,
+          no_repeat_ngram_size=no_repeat_ngram_size)
+      scores = jnp.where(length > 0, logprob / decoding.length_penalty_fn(length, alpha), 0.0)
+      tokens, scores = tokens.reshape(b, k, max_new_tokens), scores.reshape(b, k)
+      if k > 1:   # samples best first
+        order = jnp.argsort(-scores, axis=1, stable=True)
+        tokens, scores = decoding.gather_beams(tokens, order), decoding.gather_beams(scores, order)
+    if mesh is not None:
+      spec = jax.sharding.PartitionSpec(("data", "fsdp"))
+      tokens = lax.with_sharding_constraint(tokens, jax.sharding.NamedSharding(mesh, spec))
+      scores = lax.with_sharding_constraint(scores, jax.sharding.NamedSharding(mesh, spec))
+    return tokens, scores
