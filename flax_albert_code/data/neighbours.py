@@ -59,9 +59,10 @@ def mine(prepared, k: int, method: str, embed: Embed | None = None, step: int = 
   retrieval.check_method(method)
   if method != "bm25" and embed is None:
     raise ValueError(f"Retrieval method {method!r} needs the model's vectors; mine with 'bm25'.")
-  _, codes, paths = texts(prepared, "train")
+  descs, codes, paths = texts(prepared, "train")
   vectors = embed(codes, "code") if method != "bm25" else None
-  retriever = retrieval.Retriever(codes, vectors, groups=paths)
+  retriever = retrieval.Retriever(codes, vectors, groups=paths,
+                                  keys=[retrieval.key_text(d, c) for d, c in zip(descs, codes)])
   ids, scores = {}, {}
   for split in SPLITS:
     descs, _, split_paths = texts(prepared, split)

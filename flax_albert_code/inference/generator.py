@@ -258,7 +258,9 @@ class CodeGenerator:
         vectors, items = index.vectors, index.items
       else:
         vectors, items = index_lib.build_index(self, examples), examples
-      self._corpus = (spec, (retrieval.Retriever([e["code"] for e in items], vectors), items))
+      keys = [retrieval.key_text(e.get("description", ""), e["code"]) for e in items]
+      self._corpus = (spec, (retrieval.Retriever([e["code"] for e in items], vectors, keys=keys),
+                             items))
     return self._corpus[1]
 
   # -------------------------------------------------------------------------------------------
