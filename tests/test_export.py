@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from export_util import CODES, DESCRIPTIONS, shared_export, subprocess_env
+from flax_albert_code import export as export_cmd
 from flax_albert_code.inference import postprocess as batching
 from flax_albert_code.deploy import writer as export
 from flax_albert_code.inference import decoding as sampling
@@ -31,6 +32,14 @@ def exp(run):
 @pytest.fixture(scope="module")
 def gen(run):
   return CodeGenerator.from_checkpoint(run[0])
+
+
+def test_a_relative_checkpoint_path_loads(run, gen, monkeypatch):
+  """orbax refuses relative paths; the loader makes them absolute (`runs/small` from the README)."""
+  monkeypatch.chdir(os.path.dirname(run[0]))
+  rel = CodeGenerator.from_checkpoint(os.path.basename(run[0]))
+  assert rel.step == gen.step == 7 and rel.checkpoint_path == gen.checkpoint_path
+  assert os.path.isabs(rel.checkpoint_path)
 
 
 def test_export_holds_every_file_with_its_digest(run):
@@ -145,10 +154,10 @@ def test_export_command_writes_bf16(run, exp, tmp_path, capsys):
   open(os.path.join(out, "stray.txt"), "w").write("not an export")
   argv = ["--checkpoint", run[0], "--out", out, "--dtype", "bf16", "--buckets", "1",
           "--strategies", "greedy", "--no-hf-encoder"]
-  assert export.main(argv) == 1
+  assert export_cmd.main(argv) == 1
   assert "is not an export" in capsys.readouterr().err
   os.remove(os.path.join(out, "stray.txt"))
-  assert export.main(argv) == 0
+  assert export_cmd.main(argv) == 0
   assert "4 programs" in capsys.readouterr().out     # greedy and 3 encoder widths, batch 1
   exp16 = serving.load_export(out)
   kinds = {str(x.dtype) for x in __import__("jax").tree.leaves(exp16.variables)}
@@ -158,7 +167,7 @@ def test_export_command_writes_bf16(run, exp, tmp_path, capsys):
                              atol=0.05)                  # bf16 rounding, the same function
   with pytest.raises(ValueError, match="no 'beam' programs"):
     exp16.generate(["add two numbers"], strategy="beam")
-  assert export.main(["--checkpoint", str(tmp_path / "nope"), "--out", out]) == 1
+  assert export_cmd.main(["--checkpoint", str(tmp_path / "nope"), "--out", out]) == 1
   assert "does not exist" in capsys.readouterr().err
 
 

@@ -325,8 +325,10 @@ def _jsonable(d):
 
 
 def resolve(path: str) -> tuple[epath.Path, int]:
-  """A training workdir (-> its latest checkpoint) or one checkpoint step directory."""
-  p = epath.Path(os.path.expanduser(str(path)))
+  """A training workdir (-> its latest checkpoint) or one checkpoint step directory, as an
+  absolute path (orbax refuses relative ones; `runs/small` means the one under this directory)."""
+  path = os.path.expanduser(os.fspath(path))
+  p = epath.Path(path if "://" in path else os.path.abspath(path))
   if not p.exists():
     raise CheckpointError(f"Checkpoint path {p} does not exist; pass a training workdir or a "
                           "checkpoint step directory.")
