@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from flax_albert_code import generate
+from flax_albert_code import search as search_cmd
+from flax_albert_code.utils import cli as cli_lib
 from flax_albert_code import config as config_lib
 from flax_albert_code.inference import decoding as sampling
 from flax_albert_code.inference import index as search
@@ -214,7 +216,7 @@ def test_search_index_is_built_once_and_reused(gen, tmp_path):
 @pytest.fixture()
 def cli(gen, monkeypatch):
   gen.checkpoint_path = "/nonexistent/run/checkpoints/5"
-  monkeypatch.setattr(generate, "load_generator", lambda path: gen)
+  monkeypatch.setattr(cli_lib, "load_generator", lambda path: gen)
   return gen
 
 
@@ -260,12 +262,12 @@ def test_generate_command_missing_checkpoint(capsys, tmp_path):
 def test_search_command(cli, capsys, tmp_path, monkeypatch):
   monkeypatch.setattr(search, "corpus", lambda spec, prepared: (_corpus(), f"fake:{spec}"))
   argv = ["--checkpoint", "x", "--corpus", "fake", "--index-dir", str(tmp_path), "--top-k", "2"]
-  assert search.main([*argv, "--json", "reverse a string"]) == 0
+  assert search_cmd.main([*argv, "--json", "reverse a string"]) == 0
   out = capsys.readouterr()
   hit = json.loads(out.out)
   assert hit["query"] == "reverse a string" and len(hit["results"]) == 2
   assert "built" in out.err
-  assert search.main([*argv, "reverse a string"]) == 0
+  assert search_cmd.main([*argv, "reverse a string"]) == 0
   assert "reused" in capsys.readouterr().err
-  assert search.main([*argv[:-2], "--top-k", "0", "q"]) == 1
+  assert search_cmd.main([*argv[:-2], "--top-k", "0", "q"]) == 1
   assert "--top-k must be at least 1" in capsys.readouterr().err
