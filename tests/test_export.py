@@ -85,6 +85,24 @@ def test_greedy_from_the_export_is_token_identical_to_the_checkpoint(exp, gen):
     np.testing.assert_array_equal(scores[start:start + size], np.asarray(s)[:size])
 
 
+def test_export_and_checkpoint_agree_on_cut_outputs_and_seeded_samples(exp, gen):
+  """One meaning of score and finish_reason: a program compiled for 12 tokens asked for 5
+  stops there, as the checkpoint decoding 5 does; samples use the same per-candidate keys."""
+  descs = DESCRIPTIONS[:3]
+  for kw in (dict(max_new_tokens=5), dict(max_new_tokens=5, strategy="beam", num_samples=2),
+             dict(strategy="sample", num_samples=3, seed=4, temperature=1.5, top_k=40,
+                  top_p=0.95, repetition_penalty=1.3)):
+    ours, ref = exp.generate(descs, **kw), gen.generate(descs, num_beams=exp.num_beams, **kw)
+    for a, b in zip(ours, ref):
+      assert [c["code"] for c in a] == [c["code"] for c in b], kw
+      assert [c["finish_reason"] for c in a] == [c["finish_reason"] for c in b], kw
+      np.testing.assert_allclose([c["score"] for c in a], [c["score"] for c in b], rtol=1e-5)
+  cut = exp.generate(descs, max_new_tokens=5)
+  assert all(isinstance(c[0]["score"], float) for c in cut)
+  assert {c[0]["finish_reason"] for c in cut} <= {"eos", "length"}
+  assert any(c[0]["finish_reason"] == "length" for c in cut)
+
+
 def test_embeddings_match_the_checkpoint_and_search_ranks_by_them(exp, gen, tmp_path):
   np.testing.assert_allclose(exp.embed(DESCRIPTIONS[:3], "desc"),
                              gen.embed(DESCRIPTIONS[:3], "desc"), atol=1e-6)

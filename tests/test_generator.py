@@ -77,8 +77,9 @@ def test_generate_returns_ranked_candidates(gen):
   out = gen.generate(DESCS[:2])
   assert len(out) == 2 and all(len(c) == 1 for c in out)
   cand = out[0][0]
-  assert set(cand) == {"code", "score", "align", "parses"}
+  assert set(cand) == {"code", "score", "align", "parses", "finish_reason"}
   assert isinstance(cand["code"], str) and cand["score"] < 0 and cand["align"] is None
+  assert cand["finish_reason"] in ("eos", "length")
   assert cand["parses"] == parses(cand["code"])
   beams = gen.generate(DESCS, strategy="beam", num_beams=2, num_samples=2)
   assert [len(c) for c in beams] == [2, 2, 2]
@@ -106,6 +107,27 @@ def test_batch_padding_and_chunks_do_not_change_outputs(gen):
   for a, b in zip(alone + alone[:2], together):
     assert [c["code"] for c in a] == [c["code"] for c in b]
     np.testing.assert_allclose([c["score"] for c in a], [c["score"] for c in b], rtol=1e-5)
+
+
+def test_a_seeded_description_samples_the_same_alone_and_batched(gen):
+  """Sample j of description i is drawn with its own key (seed, i, j): the other descriptions
+  of the call, and the batch bucket they make, do not change it."""
+  kw = dict(strategy="sample", num_samples=2, top_p=0.9, seed=3, temperature=1.5)
+  alone = gen.generate(DESCS[:1], **kw)[0]           # bucket 2
+  batched = gen.generate(DESCS + DESCS[:1], **kw)[0]   # bucket 4
+  assert [c["code"] for c in alone] == [c["code"] for c in batched]
+  np.testing.assert_allclose([c["score"] for c in alone], [c["score"] for c in batched],
+                             rtol=1e-5)
+  other = gen.generate(DESCS[:1], **{**kw, "seed": 4})[0]
+  assert [c["code"] for c in other] != [c["code"] for c in alone]
+
+
+def test_a_cut_candidate_has_a_score_and_says_so(gen):
+  out = gen.generate(DESCS, max_new_tokens=2, strategy="beam", num_beams=2, num_samples=2)
+  cands = [c for cs in out for c in cs]
+  assert all(isinstance(c["score"], float) for c in cands)
+  assert {c["finish_reason"] for c in cands} <= {"eos", "length"}
+  assert any(c["finish_reason"] == "length" for c in cands)
 
 
 def test_rerank_orders_by_alignment_and_drops_unparsable(gen):
@@ -144,7 +166,7 @@ def test_embed_matches_the_training_encoding(gen):
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(descriptions=["ok", "  "]), "Description 1 is empty"),
+    (dict(descriptions=["ok", "  "]), "Description 2 is empty"),
     (dict(descriptions="add"), "list of descriptions"),
     (dict(descriptions=[b"\xff\xfe"]), "not valid UTF-8"),
     (dict(strategy="nucleus"), "Unknown decoding strategy"),
@@ -166,7 +188,7 @@ def test_long_description_is_truncated_with_a_warning(gen, caplog):
   with caplog.at_level(logging.WARNING):
     out = gen.generate(["word " * 40])
   assert len(out) == 1
-  assert "Description 0 is 200 tokens long" in caplog.text and "truncated" in caplog.text
+  assert "Description 1 is 200 tokens long" in caplog.text and "truncated" in caplog.text
 
 
 def test_generation_on_a_mesh_equals_single_device(gen):
@@ -233,8 +255,8 @@ def test_generate_command_prints_code_and_json(cli, capsys):
 
 @pytest.mark.parametrize("argv, words", [
     (["--strategy", "nucleus", "a"], "Unknown decoding strategy"),
-    (["--top-p", "2", "--strategy", "sample", "a"], "top_p must be in"),
-    (["  "], "Description 0 is empty"),
+    (["--top-p", "2", "--strategy", "sample", "a"], "--top-p must be in"),
+    (["  "], "Description 1 is empty"),
 ])
 def test_generate_command_bad_input_is_one_line_on_stderr(cli, capsys, argv, words):
   assert generate.main(["--checkpoint", "x", *argv]) == 1

@@ -13,12 +13,14 @@ Layout of an export directory (every file's sha256 and size are in the manifest)
 
 Programs take the variables as their first argument: `encode_b{B}_w{W}(variables, ids[B, W])`
 gives L2-normalised alignment vectors; `generate_{strategy}_b{B}_t{T}(variables, desc_ids[B, L],
-rng, temperature, top_p, length_penalty)` gives (tokens [B, K, T], scores [B, K]), for every
-batch bucket B of `config.sample.batch_buckets`, code width W (the code buckets and the
-description length) and length T (the code buckets up to `config.sample.max_new_tokens`).
-`sample` programs draw one candidate per row (serving tiles a description num_samples times)
-with top_k off; `beam` programs keep `config.sample.num_beams` beams. Programs are lowered for
-CPU and CUDA at once where `jax.export` can (the manifest's `platforms` says which).
+keys[B, 2], max_new_tokens, temperature, top_k, top_p, length_penalty, repetition_penalty)`
+(GENERATE_INPUTS) gives (tokens [B, K, T], scores [B, K]), for every batch bucket B of
+`config.sample.batch_buckets`, code width W (the code buckets and the description length) and
+length T (the code buckets up to `config.sample.max_new_tokens`); a program of length T decodes
+any max_new_tokens up to T. `sample` programs draw one candidate per row with the row's key
+(serving tiles a description num_samples times); `beam` programs keep `config.sample.num_beams`
+beams and take no repetition penalty. Programs are lowered for CPU and CUDA at once where
+`jax.export` can (the manifest's `platforms` says which).
 The directory is written beside the target and renamed into place when complete.
 `flax_albert_code.load_export` (deploy/runtime.py) runs it with neither flax nor orbax.
 """
@@ -42,7 +44,7 @@ import numpy as np
 
 log = logging.getLogger("flax_albert_code")
 
-FORMAT = 1
+FORMAT = 2          # 2: generate programs take keys, max_new_tokens, top_k, repetition_penalty
 MANIFEST = "manifest.json"
 PARAMS = "params.safetensors"
 TOKENIZER = "spm.model"
@@ -50,6 +52,9 @@ DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 PLATFORMS = ("cpu", "cuda")
 STRATEGIES = ("greedy", "sample", "beam")
+# The inputs of a generate program after the variables (scalars but the first two).
+GENERATE_INPUTS = ("desc_ids", "keys", "max_new_tokens", "temperature", "top_k", "top_p",
+                   "length_penalty", "repetition_penalty")
 
 
 def export(checkpoint_path: str, out_dir: str, dtype: str = "float32",
@@ -131,7 +136,7 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
             "batch_buckets": list(xgen.batch_buckets), "desc_len": xgen.max_desc_len,
             "code_widths": list(xgen.code_buckets), "lengths": lengths,
             "max_new_tokens": xgen.default_max_new_tokens, "strategies": list(strategies),
-            "num_beams": int(config.sample.num_beams), "sample_top_k": 0,
+            "num_beams": int(config.sample.num_beams), "generate_inputs": list(GENERATE_INPUTS),
             "align_dim": xgen.cfg.align_dim, "vocab_size": xgen.cfg.vocab_size,
             "tokenizer": TOKENIZER, "params": PARAMS,
         },
@@ -161,8 +166,7 @@ def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str]
   os.makedirs(os.path.join(out, "programs"))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), gen.variables)
   ids = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
-  scalar = jax.ShapeDtypeStruct((), jnp.float32)
-  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+  real, whole = jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32)
   specs = []
   for b in gen.batch_buckets:
     for w in sorted({gen.max_desc_len, *gen.code_buckets}):
@@ -178,7 +182,9 @@ def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str]
         specs.append(({"name": f"generate_{strategy}_b{b}_t{t}", "kind": "generate", "batch": b,
                        "width": gen.max_desc_len, "strategy": strategy, "k": k,
                        "max_new_tokens": t},
-                      fn, (abstract, ids((b, gen.max_desc_len)), key, scalar, scalar, scalar)))
+                      fn, (abstract, ids((b, gen.max_desc_len)),
+                           jax.ShapeDtypeStruct((b, 2), jnp.uint32), whole, real, whole, real,
+                           real, real)))
   wanted = tuple(dict.fromkeys(platforms))
   here = jax.default_backend()
   note = f"lowered for {', '.join(wanted)} at once"
@@ -200,13 +206,17 @@ def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str]
   return programs, list(wanted), note
 
 
-def _generate(model, variables, desc_ids, rng, temperature, top_p, length_penalty, *,
-              strategy: str, max_new_tokens: int, k: int, decode_phase: int):
+def _generate(model, variables, desc_ids, keys, limit, temperature, top_k, top_p,
+              length_penalty, repetition_penalty, *, strategy: str, max_new_tokens: int, k: int,
+              decode_phase: int):
+  """One generate program: GENERATE_INPUTS, every option traced but the strategy."""
   from flax_albert_code.inference import decoding as sampling  # pylint: disable=import-outside-toplevel
   return sampling.generate(model, variables, desc_ids, strategy=strategy,
-                           max_new_tokens=max_new_tokens, rng=rng, temperature=temperature,
-                           top_k=0, top_p=top_p, num_beams=k, length_penalty=length_penalty,
-                           num_samples=1, decode_phase=decode_phase)
+                           max_new_tokens=max_new_tokens, rng=keys[:, None, :],
+                           temperature=temperature, top_k=top_k, top_p=top_p, num_beams=k,
+                           length_penalty=length_penalty, num_samples=1,
+                           decode_phase=decode_phase, limit=limit,
+                           repetition_penalty=1.0 if strategy == "beam" else repetition_penalty)
 
 
 def _write_params(variables, path: str, dtype: str) -> None:

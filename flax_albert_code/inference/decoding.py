@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID
+from flax_albert_code.inference import options
 from flax_albert_code.model.albert import CodeModel, DecodeCache
 
 Array = jax.Array
@@ -55,16 +56,26 @@ def ban_special(logits_NxV: Array) -> Array:
   return jnp.where(banned, -jnp.inf, logits_NxV)
 
 
-def filter_logits(logits_NxV: Array, *, top_k: int = 0, top_p: Array | float = 1.0,
+def filter_logits(logits_NxV: Array, *, top_k: int | Array = 0, top_p: Array | float = 1.0,
                   nucleus: bool = False) -> Array:
   """Keeps the `top_k` largest logits (0: all), then the smallest set whose probability reaches
-  `top_p` (only when `nucleus`); the rest become -inf. Ties with the threshold are kept."""
-  if top_k:
-    top_NxK = lax.top_k(logits_NxV, top_k)[0]
-    logits_NxV = jnp.where(logits_NxV < top_NxK[:, -1:], -jnp.inf, logits_NxV)
+  `top_p` (only when `nucleus`); the rest become -inf. Ties with the threshold are kept.
+  A traced `top_k` (exported programs take it as an input) reads its threshold off the sorted
+  row instead of `lax.top_k`, which needs a static k."""
+  sorted_NxK = None
+  if not isinstance(top_k, numbers.Integral):
+    sorted_NxK = -jnp.sort(-logits_NxV, axis=-1)
+    kth = jnp.take(sorted_NxK, jnp.clip(top_k - 1, 0, logits_NxV.shape[-1] - 1), axis=-1)
+    kth = jnp.where(top_k > 0, kth, -jnp.inf)[..., None]
+    logits_NxV = jnp.where(logits_NxV < kth, -jnp.inf, logits_NxV)
+    sorted_NxK = jnp.where(sorted_NxK < kth, -jnp.inf, sorted_NxK)
+  elif top_k:
+    sorted_NxK = lax.top_k(logits_NxV, int(top_k))[0]
+    logits_NxV = jnp.where(logits_NxV < sorted_NxK[:, -1:], -jnp.inf, logits_NxV)
   if nucleus:
     # Sorted descending: the top-k values when they are known, else the whole row.
-    sorted_NxK = top_NxK if top_k else -jnp.sort(-logits_NxV, axis=-1)
+    if sorted_NxK is None:
+      sorted_NxK = -jnp.sort(-logits_NxV, axis=-1)
     probs = jax.nn.softmax(sorted_NxK, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs          # mass of the strictly better tokens
     keep = before < top_p
@@ -125,10 +136,14 @@ def sample_loop(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
                 max_new_tokens: int, choose: Callable[[Array, Array], Array], rng: Array,
                 done_N: Array | None = None,
                 phase_ends: Sequence[int] | None = None,
-                repetition_penalty: Array | None = None) -> tuple[Array, Array, Array, Array]:
-  """Decodes `batch_size` rows one token per step until all emitted EOS or `max_new_tokens`.
+                repetition_penalty: Array | None = None,
+                limit: Array | None = None) -> tuple[Array, Array, Array, Array]:
+  """Decodes `batch_size` rows one token per step until all emitted EOS or `max_new_tokens`
+  (or the traced `limit` <= max_new_tokens, when given: the cache keeps its static length).
 
-  `choose(logits_NxV, step_rng) -> ids_N` picks the next tokens (argmax, or a draw). Returns
+  `choose(logits_NxV, step_rng) -> ids_N` picks the next tokens (argmax, or a draw). `rng` is
+  one key for the whole batch, or raw keys [N, 2], one a row: then a row's draws depend on its
+  own key only, not on the other rows of the batch. Returns
   tokens [N, T] (PAD after EOS), summed log-probs [N], lengths [N] (EOS counted) and the
   number of steps run. Rows where `done_N` is True from the start are not decoded. With
   `phase_ends` (increasing, the last `max_new_tokens`) the steps before `end` call
@@ -145,14 +160,17 @@ def sample_loop(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
     state = state._replace(seen_NxV=jnp.zeros((n, v), bool))
 
   def cond(s: _SampleState) -> Array:
-    return (s.step < t) & ~jnp.all(s.done_N)
+    going = (s.step < t) & ~jnp.all(s.done_N)
+    return going if limit is None else going & (s.step < limit)
 
   def body(s: _SampleState, end: int | None) -> _SampleState:
     logits, cache = _call(tokens_to_logits, s.last_N[:, None], s.cache, end)
     logits = ban_special(logits.reshape(n, -1).astype(jnp.float32))
     chosen_from = (logits if s.seen_NxV is None
                    else penalize_repeats(logits, s.seen_NxV, repetition_penalty))
-    ids = choose(chosen_from, jax.random.fold_in(rng, s.step)).astype(jnp.int32)
+    step_rng = (jax.vmap(jax.random.fold_in, (0, None))(rng, s.step) if jnp.ndim(rng) == 2
+                else jax.random.fold_in(rng, s.step))
+    ids = choose(chosen_from, step_rng).astype(jnp.int32)
     ids = jnp.where(s.done_N, PAD_ID, ids)
     logp = jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, -1)
     live = ~s.done_N
@@ -171,10 +189,14 @@ def greedy_choice(logits_NxV: Array, rng: Array) -> Array:
   return jnp.argmax(logits_NxV, axis=-1)
 
 
-def sample_choice(temperature, top_k: int, top_p, nucleus: bool) -> Callable[[Array, Array], Array]:
-  """Draws from softmax(logits / temperature) restricted by top-k and top-p."""
+def sample_choice(temperature, top_k: int | Array, top_p,
+                  nucleus: bool) -> Callable[[Array, Array], Array]:
+  """Draws from softmax(logits / temperature) restricted by top-k and top-p; with keys [N, 2]
+  each row draws with its own key."""
   def choose(logits_NxV: Array, rng: Array) -> Array:
     logits = filter_logits(logits_NxV / temperature, top_k=top_k, top_p=top_p, nucleus=nucleus)
+    if jnp.ndim(rng) == 2:
+      return jax.vmap(lambda key, row: jax.random.categorical(key, row))(rng, logits)
     return jax.random.categorical(rng, logits, axis=-1)
   return choose
 
@@ -235,7 +257,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
                 max_new_tokens: int, length_penalty: Array | float = 1.0,
                 active_B: Array | None = None,
                 reorder_cache: Callable[..., Any] | None = None,
-                phase_ends: Sequence[int] | None = None) -> tuple[Array, Array]:
+                phase_ends: Sequence[int] | None = None,
+                limit: Array | None = None) -> tuple[Array, Array]:
   """Beam search over a cache holding `batch_size * beam_size` rows (beams of a row adjacent).
 
   `reorder_cache(cache, parent_BxK)` makes each beam take over its parent's cache (default:
@@ -244,9 +267,11 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
   before `max_new_tokens`) unfinished beams scored at length T. Rows where `active_B` is False
   are not searched (they stop the loop from waiting on them). With `phase_ends` the steps
   before `end` call `tokens_to_logits(ids, cache, end)` and `reorder_cache(cache, parent, end)`
-  (see the module docstring).
+  (see the module docstring). A traced `limit` <= max_new_tokens ends the search there, as if
+  it were `max_new_tokens`.
   """
   b, k, t = batch_size, beam_size, max_new_tokens
+  last = t if limit is None else jnp.minimum(limit, t)
   if reorder_cache is None:
     def reorder_cache(c, parent_BxK, end=None):
       del end
@@ -264,11 +289,11 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
     # favourable penalty among the lengths it can still end at.
     best_live = s.live_logprob_BxK[:, 0]
     bound = jnp.maximum(best_live / length_penalty_fn(s.step + 1, alpha),
-                        best_live / length_penalty_fn(jnp.asarray(t), alpha))
+                        best_live / length_penalty_fn(jnp.asarray(last), alpha))
     worst_finished = jnp.where(jnp.all(s.finished_flags_BxK, axis=1),
                                s.finished_scores_BxK[:, -1], NEG_INF)
     settled = (worst_finished > bound) | ~active
-    return (s.step < t) & ~jnp.all(settled)
+    return (s.step < last) & ~jnp.all(settled)
 
   def body(s: _BeamState, end: int | None) -> _BeamState:
     logits, cache = _call(tokens_to_logits, s.last_BxK.reshape(b * k, 1), s.cache, end)
@@ -324,39 +349,22 @@ def num_candidates(strategy: str, num_beams: int, num_samples: int) -> int:
 
 def check_options(strategy: str, *, max_new_tokens: int, num_beams: int, num_samples: int,
                   top_k: int, top_p=1.0, temperature=1.0, vocab_size: int | None = None,
-                  max_positions: int | None = None, repetition_penalty=1.0) -> None:
-  """Raises ValueError (one sentence) for an unknown strategy or options that cannot work."""
-  def static(x):
-    return isinstance(x, numbers.Real)
-  if strategy not in STRATEGIES:
-    raise ValueError(f"Unknown decoding strategy {strategy!r}; use greedy, sample or beam.")
-  checks = [
-      (max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {max_new_tokens}"),
-      (max_positions is None or max_new_tokens <= max_positions,
-       f"max_new_tokens {max_new_tokens} exceeds the model's {max_positions} positions"),
-      (num_beams >= 1, f"num_beams must be at least 1, got {num_beams}"),
-      (num_samples >= 1, f"num_samples must be at least 1, got {num_samples}"),
-      (top_k >= 0, f"top_k must be 0 (off) or positive, got {top_k}"),
-      (vocab_size is None or top_k <= vocab_size,
-       f"top_k {top_k} exceeds the vocabulary size {vocab_size}"),
-      (not static(top_p) or 0.0 < top_p <= 1.0, f"top_p must be in (0, 1], got {top_p}"),
-      (strategy != "sample" or not static(temperature) or temperature > 0,
-       f"temperature must be positive, got {temperature}"),
-      (not static(repetition_penalty) or repetition_penalty >= 1.0,
-       f"repetition_penalty must be at least 1.0 (1.0: off), got {repetition_penalty}"),
-      (strategy != "beam" or not static(repetition_penalty) or repetition_penalty == 1.0,
-       "repetition_penalty applies to greedy and sample decoding, not to beam search"),
-  ]
-  for ok, msg in checks:
-    if not ok:
-      raise ValueError(f"{msg}.")
+                  max_positions: int | None = None, repetition_penalty=1.0,
+                  length_penalty=1.0) -> None:
+  """Raises ValueError (one sentence) for an unknown strategy or options that cannot work
+  (`options.check`, the one set of ranges); traced values are not checked."""
+  options.check(strategies=STRATEGIES, strategy=strategy, max_new_tokens=max_new_tokens,
+                num_beams=num_beams, num_samples=num_samples, top_k=top_k, top_p=top_p,
+                temperature=temperature, repetition_penalty=repetition_penalty,
+                length_penalty=length_penalty, max_tokens=max_positions, vocab_size=vocab_size)
 
 
 def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: str = "greedy",
-             max_new_tokens: int = 256, rng: Array | int = 0, temperature=1.0, top_k: int = 0,
-             top_p=1.0, num_beams: int = 4, length_penalty=1.0, num_samples: int = 1,
-             decode_phase: int = 64, mesh: jax.sharding.Mesh | None = None,
-             axis_rules: tuple | None = None, repetition_penalty=1.0) -> tuple[Array, Array]:
+             max_new_tokens: int = 256, rng: Array | int = 0, temperature=1.0,
+             top_k: int | Array = 0, top_p=1.0, num_beams: int = 4, length_penalty=1.0,
+             num_samples: int = 1, decode_phase: int = 64, mesh: jax.sharding.Mesh | None = None,
+             axis_rules: tuple | None = None, repetition_penalty=1.0,
+             limit: Array | int | None = None) -> tuple[Array, Array]:
   """Decodes code for each description: tokens [B, K, T] int32 (PAD after EOS), scores [B, K].
 
   K is 1 (greedy), `num_samples` (sample) or `num_beams` (beam); candidates best first. Rows of
@@ -368,23 +376,30 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
   (module docstring); 0 attends to the whole cache at every step. Outputs are the same.
   Compiled once per (shapes, strategy, max_new_tokens, K, top_k, top_p < 1, decode_phase,
   mesh, repetition_penalty != 1); temperature, top_p, length_penalty and a repetition
-  penalty's value are traced. `repetition_penalty` (greedy and sample; 1.0: off) is
-  `penalize_repeats`.
+  penalty's value are traced, and so is top_k when it is not a Python int (exported programs).
+  `repetition_penalty` (greedy and sample; 1.0: off) is `penalize_repeats`. `rng` (sample): a
+  seed, one key, or raw keys [B, K, 2], one per candidate (`options.candidate_keys`), which
+  make each candidate independent of the rest of the batch. `limit` (traced, <= max_new_tokens)
+  stops decoding there; the outputs keep length max_new_tokens (PAD after).
   """
   cfg = model.cfg
   check_options(strategy, max_new_tokens=max_new_tokens, num_beams=num_beams,
                 num_samples=num_samples, top_k=top_k, top_p=top_p, temperature=temperature,
                 vocab_size=cfg.vocab_size, max_positions=cfg.max_position_embeddings,
-                repetition_penalty=repetition_penalty)
+                repetition_penalty=repetition_penalty, length_penalty=length_penalty)
   nucleus = strategy == "sample" and not (isinstance(top_p, numbers.Real) and top_p >= 1.0)
   if isinstance(rng, int):
     rng = jax.random.PRNGKey(rng)
+  static_top_k = isinstance(top_k, numbers.Integral)
   return _generate(model, params, desc_ids_BxL, rng, jnp.float32(temperature),
                    jnp.float32(top_p), jnp.float32(length_penalty),
-                   jnp.float32(repetition_penalty), strategy=strategy,
+                   jnp.float32(repetition_penalty),
+                   jnp.int32(max_new_tokens if limit is None else limit),
+                   jnp.int32(0 if static_top_k else top_k), strategy=strategy,
                    max_new_tokens=max_new_tokens,
                    k=num_candidates(strategy, num_beams, num_samples),
-                   top_k=top_k if strategy == "sample" else 0, nucleus=nucleus,
+                   top_k=(int(top_k) if static_top_k else None) if strategy == "sample" else 0,
+                   nucleus=nucleus,
                    phases=decode_phases(max_new_tokens, int(decode_phase)), mesh=mesh,
                    penalize=not (isinstance(repetition_penalty, numbers.Real)
                                  and repetition_penalty == 1.0),
@@ -409,9 +424,10 @@ def mesh_context(mesh: jax.sharding.Mesh | None, axis_rules: tuple | None):
                                              "nucleus", "phases", "mesh", "axis_rules",
                                              "penalize"))
 def _generate(model: CodeModel, params, desc_ids_BxL, rng, temperature, top_p, length_penalty,
-              repetition_penalty, *, strategy: str, max_new_tokens: int, k: int, top_k: int,
-              nucleus: bool, mesh, axis_rules, phases: tuple[int, ...] | None = None,
-              penalize: bool = False):
+              repetition_penalty, limit, top_k_value, *, strategy: str, max_new_tokens: int,
+              k: int, top_k: int | None, nucleus: bool, mesh, axis_rules,
+              phases: tuple[int, ...] | None = None, penalize: bool = False):
+  # top_k None: the traced `top_k_value` (0: off).
   with mesh_context(mesh, axis_rules):
     b = desc_ids_BxL.shape[0]
     active_B = desc_ids_BxL[:, 0] != PAD_ID
@@ -428,14 +444,16 @@ def _generate(model: CodeModel, params, desc_ids_BxL, rng, temperature, top_p, l
       tokens, scores = beam_search(tokens_to_logits, cache, batch_size=b, beam_size=k,
                                    max_new_tokens=max_new_tokens, length_penalty=alpha,
                                    active_B=active_B, reorder_cache=reorder_decode_cache,
-                                   phase_ends=phases)
+                                   phase_ends=phases, limit=limit)
     else:
-      choose = (greedy_choice if strategy == "greedy"
-                else sample_choice(temperature, top_k, top_p, nucleus))
+      choose = (greedy_choice if strategy == "greedy" else sample_choice(
+          temperature, top_k_value if top_k is None else top_k, top_p, nucleus))
+      if rng.ndim == 3:   # a key per candidate, [B, K, 2]
+        rng = rng.reshape(b * k, rng.shape[-1])
       tokens, logprob, length, _ = sample_loop(
           tokens_to_logits, cache, batch_size=b * k, max_new_tokens=max_new_tokens,
           choose=choose, rng=rng, done_N=jnp.repeat(~active_B, k), phase_ends=phases,
-          repetition_penalty=repetition_penalty if penalize else None)
+          repetition_penalty=repetition_penalty if penalize else None, limit=limit)
       scores = jnp.where(length > 0, logprob / length_penalty_fn(length, alpha), 0.0)
       tokens, scores = tokens.reshape(b, k, max_new_tokens), scores.reshape(b, k)
       if k > 1:   # samples best first

@@ -26,7 +26,9 @@ import ml_collections
 import numpy as np
 
 from flax_albert_code import config as config_lib
+from flax_albert_code.config import EOS_ID
 from flax_albert_code.inference import decoding as sampling
+from flax_albert_code.inference import options
 from flax_albert_code.model import sharding
 from flax_albert_code.model import albert as model_lib
 from flax_albert_code.inference import postprocess as batching
@@ -128,37 +130,44 @@ class CodeGenerator:
                rerank: bool = False, max_new_tokens: int | None = None, seed: int = 0,
                length_penalty: float = 1.0, repetition_penalty: float = 1.0,
                drop_unparsable: bool = False) -> list[list[dict[str, Any]]]:
-    """Per description, candidates best first: {"code", "score", "align", "parses"}.
+    """Per description, candidates best first: {"code", "score", "align", "parses",
+    "finish_reason"}.
 
     greedy gives 1 candidate, sample `num_samples`, beam the best `num_samples` of `num_beams`
-    (after reranking when `rerank`). "score" is the length-penalised log-probability; "align"
-    the cosine similarity of description and code vectors (None unless `rerank`). With
-    `drop_unparsable`, candidates that `ast.parse` rejects are dropped unless none parses.
-    `repetition_penalty` > 1 (greedy, sample) makes tokens already emitted less likely
-    (`sampling.penalize_repeats`).
+    (after reranking when `rerank`). "score" is the length-penalised log-probability of the
+    candidate's tokens (its EOS included when it has one); "finish_reason" is "eos" when the
+    model ended the code and "length" when `max_new_tokens` cut it; "align" the cosine
+    similarity of description and code vectors (None unless `rerank`). With `drop_unparsable`,
+    candidates that `ast.parse` rejects are dropped unless none parses. `repetition_penalty` > 1
+    (greedy, sample) makes tokens already emitted less likely (`sampling.penalize_repeats`).
+    Sample j of description i is drawn with `options.candidate_keys(seed, [i], ...)`, so it
+    does not depend on the other descriptions of the call. Options out of range raise
+    `options.OptionError` (a ValueError).
     """
     texts = batching.check_texts(descriptions, "Description")
-    max_new = self.default_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-    if strategy == "greedy" and num_samples != 1:
-      raise ValueError(f"Greedy decoding gives one candidate, not num_samples={num_samples}; use "
-                       "strategy='sample' or 'beam' for several.")
-    if strategy == "beam" and num_samples > num_beams:
-      raise ValueError(f"Beam search keeps {num_beams} beams, so it cannot return "
-                       f"num_samples={num_samples}; raise num_beams or lower num_samples.")
-    sampling.check_options(strategy, max_new_tokens=max_new, num_beams=num_beams,
-                           num_samples=num_samples, top_k=top_k, top_p=top_p,
-                           temperature=temperature, vocab_size=self.cfg.vocab_size,
-                           max_positions=self.cfg.max_position_embeddings,
-                           repetition_penalty=repetition_penalty)
+    max_new = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
+    options.check(strategies=sampling.STRATEGIES, strategy=strategy, max_new_tokens=max_new,
+                  num_beams=num_beams, num_samples=num_samples, top_k=top_k, top_p=top_p,
+                  temperature=temperature, length_penalty=length_penalty,
+                  repetition_penalty=repetition_penalty, seed=seed,
+                  max_tokens=self.cfg.max_position_embeddings, vocab_size=self.cfg.vocab_size)
+    max_new = int(max_new)
     if not texts:
       return []
     ids = np.array([batching.pad(self._description_ids(t, i), self.max_desc_len)
                     for i, t in enumerate(texts)], np.int32)
+    k = sampling.num_candidates(strategy, num_beams, num_samples)
+    keys = (options.candidate_keys(seed, range(len(texts)), k) if strategy == "sample"
+            else None)
     tokens, scores = [], []
-    for c, (start, size, bucket) in enumerate(batching.chunks(len(texts), self.batch_buckets)):
+    for start, size, bucket in batching.chunks(len(texts), self.batch_buckets):
       batch = np.zeros((bucket, self.max_desc_len), np.int32)
       batch[:size] = ids[start:start + size]
-      rng = jax.random.fold_in(jax.random.PRNGKey(seed), c)
+      rng = jax.random.PRNGKey(0)                  # unused by greedy and beam search
+      if keys is not None:
+        rng = np.zeros((bucket, k, 2), np.uint32)
+        rng[:size] = keys[start:start + size]
+        rng = self._put(rng)
       t, s = sampling.generate(
           self.model, self.variables, self._put(batch), strategy=strategy,
           max_new_tokens=max_new, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -172,7 +181,8 @@ class CodeGenerator:
     results = []
     for row_tokens, row_scores in zip(tokens_NxKxT, scores_NxK):
       results.append([{"code": self.tokenizer.decode(seq.tolist()), "score": float(score),
-                       "align": None, "parses": False}
+                       "align": None, "parses": False,
+                       "finish_reason": "eos" if (seq == EOS_ID).any() else "length"}
                       for seq, score in zip(row_tokens, row_scores)])
     for cands in results:
       for cand in cands:
@@ -228,7 +238,7 @@ class CodeGenerator:
     n = len(self.tokenizer.encode(text))
     if n > self.max_desc_len - 2:
       log.warning("Description %d is %d tokens long; the model reads at most %d, so it was "
-                  "truncated.", i, n, self.max_desc_len - 2)
+                  "truncated.", i + 1, n, self.max_desc_len - 2)
     return self.tokenizer.encode_description(text, self.max_desc_len)
 
 

@@ -5,6 +5,8 @@ import logging
 import sys
 from typing import Sequence
 
+from flax_albert_code.inference import options
+
 USER_ERRORS: tuple = (ValueError, OSError, RuntimeError)  # CheckpointError is a RuntimeError
 
 
@@ -18,9 +20,10 @@ def quiet_logs() -> None:
   logging.getLogger("absl").setLevel(logging.ERROR)
 
 
-def fail(error: BaseException) -> int:
-  """One sentence on stderr, exit status 1."""
-  print(f"error: {error}", file=sys.stderr)
+def fail(error: BaseException | str) -> int:
+  """One sentence on stderr, exit status 1; an option is named by its flag (--num-beams)."""
+  text = error.for_flags() if isinstance(error, options.OptionError) else str(error)
+  print(f"error: {text}", file=sys.stderr)
   return 1
 
 
