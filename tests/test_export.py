@@ -197,3 +197,37 @@ def test_a_new_export_replaces_an_old_one_whole(tmp_path):
   export._move_into_place(str(new), str(old))  # pylint: disable=protected-access
   assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
   assert [p.name for p in old.iterdir()] == ["new.txt"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--platforms", "foo"], "error: Unknown or no platforms ['foo']; choose from cpu, cuda"),
+    (["--buckets", "abc"], "error: --buckets takes comma-separated whole numbers"),
+    (["--buckets", "0,4"], "error: --buckets values must be at least 1"),
+    (["--lengths", "8,x"], "error: --lengths takes comma-separated whole numbers"),
+    (["--strategies", "nucleus"], "error: Unknown or no strategies ['nucleus']"),
+    (["--dtype", "f16"], "error: Unknown export dtype 'f16'"),
+])
+def test_export_command_refuses_bad_options_before_reading_the_checkpoint(
+    run, tmp_path, capsys, monkeypatch, argv, words):
+  monkeypatch.setattr(CodeGenerator, "from_checkpoint",
+                      lambda *a, **k: pytest.fail("read the checkpoint before the options"))
+  out = tmp_path / "exp"
+  assert export_cmd.main(["--checkpoint", run[0], "--out", str(out), *argv]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith(words) and len(err.splitlines()) == 1, err
+  assert not out.exists()
+
+
+def test_export_command_is_quiet_and_writes_files_readable_like_a_build(run, tmp_path, capfd):
+  out = tmp_path / "sub" / "exp"
+  assert export_cmd.main(["--checkpoint", run[0], "--out", str(out), "--buckets", "1",
+                          "--strategies", "greedy"]) == 0
+  captured = capfd.readouterr()
+  assert "WARNING" not in captured.err and "absl" not in captured.err, captured.err
+  assert "4 programs" in captured.out
+  umask = os.umask(0)
+  os.umask(umask)
+  for d, _, files in os.walk(out):
+    assert os.stat(d).st_mode & 0o777 == 0o777 & ~umask, d
+    for name in files:
+      assert os.stat(os.path.join(d, name)).st_mode & 0o777 == 0o666 & ~umask, name

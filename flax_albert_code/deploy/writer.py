@@ -51,6 +51,7 @@ TOKENIZER = "spm.model"
 DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 PLATFORMS = ("cpu", "cuda")
+KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")    # what jax.export lowers for
 STRATEGIES = ("greedy", "sample", "beam")
 # The inputs of a generate program after the variables (scalars but the first two).
 GENERATE_INPUTS = ("desc_ids", "keys", "max_new_tokens", "temperature", "top_k", "top_p",
@@ -62,10 +63,13 @@ def export(checkpoint_path: str, out_dir: str, dtype: str = "float32",
   """Exports a training workdir's latest checkpoint (or one checkpoint directory) to `out_dir`.
 
   `buckets` overrides `config.sample.batch_buckets`; other keyword arguments go to
-  `export_generator`. Returns the export's absolute path.
+  `export_generator`. The options are checked before the checkpoint is read. Returns the
+  export's absolute path.
   """
   from flax_albert_code.training import checkpoint  # pylint: disable=import-outside-toplevel
   from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
+  check_options(dtype=dtype, buckets=buckets, **{k: kwargs[k] for k in (
+      "lengths", "strategies", "platforms") if k in kwargs})
   gen = CodeGenerator.from_checkpoint(checkpoint_path)
   params = None
   if jnp.dtype(gen.config.model.dtype) != jnp.dtype(_dtype(dtype)):
@@ -77,19 +81,38 @@ def export(checkpoint_path: str, out_dir: str, dtype: str = "float32",
                           **kwargs)
 
 
-def export_generator(gen, out_dir: str, *, dtype: str = "float32",
-                     buckets: Sequence[int] | None = None, lengths: Sequence[int] | None = None,
-                     strategies: Sequence[str] = STRATEGIES,
-                     platforms: Sequence[str] = PLATFORMS, hf_encoder: bool = True,
-                     params: Any = None, info: dict[str, Any] | None = None) -> str:
-  """Exports a `CodeGenerator`'s model (or `params` with its config) and tokenizer."""
-  from flax_albert_code.model import hf  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
-  dtype = _dtype(dtype)
+def check_options(*, dtype: str = "float32", buckets: Sequence[int] | None = None,
+                  lengths: Sequence[int] | None = None, strategies: Sequence[str] = STRATEGIES,
+                  platforms: Sequence[str] = PLATFORMS) -> None:
+  """ValueError (one sentence) for an option `export_generator` cannot use."""
+  _dtype(dtype)
   unknown = sorted(set(strategies) - set(STRATEGIES))
   if unknown or not strategies:
     raise ValueError(f"Unknown or no strategies {unknown or list(strategies)}; choose from "
                      f"{', '.join(STRATEGIES)}.")
+  unknown = sorted(set(platforms) - set(KNOWN_PLATFORMS))
+  if unknown or not platforms:
+    raise ValueError(f"Unknown or no platforms {unknown or list(platforms)}; choose from "
+                     f"{', '.join(KNOWN_PLATFORMS)}.")
+  for what, values in (("Batch buckets", buckets), ("Lengths", lengths)):
+    if values is not None and (not values or min(int(v) for v in values) < 1):
+      raise ValueError(f"{what} must be positive whole numbers, got {list(values)}.")
+
+
+def export_generator(gen, out_dir: str, *, dtype: str = "float32",
+                     buckets: Sequence[int] | None = None, lengths: Sequence[int] | None = None,
+                     strategies: Sequence[str] = STRATEGIES,
+                     platforms: Sequence[str] = PLATFORMS, hf_encoder: bool = True,
+                     params: Any = None, info: dict[str, Any] | None = None,
+                     progress: bool = False) -> str:
+  """Exports a `CodeGenerator`'s model (or `params` with its config) and tokenizer; `progress`:
+  a bar on stderr while the programs are lowered. Files and directories get the permissions
+  of ordinary new files (0666 and 0777 less the umask), not the temporary directory's 0700."""
+  from flax_albert_code.model import hf  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
+  check_options(dtype=dtype, buckets=buckets, lengths=lengths, strategies=strategies,
+                platforms=platforms)
+  dtype = _dtype(dtype)
   config = gen.config.copy_and_resolve_references()
   # Portable numerics: the cuDNN attention kernel has no CPU lowering; remat is training only.
   config.model.update(dtype=dtype, attention_impl="xla", remat="none")
@@ -119,7 +142,8 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
   try:
-    programs, used_platforms, note = _write_programs(xgen, tmp, lengths, strategies, platforms)
+    programs, used_platforms, note = _write_programs(xgen, tmp, lengths, strategies, platforms,
+                                                     progress)
     _write_params(xgen.variables, os.path.join(tmp, PARAMS), dtype)
     shutil.copyfile(xgen.tokenizer.path, os.path.join(tmp, TOKENIZER))
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
@@ -146,6 +170,7 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
     with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
       json.dump(manifest, f, indent=1)
       f.write("\n")
+    _ordinary_permissions(tmp)
     _move_into_place(tmp, out_dir)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -158,9 +183,22 @@ def _dtype(name: str) -> str:
   return DTYPES[str(name).lower()]
 
 
+def _ordinary_permissions(root: str) -> None:
+  """What a build leaves: directories 0777 and files 0666 less the umask (mkdtemp made the
+  root 0700, some writers make files 0600)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  for d, _, files in os.walk(root):
+    os.chmod(d, 0o777 & ~umask)
+    for name in files:
+      os.chmod(os.path.join(d, name), 0o666 & ~umask)
+
+
 def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str],
-                    platforms: Sequence[str]) -> tuple[list[dict], list[str], str]:
+                    platforms: Sequence[str],
+                    progress: bool = False) -> tuple[list[dict], list[str], str]:
   """Lowers and serialises every program; tries all `platforms` at once, else this backend's."""
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   from flax_albert_code.inference import generator  # pylint: disable=import-outside-toplevel
   from flax_albert_code.inference import decoding as sampling  # pylint: disable=import-outside-toplevel
   os.makedirs(os.path.join(out, "programs"))
@@ -189,7 +227,8 @@ def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str]
   here = jax.default_backend()
   note = f"lowered for {', '.join(wanted)} at once"
   programs = []
-  for meta, fn, args in specs:
+  for meta, fn, args in tqdm(specs, desc="export", unit="program", disable=not progress,
+                             leave=False, dynamic_ncols=True):
     try:
       exported = jax.export.export(jax.jit(fn), platforms=wanted)(*args)
     except Exception as e:  # pylint: disable=broad-except  # jax raises many types here

@@ -25,6 +25,7 @@ close(), naming the step and the earlier steps that are intact.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -343,8 +344,27 @@ def resolve(path: str) -> tuple[epath.Path, int]:
   return p, steps[-1]
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Without orbax's warnings about reading a checkpoint read-only and restoring only some of
+  its items (absl WARNING lines a reader can do nothing about); its errors still show."""
+  def drop(record: logging.LogRecord) -> bool:
+    return record.levelno > logging.WARNING
+  absl = logging.getLogger("absl")
+  absl.addFilter(drop)
+  try:
+    yield
+  finally:
+    absl.removeFilter(drop)
+
+
 def load_for_inference(path: str) -> tuple[ml_collections.ConfigDict, Any, int]:
   """(config, model params, step) from a workdir or checkpoint dir, on the default device."""
+  with _quiet_orbax():
+    return _load_for_inference(path)
+
+
+def _load_for_inference(path: str) -> tuple[ml_collections.ConfigDict, Any, int]:
   directory, step = resolve(path)
   problem = verify_step(directory / str(step))
   if problem:
