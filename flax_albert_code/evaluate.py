@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> dict | int:
     if problems is not None:
       results = harness.evaluate_humaneval(
           gen, problems, strategies, args.rerank, decode, train,
-          sandbox.Limits(timeout_s=args.timeout), args.workers or None, args.show, progress=True)
+          sandbox.Limits(timeout_s=args.timeout), args.workers or None, args.show, progress=cli.progress())
     else:
       if examples is None:
         if gen.prepared is None:
@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> dict | int:
         examples = load_examples("prepared", args.split, gen.prepared, args.max_examples)
       results = harness.evaluate(gen, examples, train, strategies, args.rerank, decode,
                                  not args.no_retrieval, args.max_candidates, args.show,
-                                 args.random_examples, args.seed, progress=True)
+                                 args.random_examples, args.seed, progress=cli.progress())
     results.update(title=f"{args.data} ({args.split})" if args.data != "humaneval" else "HumanEval",
                    checkpoint=args.checkpoint, data=args.data, split=args.split)
     json_path, md_path = report.write(results, args.out or args.checkpoint)

@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   buckets=_ints("--buckets", args.buckets),
                   lengths=_ints("--lengths", args.lengths), strategies=_names(args.strategies),
                   platforms=_names(args.platforms), hf_encoder=not args.no_hf_encoder,
-                  progress=True)
+                  progress=cli.progress())
   except cli.USER_ERRORS as e:
     return cli.fail(e)
   with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:

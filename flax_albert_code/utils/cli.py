@@ -1,4 +1,5 @@
-"""What every command shares: one-line errors, quiet library logs, reading texts, loading a model."""
+"""What every command shares: one-line errors, quiet library logs, progress bars on a terminal,
+reading texts, loading a model."""
 from __future__ import annotations
 
 import logging
@@ -18,6 +19,12 @@ def quiet_logs() -> None:
   ours.addHandler(handler)
   ours.propagate = False
   logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def progress() -> bool:
+  """Whether to draw progress bars (tqdm, on stderr): when stderr is a terminal, so that logs
+  and pipes get no carriage-return noise."""
+  return bool(sys.stderr and sys.stderr.isatty())
 
 
 def fail(error: BaseException | str) -> int:
