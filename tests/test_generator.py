@@ -2,6 +2,7 @@
 parameters and a byte-level tokenizer of the real tokenizer's interface."""
 from __future__ import annotations
 
+import collections
 import json
 import logging
 
@@ -282,7 +283,8 @@ def test_generate_command_missing_checkpoint(capsys, tmp_path):
 
 
 def test_search_command(cli, capsys, tmp_path, monkeypatch):
-  monkeypatch.setattr(search, "corpus", lambda spec, prepared: (_corpus(), f"fake:{spec}"))
+  monkeypatch.setattr(search, "corpus", lambda spec, prepared, progress=False: (
+      _corpus(), f"fake:{spec}", collections.Counter()))
   argv = ["--checkpoint", "x", "--corpus", "fake", "--index-dir", str(tmp_path), "--top-k", "2"]
   assert search_cmd.main([*argv, "--json", "reverse a string"]) == 0
   out = capsys.readouterr()
@@ -293,3 +295,29 @@ def test_search_command(cli, capsys, tmp_path, monkeypatch):
   assert "reused" in capsys.readouterr().err
   assert search_cmd.main([*argv[:-2], "--top-k", "0", "q"]) == 1
   assert "--top-k must be at least 1" in capsys.readouterr().err
+
+
+def test_search_indexes_every_function_and_counts_what_it_skipped(cli, capsys, tmp_path):
+  repo = tmp_path / "repo"
+  repo.mkdir()
+  (repo / "a.py").write_text(
+      'def documented(a, b):\n  """Add two numbers and return the sum."""\n  return a + b\n\n'
+      "def undocumented(s):\n  return s[::-1]\n\n"
+      "class C:\n  def method(self):\n    def inner():\n      return 1\n    return inner\n"
+      'def only_doc():\n  """x"""\n')
+  (repo / "broken.py").write_text("def f(:\n  pass\n")
+  (repo / "latin.py").write_bytes(b"s = '\xe9'\n")
+  argv = ["--checkpoint", "x", "--corpus", f"dir:{repo}", "--index-dir", str(tmp_path / "i"),
+          "--top-k", "10", "--json", "reverse a string"]
+  assert search_cmd.main(argv) == 0
+  out = capsys.readouterr()
+  names = {h["name"] for h in json.loads(out.out)["results"]}
+  assert names == {"documented", "undocumented", "C.method", "C.method.inner", "only_doc"}
+  assert "(5 functions, built; skipped: " in out.err
+  assert "file: not UTF-8 (nor its declared encoding) 1" in out.err
+  assert "file: syntax error 1" in out.err
+  (repo / "a.py").unlink()
+  assert search_cmd.main(argv) == 1
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: The corpus dir:{repo} holds no functions to index (skipped: ")
+  assert "file: syntax error 1" in err and len(err.splitlines()) == 1
