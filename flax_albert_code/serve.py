@@ -14,6 +14,7 @@ Swagger page /docs, which loads its scripts from a CDN). The logic lives in
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from typing import Sequence
 
@@ -45,9 +46,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> None:
+  """ValueError (one sentence naming the flag) for a limit out of range or a port in use."""
+  for flag, value, low in (("--max-wait-ms", args.max_wait_ms, 0),
+                           ("--max-body-bytes", args.max_body_bytes, 1),
+                           ("--max-texts", args.max_texts, 1),
+                           ("--max-text-chars", args.max_text_chars, 1),
+                           ("--max-samples", args.max_samples, 1)):
+    if not value >= low:
+      raise ValueError(f"{flag} must be at least {low}, got {value:g}.")
+  if not args.request_timeout_s > 0:
+    raise ValueError(f"--request-timeout-s must be positive, got {args.request_timeout_s:g}.")
+  if not 0 <= args.port <= 65535:
+    raise ValueError(f"--port must be in 0..65535, got {args.port}.")
+  try:
+    with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as s:
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
+      s.bind((args.host, args.port))
+  except OSError as e:
+    raise ValueError(f"Cannot listen on {args.host}:{args.port} ({e.strerror or e}); pass "
+                     "another --port or --host.") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   cli.quiet_logs()
+  try:
+    check_args(args)
+  except ValueError as e:
+    return cli.fail(e)
   try:
     import uvicorn  # pylint: disable=import-outside-toplevel
     from flax_albert_code.deploy import server  # pylint: disable=import-outside-toplevel
@@ -59,8 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     exp = runtime.load_export(args.export, index=args.index or None)
   except (ValueError, OSError) as e:   # ExportError is a ValueError
     return cli.fail(e)
-  warm = {s.strip() for s in args.warmup.split(",")}
-  if warm - {""}:
+  warm = {s.strip() for s in args.warmup.split(",")} - {""}
+  if warm - {*exp.strategies, "embed"}:
+    return cli.fail(f"--warmup names {', '.join(sorted(warm - {*exp.strategies, 'embed'}))}, "
+                    f"which this export has no programs for; use {', '.join(exp.strategies)} "
+                    "or embed.")
+  if warm:
     n = exp.warmup([s for s in exp.strategies if s in warm], embed="embed" in warm)
     print(f"compiled {n} programs", file=sys.stderr, flush=True)
   limits = Limits(max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,

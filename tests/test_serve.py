@@ -9,6 +9,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -364,3 +365,18 @@ def test_serve_help_and_a_clear_error_without_fastapi(tmp_path):
   assert failed.returncode == 1 and failed.stdout == ""
   assert failed.stderr.startswith("error: Serving needs the [serve] extra")
   assert len(failed.stderr.splitlines()) == 1
+
+
+def test_serve_mistakes_are_one_error_line(exported):
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    for args, words in ((["--port", str(port)], f"Cannot listen on 127.0.0.1:{port}"),
+                        (["--max-texts", "0"], "--max-texts must be at least 1, got 0."),
+                        (["--request-timeout-s", "0"], "--request-timeout-s must be positive")):
+      proc = subprocess.run([sys.executable, "-m", "flax_albert_code.serve", "--export", exported,
+                             *args], capture_output=True, text=True, timeout=120, check=False,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+      assert proc.returncode == 1 and proc.stderr.startswith(f"error: {words}"), proc.stderr
+      assert len(proc.stderr.splitlines()) == 1
