@@ -344,25 +344,29 @@ class _BodyLimit:
 
 
 class _Count:
-  """ASGI middleware outside everything else: `observe(path, status, seconds)` for every
-  response, the refusals of _BodyLimit (413, 415, 400) included."""
+  """ASGI middleware around the app's routes and _BodyLimit: `observe(path, status, seconds)`
+  for every response, _BodyLimit's refusals (413, 415, 400) included; "500" when the app
+  raised (Starlette's outermost middleware answers it), "disconnected" when the client left
+  before any answer."""
 
-  def __init__(self, app, observe: Callable[[str, int, float], None]):
+  def __init__(self, app, observe: Callable[[str, str, float], None]):
     self.app, self.observe = app, observe
 
   async def __call__(self, scope, receive, send):
     if scope["type"] != "http":
       return await self.app(scope, receive, send)
-    start, status = time.perf_counter(), [500]
+    start, status = time.perf_counter(), {}
 
     async def send_status(message):
       if message["type"] == "http.response.start":
-        status[0] = message["status"]
+        status["code"] = str(message["status"])
       await send(message)
     try:
       await self.app(scope, receive, send_status)
+      status.setdefault("code", "disconnected")      # returned without answering
     finally:
-      self.observe(scope.get("path", ""), status[0], time.perf_counter() - start)
+      # Raised before answering: Starlette's outermost middleware answers 500.
+      self.observe(scope.get("path", ""), status.get("code", "500"), time.perf_counter() - start)
 
 
 async def _send_error(send, status: int, detail: str) -> None:
@@ -523,9 +527,9 @@ def create_app(exp, limits: Limits | None = None, *, docs: bool = False) -> Fast
 
   paths = {getattr(r, "path", None) for r in app.routes}
 
-  def count(path: str, status: int, seconds: float) -> None:
+  def count(path: str, status: str, seconds: float) -> None:
     path = path if path in paths else "other"
-    requests_total.labels(path, str(status)).inc()
+    requests_total.labels(path, status).inc()
     latency.labels(path).observe(seconds)
 
   app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
