@@ -243,3 +243,13 @@ def test_export_command_is_quiet_and_writes_files_readable_like_a_build(run, tmp
     assert os.stat(d).st_mode & 0o777 == 0o777 & ~umask, d
     for name in files:
       assert os.stat(os.path.join(d, name)).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_export_command_refuses_a_file_for_out_before_reading_the_checkpoint(
+    run, tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(CodeGenerator, "from_checkpoint",
+                      lambda *a, **k: pytest.fail("read the checkpoint before --out"))
+  (tmp_path / "f").write_text("x")
+  assert export_cmd.main(["--checkpoint", run[0], "--out", str(tmp_path / "f")]) == 1
+  err = capsys.readouterr().err
+  assert err == f"error: {tmp_path / 'f'} exists and is not an export; choose another --out or empty it.\n"

@@ -321,3 +321,14 @@ def test_search_indexes_every_function_and_counts_what_it_skipped(cli, capsys, t
   err = capsys.readouterr().err
   assert err.startswith(f"error: The corpus dir:{repo} holds no functions to index (skipped: ")
   assert "file: syntax error 1" in err and len(err.splitlines()) == 1
+
+
+def test_generate_command_missing_input_and_a_file_for_a_checkpoint(capsys, tmp_path):
+  (tmp_path / "f.txt").write_text("x")
+  for argv, words in ((["--checkpoint", str(tmp_path), "--input", str(tmp_path / "no.txt")],
+                       f"error: Cannot read --input {tmp_path / 'no.txt'} (No such file"),
+                      (["--checkpoint", str(tmp_path / "f.txt"), "add"],
+                       f"error: Checkpoint path {tmp_path / 'f.txt'} is a file; pass a training")):
+    assert generate.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(words) and len(err.splitlines()) == 1, err

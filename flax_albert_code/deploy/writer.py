@@ -70,6 +70,7 @@ def export(checkpoint_path: str, out_dir: str, dtype: str = "float32",
   from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
   check_options(dtype=dtype, buckets=buckets, **{k: kwargs[k] for k in (
       "lengths", "strategies", "platforms") if k in kwargs})
+  _check_out(out_dir)
   gen = CodeGenerator.from_checkpoint(checkpoint_path)
   params = None
   if jnp.dtype(gen.config.model.dtype) != jnp.dtype(_dtype(dtype)):
@@ -133,11 +134,7 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
     raise ValueError(f"Lengths {lengths} must lie in 1..{xgen.cfg.max_position_embeddings} (the "
                      "model's positions).")
 
-  out_dir = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
-  if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.isfile(
-      os.path.join(out_dir, MANIFEST)):
-    raise FileExistsError(f"{out_dir} exists and is not an export; choose another --out or "
-                          "empty it.")
+  out_dir = _check_out(out_dir)
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
@@ -174,6 +171,17 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
     _move_into_place(tmp, out_dir)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+  return out_dir
+
+
+def _check_out(out_dir: str) -> str:
+  """The absolute export directory; FileExistsError if something else is there."""
+  out_dir = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
+  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or (os.listdir(out_dir) and not
+                                                                 os.path.isfile(os.path.join(
+                                                                     out_dir, MANIFEST)))):
+    raise FileExistsError(f"{out_dir} exists and is not an export; choose another --out or "
+                          "empty it.")
   return out_dir
 
 

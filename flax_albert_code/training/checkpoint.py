@@ -333,6 +333,9 @@ def resolve(path: str) -> tuple[epath.Path, int]:
   if not p.exists():
     raise CheckpointError(f"Checkpoint path {p} does not exist; pass a training workdir or a "
                           "checkpoint step directory.")
+  if not p.is_dir():
+    raise CheckpointError(f"Checkpoint path {p} is a file; pass a training workdir or a "
+                          "checkpoint step directory.")
   if (p / "checkpoints").is_dir():
     p = p / "checkpoints"
   if (p / "state").is_dir() and p.name.isdigit():

@@ -49,8 +49,11 @@ def read_texts(args: Sequence[str], input_path: str, what: str = "description") 
       texts.append(_utf8(a.encode("utf-8", "surrogateescape"), f"Argument {i + 1}"))
   else:
     if input_path and input_path != "-":
-      with open(input_path, "rb") as f:
-        data = _utf8(f.read(), input_path)
+      try:
+        with open(input_path, "rb") as f:
+          data = _utf8(f.read(), input_path)
+      except OSError as e:
+        raise ValueError(f"Cannot read --input {input_path} ({e.strerror or e}).") from None
     else:
       if sys.stdin is None or sys.stdin.isatty():
         raise ValueError(f"No {what} given; pass it as an argument, with --input FILE or on stdin.")
