@@ -5,20 +5,24 @@
 
 SOURCE: `prepared` (default: the checkpoint's prepared data), any data source spec
 (`jsonl:PATH`, `csn:PATH`, `dir:PATH`, ...; a source with partitions keeps `--split`), or
-`humaneval`. Baselines use the prepared train split. The logic lives in
-`flax_albert_code.evaluation`; this file only wires it to a checkpoint.
+`humaneval`. Baselines use the prepared train split. Every flag is checked before the model
+loads (a mistake is one `error:` line); progress bars go to stderr. The logic lives in
+`flax_albert_code.evaluation.harness`; this file only wires it to a checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import itertools
+import os
 import sys
 from typing import Sequence
 
 from flax_albert_code.data import mining, sources, splits
 from flax_albert_code.evaluation import harness
 from flax_albert_code.evaluation import humaneval, report, sandbox
+from flax_albert_code.inference import options
+from flax_albert_code.utils import cli
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -76,39 +80,93 @@ def load_examples(spec: str, split: str, prepared, max_examples: int = 0) -> lis
   return [{k: getattr(pr, k) for k in _FIELDS} for pr in pairs[:max_examples or None]]
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-  args = parse_args(argv)
-  try:  # here, not at the top: flax and orbax would make `--help` take 2.6 s, not 1.1 s
-    from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    sys.exit(f"Cannot import flax_albert_code.generator ({e}); evaluation needs the sampler.")
-  gen = CodeGenerator.from_checkpoint(args.checkpoint)
-  decode = harness.DecodeSettings(
-      num_samples=args.num_samples, num_beams=args.num_beams, temperature=args.temperature,
-      top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
-      batch_size=args.batch_size, repetition_penalty=args.repetition_penalty,
-      no_repeat_ngram_size=args.no_repeat_ngram_size)
+def check_args(args: argparse.Namespace) -> list[str]:
+  """The strategies; ValueError (one sentence naming the flag) for any flag out of range, before
+  anything is loaded or computed."""
   strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-  train = [] if args.no_baselines else load_examples("prepared", "train", gen.prepared)
-  if args.data == "humaneval":
-    problems = humaneval.load_problems()[:args.max_examples or None]
-    results = harness.evaluate_humaneval(
-        gen, problems, strategies, args.rerank, decode, train,
-        sandbox.Limits(timeout_s=args.timeout), args.workers or None, args.show)
-  else:
-    examples = load_examples(args.data, args.split, gen.prepared, args.max_examples)
-    results = harness.evaluate(gen, examples, train, strategies, args.rerank, decode,
-                                  not args.no_retrieval, args.max_candidates, args.show,
-                                  args.random_examples, args.seed,
-                                  retrieve=False if args.no_retrieve else None,
-                                  corpus=args.corpus or None)
-  results.update(title=f"{args.data} ({args.split})" if args.data != "humaneval" else "HumanEval",
-                 checkpoint=args.checkpoint, data=args.data, split=args.split)
-  json_path, md_path = report.write(results, args.out or args.checkpoint)
+  if not strategies:
+    raise ValueError("--strategies is empty; give one or more of greedy, beam, sample.")
+  decode = dict(num_beams=args.num_beams, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                repetition_penalty=1.0 if args.repetition_penalty is None
+                else args.repetition_penalty,
+                no_repeat_ngram_size=args.no_repeat_ngram_size or 0)
+  # Every decoding flag's range, whichever strategies use it; then the strategies' names (the
+  # harness asks greedy for one candidate and beam search for all its beams, without a
+  # repetition penalty, so no other combination can fail).
+  options.check(strategies=("sample",), strategy="sample", num_samples=args.num_samples,
+                **decode)
+  for s in strategies:
+    options.check(strategies=harness.STRATEGIES, strategy=s, num_beams=args.num_beams)
+  for flag, value, low in (("--max-examples", args.max_examples, 0),
+                           ("--batch-size", args.batch_size, 1),
+                           ("--max-candidates", args.max_candidates, 1),
+                           ("--workers", args.workers, 0), ("--show", args.show, 0),
+                           ("--random-examples", args.random_examples, 0)):
+    if value < low:
+      raise ValueError(f"{flag} must be at least {low}{' (0: all)' if flag == '--max-examples' else ''}, "
+                       f"got {value}.")
+  if not args.timeout > 0:
+    raise ValueError(f"--timeout must be positive, got {args.timeout:g}.")
+  if args.data != "humaneval":
+    from flax_albert_code.data import splits  # pylint: disable=import-outside-toplevel
+    splits.canonical_split(args.split)
+  out = args.out or args.checkpoint
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"{'--out' if args.out else '--checkpoint'} {out} is a file; the report "
+                     "(report.json, report.md) needs a directory.")
+  return strategies
+
+
+def main(argv: Sequence[str] | None = None) -> dict | int:
+  """The results (what report.json holds), or 1 after one `error:` line for a user mistake."""
+  args = parse_args(argv)
+  cli.quiet_logs()
+  try:
+    strategies = check_args(args)
+    problems = examples = None
+    if args.data == "humaneval":
+      problems = humaneval.load_problems()[:args.max_examples or None]
+    elif args.data != "prepared":
+      examples = load_examples(args.data, args.split, None, args.max_examples)
+      if not examples:
+        raise ValueError(f"--data {args.data} holds no {args.split} examples.")
+    # Here, not at the top: flax and orbax would make `--help` take 2.6 s, not 1.1 s.
+    from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
+    gen = CodeGenerator.from_checkpoint(args.checkpoint)
+    decode = harness.DecodeSettings(
+        num_samples=args.num_samples, num_beams=args.num_beams, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
+        batch_size=args.batch_size, repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size)
+    if not args.no_baselines and gen.prepared is None:
+      raise ValueError("The baselines need the run's prepared train split, which was not found "
+                       "beside the checkpoint; pass --no-baselines.")
+    train = [] if args.no_baselines else load_examples("prepared", "train", gen.prepared)
+    if problems is not None:
+      results = harness.evaluate_humaneval(
+          gen, problems, strategies, args.rerank, decode, train,
+          sandbox.Limits(timeout_s=args.timeout), args.workers or None, args.show, progress=cli.progress())
+    else:
+      if examples is None:
+        if gen.prepared is None:
+          raise ValueError("--data prepared needs the run's prepared data, which was not found "
+                           "beside the checkpoint; pass --data SOURCE.")
+        examples = load_examples("prepared", args.split, gen.prepared, args.max_examples)
+      results = harness.evaluate(gen, examples, train, strategies, args.rerank, decode,
+                                 not args.no_retrieval, args.max_candidates, args.show,
+                                 args.random_examples, args.seed, progress=cli.progress(),
+                                 retrieve=False if args.no_retrieve else None,
+                                 corpus=args.corpus or None)
+    results.update(title=f"{args.data} ({args.split})" if args.data != "humaneval" else "HumanEval",
+                   checkpoint=args.checkpoint, data=args.data, split=args.split)
+    json_path, md_path = report.write(results, args.out or args.checkpoint)
+  except (*cli.USER_ERRORS, ImportError) as e:
+    return cli.fail(e)
   print(report.table(results["rows"]))
   print(f"\nWrote {json_path} and {md_path}")
   return results
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(1 if main() == 1 else 0)

@@ -2,25 +2,11 @@
 
   python -m flax_albert_code.export --checkpoint runs/small --out exports/small [--dtype bf16]
 
-Layout of an export directory (every file's sha256 and size are in the manifest):
-
-  manifest.json           format, versions, training step, validation metrics, programs, files
-  config.json             the run's config, model section as exported (dtype, attention_impl)
-  spm.model               the tokenizer
-  params.safetensors      the inference variables, keys "params/encoder/..." (no pickle anywhere)
-  programs/*.jaxexport    `jax.export.Exported.serialize()`: StableHLO plus calling convention
-  hf_encoder/             the encoder as a Hugging Face ALBERT directory (hf.save_hf_encoder)
-
-Programs take the variables as their first argument: `encode_b{B}_w{W}(variables, ids[B, W])`
-gives L2-normalised alignment vectors; `generate_{strategy}_b{B}_t{T}(variables, desc_ids[B, L],
-rng, temperature, top_p, length_penalty)` gives (tokens [B, K, T], scores [B, K]), for every
-batch bucket B of `config.sample.batch_buckets`, code width W (the code buckets and the
-description length) and length T (the code buckets up to `config.sample.max_new_tokens`).
-`sample` programs draw one candidate per row (serving tiles a description num_samples times)
-with top_k off; `beam` programs keep `config.sample.num_beams` beams. Programs are lowered for
-CPU and CUDA at once where `jax.export` can (the manifest's `platforms` says which).
-The directory is written beside the target and renamed into place when complete.
-`flax_albert_code.load_export` (deploy/runtime.py) runs it with neither flax nor orbax.
+The layout of an export and the programs' inputs are described in deploy/writer.py, which
+writes it; `flax_albert_code.load_export` (deploy/runtime.py) runs it with neither flax nor
+orbax. Options are checked before the checkpoint is read; the directory is written beside the
+target and renamed into place when complete, readable like any build output (0755/0644 under the
+usual umask). A progress bar (stderr) counts the programs as they are lowered.
 """
 from __future__ import annotations
 
@@ -31,8 +17,9 @@ import sys
 from typing import Sequence
 
 from flax_albert_code.deploy.runtime import MANIFEST
-from flax_albert_code.deploy.writer import PLATFORMS, export
+from flax_albert_code.deploy.writer import KNOWN_PLATFORMS, PLATFORMS, export
 from flax_albert_code.inference.decoding import STRATEGIES
+from flax_albert_code.utils import cli
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -43,27 +30,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (bf16)")
   p.add_argument("--buckets", default="", help="batch buckets, e.g. 1,8,32 (default: config)")
   p.add_argument("--lengths", default="", help="generation lengths (default: code buckets)")
-  p.add_argument("--strategies", default=",".join(STRATEGIES))
-  p.add_argument("--platforms", default=",".join(PLATFORMS))
+  p.add_argument("--strategies", default=",".join(STRATEGIES),
+                 help=f"comma-separated, of {', '.join(STRATEGIES)}")
+  p.add_argument("--platforms", default=",".join(PLATFORMS),
+                 help=f"comma-separated, of {', '.join(KNOWN_PLATFORMS)} (falls back to this "
+                      "machine's alone where jax.export cannot lower them all)")
   p.add_argument("--no-hf-encoder", action="store_true", help="skip the hf_encoder/ directory")
   return p.parse_args(argv)
 
 
+def _ints(flag: str, text: str) -> list[int] | None:
+  """Comma-separated positive whole numbers (None when empty); ValueError naming the flag."""
+  parts = [x.strip() for x in text.split(",") if x.strip()]
+  try:
+    values = [int(x) for x in parts]
+  except ValueError:
+    raise ValueError(f"{flag} takes comma-separated whole numbers, e.g. 1,8,32; got "
+                     f"{text!r}.") from None
+  if any(v < 1 for v in values):
+    raise ValueError(f"{flag} values must be at least 1, got {text!r}.")
+  return values or None
+
+
+def _names(text: str) -> list[str]:
+  return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-
-  def ints(s: str) -> list[int] | None:
-    return [int(x) for x in s.split(",") if x.strip()] or None
-
+  cli.quiet_logs()
   try:
-    path = export(args.checkpoint, args.out, dtype=args.dtype, buckets=ints(args.buckets),
-                  lengths=ints(args.lengths),
-                  strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
-                  platforms=[s.strip() for s in args.platforms.split(",") if s.strip()],
-                  hf_encoder=not args.no_hf_encoder)
-  except (ValueError, OSError, RuntimeError) as e:   # CheckpointError is a RuntimeError
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    path = export(args.checkpoint, args.out, dtype=args.dtype,
+                  buckets=_ints("--buckets", args.buckets),
+                  lengths=_ints("--lengths", args.lengths), strategies=_names(args.strategies),
+                  platforms=_names(args.platforms), hf_encoder=not args.no_hf_encoder,
+                  progress=cli.progress())
+  except cli.USER_ERRORS as e:
+    return cli.fail(e)
   with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
     manifest = json.load(f)
   size = sum(v["size"] for v in manifest["files"].values())

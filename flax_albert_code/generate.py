@@ -6,7 +6,8 @@
   echo "reverse a string" | python -m flax_albert_code.generate --checkpoint DIR --strategy beam
 
 Descriptions come from the arguments, else `--input FILE` (one a line; `-` is stdin), else stdin.
-The logic lives in `flax_albert_code.generator`; this file only wires it to the command line.
+The logic lives in `flax_albert_code.inference.generator`; this file only wires it to the command
+line. Options are checked (`inference/options.py`) before the model loads.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import json
 import sys
 from typing import Sequence
 
+from flax_albert_code.inference import options
 from flax_albert_code.utils import cli
+
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m flax_albert_code.generate",
@@ -59,12 +62,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   cli.quiet_logs()
   try:
     # Here, not at the top: jax would make `--help` 0.8 s instead of 0.1 s (measured).
-    from flax_albert_code.inference import decoding as sampling  # pylint: disable=import-outside-toplevel
-    sampling.check_options(args.strategy, max_new_tokens=args.max_new_tokens or 1,
-                           num_beams=args.num_beams, num_samples=args.num_samples,
-                           top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-                           repetition_penalty=args.repetition_penalty or 1.0,
-                           no_repeat_ngram_size=args.no_repeat_ngram_size or 0)
+    from flax_albert_code.inference import decoding  # pylint: disable=import-outside-toplevel
+    options.check(strategies=decoding.STRATEGIES, strategy=args.strategy,
+                  max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                  num_samples=args.num_samples, top_k=args.top_k, top_p=args.top_p,
+                  temperature=args.temperature, length_penalty=args.length_penalty,
+                  repetition_penalty=1.0 if args.repetition_penalty is None
+                  else args.repetition_penalty, seed=args.seed,
+                  no_repeat_ngram_size=args.no_repeat_ngram_size or 0)
     texts = cli.read_texts(args.descriptions, args.input)
     gen = cli.load_generator(args.checkpoint)
     results = gen.generate(
@@ -90,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       for i, c in enumerate(cands):
         if len(cands) > 1:
           align = "" if c["align"] is None else f", align {c['align']:.3f}"
-          print(f"# candidate {i + 1} (score {c['score']:.3f}{align})")
+          print(f"# candidate {i + 1} (score {c['score']:.3f}{align}, {c['finish_reason']})")
         print(c["code"].rstrip("\n") + "\n")
   return 0
 

@@ -5,6 +5,7 @@
 
 SOURCE is any data source spec (stdlib, site-packages, dir:PATH, jsonl:PATH, csn:PATH, tfds:NAME,
 comma-separated) or `prepared[:SPLIT]` (the checkpoint's prepared data, default split test).
+Every function is indexed, documented or not; what could not be read is counted by reason.
 The index (code vectors + where each function is) is saved under `<workdir>/search_index/<key>/`,
 keyed by a hash of the parameters and the corpus files (sizes and mtimes), so it is reused while
 both are unchanged and rebuilt otherwise; it is written to a temporary directory and renamed.
@@ -40,15 +41,18 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise ValueError(f"--top-k must be at least 1, got {args.top_k}.")
     queries = cli.read_texts(args.queries, "", "query")
     gen = cli.load_generator(args.checkpoint)
-    examples, fingerprint = index_lib.corpus(args.corpus, gen.prepared)
+    examples, fingerprint, skipped = index_lib.corpus(args.corpus, gen.prepared, progress=cli.progress())
     if not examples:
-      raise ValueError(f"The corpus {args.corpus} holds no functions with docstrings.")
-    index = index_lib.load_or_build(gen, examples, fingerprint, args.index_dir or index_lib.default_root(gen))
+      raise ValueError(f"The corpus {args.corpus} holds no functions to index (skipped: "
+                       f"{index_lib.describe_skipped(skipped)}).")
+    index = index_lib.load_or_build(gen, examples, fingerprint,
+                                    args.index_dir or index_lib.default_root(gen), progress=cli.progress())
     results = index_lib.query(gen, index, queries, args.top_k)
   except cli.USER_ERRORS as e:
     return cli.fail(e)
   print(f"index: {index.directory} ({len(index.items)} functions, "
-        f"{'reused' if index.reused else 'built'})", file=sys.stderr)
+        f"{'reused' if index.reused else 'built'}; skipped: "
+        f"{index_lib.describe_skipped(skipped)})", file=sys.stderr)
   for q, hits in zip(queries, results):
     if args.json:
       print(json.dumps({"query": q, "results": [{k: h[k] for k in (

@@ -1,28 +1,32 @@
 """Serves an export over HTTP: JSON API, dynamic batching, Prometheus metrics, a playground page.
 
+  pip install -e ".[serve]"      # FastAPI, uvicorn, prometheus-client
   python -m flax_albert_code.serve --export exports/small --port 8000 [--index INDEX]
   curl -s localhost:8000/v1/generate -H 'Content-Type: application/json' \\
       -d '{"descriptions": "reverse a string", "strategy": "beam", "num_samples": 2}'
 
 INDEX is a search index directory (`python -m flax_albert_code.search` saves them under
 <workdir>/search_index/) or a JSON-lines file of {"code", "name", "path", ...} embedded at start.
-Open http://localhost:8000/ for the playground, /docs for the API. The logic lives in
-`flax_albert_code.server` (the app) and `flax_albert_code.serving` (the export runtime).
+Open http://localhost:8000/ for the playground, /openapi.json for the API (`--docs` adds the
+Swagger page /docs, which loads its scripts from a CDN). The logic lives in
+`flax_albert_code.deploy.server` (the app) and `flax_albert_code.deploy.runtime` (the export).
 """
 from __future__ import annotations
 
 import argparse
-import logging
+import socket
 import sys
 from typing import Sequence
 
+from flax_albert_code.deploy.limits import Limits
+from flax_albert_code.utils import cli
+
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  # fastapi (deploy/server.py) and uvicorn are optional dependencies: pip install .[serve].
-  from flax_albert_code.deploy.server import Limits  # pylint: disable=import-outside-toplevel
   d = Limits()
   p = argparse.ArgumentParser(prog="python -m flax_albert_code.serve",
-                              description=__doc__.split("\n\n")[0])
+                              description=__doc__.split("\n\n")[0],
+                              epilog="Needs the [serve] extra: pip install 'flax_albert_code[serve]'.")
   arg = p.add_argument
   arg("--export", required=True, help="export directory (python -m flax_albert_code.export)")
   arg("--host", default="127.0.0.1")
@@ -37,31 +41,78 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   arg("--warmup", default="greedy",
       help="comma-separated strategies (and 'embed' for the encoders) to compile before "
            "serving; '' for none (programs then compile on first use)")
+  arg("--docs", action="store_true",
+      help="also serve /docs (Swagger UI; the browser loads it from a CDN)")
   return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+  """ValueError (one sentence naming the flag) for a limit out of range or a port in use."""
+  for flag, value, low in (("--max-wait-ms", args.max_wait_ms, 0),
+                           ("--max-body-bytes", args.max_body_bytes, 1),
+                           ("--max-texts", args.max_texts, 1),
+                           ("--max-text-chars", args.max_text_chars, 1),
+                           ("--max-samples", args.max_samples, 1)):
+    if not value >= low:
+      raise ValueError(f"{flag} must be at least {low}, got {value:g}.")
+  if not args.request_timeout_s > 0:
+    raise ValueError(f"--request-timeout-s must be positive, got {args.request_timeout_s:g}.")
+  if not 0 <= args.port <= 65535:
+    raise ValueError(f"--port must be in 0..65535, got {args.port}.")
+  try:
+    with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as s:
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
+      s.bind((args.host, args.port))
+  except OSError as e:
+    raise ValueError(f"Cannot listen on {args.host}:{args.port} ({e.strerror or e}); pass "
+                     "another --port or --host.") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  # uvicorn and deploy/server.py (fastapi) are optional, as above; deploy/runtime.py is imported
-  # here, not at the top, because jax would make `--help` take 1.3 s instead of 0.7 s (measured).
-  import uvicorn  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.deploy import server  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.deploy import runtime as serving  # pylint: disable=import-outside-toplevel
+  cli.quiet_logs()
   try:
-    exp = serving.load_export(args.export, index=args.index or None)
+    check_args(args)
+  except ValueError as e:
+    return cli.fail(e)
+  try:
+    import uvicorn  # pylint: disable=import-outside-toplevel
+    from flax_albert_code.deploy import server  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    return cli.fail(f"Serving needs the [serve] extra ({e}); pip install "
+                    "'flax_albert_code[serve]' (or -e \".[serve]\" in a checkout).")
+  from flax_albert_code.deploy import runtime  # pylint: disable=import-outside-toplevel
+  try:
+    exp = runtime.load_export(args.export, index=args.index or None)
   except (ValueError, OSError) as e:   # ExportError is a ValueError
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  warm = {s.strip() for s in args.warmup.split(",")}
-  if warm - {""}:
+    return cli.fail(e)
+  warm = {s.strip() for s in args.warmup.split(",")} - {""}
+  if warm - {*exp.strategies, "embed"}:
+    return cli.fail(f"--warmup names {', '.join(sorted(warm - {*exp.strategies, 'embed'}))}, "
+                    f"which this export has no programs for; use {', '.join(exp.strategies)} "
+                    "or embed.")
+  if warm:
     n = exp.warmup([s for s in exp.strategies if s in warm], embed="embed" in warm)
-    logging.info("compiled %d programs", n)
-  limits = server.Limits(max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
-                         max_texts=args.max_texts, max_text_chars=args.max_text_chars,
-                         max_samples=args.max_samples, request_timeout_s=args.request_timeout_s)
-  uvicorn.run(server.create_app(exp, limits), host=args.host, port=args.port,
-              log_level="warning", timeout_graceful_shutdown=5)
+    print(f"compiled {n} programs", file=sys.stderr, flush=True)
+  limits = Limits(max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
+                  max_texts=args.max_texts, max_text_chars=args.max_text_chars,
+                  max_samples=args.max_samples, request_timeout_s=args.request_timeout_s)
+
+  class Server(uvicorn.Server):
+    """Says where it listens once it does (the port is bound)."""
+
+    async def startup(self, sockets=None):
+      await super().startup(sockets)
+      if self.started:
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
+        print(f"serving {exp.path} on http://{host}:{port}/ (playground /, API /v1/generate, "
+              "/v1/embed, /v1/search, /openapi.json, metrics /metrics); Ctrl-C stops",
+              flush=True)
+
+  config = uvicorn.Config(server.create_app(exp, limits, docs=args.docs), host=args.host,
+                          port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+  Server(config).run()
   return 0
 
 

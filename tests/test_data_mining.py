@@ -110,3 +110,22 @@ def test_strip_docstring_for_codesearchnet_snippets():
   assert mining.strip_docstring("def g():\n    return 2\n") == "def g():\n    return 2\n"
   assert mining.strip_docstring("print 'python 2'") is None
   assert mining.strip_docstring("x = 1\n") is None
+
+
+def test_every_function_for_search_keeps_undocumented_and_unfiltered_ones():
+  text = ('@deco\ndef documented(a):\n  """Return a plus one, the documented way."""\n'
+          "  return a + 1\n\n"
+          "def bare(x):\n  return x\n\n"
+          'def tiny():\n  """Doc."""\n  return 0\n\n'
+          'class K:\n  def only_doc(self):\n    """Nothing else here at all."""\n')
+  skipped = collections.Counter()
+  every = mining.mine_text(text, "m.py", "dir:x", mining.Filters(every_function=True), skipped)
+  by_name = {p.name: p for p in every}
+  assert list(by_name) == ["documented", "bare", "tiny", "K.only_doc"] and not skipped
+  assert by_name["documented"].code == "@deco\ndef documented(a):\n  return a + 1\n"
+  assert by_name["bare"].description == "" and by_name["bare"].code == "def bare(x):\n  return x\n"
+  assert by_name["tiny"].description == "Doc."          # too short to train on, still searchable
+  assert by_name["K.only_doc"].code.startswith("def only_doc(self):\n  \"\"\"Nothing")
+  assert by_name["bare"].lineno == 6 and by_name["documented"].lineno == 1
+  trained = mining.mine_text(text, "m.py", "dir:x", mining.Filters(), collections.Counter())
+  assert [p.name for p in trained] == ["documented"]

@@ -33,3 +33,31 @@ def test_evaluate_cli_writes_reports_with_every_method(workdir, tmp_path):
   assert greedy["examples"] == len(DESCRIPTIONS) and 0.0 <= greedy["bleu"] <= 100.0
   assert "| greedy |" in (out / "report.md").read_text()
   assert os.path.getsize(out / "report.md") > 200
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--strategies", "nucleus"], "error: Unknown decoding strategy 'nucleus'"),
+    (["--num-beams", "0", "--strategies", "beam"], "error: --num-beams must be at least 1, got 0."),
+    (["--max-examples", "-1"], "error: --max-examples must be at least 0 (0: all), got -1."),
+    (["--out", "FILE"], "is a file; the report (report.json, report.md) needs a directory."),
+    (["--split", "bogus"], "error: Unknown split 'bogus'"),
+    (["--seed", "-1"], "error: --seed must be in 0..2147483647, got -1."),
+])
+def test_evaluate_mistakes_are_one_line_before_any_work(workdir, tmp_path, capsys, monkeypatch,
+                                                        argv, words):
+  from flax_albert_code.inference import generator  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(generator.CodeGenerator, "from_checkpoint",
+                      lambda *a, **k: pytest.fail("loaded the model before checking the flags"))
+  (tmp_path / "FILE").write_text("")
+  argv = [str(tmp_path / "FILE") if a == "FILE" else a for a in argv]
+  assert evaluate.main(["--checkpoint", workdir, *argv]) == 1
+  captured = capsys.readouterr()
+  assert words in captured.err and len(captured.err.splitlines()) == 1, captured.err
+  assert captured.err.startswith("error: ") and "Traceback" not in captured.err
+
+
+def test_evaluate_missing_checkpoint_is_one_line(tmp_path, capsys):
+  assert evaluate.main(["--checkpoint", str(tmp_path / "nope")]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: Checkpoint path") and "does not exist" in err
+  assert len(err.splitlines()) == 1

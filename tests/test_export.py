@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from export_util import CODES, DESCRIPTIONS, shared_export, subprocess_env
+from flax_albert_code import export as export_cmd
 from flax_albert_code.inference import postprocess as batching
-from flax_albert_code import export as export_cli
 
 from flax_albert_code.inference import index as index_lib
 from flax_albert_code.inference import model_decoding
@@ -34,6 +34,14 @@ def exp(run):
 @pytest.fixture(scope="module")
 def gen(run):
   return CodeGenerator.from_checkpoint(run[0])
+
+
+def test_a_relative_checkpoint_path_loads(run, gen, monkeypatch):
+  """orbax refuses relative paths; the loader makes them absolute (`runs/small` from the README)."""
+  monkeypatch.chdir(os.path.dirname(run[0]))
+  rel = CodeGenerator.from_checkpoint(os.path.basename(run[0]))
+  assert rel.step == gen.step == 7 and rel.checkpoint_path == gen.checkpoint_path
+  assert os.path.isabs(rel.checkpoint_path)
 
 
 def test_export_holds_every_file_with_its_digest(run):
@@ -77,6 +85,36 @@ def test_greedy_from_the_export_is_token_identical_to_the_checkpoint(exp, gen):
                                    max_new_tokens=gen.default_max_new_tokens)
     np.testing.assert_array_equal(tokens[start:start + size], np.asarray(t)[:size])
     np.testing.assert_array_equal(scores[start:start + size], np.asarray(s)[:size])
+
+
+def test_export_and_checkpoint_agree_on_cut_outputs_and_seeded_samples(exp, gen):
+  """One meaning of score and finish_reason: a program compiled for 12 tokens asked for 5
+  stops there, as the checkpoint decoding 5 does; samples use the same per-candidate keys."""
+  descs = DESCRIPTIONS[:3]
+  for kw in (dict(max_new_tokens=5), dict(max_new_tokens=5, strategy="beam", num_samples=2),
+             dict(strategy="sample", num_samples=3, seed=4, temperature=1.5, top_k=40,
+                  top_p=0.95, repetition_penalty=1.3)):
+    ours, ref = exp.generate(descs, **kw), gen.generate(descs, num_beams=exp.num_beams, **kw)
+    for a, b in zip(ours, ref):
+      assert [c["code"] for c in a] == [c["code"] for c in b], kw
+      assert [c["finish_reason"] for c in a] == [c["finish_reason"] for c in b], kw
+      np.testing.assert_allclose([c["score"] for c in a], [c["score"] for c in b], rtol=1e-5)
+  cut = exp.generate(descs, max_new_tokens=5)
+  assert all(isinstance(c[0]["score"], float) for c in cut)
+  assert {c[0]["finish_reason"] for c in cut} <= {"eos", "length"}
+  assert any(c[0]["finish_reason"] == "length" for c in cut)
+
+
+def test_float32_greedy_gives_the_same_tokens_alone_and_batched(exp):
+  """Buckets 1 and 4, first row or not: the same code; scores agree to float32 rounding (XLA's
+  CPU matmuls sum in an order that depends on the batch size, README: bf16 drifts more)."""
+  alone = [exp.generate([d])[0][0] for d in DESCRIPTIONS]
+  batched = [c[0] for c in exp.generate(DESCRIPTIONS)]
+  rotated = [c[0] for c in exp.generate(DESCRIPTIONS[3:] + DESCRIPTIONS[:3])]
+  rotated = rotated[3:] + rotated[:3]
+  for a, b, c in zip(alone, batched, rotated):
+    assert a["code"] == b["code"] == c["code"] and a["finish_reason"] == b["finish_reason"]
+    np.testing.assert_allclose([b["score"], c["score"]], a["score"], rtol=1e-6)
 
 
 def test_embeddings_match_the_checkpoint_and_search_ranks_by_them(exp, gen, tmp_path):
@@ -148,10 +186,10 @@ def test_export_command_writes_bf16(run, exp, tmp_path, capsys):
   open(os.path.join(out, "stray.txt"), "w").write("not an export")
   argv = ["--checkpoint", run[0], "--out", out, "--dtype", "bf16", "--buckets", "1",
           "--strategies", "greedy", "--no-hf-encoder"]
-  assert export_cli.main(argv) == 1
+  assert export_cmd.main(argv) == 1
   assert "is not an export" in capsys.readouterr().err
   os.remove(os.path.join(out, "stray.txt"))
-  assert export_cli.main(argv) == 0
+  assert export_cmd.main(argv) == 0
   assert "4 programs" in capsys.readouterr().out     # greedy and 3 encoder widths, batch 1
   exp16 = serving.load_export(out)
   kinds = {str(x.dtype) for x in __import__("jax").tree.leaves(exp16.variables)}
@@ -161,7 +199,7 @@ def test_export_command_writes_bf16(run, exp, tmp_path, capsys):
                              atol=0.05)                  # bf16 rounding, the same function
   with pytest.raises(ValueError, match="no 'beam' programs"):
     exp16.generate(["add two numbers"], strategy="beam")
-  assert export_cli.main(["--checkpoint", str(tmp_path / "nope"), "--out", out]) == 1
+  assert export_cmd.main(["--checkpoint", str(tmp_path / "nope"), "--out", out]) == 1
   assert "does not exist" in capsys.readouterr().err
 
 
@@ -173,3 +211,47 @@ def test_a_new_export_replaces_an_old_one_whole(tmp_path):
   files.publish(str(new), str(old))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
   assert [p.name for p in old.iterdir()] == ["new.txt"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--platforms", "foo"], "error: Unknown or no platforms ['foo']; choose from cpu, cuda"),
+    (["--buckets", "abc"], "error: --buckets takes comma-separated whole numbers"),
+    (["--buckets", "0,4"], "error: --buckets values must be at least 1"),
+    (["--lengths", "8,x"], "error: --lengths takes comma-separated whole numbers"),
+    (["--strategies", "nucleus"], "error: Unknown or no strategies ['nucleus']"),
+    (["--dtype", "f16"], "error: Unknown export dtype 'f16'"),
+])
+def test_export_command_refuses_bad_options_before_reading_the_checkpoint(
+    run, tmp_path, capsys, monkeypatch, argv, words):
+  monkeypatch.setattr(CodeGenerator, "from_checkpoint",
+                      lambda *a, **k: pytest.fail("read the checkpoint before the options"))
+  out = tmp_path / "exp"
+  assert export_cmd.main(["--checkpoint", run[0], "--out", str(out), *argv]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith(words) and len(err.splitlines()) == 1, err
+  assert not out.exists()
+
+
+def test_export_command_is_quiet_and_writes_files_readable_like_a_build(run, tmp_path, capfd):
+  out = tmp_path / "sub" / "exp"
+  assert export_cmd.main(["--checkpoint", run[0], "--out", str(out), "--buckets", "1",
+                          "--strategies", "greedy"]) == 0
+  captured = capfd.readouterr()
+  assert "WARNING" not in captured.err and "absl" not in captured.err, captured.err
+  assert "4 programs" in captured.out
+  umask = os.umask(0)
+  os.umask(umask)
+  for d, _, files in os.walk(out):
+    assert os.stat(d).st_mode & 0o777 == 0o777 & ~umask, d
+    for name in files:
+      assert os.stat(os.path.join(d, name)).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_export_command_refuses_a_file_for_out_before_reading_the_checkpoint(
+    run, tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(CodeGenerator, "from_checkpoint",
+                      lambda *a, **k: pytest.fail("read the checkpoint before --out"))
+  (tmp_path / "f").write_text("x")
+  assert export_cmd.main(["--checkpoint", run[0], "--out", str(tmp_path / "f")]) == 1
+  err = capsys.readouterr().err
+  assert err == f"error: {tmp_path / 'f'} exists and is not an export; choose another --out or empty it.\n"

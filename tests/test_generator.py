@@ -2,6 +2,7 @@
 parameters and a byte-level tokenizer of the real tokenizer's interface."""
 from __future__ import annotations
 
+import collections
 import json
 import logging
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from flax_albert_code import generate
-from flax_albert_code import search as search_cli
+from flax_albert_code import search as search_cmd
 from flax_albert_code.utils import cli as cli_lib
 from flax_albert_code import config as config_lib
 from flax_albert_code.inference import model_decoding
@@ -78,8 +79,9 @@ def test_generate_returns_ranked_candidates(gen):
   out = gen.generate(DESCS[:2])
   assert len(out) == 2 and all(len(c) == 1 for c in out)
   cand = out[0][0]
-  assert set(cand) == {"code", "score", "align", "parses"}
+  assert set(cand) == {"code", "score", "align", "parses", "finish_reason"}
   assert isinstance(cand["code"], str) and cand["score"] < 0 and cand["align"] is None
+  assert cand["finish_reason"] in ("eos", "length")
   assert cand["parses"] == parses(cand["code"])
   beams = gen.generate(DESCS, strategy="beam", num_beams=2, num_samples=2)
   assert [len(c) for c in beams] == [2, 2, 2]
@@ -107,6 +109,27 @@ def test_batch_padding_and_chunks_do_not_change_outputs(gen):
   for a, b in zip(alone + alone[:2], together):
     assert [c["code"] for c in a] == [c["code"] for c in b]
     np.testing.assert_allclose([c["score"] for c in a], [c["score"] for c in b], rtol=1e-5)
+
+
+def test_a_seeded_description_samples_the_same_alone_and_batched(gen):
+  """Sample j of description i is drawn with its own key (seed, i, j): the other descriptions
+  of the call, and the batch bucket they make, do not change it."""
+  kw = dict(strategy="sample", num_samples=2, top_p=0.9, seed=3, temperature=1.5)
+  alone = gen.generate(DESCS[:1], **kw)[0]           # bucket 2
+  batched = gen.generate(DESCS + DESCS[:1], **kw)[0]   # bucket 4
+  assert [c["code"] for c in alone] == [c["code"] for c in batched]
+  np.testing.assert_allclose([c["score"] for c in alone], [c["score"] for c in batched],
+                             rtol=1e-5)
+  other = gen.generate(DESCS[:1], **{**kw, "seed": 4})[0]
+  assert [c["code"] for c in other] != [c["code"] for c in alone]
+
+
+def test_a_cut_candidate_has_a_score_and_says_so(gen):
+  out = gen.generate(DESCS, max_new_tokens=2, strategy="beam", num_beams=2, num_samples=2)
+  cands = [c for cs in out for c in cs]
+  assert all(isinstance(c["score"], float) for c in cands)
+  assert {c["finish_reason"] for c in cands} <= {"eos", "length"}
+  assert any(c["finish_reason"] == "length" for c in cands)
 
 
 def test_rerank_orders_by_alignment_and_drops_unparsable(gen):
@@ -145,7 +168,7 @@ def test_embed_matches_the_training_encoding(gen):
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(descriptions=["ok", "  "]), "Description 1 is empty"),
+    (dict(descriptions=["ok", "  "]), "Description 2 is empty"),
     (dict(descriptions="add"), "list of descriptions"),
     (dict(descriptions=[b"\xff\xfe"]), "not valid UTF-8"),
     (dict(strategy="nucleus"), "Unknown decoding strategy"),
@@ -167,7 +190,7 @@ def test_long_description_is_truncated_with_a_warning(gen, caplog):
   with caplog.at_level(logging.WARNING):
     out = gen.generate(["word " * 40])
   assert len(out) == 1
-  assert "Description 0 is 200 tokens long" in caplog.text and "truncated" in caplog.text
+  assert "Description 1 is 200 tokens long" in caplog.text and "truncated" in caplog.text
 
 
 def test_generation_on_a_mesh_equals_single_device(gen):
@@ -234,8 +257,8 @@ def test_generate_command_prints_code_and_json(cli, capsys):
 
 @pytest.mark.parametrize("argv, words", [
     (["--strategy", "nucleus", "a"], "Unknown decoding strategy"),
-    (["--top-p", "2", "--strategy", "sample", "a"], "top_p must be in"),
-    (["  "], "Description 0 is empty"),
+    (["--top-p", "2", "--strategy", "sample", "a"], "--top-p must be in"),
+    (["  "], "Description 1 is empty"),
 ])
 def test_generate_command_bad_input_is_one_line_on_stderr(cli, capsys, argv, words):
   assert generate.main(["--checkpoint", "x", *argv]) == 1
@@ -261,14 +284,52 @@ def test_generate_command_missing_checkpoint(capsys, tmp_path):
 
 
 def test_search_command(cli, capsys, tmp_path, monkeypatch):
-  monkeypatch.setattr(search, "corpus", lambda spec, prepared: (_corpus(), f"fake:{spec}"))
+  monkeypatch.setattr(search, "corpus", lambda spec, prepared, progress=False: (
+      _corpus(), f"fake:{spec}", collections.Counter()))
   argv = ["--checkpoint", "x", "--corpus", "fake", "--index-dir", str(tmp_path), "--top-k", "2"]
-  assert search_cli.main([*argv, "--json", "reverse a string"]) == 0
+  assert search_cmd.main([*argv, "--json", "reverse a string"]) == 0
   out = capsys.readouterr()
   hit = json.loads(out.out)
   assert hit["query"] == "reverse a string" and len(hit["results"]) == 2
   assert "built" in out.err
-  assert search_cli.main([*argv, "reverse a string"]) == 0
+  assert search_cmd.main([*argv, "reverse a string"]) == 0
   assert "reused" in capsys.readouterr().err
-  assert search_cli.main([*argv[:-2], "--top-k", "0", "q"]) == 1
+  assert search_cmd.main([*argv[:-2], "--top-k", "0", "q"]) == 1
   assert "--top-k must be at least 1" in capsys.readouterr().err
+
+
+def test_search_indexes_every_function_and_counts_what_it_skipped(cli, capsys, tmp_path):
+  repo = tmp_path / "repo"
+  repo.mkdir()
+  (repo / "a.py").write_text(
+      'def documented(a, b):\n  """Add two numbers and return the sum."""\n  return a + b\n\n'
+      "def undocumented(s):\n  return s[::-1]\n\n"
+      "class C:\n  def method(self):\n    def inner():\n      return 1\n    return inner\n"
+      'def only_doc():\n  """x"""\n')
+  (repo / "broken.py").write_text("def f(:\n  pass\n")
+  (repo / "latin.py").write_bytes(b"s = '\xe9'\n")
+  argv = ["--checkpoint", "x", "--corpus", f"dir:{repo}", "--index-dir", str(tmp_path / "i"),
+          "--top-k", "10", "--json", "reverse a string"]
+  assert search_cmd.main(argv) == 0
+  out = capsys.readouterr()
+  names = {h["name"] for h in json.loads(out.out)["results"]}
+  assert names == {"documented", "undocumented", "C.method", "C.method.inner", "only_doc"}
+  assert "(5 functions, built; skipped: " in out.err
+  assert "file: not UTF-8 (nor its declared encoding) 1" in out.err
+  assert "file: syntax error 1" in out.err
+  (repo / "a.py").unlink()
+  assert search_cmd.main(argv) == 1
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: The corpus dir:{repo} holds no functions to index (skipped: ")
+  assert "file: syntax error 1" in err and len(err.splitlines()) == 1
+
+
+def test_generate_command_missing_input_and_a_file_for_a_checkpoint(capsys, tmp_path):
+  (tmp_path / "f.txt").write_text("x")
+  for argv, words in ((["--checkpoint", str(tmp_path), "--input", str(tmp_path / "no.txt")],
+                       f"error: Cannot read --input {tmp_path / 'no.txt'} (No such file"),
+                      (["--checkpoint", str(tmp_path / "f.txt"), "add"],
+                       f"error: Checkpoint path {tmp_path / 'f.txt'} is a file; pass a training")):
+    assert generate.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(words) and len(err.splitlines()) == 1, err

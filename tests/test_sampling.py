@@ -154,6 +154,51 @@ def test_reorder_with_a_phase_end_moves_only_the_written_prefix():
   np.testing.assert_array_equal(full.k_LxBxSxNxD[:, 0], k[:, 2])   # beam 0 of row 0 <- beam 2
 
 
+def test_toy_a_row_key_decides_its_draws_whatever_the_batch():
+  """Keys [N, 2], one a row: a row draws the same tokens alone and among other rows."""
+  table = np.stack([_row(a=0.3, b=0.3, unk=0.2, eos=0.2)] * V)
+  choose = sampling.sample_choice(1.0, 0, 1.0, False)
+  keys = jax.random.split(jax.random.PRNGKey(3), 5)
+  run = lambda k: sampling.sample_loop(_toy_logits(table), jnp.zeros((), jnp.int32),
+                                       batch_size=len(k), max_new_tokens=12, choose=choose,
+                                       rng=k)[0]
+  together = np.asarray(run(keys))
+  for i in range(5):
+    np.testing.assert_array_equal(np.asarray(run(keys[i:i + 1]))[0], together[i])
+  assert len({tuple(r) for r in together.tolist()}) > 1
+
+
+def test_toy_a_traced_limit_stops_where_max_new_tokens_would():
+  table = np.stack([_row(a=0.6, b=0.3, eos=0.1)] * V)
+  for limit in (1, 3):
+    short = sampling.sample_loop(_toy_logits(table), jnp.zeros((), jnp.int32), batch_size=2,
+                                 max_new_tokens=limit, choose=sampling.greedy_choice,
+                                 rng=jax.random.PRNGKey(0))
+    long = jax.jit(lambda n: sampling.sample_loop(
+        _toy_logits(table), jnp.zeros((), jnp.int32), batch_size=2, max_new_tokens=8,
+        choose=sampling.greedy_choice, rng=jax.random.PRNGKey(0), limit=n))(limit)
+    np.testing.assert_array_equal(np.asarray(long[0])[:, :limit], short[0])
+    assert (np.asarray(long[0])[:, limit:] == PAD_ID).all()
+    for a, b in zip(long[1:], short[1:]):
+      np.testing.assert_array_equal(a, b)
+    b_short = sampling.beam_search(_toy_logits(table), jnp.zeros((4,), jnp.int32), batch_size=2,
+                                   beam_size=2, max_new_tokens=limit)
+    b_long = jax.jit(lambda n: sampling.beam_search(
+        _toy_logits(table), jnp.zeros((4,), jnp.int32), batch_size=2, beam_size=2,
+        max_new_tokens=8, limit=n))(limit)
+    np.testing.assert_array_equal(np.asarray(b_long[0])[..., :limit], b_short[0])
+    np.testing.assert_allclose(b_long[1], b_short[1], rtol=1e-6)
+
+
+def test_toy_a_traced_top_k_filters_as_a_static_one():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]))
+  traced = jax.jit(lambda k, p: sampling.filter_logits(logits, top_k=k, top_p=p, nucleus=True))
+  for k in (0, 1, 2, 4):
+    for p in (0.5, 1.0):
+      np.testing.assert_array_equal(
+          traced(k, p), sampling.filter_logits(logits, top_k=k, top_p=p, nucleus=True))
+
+
 def test_toy_top_k_and_top_p_filters():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   keep = lambda **kw: np.isfinite(np.asarray(sampling.filter_logits(logits, **kw)))[0].tolist()

@@ -9,6 +9,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -104,7 +105,7 @@ BAD = [
     (b'{"descriptions": "add", "rerank": 1}', {}, 422, "rerank"),
     (b'{"descriptions": "add", "temperature": "hot"}', {}, 422, "temperature"),
     (b'{"descriptions": "add", "colour": "blue"}', {}, 422, "colour: Extra inputs"),
-    (b'{"descriptions": "add", "max_new_tokens": 13}', {}, 422, "less than or equal to 12"),
+    (b'{"descriptions": "add", "max_new_tokens": 13}', {}, 422, "max_new_tokens must be at most 12"),
     (b'{"descriptions": "add", "num_samples": 9}', {}, 422, "num_samples"),
     (b'{"descriptions": "add", "num_samples": 2}', {}, 422, "Greedy decoding gives one"),
     (b'{"descriptions": "add", "strategy": "beam", "num_samples": 3}', {}, 422, "2 beams"),
@@ -151,6 +152,81 @@ def test_other_routes(server):
   assert request(f"{server.url}/nope")[0] == 404
 
 
+def test_a_seeded_sample_gets_the_same_candidates_alone_and_batched(server):
+  """Each request's samples are drawn with keys of its own seed and description indices, so
+  requests merged into one model call (other seeds, other descriptions) do not change them."""
+  rs = random.Random(1)
+  bodies = [{"descriptions": rs.sample(DESCRIPTIONS, rs.choice((1, 2))), "strategy": "sample",
+             "num_samples": 2, "temperature": 1.5, "top_k": 50, "seed": seed}
+            for seed in range(8)]
+  alone = [json.loads(request(f"{server.url}/v1/generate", b)[1])["results"] for b in bodies]
+  _, before, _ = request(f"{server.url}/metrics")
+
+  def call(i):
+    status, data, _ = request(f"{server.url}/v1/generate", bodies[i], timeout=120)
+    return i, status, json.loads(data)
+
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    answers = list(pool.map(call, [i for i in range(len(bodies)) for _ in range(3)]))
+  for i, status, data in answers:
+    assert status == 200, data
+    for got, want in zip(data["results"], alone[i]):
+      assert [c["code"] for c in got["candidates"]] == [c["code"] for c in want["candidates"]]
+      np.testing.assert_allclose([c["score"] for c in got["candidates"]],
+                                 [c["score"] for c in want["candidates"]], rtol=1e-5)
+  _, after, _ = request(f"{server.url}/metrics")
+  merged = [_metric(t.decode(), "fac_batch_requests", 'kind="generate"') for t in (before, after)]
+  assert merged[1]["count"] - merged[1]["1.0"] > merged[0]["count"] - merged[0]["1.0"], merged
+
+
+def test_cut_candidates_have_a_score_and_every_candidate_a_finish_reason(server):
+  status, data, _ = request(f"{server.url}/v1/generate", {
+      "descriptions": ["add two numbers", "reverse a string"], "max_new_tokens": 2,
+      "strategy": "beam", "num_samples": 2})
+  cands = [c for r in json.loads(data)["results"] for c in r["candidates"]]
+  assert status == 200 and len(cands) == 4
+  assert all(isinstance(c["score"], float) for c in cands)
+  assert all(c["finish_reason"] in ("eos", "length") for c in cands)
+  assert any(c["finish_reason"] == "length" for c in cands)
+  status, data, _ = request(f"{server.url}/v1/generate", {"descriptions": "add two numbers"})
+  assert json.loads(data)["results"][0]["candidates"][0]["finish_reason"] in ("eos", "length")
+
+
+def test_top_k_and_repetition_penalty(server):
+  greedy = request(f"{server.url}/v1/generate", {"descriptions": "add two numbers"})[1]
+  top1 = request(f"{server.url}/v1/generate", {"descriptions": "add two numbers",
+                                              "strategy": "sample", "top_k": 1, "seed": 3})[1]
+  assert (json.loads(top1)["results"][0]["candidates"][0]["code"]
+          == json.loads(greedy)["results"][0]["candidates"][0]["code"])
+  status, data, _ = request(f"{server.url}/v1/generate", {"descriptions": "add two numbers",
+                                                          "repetition_penalty": 1.5})
+  assert status == 200, data
+  status, data, _ = request(f"{server.url}/v1/generate", {
+      "descriptions": "add", "strategy": "beam", "repetition_penalty": 1.5})
+  assert status == 422 and "not to beam search" in json.loads(data)["detail"]
+
+
+def test_metrics_count_every_refusal_by_status(server):
+  url = f"{server.url}/v1/generate"
+  sent = {413: request(url, json.dumps({"descriptions": "x " * 3000}).encode())[0],
+          415: request(url, b'{"descriptions": "a"}', headers={"Content-Type": "text/plain"})[0],
+          400: request(url, b'{"descriptions": ')[0],
+          422: request(url, {"descriptions": "a", "seed": -1})[0]}
+  assert list(sent) == list(sent.values())
+  _, text, _ = request(f"{server.url}/metrics")
+  for status in sent:
+    assert f'fac_requests_total{{route="/v1/generate",status="{status}"}}' in text.decode()
+  assert request(f"{server.url}/nope")[0] == 404
+  assert 'route="other",status="404"' in request(f"{server.url}/metrics")[1].decode()
+
+
+def test_docs_need_no_cdn_and_the_server_says_where_it_listens(server):
+  # Swagger UI loads from a CDN, so /docs is off unless --docs asks for it; the schema is local.
+  assert request(f"{server.url}/docs")[0] == 404
+  assert request(f"{server.url}/openapi.json")[0] == 200
+  assert f"on http://127.0.0.1:{server.port}/" in server.output()
+
+
 def test_schemathesis_finds_no_server_errors(server, tmp_path):
   exe = shutil.which("schemathesis") or os.path.join(os.path.dirname(sys.executable),
                                                      "schemathesis")
@@ -184,8 +260,8 @@ class SlowExport:
   def generate(self, texts, **_):
     self.calls.append(list(texts))
     time.sleep(self.delay)
-    return [[{"code": f"# {t}\ud800", "score": float("nan"), "align": None, "parses": True}]
-            for t in texts]
+    return [[{"code": f"# {t}\ud800", "score": float("nan"), "align": None, "parses": True,
+              "finish_reason": "length"}] for t in texts]
 
 
 def test_slow_requests_get_408_and_a_full_queue_429():
@@ -238,3 +314,69 @@ def test_batcher_merges_waiting_requests_with_the_same_options():
   assert seen[0] == (("x",), ["1", "3", "4"]) and seen[1] == (("y",), ["2"])
   assert sorted(t for _, texts in seen for t in texts) == ["1", "2", "3", "4", "5", "6"]
   assert max(len(texts) for _, texts in seen) <= 4
+
+
+class BucketedExport(SlowExport):
+  """Like an export: a call takes `delay` seconds per batch of 4 (its largest bucket)."""
+
+  def generate(self, texts, **_):
+    self.calls.append(list(texts))
+    time.sleep(self.delay * -(-len(texts) // self.batch_buckets[-1]))
+    return [[{"code": f"# {t}", "score": -1.0, "align": None, "parses": True,
+              "finish_reason": "length"}] for t in texts]
+
+
+def test_a_timed_out_request_is_cancelled_and_does_not_block_later_ones():
+  """A request of 80 descriptions needs 20 calls of 4 (0.2 s each, 4 s in all) and times out
+  after 1 s; the model stops working for it after the call it is in, so the single requests
+  sent after it wait at most for that call, not for the other 3 s of its work."""
+  from fastapi.testclient import TestClient  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.deploy import server as server_lib  # pylint: disable=import-outside-toplevel
+  fake = BucketedExport(delay=0.2)
+  app = server_lib.create_app(fake, server_lib.Limits(request_timeout_s=1.0, max_wait_ms=1,
+                                                      max_texts=100))
+  with TestClient(app) as client:
+    big = client.post("/v1/generate", json={"descriptions": [f"d{i}" for i in range(80)]})
+    assert big.status_code == 408
+    for i in range(3):
+      start = time.perf_counter()
+      r = client.post("/v1/generate", json={"descriptions": f"after {i}"})
+      assert r.status_code == 200, (i, r.json(), time.perf_counter() - start)
+      assert r.json()["results"][0]["candidates"][0]["code"] == f"# after {i}"
+    time.sleep(0.5)
+    ran = [t for call in fake.calls for t in call]
+  assert max(len(call) for call in fake.calls) <= 4
+  assert sum(t.startswith("d") for t in ran) <= 4 * 7, len(ran)   # ~5 calls of 20
+
+
+def test_serve_help_and_a_clear_error_without_fastapi(tmp_path):
+  """`serve --help` needs no FastAPI; serving without the [serve] extra is one error line."""
+  fake = tmp_path / "fastapi"
+  fake.mkdir()
+  (fake / "__init__.py").write_text("raise ImportError(\"No module named 'fastapi'\")\n")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get(
+      "PYTHONPATH", "")]), "JAX_PLATFORMS": "cpu"}
+  run = lambda *a: subprocess.run([sys.executable, "-m", "flax_albert_code.serve", *a],
+                                  capture_output=True, text=True, env=env, timeout=120,
+                                  check=False)
+  helped = run("--help")
+  assert helped.returncode == 0 and "--export" in helped.stdout and "[serve]" in helped.stdout
+  failed = run("--export", str(tmp_path))
+  assert failed.returncode == 1 and failed.stdout == ""
+  assert failed.stderr.startswith("error: Serving needs the [serve] extra")
+  assert len(failed.stderr.splitlines()) == 1
+
+
+def test_serve_mistakes_are_one_error_line(exported):
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    for args, words in ((["--port", str(port)], f"Cannot listen on 127.0.0.1:{port}"),
+                        (["--max-texts", "0"], "--max-texts must be at least 1, got 0."),
+                        (["--request-timeout-s", "0"], "--request-timeout-s must be positive")):
+      proc = subprocess.run([sys.executable, "-m", "flax_albert_code.serve", "--export", exported,
+                             *args], capture_output=True, text=True, timeout=120, check=False,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+      assert proc.returncode == 1 and proc.stderr.startswith(f"error: {words}"), proc.stderr
+      assert len(proc.stderr.splitlines()) == 1

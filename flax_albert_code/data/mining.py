@@ -34,8 +34,13 @@ class Filters:
   max_code_lines: int = 80
   max_code_chars: int = 4000
   max_file_bytes: int = 1 << 20  # larger source files are skipped unread (generated code, data)
+  # Code search: every function, documented or not, none filtered out (description "" when
+  # it has no docstring; its whole source when nothing but the docstring can be cut out).
+  every_function: bool = False
 
   def reason_to_skip(self, description: str, code: str) -> str | None:
+    if self.every_function:
+      return None
     if len(description.split()) < self.min_desc_words:
       return "description too short"
     if code.count("\n") + 1 > self.max_code_lines:
@@ -71,6 +76,15 @@ def _docstring_node(node: ast.AST) -> ast.Expr | None:
       and isinstance(body[0].value.value, str):
     return body[0]
   return None
+
+
+def _function_source(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]) -> str:
+  """The whole source of `node` (decorators and docstring kept), dedented by its first line."""
+  start = min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1
+  kept = lines[start:node.end_lineno]
+  indent = re.match(r"[ \t]*", kept[0]).group(0)
+  return "".join(line[len(indent):] if line.startswith(indent) else line
+                 for line in kept).rstrip() + "\n"
 
 
 def _function_code(node: ast.FunctionDef | ast.AsyncFunctionDef, doc: ast.Expr,
@@ -122,7 +136,8 @@ def parse(text: str) -> ast.Module | None:
 
 def mine_text(text: str, path: str, source: str, filters: Filters,
               skipped: collections.Counter, partition: str = "") -> list[Pair]:
-  """Pairs of every documented function in `text` (one module); skips counted in `skipped`."""
+  """Pairs of every documented function in `text` (one module), or with
+  `filters.every_function` of every function; skips counted in `skipped`."""
   tree = parse(text)
   if tree is None:
     skipped["file: syntax error"] += 1
@@ -131,10 +146,16 @@ def mine_text(text: str, path: str, source: str, filters: Filters,
   pairs = []
   for name, node in _walk(tree, ""):
     doc = _docstring_node(node)
+    lineno = min([d.lineno for d in node.decorator_list] + [node.lineno])
     if doc is None:
+      if filters.every_function:
+        pairs.append(Pair("", _function_source(node, lines), path, name, lineno, source,
+                          partition))
       continue
     description = first_paragraph(doc.value.value)
     code = _function_code(node, doc, lines)
+    if code is None and filters.every_function:
+      code = _function_source(node, lines)
     if code is None:
       skipped["pair: no code besides docstring"] += 1
       continue
@@ -142,7 +163,6 @@ def mine_text(text: str, path: str, source: str, filters: Filters,
     if reason:
       skipped["pair: " + reason] += 1
       continue
-    lineno = min([d.lineno for d in node.decorator_list] + [node.lineno])
     pairs.append(Pair(description, code, path, name, lineno, source, partition))
   return pairs
 

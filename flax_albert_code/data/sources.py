@@ -203,7 +203,7 @@ def _record_pair(obj: dict, spec: str, default_path: str, filters: mining.Filter
                  partition: str = "") -> mining.Pair | None:
   desc = _text_field(obj, "docstring") if csn else _text_field(obj, "description", "docstring")
   code = _text_field(obj, "code", "original_string")
-  if desc is None or code is None:
+  if code is None or (desc is None and not filters.every_function):
     skipped["row: missing description or code"] += 1
     return None
   if csn:
@@ -211,7 +211,7 @@ def _record_pair(obj: dict, spec: str, default_path: str, filters: mining.Filter
     if code is None:
       skipped["row: code does not parse"] += 1
       return None
-  description = mining.first_paragraph(desc)
+  description = mining.first_paragraph(desc or "")
   reason = filters.reason_to_skip(description, code)
   if reason:
     skipped["pair: " + reason] += 1

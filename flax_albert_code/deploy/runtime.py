@@ -9,9 +9,13 @@ Loading checks the manifest first: a file it lists that is missing, of another s
 sha256, or that does not fit the programs, is refused with one sentence naming the file.
 Programs are deserialised with `jax.export.deserialize` and compiled on first use.
 Inputs are batched into the export's batch buckets as `CodeGenerator` batches them, so greedy
-decoding gives the same tokens as the checkpoint it came from. A request for fewer new tokens
-than a compiled length runs that length and cuts the code; a candidate cut before its end gets
-score None.
+decoding gives the same tokens as the checkpoint it came from, and options are checked by the
+same `options.check`. A request for fewer new tokens than a compiled length runs the program of
+that length with the loop stopped at max_new_tokens, so every candidate's score means what it
+means in `CodeGenerator` (its tokens' length-penalised log-probability) and its finish_reason
+says whether EOS ended it ("eos") or max_new_tokens did ("length"). Sample j of description i
+is drawn with its own key, `options.candidate_keys(seed, [i], ...)`, whatever else is batched
+with it.
 """
 from __future__ import annotations
 
@@ -24,14 +28,20 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file
 
+from flax_albert_code.inference import decoding
+from flax_albert_code.inference import options
 from flax_albert_code.config import EOS_ID
 from flax_albert_code.inference import index as index_lib
 from flax_albert_code.inference import postprocess
 from flax_albert_code.tokenizer import Tokenizer, TokenizerError
 from flax_albert_code.utils import files
 
-FORMAT = 1                  # the export format this module reads and deploy/writer.py writes
+FORMAT = 2    # what this module reads and deploy/writer.py writes; 2: generate programs take
+              # keys, max_new_tokens, top_k and repetition_penalty
 MANIFEST = "manifest.json"
+# The inputs of a generate program after the variables (scalars but the first two).
+GENERATE_INPUTS = ("desc_ids", "keys", "max_new_tokens", "temperature", "top_k", "top_p",
+                   "length_penalty", "repetition_penalty")
 KINDS = ("desc", "code")
 
 
@@ -99,6 +109,7 @@ class Export:
     self.strategies = list(info["strategies"])
     self.num_beams = int(info["num_beams"])
     self.align_dim = int(info["align_dim"])
+    self.vocab_size = int(info["vocab_size"])
     tok_path = os.path.join(self.path, info["tokenizer"])
     try:
       self.tokenizer = Tokenizer.load(tok_path)
@@ -129,7 +140,8 @@ class Export:
     except Exception as e:  # pylint: disable=broad-except  # flatbuffers raises many types
       raise ExportError(f"Export file {path} is not a serialised jax.export program "
                         f"({type(e).__name__}); export again.") from None
-    ids = exp.in_avals[len(exp.in_avals) - (1 if meta["kind"] == "encode" else 5)]
+    inputs = 1 if meta["kind"] == "encode" else len(GENERATE_INPUTS)
+    ids = exp.in_avals[len(exp.in_avals) - inputs]
     if tuple(ids.shape) != (meta["batch"], meta["width"]):
       raise ExportError(f"Export file {path} takes ids of shape {tuple(ids.shape)}, not the "
                         f"({meta['batch']}, {meta['width']}) its manifest entry says.")
@@ -214,58 +226,54 @@ class Export:
   # Generation.
 
   def check_generate(self, descriptions: Sequence[str], strategy: str = "greedy",
-                     num_samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-                     max_new_tokens: int | None = None, length_penalty: float = 1.0) -> list[str]:
-    """The descriptions as strings; ValueError (one sentence) for what this export cannot do."""
+                     num_samples: int = 1, temperature: float = 1.0, top_k: int = 0,
+                     top_p: float = 1.0, max_new_tokens: int | None = None,
+                     length_penalty: float = 1.0, repetition_penalty: float = 1.0,
+                     seed: int = 0, max_samples: int | None = None) -> list[str]:
+    """The descriptions as strings; ValueError (one sentence; `options.OptionError` for an
+    option) for what this export cannot do. `max_samples`: a caller's (the server's) limit."""
     texts = postprocess.check_texts(descriptions, "Description")
-    if strategy not in self.strategies:
+    if strategy in decoding.STRATEGIES and strategy not in self.strategies:
       raise ValueError(f"This export has no {strategy!r} programs; use one of "
                        f"{', '.join(self.strategies)}.")
-    checks = [
-        (strategy != "greedy" or num_samples == 1,
-         f"Greedy decoding gives one candidate, not num_samples={num_samples}; use strategy "
-         "'sample' or 'beam' for several"),
-        (strategy != "beam" or num_samples <= self.num_beams,
-         f"This export's beam search keeps {self.num_beams} beams, so it cannot return "
-         f"num_samples={num_samples}"),
-        (num_samples >= 1, f"num_samples must be at least 1, got {num_samples}"),
-        (max_new_tokens is None or 1 <= max_new_tokens <= self.lengths[-1],
-         f"max_new_tokens must be in 1..{self.lengths[-1]} for this export, got {max_new_tokens}"),
-        (0.0 < top_p <= 1.0, f"top_p must be in (0, 1], got {top_p}"),
-        (temperature > 0.0 and np.isfinite(temperature),
-         f"temperature must be positive, got {temperature}"),
-        (np.isfinite(length_penalty), f"length_penalty must be finite, got {length_penalty}"),
-    ]
-    for ok, msg in checks:
-      if not ok:
-        raise ValueError(f"{msg}.")
+    options.check(strategies=self.strategies, strategy=strategy, max_new_tokens=max_new_tokens,
+                  num_samples=num_samples, num_beams=self.num_beams, temperature=temperature,
+                  top_k=top_k, top_p=top_p, length_penalty=length_penalty,
+                  repetition_penalty=repetition_penalty, seed=seed,
+                  max_tokens=self.lengths[-1], max_tokens_why="this export's longest program",
+                  vocab_size=self.vocab_size, max_samples=max_samples, beams_fixed=True)
     return texts
 
   def generate(self, descriptions: Sequence[str], strategy: str = "greedy", num_samples: int = 1,
-               temperature: float = 1.0, top_p: float = 1.0, rerank: bool = False,
-               max_new_tokens: int | None = None, seed: int = 0, length_penalty: float = 1.0,
-               drop_unparsable: bool = False) -> list[list[dict[str, Any]]]:
-    """Per description, candidates best first: {"code", "score", "align", "parses"}; as
-    `CodeGenerator.generate` (beam width and top_k are fixed by the export)."""
-    texts = self.check_generate(descriptions, strategy, num_samples, temperature, top_p,
-                                max_new_tokens, length_penalty)
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               rerank: bool = False, max_new_tokens: int | None = None, seed: int = 0,
+               length_penalty: float = 1.0, repetition_penalty: float = 1.0,
+               drop_unparsable: bool = False,
+               seeds: Sequence[tuple[int, int]] | None = None) -> list[list[dict[str, Any]]]:
+    """Per description, candidates best first: {"code", "score", "align", "parses",
+    "finish_reason"}; as `CodeGenerator.generate` (the beam width is fixed by the export).
+    `seeds`: per description (seed, its index in its request), for callers that batch several
+    requests into one call (the server); default (seed, i)."""
+    texts = self.check_generate(descriptions, strategy, num_samples, temperature, top_k, top_p,
+                                max_new_tokens, length_penalty, repetition_penalty, seed)
     if not texts:
       return []
     want = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
     tokens_NxKxT, scores_NxK = self.generate_tokens(
         texts, strategy=strategy, num_samples=num_samples, temperature=temperature,
-        top_p=top_p, max_new_tokens=want, seed=seed, length_penalty=length_penalty)
-    t, several = tokens_NxKxT.shape[2], strategy == "sample" and num_samples > 1
+        top_k=top_k, top_p=top_p, max_new_tokens=want, seed=seed,
+        length_penalty=length_penalty, repetition_penalty=repetition_penalty, seeds=seeds)
+    several = strategy == "sample" and num_samples > 1
     results = []
     for row_tokens, row_scores in zip(tokens_NxKxT, scores_NxK):
       order = np.argsort(-row_scores, kind="stable") if several else range(len(row_scores))
       cands = []
       for j in order:
-        seq = row_tokens[j]
-        cut = want < t and EOS_ID not in seq[:want].tolist()
-        code = self.tokenizer.decode(seq[:want].tolist())
-        cands.append({"code": code, "score": None if cut else float(row_scores[j]),
-                      "align": None, "parses": postprocess.parses(code)})
+        seq = row_tokens[j][:want].tolist()
+        code = self.tokenizer.decode(seq)
+        cands.append({"code": code, "score": float(row_scores[j]), "align": None,
+                      "parses": postprocess.parses(code),
+                      "finish_reason": "eos" if EOS_ID in seq else "length"})
       results.append(cands)
     if rerank:
       desc_vecs = self.embed(texts, kind="desc")
@@ -282,25 +290,38 @@ class Export:
     return results
 
   def generate_tokens(self, texts: Sequence[str], *, strategy: str = "greedy",
-                      num_samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-                      max_new_tokens: int | None = None, seed: int = 0,
-                      length_penalty: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids [N, K, T] (T the smallest compiled length >= max_new_tokens; PAD after EOS) and
-    scores [N, K] of checked `texts`; K is 1, num_samples (sample) or the export's beams."""
+                      num_samples: int = 1, temperature: float = 1.0, top_k: int = 0,
+                      top_p: float = 1.0, max_new_tokens: int | None = None, seed: int = 0,
+                      length_penalty: float = 1.0, repetition_penalty: float = 1.0,
+                      seeds: Sequence[tuple[int, int]] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [N, K, T] (T the smallest compiled length >= max_new_tokens; PAD after EOS
+    and after max_new_tokens) and scores [N, K] of checked `texts`; K is 1, num_samples
+    (sample) or the export's beams."""
     want = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
     t = next(x for x in self.lengths if x >= want)
     reps = num_samples if strategy == "sample" else 1      # sample programs draw one per row
     rows = [postprocess.pad(self.tokenizer.encode_description(x, self.desc_len), self.desc_len)
             for x in texts for _ in range(reps)]
     ids = np.asarray(rows, np.int32)
+    keys = np.zeros((len(texts), reps, 2), np.uint32)
+    if strategy == "sample":
+      by_seed: dict[int, list[tuple[int, int]]] = {}
+      for n, (s, i) in enumerate(seeds or [(seed, i) for i in range(len(texts))]):
+        by_seed.setdefault(int(s), []).append((n, int(i)))
+      for s, where in by_seed.items():
+        keys[[n for n, _ in where]] = options.candidate_keys(s, [i for _, i in where], reps)
+    keys = keys.reshape(len(rows), 2)
     tokens, scores = [], []
-    for c, (start, size, bucket) in enumerate(postprocess.chunks(len(rows), self.batch_buckets)):
+    for start, size, bucket in postprocess.chunks(len(rows), self.batch_buckets):
       batch = np.zeros((bucket, self.desc_len), np.int32)
       batch[:size] = ids[start:start + size]
-      rng = jax.random.fold_in(jax.random.PRNGKey(seed), c)
+      batch_keys = np.zeros((bucket, 2), np.uint32)
+      batch_keys[:size] = keys[start:start + size]
       out = self._fn(f"generate_{strategy}_b{bucket}_t{t}")(
-          self.variables, batch, rng, np.float32(temperature), np.float32(top_p),
-          np.float32(length_penalty))
+          self.variables, batch, batch_keys, np.int32(want), np.float32(temperature),
+          np.int32(top_k), np.float32(top_p), np.float32(length_penalty),
+          np.float32(repetition_penalty))
       tok, sc = jax.device_get(out)
       tokens.append(np.asarray(tok)[:size])
       scores.append(np.asarray(sc)[:size])

@@ -4,16 +4,23 @@
   uvicorn.run(app, host="127.0.0.1", port=8000)      # what `python -m flax_albert_code.serve` does
 
 Routes: POST /v1/generate, /v1/embed, /v1/search; GET /healthz, /metrics (Prometheus text),
-/openapi.json, /docs and / (the playground page, static/playground.html).
+/openapi.json and / (the playground page, static/playground.html); /docs (Swagger UI, from a
+CDN) only with `create_app(..., docs=True)`.
 
 Dynamic batching: each request's texts are queued; one background task takes the first waiting
 request, then whatever else arrives within `max_wait_ms` (or until the largest batch bucket is
-full), merges requests with the same options into one call of the export (which pads them into
-its compiled batch buckets) and runs it on one worker thread, so the event loop keeps accepting
-requests while the model runs. Every limit is refused with a 4xx JSON error {"detail": "..."}:
-body size (413), another content type (415), malformed JSON or non-UTF-8 bodies (400), unknown
-fields, wrong types and values out of range (422), a full queue (429), a request that waits too
-long (408).
+full), merges requests with the same options into calls of the export (which pads them into
+its compiled batch buckets) of at most the largest bucket each, and runs them on one worker
+thread, so the event loop keeps accepting requests while the model runs. A request that timed
+out is dropped between calls, so the requests behind it do not wait for its work. The seed is
+not part of the options that must match: each description's samples are drawn with keys of its
+own request's seed and its index there, so they are the same alone or batched.
+
+Every limit is refused with a 4xx JSON error {"detail": "..."}: body size (413), another
+content type (415), malformed JSON or non-UTF-8 bodies (400), unknown fields, wrong types and
+options out of range (422, with `options.check`'s message), a full queue (429), a request that
+waits too long (408). `fac_requests_total` counts every response by route and status, refusals
+before routing included.
 """
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations, which name
 # models built inside create_app.
@@ -35,21 +42,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from flax_albert_code.deploy.limits import Limits
+from flax_albert_code.inference import options
+
 log = logging.getLogger(__name__)
 _SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-@dataclasses.dataclass
-class Limits:
-  max_body_bytes: int = 256 * 1024
-  max_texts: int = 32              # descriptions (or texts, or queries) per request
-  max_text_chars: int = 4000       # one description or query
-  max_code_chars: int = 20000      # one code text to embed
-  max_samples: int = 8
-  max_top_k: int = 100
-  request_timeout_s: float = 60.0
-  max_queue_texts: int = 4096      # texts waiting for the model; more is refused with 429
-  max_wait_ms: float = 10.0
 
 
 class ApiError(Exception):
@@ -65,15 +62,19 @@ class ApiError(Exception):
 @dataclasses.dataclass
 class _Pending:
   key: tuple
-  texts: list[str]
+  texts: list[Any]
   future: asyncio.Future
+  results: list[Any] = dataclasses.field(default_factory=list)   # of texts[:len(results)]
 
 
 class Batcher:
-  """Merges concurrent requests with the same key into one `run(key, texts)` call.
+  """Merges concurrent requests with the same key into `run(key, texts)` calls.
 
-  `run(key, texts) -> per-text results` runs on a single worker thread; a batch holds at most
-  `max_texts` texts unless one request alone is larger.
+  `run(key, texts) -> per-text results` runs on a single worker thread, at most `max_texts`
+  texts a call: a larger batch (or one large request) runs in several calls, and a request whose
+  client gave up (timed out, disconnected) between them is dropped, so the model stops working
+  for it after the call it is in and the requests behind it do not wait for it. A text may be
+  any object `run` understands (the server sends (description, seed, index) for generate).
   """
 
   def __init__(self, run: Callable[[tuple, list[str]], list[Any]], *, max_texts: int,
@@ -132,34 +133,60 @@ class Batcher:
       self.waiting -= sum(len(p.texts) for p in batch)
       groups: dict[tuple, list[_Pending]] = {}
       for p in batch:
-        if not p.future.done():          # its client gave up (timeout, disconnect)
-          groups.setdefault(p.key, []).append(p)
+        groups.setdefault(p.key, []).append(p)
       for key, items in groups.items():
-        texts = [t for p in items for t in p.texts]
-        self.observe(key[0], len(items), len(texts))
-        try:
-          results = await loop.run_in_executor(self.executor, self.run, key, texts)
-        except Exception as e:  # pylint: disable=broad-except  # handed to each request
-          for p in items:
-            if not p.future.done():
-              p.future.set_exception(e)
-          continue
-        start = 0
-        for p in items:
+        await self._run_group(loop, key, items)
+
+  async def _run_group(self, loop, key: tuple, items: list[_Pending]) -> None:
+    """Runs the texts of `items` in calls of at most `max_texts`, in order, skipping requests
+    whose future is done (their client gave up) before each call."""
+    while True:
+      live = [p for p in items if not p.future.done()]
+      if not live:
+        return
+      texts, owners = [], []
+      for p in live:
+        take = min(len(p.texts) - len(p.results), self.max_texts - len(texts))
+        if take <= 0:
+          break
+        start = len(p.results)
+        texts.extend(p.texts[start:start + take])
+        owners.append((p, take))
+      self.observe(key[0], len(owners), len(texts))
+      try:
+        results = await loop.run_in_executor(self.executor, self.run, key, texts)
+      except Exception as e:  # pylint: disable=broad-except  # handed to each request
+        for p in live:
           if not p.future.done():
-            p.future.set_result(results[start:start + len(p.texts)])
-          start += len(p.texts)
+            p.future.set_exception(e)
+        return
+      start = 0
+      for p, take in owners:
+        p.results.extend(results[start:start + take])
+        start += take
+        if len(p.results) == len(p.texts) and not p.future.done():
+          p.future.set_result(p.results)
 
 
 # ---------------------------------------------------------------------------------------------
-# Request and response models (bounds from the export and the limits, so the OpenAPI schema
-# states them).
+# Request and response models. Pydantic checks the shape and types; the decoding options' ranges
+# are `options.check`'s (the same as the commands' and the Python API's, with the same
+# messages), stated in the OpenAPI schema from the same numbers.
+
+
+def _option(default: Any, name: str, description: str = "", **bounds: Any) -> Any:
+  """A decoding option's field: its range in the schema, checked by `options.check`."""
+  if name in options.RANGES:
+    low, low_in, high, high_in = options.RANGES[name]
+    bounds = {"minimum" if low_in else "exclusiveMinimum": low,
+              "maximum" if high_in else "exclusiveMaximum": high}
+  return pydantic.Field(default, description=description or None,
+                        json_schema_extra={k: v for k, v in bounds.items() if v is not None})
 
 
 def _models(exp, limits: Limits) -> dict[str, type[pydantic.BaseModel]]:
   strict = pydantic.ConfigDict(extra="forbid", strict=True)
-  Desc = pydantic.constr(min_length=1, max_length=limits.max_text_chars)
-  Strategy = Literal[tuple(exp.strategies)]  # type: ignore[valid-type]
+  Desc = pydantic.constr(max_length=limits.max_text_chars)
   Score = Optional[float]
 
   class GenerateRequest(pydantic.BaseModel):
@@ -167,22 +194,32 @@ def _models(exp, limits: Limits) -> dict[str, type[pydantic.BaseModel]]:
     descriptions: Union[Desc, pydantic.conlist(Desc, min_length=1,  # type: ignore[valid-type]
                                                max_length=limits.max_texts)] = pydantic.Field(
         description="One description or a list of them.")
-    strategy: Strategy = "greedy"  # type: ignore[valid-type]
-    max_new_tokens: Optional[pydantic.conint(ge=1, le=exp.lengths[-1])] = None
-    num_samples: pydantic.conint(ge=1, le=limits.max_samples) = 1
-    temperature: pydantic.confloat(gt=0, le=100, allow_inf_nan=False) = 1.0
-    top_p: pydantic.confloat(gt=0, le=1, allow_inf_nan=False) = 1.0
-    length_penalty: pydantic.confloat(ge=0, le=10, allow_inf_nan=False) = 1.0
+    strategy: str = _option("greedy", "strategy", enum=list(exp.strategies))
+    max_new_tokens: Optional[int] = _option(None, "max_new_tokens", minimum=1,
+                                            maximum=exp.lengths[-1])
+    num_samples: int = _option(1, "num_samples", minimum=1, maximum=limits.max_samples)
+    temperature: float = _option(1.0, "temperature")
+    top_k: int = _option(0, "top_k", "sample: draw from the k likeliest tokens (0: off).",
+                         minimum=0, maximum=getattr(exp, "vocab_size", None))
+    top_p: float = _option(1.0, "top_p")
+    length_penalty: float = _option(1.0, "length_penalty")
+    repetition_penalty: float = _option(
+        1.0, "repetition_penalty", "greedy, sample: make tokens already emitted less likely "
+        "(1.0: off).")
     rerank: bool = False
     drop_unparsable: bool = False
-    seed: pydantic.conint(ge=0, le=2**31 - 1) = 0
+    seed: int = _option(0, "seed", "sample: the same seed gives the same candidates, whatever "
+                        "else the server batches with the request.", minimum=0,
+                        maximum=options.MAX_SEED)
 
   class Candidate(pydantic.BaseModel):
     code: str
-    score: Score = pydantic.Field(description="Length-penalised log-probability; null when the "
-                                              "code was cut at max_new_tokens.")
+    score: Score = pydantic.Field(description="Length-penalised log-probability of the "
+                                              "candidate's tokens (null only if not finite).")
     align: Score = pydantic.Field(description="Description-code cosine (with rerank).")
     parses: bool
+    finish_reason: Literal["eos", "length"] = pydantic.Field(
+        description="eos: the model ended the code; length: max_new_tokens cut it.")
 
   class GenerateResult(pydantic.BaseModel):
     candidates: list[Candidate]
@@ -306,6 +343,32 @@ class _BodyLimit:
     return await self.app(scope, replay, send)
 
 
+class _Count:
+  """ASGI middleware around the app's routes and _BodyLimit: `observe(path, status, seconds)`
+  for every response, _BodyLimit's refusals (413, 415, 400) included; "500" when the app
+  raised (Starlette's outermost middleware answers it), "disconnected" when the client left
+  before any answer."""
+
+  def __init__(self, app, observe: Callable[[str, str, float], None]):
+    self.app, self.observe = app, observe
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    start, status = time.perf_counter(), {}
+
+    async def send_status(message):
+      if message["type"] == "http.response.start":
+        status["code"] = str(message["status"])
+      await send(message)
+    try:
+      await self.app(scope, receive, send_status)
+      status.setdefault("code", "disconnected")      # returned without answering
+    finally:
+      # Raised before answering: Starlette's outermost middleware answers 500.
+      self.observe(scope.get("path", ""), status.get("code", "500"), time.perf_counter() - start)
+
+
 async def _send_error(send, status: int, detail: str) -> None:
   response = JSONResponse({"detail": detail}, status_code=status)
   await send({"type": "http.response.start", "status": status,
@@ -314,19 +377,35 @@ async def _send_error(send, status: int, detail: str) -> None:
   await send({"type": "http.response.body", "body": response.body})
 
 
+def _where(loc: tuple) -> str:
+  """A pydantic error location for people: `descriptions item 2` (1-based, as every message
+  numbers texts), without pydantic's union-member tags (`list[constrained-str]`)."""
+  parts = [f"item {x + 1}" if isinstance(x, int) else str(x) for x in loc
+           if x != "body" and not (isinstance(x, str) and ("[" in x or "-" in x))]
+  return " ".join(parts) or "body"
+
+
 def _validation_detail(exc: RequestValidationError) -> tuple[int, str]:
   errors = exc.errors()
   if any(e.get("type") == "json_invalid" for e in errors):
     return 400, "The request body is not valid JSON."
-  parts = []
-  for e in errors[:3]:
-    where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
-    parts.append(f"{where}: {e.get('msg', 'invalid')}")
-  return 422, "Invalid request: " + "; ".join(parts) + "."
+  # A field that is one string or a list of them reports both alternatives; when one of them
+  # matched the input's type, its error is the one that says what is wrong.
+  fields = {}
+  for e in errors:
+    fields.setdefault(tuple(e.get("loc", ()))[1:2], []).append(e)
+  kept = []
+  for group in fields.values():
+    typed = [e for e in group if not str(e.get("type", "")).endswith("_type")]
+    kept.extend(typed or group)
+  parts = [f"{_where(tuple(e.get('loc', ())))}: {e.get('msg', 'invalid')}" for e in kept[:3]]
+  return 422, "Invalid request: " + "; ".join(dict.fromkeys(parts)) + "."
 
 
-def create_app(exp, limits: Limits | None = None) -> FastAPI:
-  """The API over a loaded export (serving.Export), its search index if it has one."""
+def create_app(exp, limits: Limits | None = None, *, docs: bool = False) -> FastAPI:
+  """The API over a loaded export (serving.Export), its search index if it has one. `docs`
+  serves /docs (Swagger UI, whose scripts the browser loads from a CDN: off by default, so that
+  nothing the server offers needs the internet; /openapi.json is always there)."""
   limits = limits or Limits()
   m = _models(exp, limits)
   registry = prometheus_client.CollectorRegistry()
@@ -347,10 +426,10 @@ def create_app(exp, limits: Limits | None = None) -> FastAPI:
     batch_texts.labels(kind).observe(n_texts)
     batch_requests.labels(kind).observe(n_requests)
 
-  def run(key: tuple, texts: list[str]) -> list[Any]:
+  def run(key: tuple, texts: list[Any]) -> list[Any]:
     kind, opts = key[0], dict(key[1:])
-    if kind == "generate":
-      return exp.generate(texts, **opts)
+    if kind == "generate":     # texts: (description, seed, its index in its request)
+      return exp.generate([t for t, _, _ in texts], seeds=[(s, i) for _, s, i in texts], **opts)
     if kind == "embed":
       return list(exp.embed(texts, kind=opts["kind"]))
     return exp.search(texts, k=opts["k"])
@@ -365,11 +444,12 @@ def create_app(exp, limits: Limits | None = None) -> FastAPI:
 
   app = FastAPI(title="flax_albert_code", version=str(exp.manifest.get("versions", {}).get(
       "flax_albert_code") or "unknown"), lifespan=lifespan,
+      docs_url="/docs" if docs else None, redoc_url=None,
       description="Python code from descriptions, and description/code embeddings and search.")
   app.state.export, app.state.limits, app.state.registry = exp, limits, registry
-  errors = {c: {"model": m["Error"]} for c in (400, 408, 413, 422, 429)}
+  errors = {c: {"model": m["Error"]} for c in (400, 408, 413, 415, 422, 429)}
 
-  async def submit(route: str, texts: list[str], **opts) -> list[Any]:
+  async def submit(route: str, texts: list[Any], **opts) -> list[Any]:
     key = (route, *sorted(opts.items()))
     try:
       return await asyncio.wait_for(batcher.submit(key, texts), limits.request_timeout_s)
@@ -378,16 +458,6 @@ def create_app(exp, limits: Limits | None = None) -> FastAPI:
                           "texts or fewer tokens.") from None
     except ValueError as e:      # the export's one-sentence checks
       raise ApiError(422, str(e)) from None
-
-  @app.middleware("http")
-  async def count(request: Request, call_next):
-    start = time.perf_counter()
-    response = await call_next(request)
-    route = request.scope.get("route")
-    path = getattr(route, "path", "other")
-    requests_total.labels(path, str(response.status_code)).inc()
-    latency.labels(path).observe(time.perf_counter() - start)
-    return response
 
   @app.exception_handler(ApiError)
   async def api_error(_request: Request, exc: ApiError):
@@ -407,16 +477,17 @@ def create_app(exp, limits: Limits | None = None) -> FastAPI:
   async def generate(req: m["GenerateRequest"]):  # type: ignore[valid-type]
     texts = [req.descriptions] if isinstance(req.descriptions, str) else list(req.descriptions)
     opts = dict(strategy=req.strategy, num_samples=req.num_samples,
-                temperature=req.temperature, top_p=req.top_p, rerank=req.rerank,
-                max_new_tokens=req.max_new_tokens, seed=req.seed,
-                length_penalty=req.length_penalty, drop_unparsable=req.drop_unparsable)
+                temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                max_new_tokens=req.max_new_tokens, length_penalty=req.length_penalty,
+                repetition_penalty=req.repetition_penalty)
     try:
-      exp.check_generate(texts, **{k: opts[k] for k in (
-          "strategy", "num_samples", "temperature", "top_p", "max_new_tokens",
-          "length_penalty")})
+      exp.check_generate(texts, **opts, seed=req.seed, max_samples=limits.max_samples)
     except ValueError as e:
       raise ApiError(422, str(e)) from None
-    results = await submit("generate", texts, **opts)
+    # The seed travels with each text, not in the batching key: requests with other seeds
+    # share model calls, and each text's candidates are drawn with keys of its own request.
+    results = await submit("generate", [(t, req.seed, i) for i, t in enumerate(texts)],
+                           rerank=req.rerank, drop_unparsable=req.drop_unparsable, **opts)
     return _clean({"results": [{"candidates": c} for c in results], "step": exp.step})
 
   @app.post("/v1/embed", response_model=m["EmbedResponse"], responses=errors)
@@ -454,5 +525,13 @@ def create_app(exp, limits: Limits | None = None) -> FastAPI:
   async def playground():
     return HTMLResponse(page)
 
+  paths = {getattr(r, "path", None) for r in app.routes}
+
+  def count(path: str, status: str, seconds: float) -> None:
+    path = path if path in paths else "other"
+    requests_total.labels(path, status).inc()
+    latency.labels(path).observe(seconds)
+
   app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
+  app.add_middleware(_Count, observe=count)     # added last: outermost, sees every refusal
   return app

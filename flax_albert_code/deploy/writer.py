@@ -13,12 +13,14 @@ Layout of an export directory (every file's sha256 and size are in the manifest)
 
 Programs take the variables as their first argument: `encode_b{B}_w{W}(variables, ids[B, W])`
 gives L2-normalised alignment vectors; `generate_{strategy}_b{B}_t{T}(variables, desc_ids[B, L],
-rng, temperature, top_p, length_penalty)` gives (tokens [B, K, T], scores [B, K]), for every
-batch bucket B of `config.sample.batch_buckets`, code width W (the code buckets and the
-description length) and length T (the code buckets up to `config.sample.max_new_tokens`).
-`sample` programs draw one candidate per row (serving tiles a description num_samples times)
-with top_k off; `beam` programs keep `config.sample.num_beams` beams. Programs are lowered for
-CPU and CUDA at once where `jax.export` can (the manifest's `platforms` says which).
+keys[B, 2], max_new_tokens, temperature, top_k, top_p, length_penalty, repetition_penalty)`
+(GENERATE_INPUTS) gives (tokens [B, K, T], scores [B, K]), for every batch bucket B of
+`config.sample.batch_buckets`, code width W (the code buckets and the description length) and
+length T (the code buckets up to `config.sample.max_new_tokens`); a program of length T decodes
+any max_new_tokens up to T. `sample` programs draw one candidate per row with the row's key
+(serving tiles a description num_samples times); `beam` programs keep `config.sample.num_beams`
+beams. Programs are lowered for CPU and CUDA at once where `jax.export` can (the manifest's
+`platforms` says which).
 The directory is written beside the target and renamed into place when complete.
 `flax_albert_code.load_export` (deploy/runtime.py) runs it with neither flax nor orbax.
 """
@@ -38,8 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
+from tqdm import tqdm
 
-from flax_albert_code.deploy.runtime import FORMAT, MANIFEST
+from flax_albert_code.deploy.runtime import FORMAT, GENERATE_INPUTS, MANIFEST
 from flax_albert_code.inference import decoding
 from flax_albert_code.inference import generator
 from flax_albert_code.inference import model_decoding
@@ -54,6 +57,7 @@ TOKENIZER = "spm.model"
 DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 PLATFORMS = ("cpu", "cuda")
+KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")    # what jax.export lowers for
 
 
 def export(checkpoint_path: str, out_dir: str, dtype: str = "float32",
@@ -63,6 +67,9 @@ def export(checkpoint_path: str, out_dir: str, dtype: str = "float32",
   `buckets` overrides `config.sample.batch_buckets`; other keyword arguments go to
   `export_generator`. Returns the export's absolute path.
   """
+  check_options(dtype=dtype, buckets=buckets, **{k: kwargs[k] for k in (
+      "lengths", "strategies", "platforms") if k in kwargs})
+  _check_out(out_dir)
   gen = generator.CodeGenerator.from_checkpoint(checkpoint_path)
   params = None
   if jnp.dtype(gen.config.model.dtype) != jnp.dtype(_dtype(dtype)):
@@ -78,13 +85,14 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
                      buckets: Sequence[int] | None = None, lengths: Sequence[int] | None = None,
                      strategies: Sequence[str] = decoding.STRATEGIES,
                      platforms: Sequence[str] = PLATFORMS, hf_encoder: bool = True,
-                     params: Any = None, info: dict[str, Any] | None = None) -> str:
-  """Exports a `CodeGenerator`'s model (or `params` with its config) and tokenizer."""
+                     params: Any = None, info: dict[str, Any] | None = None,
+                     progress: bool = False) -> str:
+  """Exports a `CodeGenerator`'s model (or `params` with its config) and tokenizer; `progress`:
+  a bar on stderr while the programs are lowered. Files and directories get the permissions
+  of ordinary new files (0666 and 0777 less the umask), not the temporary directory's 0700."""
+  check_options(dtype=dtype, buckets=buckets, lengths=lengths, strategies=strategies,
+                platforms=platforms)
   dtype = _dtype(dtype)
-  unknown = sorted(set(strategies) - set(decoding.STRATEGIES))
-  if unknown or not strategies:
-    raise ValueError(f"Unknown or no strategies {unknown or list(strategies)}; choose from "
-                     f"{', '.join(decoding.STRATEGIES)}.")
   config = gen.config.copy_and_resolve_references()
   # Portable numerics: the cuDNN attention kernel has no CPU lowering; remat is training only.
   config.model.update(dtype=dtype, attention_impl="xla", remat="none")
@@ -105,13 +113,10 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
     raise ValueError(f"Lengths {lengths} must lie in 1..{xgen.cfg.max_position_embeddings} (the "
                      "model's positions).")
 
-  out_dir = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
-  if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.isfile(
-      os.path.join(out_dir, MANIFEST)):
-    raise FileExistsError(f"{out_dir} exists and is not an export; choose another --out or "
-                          "empty it.")
+  out_dir = _check_out(out_dir)
   with files.staged_dir(out_dir) as tmp:       # an older export there is replaced whole
-    programs, used_platforms, note = _write_programs(xgen, tmp, lengths, strategies, platforms)
+    programs, used_platforms, note = _write_programs(xgen, tmp, lengths, strategies, platforms,
+                                                     progress)
     _write_params(xgen.variables, os.path.join(tmp, PARAMS), dtype)
     shutil.copyfile(xgen.tokenizer.path, os.path.join(tmp, TOKENIZER))
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
@@ -128,13 +133,54 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
             "batch_buckets": list(xgen.batch_buckets), "desc_len": xgen.max_desc_len,
             "code_widths": list(xgen.code_buckets), "lengths": lengths,
             "max_new_tokens": xgen.default_max_new_tokens, "strategies": list(strategies),
-            "num_beams": int(config.sample.num_beams), "sample_top_k": 0,
+            "num_beams": int(config.sample.num_beams), "generate_inputs": list(GENERATE_INPUTS),
             "align_dim": xgen.cfg.align_dim, "vocab_size": xgen.cfg.vocab_size,
             "tokenizer": TOKENIZER, "params": PARAMS,
         },
         "programs": programs,
     })
+    _ordinary_permissions(tmp)
   return out_dir
+
+
+def check_options(*, dtype: str = "float32", buckets: Sequence[int] | None = None,
+                  lengths: Sequence[int] | None = None,
+                  strategies: Sequence[str] = decoding.STRATEGIES,
+                  platforms: Sequence[str] = PLATFORMS) -> None:
+  """ValueError (one sentence) for an option `export_generator` cannot use."""
+  _dtype(dtype)
+  unknown = sorted(set(strategies) - set(decoding.STRATEGIES))
+  if unknown or not strategies:
+    raise ValueError(f"Unknown or no strategies {unknown or list(strategies)}; choose from "
+                     f"{', '.join(decoding.STRATEGIES)}.")
+  unknown = sorted(set(platforms) - set(KNOWN_PLATFORMS))
+  if unknown or not platforms:
+    raise ValueError(f"Unknown or no platforms {unknown or list(platforms)}; choose from "
+                     f"{', '.join(KNOWN_PLATFORMS)}.")
+  for what, values in (("Batch buckets", buckets), ("Lengths", lengths)):
+    if values is not None and (not values or min(int(v) for v in values) < 1):
+      raise ValueError(f"{what} must be positive whole numbers, got {list(values)}.")
+
+
+def _check_out(out_dir: str) -> str:
+  """The absolute export directory; FileExistsError if something else is there."""
+  out_dir = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
+  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or (
+      os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, MANIFEST)))):
+    raise FileExistsError(f"{out_dir} exists and is not an export; choose another --out or "
+                          "empty it.")
+  return out_dir
+
+
+def _ordinary_permissions(root: str) -> None:
+  """What a build leaves: directories 0777 and files 0666 less the umask (some writers make
+  files 0600)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  for d, _, names in os.walk(root):
+    os.chmod(d, 0o777 & ~umask)
+    for name in names:
+      os.chmod(os.path.join(d, name), 0o666 & ~umask)
 
 
 def _dtype(name: str) -> str:
@@ -144,13 +190,13 @@ def _dtype(name: str) -> str:
 
 
 def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str],
-                    platforms: Sequence[str]) -> tuple[list[dict], list[str], str]:
+                    platforms: Sequence[str],
+                    progress: bool = False) -> tuple[list[dict], list[str], str]:
   """Lowers and serialises every program; tries all `platforms` at once, else this backend's."""
   os.makedirs(os.path.join(out, "programs"))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), gen.variables)
   ids = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
-  scalar = jax.ShapeDtypeStruct((), jnp.float32)
-  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+  real, whole = jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32)
   specs = []
   for b in gen.batch_buckets:
     for w in sorted({gen.max_desc_len, *gen.code_buckets}):
@@ -166,12 +212,15 @@ def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str]
         specs.append(({"name": f"generate_{strategy}_b{b}_t{t}", "kind": "generate", "batch": b,
                        "width": gen.max_desc_len, "strategy": strategy, "k": k,
                        "max_new_tokens": t},
-                      fn, (abstract, ids((b, gen.max_desc_len)), key, scalar, scalar, scalar)))
+                      fn, (abstract, ids((b, gen.max_desc_len)),
+                           jax.ShapeDtypeStruct((b, 2), jnp.uint32), whole, real, whole, real,
+                           real, real)))
   wanted = tuple(dict.fromkeys(platforms))
   here = jax.default_backend()
   note = f"lowered for {', '.join(wanted)} at once"
   programs = []
-  for meta, fn, args in specs:
+  for meta, fn, args in tqdm(specs, desc="export", unit="program", disable=not progress,
+                             leave=False, dynamic_ncols=True):
     try:
       exported = jax.export.export(jax.jit(fn), platforms=wanted)(*args)
     except Exception as e:  # pylint: disable=broad-except  # jax raises many types here
@@ -188,12 +237,16 @@ def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str]
   return programs, list(wanted), note
 
 
-def _generate(model, variables, desc_ids, rng, temperature, top_p, length_penalty, *,
-              strategy: str, max_new_tokens: int, k: int, decode_phase: int):
+def _generate(model, variables, desc_ids, keys, limit, temperature, top_k, top_p,
+              length_penalty, repetition_penalty, *, strategy: str, max_new_tokens: int, k: int,
+              decode_phase: int):
+  """One generate program: GENERATE_INPUTS, every option traced but the strategy."""
   return model_decoding.generate(model, variables, desc_ids, strategy=strategy,
-                                 max_new_tokens=max_new_tokens, rng=rng, temperature=temperature,
-                                 top_k=0, top_p=top_p, num_beams=k, length_penalty=length_penalty,
-                                 num_samples=1, decode_phase=decode_phase)
+                                 max_new_tokens=max_new_tokens, rng=keys[:, None, :],
+                                 temperature=temperature, top_k=top_k, top_p=top_p, num_beams=k,
+                                 length_penalty=length_penalty, num_samples=1,
+                                 decode_phase=decode_phase, limit=limit,
+                                 repetition_penalty=repetition_penalty)
 
 
 def _write_params(variables, path: str, dtype: str) -> None:

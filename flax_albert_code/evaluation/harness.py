@@ -19,6 +19,7 @@ import random
 from typing import Any, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from flax_albert_code.evaluation import bm25, humaneval, metrics, sandbox
 from flax_albert_code.inference import decoding
@@ -53,9 +54,17 @@ def method_name(strategy: str, rerank: bool) -> str:
   return f"{strategy} + align rerank" if rerank else strategy
 
 
+def _bar(total: int, desc: str, unit: str, progress: bool) -> tqdm:
+  """A progress bar on stderr (gone when done), or a silent one."""
+  return tqdm(total=total, desc=desc, unit=unit, disable=not progress, leave=False,
+              dynamic_ncols=True)
+
+
 def _generate(generator, descriptions: Sequence[str], strategy: str, rerank: bool,
-              d: DecodeSettings, retrieve: bool | None = None) -> list[list[dict]]:
+              d: DecodeSettings, progress: bool = False,
+              retrieve: bool | None = None) -> list[list[dict]]:
   out: list[list[dict]] = []
+  bar = _bar(len(descriptions), method_name(strategy, rerank), "desc", progress)
   for i in range(0, len(descriptions), d.batch_size):
     batch = list(descriptions[i:i + d.batch_size])
     cands = generator.generate(
@@ -70,12 +79,19 @@ def _generate(generator, descriptions: Sequence[str], strategy: str, rerank: boo
       raise ValueError(f"generate({strategy!r}) returned {len(cands)} candidate lists for "
                        f"{len(batch)} descriptions, or an empty list; expected one non-empty each.")
     out.extend(cands)
+    bar.update(len(batch))
+  bar.close()
   return out
 
 
-def _embed(generator, texts: Sequence[str], kind: str, batch_size: int) -> np.ndarray:
-  parts = [np.asarray(generator.embed(list(texts[i:i + batch_size]), kind=kind), np.float32)
-           for i in range(0, len(texts), batch_size)]
+def _embed(generator, texts: Sequence[str], kind: str, batch_size: int,
+           progress: bool = False) -> np.ndarray:
+  parts = []
+  with _bar(len(texts), f"embed {kind}", "text", progress) as bar:
+    for i in range(0, len(texts), batch_size):
+      parts.append(np.asarray(generator.embed(list(texts[i:i + batch_size]), kind=kind),
+                              np.float32))
+      bar.update(len(parts[-1]))
   return np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
 
 
@@ -135,8 +151,8 @@ def evaluate(generator, examples: Sequence[dict], train_examples: Sequence[dict]
              strategies: Sequence[str] = ("greedy",), rerank: bool = False,
              decode: DecodeSettings = DecodeSettings(), retrieval: bool = True,
              max_candidates: int = 1000, num_show: int = 3, num_random: int = 0,
-             seed: int = 0, retrieve: bool | None = None, plain: bool = True,
-             corpus: str | None = None) -> dict[str, Any]:
+             seed: int = 0, progress: bool = False, retrieve: bool | None = None,
+             plain: bool = True, corpus: str | None = None) -> dict[str, Any]:
   """Generation and retrieval metrics of `generator` on `examples` ("description", "code").
 
   Baselines on the same examples: BM25 nearest neighbour over `train_examples` (the training
@@ -160,7 +176,7 @@ def evaluate(generator, examples: Sequence[dict], train_examples: Sequence[dict]
   for strategy, rr in methods(strategies, rerank):
     for arm, arm_k in arms:
       name = method_name(strategy, rr) + (", no retrieval" if arm is False else "")
-      cands = _generate(generator, descs, strategy, rr, decode,
+      cands = _generate(generator, descs, strategy, rr, decode, progress,
                         **({"retrieve": arm} if arm is not None else {}))
       outputs[name] = [c[0]["code"] for c in cands]
       finished = [c[0].get("finish_reason", "eos") == "eos" for c in cands]
@@ -177,8 +193,8 @@ def evaluate(generator, examples: Sequence[dict], train_examples: Sequence[dict]
     rows.append(_generation_row("BM25 nearest neighbour", outputs["BM25 nearest neighbour"], refs))
   if retrieval:
     chunks = retrieval_chunks(len(examples), max_candidates)
-    d_emb = _embed(generator, descs, "desc", decode.batch_size)
-    c_emb = _embed(generator, refs, "code", decode.batch_size)
+    d_emb = _embed(generator, descs, "desc", decode.batch_size, progress)
+    c_emb = _embed(generator, refs, "code", decode.batch_size, progress)
     align = [(d_emb[i] @ c_emb[i].T, c_emb[i] @ d_emb[i].T) for i in chunks]
     lexical = [(bm25.retrieval_scores([descs[j] for j in i], [refs[j] for j in i]),
                 bm25.retrieval_scores([refs[j] for j in i], [descs[j] for j in i]))
@@ -220,7 +236,8 @@ def evaluate_humaneval(generator, problems: Sequence[dict] | None = None,
                        strategies: Sequence[str] = ("greedy",), rerank: bool = False,
                        decode: DecodeSettings = DecodeSettings(), train_examples: Sequence[dict] = (),
                        limits: sandbox.Limits = humaneval.DEFAULT_LIMITS,
-                       workers: int | None = None, num_show: int = 3) -> dict[str, Any]:
+                       workers: int | None = None, num_show: int = 3,
+                       progress: bool = False) -> dict[str, Any]:
   """pass@1/10 on HumanEval (all 164 problems by default), every candidate run in the sandbox.
 
   Unreranked sampling gives independent samples: pass@k is the unbiased estimator over all
@@ -233,8 +250,9 @@ def evaluate_humaneval(generator, problems: Sequence[dict] | None = None,
   outputs: dict[str, list[str]] = {}
   for strategy, rr in methods(strategies, rerank):
     name = method_name(strategy, rr)
-    cands = [[c["code"] for c in cs] for cs in _generate(generator, descs, strategy, rr, decode)]
-    results = humaneval.execute(problems, cands, limits, workers)
+    cands = [[c["code"] for c in cs]
+             for cs in _generate(generator, descs, strategy, rr, decode, progress)]
+    results = humaneval.execute(problems, cands, limits, workers, progress=progress)
     outputs[name] = [c[0] for c in cands]
     rows.append(_humaneval_row(name, results, outputs[name], ranked=rr or strategy != "sample"))
   if train_examples:
@@ -242,7 +260,8 @@ def evaluate_humaneval(generator, problems: Sequence[dict] | None = None,
     cands = [[train_examples[i]["code"]] for i in nn]
     outputs["BM25 nearest neighbour"] = [c[0] for c in cands]
     rows.append(_humaneval_row("BM25 nearest neighbour",
-                               humaneval.execute(problems, cands, limits, workers),
+                               humaneval.execute(problems, cands, limits, workers,
+                                                 progress=progress),
                                outputs["BM25 nearest neighbour"], ranked=True))
   examples = [{"description": d, "code": p["prompt"] + p["canonical_solution"],
                "task_id": p["task_id"]} for d, p in zip(descs, problems)]

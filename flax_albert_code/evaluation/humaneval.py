@@ -78,15 +78,16 @@ def program(problem: dict, code: str) -> str:
 
 
 def execute(problems: Sequence[dict], completions: Sequence[Sequence[str]],
-            limits: sandbox.Limits = DEFAULT_LIMITS,
-            workers: int | None = None) -> list[list[sandbox.Result]]:
-  """Sandboxed results: `completions[i]` are the candidates for `problems[i]`."""
+            limits: sandbox.Limits = DEFAULT_LIMITS, workers: int | None = None,
+            progress: bool = False) -> list[list[sandbox.Result]]:
+  """Sandboxed results: `completions[i]` are the candidates for `problems[i]`; `progress`: a
+  bar on stderr."""
   programs, owner = [], []
   for i, (problem, cands) in enumerate(zip(problems, completions)):
     for code in cands:
       programs.append(program(problem, code))
       owner.append(i)
-  flat = sandbox.run_many(programs, limits, workers)
+  flat = sandbox.run_many(programs, limits, workers, progress=progress)
   results: list[list[sandbox.Result]] = [[] for _ in problems]
   for i, r in zip(owner, flat):
     results[i].append(r)

@@ -210,12 +210,16 @@ def run(program: str, limits: Limits = Limits()) -> Result:
 
 
 def run_many(programs: Sequence[str], limits: Limits = Limits(),
-             workers: int | None = None) -> list[Result]:
-  """`run` over many programs, `workers` (default: CPU count) at a time; results in order."""
+             workers: int | None = None, progress: bool = False) -> list[Result]:
+  """`run` over many programs, `workers` (default: CPU count) at a time; results in order;
+  `progress`: a bar on stderr."""
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   workers = workers or os.cpu_count() or 1
   capabilities()  # probe once, outside the pool
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    return list(pool.map(lambda p: run(p, limits), programs))
+    return list(tqdm(pool.map(lambda p: run(p, limits), programs), total=len(programs),
+                     desc="sandbox", unit="program", disable=not progress, leave=False,
+                     dynamic_ncols=True))
 
 
 def _tail(path: str, n: int = 2000) -> str:

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID
+from flax_albert_code.inference import options
 
 Array = jax.Array
 TokensToLogits = Callable[[Array, Any], tuple[Array, Any]]
@@ -50,16 +51,26 @@ def ban_special(logits_NxV: Array) -> Array:
   return jnp.where(banned, -jnp.inf, logits_NxV)
 
 
-def filter_logits(logits_NxV: Array, *, top_k: int = 0, top_p: Array | float = 1.0,
+def filter_logits(logits_NxV: Array, *, top_k: int | Array = 0, top_p: Array | float = 1.0,
                   nucleus: bool = False) -> Array:
   """Keeps the `top_k` largest logits (0: all), then the smallest set whose probability reaches
-  `top_p` (only when `nucleus`); the rest become -inf. Ties with the threshold are kept."""
-  if top_k:
-    top_NxK = lax.top_k(logits_NxV, top_k)[0]
-    logits_NxV = jnp.where(logits_NxV < top_NxK[:, -1:], -jnp.inf, logits_NxV)
+  `top_p` (only when `nucleus`); the rest become -inf. Ties with the threshold are kept.
+  A traced `top_k` (exported programs take it as an input) reads its threshold off the sorted
+  row instead of `lax.top_k`, which needs a static k."""
+  sorted_NxK = None
+  if not isinstance(top_k, numbers.Integral):
+    sorted_NxK = -jnp.sort(-logits_NxV, axis=-1)
+    kth = jnp.take(sorted_NxK, jnp.clip(top_k - 1, 0, logits_NxV.shape[-1] - 1), axis=-1)
+    kth = jnp.where(top_k > 0, kth, -jnp.inf)[..., None]
+    logits_NxV = jnp.where(logits_NxV < kth, -jnp.inf, logits_NxV)
+    sorted_NxK = jnp.where(sorted_NxK < kth, -jnp.inf, sorted_NxK)
+  elif top_k:
+    sorted_NxK = lax.top_k(logits_NxV, int(top_k))[0]
+    logits_NxV = jnp.where(logits_NxV < sorted_NxK[:, -1:], -jnp.inf, logits_NxV)
   if nucleus:
     # Sorted descending: the top-k values when they are known, else the whole row.
-    sorted_NxK = top_NxK if top_k else -jnp.sort(-logits_NxV, axis=-1)
+    if sorted_NxK is None:
+      sorted_NxK = -jnp.sort(-logits_NxV, axis=-1)
     probs = jax.nn.softmax(sorted_NxK, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs          # mass of the strictly better tokens
     keep = before < top_p
@@ -137,10 +148,14 @@ def sample_loop(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
                 done_N: Array | None = None,
                 phase_ends: Sequence[int] | None = None,
                 repetition_penalty: Array | None = None,
-                no_repeat_ngram_size: int = 0) -> tuple[Array, Array, Array, Array]:
-  """Decodes `batch_size` rows one token per step until all emitted EOS or `max_new_tokens`.
+                no_repeat_ngram_size: int = 0,
+                limit: Array | None = None) -> tuple[Array, Array, Array, Array]:
+  """Decodes `batch_size` rows one token per step until all emitted EOS or `max_new_tokens`
+  (or the traced `limit` <= max_new_tokens, when given: the cache keeps its static length).
 
-  `choose(logits_NxV, step_rng) -> ids_N` picks the next tokens (argmax, or a draw). Returns
+  `choose(logits_NxV, step_rng) -> ids_N` picks the next tokens (argmax, or a draw). `rng` is
+  one key for the whole batch, or raw keys [N, 2], one a row: then a row's draws depend on its
+  own key only, not on the other rows of the batch. Returns
   tokens [N, T] (PAD after EOS), summed log-probs [N], lengths [N] (EOS counted) and the
   number of steps run. Rows where `done_N` is True from the start are not decoded. With
   `phase_ends` (increasing, the last `max_new_tokens`) the steps before `end` call
@@ -158,7 +173,8 @@ def sample_loop(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
     state = state._replace(seen_NxV=jnp.zeros((n, v), bool))
 
   def cond(s: _SampleState) -> Array:
-    return (s.step < t) & ~jnp.all(s.done_N)
+    going = (s.step < t) & ~jnp.all(s.done_N)
+    return going if limit is None else going & (s.step < limit)
 
   def body(s: _SampleState, end: int | None) -> _SampleState:
     logits, cache = _call(tokens_to_logits, s.last_N[:, None], s.cache, end)
@@ -168,7 +184,9 @@ def sample_loop(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
     if no_repeat_ngram_size:
       banned = ban_repeated_ngrams(s.tokens_NxT, s.step, no_repeat_ngram_size, logits.shape[-1])
       chosen_from = jnp.where(banned, -jnp.inf, chosen_from)
-    ids = choose(chosen_from, jax.random.fold_in(rng, s.step)).astype(jnp.int32)
+    step_rng = (jax.vmap(jax.random.fold_in, (0, None))(rng, s.step) if jnp.ndim(rng) == 2
+                else jax.random.fold_in(rng, s.step))
+    ids = choose(chosen_from, step_rng).astype(jnp.int32)
     ids = jnp.where(s.done_N, PAD_ID, ids)
     logp = jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, -1)
     live = ~s.done_N
@@ -187,10 +205,14 @@ def greedy_choice(logits_NxV: Array, rng: Array) -> Array:
   return jnp.argmax(logits_NxV, axis=-1)
 
 
-def sample_choice(temperature, top_k: int, top_p, nucleus: bool) -> Callable[[Array, Array], Array]:
-  """Draws from softmax(logits / temperature) restricted by top-k and top-p."""
+def sample_choice(temperature, top_k: int | Array, top_p,
+                  nucleus: bool) -> Callable[[Array, Array], Array]:
+  """Draws from softmax(logits / temperature) restricted by top-k and top-p; with keys [N, 2]
+  each row draws with its own key."""
   def choose(logits_NxV: Array, rng: Array) -> Array:
     logits = filter_logits(logits_NxV / temperature, top_k=top_k, top_p=top_p, nucleus=nucleus)
+    if jnp.ndim(rng) == 2:
+      return jax.vmap(lambda key, row: jax.random.categorical(key, row))(rng, logits)
     return jax.random.categorical(rng, logits, axis=-1)
   return choose
 
@@ -229,7 +251,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
                 reorder_cache: Callable[..., Any] | None = None,
                 phase_ends: Sequence[int] | None = None,
                 repetition_penalty: Array | None = None,
-                no_repeat_ngram_size: int = 0) -> tuple[Array, Array]:
+                no_repeat_ngram_size: int = 0,
+                limit: Array | None = None) -> tuple[Array, Array]:
   """Beam search over a cache holding `batch_size * beam_size` rows (beams of a row adjacent).
 
   `reorder_cache(cache, parent_BxK)` makes each beam take over its parent's cache (default:
@@ -240,8 +263,10 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
   before `end` call `tokens_to_logits(ids, cache, end)` and `reorder_cache(cache, parent, end)`
   (see the module docstring). `no_repeat_ngram_size` n > 0: no beam repeats an n-gram;
   `repetition_penalty` (None: off): `penalize_repeats` of the logits by the beam's own tokens.
+  A traced `limit` <= max_new_tokens ends the search there, as if it were `max_new_tokens`.
   """
   b, k, t = batch_size, beam_size, max_new_tokens
+  last = t if limit is None else jnp.minimum(limit, t)
   if reorder_cache is None:
     def reorder_cache(c, parent_BxK, end=None):
       del end
@@ -259,11 +284,11 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
     # favourable penalty among the lengths it can still end at.
     best_live = s.live_logprob_BxK[:, 0]
     bound = jnp.maximum(best_live / length_penalty_fn(s.step + 1, alpha),
-                        best_live / length_penalty_fn(jnp.asarray(t), alpha))
+                        best_live / length_penalty_fn(jnp.asarray(last), alpha))
     worst_finished = jnp.where(jnp.all(s.finished_flags_BxK, axis=1),
                                s.finished_scores_BxK[:, -1], NEG_INF)
     settled = (worst_finished > bound) | ~active
-    return (s.step < t) & ~jnp.all(settled)
+    return (s.step < last) & ~jnp.all(settled)
 
   def body(s: _BeamState, end: int | None) -> _BeamState:
     logits, cache = _call(tokens_to_logits, s.last_BxK.reshape(b * k, 1), s.cache, end)
@@ -329,29 +354,11 @@ def num_candidates(strategy: str, num_beams: int, num_samples: int) -> int:
 def check_options(strategy: str, *, max_new_tokens: int, num_beams: int, num_samples: int,
                   top_k: int, top_p=1.0, temperature=1.0, vocab_size: int | None = None,
                   max_positions: int | None = None, repetition_penalty=1.0,
-                  no_repeat_ngram_size: int = 0) -> None:
-  """Raises ValueError (one sentence) for an unknown strategy or options that cannot work."""
-  def static(x):
-    return isinstance(x, numbers.Real)
-  if strategy not in STRATEGIES:
-    raise ValueError(f"Unknown decoding strategy {strategy!r}; use greedy, sample or beam.")
-  checks = [
-      (max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {max_new_tokens}"),
-      (max_positions is None or max_new_tokens <= max_positions,
-       f"max_new_tokens {max_new_tokens} exceeds the model's {max_positions} positions"),
-      (num_beams >= 1, f"num_beams must be at least 1, got {num_beams}"),
-      (num_samples >= 1, f"num_samples must be at least 1, got {num_samples}"),
-      (top_k >= 0, f"top_k must be 0 (off) or positive, got {top_k}"),
-      (vocab_size is None or top_k <= vocab_size,
-       f"top_k {top_k} exceeds the vocabulary size {vocab_size}"),
-      (not static(top_p) or 0.0 < top_p <= 1.0, f"top_p must be in (0, 1], got {top_p}"),
-      (strategy != "sample" or not static(temperature) or temperature > 0,
-       f"temperature must be positive, got {temperature}"),
-      (not static(repetition_penalty) or repetition_penalty >= 1.0,
-       f"repetition_penalty must be at least 1.0 (1.0: off), got {repetition_penalty}"),
-      (no_repeat_ngram_size >= 0,
-       f"no_repeat_ngram_size must be 0 (off) or positive, got {no_repeat_ngram_size}"),
-  ]
-  for ok, msg in checks:
-    if not ok:
-      raise ValueError(f"{msg}.")
+                  length_penalty=1.0, no_repeat_ngram_size: int = 0) -> None:
+  """Raises ValueError (one sentence) for an unknown strategy or options that cannot work
+  (`options.check`, the one set of ranges); traced values are not checked."""
+  options.check(strategies=STRATEGIES, strategy=strategy, max_new_tokens=max_new_tokens,
+                num_beams=num_beams, num_samples=num_samples, top_k=top_k, top_p=top_p,
+                temperature=temperature, repetition_penalty=repetition_penalty,
+                length_penalty=length_penalty, max_tokens=max_positions, vocab_size=vocab_size,
+                no_repeat_ngram_size=no_repeat_ngram_size)

@@ -29,6 +29,7 @@ from flax_albert_code.data import prepared as prepared_lib
 from flax_albert_code.inference import decoding
 from flax_albert_code.inference import index as index_lib
 from flax_albert_code.inference import model_decoding
+from flax_albert_code.inference import options
 from flax_albert_code.inference import postprocess
 from flax_albert_code.inference import retrieval
 from flax_albert_code.model import albert as model_lib
@@ -129,15 +130,20 @@ class CodeGenerator:
                no_repeat_ngram_size: int | None = None,
                drop_unparsable: bool = False, retrieve: bool | None = None,
                corpus: str | None = None) -> list[list[dict[str, Any]]]:
-    """Per description, candidates best first: {"code", "score", "align", "parses"}.
+    """Per description, candidates best first: {"code", "score", "align", "parses",
+    "finish_reason"} (and "neighbours" with retrieval).
 
     greedy gives 1 candidate, sample `num_samples`, beam the best `num_samples` of `num_beams`
-    (after reranking when `rerank`). "score" is the length-penalised log-probability; "align"
-    the cosine similarity of description and code vectors (None unless `rerank`). With
-    `drop_unparsable`, candidates that are not code (`postprocess.parses`) are dropped unless
-    none is. `repetition_penalty` > 1 makes tokens already emitted less likely
+    (after reranking when `rerank`). "score" is the length-penalised log-probability of the
+    candidate's tokens (its EOS included when it has one); "finish_reason" is "eos" when the
+    model ended the code and "length" when `max_new_tokens` cut it; "align" the cosine
+    similarity of description and code vectors (None unless `rerank`). With `drop_unparsable`,
+    candidates that are not code (`postprocess.parses`) are dropped unless none is.
+    `repetition_penalty` > 1 makes tokens already emitted less likely
     (`decoding.penalize_repeats`); `no_repeat_ngram_size` n > 0 never repeats an n-gram; None
-    takes each from config.sample (chosen on the valid split).
+    takes each from config.sample (chosen on the valid split). Sample j of description i is
+    drawn with `options.candidate_keys(seed, [i], ...)`, so it does not depend on the other
+    descriptions of the call. Options out of range raise `options.OptionError` (a ValueError).
 
     A model trained with retrieval (config.retrieval.k > 0) retrieves by default (`retrieve`
     None or True): the k functions of `corpus` (a data source spec, `prepared:SPLIT`, or None for
@@ -146,36 +152,38 @@ class CodeGenerator:
     `retrieve=False` generates from the description alone.
     """
     texts = postprocess.check_texts(descriptions, "Description")
-    max_new = self.default_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-    if strategy == "greedy" and num_samples != 1:
-      raise ValueError(f"Greedy decoding gives one candidate, not num_samples={num_samples}; use "
-                       "strategy='sample' or 'beam' for several.")
-    if strategy == "beam" and num_samples > num_beams:
-      raise ValueError(f"Beam search keeps {num_beams} beams, so it cannot return "
-                       f"num_samples={num_samples}; raise num_beams or lower num_samples.")
+    max_new = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
     sc = self.config.sample
     if repetition_penalty is None:
       repetition_penalty = float(sc.get("repetition_penalty", 1.0))
     if no_repeat_ngram_size is None:
       no_repeat_ngram_size = int(sc.get("no_repeat_ngram_size", 0))
-    decoding.check_options(strategy, max_new_tokens=max_new, num_beams=num_beams,
-                           num_samples=num_samples, top_k=top_k, top_p=top_p,
-                           temperature=temperature, vocab_size=self.cfg.vocab_size,
-                           max_positions=self.cfg.max_position_embeddings,
-                           repetition_penalty=repetition_penalty,
-                           no_repeat_ngram_size=no_repeat_ngram_size)
+    options.check(strategies=decoding.STRATEGIES, strategy=strategy, max_new_tokens=max_new,
+                  num_beams=num_beams, num_samples=num_samples, top_k=top_k, top_p=top_p,
+                  temperature=temperature, length_penalty=length_penalty,
+                  repetition_penalty=repetition_penalty, seed=seed,
+                  max_tokens=self.cfg.max_position_embeddings, vocab_size=self.cfg.vocab_size,
+                  no_repeat_ngram_size=no_repeat_ngram_size)
+    max_new = int(max_new)
     if not texts:
       return []
     used = self._retrieves(retrieve)
     neighbours = self.retrieve(texts, corpus) if used else [[] for _ in texts]
     width = self.max_ctx_len if used else self.max_desc_len
     ids = np.array([postprocess.pad(self._input_ids(t, i, [n["tokens"] for n in neighbours[i]]),
-                                 width) for i, t in enumerate(texts)], np.int32)
+                                    width) for i, t in enumerate(texts)], np.int32)
+    k = decoding.num_candidates(strategy, num_beams, num_samples)
+    keys = (options.candidate_keys(seed, range(len(texts)), k) if strategy == "sample"
+            else None)
     tokens, scores = [], []
-    for c, (start, size, bucket) in enumerate(postprocess.chunks(len(texts), self.batch_buckets)):
+    for start, size, bucket in postprocess.chunks(len(texts), self.batch_buckets):
       batch = np.zeros((bucket, width), np.int32)
       batch[:size] = ids[start:start + size]
-      rng = jax.random.fold_in(jax.random.PRNGKey(seed), c)
+      rng = jax.random.PRNGKey(0)                  # unused by greedy and beam search
+      if keys is not None:
+        rng = np.zeros((bucket, k, 2), np.uint32)
+        rng[:size] = keys[start:start + size]
+        rng = self._put(rng)
       t, s = model_decoding.generate(
           self.model, self.variables, self._put(batch), strategy=strategy,
           max_new_tokens=max_new, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -248,7 +256,7 @@ class CodeGenerator:
     run's search_index/ and reused while the parameters and the corpus files are unchanged)."""
     spec = corpus or "prepared:train"
     if self._corpus is None or self._corpus[0] != spec:
-      examples, fingerprint = index_lib.corpus(spec, self.prepared)
+      examples, fingerprint, _ = index_lib.corpus(spec, self.prepared)
       if not examples:
         raise ValueError(f"The retrieval corpus {spec} holds no functions; name another with "
                          "--corpus (e.g. dir:PATH) or pass --no-retrieve.")
@@ -304,7 +312,7 @@ class CodeGenerator:
     n = len(self.tokenizer.encode(text))
     if n > self.max_desc_len - 2:
       log.warning("Description %d is %d tokens long; the model reads at most %d, so it was "
-                  "truncated.", i, n, self.max_desc_len - 2)
+                  "truncated.", i + 1, n, self.max_desc_len - 2)
     return self.tokenizer.encode_description(text, self.max_desc_len)
 
 

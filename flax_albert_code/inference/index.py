@@ -6,6 +6,9 @@ anything with `embed(texts, kind)`.
 
 SOURCE is any data source spec (stdlib, site-packages, dir:PATH, jsonl:PATH, csn:PATH, tfds:NAME,
 comma-separated) or `prepared[:SPLIT]` (the checkpoint's prepared data, default split test).
+A source spec gives every function, with or without a docstring (code search is also for
+undocumented code; the training filters do not apply), and counts what it skipped by reason
+(files that do not parse or decode, ...).
 The index (code vectors + where each function is) is saved under `<workdir>/search_index/<key>/`,
 keyed by a hash of the parameters and the corpus files (sizes and mtimes), so it is reused while
 both are unchanged and rebuilt otherwise; it is written to a temporary directory and renamed.
@@ -22,11 +25,12 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from flax_albert_code.data import mining, sources
 from flax_albert_code.utils import files
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2      # 2: every function of a source, not only documented ones
 ITEM_FIELDS = ("name", "path", "lineno", "description", "code")
 VECTORS, ITEMS = "vectors.npy", "items.json"
 
@@ -58,23 +62,35 @@ def read(directory: str) -> Index:
   return Index(np.asarray(vectors, np.float32), items, directory=directory)
 
 
-def corpus(spec: str, prepared=None) -> tuple[list[dict], str]:
-  """The (description, code, where) examples of a corpus spec and a fingerprint of its files."""
+def corpus(spec: str, prepared=None,
+           progress: bool = False) -> tuple[list[dict], str, collections.Counter]:
+  """The (description, code, where) examples of a corpus spec, a fingerprint of its files and
+  what was skipped, counted by reason ("file: syntax error", ...); `progress`: a bar on stderr."""
   if spec == "prepared" or spec.startswith("prepared:"):
     if prepared is None:
       raise ValueError(f"--corpus {spec} needs the checkpoint's prepared data, which was not "
                        "found; pass a data source spec instead (e.g. stdlib or dir:PATH).")
     split = spec.partition(":")[2] or "test"
     examples = [{k: e[k] for k in ITEM_FIELDS} for e in prepared.source(split)]
-    return examples, f"prepared:{prepared.meta.get('key', prepared.data_dir)}:{split}"
+    return (examples, f"prepared:{prepared.meta.get('key', prepared.data_dir)}:{split}",
+            collections.Counter())
   specs = sources.parse_specs(spec)
   units = [u for s in specs for u in sources.units(s)]
   skipped: collections.Counter = collections.Counter()
+  every = mining.Filters(every_function=True)
   examples = [{k: getattr(p, k) for k in ITEM_FIELDS}
-              for u in units for p in u.read(mining.Filters(), skipped)]
+              for u in tqdm(units, desc="reading", unit="file", disable=not progress,
+                            leave=False, dynamic_ncols=True)
+              for p in u.read(every, skipped)]
   stamp = hashlib.sha256("\n".join(f"{u.label}\0{u.stamp}" for u in units).encode(
       "utf-8", "surrogateescape")).hexdigest()
-  return examples, f"{','.join(specs)}:{stamp}"
+  return examples, f"{','.join(specs)}:{stamp}", skipped
+
+
+def describe_skipped(skipped: collections.Counter) -> str:
+  """`file: syntax error 2, file: unreadable 1` (most first), or `nothing`."""
+  return ", ".join(f"{reason} {n}" for reason, n in sorted(
+      skipped.items(), key=lambda kv: (-kv[1], kv[0]))) or "nothing"
 
 
 def params_fingerprint(variables) -> str:
@@ -95,11 +111,16 @@ def index_key(generator, corpus_fingerprint: str) -> str:
   return h.hexdigest()[:16]
 
 
-def build_index(generator, examples: Sequence[dict], batch_size: int = 256) -> np.ndarray:
-  """Code vectors of `examples`, [N, align_dim]."""
+def build_index(generator, examples: Sequence[dict], batch_size: int = 256,
+                progress: bool = False) -> np.ndarray:
+  """Code vectors of `examples`, [N, align_dim]; `progress`: a bar on stderr."""
   codes = [e["code"] for e in examples]
-  parts = [generator.embed(codes[i:i + batch_size], kind="code")
-           for i in range(0, len(codes), batch_size)]
+  parts = []
+  with tqdm(total=len(codes), desc="indexing", unit="function", disable=not progress,
+            leave=False, dynamic_ncols=True) as bar:
+    for i in range(0, len(codes), batch_size):
+      parts.append(generator.embed(codes[i:i + batch_size], kind="code"))
+      bar.update(len(parts[-1]))
   return np.concatenate(parts) if parts else np.zeros((0, generator.cfg.align_dim), np.float32)
 
 
@@ -113,14 +134,15 @@ def _whole(directory: str) -> Index | None:
 
 
 def load_or_build(generator, examples: Sequence[dict], corpus_fingerprint: str,
-                  root: str) -> Index:
-  """The index under `root/<key>/` if complete, else built, saved atomically and returned."""
+                  root: str, progress: bool = False) -> Index:
+  """The index under `root/<key>/` if complete, else built (`progress`: a bar on stderr),
+  saved atomically and returned."""
   key = index_key(generator, corpus_fingerprint)
   final = os.path.join(root, key)
   found = _whole(final)
   if found is not None:
     return dataclasses.replace(found, key=key, reused=True)
-  vectors = build_index(generator, examples)
+  vectors = build_index(generator, examples, progress=progress)
   items = [{k: e[k] for k in ITEM_FIELDS} for e in examples]
   # A damaged index there is replaced; one another process saved meanwhile is kept.
   with files.staged_dir(final, existing="keep", complete=lambda d: _whole(d) is not None) as tmp:

@@ -51,11 +51,12 @@ def reorder_decode_cache(cache: DecodeCache, parent_BxK: Array,
 
 
 def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: str = "greedy",
-             max_new_tokens: int = 256, rng: Array | int = 0, temperature=1.0, top_k: int = 0,
-             top_p=1.0, num_beams: int = 4, length_penalty=1.0, num_samples: int = 1,
-             decode_phase: int = 64, mesh: jax.sharding.Mesh | None = None,
+             max_new_tokens: int = 256, rng: Array | int = 0, temperature=1.0,
+             top_k: int | Array = 0, top_p=1.0, num_beams: int = 4, length_penalty=1.0,
+             num_samples: int = 1, decode_phase: int = 64, mesh: jax.sharding.Mesh | None = None,
              axis_rules: tuple | None = None, repetition_penalty=1.0,
-             no_repeat_ngram_size: int = 0) -> tuple[Array, Array]:
+             no_repeat_ngram_size: int = 0,
+             limit: Array | int | None = None) -> tuple[Array, Array]:
   """Decodes code for each description: tokens [B, K, T] int32 (PAD after EOS), scores [B, K].
 
   K is 1 (greedy), `num_samples` (sample) or `num_beams` (beam); candidates best first. Rows of
@@ -66,26 +67,35 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
   attending to (and, for beams, reordering) only the cache positions it can have written
   (decoding.py's docstring); 0 attends to the whole cache at every step. Outputs are the same.
   Compiled once per (shapes, strategy, max_new_tokens, K, top_k, top_p < 1, decode_phase,
-  mesh, repetition_penalty != 1); temperature, top_p, length_penalty and a repetition
-  penalty's value are traced. `repetition_penalty` (1.0: off) is `decoding.penalize_repeats`;
+  mesh, repetition_penalty != 1, no_repeat_ngram_size); temperature, top_p, length_penalty
+  and a repetition penalty's value are traced, and so is top_k when it is not a Python int
+  (exported programs). `repetition_penalty` (1.0: off) is `decoding.penalize_repeats`;
   `no_repeat_ngram_size` (0: off) `decoding.ban_repeated_ngrams`, both in every strategy.
+  `rng` (sample): a seed, one key, or raw keys [B, K, 2], one per candidate
+  (`options.candidate_keys`), which make each candidate independent of the rest of the batch.
+  `limit` (traced, <= max_new_tokens) stops decoding there; the outputs keep length
+  max_new_tokens (PAD after).
   """
   cfg = model.cfg
   decoding.check_options(strategy, max_new_tokens=max_new_tokens, num_beams=num_beams,
                          num_samples=num_samples, top_k=top_k, top_p=top_p,
                          temperature=temperature, vocab_size=cfg.vocab_size,
                          max_positions=cfg.max_position_embeddings,
-                         repetition_penalty=repetition_penalty,
+                         repetition_penalty=repetition_penalty, length_penalty=length_penalty,
                          no_repeat_ngram_size=no_repeat_ngram_size)
   nucleus = strategy == "sample" and not (isinstance(top_p, numbers.Real) and top_p >= 1.0)
   if isinstance(rng, int):
     rng = jax.random.PRNGKey(rng)
+  static_top_k = isinstance(top_k, numbers.Integral)
   return _generate(model, params, desc_ids_BxL, rng, jnp.float32(temperature),
                    jnp.float32(top_p), jnp.float32(length_penalty),
-                   jnp.float32(repetition_penalty), strategy=strategy,
+                   jnp.float32(repetition_penalty),
+                   jnp.int32(max_new_tokens if limit is None else limit),
+                   jnp.int32(0 if static_top_k else top_k), strategy=strategy,
                    max_new_tokens=max_new_tokens,
                    k=decoding.num_candidates(strategy, num_beams, num_samples),
-                   top_k=top_k if strategy == "sample" else 0, nucleus=nucleus,
+                   top_k=(int(top_k) if static_top_k else None) if strategy == "sample" else 0,
+                   nucleus=nucleus,
                    phases=decoding.decode_phases(max_new_tokens, int(decode_phase)), mesh=mesh,
                    penalize=not (isinstance(repetition_penalty, numbers.Real)
                                  and repetition_penalty == 1.0),
@@ -111,9 +121,11 @@ def mesh_context(mesh: jax.sharding.Mesh | None, axis_rules: tuple | None):
                                              "nucleus", "phases", "mesh", "axis_rules",
                                              "penalize", "no_repeat_ngram_size"))
 def _generate(model: CodeModel, params, desc_ids_BxL, rng, temperature, top_p, length_penalty,
-              repetition_penalty, *, strategy: str, max_new_tokens: int, k: int, top_k: int,
-              nucleus: bool, mesh, axis_rules, phases: tuple[int, ...] | None = None,
-              penalize: bool = False, no_repeat_ngram_size: int = 0):
+              repetition_penalty, limit, top_k_value, *, strategy: str, max_new_tokens: int,
+              k: int, top_k: int | None, nucleus: bool, mesh, axis_rules,
+              phases: tuple[int, ...] | None = None, penalize: bool = False,
+              no_repeat_ngram_size: int = 0):
+  # top_k None: the traced `top_k_value` (0: off).
   with mesh_context(mesh, axis_rules):
     b = desc_ids_BxL.shape[0]
     active_B = desc_ids_BxL[:, 0] != PAD_ID
@@ -126,20 +138,22 @@ def _generate(model: CodeModel, params, desc_ids_BxL, rng, temperature, top_p, l
       return logits[:, -1], cache
 
     alpha = length_penalty
+    penalty = repetition_penalty if penalize else None
     if strategy == "beam":
       tokens, scores = decoding.beam_search(
           tokens_to_logits, cache, batch_size=b, beam_size=k, max_new_tokens=max_new_tokens,
           length_penalty=alpha, active_B=active_B, reorder_cache=reorder_decode_cache,
-          phase_ends=phases, no_repeat_ngram_size=no_repeat_ngram_size,
-          repetition_penalty=repetition_penalty if penalize else None)
+          phase_ends=phases, repetition_penalty=penalty,
+          no_repeat_ngram_size=no_repeat_ngram_size, limit=limit)
     else:
-      choose = (decoding.greedy_choice if strategy == "greedy"
-                else decoding.sample_choice(temperature, top_k, top_p, nucleus))
+      choose = (decoding.greedy_choice if strategy == "greedy" else decoding.sample_choice(
+          temperature, top_k_value if top_k is None else top_k, top_p, nucleus))
+      if rng.ndim == 3:   # a key per candidate, [B, K, 2]
+        rng = rng.reshape(b * k, rng.shape[-1])
       tokens, logprob, length, _ = decoding.sample_loop(
           tokens_to_logits, cache, batch_size=b * k, max_new_tokens=max_new_tokens,
           choose=choose, rng=rng, done_N=jnp.repeat(~active_B, k), phase_ends=phases,
-          repetition_penalty=repetition_penalty if penalize else None,
-          no_repeat_ngram_size=no_repeat_ngram_size)
+          repetition_penalty=penalty, no_repeat_ngram_size=no_repeat_ngram_size, limit=limit)
       scores = jnp.where(length > 0, logprob / decoding.length_penalty_fn(length, alpha), 0.0)
       tokens, scores = tokens.reshape(b, k, max_new_tokens), scores.reshape(b, k)
       if k > 1:   # samples best first

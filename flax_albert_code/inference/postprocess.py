@@ -16,7 +16,8 @@ from flax_albert_code.config import CLS_ID, PAD_ID
 
 
 def check_texts(texts, what: str, allow_blank: bool = False) -> list[str]:
-  """A list of str (UTF-8 bytes decoded); one ValueError sentence for anything else."""
+  """A list of str (UTF-8 bytes decoded); one ValueError sentence for anything else, naming the
+  text by its 1-based number."""
   if isinstance(texts, (str, bytes)):
     raise ValueError(f"Pass a list of {what.lower()}s, not a single string.")
   out = []
@@ -25,11 +26,11 @@ def check_texts(texts, what: str, allow_blank: bool = False) -> list[str]:
       try:
         t = t.decode("utf-8")
       except UnicodeDecodeError:
-        raise ValueError(f"{what} {i} is not valid UTF-8 text.") from None
+        raise ValueError(f"{what} {i + 1} is not valid UTF-8 text.") from None
     if not isinstance(t, str):
-      raise ValueError(f"{what} {i} is a {type(t).__name__}, not a string.")
+      raise ValueError(f"{what} {i + 1} is a {type(t).__name__}, not a string.")
     if not allow_blank and not t.strip():
-      raise ValueError(f"{what} {i} is empty; give it some text.")
+      raise ValueError(f"{what} {i + 1} is empty; give it some text.")
     out.append(t)
   return out
 

@@ -25,6 +25,7 @@ close(), naming the step and the earlier steps that are intact.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -298,10 +299,15 @@ def _jsonable(d):
 
 
 def resolve(path: str) -> tuple[epath.Path, int]:
-  """A training workdir (-> its latest checkpoint) or one checkpoint step directory."""
-  p = epath.Path(os.path.expanduser(str(path)))
+  """A training workdir (-> its latest checkpoint) or one checkpoint step directory, as an
+  absolute path (orbax refuses relative ones; `runs/small` means the one under this directory)."""
+  path = os.path.expanduser(os.fspath(path))
+  p = epath.Path(path if "://" in path else os.path.abspath(path))
   if not p.exists():
     raise CheckpointError(f"Checkpoint path {p} does not exist; pass a training workdir or a "
+                          "checkpoint step directory.")
+  if not p.is_dir():
+    raise CheckpointError(f"Checkpoint path {p} is a file; pass a training workdir or a "
                           "checkpoint step directory.")
   if (p / "checkpoints").is_dir():
     p = p / "checkpoints"
@@ -314,8 +320,27 @@ def resolve(path: str) -> tuple[epath.Path, int]:
   return p, steps[-1]
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Without orbax's warnings about reading a checkpoint read-only and restoring only some of
+  its items (absl WARNING lines a reader can do nothing about); its errors still show."""
+  def drop(record: logging.LogRecord) -> bool:
+    return record.levelno > logging.WARNING
+  absl = logging.getLogger("absl")
+  absl.addFilter(drop)
+  try:
+    yield
+  finally:
+    absl.removeFilter(drop)
+
+
 def load_for_inference(path: str) -> tuple[ml_collections.ConfigDict, Any, int]:
   """(config, model params, step) from a workdir or checkpoint dir, on the default device."""
+  with _quiet_orbax():
+    return _load_for_inference(path)
+
+
+def _load_for_inference(path: str) -> tuple[ml_collections.ConfigDict, Any, int]:
   directory, step = resolve(path)
   problem = verify_step(directory / str(step))
   if problem:

@@ -1,9 +1,12 @@
-"""What every command shares: one-line errors, quiet library logs, reading texts, loading a model."""
+"""What every command shares: one-line errors, quiet library logs, progress bars on a terminal,
+reading texts, loading a model."""
 from __future__ import annotations
 
 import logging
 import sys
 from typing import Sequence
+
+from flax_albert_code.inference import options
 
 USER_ERRORS: tuple = (ValueError, OSError, RuntimeError)  # CheckpointError is a RuntimeError
 
@@ -18,9 +21,16 @@ def quiet_logs() -> None:
   logging.getLogger("absl").setLevel(logging.ERROR)
 
 
-def fail(error: BaseException) -> int:
-  """One sentence on stderr, exit status 1."""
-  print(f"error: {error}", file=sys.stderr)
+def progress() -> bool:
+  """Whether to draw progress bars (tqdm, on stderr): when stderr is a terminal, so that logs
+  and pipes get no carriage-return noise."""
+  return bool(sys.stderr and sys.stderr.isatty())
+
+
+def fail(error: BaseException | str) -> int:
+  """One sentence on stderr, exit status 1; an option is named by its flag (--num-beams)."""
+  text = error.for_flags() if isinstance(error, options.OptionError) else str(error)
+  print(f"error: {text}", file=sys.stderr)
   return 1
 
 
@@ -39,8 +49,11 @@ def read_texts(args: Sequence[str], input_path: str, what: str = "description") 
       texts.append(_utf8(a.encode("utf-8", "surrogateescape"), f"Argument {i + 1}"))
   else:
     if input_path and input_path != "-":
-      with open(input_path, "rb") as f:
-        data = _utf8(f.read(), input_path)
+      try:
+        with open(input_path, "rb") as f:
+          data = _utf8(f.read(), input_path)
+      except OSError as e:
+        raise ValueError(f"Cannot read --input {input_path} ({e.strerror or e}).") from None
     else:
       if sys.stdin is None or sys.stdin.isatty():
         raise ValueError(f"No {what} given; pass it as an argument, with --input FILE or on stdin.")

@@ -1,0 +1,146 @@
+"""The decoding options a user sets, checked in one place for every way in: the commands
+(generate, evaluate), the Python API (CodeGenerator, load_export) and the HTTP server.
+
+  check(strategies=("greedy", "beam"), strategy="beam", num_beams=0)
+  -> OptionError: num_beams must be at least 1, got 0.
+
+Each option has one range and one message. An `OptionError` reads with the option's Python and
+JSON name (`num_beams`); `OptionError.for_flags()` gives the same sentence with the command-line
+flag (`--num-beams`), which the commands print. Values that are not Python numbers (traced inside
+a jitted function) are left to the caller.
+
+A candidate's random key depends only on the seed, its description's index and its own index
+(`candidate_keys`), so a seeded request draws the same candidates alone or batched with others.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+MAX_SEED = 2**31 - 1
+# Ranges of the real-valued options: (low, low inclusive, high, high inclusive).
+RANGES = {
+    "temperature": (0.0, False, 100.0, True),
+    "top_p": (0.0, False, 1.0, True),
+    "length_penalty": (0.0, True, 10.0, True),
+    "repetition_penalty": (1.0, True, 10.0, True),
+}
+
+
+def flag(field: str) -> str:
+  """The command-line flag of a field: num_beams -> --num-beams."""
+  return "--" + field.replace("_", "-")
+
+
+class OptionError(ValueError):
+  """An option out of range; str() names fields (num_beams), for_flags() names flags."""
+
+  def __init__(self, render: Callable[[Callable[[str], str]], str]):
+    super().__init__(render(lambda f: f))
+    self._render = render
+
+  def for_flags(self) -> str:
+    return self._render(flag)
+
+
+def _is_static(x: Any) -> bool:
+  return isinstance(x, (numbers.Number, np.generic)) and not isinstance(x, bool)
+
+
+def _interval(low, low_in, high, high_in) -> str:
+  return f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def check(*, strategies: Sequence[str], strategy: str = "greedy",
+          max_new_tokens: int | None = None, num_samples: int = 1, num_beams: int = 4,
+          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+          length_penalty: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
+          max_tokens: int | None = None, vocab_size: int | None = None,
+          max_samples: int | None = None, beams_fixed: bool = False,
+          max_tokens_why: str = "the model's positions", no_repeat_ngram_size: int = 0) -> None:
+  """Raises OptionError (one sentence) for the first option out of range.
+
+  `strategies`: the strategies there are programs for; `max_tokens`, `vocab_size`,
+  `max_samples`: the model's (or export's, or server's) limits where known, `max_tokens_why`
+  what sets `max_tokens`; `beams_fixed`: the beam width is the export's, not the caller's.
+  """
+  def fail(render):
+    raise OptionError(render)
+
+  if strategy not in strategies:
+    fail(lambda n: f"Unknown decoding strategy {strategy!r}; use {', '.join(strategies)}.")
+  ints = {"num_samples": num_samples, "num_beams": num_beams, "top_k": top_k, "seed": seed,
+          "no_repeat_ngram_size": no_repeat_ngram_size}
+  if max_new_tokens is not None:
+    ints["max_new_tokens"] = max_new_tokens
+  for name, v in ints.items():
+    if isinstance(v, bool) or (_is_static(v) and not isinstance(v, (numbers.Integral))):
+      fail(lambda n, name=name, v=v: f"{n(name)} must be a whole number, got {v!r}.")
+  for name, v in {"temperature": temperature, "top_p": top_p, "length_penalty": length_penalty,
+                  "repetition_penalty": repetition_penalty}.items():
+    if isinstance(v, bool) or not (_is_static(v) or hasattr(v, "shape")):
+      fail(lambda n, name=name, v=v: f"{n(name)} must be a number, got {v!r}.")
+    if not _is_static(v):
+      continue
+    low, low_in, high, high_in = RANGES[name]
+    ok = math.isfinite(v) and (v >= low if low_in else v > low) and (
+        v <= high if high_in else v < high)
+    if not ok:
+      span = _interval(*RANGES[name])
+      what = {"temperature": f"must be positive and at most {high:g}",
+              "repetition_penalty": f"must be in {span} (1.0: off)"}.get(name, f"must be in {span}")
+      fail(lambda n, name=name, v=v, what=what: f"{n(name)} {what}, got {v:g}.")
+  if max_new_tokens is not None and _is_static(max_new_tokens):
+    if max_new_tokens < 1:
+      fail(lambda n: f"{n('max_new_tokens')} must be at least 1, got {max_new_tokens}.")
+    if max_tokens is not None and max_new_tokens > max_tokens:
+      fail(lambda n: f"{n('max_new_tokens')} must be at most {max_tokens} ({max_tokens_why}), "
+                     f"got {max_new_tokens}.")
+  if _is_static(num_samples):
+    if num_samples < 1:
+      fail(lambda n: f"{n('num_samples')} must be at least 1, got {num_samples}.")
+    if max_samples is not None and num_samples > max_samples:
+      fail(lambda n: f"{n('num_samples')} must be at most {max_samples}, got {num_samples}.")
+  if _is_static(num_beams) and num_beams < 1:
+    fail(lambda n: f"{n('num_beams')} must be at least 1, got {num_beams}.")
+  if _is_static(top_k):
+    if top_k < 0:
+      fail(lambda n: f"{n('top_k')} must be 0 (off) or positive, got {top_k}.")
+    if vocab_size is not None and top_k > vocab_size:
+      fail(lambda n: f"{n('top_k')} must be at most the vocabulary size {vocab_size}, got "
+                     f"{top_k}.")
+  if _is_static(no_repeat_ngram_size) and no_repeat_ngram_size < 0:
+    fail(lambda n: f"{n('no_repeat_ngram_size')} must be 0 (off) or positive, got "
+                   f"{no_repeat_ngram_size}.")
+  if _is_static(seed) and not 0 <= seed <= MAX_SEED:
+    fail(lambda n: f"{n('seed')} must be in 0..{MAX_SEED}, got {seed}.")
+  if strategy == "greedy" and _is_static(num_samples) and num_samples != 1:
+    fail(lambda n: f"Greedy decoding gives one candidate, not {_setting(n, 'num_samples', num_samples)}; "
+                   f"use {_setting(n, 'strategy', 'sample')} or beam for several.")
+  if strategy == "beam" and _is_static(num_samples) and num_samples > num_beams:
+    if beams_fixed:
+      fail(lambda n: f"This export's beam search keeps {num_beams} beams, so it cannot return "
+                     f"{_setting(n, 'num_samples', num_samples)}.")
+    fail(lambda n: f"Beam search keeps {num_beams} beams, so it cannot return "
+                   f"{_setting(n, 'num_samples', num_samples)}; raise {n('num_beams')} or lower "
+                   f"{n('num_samples')}.")
+
+
+def _setting(name_of: Callable[[str], str], field: str, value: Any) -> str:
+  """`num_samples=3` (Python, JSON) or `--num-samples 3` (command line)."""
+  name = name_of(field)
+  return f"{name} {value}" if name.startswith("--") else f"{name}={value}"
+
+
+def candidate_keys(seed: int, indices: Sequence[int], k: int) -> np.ndarray:
+  """uint32 [len(indices), k, 2]: the PRNG key of candidate j of the description numbered
+  indices[i] in its request, fold_in(fold_in(PRNGKey(seed), index), j)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  base = jax.random.PRNGKey(int(seed))
+  fold = jax.vmap(jax.vmap(jax.random.fold_in, (None, 0)), (0, None))
+  rows = jax.vmap(jax.random.fold_in, (None, 0))(base, jnp.asarray(list(indices), jnp.uint32))
+  return np.asarray(fold(rows, jnp.arange(k, dtype=jnp.uint32)), np.uint32)
