@@ -16,6 +16,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 # Token ids fixed by the tokenizer (see tokenizer.py): the model and data code share them.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, CLS_ID, SEP_ID = 0, 1, 2, 3, 4, 5
 
+DEFAULT_PRESET = "small"
 MODEL_PRESETS = {
     # name: (vocab, E, H, heads, FFN, encoder layers, decoder layers, max positions)
     "tiny": dict(vocab_size=512, embedding_size=16, hidden_size=32, num_attention_heads=4,
@@ -33,7 +34,9 @@ MODEL_PRESETS = {
 }
 
 
-def model_config(preset: str = "small") -> ml_collections.ConfigDict:
+def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
+  """Every model hyper-parameter with its default, at the sizes of `preset`; the one source of
+  `model.layers.ModelConfig`'s values."""
   if preset not in MODEL_PRESETS:
     raise ValueError(f"Unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}.")
   m = ml_collections.ConfigDict(dict(
@@ -71,7 +74,7 @@ def model_config(preset: str = "small") -> ml_collections.ConfigDict:
   return m
 
 
-def get_config(preset: str = "small") -> ml_collections.ConfigDict:
+def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = preset
   c.seed = 0
@@ -144,7 +147,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   Types are those of `get_config()`'s defaults: `--config.a.b=v` overrides of int, float, bool
   and str fields are type-checked by ml_collections already, but a tuple field takes any string.
   """
-  schema = get_config(config.model.get("preset", "small")) if "model" in config else get_config()
+  preset = config.model.get("preset", DEFAULT_PRESET) if "model" in config else DEFAULT_PRESET
+  schema = get_config(preset)
 
   def check(node, default, path):
     for key, want in default.items():
