@@ -6,10 +6,13 @@ published sizes; `tiny` exists for tests.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
 import ml_collections
+
+from flax_albert_code import configs as shipped_configs
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -176,13 +179,38 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def config_path(spec: str) -> str:
   """A `--config` value as a file config_flags can load: an existing path as given, else a shipped
   config named `configs/X.py`, `X.py` or `X` (so the README's commands work from any directory
-  and from a wheel install). A `:arg` suffix (big_vision variants) is kept."""
+  and from a wheel install), a name in `configs.VARIANTS` standing for its file and variant. A
+  `:arg` suffix (big_vision variants) is kept."""
   path, colon, arg = spec.partition(":")
   if os.path.exists(path) or not path:
     return spec
   name = os.path.basename(path)
-  shipped = os.path.join(CONFIG_DIR, name if name.endswith(".py") else name + ".py")
+  stem = name[:-len(".py")] if name.endswith(".py") else name
+  if stem in shipped_configs.VARIANTS:
+    file, _, variant = shipped_configs.VARIANTS[stem].partition(":")
+    return os.path.join(CONFIG_DIR, file) + ":" + ",".join(a for a in (variant, arg) if a)
+  shipped = os.path.join(CONFIG_DIR, stem + ".py")
   return shipped + colon + arg if os.path.exists(shipped) else spec
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """The config a `--config` value names, as config_flags loads it but without command-line
+  overrides (for scripts and tests): `get_config(arg)` after a colon, else `get_config()`."""
+  path, colon, arg = config_path(spec).partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No config file {path!r}; give a path or a shipped config "
+                            f"({', '.join(shipped_names())}).")
+  module_spec = importlib.util.spec_from_file_location("_loaded_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if colon else module.get_config()
+
+
+def shipped_names() -> list[str]:
+  """The names `--config` finds in the package: its config files and their named variants."""
+  files = [f[:-len(".py")] for f in os.listdir(CONFIG_DIR)
+           if f.endswith(".py") and f not in ("__init__.py", "common.py")]
+  return sorted(set(files) | set(shipped_configs.VARIANTS))
 
 
 def with_shipped_configs(argv: list[str]) -> list[str]:

@@ -20,15 +20,13 @@ Choices, each measured on the VALID split, never on test (benchmarks/RESULTS.md 
   tokens in buckets of 64/128/256, unrolled depth (nn.scan cost 32% of tokens/s here and saved
   no compile time: the compile is dominated by autotuning, not depth).
 """
-
 from flax_albert_code import config as config_lib
+from flax_albert_code.configs import common
 
 
 def get_config():
-  c = config_lib.get_config("base")
+  c = common.accelerator(config_lib.get_config("base"))
   c.name = "quality"
-  c.model.dtype = "bfloat16"
-  c.model.attention_impl = "cudnn"
   c.model.scan_layers = False
   c.model.hidden_dropout_prob = 0.1
   c.model.norm_position = "pre"
