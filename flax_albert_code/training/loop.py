@@ -209,6 +209,7 @@ class Trainer:
       self.bar = tqdm(total=tc.steps, initial=step,
                       disable=not (self.progress and self.is_main), dynamic_ncols=True,
                       desc="train")
+      self._t_last, self._tokens_since, self._flops_since = time.perf_counter(), 0, 0.0
       while step < end:
         step += 1
         self.do_step(step)
