@@ -32,8 +32,12 @@ def old_run(tmp_path_factory):
     return root, json.load(f)
 
 
-def _best(outs):
-  return [c[0] for c in outs]
+def _assert_generates_as_before(outs, want):
+  """The best greedy candidate of each description: the same code, the same score."""
+  got = [c[0] for c in outs]
+  assert [c["code"] for c in got] == [c["code"] for c in want["generate"]]
+  np.testing.assert_allclose([c["score"] for c in got], [c["score"] for c in want["generate"]],
+                             rtol=1e-5)
 
 
 def test_fixture_is_small():
@@ -46,10 +50,8 @@ def test_old_checkpoint_loads_and_generates_as_before(old_run):
   gen = CodeGenerator.from_checkpoint(str(root / "run"))
   assert gen.step == want["step"] == 3
   assert gen.cfg.hidden_size == 16 and gen.cfg.pooling == "mean"   # from the saved config
-  got = _best(gen.generate(want["descriptions"], strategy="greedy"))
-  assert [c["code"] for c in got] == [c["code"] for c in want["checkpoint"]["generate"]]
-  np.testing.assert_allclose([c["score"] for c in got],
-                             [c["score"] for c in want["checkpoint"]["generate"]], rtol=1e-5)
+  _assert_generates_as_before(gen.generate(want["descriptions"], strategy="greedy"),
+                              want["checkpoint"])
   np.testing.assert_allclose(gen.embed(want["descriptions"], kind="desc"),
                              want["checkpoint"]["embed_desc"], atol=1e-5)
   np.testing.assert_allclose(gen.embed(want["codes"], kind="code"),
@@ -59,10 +61,8 @@ def test_old_checkpoint_loads_and_generates_as_before(old_run):
 def test_old_export_loads_and_generates_as_before(old_run):
   root, want = old_run
   exported = flax_albert_code.load_export(str(root / "export"))
-  got = _best(exported.generate(want["descriptions"], strategy="greedy"))
-  assert [c["code"] for c in got] == [c["code"] for c in want["export"]["generate"]]
-  np.testing.assert_allclose([c["score"] for c in got],
-                             [c["score"] for c in want["export"]["generate"]], rtol=1e-5)
+  _assert_generates_as_before(exported.generate(want["descriptions"], strategy="greedy"),
+                              want["export"])
   np.testing.assert_allclose(exported.embed(want["descriptions"], kind="desc"),
                              want["export"]["embed_desc"], atol=1e-5)
 
