@@ -13,7 +13,6 @@ shared block once. Prints a table and writes JSON (--out).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -46,11 +45,7 @@ def make_config(workload: str, overrides: list[str]):
   """configs/base.py (what users train) at BENCH-A shapes, or the tiny preset for CI."""
   preset, batch, ld, lc, _, _ = WORKLOADS[workload]
   if workload == "bench-a":
-    spec = importlib.util.spec_from_file_location("base_config", os.path.join(
-        os.path.dirname(__file__), os.pardir, "flax_albert_code", "configs", "base.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = config_lib.load_config("base")
     c.model.vocab_size = 32000
   else:
     c = config_lib.get_config(preset)

@@ -21,7 +21,7 @@ from importlib import metadata
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from configs import default  # noqa: E402
+from flax_albert_code.configs import default  # noqa: E402
 from flax_albert_code.data import pipeline, prepared as prepared_lib  # noqa: E402
 
 

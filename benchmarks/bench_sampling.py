@@ -21,11 +21,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import base  # noqa: E402
 from flax_albert_code.model import albert as model_lib  # noqa: E402
 from flax_albert_code.inference import decoding  # noqa: E402
 from flax_albert_code.inference import model_decoding  # noqa: E402
 from flax_albert_code.inference.generator import inference_params  # noqa: E402
+from flax_albert_code import config as config_lib  # noqa: E402
 from flax_albert_code.config import CLS_ID, EOS_ID, SEP_ID  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def main() -> None:
   p.add_argument("--profile", default="", help="write a perfetto trace of one run of each here")
   args = p.parse_args()
 
-  config = base.get_config()
+  config = config_lib.load_config("base")
   if args.attention:
     config.model.attention_impl = args.attention
   if args.no_scan or args.scan:

@@ -6,16 +6,20 @@ published sizes; `tiny` exists for tests.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
 import ml_collections
+
+from flax_albert_code import configs as shipped_configs
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 # Token ids fixed by the tokenizer (see tokenizer.py): the model and data code share them.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, CLS_ID, SEP_ID = 0, 1, 2, 3, 4, 5
 
+DEFAULT_PRESET = "small"
 MODEL_PRESETS = {
     # name: (vocab, E, H, heads, FFN, encoder layers, decoder layers, max positions)
     "tiny": dict(vocab_size=512, embedding_size=16, hidden_size=32, num_attention_heads=4,
@@ -33,7 +37,9 @@ MODEL_PRESETS = {
 }
 
 
-def model_config(preset: str = "small") -> ml_collections.ConfigDict:
+def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
+  """Every model hyper-parameter with its default, at the sizes of `preset`; the one source of
+  `model.layers.ModelConfig`'s values."""
   if preset not in MODEL_PRESETS:
     raise ValueError(f"Unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}.")
   m = ml_collections.ConfigDict(dict(
@@ -71,7 +77,7 @@ def model_config(preset: str = "small") -> ml_collections.ConfigDict:
   return m
 
 
-def get_config(preset: str = "small") -> ml_collections.ConfigDict:
+def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = preset
   c.seed = 0
@@ -154,7 +160,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   Types are those of `get_config()`'s defaults: `--config.a.b=v` overrides of int, float, bool
   and str fields are type-checked by ml_collections already, but a tuple field takes any string.
   """
-  schema = get_config(config.model.get("preset", "small")) if "model" in config else get_config()
+  preset = config.model.get("preset", DEFAULT_PRESET) if "model" in config else DEFAULT_PRESET
+  schema = get_config(preset)
 
   def check(node, default, path):
     for key, want in default.items():
@@ -182,13 +189,38 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def config_path(spec: str) -> str:
   """A `--config` value as a file config_flags can load: an existing path as given, else a shipped
   config named `configs/X.py`, `X.py` or `X` (so the README's commands work from any directory
-  and from a wheel install). A `:arg` suffix (big_vision variants) is kept."""
+  and from a wheel install), a name in `configs.VARIANTS` standing for its file and variant. A
+  `:arg` suffix (big_vision variants) is kept."""
   path, colon, arg = spec.partition(":")
   if os.path.exists(path) or not path:
     return spec
   name = os.path.basename(path)
-  shipped = os.path.join(CONFIG_DIR, name if name.endswith(".py") else name + ".py")
+  stem = name[:-len(".py")] if name.endswith(".py") else name
+  if stem in shipped_configs.VARIANTS:
+    file, _, variant = shipped_configs.VARIANTS[stem].partition(":")
+    return os.path.join(CONFIG_DIR, file) + ":" + ",".join(a for a in (variant, arg) if a)
+  shipped = os.path.join(CONFIG_DIR, stem + ".py")
   return shipped + colon + arg if os.path.exists(shipped) else spec
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """The config a `--config` value names, as config_flags loads it but without command-line
+  overrides (for scripts and tests): `get_config(arg)` after a colon, else `get_config()`."""
+  path, colon, arg = config_path(spec).partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No config file {path!r}; give a path or a shipped config "
+                            f"({', '.join(shipped_names())}).")
+  module_spec = importlib.util.spec_from_file_location("_loaded_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if colon else module.get_config()
+
+
+def shipped_names() -> list[str]:
+  """The names `--config` finds in the package: its config files and their named variants."""
+  files = [f[:-len(".py")] for f in os.listdir(CONFIG_DIR)
+           if f.endswith(".py") and f not in ("__init__.py", "common.py")]
+  return sorted(set(files) | set(shipped_configs.VARIANTS))
 
 
 def with_shipped_configs(argv: list[str]) -> list[str]:

@@ -241,9 +241,9 @@ def test_export_command_is_quiet_and_writes_files_readable_like_a_build(run, tmp
   assert "4 programs" in captured.out
   umask = os.umask(0)
   os.umask(umask)
-  for d, _, files in os.walk(out):
+  for d, _, names in os.walk(out):
     assert os.stat(d).st_mode & 0o777 == 0o777 & ~umask, d
-    for name in files:
+    for name in names:
       assert os.stat(os.path.join(d, name)).st_mode & 0o777 == 0o666 & ~umask, name
 
 

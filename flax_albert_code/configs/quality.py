@@ -1,5 +1,5 @@
-"""Quality recipe: base-sized model with retrieval, 10 minutes of one or two H200s end to end (prepare, train, evaluate,
-export), data mined from that machine's own standard library and site-packages.
+"""Quality recipe: base-sized model with retrieval, 10 minutes of one or two H200s end to end
+(prepare, train, evaluate, export), data mined from that machine's stdlib and site-packages.
 
   bash benchmarks/run_quality.sh                 # on the GPU machine: everything, into $OUT
   python -m flax_albert_code.train --config configs/quality.py --workdir runs/quality
@@ -20,15 +20,13 @@ Choices, each measured on the VALID split, never on test (benchmarks/RESULTS.md 
   tokens in buckets of 64/128/256, unrolled depth (nn.scan cost 32% of tokens/s here and saved
   no compile time: the compile is dominated by autotuning, not depth).
 """
-
 from flax_albert_code import config as config_lib
+from flax_albert_code.configs import common
 
 
 def get_config():
-  c = config_lib.get_config("base")
+  c = common.accelerator(config_lib.get_config("base"))
   c.name = "quality"
-  c.model.dtype = "bfloat16"
-  c.model.attention_impl = "cudnn"
   c.model.scan_layers = False
   c.model.hidden_dropout_prob = 0.1
   c.model.norm_position = "pre"

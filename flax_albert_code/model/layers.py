@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_albert_code import config as config_lib
+
 Array = jax.Array
 DType = Any
 
@@ -31,44 +33,60 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Hashable model hyper-parameters (built from `config.model` by `ModelConfig.from_config`)."""
-  vocab_size: int = 32000
-  embedding_size: int = 128
-  hidden_size: int = 768
-  num_attention_heads: int = 12
-  intermediate_size: int = 3072
-  num_hidden_layers: int = 12
-  num_hidden_groups: int = 1
-  inner_group_num: int = 1
-  hidden_act: str = "gelu_new"
-  max_position_embeddings: int = 512
-  type_vocab_size: int = 2
-  layer_norm_eps: float = 1e-12
-  initializer_range: float = 0.02
-  hidden_dropout_prob: float = 0.0
-  attention_probs_dropout_prob: float = 0.0
-  decoder_layers: int = 6
-  share_embedding: bool = True
-  share_encoder_decoder_block: bool = False
-  decoder_memory: str = "states"
-  pooling: str = "cls"
-  align_dim: int = 256
-  align_normalize: bool = True
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  attention_impl: str = "xla"
-  remat: str = "none"
-  scan_layers: bool = True
-  embedding_grad: str = "scatter"
-  fused_qkv: bool = True
-  norm_position: str = "post"
+  """Hashable model hyper-parameters: the fields of `config.model` (the schema in config.py holds
+  their meaning and every default; this class holds none). Build it with `from_config`."""
+  vocab_size: int
+  embedding_size: int
+  hidden_size: int
+  num_attention_heads: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_hidden_groups: int
+  inner_group_num: int
+  hidden_act: str
+  max_position_embeddings: int
+  type_vocab_size: int
+  layer_norm_eps: float
+  initializer_range: float
+  hidden_dropout_prob: float
+  attention_probs_dropout_prob: float
+  decoder_layers: int
+  share_embedding: bool
+  share_encoder_decoder_block: bool
+  decoder_memory: str
+  pooling: str
+  align_dim: int
+  align_normalize: bool
+  dtype: str
+  param_dtype: str
+  attention_impl: str
+  remat: str
+  scan_layers: bool
+  embedding_grad: str
+  fused_qkv: bool
+  norm_position: str
 
   @classmethod
-  def from_config(cls, cfg) -> "ModelConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
+  def from_config(cls, cfg) -> ModelConfig:
+    """From `config.model` (a ConfigDict or a mapping, e.g. a checkpoint's saved config).
+
+    A field it lacks takes the schema's default for its `preset` (configs saved before a field
+    existed); a key the schema does not have is refused.
+    """
     values = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
-    return cls(**{k: (tuple(v) if isinstance(v, list) else v)
-                  for k, v in values.items() if k in names})
+    schema = config_lib.model_config(values.get("preset", config_lib.DEFAULT_PRESET))
+    unknown = sorted(k for k in values if k not in schema)
+    if unknown:
+      raise ValueError(f"config.model has no field {unknown[0]!r}; its fields are "
+                       f"{', '.join(sorted(schema.keys()))}.")
+    values = {**schema.to_dict(), **values}
+    return cls(**{f.name: (tuple(v) if isinstance(v := values[f.name], list) else v)
+                  for f in dataclasses.fields(cls)})
+
+  @classmethod
+  def default(cls, preset: str = config_lib.DEFAULT_PRESET) -> ModelConfig:
+    """The schema's model config of `preset` (tiny, small, base, large)."""
+    return cls.from_config(config_lib.model_config(preset))
 
   def __post_init__(self):
     checks = [

@@ -171,109 +171,177 @@ def run(config, workdir: str, *, progress: bool = True, max_steps: int | None = 
         devices: Sequence[Any] | None = None) -> Result:
   """Train `config` in `workdir`; `max_steps` stops early (tests of resume) without saving;
   `devices` (default all) are the mesh's devices."""
-  tc = config.train
-  is_main = jax.process_index() == 0
-  workdir = str(workdir)
-  if "://" not in workdir:   # orbax wants absolute paths; users type relative ones
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-  prepared = prepare(config, workdir, progress=progress and is_main)
-  if config.model.vocab_size != prepared.tokenizer.vocab_size:
-    log.info("model.vocab_size set to the tokenizer's %d", prepared.tokenizer.vocab_size)
-    with config.unlocked():
-      config.model.vocab_size = prepared.tokenizer.vocab_size
-  gen, align = train_step.objectives(tc)
-  mesh = sharding.make_mesh(config.mesh, devices)
-  divisor = sharding.batch_divisor(mesh) * max(int(tc.microbatches), 1)
-  if tc.batch_size % divisor:
-    raise ValueError(f"config.train.batch_size={tc.batch_size} must be a multiple of "
-                     f"{divisor} (data x fsdp mesh axes x microbatches).")
-  model, mc = model_lib.build(config)
-  tx = optim.make(tc)
-  ckpt = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints,
-                                 async_save=tc.async_checkpointing)
-  ckpt.check_compatible(config)
-  train_iter = pipeline.make_iterator(config, prepared, "train", tc.batch_size, shuffle=True,
-                                      num_epochs=None)
-  abstract, shardings = train_step.abstract_state(model, tx, config, mesh)
-  if ckpt.latest_step() is not None:
-    state, start = ckpt.restore(abstract, train_iter)
-    log.info("Resumed from step %d in %s", start, ckpt.directory)
-  else:
-    state, _ = train_step.create_state(model, tx, config, mesh, jax.random.PRNGKey(config.seed))
-    if tc.init_from:
-      state = _warm_start(state, config, mc)
-    start = 0
-  nb = _neighbours(config, prepared, workdir, start, state.params["model"], mesh, refresh=False)
-  if nb is not None:
-    train_iter = _with_neighbours(train_iter, config, prepared, nb)
-  writer = metrics_lib.Writer(workdir)
-  peak = metrics_lib.peak_flops_per_device()
-  history, valid = [], {}
-  eval_bs = int(tc.get("eval_batch_size", 0) or tc.batch_size)
-  bsh = sharding.batch_sharding(mesh)
-  end = tc.steps if max_steps is None else min(tc.steps, max_steps)
-  stopped = None
-  # Closing the checkpointer waits for in-flight async saves, also when training stops with an
-  # error: the last good checkpoint is then complete on disk.
-  with contextlib.closing(ckpt), contextlib.closing(writer), jax.set_mesh(mesh), \
-       _Signals() as signals:
-    train_fn, eval_fn = train_step.jit_steps(model, tx, config, mesh, shardings)
-    if tc.get("precompile", False) and start < end:
-      compiled = train_step.precompile(train_fn, eval_fn if tc.eval_every else None, state,
-                                       config, mesh, eval_bs, tuple(config.data.code_buckets))
-      train_fn = _dispatch(compiled, "train", train_fn)
-      eval_fn = _dispatch(compiled, "eval", eval_fn)
-    bar = tqdm(total=tc.steps, initial=start, disable=not (progress and is_main),
-               dynamic_ncols=True, desc="train")
-    pending, t_last, tokens_since, flops_since, step = None, time.perf_counter(), 0, 0.0, start
-    while step < end:
-      batch = _model_batch(next(train_iter))
-      ld, lc = batch["desc_ids"].shape[1], batch["code_ids"].shape[1]
-      state, step_metrics = train_fn(state, pipeline.to_global(batch, bsh))
-      step += 1
-      tokens_since += tc.batch_size * (ld + lc)
-      # Fetch the previous step's metrics now that this step is queued: the device never waits.
-      if pending is not None:
-        _record(pending, history, bar, writer, tc, peak, mc, gen, align)
-      flops = tc.batch_size * metrics_lib.train_flops_per_example(mc, ld, lc, generation=gen,
-                                                                  align=bool(align))
-      flops_since += flops
-      pending = (step, step_metrics, flops, ld + lc)
-      if step % tc.log_every == 0 or step == end:
-        _record(pending, history, bar, writer, tc, peak, mc, gen, align)
-        pending = None
-        dt = time.perf_counter() - t_last
-        rate = {"tokens_per_s": tokens_since / dt, "model_tflops": flops_since / dt / 1e12}
-        if peak:
-          rate["mfu"] = flops_since / dt / (peak * mesh.devices.size)
-        writer.write(step, rate)
-        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", tok_s=f"{rate['tokens_per_s']:.0f}")
-        t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
-      if nb is not None and step in tuple(config.retrieval.refresh_steps):
-        nb = _neighbours(config, prepared, workdir, step, state.params["model"], mesh,
-                         refresh=True)
-        train_iter = _with_neighbours(train_iter, config, prepared, nb)
-      if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
-        valid = evaluate(eval_fn, state.params, config, prepared, mesh, eval_bs, nb)
-        if valid:
-          writer.write(step, valid)
-          log.info("step %d: %s", step, {k: round(v, 4) for k, v in valid.items()})
-      stop = signals.received or (ckpt.manager.reached_preemption(step) and "preemption")
-      if step % tc.checkpoint_every == 0 or step == tc.steps or stop:
-        if pending is not None:   # never checkpoint a state whose loss was not checked
-          _record(pending, history, bar, writer, tc, peak, mc, gen, align)
-          pending = None
-        ckpt.save(step, state, train_iter, config,
-                  metrics={"valid_loss": valid["valid_loss"]} if valid else None,
-                  force=bool(stop) or step == tc.steps)
-      if stop:
-        stopped = stop
-        log.warning("Received %s at step %d: checkpoint saved, exiting.", stop, step)
-        break
-    if pending is not None:
-      _record(pending, history, bar, writer, tc, peak, mc, gen, align)
-    bar.close()
-  return Result(workdir, step, history, valid, bool(stopped), state, prepared)
+  return Trainer(config, workdir, progress=progress, devices=devices).train(max_steps)
+
+
+class Trainer:
+  """One run: data, sharded state and checkpointer from the config (resumed from the workdir's
+  latest checkpoint), then `train()` calls `do_step` until the end. A step's metrics are fetched
+  while the next step runs (`_process_metrics(step - 1, ...)`): the device never waits."""
+
+  def __init__(self, config, workdir: str, *, progress: bool = True,
+               devices: Sequence[Any] | None = None):
+    tc = self.tc = config.train
+    self.config = config
+    self.is_main = jax.process_index() == 0
+    self.progress = progress
+    workdir = str(workdir)
+    if "://" not in workdir:   # orbax wants absolute paths; users type relative ones
+      workdir = os.path.abspath(os.path.expanduser(workdir))
+    self.workdir = workdir
+    self.prepared = prepare(config, workdir, progress=progress and self.is_main)
+    if config.model.vocab_size != self.prepared.tokenizer.vocab_size:
+      log.info("model.vocab_size set to the tokenizer's %d", self.prepared.tokenizer.vocab_size)
+      with config.unlocked():
+        config.model.vocab_size = self.prepared.tokenizer.vocab_size
+    self.gen, self.align = train_step.objectives(tc)
+    self.mesh = sharding.make_mesh(config.mesh, devices)
+    divisor = sharding.batch_divisor(self.mesh) * max(int(tc.microbatches), 1)
+    if tc.batch_size % divisor:
+      raise ValueError(f"config.train.batch_size={tc.batch_size} must be a multiple of "
+                       f"{divisor} (data x fsdp mesh axes x microbatches).")
+    self.model, self.model_cfg = model_lib.build(config)
+    self.tx = optim.make(tc)
+    self.ckpt = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints,
+                                        async_save=tc.async_checkpointing)
+    self.ckpt.check_compatible(config)
+    self.train_iter = pipeline.make_iterator(config, self.prepared, "train", tc.batch_size,
+                                             shuffle=True, num_epochs=None)
+    abstract, self.shardings = train_step.abstract_state(self.model, self.tx, config, self.mesh)
+    if self.ckpt.latest_step() is not None:
+      self.state, self.start = self.ckpt.restore(abstract, self.train_iter)
+      log.info("Resumed from step %d in %s", self.start, self.ckpt.directory)
+    else:
+      self.state, _ = train_step.create_state(self.model, self.tx, config, self.mesh,
+                                              jax.random.PRNGKey(config.seed))
+      if tc.init_from:
+        self.state = _warm_start(self.state, config, self.model_cfg)
+      self.start = 0
+    self.neighbours = _neighbours(config, self.prepared, workdir, self.start,
+                                  self.state.params["model"], self.mesh, refresh=False)
+    if self.neighbours is not None:
+      self.train_iter = _with_neighbours(self.train_iter, config, self.prepared, self.neighbours)
+    self.writer = metrics_lib.Writer(workdir)
+    self.peak = metrics_lib.peak_flops_per_device()
+    self.history: list[dict[str, float]] = []
+    self.valid: dict[str, float] = {}
+    self.eval_bs = int(tc.get("eval_batch_size", 0) or tc.batch_size)
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.train_fn = self.eval_fn = self.bar = None   # made by train()
+    # The last step's metrics on the device, not yet checked; throughput since the last log.
+    self._pending: tuple[int, Any] | None = None
+    self._t_last, self._tokens_since, self._flops_since = time.perf_counter(), 0, 0.0
+
+  def train(self, max_steps: int | None = None) -> Result:
+    """Steps from the restored one to `config.train.steps` (or `max_steps`); saves on
+    SIGTERM/SIGINT and stops there."""
+    tc = self.tc
+    end = tc.steps if max_steps is None else min(tc.steps, max_steps)
+    step, stopped = self.start, None
+    # Closing the checkpointer waits for in-flight async saves, also when training stops with an
+    # error: the last good checkpoint is then complete on disk.
+    with contextlib.closing(self.ckpt), contextlib.closing(self.writer), \
+         jax.set_mesh(self.mesh), _Signals() as signals:
+      self.train_fn, self.eval_fn = train_step.jit_steps(self.model, self.tx, self.config,
+                                                         self.mesh, self.shardings)
+      if tc.get("precompile", False) and step < end:
+        compiled = train_step.precompile(self.train_fn, self.eval_fn if tc.eval_every else None,
+                                         self.state, self.config, self.mesh, self.eval_bs,
+                                         tuple(self.config.data.code_buckets))
+        self.train_fn = _dispatch(compiled, "train", self.train_fn)
+        self.eval_fn = _dispatch(compiled, "eval", self.eval_fn)
+      self.bar = tqdm(total=tc.steps, initial=step,
+                      disable=not (self.progress and self.is_main), dynamic_ncols=True,
+                      desc="train")
+      self._t_last, self._tokens_since, self._flops_since = time.perf_counter(), 0, 0.0
+      while step < end:
+        step += 1
+        self.do_step(step)
+        if step % tc.log_every == 0 or step == end:
+          self._log_throughput(step)
+        if self.neighbours is not None and step in tuple(self.config.retrieval.refresh_steps):
+          self._refresh_neighbours(step)
+        if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
+          self._evaluate(step)
+        stop = signals.received or (self.ckpt.manager.reached_preemption(step) and "preemption")
+        if step % tc.checkpoint_every == 0 or step == tc.steps or stop:
+          self._save(step, force=bool(stop) or step == tc.steps)
+        if stop:
+          stopped = stop
+          log.warning("Received %s at step %d: checkpoint saved, exiting.", stop, step)
+          break
+      self._flush()
+      self.bar.close()
+    return Result(self.workdir, step, self.history, self.valid, bool(stopped), self.state,
+                  self.prepared)
+
+  def do_step(self, step: int) -> None:
+    """Runs training step `step` (1-based) on the next batch; then checks step - 1's metrics,
+    which the device has by now."""
+    batch = _model_batch(next(self.train_iter))
+    ld, lc = batch["desc_ids"].shape[1], batch["code_ids"].shape[1]
+    self.state, metrics = self.train_fn(self.state,
+                                        pipeline.to_global(batch, self.batch_sharding))
+    self._tokens_since += self.tc.batch_size * (ld + lc)
+    self._flush()
+    self._flops_since += self.tc.batch_size * metrics_lib.train_flops_per_example(
+        self.model_cfg, ld, lc, generation=self.gen, align=bool(self.align))
+    self._pending = (step, metrics)
+
+  def _flush(self) -> None:
+    """Fetch and check the pending step's metrics, if any."""
+    if self._pending is not None:
+      self._process_metrics(*self._pending)
+      self._pending = None
+
+  def _process_metrics(self, step: int, device_metrics) -> None:
+    """Host copy of one step's metrics: a non-finite loss stops training naming the step; kept
+    in the history, written every `log_every` steps."""
+    m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    # The parameter norm covers the state about to be checkpointed (the loss is that of the
+    # parameters before this step's update).
+    bad = [f"{k} ({m[k]})" for k in ("loss", "grad_norm", "param_norm")
+           if k in m and not np.isfinite(m[k])]
+    if bad:
+      raise TrainingError(f"Non-finite {', '.join(bad)} at step {step}; the last good checkpoint "
+                          "is intact. Lower config.train.learning_rate or check the data.")
+    self.history.append({"step": step, **m})
+    if step % self.tc.log_every == 0:
+      self.writer.write(step, m)
+    self.bar.update(step - self.bar.n)
+
+  def _log_throughput(self, step: int) -> None:
+    """This step's metrics now, then tokens/s, model TFLOP/s and MFU since the last log."""
+    self._flush()
+    dt = time.perf_counter() - self._t_last
+    rate = {"tokens_per_s": self._tokens_since / dt, "model_tflops": self._flops_since / dt / 1e12}
+    if self.peak:
+      rate["mfu"] = self._flops_since / dt / (self.peak * self.mesh.devices.size)
+    self.writer.write(step, rate)
+    self.bar.set_postfix(loss=f"{self.history[-1]['loss']:.3f}",
+                         tok_s=f"{rate['tokens_per_s']:.0f}")
+    self._t_last, self._tokens_since, self._flops_since = time.perf_counter(), 0, 0.0
+
+  def _refresh_neighbours(self, step: int) -> None:
+    """Re-mines every split's neighbours with the model's own encoder; the train iterator
+    continues where it was, reading them."""
+    self.neighbours = _neighbours(self.config, self.prepared, self.workdir, step,
+                                  self.state.params["model"], self.mesh, refresh=True)
+    self.train_iter = _with_neighbours(self.train_iter, self.config, self.prepared,
+                                       self.neighbours)
+
+  def _evaluate(self, step: int) -> None:
+    self.valid = evaluate(self.eval_fn, self.state.params, self.config, self.prepared, self.mesh,
+                          self.eval_bs, self.neighbours)
+    if self.valid:
+      self.writer.write(step, self.valid)
+      log.info("step %d: %s", step, {k: round(v, 4) for k, v in self.valid.items()})
+
+  def _save(self, step: int, force: bool) -> None:
+    self._flush()   # never checkpoint a state whose loss was not checked
+    self.ckpt.save(step, self.state, self.train_iter, self.config,
+                   metrics={"valid_loss": self.valid["valid_loss"]} if self.valid else None,
+                   force=force)
 
 
 def _with_neighbours(train_iter, config, prepared, nb):
@@ -290,22 +358,6 @@ def _dispatch(compiled, kind: str, fallback):
     fn = compiled.get((kind, batch["code_ids"].shape[1]), fallback)
     return fn(state_or_params, batch)
   return step
-
-
-def _record(pending, history, bar, writer, tc, peak, mc, gen, align) -> None:
-  step, device_metrics, flops, _ = pending
-  m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-  # The parameter norm covers the state about to be checkpointed (the loss is that of the
-  # parameters before this step's update).
-  bad = [f"{k} ({m[k]})" for k in ("loss", "grad_norm", "param_norm")
-         if k in m and not np.isfinite(m[k])]
-  if bad:
-    raise TrainingError(f"Non-finite {', '.join(bad)} at step {step}; the last good checkpoint "
-                        "is intact. Lower config.train.learning_rate or check the data.")
-  history.append({"step": step, **m})
-  if step % tc.log_every == 0:
-    writer.write(step, m)
-  bar.update(step - bar.n)
 
 
 def report(result: Result, config) -> None:

@@ -1,0 +1,137 @@
+"""The config schema is the one source of hyper-parameters: ModelConfig is built from it and
+refuses what it does not know. The shipped configs (one file per use, variants as an argument)
+give every value the one-file-per-name configs gave."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import ml_collections
+import pytest
+
+from flax_albert_code import config as config_lib
+from flax_albert_code.configs import common
+from flax_albert_code.model import albert as model_lib
+from flax_albert_code.model.layers import ModelConfig
+
+
+def test_model_config_fields_are_the_schema_model_section():
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  assert fields == set(config_lib.model_config().keys()) - {"preset"}
+  # No defaults of its own that could drift from the schema.
+  assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(ModelConfig))
+
+
+@pytest.mark.parametrize("preset", sorted(config_lib.MODEL_PRESETS))
+def test_default_is_the_schema_preset(preset):
+  schema = config_lib.model_config(preset)
+  cfg = ModelConfig.default(preset)
+  assert dataclasses.asdict(cfg) == {k: v for k, v in schema.items() if k != "preset"}
+  assert ModelConfig.from_config(config_lib.get_config(preset).model) == cfg
+
+
+def test_pooling_default_is_the_schemas():
+  # The dataclass once said "cls" while the schema said "mean".
+  assert ModelConfig.default().pooling == config_lib.model_config().pooling == "mean"
+
+
+def test_unknown_key_is_refused_in_one_sentence():
+  model = config_lib.get_config("tiny").model.to_dict()
+  model["poolling"] = "cls"
+  with pytest.raises(ValueError) as err:
+    ModelConfig.from_config(model)
+  message = str(err.value)
+  assert message.startswith("config.model has no field 'poolling'; its fields are ")
+  assert "pooling" in message and "vocab_size" in message and message.count(". ") == 0
+  with pytest.raises(ValueError, match="config.model has no field 'poolling'"):
+    model_lib.build(ml_collections.ConfigDict({"model": model}))   # as training builds it
+
+
+def test_a_saved_config_without_later_fields_takes_the_schema_defaults():
+  """Checkpoints saved before norm_position, fused_qkv and embedding_grad existed (their JSON
+  config lacks them) load with the schema's values, which are what the model did then."""
+  saved = config_lib.get_config("tiny").model.to_dict()
+  for later in ("norm_position", "fused_qkv", "embedding_grad"):
+    del saved[later]
+  saved["hidden_size"] = 64   # a saved value wins over the preset
+  cfg = ModelConfig.from_config(saved)
+  assert (cfg.norm_position, cfg.fused_qkv, cfg.embedding_grad) == ("post", True, "scatter")
+  assert cfg.hidden_size == 64 and cfg.vocab_size == config_lib.MODEL_PRESETS["tiny"]["vocab_size"]
+
+
+PINS = os.path.join(os.path.dirname(__file__), "fixtures", "configs_10e094a.json")
+
+
+def _leaves(tree, path=()):
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _leaves(v, path + (k,))
+  else:
+    yield ".".join(path), tree
+
+
+@pytest.mark.parametrize("name,specs", [
+    ("default", ["default", "configs/default.py"]),
+    ("tiny", ["tiny", "configs/tiny.py"]),
+    ("base", ["base", "configs/base.py", "configs/albert.py:base", "albert", "albert.py:size=base"]),
+    ("large", ["large", "configs/large.py", "configs/albert.py:large", "albert:size=large"]),
+    ("quality", ["quality", "configs/quality.py"]),
+])
+def test_every_name_gives_the_values_it_gave_before_the_configs_moved(name, specs):
+  """tests/fixtures/configs_10e094a.json holds every field of the five configs as their own
+  files gave them (tests/fixtures/make_config_pins.py); fields added since may only add."""
+  with open(PINS) as f:
+    want = dict(_leaves(json.load(f)[name]))
+  assert want["model.preset"] == ("small" if name == "default" else
+                                  "base" if name == "quality" else name)
+  for spec in specs:
+    got = dict(_leaves(json.loads(json.dumps(config_lib.load_config(spec).to_dict()))))
+    diff = {k: (v, got.get(k, "<missing>")) for k, v in want.items() if got.get(k) != v}
+    assert not diff, (spec, diff)
+    config_lib.validate(config_lib.load_config(spec))
+
+
+def test_key_values_of_the_shipped_configs():
+  """A readable excerpt of the pins above."""
+  base, large = config_lib.load_config("base"), config_lib.load_config("large")
+  assert (base.name, base.model.hidden_size, base.model.dtype, base.model.scan_layers,
+          base.train.logits_dtype, base.train.learning_rate, base.train.steps) == (
+              "base", 768, "bfloat16", False, "bfloat16", 2e-4, 20000)
+  assert (large.name, large.model.hidden_size, large.model.remat, large.model.scan_layers,
+          large.train.logits_dtype, large.train.learning_rate, large.train.steps) == (
+              "large", 1024, "full", True, "float32", 3e-4, 50000)
+  quality = config_lib.load_config("quality")
+  assert (quality.model.norm_position, quality.model.pooling, quality.train.batch_size,
+          quality.model.attention_impl) == ("pre", "first_last", 128, "cudnn")
+  tiny, default = config_lib.load_config("tiny"), config_lib.load_config("default")
+  assert (tiny.model.hidden_size, tiny.train.steps, tiny.data.code_buckets) == (32, 20, (32, 64))
+  assert (default.model.preset, default.train.steps, default.train.learning_rate) == (
+      "small", 800, 5e-4)
+
+
+def test_a_bad_variant_is_one_sentence():
+  with pytest.raises(ValueError, match=r"^configs/albert.py has no size 'huge'; use one of "
+                                       r"base, large\.$"):
+    config_lib.load_config("albert:huge")
+  with pytest.raises(FileNotFoundError, match=r"give a path or a shipped config \(albert, base, "
+                                              r"default, large, quality, tiny\)"):
+    config_lib.load_config("configs/nope.py")
+
+
+def test_parse_arg():
+  spec = dict(size="base", steps=10, lr=1e-3, runlocal=False)
+  assert common.parse_arg(None, **spec).to_dict() == spec
+  assert common.parse_arg("", **spec).to_dict() == spec
+  assert common.parse_arg("large", **spec).size == "large"             # the first option
+  got = common.parse_arg("runlocal,steps=3,lr=0.5", **spec)
+  assert (got.size, got.steps, got.lr, got.runlocal) == ("base", 3, 0.5, True)
+  assert common.parse_arg("runlocal=false", **spec).runlocal is False
+  with pytest.raises(ValueError, match=r"^config argument 'sise' is not an option of this "
+                                       r"config; its options are size, steps, lr, runlocal\.$"):
+    common.parse_arg("sise=large", **spec)
+  with pytest.raises(ValueError, match=r"^config argument steps='many' is not a valid int "
+                                       r"\(its default is 10\)\.$"):
+    common.parse_arg("steps=many", **spec)
+  with pytest.raises(ValueError, match="given twice"):
+    common.parse_arg("large,size=base", **spec)
