@@ -1,6 +1,7 @@
-"""A checkpoint and an export written by the code before the package moved into rooms (commit
-daddfd9; tests/fixtures/make_old_run.py wrote tests/fixtures/old_run/) still load with today's
-code, and give what the old code gave from them."""
+"""A checkpoint written by the code before the package moved into rooms (commit daddfd9;
+tests/fixtures/make_old_run.py wrote tests/fixtures/old_run/) still loads with today's code and
+gives what the old code gave from it; an export of that time (format 1) is refused with what to
+do, since the export format changed to 2 (README, Layout)."""
 from __future__ import annotations
 
 import json
@@ -58,13 +59,15 @@ def test_old_checkpoint_loads_and_generates_as_before(old_run):
                              want["checkpoint"]["embed_code"], atol=1e-5)
 
 
-def test_old_export_loads_and_generates_as_before(old_run):
-  root, want = old_run
-  exported = flax_albert_code.load_export(str(root / "export"))
-  _assert_generates_as_before(exported.generate(want["descriptions"], strategy="greedy"),
-                              want["export"])
-  np.testing.assert_allclose(exported.embed(want["descriptions"], kind="desc"),
-                             want["export"]["embed_desc"], atol=1e-5)
+def test_old_export_is_refused_with_what_to_do(old_run):
+  """Export format 1 (before issue 17) had generate programs without per-candidate keys,
+  max_new_tokens, top_k and repetition_penalty inputs: format 2 cannot run them the same way,
+  so loading one says so and what to do (export the checkpoint again), and nothing else."""
+  root, _ = old_run
+  with open(root / "export" / "manifest.json") as f:
+    assert json.load(f)["format"] == 1
+  with pytest.raises(ValueError, match="format 1.*format 2; export again"):
+    flax_albert_code.load_export(str(root / "export"))
 
 
 def test_old_checkpoint_restores_for_training(old_run):

@@ -25,4 +25,9 @@ def get_config():
   c.train.eval_every = 200
   c.train.checkpoint_every = 200
   c.sample.max_new_tokens = 128
+  # Retrieval: 2 train functions join each description (BM25 before training, the model's own
+  # encoder fused with BM25 from step 400), 128 encoder tokens in all.
+  c.retrieval.k = 2
+  c.retrieval.max_ctx_len = 128
+  c.retrieval.refresh_steps = (400,)
   return c
