@@ -219,7 +219,7 @@ def test_a_tiny_model_learns_to_copy_the_answer_from_its_neighbour():
 
 
 # ---------------------------------------------------------------------------------------------
-# Exports: the same neighbours and the same code as CodeGenerator.
+# Exports and the server: the same neighbours and the same code as CodeGenerator.
 
 EXPORT_OPTS = dict(buckets=[1, 4], lengths=[8], strategies=["greedy"], platforms=["cpu"],
                    hf_encoder=False)
@@ -275,6 +275,23 @@ def test_export_retrieves_and_generates_as_the_checkpoint(rag_export):
   assert [exp.tokenizer.decode(t[0].tolist()) for t in tokens] == [c[0]["code"] for c in plain]
   np.testing.assert_array_equal(scores[:, 0], [c[0]["score"] for c in plain])
   assert [c[0]["score"] for c in plain] != [c[0]["score"] for c in ours]
+
+
+def test_server_lists_each_candidates_neighbours(rag_export):
+  from fastapi.testclient import TestClient  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.deploy import server  # pylint: disable=import-outside-toplevel
+  _, exp, _ = rag_export
+  want = exp.generate(TEXTS[:2], max_new_tokens=8)
+  with TestClient(server.create_app(exp)) as client:
+    r = client.post("/v1/generate", json={"descriptions": TEXTS[:2], "max_new_tokens": 8})
+    assert r.status_code == 200, r.text
+    got = [res["candidates"][0] for res in r.json()["results"]]
+    assert [c["code"] for c in got] == [c[0]["code"] for c in want]
+    assert [c["neighbours"] for c in got] == [c[0]["neighbours"] for c in want]
+    r = client.post("/v1/generate", json={"descriptions": TEXTS[0], "max_new_tokens": 8,
+                                          "retrieve": False})
+    assert r.status_code == 200 and "neighbours" not in r.json()["results"][0]["candidates"][0]
+    assert client.get("/healthz").json()["retrieves"] is True
 
 
 def test_export_without_its_index_needs_one_or_retrieve_false(rag_run, rag_export, tmp_path,
