@@ -21,7 +21,7 @@ from typing import Sequence
 from flax_albert_code.data import mining, sources, splits
 from flax_albert_code.evaluation import harness
 from flax_albert_code.evaluation import humaneval, report, sandbox
-from flax_albert_code.inference import options
+from flax_albert_code.inference import decoding, options
 from flax_albert_code.utils import cli
 
 
@@ -97,7 +97,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
   options.check(strategies=("sample",), strategy="sample", num_samples=args.num_samples,
                 **decode)
   for s in strategies:
-    options.check(strategies=harness.STRATEGIES, strategy=s, num_beams=args.num_beams)
+    options.check(strategies=decoding.STRATEGIES, strategy=s, num_beams=args.num_beams)
   for flag, value, low in (("--max-examples", args.max_examples, 0),
                            ("--batch-size", args.batch_size, 1),
                            ("--max-candidates", args.max_candidates, 1),

@@ -6,7 +6,9 @@ The layout of an export and the programs' inputs are described in deploy/writer.
 writes it; `flax_albert_code.load_export` (deploy/runtime.py) runs it with neither flax nor
 orbax. Options are checked before the checkpoint is read; the directory is written beside the
 target and renamed into place when complete, readable like any build output (0755/0644 under the
-usual umask). A progress bar (stderr) counts the programs as they are lowered.
+usual umask). A progress bar (stderr) counts the programs as they are lowered. A model trained
+with retrieval ships its corpus (--corpus, default the run's train split) as a search index
+that the export retrieves from by default; --no-retrieval-index leaves it out.
 """
 from __future__ import annotations
 
@@ -36,6 +38,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help=f"comma-separated, of {', '.join(KNOWN_PLATFORMS)} (falls back to this "
                       "machine's alone where jax.export cannot lower them all)")
   p.add_argument("--no-hf-encoder", action="store_true", help="skip the hf_encoder/ directory")
+  p.add_argument("--corpus", default="",
+                 help="a retrieval model's corpus to ship as its search index: a data source "
+                      "spec (dir:PATH, stdlib, ...) or prepared:SPLIT (default prepared:train)")
+  p.add_argument("--no-retrieval-index", action="store_true",
+                 help="ship no retrieval index; the export then retrieves only from one it is "
+                      "served with (--index) or generates with retrieve=False")
   return p.parse_args(argv)
 
 
@@ -64,14 +72,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                   buckets=_ints("--buckets", args.buckets),
                   lengths=_ints("--lengths", args.lengths), strategies=_names(args.strategies),
                   platforms=_names(args.platforms), hf_encoder=not args.no_hf_encoder,
-                  progress=cli.progress())
+                  progress=cli.progress(), retrieval_index=not args.no_retrieval_index,
+                  corpus=args.corpus or None)
   except cli.USER_ERRORS as e:
     return cli.fail(e)
   with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
     manifest = json.load(f)
   size = sum(v["size"] for v in manifest["files"].values())
+  rag = manifest["inference"].get("retrieval") or {}
+  shipped = (f", retrieval index of {rag['corpus']}" if rag.get("index") else
+             ", no retrieval index" if rag.get("k") else "")
   print(f"{path}: {len(manifest['programs'])} programs for {', '.join(manifest['platforms'])}, "
-        f"{len(manifest['files'])} files, {size / 1e6:.1f} MB, step {manifest.get('step')}")
+        f"{len(manifest['files'])} files, {size / 1e6:.1f} MB, step {manifest.get('step')}"
+        f"{shipped}")
   return 0
 
 

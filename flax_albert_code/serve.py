@@ -6,7 +6,9 @@
       -d '{"descriptions": "reverse a string", "strategy": "beam", "num_samples": 2}'
 
 INDEX is a search index directory (`python -m flax_albert_code.search` saves them under
-<workdir>/search_index/) or a JSON-lines file of {"code", "name", "path", ...} embedded at start.
+<workdir>/search_index/) or a JSON-lines file of {"code", "name", "path", ...} embedded at start;
+for a model trained with retrieval it is also the corpus /v1/generate draws neighbours from,
+instead of the one the export ships.
 Open http://localhost:8000/ for the playground, /openapi.json for the API (`--docs` adds the
 Swagger page /docs, which loads its scripts from a CDN). The logic lives in
 `flax_albert_code.deploy.server` (the app) and `flax_albert_code.deploy.runtime` (the export).
@@ -86,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     exp = runtime.load_export(args.export, index=args.index or None)
   except (ValueError, OSError) as e:   # ExportError is a ValueError
     return cli.fail(e)
+  if exp.retrieval_k and exp.index is None:
+    print("warning: this export retrieves neighbours but ships no index (--no-retrieval-index) "
+          "and none was given with --index; /v1/generate then needs \"retrieve\": false.",
+          file=sys.stderr, flush=True)
   warm = {s.strip() for s in args.warmup.split(",")} - {""}
   if warm - {*exp.strategies, "embed"}:
     return cli.fail(f"--warmup names {', '.join(sorted(warm - {*exp.strategies, 'embed'}))}, "

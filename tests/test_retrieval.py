@@ -3,6 +3,7 @@ and the user-facing paths (CodeGenerator, the generate command, bad stores)."""
 import functools
 import json
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -12,10 +13,13 @@ import optax
 import pytest
 
 from flax_albert_code import config as config_lib
+from flax_albert_code import export as export_cmd
 from flax_albert_code import generate as generate_cli
 from flax_albert_code.config import CLS_ID, EOS_ID, SEP_ID
 from flax_albert_code.data import neighbours as neighbours_lib
 from flax_albert_code.data.sources import DataError
+from flax_albert_code.deploy import runtime
+from flax_albert_code.deploy import writer
 from flax_albert_code.inference import model_decoding
 from flax_albert_code.inference import retrieval
 from flax_albert_code.inference.generator import CodeGenerator
@@ -212,3 +216,145 @@ def test_a_tiny_model_learns_to_copy_the_answer_from_its_neighbour():
   # rising), 8% without the neighbour (chance is 3%).
   assert copied > 0.5, (copied, m)
   assert alone < 0.2, alone
+
+
+# ---------------------------------------------------------------------------------------------
+# Exports and the server: the same neighbours and the same code as CodeGenerator.
+
+EXPORT_OPTS = dict(buckets=[1, 4], lengths=[8], strategies=["greedy"], platforms=["cpu"],
+                   hf_encoder=False)
+TEXTS = ["Return the sum of two numbers.", "Read a file and return its lines.",
+         "Sort a list of numbers."]
+
+
+@pytest.fixture(scope="module")
+def rag_export(rag_run):
+  """The retrieval run's export (float32, greedy, its train split shipped as the index)."""
+  _, _, workdir = rag_run
+  out = str(workdir.parent / "export")
+  writer.export(str(workdir), out, **EXPORT_OPTS)
+  return out, runtime.load_export(out), CodeGenerator.from_checkpoint(str(workdir))
+
+
+def test_export_of_a_retrieval_model_ships_its_corpus_and_context_programs(rag_run, rag_export):
+  config, result, _ = rag_run
+  out, exp, _ = rag_export
+  with open(os.path.join(out, "manifest.json")) as f:
+    manifest = json.load(f)
+  assert manifest["format"] == runtime.FORMAT == 2
+  rag = manifest["inference"]["retrieval"]
+  assert rag == {"k": 2, "method": "hybrid", "max_desc_len": 32, "max_ctx_len": 96,
+                 "index": "retrieval_index", "corpus": "prepared:train"}
+  names = {p["name"]: p["width"] for p in manifest["programs"] if p["kind"] == "generate"}
+  assert names == {"generate_greedy_b1_t8": 32, "generate_greedy_b4_t8": 32,
+                   "generate_greedy_b1_t8_w96": 96, "generate_greedy_b4_t8_w96": 96}
+  assert {f"retrieval_index/{n}" for n in ("vectors.npy", "items.json", "index.json")} <= set(
+      manifest["files"])
+  train = [e["name"] for e in result.prepared.source("train")]
+  assert [it["name"] for it in exp.index.items] == train and exp.retrieval_k == 2
+
+
+def test_export_retrieves_and_generates_as_the_checkpoint(rag_export):
+  """float32 greedy: the same neighbours (scores to float32 rounding: the query vectors come
+  from the export's encode program) and the same code; retrieve=False is the description-only
+  input, which gives other scores."""
+  _, exp, gen = rag_export
+  ours, ref = exp.generate(TEXTS, max_new_tokens=8), gen.generate(TEXTS, max_new_tokens=8)
+  for a, b in zip(ours, ref):
+    assert a[0]["code"] == b[0]["code"] and a[0]["finish_reason"] == b[0]["finish_reason"]
+    np.testing.assert_allclose(a[0]["score"], b[0]["score"], rtol=1e-5)
+    assert len(a[0]["neighbours"]) == 2
+    assert [{k: n[k] for k in ("path", "name", "lineno")} for n in a[0]["neighbours"]] == [
+        {k: n[k] for k in ("path", "name", "lineno")} for n in b[0]["neighbours"]]
+    np.testing.assert_allclose([n["score"] for n in a[0]["neighbours"]],
+                               [n["score"] for n in b[0]["neighbours"]], rtol=1e-4, atol=1e-5)
+  plain, plain_ref = (x.generate(TEXTS, max_new_tokens=8, retrieve=False) for x in (exp, gen))
+  assert [c[0]["code"] for c in plain] == [c[0]["code"] for c in plain_ref]
+  assert all("neighbours" not in c[0] for c in plain)
+  tokens, scores = exp.generate_tokens(TEXTS, max_new_tokens=8)     # description-width input
+  assert [exp.tokenizer.decode(t[0].tolist()) for t in tokens] == [c[0]["code"] for c in plain]
+  np.testing.assert_array_equal(scores[:, 0], [c[0]["score"] for c in plain])
+  assert [c[0]["score"] for c in plain] != [c[0]["score"] for c in ours]
+
+
+def test_server_lists_each_candidates_neighbours(rag_export):
+  from fastapi.testclient import TestClient  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.deploy import server  # pylint: disable=import-outside-toplevel
+  _, exp, _ = rag_export
+  want = exp.generate(TEXTS[:2], max_new_tokens=8)
+  with TestClient(server.create_app(exp)) as client:
+    r = client.post("/v1/generate", json={"descriptions": TEXTS[:2], "max_new_tokens": 8})
+    assert r.status_code == 200, r.text
+    got = [res["candidates"][0] for res in r.json()["results"]]
+    assert [c["code"] for c in got] == [c[0]["code"] for c in want]
+    assert [c["neighbours"] for c in got] == [c[0]["neighbours"] for c in want]
+    r = client.post("/v1/generate", json={"descriptions": TEXTS[0], "max_new_tokens": 8,
+                                          "retrieve": False})
+    assert r.status_code == 200 and "neighbours" not in r.json()["results"][0]["candidates"][0]
+    assert client.get("/healthz").json()["retrieves"] is True
+
+
+def test_export_without_its_index_needs_one_or_retrieve_false(rag_run, rag_export, tmp_path,
+                                                              capsys):
+  _, _, workdir = rag_run
+  out, exp, _ = rag_export
+  bare = str(tmp_path / "bare")
+  assert export_cmd.main(["--checkpoint", str(workdir), "--out", bare, "--buckets", "1",
+                          "--lengths", "8", "--strategies", "greedy", "--platforms", "cpu",
+                          "--no-hf-encoder", "--no-retrieval-index"]) == 0
+  assert capsys.readouterr().out.rstrip().endswith("no retrieval index")
+  alone = runtime.load_export(bare)
+  assert alone.index is None and not os.path.exists(os.path.join(bare, "retrieval_index"))
+  with pytest.raises(ValueError, match="has no index.*index=.*retrieve=False"):
+    alone.generate(TEXTS[:1], max_new_tokens=8)
+  assert alone.generate(TEXTS[:1], max_new_tokens=8, retrieve=False)[0][0]["code"] == \
+      exp.generate(TEXTS[:1], max_new_tokens=8, retrieve=False)[0][0]["code"]
+  served = runtime.load_export(bare, index=os.path.join(out, "retrieval_index"))
+  assert served.generate(TEXTS[:1], max_new_tokens=8)[0][0]["neighbours"] == \
+      exp.generate(TEXTS[:1], max_new_tokens=8)[0][0]["neighbours"]
+
+
+def _index_copy(src, dst, *, meta=True, vectors=None):
+  dst.mkdir()
+  for name in ("vectors.npy", "items.json") + (("index.json",) if meta else ()):
+    shutil.copyfile(os.path.join(src, name), dst / name)
+  if vectors is not None:
+    np.save(dst / "vectors.npy", vectors)
+  return str(dst)
+
+
+def test_a_damaged_or_foreign_index_is_one_clear_error(rag_export, tmp_path):
+  out, exp, _ = rag_export
+  shipped = os.path.join(out, "retrieval_index")
+  vectors = np.load(os.path.join(shipped, "vectors.npy"))
+  # The shipped index is checksummed with the export.
+  damaged = str(tmp_path / "damaged")
+  shutil.copytree(out, damaged)
+  with open(os.path.join(damaged, "retrieval_index", "items.json"), "r+b") as f:
+    f.truncate(50)
+  with pytest.raises(runtime.ExportError, match="retrieval_index/items.json is 50 bytes"):
+    runtime.load_export(damaged)
+  with pytest.raises(runtime.ExportError, match="cannot be read.*export again"):
+    runtime.load_export(damaged, verify=False)
+  # A served index: unreadable, another model's (recorded fingerprint or not), another width.
+  bad = _index_copy(shipped, tmp_path / "truncated")
+  with open(os.path.join(bad, "vectors.npy"), "r+b") as f:
+    f.truncate(60)
+  foreign = _index_copy(shipped, tmp_path / "foreign")
+  with open(os.path.join(foreign, "index.json"), "w") as f:
+    json.dump({"params_fingerprint": "0" * 64}, f)
+  rng = np.random.default_rng(0)
+  other = rng.normal(size=vectors.shape).astype(np.float32)
+  other /= np.linalg.norm(other, axis=1, keepdims=True)
+  unrecorded = _index_copy(shipped, tmp_path / "unrecorded", meta=False, vectors=other)
+  narrow = _index_copy(shipped, tmp_path / "narrow", meta=False, vectors=vectors[:, :3])
+  for path, words in ((bad, "cannot be read"), (foreign, "built by another model"),
+                      (unrecorded, "not this model's encoding"), (narrow, "-dimensional")):
+    with pytest.raises(runtime.ExportError, match=words) as info:
+      runtime.load_export(out, index=path)
+    message = str(info.value)
+    assert path in message and "rebuild it with this model" in message, message
+    assert len(message.splitlines()) == 1
+  # The same vectors without index.json pass the re-encoding check.
+  fine = _index_copy(shipped, tmp_path / "fine", meta=False)
+  assert len(runtime.load_export(out, index=fine).index.items) == len(vectors)

@@ -152,6 +152,18 @@ def test_other_routes(server):
   assert request(f"{server.url}/nope")[0] == 404
 
 
+def test_a_plain_model_lists_no_neighbours_and_refuses_retrieve(server):
+  """The export of a model trained without retrieval: candidates have no "neighbours" and
+  `retrieve: true` is a 422 naming why (tests/test_retrieval.py serves a retrieval model)."""
+  status, data, _ = request(f"{server.url}/v1/generate", {"descriptions": DESCRIPTIONS[0],
+                                                          "retrieve": False})
+  assert status == 200 and "neighbours" not in json.loads(data)["results"][0]["candidates"][0]
+  status, data, _ = request(f"{server.url}/v1/generate", {"descriptions": DESCRIPTIONS[0],
+                                                          "retrieve": True})
+  assert status == 422 and "trained without retrieval" in json.loads(data)["detail"]
+  assert json.loads(request(f"{server.url}/healthz")[1])["retrieves"] is False
+
+
 def test_a_seeded_sample_gets_the_same_candidates_alone_and_batched(server):
   """Each request's samples are drawn with keys of its own seed and description indices, so
   requests merged into one model call (other seeds, other descriptions) do not change them."""
@@ -256,6 +268,9 @@ class SlowExport:
 
   def check_generate(self, descriptions, **_):
     return list(descriptions)
+
+  def retrieves(self, retrieve=None):
+    return bool(retrieve)
 
   def generate(self, texts, **_):
     self.calls.append(list(texts))

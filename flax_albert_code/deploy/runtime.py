@@ -16,6 +16,17 @@ means in `CodeGenerator` (its tokens' length-penalised log-probability) and its 
 says whether EOS ended it ("eos") or max_new_tokens did ("length"). Sample j of description i
 is drawn with its own key, `options.candidate_keys(seed, [i], ...)`, whatever else is batched
 with it.
+
+An export of a retrieval model (manifest "inference" -> "retrieval" -> k > 0) retrieves by
+default as `CodeGenerator` does, with the same `retrieval.Retriever` and the same encoder input
+(`tokenizer.frame_context`): the k functions of its index nearest to each description (the
+query vector from the export's encode program) join the description in the programs of width
+max_ctx_len, and every candidate lists them under "neighbours". The index is the one shipped in
+the export (its run's train split, unless exported with --no-retrieval-index) or the `index=`
+it was loaded with; `retrieve=False` generates from the description alone. An index of another
+model (other vector width, another recorded parameter fingerprint, or vectors that are not this
+model's encoding of their code) or one whose files are damaged is refused with one sentence
+naming it.
 """
 from __future__ import annotations
 
@@ -33,12 +44,18 @@ from flax_albert_code.inference import options
 from flax_albert_code.config import EOS_ID
 from flax_albert_code.inference import index as index_lib
 from flax_albert_code.inference import postprocess
-from flax_albert_code.tokenizer import Tokenizer, TokenizerError
+from flax_albert_code.inference import retrieval
+from flax_albert_code.tokenizer import Tokenizer, TokenizerError, frame_context
 from flax_albert_code.utils import files
 
 FORMAT = 2    # what this module reads and deploy/writer.py writes; 2: generate programs take
-              # keys, max_new_tokens, top_k and repetition_penalty
+              # keys, max_new_tokens, top_k and repetition_penalty. Retrieval (the optional
+              # "retrieval" block, programs of width max_ctx_len, retrieval_index/) only adds to
+              # it: a reader that ignores them still runs the description-width programs.
 MANIFEST = "manifest.json"
+RETRIEVAL_INDEX = "retrieval_index"   # the search index an export of a retrieval model ships
+SPOT_CHECKS = 4          # items of an index without a recorded fingerprint re-encoded at load
+SPOT_COSINE = 0.9        # ... whose stored vectors must be this close to the model's
 # The inputs of a generate program after the variables (scalars but the first two).
 GENERATE_INPUTS = ("desc_ids", "keys", "max_new_tokens", "temperature", "top_k", "top_p",
                    "length_penalty", "repetition_penalty")
@@ -49,12 +66,22 @@ class ExportError(ValueError):
   """An export directory is incomplete, altered or inconsistent; the message names the file."""
 
 
+def generate_program(strategy: str, batch: int, length: int, width: int, desc_len: int) -> str:
+  """A generate program's name: `generate_{strategy}_b{B}_t{T}` for description-width inputs,
+  with `_w{width}` for the retrieval context's (a retrieval model's max_ctx_len)."""
+  name = f"generate_{strategy}_b{batch}_t{length}"
+  return name if width == desc_len else f"{name}_w{width}"
+
+
 def load_export(path: str, *, index: str | index_lib.Index | None = None,
                 verify: bool = True) -> Export:
-  """Opens an export directory; `index` is a search index (see `Export.load_index`)."""
+  """Opens an export directory; `index` is a search index (see `Export.load_index`), by
+  default the one the export ships (a retrieval model's corpus), if any."""
   exp = Export(path, verify=verify)
   if index is not None:
     exp.load_index(index)
+  elif exp.shipped_index:
+    exp.load_index(os.path.join(exp.path, exp.shipped_index))
   return exp
 
 
@@ -110,6 +137,16 @@ class Export:
     self.num_beams = int(info["num_beams"])
     self.align_dim = int(info["align_dim"])
     self.vocab_size = int(info["vocab_size"])
+    rag = info.get("retrieval") or {}      # absent in exports written before retrieval
+    self.retrieval_k = int(rag.get("k", 0))
+    self.retrieval_method = retrieval.check_method(str(rag.get("method", "hybrid")))
+    self.ctx_len = int(rag.get("max_ctx_len", self.desc_len))
+    self.frame_desc_len = int(rag.get("max_desc_len", self.desc_len))
+    self.shipped_index: str | None = rag.get("index") or None
+    # Parameter fingerprints (index.params_fingerprint) an index may have been built with: the
+    # export's own and its checkpoint's (the same model before the export's dtype cast).
+    self.fingerprints = {f for f in (info.get("params_fingerprint"),
+                                     info.get("source_params_fingerprint")) if f}
     tok_path = os.path.join(self.path, info["tokenizer"])
     try:
       self.tokenizer = Tokenizer.load(tok_path)
@@ -128,6 +165,7 @@ class Export:
     self._compiled: dict[str, Any] = {}
     self._lock = threading.Lock()
     self.index: index_lib.Index | None = None
+    self._retriever: retrieval.Retriever | None = None    # over self.index, for generation
 
   # -------------------------------------------------------------------------------------------
   # Loading.
@@ -182,6 +220,7 @@ class Export:
     """A search index: an `Index`, a directory with vectors.npy and items.json (as
     `python -m flax_albert_code.search` saves), or a .jsonl/.json file of items with "code"
     (embedded now)."""
+    embedded = False
     if isinstance(index, index_lib.Index):
       idx = index
     elif os.path.isdir(index):
@@ -189,7 +228,7 @@ class Export:
         idx = index_lib.read(index)
       except (OSError, ValueError, TypeError, AttributeError) as e:
         raise ExportError(f"Search index {index} cannot be read ({type(e).__name__}: {e}); "
-                          "pass a directory with vectors.npy and items.json.") from None
+                          f"{self._rebuild(index)}") from None
     else:
       try:
         with open(index, encoding="utf-8") as f:
@@ -202,19 +241,72 @@ class Export:
                           "pass JSON lines, each an object with at least \"code\".") from None
       idx = index_lib.Index(self.embed([it["code"] for it in items], kind="code"), items,
                             directory=index)
-    if idx.vectors.ndim != 2 or idx.vectors.shape[1] != self.align_dim or len(
-        idx.items) != len(idx.vectors):
-      raise ExportError(f"Search index {idx.directory or 'given'} holds vectors of shape "
-                        f"{idx.vectors.shape} for {len(idx.items)} items; this model's are "
-                        f"{self.align_dim}-dimensional, one per item.")
-    self.index = idx
+      embedded = True
+    self._check_index(idx, embedded)
+    retriever = None
+    if self.retrieval_k:
+      if not idx.items:
+        raise ExportError(f"Search index {idx.directory or 'given'} holds no functions, so "
+                          "this retrieval model has no neighbours to draw on; pass another "
+                          "index (serve --index) or generate with retrieve=False.")
+      retriever = retrieval.over_items(idx.items, idx.vectors)
+    with self._lock:
+      self.index, self._retriever = idx, retriever
     return idx
 
+  def _check_index(self, idx: index_lib.Index, embedded: bool) -> None:
+    """ExportError unless `idx` holds this model's vectors of its items' code."""
+    where = idx.directory or "given"
+    if idx.vectors.ndim != 2 or idx.vectors.shape[1] != self.align_dim or len(
+        idx.items) != len(idx.vectors):
+      raise ExportError(f"Search index {where} holds vectors of shape "
+                        f"{idx.vectors.shape} for {len(idx.items)} items; this model's are "
+                        f"{self.align_dim}-dimensional, one per item; "
+                        f"{self._rebuild(idx.directory)}")
+    if not np.isfinite(idx.vectors).all():
+      raise ExportError(f"Search index {where} holds vectors that are not finite (damaged); "
+                        f"{self._rebuild(idx.directory)}")
+    if embedded:
+      return
+    recorded = idx.meta.get("params_fingerprint")
+    if recorded and self.fingerprints:
+      if recorded not in self.fingerprints:
+        raise ExportError(f"Search index {where} was built by another model (parameters "
+                          f"{str(recorded)[:12]}, this export's {sorted(self.fingerprints)[0][:12]}"
+                          f"); {self._rebuild(idx.directory)}")
+      return
+    # No fingerprint to compare: re-encode a few items and compare with their stored vectors.
+    picks = sorted({int(i) for i in np.linspace(0, len(idx.items) - 1,
+                                                min(SPOT_CHECKS, len(idx.items)))})
+    if not picks:
+      return
+    fresh = self.embed([idx.items[i]["code"] for i in picks], kind="code")
+    cosine = np.sum(fresh * idx.vectors[picks], axis=1) / np.maximum(
+        np.linalg.norm(idx.vectors[picks], axis=1), 1e-6)
+    if (cosine < SPOT_COSINE).any():
+      raise ExportError(f"Search index {where} holds vectors that are not this model's "
+                        f"encoding of their code (cosine {float(cosine.min()):.2f} at item "
+                        f"{picks[int(np.argmin(cosine))] + 1}): built by another model or "
+                        f"altered; {self._rebuild(idx.directory)}")
+
+  def _rebuild(self, directory: str | None) -> str:
+    """What to do about a bad index: rebuild it (or, for the shipped one, export again)."""
+    if directory and self.shipped_index and os.path.abspath(directory) == os.path.join(
+        self.path, self.shipped_index):
+      return "export again (it is the export's own index)."
+    return ("rebuild it with this model (python -m flax_albert_code.search --checkpoint RUN "
+            "--corpus SOURCE saves one under RUN/search_index/) or pass a JSON-lines corpus.")
+
   def warmup(self, strategies: Sequence[str] = ("greedy",), embed: bool = False) -> int:
-    """Compiles the generate programs of `strategies` (and with `embed` the encoders) now;
-    returns how many. Others compile on first use."""
+    """Compiles the generate programs of `strategies` (of the width a request gets by default:
+    the retrieval context's when the export retrieves, with the description encoders its
+    queries need) and with `embed` the encoders now; returns how many. Others compile on first
+    use."""
+    width = self.ctx_len if self.retrieval_k and self.index is not None else self.desc_len
+    query = width != self.desc_len and self.retrieval_method != "bm25"
     names = [n for n, m in self._meta.items()
-             if (m["kind"] == "encode" and embed) or m.get("strategy") in strategies]
+             if (m["kind"] == "encode" and (embed or (query and m["width"] == self.desc_len)))
+             or (m.get("strategy") in strategies and m["width"] == width)]
     for name in names:
       exp = self._programs[name]
       args = [np.zeros(a.shape, a.dtype) for a in exp.in_avals[len(jax.tree.leaves(
@@ -229,10 +321,12 @@ class Export:
                      num_samples: int = 1, temperature: float = 1.0, top_k: int = 0,
                      top_p: float = 1.0, max_new_tokens: int | None = None,
                      length_penalty: float = 1.0, repetition_penalty: float = 1.0,
-                     seed: int = 0, max_samples: int | None = None) -> list[str]:
+                     seed: int = 0, max_samples: int | None = None,
+                     retrieve: bool | None = None) -> list[str]:
     """The descriptions as strings; ValueError (one sentence; `options.OptionError` for an
     option) for what this export cannot do. `max_samples`: a caller's (the server's) limit."""
     texts = postprocess.check_texts(descriptions, "Description")
+    self.retrieves(retrieve)
     if strategy in decoding.STRATEGIES and strategy not in self.strategies:
       raise ValueError(f"This export has no {strategy!r} programs; use one of "
                        f"{', '.join(self.strategies)}.")
@@ -244,28 +338,65 @@ class Export:
                   vocab_size=self.vocab_size, max_samples=max_samples, beams_fixed=True)
     return texts
 
+  def retrieves(self, retrieve: bool | None = None) -> bool:
+    """Whether a request with `retrieve` (None: this export's default) draws on neighbours;
+    ValueError for retrieval this export cannot do."""
+    if retrieve and not self.retrieval_k:
+      raise ValueError("This model was trained without retrieval (config.retrieval.k = 0), so "
+                       "it cannot use neighbours; drop retrieve or export a model trained with "
+                       "--config.retrieval.k=2.")
+    used = bool(self.retrieval_k) if retrieve is None else bool(retrieve)
+    if used and self.index is None:
+      raise ValueError("This export retrieves neighbours but has no index (exported with "
+                       "--no-retrieval-index); load it with index= (serve --index) or pass "
+                       "retrieve=False.")
+    return used
+
+  def retrieve(self, texts: Sequence[str], k: int | None = None,
+               method: str | None = None) -> list[list[dict[str, Any]]]:
+    """Per description, the `k` (default the model's) nearest functions of the index by
+    `method` (default the model's), best first: {"path", "name", "lineno", "code", "score",
+    "tokens"}, as `CodeGenerator.retrieve`."""
+    with self._lock:
+      index, retriever = self.index, self._retriever
+    if index is None or retriever is None:
+      raise ValueError("No retrieval index is loaded; pass index= to load_export.")
+    method = retrieval.check_method(method or self.retrieval_method)
+    qv = None if method == "bm25" else self.embed(list(texts), kind="desc")
+    return retrieval.neighbours(retriever, index.items, texts,
+                                self.retrieval_k if k is None else int(k), method, qv,
+                                self.tokenizer.encode)
+
   def generate(self, descriptions: Sequence[str], strategy: str = "greedy", num_samples: int = 1,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                rerank: bool = False, max_new_tokens: int | None = None, seed: int = 0,
                length_penalty: float = 1.0, repetition_penalty: float = 1.0,
                drop_unparsable: bool = False,
-               seeds: Sequence[tuple[int, int]] | None = None) -> list[list[dict[str, Any]]]:
+               seeds: Sequence[tuple[int, int]] | None = None,
+               retrieve: bool | None = None) -> list[list[dict[str, Any]]]:
     """Per description, candidates best first: {"code", "score", "align", "parses",
-    "finish_reason"}; as `CodeGenerator.generate` (the beam width is fixed by the export).
-    `seeds`: per description (seed, its index in its request), for callers that batch several
-    requests into one call (the server); default (seed, i)."""
+    "finish_reason"} (and "neighbours" with retrieval); as `CodeGenerator.generate` (the beam
+    width is fixed by the export). `seeds`: per description (seed, its index in its request),
+    for callers that batch several requests into one call (the server); default (seed, i).
+    `retrieve`: None retrieves when the model was trained with retrieval (from the index the
+    export ships or the one it was loaded with), False never."""
     texts = self.check_generate(descriptions, strategy, num_samples, temperature, top_k, top_p,
-                                max_new_tokens, length_penalty, repetition_penalty, seed)
+                                max_new_tokens, length_penalty, repetition_penalty, seed,
+                                retrieve=retrieve)
     if not texts:
       return []
+    used = self.retrieves(retrieve)
+    neighbours = self.retrieve(texts) if used else None
     want = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
     tokens_NxKxT, scores_NxK = self.generate_tokens(
         texts, strategy=strategy, num_samples=num_samples, temperature=temperature,
         top_k=top_k, top_p=top_p, max_new_tokens=want, seed=seed,
-        length_penalty=length_penalty, repetition_penalty=repetition_penalty, seeds=seeds)
+        length_penalty=length_penalty, repetition_penalty=repetition_penalty, seeds=seeds,
+        neighbour_tokens=None if neighbours is None else [[n["tokens"] for n in nbs]
+                                                          for nbs in neighbours])
     several = strategy == "sample" and num_samples > 1
     results = []
-    for row_tokens, row_scores in zip(tokens_NxKxT, scores_NxK):
+    for i, (row_tokens, row_scores) in enumerate(zip(tokens_NxKxT, scores_NxK)):
       order = np.argsort(-row_scores, kind="stable") if several else range(len(row_scores))
       cands = []
       for j in order:
@@ -274,6 +405,8 @@ class Export:
         cands.append({"code": code, "score": float(row_scores[j]), "align": None,
                       "parses": postprocess.parses(code),
                       "finish_reason": "eos" if EOS_ID in seq else "length"})
+        if neighbours is not None:
+          cands[-1]["neighbours"] = retrieval.listed(neighbours[i])
       results.append(cands)
     if rerank:
       desc_vecs = self.embed(texts, kind="desc")
@@ -293,16 +426,25 @@ class Export:
                       num_samples: int = 1, temperature: float = 1.0, top_k: int = 0,
                       top_p: float = 1.0, max_new_tokens: int | None = None, seed: int = 0,
                       length_penalty: float = 1.0, repetition_penalty: float = 1.0,
-                      seeds: Sequence[tuple[int, int]] | None = None
+                      seeds: Sequence[tuple[int, int]] | None = None,
+                      neighbour_tokens: Sequence[Sequence[Sequence[int]]] | None = None
                       ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids [N, K, T] (T the smallest compiled length >= max_new_tokens; PAD after EOS
     and after max_new_tokens) and scores [N, K] of checked `texts`; K is 1, num_samples
-    (sample) or the export's beams."""
+    (sample) or the export's beams. `neighbour_tokens`: per text, its neighbours' code tokens,
+    framed with it by `tokenizer.frame_context` into the retrieval context (None: the
+    description alone)."""
     want = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
     t = next(x for x in self.lengths if x >= want)
     reps = num_samples if strategy == "sample" else 1      # sample programs draw one per row
-    rows = [postprocess.pad(self.tokenizer.encode_description(x, self.desc_len), self.desc_len)
-            for x in texts for _ in range(reps)]
+    if neighbour_tokens is None:
+      width = self.desc_len
+      inputs = [self.tokenizer.encode_description(x, self.desc_len) for x in texts]
+    else:
+      width = self.ctx_len
+      inputs = [frame_context(self.tokenizer.encode(x), list(nbs), self.frame_desc_len, width)
+                for x, nbs in zip(texts, neighbour_tokens)]
+    rows = [postprocess.pad(ids, width) for ids in inputs for _ in range(reps)]
     ids = np.asarray(rows, np.int32)
     keys = np.zeros((len(texts), reps, 2), np.uint32)
     if strategy == "sample":
@@ -314,11 +456,11 @@ class Export:
     keys = keys.reshape(len(rows), 2)
     tokens, scores = [], []
     for start, size, bucket in postprocess.chunks(len(rows), self.batch_buckets):
-      batch = np.zeros((bucket, self.desc_len), np.int32)
+      batch = np.zeros((bucket, width), np.int32)
       batch[:size] = ids[start:start + size]
       batch_keys = np.zeros((bucket, 2), np.uint32)
       batch_keys[:size] = keys[start:start + size]
-      out = self._fn(f"generate_{strategy}_b{bucket}_t{t}")(
+      out = self._fn(generate_program(strategy, bucket, t, width, self.desc_len))(
           self.variables, batch, batch_keys, np.int32(want), np.float32(temperature),
           np.int32(top_k), np.float32(top_p), np.float32(length_penalty),
           np.float32(repetition_penalty))

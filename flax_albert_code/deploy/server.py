@@ -208,9 +208,18 @@ def _models(exp, limits: Limits) -> dict[str, type[pydantic.BaseModel]]:
         "(1.0: off).")
     rerank: bool = False
     drop_unparsable: bool = False
+    retrieve: Optional[bool] = pydantic.Field(
+        None, description="Draw on the k nearest functions of the server's index (null: when "
+        "the model was trained with retrieval); each candidate then lists them.")
     seed: int = _option(0, "seed", "sample: the same seed gives the same candidates, whatever "
                         "else the server batches with the request.", minimum=0,
                         maximum=options.MAX_SEED)
+
+  class Neighbour(pydantic.BaseModel):
+    path: str
+    name: str
+    lineno: int
+    score: Score
 
   class Candidate(pydantic.BaseModel):
     code: str
@@ -220,6 +229,9 @@ def _models(exp, limits: Limits) -> dict[str, type[pydantic.BaseModel]]:
     parses: bool
     finish_reason: Literal["eos", "length"] = pydantic.Field(
         description="eos: the model ended the code; length: max_new_tokens cut it.")
+    neighbours: Optional[list[Neighbour]] = pydantic.Field(
+        None, description="The retrieved functions the code was written from, best first "
+        "(only when the request retrieved).")
 
   class GenerateResult(pydantic.BaseModel):
     candidates: list[Candidate]
@@ -264,6 +276,7 @@ def _models(exp, limits: Limits) -> dict[str, type[pydantic.BaseModel]]:
     step: Optional[int]
     programs: int
     index_items: int
+    retrieves: bool = pydantic.Field(description="Whether generate retrieves by default.")
 
   class Error(pydantic.BaseModel):
     detail: str
@@ -473,7 +486,9 @@ def create_app(exp, limits: Limits | None = None, *, docs: bool = False) -> Fast
     return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code,
                         headers=getattr(exc, "headers", None))
 
-  @app.post("/v1/generate", response_model=m["GenerateResponse"], responses=errors)
+  # exclude_unset: a candidate lists "neighbours" only when its request retrieved.
+  @app.post("/v1/generate", response_model=m["GenerateResponse"], responses=errors,
+            response_model_exclude_unset=True)
   async def generate(req: m["GenerateRequest"]):  # type: ignore[valid-type]
     texts = [req.descriptions] if isinstance(req.descriptions, str) else list(req.descriptions)
     opts = dict(strategy=req.strategy, num_samples=req.num_samples,
@@ -481,7 +496,9 @@ def create_app(exp, limits: Limits | None = None, *, docs: bool = False) -> Fast
                 max_new_tokens=req.max_new_tokens, length_penalty=req.length_penalty,
                 repetition_penalty=req.repetition_penalty)
     try:
-      exp.check_generate(texts, **opts, seed=req.seed, max_samples=limits.max_samples)
+      exp.check_generate(texts, **opts, seed=req.seed, max_samples=limits.max_samples,
+                         retrieve=req.retrieve)
+      opts["retrieve"] = exp.retrieves(req.retrieve)   # resolved: one batching key for both
     except ValueError as e:
       raise ApiError(422, str(e)) from None
     # The seed travels with each text, not in the batching key: requests with other seeds
@@ -511,7 +528,8 @@ def create_app(exp, limits: Limits | None = None, *, docs: bool = False) -> Fast
   @app.get("/healthz", response_model=m["Health"])
   async def healthz():
     return {"status": "ok", "step": exp.step, "programs": len(exp.manifest["programs"]),
-            "index_items": 0 if exp.index is None else len(exp.index.items)}
+            "index_items": 0 if exp.index is None else len(exp.index.items),
+            "retrieves": bool(exp.retrieval_k) and exp.index is not None}
 
   @app.get("/metrics", response_class=Response)
   async def metrics():

@@ -10,6 +10,8 @@ Layout of an export directory (every file's sha256 and size are in the manifest)
   params.safetensors      the inference variables, keys "params/encoder/..." (no pickle anywhere)
   programs/*.jaxexport    `jax.export.Exported.serialize()`: StableHLO plus calling convention
   hf_encoder/             the encoder as a Hugging Face ALBERT directory (hf.save_hf_encoder)
+  retrieval_index/        a retrieval model's corpus as a search index (inference/index.py:
+                          vectors.npy, items.json, index.json), by default the run's train split
 
 Programs take the variables as their first argument: `encode_b{B}_w{W}(variables, ids[B, W])`
 gives L2-normalised alignment vectors; `generate_{strategy}_b{B}_t{T}(variables, desc_ids[B, L],
@@ -17,7 +19,13 @@ keys[B, 2], max_new_tokens, temperature, top_k, top_p, length_penalty, repetitio
 (GENERATE_INPUTS) gives (tokens [B, K, T], scores [B, K]), for every batch bucket B of
 `config.sample.batch_buckets`, code width W (the code buckets and the description length) and
 length T (the code buckets up to `config.sample.max_new_tokens`); a program of length T decodes
-any max_new_tokens up to T. `sample` programs draw one candidate per row with the row's key
+any max_new_tokens up to T. A model trained with retrieval (config.retrieval.k > 0) also gets
+`generate_{strategy}_b{B}_t{T}_w{C}` programs whose input is the retrieval context of width
+C = config.retrieval.max_ctx_len (`tokenizer.frame_context`), and the manifest's
+"inference" -> "retrieval" records k, method, max_desc_len, max_ctx_len and the shipped index
+(None with `--no-retrieval-index`: the export then retrieves only from an index it is loaded
+with). "params_fingerprint" and "source_params_fingerprint" (index.params_fingerprint of the
+export's parameters and of its checkpoint's) say which search indexes this model built. `sample` programs draw one candidate per row with the row's key
 (serving tiles a description num_samples times); `beam` programs keep `config.sample.num_beams`
 beams. Programs are lowered for CPU and CUDA at once where `jax.export` can (the manifest's
 `platforms` says which).
@@ -42,9 +50,11 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from flax_albert_code.deploy.runtime import FORMAT, GENERATE_INPUTS, MANIFEST
+from flax_albert_code.deploy.runtime import (FORMAT, GENERATE_INPUTS, MANIFEST, RETRIEVAL_INDEX,
+                                             generate_program)
 from flax_albert_code.inference import decoding
 from flax_albert_code.inference import generator
+from flax_albert_code.inference import index as index_lib
 from flax_albert_code.inference import model_decoding
 from flax_albert_code.model import hf
 from flax_albert_code.training import checkpoint
@@ -86,10 +96,15 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
                      strategies: Sequence[str] = decoding.STRATEGIES,
                      platforms: Sequence[str] = PLATFORMS, hf_encoder: bool = True,
                      params: Any = None, info: dict[str, Any] | None = None,
-                     progress: bool = False) -> str:
+                     progress: bool = False, retrieval_index: bool = True,
+                     corpus: str | None = None) -> str:
   """Exports a `CodeGenerator`'s model (or `params` with its config) and tokenizer; `progress`:
-  a bar on stderr while the programs are lowered. Files and directories get the permissions
-  of ordinary new files (0666 and 0777 less the umask), not the temporary directory's 0700."""
+  a bar on stderr while the corpus is indexed and the programs are lowered. Files and
+  directories get the permissions of ordinary new files (0666 and 0777 less the umask), not the
+  temporary directory's 0700. A retrieval model's export ships the search index of `corpus`
+  (a data source spec or `prepared:SPLIT`; default the run's train split, what
+  `CodeGenerator.retriever()` uses), encoded with the exported weights, unless
+  `retrieval_index` is False."""
   check_options(dtype=dtype, buckets=buckets, lengths=lengths, strategies=strategies,
                 platforms=platforms)
   dtype = _dtype(dtype)
@@ -112,11 +127,31 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
   if lengths[0] < 1 or lengths[-1] > xgen.cfg.max_position_embeddings:
     raise ValueError(f"Lengths {lengths} must lie in 1..{xgen.cfg.max_position_embeddings} (the "
                      "model's positions).")
+  rag = config.retrieval
+  spec = (corpus or "prepared:train") if rag.k and retrieval_index else None
+  if corpus and not spec:
+    raise ValueError("--corpus names the corpus a retrieval model's export ships; this one "
+                     + ("is exported with --no-retrieval-index." if rag.k else
+                        "was trained without retrieval (config.retrieval.k = 0)."))
+  own_fingerprint = index_lib.params_fingerprint(xgen.variables)
+  examples = corpus_fingerprint = vectors = None
+  if spec:
+    examples, corpus_fingerprint, _ = index_lib.corpus(spec, gen.prepared, progress=progress)
+    if not examples:
+      raise ValueError(f"The retrieval corpus {spec} holds no functions; name another with "
+                       "--corpus (e.g. dir:PATH) or pass --no-retrieval-index.")
+    vectors = index_lib.build_index(xgen, examples, progress=progress)
 
   out_dir = _check_out(out_dir)
   with files.staged_dir(out_dir) as tmp:       # an older export there is replaced whole
+    widths = [xgen.max_desc_len] + ([int(rag.max_ctx_len)] if rag.k else [])
     programs, used_platforms, note = _write_programs(xgen, tmp, lengths, strategies, platforms,
-                                                     progress)
+                                                     progress, widths)
+    if spec:
+      os.makedirs(os.path.join(tmp, RETRIEVAL_INDEX))
+      index_lib.write(os.path.join(tmp, RETRIEVAL_INDEX), vectors, examples,
+                      {"params_fingerprint": own_fingerprint, "corpus": corpus_fingerprint,
+                       "spec": spec})
     _write_params(xgen.variables, os.path.join(tmp, PARAMS), dtype)
     shutil.copyfile(xgen.tokenizer.path, os.path.join(tmp, TOKENIZER))
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
@@ -136,6 +171,12 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
             "num_beams": int(config.sample.num_beams), "generate_inputs": list(GENERATE_INPUTS),
             "align_dim": xgen.cfg.align_dim, "vocab_size": xgen.cfg.vocab_size,
             "tokenizer": TOKENIZER, "params": PARAMS,
+            "retrieval": {"k": int(rag.k), "method": str(rag.method),
+                          "max_desc_len": xgen.max_desc_len,
+                          "max_ctx_len": int(rag.max_ctx_len) if rag.k else xgen.max_desc_len,
+                          "index": RETRIEVAL_INDEX if spec else None, "corpus": spec},
+            "params_fingerprint": own_fingerprint,
+            "source_params_fingerprint": index_lib.params_fingerprint(gen.variables),
         },
         "programs": programs,
     })
@@ -190,9 +231,10 @@ def _dtype(name: str) -> str:
 
 
 def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str],
-                    platforms: Sequence[str],
-                    progress: bool = False) -> tuple[list[dict], list[str], str]:
-  """Lowers and serialises every program; tries all `platforms` at once, else this backend's."""
+                    platforms: Sequence[str], progress: bool = False,
+                    widths: Sequence[int] = ()) -> tuple[list[dict], list[str], str]:
+  """Lowers and serialises every program, generate programs for each input width of `widths`
+  (default the description's); tries all `platforms` at once, else this backend's."""
   os.makedirs(os.path.join(out, "programs"))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), gen.variables)
   ids = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
@@ -209,12 +251,13 @@ def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str]
       for t in lengths:
         fn = functools.partial(_generate, gen.model, strategy=strategy, max_new_tokens=t, k=k,
                                decode_phase=gen.decode_phase)
-        specs.append(({"name": f"generate_{strategy}_b{b}_t{t}", "kind": "generate", "batch": b,
-                       "width": gen.max_desc_len, "strategy": strategy, "k": k,
-                       "max_new_tokens": t},
-                      fn, (abstract, ids((b, gen.max_desc_len)),
-                           jax.ShapeDtypeStruct((b, 2), jnp.uint32), whole, real, whole, real,
-                           real, real)))
+        for width in dict.fromkeys(widths or [gen.max_desc_len]):
+          specs.append(({"name": generate_program(strategy, b, t, width, gen.max_desc_len),
+                         "kind": "generate", "batch": b, "width": width, "strategy": strategy,
+                         "k": k, "max_new_tokens": t},
+                        fn, (abstract, ids((b, width)),
+                             jax.ShapeDtypeStruct((b, 2), jnp.uint32), whole, real, whole, real,
+                             real, real)))
   wanted = tuple(dict.fromkeys(platforms))
   here = jax.default_backend()
   note = f"lowered for {', '.join(wanted)} at once"

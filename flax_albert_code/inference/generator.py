@@ -204,8 +204,7 @@ class CodeGenerator:
       for cand in cands:
         cand["parses"] = postprocess.parses(cand["code"])
         if used:
-          cand["neighbours"] = [{k: n[k] for k in ("path", "name", "lineno", "score")}
-                                for n in nbs]
+          cand["neighbours"] = retrieval.listed(nbs)
     if rerank:
       self._add_alignment(texts, results)
     keep = num_samples
@@ -243,13 +242,7 @@ class CodeGenerator:
     k = self.retrieval_k if k is None else int(k)
     method = method or self.config.retrieval.method
     qv = None if method == "bm25" else self.embed(list(texts), kind="desc")
-    idx, scores = retriever.search(list(texts), k, method=method, query_vectors_QxA=qv)
-    out = []
-    for row, row_scores in zip(idx, scores):
-      out.append([{**{f: items[j][f] for f in ("path", "name", "lineno", "code")},
-                   "score": float(sc), "tokens": self.tokenizer.encode(items[j]["code"])}
-                  for j, sc in zip(row, row_scores) if j >= 0])
-    return out
+    return retrieval.neighbours(retriever, items, texts, k, method, qv, self.tokenizer.encode)
 
   def retriever(self, corpus: str | None = None):
     """(Retriever, items) over `corpus`'s index (built once with this model, saved under the
@@ -266,9 +259,7 @@ class CodeGenerator:
         vectors, items = index.vectors, index.items
       else:
         vectors, items = index_lib.build_index(self, examples), examples
-      keys = [retrieval.key_text(e.get("description", ""), e["code"]) for e in items]
-      self._corpus = (spec, (retrieval.Retriever([e["code"] for e in items], vectors, keys=keys),
-                             items))
+      self._corpus = (spec, (retrieval.over_items(items, vectors), items))
     return self._corpus[1]
 
   # -------------------------------------------------------------------------------------------

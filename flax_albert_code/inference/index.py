@@ -12,6 +12,9 @@ undocumented code; the training filters do not apply), and counts what it skippe
 The index (code vectors + where each function is) is saved under `<workdir>/search_index/<key>/`,
 keyed by a hash of the parameters and the corpus files (sizes and mtimes), so it is reused while
 both are unchanged and rebuilt otherwise; it is written to a temporary directory and renamed.
+Beside vectors.npy and items.json, index.json records the fingerprint of the parameters that
+encoded it (`params_fingerprint`), so that a reader can refuse an index of another model
+(indexes saved before it existed have none).
 Imports neither flax nor orbax, so that the export runtime stays light.
 """
 from __future__ import annotations
@@ -32,7 +35,7 @@ from flax_albert_code.utils import files
 
 INDEX_FORMAT = 2      # 2: every function of a source, not only documented ones
 ITEM_FIELDS = ("name", "path", "lineno", "description", "code")
-VECTORS, ITEMS = "vectors.npy", "items.json"
+VECTORS, ITEMS, META = "vectors.npy", "items.json", "index.json"
 
 
 @dataclasses.dataclass
@@ -44,6 +47,7 @@ class Index:
   key: str = ""
   directory: str = ""
   reused: bool = False
+  meta: dict[str, Any] = dataclasses.field(default_factory=dict)   # index.json, if any
 
 
 def item(it: dict[str, Any]) -> dict[str, Any]:
@@ -59,7 +63,24 @@ def read(directory: str) -> Index:
   vectors = np.load(os.path.join(directory, VECTORS), allow_pickle=False)
   with open(os.path.join(directory, ITEMS), encoding="utf-8", errors="surrogateescape") as f:
     items = [item(it) for it in json.load(f)]
-  return Index(np.asarray(vectors, np.float32), items, directory=directory)
+  meta = {}
+  if os.path.exists(os.path.join(directory, META)):
+    with open(os.path.join(directory, META), encoding="utf-8") as f:
+      meta = dict(json.load(f))
+  return Index(np.asarray(vectors, np.float32), items, directory=directory, meta=meta)
+
+
+def write(directory: str, vectors: np.ndarray, items: Sequence[dict],
+          meta: dict[str, Any]) -> list[str]:
+  """Saves an index into an existing `directory`; returns the names of the files written."""
+  np.save(os.path.join(directory, VECTORS), np.asarray(vectors, np.float32))
+  with open(os.path.join(directory, ITEMS), "w", encoding="utf-8",
+            errors="surrogateescape") as f:
+    json.dump([{k: e[k] for k in ITEM_FIELDS} for e in items], f)
+  with open(os.path.join(directory, META), "w", encoding="utf-8") as f:
+    json.dump({"format": INDEX_FORMAT, "count": len(items), **meta}, f, indent=1,
+              sort_keys=True)
+  return [VECTORS, ITEMS, META]
 
 
 def corpus(spec: str, prepared=None,
@@ -144,12 +165,13 @@ def load_or_build(generator, examples: Sequence[dict], corpus_fingerprint: str,
     return dataclasses.replace(found, key=key, reused=True)
   vectors = build_index(generator, examples, progress=progress)
   items = [{k: e[k] for k in ITEM_FIELDS} for e in examples]
+  meta = {"params_fingerprint": params_fingerprint(generator.variables),
+          "corpus": corpus_fingerprint}
   # A damaged index there is replaced; one another process saved meanwhile is kept.
   with files.staged_dir(final, existing="keep", complete=lambda d: _whole(d) is not None) as tmp:
-    np.save(os.path.join(tmp, VECTORS), vectors)
-    with open(os.path.join(tmp, ITEMS), "w", encoding="utf-8", errors="surrogateescape") as f:
-      json.dump(items, f)
-  return Index(vectors, items, key, final)
+    write(tmp, vectors, items, meta)
+  return Index(vectors, items, key, final, meta={"format": INDEX_FORMAT, "count": len(items),
+                                                  **meta})
 
 
 def query(generator, index: Index, queries: Sequence[str], top_k: int = 10) -> list[list[dict]]:

@@ -15,13 +15,14 @@ it) among its neighbours and learns to use similar code, not to copy the answer.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from flax_albert_code.evaluation import bm25 as bm25_lib
 
 METHODS = ("dense", "bm25", "hybrid")
+NEIGHBOUR_FIELDS = ("path", "name", "lineno", "score")   # what a candidate lists per neighbour
 
 
 def check_method(method: str) -> str:
@@ -102,3 +103,28 @@ def key_text(description: str, code: str) -> str:
   """What BM25 matches a query against: the function's docstring (empty for undocumented
   code) and its code."""
   return f"{description}\n{code}" if description else code
+
+
+def over_items(items: Sequence[dict[str, Any]], vectors_NxA: np.ndarray | None) -> Retriever:
+  """A Retriever over search-index items (inference/index.py): their code, BM25 keyed by
+  `key_text`, and their code vectors."""
+  return Retriever([it["code"] for it in items], vectors_NxA,
+                   keys=[key_text(it.get("description", ""), it["code"]) for it in items])
+
+
+def neighbours(retriever: Retriever, items: Sequence[dict[str, Any]], texts: Sequence[str],
+               k: int, method: str, query_vectors_QxA: np.ndarray | None,
+               encode: Callable[[str], list[int]]) -> list[list[dict[str, Any]]]:
+  """Per description, its `k` nearest items best first: {"path", "name", "lineno", "code",
+  "score", "tokens"} (`encode(code)`, what `tokenizer.frame_context` frames)."""
+  idx, scores = retriever.search(list(texts), k, method=method,
+                                 query_vectors_QxA=query_vectors_QxA)
+  return [[{**{f: items[j][f] for f in ("path", "name", "lineno", "code")},
+            "score": float(sc), "tokens": encode(items[j]["code"])}
+           for j, sc in zip(row, row_scores) if j >= 0]
+          for row, row_scores in zip(idx, scores)]
+
+
+def listed(nbs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """What a candidate lists under "neighbours": each one's path, name, lineno and score."""
+  return [{f: n[f] for f in NEIGHBOUR_FIELDS} for n in nbs]
