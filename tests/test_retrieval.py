@@ -358,3 +358,23 @@ def test_a_damaged_or_foreign_index_is_one_clear_error(rag_export, tmp_path):
   # The same vectors without index.json pass the re-encoding check.
   fine = _index_copy(shipped, tmp_path / "fine", meta=False)
   assert len(runtime.load_export(out, index=fine).index.items) == len(vectors)
+
+
+def test_exported_programs_ban_the_checkpoints_repeated_ngrams(rag_run, tmp_path):
+  """An export is built with its checkpoint's config.sample.no_repeat_ngram_size (recorded in
+  the manifest) and decodes as the checkpoint does with it."""
+  _, _, workdir = rag_run
+  gen = CodeGenerator.from_checkpoint(str(workdir))
+  with gen.config.unlocked():
+    gen.config.sample.no_repeat_ngram_size = 2
+  out = str(tmp_path / "export")
+  writer.export_generator(gen, out, **EXPORT_OPTS)
+  exp = runtime.load_export(out)
+  assert exp.no_repeat_ngram_size == 2
+  with open(os.path.join(out, "manifest.json")) as f:
+    assert json.load(f)["inference"]["no_repeat_ngram_size"] == 2
+  ours, ref = exp.generate(TEXTS, max_new_tokens=8), gen.generate(TEXTS, max_new_tokens=8)
+  assert [c[0]["code"] for c in ours] == [c[0]["code"] for c in ref]   # the ban itself:
+  # test_sampling.test_no_repeat_ngram_size_bans_repeated_ngrams_in_every_strategy
+  plain = CodeGenerator.from_checkpoint(str(workdir)).generate(TEXTS, max_new_tokens=8)
+  assert [c[0]["code"] for c in plain] != [c[0]["code"] for c in ours]

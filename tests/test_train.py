@@ -281,7 +281,7 @@ def test_config_typo_and_bad_value_fail_at_once(tmp_path):
   assert "steps, warmup_steps" in typo.stderr                             # the valid fields
   section = _train_cli(tmp_path, "--config.trian.steps=3")
   assert section.returncode != 0 and "config has no field 'trian'" in section.stderr
-  assert "model, name, sample, seed, train" in section.stderr
+  assert "model, name, retrieval, sample, seed, train" in section.stderr
   bad = _train_cli(tmp_path, "--config.train.steps=abc")
   assert bad.returncode != 0 and "Traceback" not in bad.stderr
   assert "--config.train.steps=abc: invalid literal for int()" in bad.stderr

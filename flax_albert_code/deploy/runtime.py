@@ -135,6 +135,8 @@ class Export:
     self.max_new_tokens = int(info["max_new_tokens"])
     self.strategies = list(info["strategies"])
     self.num_beams = int(info["num_beams"])
+    # Built into the programs (config.sample.no_repeat_ngram_size at export; 0 before it existed).
+    self.no_repeat_ngram_size = int(info.get("no_repeat_ngram_size", 0))
     self.align_dim = int(info["align_dim"])
     self.vocab_size = int(info["vocab_size"])
     rag = info.get("retrieval") or {}      # absent in exports written before retrieval

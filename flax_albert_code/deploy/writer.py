@@ -169,6 +169,7 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
             "code_widths": list(xgen.code_buckets), "lengths": lengths,
             "max_new_tokens": xgen.default_max_new_tokens, "strategies": list(strategies),
             "num_beams": int(config.sample.num_beams), "generate_inputs": list(GENERATE_INPUTS),
+            "no_repeat_ngram_size": no_repeat_ngram_size(config),
             "align_dim": xgen.cfg.align_dim, "vocab_size": xgen.cfg.vocab_size,
             "tokenizer": TOKENIZER, "params": PARAMS,
             "retrieval": {"k": int(rag.k), "method": str(rag.method),
@@ -250,7 +251,8 @@ def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str]
       k = decoding.num_candidates(strategy, int(gen.config.sample.num_beams), 1)
       for t in lengths:
         fn = functools.partial(_generate, gen.model, strategy=strategy, max_new_tokens=t, k=k,
-                               decode_phase=gen.decode_phase)
+                               decode_phase=gen.decode_phase,
+                               no_repeat_ngram_size=no_repeat_ngram_size(gen.config))
         for width in dict.fromkeys(widths or [gen.max_desc_len]):
           specs.append(({"name": generate_program(strategy, b, t, width, gen.max_desc_len),
                          "kind": "generate", "batch": b, "width": width, "strategy": strategy,
@@ -282,14 +284,21 @@ def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str]
 
 def _generate(model, variables, desc_ids, keys, limit, temperature, top_k, top_p,
               length_penalty, repetition_penalty, *, strategy: str, max_new_tokens: int, k: int,
-              decode_phase: int):
-  """One generate program: GENERATE_INPUTS, every option traced but the strategy."""
+              decode_phase: int, no_repeat_ngram_size: int = 0):
+  """One generate program: GENERATE_INPUTS, every option traced but the strategy and the
+  n-gram ban (config.sample.no_repeat_ngram_size, built in: it shapes the program)."""
   return model_decoding.generate(model, variables, desc_ids, strategy=strategy,
                                  max_new_tokens=max_new_tokens, rng=keys[:, None, :],
                                  temperature=temperature, top_k=top_k, top_p=top_p, num_beams=k,
                                  length_penalty=length_penalty, num_samples=1,
                                  decode_phase=decode_phase, limit=limit,
-                                 repetition_penalty=repetition_penalty)
+                                 repetition_penalty=repetition_penalty,
+                                 no_repeat_ngram_size=no_repeat_ngram_size)
+
+
+def no_repeat_ngram_size(config) -> int:
+  """The n-gram ban the programs are built with: the checkpoint's config.sample default."""
+  return int(config.sample.get("no_repeat_ngram_size", 0))
 
 
 def _write_params(variables, path: str, dtype: str) -> None:
