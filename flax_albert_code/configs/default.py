@@ -1,5 +1,5 @@
 """Default run: the `small` model on the built-in standard-library corpus; what the bare command
-runs. Sized to finish in about 7 minutes on a 2-core CPU with a clearly falling loss.
+runs. Sized to finish within 10 minutes on a 2-core CPU with a clearly falling loss.
 
   python -m flax_albert_code.train                      # same as --config configs/default.py
   python -m flax_albert_code.train --config configs/default.py --workdir runs/small \
