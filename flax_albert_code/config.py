@@ -100,6 +100,7 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       steps=3000, batch_size=32, microbatches=1,
       optimizer="adamw",           # "adamw" | "lamb"
       learning_rate=1e-3, warmup_steps=200, schedule="cosine", end_lr_fraction=0.1,
+      decay_fraction=0.2,          # "wsd" only: the last fraction of the steps decays linearly
       weight_decay=0.01, b1=0.9, b2=0.98, eps=1e-8, grad_clip=1.0,
       align_losses="infonce",      # comma-separated subset of {l2, infonce}; "" disables alignment
       l2_weight=1.0, infonce_weight=0.1, gen_weight=1.0, init_temperature=0.07,
@@ -110,6 +111,9 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       # (XLA compiles without the GIL): on a GPU the buckets' programs then cost one compile
       # time, not one each. Off by default: small CPU runs may never meet every bucket.
       precompile=False,
+      # JAX's persistent compilation cache: "auto" = <workdir>/jax_cache, a directory, or "" (off).
+      # A resumed run loads its programs from it instead of compiling them again.
+      compilation_cache="auto",
       log_every=50, eval_every=500, eval_batches=8,
       checkpoint_every=500, keep_checkpoints=3, async_checkpointing=True,
       samples_at_end=4,

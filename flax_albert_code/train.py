@@ -85,6 +85,7 @@ def main(argv: list[str]) -> None:
   from flax_albert_code.training import loop as trainer
   from flax_albert_code.data.prepared import DataError
   from flax_albert_code.tokenizer import TokenizerError
+  from flax_albert_code.utils import compile_cache
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   for noisy in ("absl", "jax", "orbax", "grain", "tensorflow_datasets"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -94,10 +95,12 @@ def main(argv: list[str]) -> None:
   except ValueError as e:
     sys.exit(f"error: {e}")
   workdir = _WORKDIR.value or os.path.join("runs", config.name)
+  cache = compile_cache.enable(config.train.get("compilation_cache", "auto"), workdir)
   if jax.process_index() == 0:
     print(f"Training config {config.name!r} on {jax.device_count()} {jax.devices()[0].platform} "
           f"device(s) in {jax.process_count()} process(es) into "
-          f"{workdir if '://' in workdir else os.path.abspath(workdir)}", flush=True)
+          f"{workdir if '://' in workdir else os.path.abspath(workdir)}"
+          f"{f' (compilation cache {cache})' if cache else ''}", flush=True)
   try:
     result = trainer.run(config, workdir)
   except (DataError, TokenizerError, checkpoint.CheckpointError, trainer.TrainingError,

@@ -183,6 +183,8 @@ class Trainer:
                devices: Sequence[Any] | None = None):
     tc = self.tc = config.train
     self.config = config
+    self.startup = {"before_trainer": process_seconds()}   # seconds, logged at the first step
+    t = time.perf_counter()
     self.is_main = jax.process_index() == 0
     self.progress = progress
     workdir = str(workdir)
@@ -190,6 +192,7 @@ class Trainer:
       workdir = os.path.abspath(os.path.expanduser(workdir))
     self.workdir = workdir
     self.prepared = prepare(config, workdir, progress=progress and self.is_main)
+    self.startup["prepare"], t = time.perf_counter() - t, time.perf_counter()
     if config.model.vocab_size != self.prepared.tokenizer.vocab_size:
       log.info("model.vocab_size set to the tokenizer's %d", self.prepared.tokenizer.vocab_size)
       with config.unlocked():
@@ -217,8 +220,10 @@ class Trainer:
       if tc.init_from:
         self.state = _warm_start(self.state, config, self.model_cfg)
       self.start = 0
+    self.startup["state"], t = time.perf_counter() - t, time.perf_counter()
     self.neighbours = _neighbours(config, self.prepared, workdir, self.start,
                                   self.state.params["model"], self.mesh, refresh=False)
+    self.startup["neighbours"] = time.perf_counter() - t
     if self.neighbours is not None:
       self.train_iter = _with_neighbours(self.train_iter, config, self.prepared, self.neighbours)
     self.writer = metrics_lib.Writer(workdir)
@@ -242,6 +247,7 @@ class Trainer:
     # error: the last good checkpoint is then complete on disk.
     with contextlib.closing(self.ckpt), contextlib.closing(self.writer), \
          jax.set_mesh(self.mesh), _Signals() as signals:
+      t = time.perf_counter()
       self.train_fn, self.eval_fn = train_step.jit_steps(self.model, self.tx, self.config,
                                                          self.mesh, self.shardings)
       if tc.get("precompile", False) and step < end:
@@ -250,6 +256,7 @@ class Trainer:
                                          tuple(self.config.data.code_buckets))
         self.train_fn = _dispatch(compiled, "train", self.train_fn)
         self.eval_fn = _dispatch(compiled, "eval", self.eval_fn)
+      self.startup["compile"] = time.perf_counter() - t
       self.bar = tqdm(total=tc.steps, initial=step,
                       disable=not (self.progress and self.is_main), dynamic_ncols=True,
                       desc="train")
@@ -257,6 +264,8 @@ class Trainer:
       while step < end:
         step += 1
         self.do_step(step)
+        if step == self.start + 1:
+          self._log_startup(step)
         if step % tc.log_every == 0 or step == end:
           self._log_throughput(step)
         if self.neighbours is not None and step in tuple(self.config.retrieval.refresh_steps):
@@ -287,6 +296,16 @@ class Trainer:
     self._flops_since += self.tc.batch_size * metrics_lib.train_flops_per_example(
         self.model_cfg, ld, lc, generation=self.gen, align=bool(self.align))
     self._pending = (step, metrics)
+
+  def _log_startup(self, step: int) -> None:
+    """Time to the first step, by phase (a restart after preemption is judged by it)."""
+    jax.block_until_ready(self._pending[1])
+    self.startup["first_step"] = process_seconds()
+    self.startup = {k: round(v, 1) for k, v in self.startup.items()}
+    log.info("Step %d done %.1f s after the process started (%s).", step,
+             self.startup["first_step"],
+             ", ".join(f"{k} {v} s" for k, v in self.startup.items() if k != "first_step"))
+    self.writer.write(step, {f"startup_{k}_s": v for k, v in self.startup.items()})
 
   def _flush(self) -> None:
     """Fetch and check the pending step's metrics, if any."""
@@ -401,3 +420,18 @@ def _print_samples(result: Result, config, n: int) -> None:
   print(design_example.format_results(design_example.run(gen, (strategy,),
                                                          config.sample.num_beams)))
   print()
+
+
+def process_seconds() -> float:
+  """Seconds since this process started (Linux /proc; elsewhere since this module's import)."""
+  try:
+    with open("/proc/self/stat") as f:
+      start_ticks = int(f.read().rpartition(")")[2].split()[19])
+    with open("/proc/uptime") as f:
+      uptime = float(f.read().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+  except (OSError, ValueError, IndexError):
+    return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()

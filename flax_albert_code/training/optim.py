@@ -1,4 +1,4 @@
-"""Optimiser from the config: AdamW or LAMB (ALBERT's), warmup + cosine/linear decay, clipping.
+"""Optimiser from the config: AdamW or LAMB (ALBERT's), warmup + cosine/linear/wsd decay, clipping.
 
 Weight decay skips biases, LayerNorm parameters and scalars (ALBERT's recipe: ndim < 2).
 Master weights and optimizer state stay in the parameter dtype (fp32) whatever the compute dtype.
@@ -22,8 +22,16 @@ def schedule(train_cfg) -> optax.Schedule:
   if train_cfg.schedule == "constant":
     return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
                                  optax.constant_schedule(peak)], [max(warmup, 1)])
+  if train_cfg.schedule == "wsd":
+    # Warmup, stable, decay: the peak until the last `decay_fraction` of the steps. A long run
+    # continued with more steps (`--config.train.steps`) only moves the decay, not the past.
+    decay = min(max(int(steps * train_cfg.get("decay_fraction", 0.2)), 1), steps - max(warmup, 1))
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
+                                 optax.constant_schedule(peak),
+                                 optax.linear_schedule(peak, end, max(decay, 1))],
+                                [max(warmup, 1), steps - max(decay, 1)])
   raise ValueError(f"config.train.schedule={train_cfg.schedule!r} is not one of "
-                   "'cosine', 'linear', 'constant'.")
+                   "'cosine', 'linear', 'constant', 'wsd'.")
 
 
 def _decay_mask(params):
