@@ -9,14 +9,21 @@
 # Environment: QUALITY_STAGES (default "train eval"; also export, humaneval),
 # QUALITY_EVAL_EXAMPLES (test examples, default 500), QUALITY_VALID_EXAMPLES (300),
 # QUALITY_NGRAMS (no_repeat_ngram_size values tried on valid, default "0 4"),
-# QUALITY_WORKDIR (default /tmp/quality_run), QUALITY_JSONL (an extra jsonl: set to evaluate).
+# QUALITY_WORKDIR (default /tmp/quality_run), QUALITY_JSONL (an extra jsonl: set to evaluate),
+# QUALITY_HELDOUT (a data source spec of a project absent from the corpus, e.g.
+# dir:/path/to/project, evaluated like the test split), QUALITY_CONFIG (default
+# configs/quality.py; e.g. configs/quality.py:scale), QUALITY_TRAIN_SECONDS (stop training with
+# SIGTERM after this many seconds: the trainer saves a checkpoint and the next call resumes),
+# QUALITY_GPUS (GPUs the run trains on, for the curve's GPU-minutes; default all visible).
+# Stage "curve": every kept checkpoint on QUALITY_CURVE_EXAMPLES valid examples (default 200),
+# then benchmarks/quality_curve.py writes the quality-vs-compute table and plot.
 set -euo pipefail
 out="${1:-${OUT:-/tmp/quality}}"
 mkdir -p "$out"
 work="${QUALITY_WORKDIR:-/tmp/quality_run}"
 here="$(cd "$(dirname "$0")" && pwd)"
-root="$here/.."
 stages=" ${QUALITY_STAGES:-train eval} "
+config="${QUALITY_CONFIG:-configs/quality.py}"
 start=$(date +%s)
 # Every process after training compiles the same sampling programs: share them on disk.
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-${work}_jax_cache}"
@@ -25,13 +32,29 @@ python3 -c "import jax, flax, optax, orbax.checkpoint, grain, sentencepiece; pri
   | tee "$out/versions.txt"
 if [[ $stages == *" train "* ]]; then
   stamp "train (prepares the data first)"
-  python3 -m flax_albert_code.train --config "$root/flax_albert_code/configs/quality.py" \
+  guard=()
+  [[ -n "${QUALITY_TRAIN_SECONDS:-}" ]] && guard=(timeout --preserve-status -s TERM "$QUALITY_TRAIN_SECONDS")
+  "${guard[@]}" python3 -m flax_albert_code.train --config "$config" \
     --workdir "$work" "${@:2}" > "$out/train_full.log" 2>&1 || { tail -30 "$out/train_full.log"; exit 1; }
   tr '\r' '\n' < "$out/train_full.log" | grep -v -i "warn" \
-    | grep -E "^(Training|Prepared|pairs|  |step|final|checkpoint|#|def |error)|step [0-9]+: \{|[Mm]ined|Compiled" \
+    | grep -E "^(Training|Prepared|pairs|  |step|final|checkpoint|#|def |error)|step [0-9]+: \{|[Mm]ined|Compiled|done .* after the process|Received|Resumed" \
     | tail -60 | tee "$out/train.log"
   cp "$work/metrics.jsonl" "$out/"
   stamp "trained"
+fi
+if [[ $stages == *" curve "* ]]; then
+  for ckpt in $(find "$work/checkpoints" -maxdepth 1 -regex ".*/[0-9]+" | sort -V); do
+    step=$(basename "$ckpt")
+    [[ -f "$out/curve/step$step/report.json" ]] && continue
+    stamp "curve: step $step on ${QUALITY_CURVE_EXAMPLES:-200} valid examples"
+    python3 -m flax_albert_code.evaluate --checkpoint "$ckpt" --split valid --strategies greedy \
+      --max-examples "${QUALITY_CURVE_EXAMPLES:-200}" --no-baselines --show 0 \
+      --random-examples 0 --out "$out/curve/step$step" 2>&1 | grep "^|" | tail -8
+  done
+  python3 "$here/quality_curve.py" --metrics "$work/metrics.jsonl" --curve "$out/curve" \
+    --gpus "${QUALITY_GPUS:-$(python3 -c 'import jax; print(jax.device_count())')}" \
+    --results "$here/RESULTS.md" --plot "$here/quality_vs_compute.png" | tee "$out/curve.txt"
+  cp "$here/quality_vs_compute.png" "$out/" 2>/dev/null || true
 fi
 if [[ $stages == *" eval "* ]]; then
   ngrams=()
@@ -50,6 +73,13 @@ if [[ $stages == *" eval "* ]]; then
     --max-examples "${QUALITY_EVAL_EXAMPLES:-500}" --strategies greedy,beam \
     --no-repeat-ngram-size "$best" --random-examples 5 --seed 0 --out "$out/test" 2>&1 \
     | grep -v "truncated" | tail -24
+  if [[ -n "${QUALITY_HELDOUT:-}" ]]; then
+    stamp "evaluate: held-out project $QUALITY_HELDOUT"
+    python3 -m flax_albert_code.evaluate --checkpoint "$work" --data "$QUALITY_HELDOUT" \
+      --max-examples "${QUALITY_EVAL_EXAMPLES:-500}" --strategies greedy \
+      --no-repeat-ngram-size "$best" --random-examples 5 --seed 0 --out "$out/heldout" 2>&1 \
+      | grep -v "truncated" | tail -20
+  fi
   if [[ -n "${QUALITY_JSONL:-}" ]]; then
     stamp "evaluate: $QUALITY_JSONL"
     python3 -m flax_albert_code.evaluate --checkpoint "$work" --data "jsonl:$QUALITY_JSONL" \
