@@ -9,6 +9,7 @@
 # Environment: QUALITY_STAGES (default "train eval"; also export, humaneval),
 # QUALITY_EVAL_EXAMPLES (test examples, default 500), QUALITY_VALID_EXAMPLES (300),
 # QUALITY_NGRAMS (no_repeat_ngram_size values tried on valid, default "0 4"),
+# QUALITY_TEST_STRATEGIES (default greedy,beam),
 # QUALITY_WORKDIR (default /tmp/quality_run), QUALITY_JSONL (an extra jsonl: set to evaluate),
 # QUALITY_HELDOUT (a data source spec of a project absent from the corpus, e.g.
 # dir:/path/to/project, evaluated like the test split), QUALITY_CONFIG (default
@@ -70,7 +71,7 @@ if [[ $stages == *" eval "* ]]; then
   stamp "chosen on valid: no_repeat_ngram_size $best"
   stamp "evaluate: test split"
   python3 -m flax_albert_code.evaluate --checkpoint "$work" --split test \
-    --max-examples "${QUALITY_EVAL_EXAMPLES:-500}" --strategies greedy,beam \
+    --max-examples "${QUALITY_EVAL_EXAMPLES:-500}" --strategies "${QUALITY_TEST_STRATEGIES:-greedy,beam}" \
     --no-repeat-ngram-size "$best" --random-examples 5 --seed 0 --out "$out/test" 2>&1 \
     | grep -v "truncated" | tail -24
   if [[ -n "${QUALITY_HELDOUT:-}" ]]; then
