@@ -216,6 +216,12 @@ def _post(conn: http.client.HTTPConnection, body: dict) -> dict:
   return json.loads(data)
 
 
+def model_calls(registry) -> tuple[float, float]:
+  """(generate calls, texts in them) the server's Prometheus registry has counted so far."""
+  get = lambda name: registry.get_sample_value(name, {"kind": "generate"}) or 0.0
+  return get("fac_batch_size_count"), get("fac_batch_size_sum")
+
+
 def load(port: int, clients: int, seconds: float, descs: list[str], body: dict,
          ref: dict[str, tuple[str, int]], tokenizer) -> dict:
   """`clients` closed-loop clients for `seconds` (each sends at least one timed request)."""
@@ -297,12 +303,14 @@ def warm(exp, descs: list[str], new_tokens: int, retrieve: bool | None, largest:
 
 def table(res: dict) -> list[str]:
   rows = ["| server | clients | requests | p50 ms | p99 ms | requests/s | new tokens/s | "
-          "tokens/request |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+          "tokens/request | texts/model call |",
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for mode, cells in res["runs"].items():
     for r in cells:
       rows.append(f"| {mode} | {r['clients']} | {r['requests']} | {r['latency_p50_ms']:.1f} | "
                   f"{r['latency_p99_ms']:.1f} | {r['requests_per_s']:.2f} | "
-                  f"{r['new_tokens_per_s']:,.0f} | {r['new_tokens_per_request']:.1f} |")
+                  f"{r['new_tokens_per_s']:,.0f} | {r['new_tokens_per_request']:.1f} | "
+                  f"{r['texts_per_model_call']:.2f} |")
   return rows
 
 
@@ -401,15 +409,22 @@ def main(argv=None) -> int:
     body["retrieve"] = retrieve
   runs = {}
   for mode, view in (("batched", exp), ("one_at_a_time", OneAtATime(exp))):
-    srv = LocalServer(server.create_app(view, limits))
+    app = server.create_app(view, limits)
+    srv = LocalServer(app)
     try:
       runs[mode] = []
       for c in clients:
+        calls, texts = model_calls(app.state.registry)
         r = load(srv.port, c, args.seconds, descs, body, ref, exp.tokenizer)
+        calls2, texts2 = model_calls(app.state.registry)
+        # Untimed warm requests included: how the batcher grouped this row's requests.
+        r["model_calls"] = calls2 - calls
+        r["texts_per_model_call"] = (texts2 - texts) / max(calls2 - calls, 1)
         runs[mode].append(r)
         print(f"{mode:>14} {c:>3} clients: {r['requests_per_s']:8.2f} req/s "
               f"{r['new_tokens_per_s']:10,.0f} new tok/s  p50 {r['latency_p50_ms']:8.1f} ms  "
-              f"p99 {r['latency_p99_ms']:8.1f} ms", flush=True)
+              f"p99 {r['latency_p99_ms']:8.1f} ms  {r['texts_per_model_call']:5.2f} texts/call",
+              flush=True)
     finally:
       srv.stop()
   top = max(clients)
