@@ -125,10 +125,10 @@ def make_export(checkpoint: str, out: str, new_tokens: int, buckets: list[int]) 
   """Exports `checkpoint` for this machine: bf16 CUDA programs on a GPU, float32 CPU ones."""
   import jax  # pylint: disable=import-outside-toplevel
   from flax_albert_code.deploy import writer  # pylint: disable=import-outside-toplevel
-  gpu = jax.default_backend() == "gpu"
-  return writer.export(checkpoint, out, dtype="bfloat16" if gpu else "float32", buckets=buckets,
-                       lengths=[new_tokens], strategies=["greedy"],
-                       platforms=["cuda" if gpu else "cpu"], hf_encoder=False)
+  here = jax.export.default_export_platform()      # cpu, cuda, rocm or tpu
+  return writer.export(checkpoint, out, dtype="float32" if here == "cpu" else "bfloat16",
+                       buckets=buckets, lengths=[new_tokens], strategies=["greedy"],
+                       platforms=[here], hf_encoder=False)
 
 
 def reference(exp, descs: list[str], new_tokens: int, retrieve: bool | None

@@ -49,3 +49,18 @@ def test_bench_serving_measures_both_servers_and_checks_parity(tmp_path_factory,
 def test_bench_serving_names_what_is_missing():
   with pytest.raises(SystemExit, match="needs no_such_module_for_bench"):
     _module().need(("json", "no_such_module_for_bench"))
+
+
+def test_the_export_platform_check_uses_jax_export_names(tmp_path_factory, monkeypatch):
+  """jax.default_backend() says "gpu" on CUDA while exports list "cuda": the runtime compares
+  jax.export's name of this machine's platform, so a CUDA export loads on a GPU."""
+  import jax
+  from flax_albert_code.deploy import runtime
+  _, export_dir = shared_export(tmp_path_factory)
+  assert runtime.load_export(export_dir).manifest["platforms"] == ["cpu", "cuda"]
+  monkeypatch.setattr(jax.export, "default_export_platform", lambda: "cuda")
+  assert runtime.load_export(export_dir).step == 7          # a GPU machine loads it
+  monkeypatch.setattr(jax.export, "default_export_platform", lambda: "tpu")
+  with pytest.raises(runtime.ExportError, match="lowered for cpu, cuda, not for this machine's "
+                                                "tpu"):
+    runtime.load_export(export_dir)
