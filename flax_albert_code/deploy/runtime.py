@@ -185,7 +185,8 @@ class Export:
     if tuple(ids.shape) != (meta["batch"], meta["width"]):
       raise ExportError(f"Export file {path} takes ids of shape {tuple(ids.shape)}, not the "
                         f"({meta['batch']}, {meta['width']}) its manifest entry says.")
-    here = jax.default_backend()
+    # jax.export's names (cpu, cuda, rocm, tpu); jax.default_backend() says "gpu" for CUDA.
+    here = jax.export.default_export_platform()
     if here not in exp.platforms:
       raise ExportError(f"Export file {path} was lowered for {', '.join(exp.platforms)}, not "
                         f"for this machine's {here}; export on (or for) {here}.")
