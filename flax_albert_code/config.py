@@ -110,7 +110,7 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       # (a causal LM under an empty description), by step: "1.0:600,0.25" = all for 600 steps,
       # then one in four; "" off. Needs the prepared unlabelled split (config.data.unlabelled).
       unlabelled_schedule="",
-      mlm_weight=0.0,              # ALBERT's masked LM on code through the tied embedding (15%, 80/10/10); 0: off
+      mlm_weight=0.0,              # ALBERT's masked LM on code, tied embedding (15%, 80/10/10); 0: off
       # Compile the train/eval steps of every code bucket at start, side by side in threads
       # (XLA compiles without the GIL): on a GPU the buckets' programs then cost one compile
       # time, not one each. Off by default: small CPU runs may never meet every bucket.

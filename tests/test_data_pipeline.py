@@ -208,9 +208,9 @@ def test_schedule_is_parsed_and_bad_ones_say_what_to_write():
 
 
 def test_which_batches_are_unlabelled_is_a_function_of_the_index():
-  kinds = lambda text, n: [pipeline.unlabelled_before(pipeline.parse_schedule(text), i + 1)  # noqa: E731
-                           > pipeline.unlabelled_before(pipeline.parse_schedule(text), i)
-                           for i in range(n)]
+  def kinds(text, n):
+    before = [pipeline.unlabelled_before(pipeline.parse_schedule(text), i) for i in range(n + 1)]
+    return [b > a for a, b in zip(before, before[1:])]
   assert kinds("1.0:4,0.25", 12) == [True] * 4 + [False, False, False, True] * 2
   assert kinds("0.5:4", 8) == [False, True] * 2 + [False] * 4
   assert kinds("1/3", 6) == [False, False, True] * 2
@@ -227,8 +227,8 @@ def test_unlabelled_rows_are_framed_and_bucketed_and_resume_exactly(setup):
   # One context row per description: neighbours of the pairs exist, unlabelled code has none.
   nb = types.SimpleNamespace(ids={"train": np.zeros((prep.split_sizes["train"], 1), np.int64)})
   config = config.copy_and_resolve_references()
-  make = lambda: pipeline.make_iterator(config, prep, "train", 8, shuffle=True, num_epochs=None,  # noqa: E731
-                                        neighbours=nb, unlabelled_schedule="1.0:3,0.5")
+  kw = dict(shuffle=True, num_epochs=None, neighbours=nb, unlabelled_schedule="1.0:3,0.5")
+  make = lambda: pipeline.make_iterator(config, prep, "train", 8, **kw)  # noqa: E731
   batches = take(make(), 40)
   kinds = [bool(b["labelled"].all()) for b in batches]
   assert all(b["labelled"].all() or not b["labelled"].any() for b in batches)

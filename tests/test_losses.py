@@ -124,4 +124,4 @@ def test_mlm_corruption_is_berts_15_percent_80_10_10():
   assert abs(chosen[:, :200].mean() - 0.15) < 0.01
   masked, kept = (out[chosen] == 1).mean(), (out[chosen] == ids[chosen]).mean()
   assert abs(masked - 0.8) < 0.02 and 0.09 < kept < 0.12   # 10% kept, and random hits by chance
-  assert out[chosen].min() >= 1 and out.max() < 300 and not np.isin(out[chosen], [0, 2, 3, 4, 5]).any()
+  assert out.max() < 300 and not np.isin(out[chosen], [0, 2, 3, 4, 5]).any()   # mask: 1
