@@ -107,6 +107,11 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       label_smoothing=0.0, z_loss=0.0,
       loss_chunk=128,              # sequence chunk of the tied-logit CE (recomputed in backward); 0: one pass
       logits_dtype="float32",      # CE logits: "float32" (upcast) | "bfloat16" (fp32 sums, fused bf16 gradient)
+      # Pretraining on unlabelled code (CodeT5): the share of batches that are unlabelled code
+      # (a causal LM under an empty description), by step: "1.0:600,0.25" = all for 600 steps,
+      # then one in four; "" off. Needs the prepared unlabelled split (config.data.unlabelled).
+      unlabelled_schedule="",
+      mlm_weight=0.0,              # ALBERT's masked LM on code, tied embedding (15%, 80/10/10); 0: off
       # Compile the train/eval steps of every code bucket at start, side by side in threads
       # (XLA compiles without the GIL): on a GPU the buckets' programs then cost one compile
       # time, not one each. Off by default: small CPU runs may never meet every bucket.

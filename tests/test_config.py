@@ -135,3 +135,11 @@ def test_parse_arg():
     common.parse_arg("steps=many", **spec)
   with pytest.raises(ValueError, match="given twice"):
     common.parse_arg("large,size=base", **spec)
+
+
+def test_pretraining_on_unlabelled_code_is_off_in_every_shipped_config():
+  """Fields added after the pins: unlabelled code (train.unlabelled_schedule) and the masked LM
+  (train.mlm_weight) are opt-in, so the shipped runs and their checkpoints are unchanged."""
+  for name in config_lib.shipped_names():
+    train = config_lib.load_config(name).train
+    assert (train.unlabelled_schedule, train.mlm_weight) == ("", 0.0), name

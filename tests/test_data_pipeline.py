@@ -1,11 +1,17 @@
-"""The grain pipeline: framing, bucketing, determinism, exact resume, per-host slices, sharding."""
+"""The grain pipeline: framing, bucketing, determinism, exact resume, per-host slices, sharding;
+unlabelled code mixed in by a schedule."""
+import dataclasses
+import fractions
+import os
+import types
+
 import jax
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flax_albert_code import config as config_lib
-from flax_albert_code.data import pipeline, prepared as prepared_lib
+from flax_albert_code.data import pipeline, prepared as prepared_lib, token_store
 from flax_albert_code.data.sources import DataError
 
 CLS, SEP, EOS, BOS = (config_lib.CLS_ID, config_lib.SEP_ID, config_lib.EOS_ID,
@@ -167,3 +173,98 @@ def test_to_global_shards_over_8_devices(setup):
     shards = sorted(v.addressable_shards, key=lambda s: s.index[0].start)
     assert len(shards) == 8 and all(s.data.shape[0] == 2 for s in shards)
     np.testing.assert_array_equal(np.asarray(shards[3].data), batch[k][6:8])
+
+
+# Pretraining on unlabelled code: the schedule, the batches' kinds, resume.
+
+def with_unlabelled(prep, n=120):
+  """`prep` with an unlabelled split written as prepare writes it (empty descriptions): the
+  train split's code, reversed, then again, so it has its own order and size."""
+  store = prep.tokens("train")
+  code = [store.tokens("code", i).tolist() for i in range(len(store))][::-1]
+  code = (code * (n // len(code) + 1))[:n]
+  token_store.write(os.path.join(prep.data_dir, "tokens"), "unlabelled",
+                    {"desc": [[] for _ in code], "code": code}, prep.tokenizer.vocab_size)
+  return dataclasses.replace(prep, split_sizes={**prep.split_sizes, "unlabelled": n},
+                             _cache={})
+
+
+def test_schedule_is_parsed_and_bad_ones_say_what_to_write():
+  F = fractions.Fraction
+  assert pipeline.parse_schedule("") == ()
+  assert pipeline.parse_schedule("1.0:600,0.25") == ((F(1), 600), (F(1, 4), None))
+  assert pipeline.parse_schedule(" 0.5 : 10 , 1:20 ") == ((F(1, 2), 10), (F(1), 20))
+  for bad, problem in (("2", "fraction 2 is not between 0 and 1"),
+                       ("0.5,0.25", "'0.5' has no ':step' but is not the last item"),
+                       ("1:600,0.5:300", "step 300 does not come after 600"),
+                       ("half:10", "'half' is not a fraction"),
+                       ("0.5:ten", "'ten' is not a step number")):
+    with pytest.raises(ValueError) as err:
+      pipeline.parse_schedule(bad)
+    assert str(err.value) == (
+        f"config.train.unlabelled_schedule={bad!r}: {problem}; write the fraction of unlabelled "
+        "batches and the step it lasts until, e.g. '1.0:600,0.25' (all unlabelled for 600 "
+        "steps, then a quarter), or '' for none.")
+
+
+def test_which_batches_are_unlabelled_is_a_function_of_the_index():
+  def kinds(text, n):
+    before = [pipeline.unlabelled_before(pipeline.parse_schedule(text), i) for i in range(n + 1)]
+    return [b > a for a, b in zip(before, before[1:])]
+  assert kinds("1.0:4,0.25", 12) == [True] * 4 + [False, False, False, True] * 2
+  assert kinds("0.5:4", 8) == [False, True] * 2 + [False] * 4
+  assert kinds("1/3", 6) == [False, False, True] * 2
+  assert not any(kinds("0", 5)) and all(kinds("1", 5))
+  s = pipeline.parse_schedule("1.0:600,0.25")
+  assert pipeline.unlabelled_before(s, 600) == 600
+  assert pipeline.unlabelled_before(s, 10**9) == 600 + (10**9 - 600) // 4
+
+
+def test_unlabelled_rows_are_framed_and_bucketed_and_resume_exactly(setup):
+  config, prep = setup
+  prep = with_unlabelled(prep)
+  unl = pipeline.unlabelled_store(prep)
+  # One context row per description: neighbours of the pairs exist, unlabelled code has none.
+  nb = types.SimpleNamespace(ids={"train": np.zeros((prep.split_sizes["train"], 1), np.int64)})
+  config = config.copy_and_resolve_references()
+  kw = dict(shuffle=True, num_epochs=None, neighbours=nb, unlabelled_schedule="1.0:3,0.5")
+  make = lambda: pipeline.make_iterator(config, prep, "train", 8, **kw)  # noqa: E731
+  batches = take(make(), 40)
+  kinds = [bool(b["labelled"].all()) for b in batches]
+  assert all(b["labelled"].all() or not b["labelled"].any() for b in batches)
+  assert kinds == [False] * 3 + [True, False] * 18 + [True]
+  widths = set()
+  for b in batches:
+    assert set(b) == {"desc_ids", "code_ids", "index", "ctx_ids", "labelled"}
+    if b["labelled"][0]:
+      assert (b["ctx_ids"][:, 0] == CLS).all() and (b["ctx_ids"] != 0).sum(1).min() > 3
+      continue
+    width = b["code_ids"].shape[1]
+    widths.add(width)
+    assert (b["desc_ids"][:, :2] == [CLS, SEP]).all() and not b["desc_ids"][:, 2:].any()
+    assert (b["ctx_ids"][:, :2] == [CLS, SEP]).all() and not b["ctx_ids"][:, 2:].any()
+    for row, i in enumerate(b["index"]):
+      n = unl.lengths["code"][i]
+      assert BUCKETS[int(np.searchsorted(BUCKETS, min(n + 1, 128)))] == width
+      np.testing.assert_array_equal(b["code_ids"][row, :min(n, width)],
+                                    unl.tokens("code", i)[:width])
+  assert len(widths) > 1
+  for k in (2, 7):   # inside the all-unlabelled start, and in the alternation
+    full = make()
+    take(full, k)
+    state = full.get_state()
+    resumed = make()
+    resumed.set_state(state)
+    assert_same(take(resumed, 5), batches[k:k + 5])
+  assert_same(take(make(), 40), batches)
+
+
+def test_a_schedule_without_unlabelled_data_says_how_to_get_it(setup):
+  config, prep = setup
+  prep = dataclasses.replace(prep, split_sizes={k: v for k, v in prep.split_sizes.items()
+                                                if k != "unlabelled"}, _cache={})
+  with pytest.raises(DataError, match=r"config.train.unlabelled_schedule is set but .* has no "
+                                      r"unlabelled code; prepare with config.data.unlabelled="
+                                      r"True, or set the schedule to ''\."):
+    pipeline.make_iterator(config, prep, "train", 8, shuffle=True, num_epochs=None,
+                           unlabelled_schedule="0.5")

@@ -60,3 +60,68 @@ def test_unknown_logits_dtype_is_one_sentence():
   h, proj, word, bias, targets, weights = _inputs()
   with pytest.raises(ValueError, match="config.train.logits_dtype"):
     losses.generation_loss(h, targets, weights, proj, word, bias, logits_dtype="float16")
+
+
+def test_row_sums_give_the_loss_and_group_means():
+  h, proj, word, bias, targets, weights = _inputs()
+  kw = dict(chunk=4)
+  nll, correct, count = losses.generation_row_sums(h, targets, weights, proj, word, bias, **kw)
+  assert nll.shape == correct.shape == count.shape == (B,)
+  np.testing.assert_allclose(count, [T, T - 5])
+  loss, acc, n = losses.generation_loss(h, targets, weights, proj, word, bias, **kw)
+  np.testing.assert_allclose(loss, nll.sum() / count.sum(), rtol=1e-6)
+  only_second = losses.generation_loss(h[1:], targets[1:], weights[1:], proj, word, bias, **kw)
+  rows = jnp.array([False, True])
+  np.testing.assert_allclose(losses.group_mean(nll, correct, count, rows), only_second,
+                             rtol=1e-5)
+  assert losses.group_mean(nll, correct, count, jnp.zeros(B, bool))[0] == 0.0   # no rows
+
+
+def _vectors(b=6, a=8, seed=0):
+  rs = np.random.RandomState(seed)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+  v_d = unit(rs.standard_normal((b, a)))
+  return jnp.asarray(v_d, jnp.float32), jnp.asarray(unit(v_d + 0.5 * rs.standard_normal((b, a))),
+                                                    jnp.float32)
+
+
+def test_alignment_ignores_unlabelled_rows():
+  """Unlabelled code is neither an anchor nor a negative: the losses equal those of the
+  labelled rows alone, whatever the other rows hold, and send them no gradient."""
+  v_d, v_c = _vectors()
+  rows = jnp.array([True, False, True, True, False, True])
+  t = jnp.log(1 / 0.07)
+  alone = (losses.infonce(v_d[rows], v_c[rows], t), losses.l2_alignment(v_d[rows], v_c[rows]),
+           losses.retrieval_accuracy(v_d[rows], v_c[rows]))
+  other_d, other_c = _vectors(seed=1)
+  for d, c in ((v_d, v_c), (jnp.where(rows[:, None], v_d, other_d),
+                            jnp.where(rows[:, None], v_c, other_c)), (v_d, v_d)):
+    d, c = jnp.where(rows[:, None], v_d, d), jnp.where(rows[:, None], v_c, c)
+    masked = (losses.infonce(d, c, t, rows), losses.l2_alignment(d, c, rows),
+              losses.retrieval_accuracy(d, c, rows))
+    np.testing.assert_allclose(masked, alone, rtol=1e-6)
+  # Unlabelled rows that copy a labelled row's code would be its hardest negatives: ignored.
+  copy = v_c.at[1].set(v_c[0])
+  np.testing.assert_allclose(losses.infonce(v_d, copy, t, rows), alone[0], rtol=1e-6)
+  assert losses.infonce(v_d, copy, t) != losses.infonce(v_d, v_c, t)
+  grads = jax.grad(lambda d, c: losses.infonce(d, c, t, rows) + losses.l2_alignment(d, c, rows),
+                   argnums=(0, 1))(v_d, v_c)
+  for g in grads:
+    assert not np.asarray(g)[~np.asarray(rows)].any() and np.asarray(g)[np.asarray(rows)].any()
+  none = jnp.zeros(6, bool)   # an all-unlabelled batch: zero, finite, no gradient
+  assert losses.infonce(v_d, v_c, t, none) == losses.l2_alignment(v_d, v_c, none) == 0.0
+  assert not jax.grad(losses.infonce)(v_d, v_c, t, none).any()
+
+
+def test_mlm_corruption_is_berts_15_percent_80_10_10():
+  ids = jnp.asarray(np.random.RandomState(0).randint(6, 300, (64, 256)), jnp.int32)
+  maskable = jnp.arange(256)[None, :] < 200   # padding, [CLS]: never chosen
+  out, chosen = losses.mlm_corrupt(jax.random.PRNGKey(0), ids, maskable, 300, mask_id=1,
+                                   first_normal_id=6)
+  out, chosen, ids = np.asarray(out), np.asarray(chosen), np.asarray(ids)
+  assert not chosen[:, 200:].any() and (out[:, 200:] == ids[:, 200:]).all()
+  assert (out[~chosen] == ids[~chosen]).all()
+  assert abs(chosen[:, :200].mean() - 0.15) < 0.01
+  masked, kept = (out[chosen] == 1).mean(), (out[chosen] == ids[chosen]).mean()
+  assert abs(masked - 0.8) < 0.02 and 0.09 < kept < 0.12   # 10% kept, and random hits by chance
+  assert out.max() < 300 and not np.isin(out[chosen], [0, 2, 3, 4, 5]).any()   # mask: 1

@@ -17,9 +17,18 @@ A batch is a dict of numpy arrays:
   ctx_ids   int32 [b, max_ctx_len]   only with retrieval (config.retrieval.k > 0): [CLS]
                                      description [SEP] code of each neighbour [SEP]
                                      (`tokenizer.frame_context`), what the decoder attends to
+  labelled  bool  [b]                only with an unlabelled schedule: False for the rows of
+                                     unlabelled code (description and context just [CLS][SEP])
+
+Pretraining on unlabelled code (config.train.unlabelled_schedule, `parse_schedule`): each global
+batch is either labelled pairs or unlabelled code, chosen by a pure function of the batch index
+(`unlabelled_before`), and each kind has its own bucketed, shuffled BatchPlan; element i is
+still global batch i, so the iterator state stays one integer.
 """
 from __future__ import annotations
 
+import fractions
+import os
 import sys
 from typing import Any
 
@@ -34,6 +43,90 @@ from flax_albert_code.tokenizer import frame_context
 from flax_albert_code.data.sources import DataError
 
 Batch = dict[str, np.ndarray]
+SCHEDULE_FIELD = "config.train.unlabelled_schedule"
+Schedule = tuple[tuple[fractions.Fraction, int | None], ...]
+
+
+def parse_schedule(text: str) -> Schedule:
+  """`config.train.unlabelled_schedule` -> ((fraction, until step), ..., (fraction, None)).
+
+  Comma-separated `F:S` items: fraction F of the batches are unlabelled code until step S
+  (steps counted from 1, S included); a last bare `F` holds from there on, else the fraction is
+  0 after the last S. "1.0:600,0.25": the first 600 batches unlabelled, then one in four.
+  "" is off. A ValueError names the field and says what to write.
+  """
+  out, last = [], 0
+  items = [item.strip() for item in text.split(",")] if text.strip() else []
+  for n, item in enumerate(items):
+    frac_text, colon, step_text = item.partition(":")
+    problem = None
+    try:
+      frac = fractions.Fraction(frac_text.strip())
+    except (ValueError, ZeroDivisionError):
+      frac, problem = None, f"{frac_text.strip()!r} is not a fraction"
+    until = None
+    if problem is None and colon:
+      try:
+        until = int(step_text.strip())
+      except ValueError:
+        problem = f"{step_text.strip()!r} is not a step number"
+    if problem is None and not 0 <= frac <= 1:
+      problem = f"fraction {frac_text.strip()} is not between 0 and 1"
+    elif problem is None and not colon and n != len(items) - 1:
+      problem = f"{item!r} has no ':step' but is not the last item"
+    elif problem is None and colon and until <= last:
+      problem = f"step {until} does not come after {last}"
+    if problem:
+      raise ValueError(f"{SCHEDULE_FIELD}={text!r}: {problem}; write the fraction of unlabelled "
+                       "batches and the step it lasts until, e.g. '1.0:600,0.25' (all unlabelled "
+                       "for 600 steps, then a quarter), or '' for none.")
+    out.append((frac, until))
+    last = until or last
+  return tuple(out)
+
+
+def unlabelled_before(schedule: Schedule, i: int) -> int:
+  """How many of global batches 0..i-1 are unlabelled code; batch i is unlabelled when
+  `unlabelled_before(schedule, i + 1)` is larger. Within an item of fraction F = p/q the
+  unlabelled batches are spread evenly (Bresenham: floor(j p / q)), integers only, so every
+  host and every resumed run agrees."""
+  total, start = 0, 0
+  for frac, until in schedule:
+    end = i if until is None else min(i, until)
+    if end > start:
+      total += (end - start) * frac.numerator // frac.denominator
+    if until is None or i <= until:
+      break
+    start = until
+  return total
+
+
+class Mix(grain.MapDataset):
+  """Global batch i from the labelled or the unlabelled dataset, by `unlabelled_before`."""
+
+  def __init__(self, labelled: grain.MapDataset, unlabelled: grain.MapDataset,
+               schedule: Schedule):
+    super().__init__([labelled, unlabelled])
+    self.labelled, self.unlabelled, self.schedule = labelled, unlabelled, schedule
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __str__(self) -> str:
+    return f"Mix(unlabelled schedule {[(str(f), s) for f, s in self.schedule]})"
+
+  def source(self, index: int) -> tuple[bool, int]:
+    """(unlabelled?, index into that dataset) of global batch `index`."""
+    u = unlabelled_before(self.schedule, index)
+    if unlabelled_before(self.schedule, index + 1) > u:
+      return True, u
+    return False, index - u
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    unlabelled, i = self.source(index)
+    return (self.unlabelled if unlabelled else self.labelled)[i]
 
 
 class BatchPlan(grain.MapDataset):
@@ -101,9 +194,11 @@ class Assemble(grain.transforms.Map):
 
   def __init__(self, store: token_store.TokenStore, max_desc_len: int,
                neighbours: np.ndarray | None = None,
-               train_store: token_store.TokenStore | None = None, max_ctx_len: int = 0):
+               train_store: token_store.TokenStore | None = None, max_ctx_len: int = 0,
+               labelled: bool | None = None):
     self.store, self.max_desc_len = store, max_desc_len
     self.neighbours, self.train_store, self.max_ctx_len = neighbours, train_store, max_ctx_len
+    self.labelled = labelled   # None: no `labelled` field
 
   def map(self, element: tuple[np.ndarray, int]) -> Batch:
     indices, width = element
@@ -126,6 +221,8 @@ class Assemble(grain.transforms.Map):
     out = {"desc_ids": desc, "code_ids": code, "index": indices.astype(np.int32)}
     if self.neighbours is not None:
       out["ctx_ids"] = self._contexts(idx, filler)
+    if self.labelled is not None:
+      out["labelled"] = np.full(len(idx), self.labelled)
     return out
 
   def _contexts(self, idx: np.ndarray, filler: np.ndarray) -> np.ndarray:
@@ -138,42 +235,75 @@ class Assemble(grain.transforms.Map):
     return ctx
 
 
+def unlabelled_store(prepared) -> token_store.TokenStore:
+  """The prepared unlabelled code (desc fields empty); a DataError saying how to get it."""
+  n = prepared.split_sizes.get("unlabelled", 0)
+  directory = os.path.join(prepared.data_dir, "tokens")
+  if not n or not os.path.isfile(os.path.join(directory, "unlabelled.code.npy")):
+    raise DataError(f"{SCHEDULE_FIELD} is set but {prepared.data_dir} has no unlabelled code; "
+                    "prepare with config.data.unlabelled=True, or set the schedule to ''.")
+  return token_store.TokenStore(directory, "unlabelled")
+
+
 def make_dataset(config: ml_collections.ConfigDict, prepared, split: str, batch_size: int, *,
                  shuffle: bool, num_epochs: int | None, drop_remainder: bool | None = None,
                  process_index: int | None = None,
-                 process_count: int | None = None, neighbours=None) -> grain.MapDataset:
+                 process_count: int | None = None, neighbours=None,
+                 unlabelled_schedule: str = "") -> grain.MapDataset:
   """The grain MapDataset of this host's batches; see `make_iterator`."""
   d = config.data
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   split = splits.canonical_split(split)
+  schedule = parse_schedule(unlabelled_schedule)
   if batch_size % process_count:
     raise ValueError(f"The global batch size {batch_size} is not divisible by the "
                      f"{process_count} processes; change config.train.batch_size.")
   buckets = tuple(sorted(b for b in d.code_buckets if b <= d.max_code_len)) or (d.max_code_len,)
   if d.max_desc_len < 2:
     raise ValueError(f"config.data.max_desc_len={d.max_desc_len} cannot hold [CLS] and [SEP].")
+
+  def plan(store, name):
+    code_lens = np.minimum(store.lengths["code"] + 1, buckets[-1])
+    p = BatchPlan(code_lens, buckets, batch_size, shuffle=shuffle, seed=d.shuffle_seed,
+                  num_epochs=None if schedule else num_epochs, process_index=process_index,
+                  process_count=process_count,
+                  drop_remainder=shuffle if drop_remainder is None else drop_remainder)
+    if p.batches_per_epoch == 0:
+      raise DataError(f"Split {name!r} of {prepared.data_dir} has {len(store)} examples, not one "
+                      f"full batch of {batch_size} in any code bucket {buckets}; lower the batch "
+                      "size, use fewer buckets or add data.")
+    return p
+
   store = prepared.tokens(split)
-  code_lens = np.minimum(store.lengths["code"] + 1, buckets[-1])
-  plan = BatchPlan(code_lens, buckets, batch_size, shuffle=shuffle, seed=d.shuffle_seed,
-                   num_epochs=num_epochs, process_index=process_index,
-                   process_count=process_count,
-                   drop_remainder=shuffle if drop_remainder is None else drop_remainder)
-  if plan.batches_per_epoch == 0:
-    raise DataError(f"Split {split!r} of {prepared.data_dir} has {len(store)} examples, not one "
-                    f"full batch of {batch_size} in any code bucket {buckets}; lower the batch "
-                    "size, use fewer buckets or add data.")
+  labelled = True if schedule else None
   if neighbours is None:
-    return plan.map(Assemble(store, d.max_desc_len))
-  return plan.map(Assemble(store, d.max_desc_len, neighbours.ids[split], prepared.tokens("train"),
-                           int(config.retrieval.max_ctx_len)))
+    ds = plan(store, split).map(Assemble(store, d.max_desc_len, labelled=labelled))
+  else:
+    ds = plan(store, split).map(Assemble(store, d.max_desc_len, neighbours.ids[split],
+                                         prepared.tokens("train"),
+                                         int(config.retrieval.max_ctx_len), labelled=labelled))
+  if not schedule:
+    return ds
+  code = unlabelled_store(prepared)
+  no_neighbours = (None if neighbours is None
+                   else np.full((len(code), neighbours.ids[split].shape[1]), -1, np.int64))
+  unl = plan(code, "unlabelled").map(Assemble(
+      code, d.max_desc_len, no_neighbours,
+      None if neighbours is None else prepared.tokens("train"),
+      0 if neighbours is None else int(config.retrieval.max_ctx_len), labelled=False))
+  return Mix(ds, unl, schedule)
 
 
 def make_iterator(config: ml_collections.ConfigDict, prepared, split: str, batch_size: int, *,
                   shuffle: bool, num_epochs: int | None, drop_remainder: bool | None = None,
                   process_index: int | None = None, process_count: int | None = None,
-                  prefetch: int = 2, neighbours=None) -> grain.DatasetIterator:
+                  prefetch: int = 2, neighbours=None,
+                  unlabelled_schedule: str = "") -> grain.DatasetIterator:
   """An iterator over this host's part of each global batch (`batch_size` is global).
+
+  `unlabelled_schedule` (`parse_schedule`; "" off) mixes in batches of unlabelled code, without
+  end (`num_epochs` then ignored).
 
   `drop_remainder` (default: `shuffle`) drops each bucket's last partial batch per epoch;
   without it the last batch is completed with filler rows (index -1). The iterator's
@@ -181,7 +311,8 @@ def make_iterator(config: ml_collections.ConfigDict, prepared, split: str, batch
   """
   ds = make_dataset(config, prepared, split, batch_size, shuffle=shuffle, num_epochs=num_epochs,
                     drop_remainder=drop_remainder, process_index=process_index,
-                    process_count=process_count, neighbours=neighbours)
+                    process_count=process_count, neighbours=neighbours,
+                    unlabelled_schedule=unlabelled_schedule)
   read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
   return iter(ds.to_iter_dataset(read))
 

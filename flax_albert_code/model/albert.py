@@ -304,8 +304,7 @@ class CodeModel(nn.Module):
       # flash attention (lengths must tile) and cost a 257th position. EOS is read as padding,
       # so rows that end in EOS are padding-invariant (EOS is dropped by the shift only in a
       # full row); a row truncated without EOS loses its last token here.
-      code = jnp.where(code_ids_BxT == EOS_ID, PAD_ID, code_ids_BxT)
-      out["code"] = self.encode(shift_right(code, CLS_ID), deterministic=deterministic)
+      out["code"] = self.encode(code_encoder_input(code_ids_BxT), deterministic=deterministic)
     return out
 
   def init_cache(self, enc: EncoderOutput, max_len: int, batch_repeat: int = 1) -> DecodeCache:
@@ -336,6 +335,12 @@ def shift_right(ids_BxT: Array, first_id: int) -> Array:
   """[a, b, c] -> [first, a, b]: decoder inputs from targets, [CLS]-led code for the encoder."""
   first = jnp.full_like(ids_BxT[:, :1], first_id)
   return jnp.concatenate([first, ids_BxT[:, :-1]], axis=1)
+
+
+def code_encoder_input(code_ids_BxT: Array) -> Array:
+  """What the encoder reads for code targets: [CLS] + code at length T, EOS read as padding
+  (see `CodeModel.__call__`)."""
+  return shift_right(jnp.where(code_ids_BxT == EOS_ID, PAD_ID, code_ids_BxT), CLS_ID)
 
 
 def build(config) -> tuple[CodeModel, ModelConfig]:

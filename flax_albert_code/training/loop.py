@@ -107,7 +107,7 @@ def _flatten(tree):
 
 
 def _model_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  return {k: batch[k] for k in ("desc_ids", "code_ids", "ctx_ids") if k in batch}
+  return {k: batch[k] for k in ("desc_ids", "code_ids", "ctx_ids", "labelled") if k in batch}
 
 
 def _embedder(config, params, prepared, mesh):
@@ -208,8 +208,7 @@ class Trainer:
     self.ckpt = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints,
                                         async_save=tc.async_checkpointing)
     self.ckpt.check_compatible(config)
-    self.train_iter = pipeline.make_iterator(config, self.prepared, "train", tc.batch_size,
-                                             shuffle=True, num_epochs=None)
+    self.train_iter = _train_iterator(config, self.prepared)
     abstract, self.shardings = train_step.abstract_state(self.model, self.tx, config, self.mesh)
     if self.ckpt.latest_step() is not None:
       self.state, self.start = self.ckpt.restore(abstract, self.train_iter)
@@ -294,7 +293,8 @@ class Trainer:
     self._tokens_since += self.tc.batch_size * (ld + lc)
     self._flush()
     self._flops_since += self.tc.batch_size * metrics_lib.train_flops_per_example(
-        self.model_cfg, ld, lc, generation=self.gen, align=bool(self.align))
+        self.model_cfg, ld, lc, generation=self.gen, align=bool(self.align),
+        mlm=bool(self.tc.get("mlm_weight", 0.0)))
     self._pending = (step, metrics)
 
   def _log_startup(self, step: int) -> None:
@@ -363,10 +363,16 @@ class Trainer:
                    force=force)
 
 
+def _train_iterator(config, prepared, nb=None):
+  """The endless, shuffled train iterator (with unlabelled code by its schedule)."""
+  return pipeline.make_iterator(config, prepared, "train", config.train.batch_size, shuffle=True,
+                                num_epochs=None, neighbours=nb,
+                                unlabelled_schedule=config.train.get("unlabelled_schedule", ""))
+
+
 def _with_neighbours(train_iter, config, prepared, nb):
   """A train iterator reading `nb`, at the position of `train_iter`."""
-  it = pipeline.make_iterator(config, prepared, "train", config.train.batch_size, shuffle=True,
-                              num_epochs=None, neighbours=nb)
+  it = _train_iterator(config, prepared, nb)
   it.set_state(train_iter.get_state())
   return it
 

@@ -1,4 +1,5 @@
-"""Training objectives as pure functions: alignment (l2, InfoNCE) and generation (masked CE).
+"""Training objectives as pure functions: alignment (l2, InfoNCE), generation (masked CE) and
+ALBERT's masked-LM corruption of code.
 
 The generation loss never materialises fp32 logits for the whole batch: the sequence is cut
 into chunks and each chunk's logits are recomputed in the backward pass (`jax.checkpoint`).
@@ -20,7 +21,7 @@ Array = jax.Array
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _bf16_cross_entropy(logits_BxTxV: Array, targets_BxT: Array, weights_BxT: Array,
                         label_smoothing: float, z_loss: float) -> tuple[Array, Array]:
-  """(sum of weighted token NLL, sum of weighted correct tokens) from bf16 logits.
+  """Per row [B]: (sum of weighted token NLL, sum of weighted correct tokens) from bf16 logits.
 
   The same arithmetic as the float32 path, whose logits are these bf16 values upcast: the
   max is exact, exp and the sums run in fp32, the target logit is read by a gather. Only the
@@ -45,13 +46,13 @@ def _bf16_ce_fwd(logits, targets, weights, label_smoothing, z_loss):
     nll = nll + z_loss * jnp.square(lse)
   weights = weights.astype(f32)
   correct = (target_logit >= m).astype(f32)
-  out = ((nll * weights).sum(), (correct * weights).sum())
+  out = ((nll * weights).sum(-1), (correct * weights).sum(-1))
   return out, (logits, targets, weights, lse, nll)
 
 
 def _bf16_ce_bwd(label_smoothing, z_loss, res, g):
   logits, targets, weights, lse, nll = res
-  g_nll = g[0]   # the correct-token count has no gradient
+  g_nll = g[0][..., None]   # per row; the correct-token count has no gradient
   f32 = jnp.float32
   scale = (g_nll * weights)[..., None]
   p = jnp.exp(logits.astype(f32) - lse[..., None])
@@ -80,14 +81,16 @@ def _chunk_stats(h, targets, weights, proj, word, bias, label_smoothing, z_loss,
   if z_loss:
     nll = nll + z_loss * jnp.square(lse)
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-  return (nll * weights).sum(), (correct * weights).sum()
+  return (nll * weights).sum(-1), (correct * weights).sum(-1)
 
 
-def generation_loss(h_BxTxH: Array, targets_BxT: Array, weights_BxT: Array, proj_ExH: Array,
-                    word_VxE: Array, bias_V: Array, *, label_smoothing: float = 0.0,
-                    z_loss: float = 0.0, chunk: int = 128,
-                    logits_dtype: str = "float32") -> tuple[Array, Array, Array]:
-  """Token-mean cross-entropy; returns (loss, token accuracy, token count).
+def generation_row_sums(h_BxTxH: Array, targets_BxT: Array, weights_BxT: Array, proj_ExH: Array,
+                        word_VxE: Array, bias_V: Array, *, label_smoothing: float = 0.0,
+                        z_loss: float = 0.0, chunk: int = 128,
+                        logits_dtype: str = "float32") -> tuple[Array, Array, Array]:
+  """Per row [B]: (sum of weighted token NLL, sum of weighted correct tokens, weight sum); the
+  chunked cross-entropy `generation_loss` averages. Rows can then be grouped (labelled pairs,
+  unlabelled code) at no extra logits cost.
 
   `logits_dtype`: "float32" upcasts each chunk's logits (autodiff gradient), "bfloat16" keeps
   them bf16 with fp32 reductions and a fused bf16 gradient (`_bf16_cross_entropy`).
@@ -96,11 +99,11 @@ def generation_loss(h_BxTxH: Array, targets_BxT: Array, weights_BxT: Array, proj
     raise ValueError(f"logits_dtype {logits_dtype!r} must be 'float32' or 'bfloat16'; fix "
                      "config.train.logits_dtype.")
   b, t, h = h_BxTxH.shape
+  count = weights_BxT.astype(jnp.float32).sum(-1)
   if not chunk:   # one pass, logits kept for the backward pass
     nll, correct = _chunk_stats(h_BxTxH, targets_BxT, weights_BxT.astype(jnp.float32), proj_ExH,
                                 word_VxE, bias_V, label_smoothing, z_loss, logits_dtype)
-    count = jnp.maximum(weights_BxT.sum().astype(jnp.float32), 1.0)
-    return nll / count, correct / count, count
+    return nll, correct, count
   chunk = min(chunk, t)
   if t % chunk:
     chunk = t
@@ -110,21 +113,76 @@ def generation_loss(h_BxTxH: Array, targets_BxT: Array, weights_BxT: Array, proj
                                                    label_smoothing, z_loss, logits_dtype))
   nll, correct = jax.lax.map(stats, (split(h_BxTxH), split(targets_BxT),
                                      split(weights_BxT.astype(jnp.float32))))
-  count = jnp.maximum(weights_BxT.sum().astype(jnp.float32), 1.0)
-  return nll.sum() / count, correct.sum() / count, count
+  return nll.sum(0), correct.sum(0), count
 
 
-def l2_alignment(v_d_BxA: Array, v_c_BxA: Array) -> Array:
-  """The source design's L = ||v_d - v_c||^2, averaged over the batch."""
-  return jnp.mean(jnp.sum(jnp.square(v_d_BxA - v_c_BxA), axis=-1))
+def generation_loss(h_BxTxH: Array, targets_BxT: Array, weights_BxT: Array, proj_ExH: Array,
+                    word_VxE: Array, bias_V: Array, *, label_smoothing: float = 0.0,
+                    z_loss: float = 0.0, chunk: int = 128,
+                    logits_dtype: str = "float32") -> tuple[Array, Array, Array]:
+  """Token-mean cross-entropy; returns (loss, token accuracy, token count). The sequence is
+  cut into chunks of `chunk` tokens (0: one pass); see `generation_row_sums`."""
+  nll, correct, count = generation_row_sums(
+      h_BxTxH, targets_BxT, weights_BxT, proj_ExH, word_VxE, bias_V,
+      label_smoothing=label_smoothing, z_loss=z_loss, chunk=chunk, logits_dtype=logits_dtype)
+  return group_mean(nll, correct, count)
+
+
+def group_mean(nll_B: Array, correct_B: Array, count_B: Array,
+               rows_B: Array | None = None) -> tuple[Array, Array, Array]:
+  """(token-mean loss, token accuracy, token count) over the rows where `rows_B` (all rows when
+  None); 0 loss and accuracy for a group without tokens."""
+  if rows_B is not None:
+    w = rows_B.astype(jnp.float32)
+    nll_B, correct_B, count_B = nll_B * w, correct_B * w, count_B * w
+  count = jnp.maximum(count_B.sum(), 1.0)
+  return nll_B.sum() / count, correct_B.sum() / count, count
+
+
+def mlm_corrupt(rng: Array, ids_BxL: Array, maskable_BxL: Array, vocab_size: int, *,
+                mask_id: int, first_normal_id: int, rate: float = 0.15
+                ) -> tuple[Array, Array]:
+  """BERT's corruption: `rate` of the maskable tokens are chosen; of those 80% become `mask_id`,
+  10% a random ordinary token (ids >= `first_normal_id`), 10% stay. Returns (corrupted ids,
+  chosen [B, L] bool: the positions whose originals are predicted)."""
+  pick, how, rand = jax.random.split(rng, 3)
+  chosen = jax.random.bernoulli(pick, rate, ids_BxL.shape) & maskable_BxL
+  u = jax.random.uniform(how, ids_BxL.shape)
+  random_ids = jax.random.randint(rand, ids_BxL.shape, first_normal_id, vocab_size, ids_BxL.dtype)
+  out = jnp.where(chosen & (u < 0.8), mask_id, ids_BxL)
+  out = jnp.where(chosen & (u >= 0.8) & (u < 0.9), random_ids, out)
+  return out, chosen
+
+
+def _row_mean(x_B: Array, rows_B: Array | None) -> Array:
+  """Mean over the rows where `rows_B` (all when None; 0 when none is)."""
+  if rows_B is None:
+    return jnp.mean(x_B)
+  w = rows_B.astype(jnp.float32)
+  return (x_B * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+
+def l2_alignment(v_d_BxA: Array, v_c_BxA: Array, rows_B: Array | None = None) -> Array:
+  """The source design's L = ||v_d - v_c||^2, averaged over the batch (its `rows_B` rows)."""
+  return _row_mean(jnp.sum(jnp.square(v_d_BxA - v_c_BxA), axis=-1), rows_B)
 
 
 def similarity(v_d_BxA: Array, v_c_BxA: Array) -> Array:
   return jnp.einsum("ia,ja->ij", v_d_BxA, v_c_BxA)
 
 
-def infonce(v_d_BxA: Array, v_c_BxA: Array, log_inv_temp: Array) -> Array:
-  """Symmetric in-batch contrastive loss with a learned temperature (CLIP).
+def _only_pairs(sim_BxB: Array, rows_B: Array | None) -> Array:
+  """Similarities with the columns of rows outside `rows_B` (unlabelled code) pushed to -1e9:
+  they are no one's negatives."""
+  if rows_B is None:
+    return sim_BxB
+  return jnp.where(rows_B[None, :], sim_BxB, -1e9)
+
+
+def infonce(v_d_BxA: Array, v_c_BxA: Array, log_inv_temp: Array,
+            rows_B: Array | None = None) -> Array:
+  """Symmetric in-batch contrastive loss with a learned temperature (CLIP); with `rows_B`,
+  over those rows only (labelled pairs), the others neither anchors nor negatives.
 
   Under jit over a sharded batch, the similarity matrix spans the global batch, so every
   device's examples are negatives for every other's.
@@ -132,12 +190,15 @@ def infonce(v_d_BxA: Array, v_c_BxA: Array, log_inv_temp: Array) -> Array:
   scale = jnp.exp(jnp.clip(log_inv_temp, 0.0, jnp.log(100.0)))
   logits = similarity(v_d_BxA, v_c_BxA) * scale
   labels = jnp.arange(logits.shape[0])
-  d2c = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), labels[:, None], -1).mean()
-  c2d = -jnp.take_along_axis(jax.nn.log_softmax(logits.T, -1), labels[:, None], -1).mean()
-  return 0.5 * (d2c + c2d)
+  d2c = -jnp.take_along_axis(jax.nn.log_softmax(_only_pairs(logits, rows_B), -1),
+                             labels[:, None], -1)[:, 0]
+  c2d = -jnp.take_along_axis(jax.nn.log_softmax(_only_pairs(logits.T, rows_B), -1),
+                             labels[:, None], -1)[:, 0]
+  return 0.5 * (_row_mean(d2c, rows_B) + _row_mean(c2d, rows_B))
 
 
-def retrieval_accuracy(v_d_BxA: Array, v_c_BxA: Array) -> Array:
-  """Share of descriptions whose own code is the nearest in the batch."""
-  sim = similarity(v_d_BxA, v_c_BxA)
-  return jnp.mean((jnp.argmax(sim, -1) == jnp.arange(sim.shape[0])).astype(jnp.float32))
+def retrieval_accuracy(v_d_BxA: Array, v_c_BxA: Array, rows_B: Array | None = None) -> Array:
+  """Share of descriptions whose own code is the nearest in the batch (among `rows_B`)."""
+  sim = _only_pairs(similarity(v_d_BxA, v_c_BxA), rows_B)
+  hit = (jnp.argmax(sim, -1) == jnp.arange(sim.shape[0])).astype(jnp.float32)
+  return _row_mean(hit, rows_B)

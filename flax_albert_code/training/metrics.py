@@ -43,8 +43,9 @@ def _decoder_flops(mc, desc_len: int, code_len: int) -> float:
 
 
 def train_flops_per_example(mc, desc_len: int, code_len: int, *, generation: bool = True,
-                            align: bool = True) -> float:
-  """Model FLOPs of one training example (forward + backward = 3x forward).
+                            align: bool = True, mlm: bool = False) -> float:
+  """Model FLOPs of one training example (forward + backward = 3x forward); `mlm`: the masked-LM
+  encoder pass over the code and its tied logits.
 
   Attention scores are counted in full (not halved for the causal mask), as is customary.
   """
@@ -53,6 +54,9 @@ def train_flops_per_example(mc, desc_len: int, code_len: int, *, generation: boo
     fwd += _decoder_flops(mc, desc_len, code_len)
   if align:
     fwd += _encoder_flops(mc, code_len)
+  if mlm:
+    fwd += _encoder_flops(mc, code_len) + code_len * (2 * mc.hidden_size * mc.embedding_size
+                                                      + 2 * mc.embedding_size * mc.vocab_size)
   return 3.0 * fwd
 
 

@@ -20,8 +20,12 @@ import optax
 
 from flax_albert_code.training import losses
 from flax_albert_code.model import sharding
-from flax_albert_code.config import PAD_ID
-from flax_albert_code.model.albert import CodeModel
+from flax_albert_code.config import CLS_ID, PAD_ID, UNK_ID
+from flax_albert_code.model.albert import CodeModel, code_encoder_input
+
+# ALBERT's masked LM on code: the tokenizer has no [MASK] and never emits UNK (byte fallback),
+# so UNK stands in for it; random replacements are drawn from the ordinary ids.
+MLM_MASK_ID, MLM_FIRST_NORMAL_ID, MLM_RATE = UNK_ID, 6, 0.15
 
 log = logging.getLogger("flax_albert_code")
 Array = jax.Array
@@ -103,36 +107,73 @@ def _output_weights(model_params, cfg):
 
 
 def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool):
-  """Weighted total loss and metrics for one batch."""
+  """Weighted total loss and metrics for one batch.
+
+  With a `labelled` field [B] (an unlabelled schedule), the generation loss is the token mean
+  over all rows (pairs and unlabelled code, a causal LM under an empty description), reported
+  apart as gen_loss/token_accuracy (pairs) and lm_loss/lm_accuracy (unlabelled code); the
+  alignment losses read the labelled rows only.
+  """
   tc, mc = config.train, model.cfg
   gen, align = objectives(tc)
+  mlm_weight = float(tc.get("mlm_weight", 0.0))
   dropout = train and (mc.hidden_dropout_prob > 0 or mc.attention_probs_dropout_prob > 0)
   desc, code = batch["desc_ids"], batch["code_ids"]
+  labelled = batch.get("labelled")
   out = model.apply({"params": params["model"]}, desc, code, deterministic=not dropout,
                     encode_code=bool(align), decode=gen, ctx_ids_BxC=batch.get("ctx_ids"),
                     rngs={"dropout": rng})
   metrics, total = {}, 0.0
+  ce_options = dict(chunk=tc.get("loss_chunk", 128), logits_dtype=tc.get("logits_dtype", "float32"))
   if gen:
     weights = code != PAD_ID
-    ce, acc, count = losses.generation_loss(
+    sums = losses.generation_row_sums(
         out["hidden"], code, weights, *_output_weights(params["model"], mc),
-        label_smoothing=tc.label_smoothing, z_loss=tc.z_loss, chunk=tc.get("loss_chunk", 128),
-        logits_dtype=tc.get("logits_dtype", "float32"))
+        label_smoothing=tc.label_smoothing, z_loss=tc.z_loss, **ce_options)
+    ce, acc, count = losses.group_mean(*sums)
     total += tc.gen_weight * ce
-    metrics.update(gen_loss=ce, token_accuracy=acc, code_tokens=count)
+    if labelled is None:
+      metrics.update(gen_loss=ce, token_accuracy=acc, code_tokens=count)
+    else:   # 0 for a kind the batch has no rows of
+      pair_ce, pair_acc, _ = losses.group_mean(*sums, labelled)
+      lm_ce, lm_acc, _ = losses.group_mean(*sums, ~labelled)
+      metrics.update(gen_loss=pair_ce, token_accuracy=pair_acc, lm_loss=lm_ce,
+                     lm_accuracy=lm_acc, code_tokens=count)
+  if mlm_weight:
+    mlm, mlm_acc = _masked_lm(params["model"], code, jax.random.fold_in(rng, 1), model=model,
+                              deterministic=not dropout, ce_options=ce_options)
+    total += mlm_weight * mlm
+    metrics.update(mlm_loss=mlm, mlm_accuracy=mlm_acc)
   if align:
     v_d, v_c = out["desc"].vector_BxA, out["code"].vector_BxA
     if "l2" in align:
-      l2 = losses.l2_alignment(v_d, v_c)
+      l2 = losses.l2_alignment(v_d, v_c, labelled)
       total += tc.l2_weight * l2
       metrics["l2_loss"] = l2
     if "infonce" in align:
-      nce = losses.infonce(v_d, v_c, params["log_inv_temp"])
+      nce = losses.infonce(v_d, v_c, params["log_inv_temp"], labelled)
       total += tc.infonce_weight * nce
       metrics.update(infonce_loss=nce, temperature=jnp.exp(-params["log_inv_temp"]))
-    metrics["retrieval_accuracy"] = losses.retrieval_accuracy(v_d, v_c)
+    metrics["retrieval_accuracy"] = losses.retrieval_accuracy(v_d, v_c, labelled)
   metrics["loss"] = total
   return total, metrics
+
+
+def _masked_lm(model_params, code_BxT, rng, *, model: CodeModel, deterministic: bool,
+               ce_options) -> tuple[Array, Array]:
+  """ALBERT's masked LM on code: the encoder reads the code as for alignment ([CLS] + code)
+  with 15% of its tokens corrupted (80% mask, 10% random, 10% kept) and predicts the originals
+  there through the tied embedding (the decoder's output weights). (loss, accuracy)."""
+  ids = code_encoder_input(code_BxT)
+  corrupt_rng, dropout_rng = jax.random.split(rng)
+  corrupted, chosen = losses.mlm_corrupt(
+      corrupt_rng, ids, (ids != PAD_ID) & (ids != CLS_ID), model.cfg.vocab_size,
+      mask_id=MLM_MASK_ID, first_normal_id=MLM_FIRST_NORMAL_ID, rate=MLM_RATE)
+  enc = model.apply({"params": model_params}, corrupted, deterministic=deterministic,
+                    method=CodeModel.encode, rngs={"dropout": dropout_rng})
+  ce, acc, _ = losses.generation_loss(enc.states_BxLxH, ids, chosen,
+                                      *_output_weights(model_params, model.cfg), **ce_options)
+  return ce, acc
 
 
 def _split_micro(batch, n: int):
@@ -207,14 +248,17 @@ def precompile(train_fn, eval_fn, state: TrainState, config, mesh, eval_batch_si
   """
   batch_sh = sharding.batch_sharding(mesh)
 
-  def batch(b, lc):
+  def batch(b, lc, labelled=False):
     shape = lambda n: jax.ShapeDtypeStruct((b, n), jnp.int32, sharding=batch_sh)
     out = {"desc_ids": shape(config.data.max_desc_len), "code_ids": shape(lc)}
     if retrieval_k(config):
       out["ctx_ids"] = shape(int(config.retrieval.max_ctx_len))
+    if labelled:   # training batches with an unlabelled schedule; eval batches never
+      out["labelled"] = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=batch_sh)
     return out
 
-  jobs = {("train", lc): (train_fn, (state, batch(config.train.batch_size, lc)))
+  mixed = bool(config.train.get("unlabelled_schedule", ""))
+  jobs = {("train", lc): (train_fn, (state, batch(config.train.batch_size, lc, mixed)))
           for lc in code_lengths}
   if eval_fn is not None:
     jobs.update({("eval", lc): (eval_fn, (state.params, batch(eval_batch_size, lc)))
