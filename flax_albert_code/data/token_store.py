@@ -7,6 +7,7 @@ writes, per split, the same token ids flat (`<split>.<field>.npy`) with offsets
 """
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Sequence
 
@@ -21,8 +22,8 @@ def write(directory: str, split: str, tokens: dict[str, Sequence[Sequence[int]]]
   for field in FIELDS:
     seqs = tokens[field]
     offsets = np.zeros(len(seqs) + 1, np.int64)
-    np.cumsum([len(s) for s in seqs], out=offsets[1:])
-    flat = np.fromiter((t for s in seqs for t in s), dtype, count=int(offsets[-1]))
+    np.cumsum(np.fromiter(map(len, seqs), np.int64, count=len(seqs)), out=offsets[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype, count=int(offsets[-1]))
     np.save(os.path.join(directory, f"{split}.{field}.npy"), flat)
     np.save(os.path.join(directory, f"{split}.{field}_offsets.npy"), offsets)
 
