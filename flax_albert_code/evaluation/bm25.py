@@ -53,11 +53,21 @@ class BM25:
       out_D[docs] += qtf * self.idf(term) * tf * (self.k1 + 1) / (tf + self._norm_D[docs])
     return out_D
 
-  def score_matrix(self, queries: Sequence[Sequence[str]]) -> np.ndarray:
-    """[Q, D] scores, as `scores` row by row, in one sparse product (45k x 45k in seconds)."""
+  def score_matrix(self, queries: Sequence[Sequence[str]],
+                   dtype: np.dtype = np.float64) -> np.ndarray:
+    """[Q, D] scores, as `scores` row by row, in one sparse product (45k x 45k in seconds).
+
+    float32 is 2x faster in the product and 10x in making it dense (what retrieval ranks by);
+    scipy releases the GIL in the product, so threads can score row blocks side by side.
+    """
     if not queries:
-      return np.zeros((0, self.num_docs))
-    return (self._query_matrix(queries) @ self._weights()).toarray()
+      return np.zeros((0, self.num_docs), dtype)
+    weights = self._weights()
+    if dtype != weights.dtype:
+      if getattr(self, "_W_cast", None) is None or self._W_cast.dtype != dtype:
+        self._W_cast = weights.astype(dtype)
+      weights = self._W_cast
+    return (self._query_matrix(queries).astype(dtype) @ weights).toarray()
 
   def _weights(self) -> scipy.sparse.csr_matrix:
     """[T, D] BM25 weight of each (term, document): idf * tf (k1 + 1) / (tf + norm)."""
