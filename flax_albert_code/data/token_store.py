@@ -34,7 +34,9 @@ class TokenStore:
   def __init__(self, directory: str, split: str):
     self.flat, self.offsets = {}, {}
     for field in FIELDS:
-      self.flat[field] = np.load(os.path.join(directory, f"{split}.{field}.npy"), mmap_mode="r")
+      # A plain ndarray view of the memory map: slicing a np.memmap costs ~20 us, this ~1 us.
+      self.flat[field] = np.load(os.path.join(directory, f"{split}.{field}.npy"),
+                                 mmap_mode="r").view(np.ndarray)
       self.offsets[field] = np.load(os.path.join(directory, f"{split}.{field}_offsets.npy"))
     self.lengths = {f: np.diff(self.offsets[f]) for f in FIELDS}
 
