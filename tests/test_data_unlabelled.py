@@ -3,6 +3,7 @@ code), the token store split it lands in, determinism, and nothing changed when 
 import collections
 import textwrap
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -165,3 +166,16 @@ def test_unlabelled_off_changes_nothing_of_the_pairs(tree, tmp_path):
     splits.canonical_split("unlabelled")   # not a split of pairs
   np.testing.assert_array_equal(off.source("train")[0]["code_tokens"],
                                 off.tokenizer.encode(off.source("train")[0]["code"]))
+
+
+def test_a_config_saved_before_the_fields_prepares_as_their_defaults(tree, tmp_path):
+  c = config_for(tree)
+  old = config_for(tree).to_dict()
+  for f in ("unlabelled", "max_unlabelled"):
+    del old["data"][f]
+  old = ml_collections.ConfigDict(old)
+  assert prepared_lib.options(old.data) == prepared_lib.options(c.data)
+  work = str(tmp_path / "w")
+  assert prepared_lib.prepare(old, work).data_dir == prepared_lib.prepare(c, work).data_dir
+  with pytest.raises(prepared_lib.DataError, match="max_unlabelled=-1 is negative"):
+    prepared_lib.prepare(config_for(tree, unlabelled=True, max_unlabelled=-1), work)

@@ -44,6 +44,8 @@ KEY_FIELDS = ("sources", "max_examples", "min_desc_words", "max_code_lines", "ma
 # (descriptions and code), plus UNLABELLED_SAMPLE_CHARS of unlabelled code: on 72k stdlib +
 # site-packages texts (23 M chars) a 3 M-char sample trained 10x faster and its vocabulary
 # encoded all of them in 1.4% more tokens than the one trained on everything.
+# Fields a config saved before they existed (an old checkpoint's) lacks: their defaults.
+_ADDED_FIELDS = {"unlabelled": False, "max_unlabelled": 0}
 TOKENIZER_SAMPLE_CHARS = 3_000_000
 UNLABELLED_SAMPLE_CHARS = 1_000_000
 DataError = sources.DataError
@@ -104,9 +106,15 @@ def data_root(config: ml_collections.ConfigDict, workdir: str) -> str:
   return os.path.abspath(os.path.expanduser(config.data.data_dir or os.path.join(workdir, "data")))
 
 
+def options(d: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config.data fields that make the prepared data (KEY_FIELDS), with defaults for those a
+  config saved before them lacks."""
+  return {f: d.get(f, _ADDED_FIELDS.get(f)) for f in KEY_FIELDS}
+
+
 def _filters(d: ml_collections.ConfigDict) -> mining.Filters:
   return mining.Filters(d.min_desc_words, d.max_code_lines, d.max_code_chars, d.max_file_bytes,
-                        unlabelled=d.unlabelled)
+                        unlabelled=bool(options(d)["unlabelled"]))
 
 
 def tokenizer_sample(texts: list[str], max_chars: int, seed: int = 0) -> list[str]:
@@ -122,7 +130,7 @@ def tokenizer_sample(texts: list[str], max_chars: int, seed: int = 0) -> list[st
 
 def _key(d: ml_collections.ConfigDict, units: list[sources.Unit]) -> str:
   h = hashlib.sha256(json.dumps(
-      [FORMAT_VERSION, {f: d[f] for f in KEY_FIELDS}], sort_keys=True).encode())
+      [FORMAT_VERSION, options(d)], sort_keys=True).encode())
   if d.tokenizer_path:
     h.update(bytes.fromhex(files.sha256(os.path.expanduser(d.tokenizer_path))))
   for u in units:
@@ -134,6 +142,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
             progress: bool = False) -> Prepared:
   """Returns the preparation for `config.data`, building it unless a complete one exists."""
   d = config.data
+  if options(d)["max_unlabelled"] < 0:
+    raise DataError(f"config.data.max_unlabelled={d.max_unlabelled} is negative; use 0 (keep all "
+                    "unlabelled code) or a count.")
   root = data_root(config, workdir)
   specs = sources.parse_specs(d.sources)
   if d.tokenizer_path and not os.path.isfile(os.path.expanduser(d.tokenizer_path)):
@@ -157,9 +168,10 @@ def _build(d: ml_collections.ConfigDict, specs: list[str], out: str, key: str,
            progress: bool) -> None:
   start = time.time()
   timing = {}
+  unlabelled = options(d)["unlabelled"]
   got = splits.collect(specs, _filters(d), max_examples=d.max_examples, seed=d.split_seed,
                        valid_fraction=d.valid_fraction, test_fraction=d.test_fraction,
-                       progress=progress, max_unlabelled=d.max_unlabelled)
+                       progress=progress, max_unlabelled=options(d)["max_unlabelled"])
   timing["mine"] = time.time() - start
   skipped = ", ".join(f"{k} {v}" for k, v in sorted(got.skipped.items())) or "nothing"
   if not any(got.splits.values()):
@@ -207,7 +219,7 @@ def _build(d: ml_collections.ConfigDict, specs: list[str], out: str, key: str,
                         {"desc": ids[at:at + n], "code": ids[n_pairs + at:n_pairs + at + n]},
                         tok.vocab_size)
       at += n
-    if d.unlabelled:
+    if unlabelled:
       code = ids[2 * n_pairs:]
       token_store.write(os.path.join(out, "tokens"), splits.UNLABELLED,
                         {"desc": [()] * len(code), "code": code}, tok.vocab_size)
@@ -220,7 +232,7 @@ def _build(d: ml_collections.ConfigDict, specs: list[str], out: str, key: str,
       per_source[split][p.source] = per_source[split].get(p.source, 0) + 1
   split_sizes = {s: len(p) for s, p in got.splits.items()}
   extra = {}
-  if d.unlabelled:
+  if unlabelled:
     split_sizes[splits.UNLABELLED] = len(got.unlabelled)
     functions = sum(u.name != "<module>" for u in got.unlabelled)
     extra["unlabelled"] = {"functions": functions,
@@ -229,7 +241,7 @@ def _build(d: ml_collections.ConfigDict, specs: list[str], out: str, key: str,
   meta = dict(
       format=FORMAT_VERSION, key=key, created=datetime.datetime.now().isoformat(timespec="seconds"),
       seconds=round(timing["total"], 1), sources=specs,
-      options={f: d[f] for f in KEY_FIELDS},
+      options=options(d),
       split_sizes=split_sizes, per_source=per_source,
       skipped=dict(sorted(got.skipped.items())), units_read=got.units_read,
       units_total=got.units_total, vocab_size=tok.vocab_size,
