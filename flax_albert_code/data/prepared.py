@@ -203,26 +203,21 @@ def _build(d: ml_collections.ConfigDict, specs: list[str], out: str, key: str,
       tok = tokenizer_lib.train_tokenizer(texts, spm_path, d.tokenizer_vocab_size)
     timing["tokenizer"] = time.time() - t
     t = time.time()
-    token_splits = {s: got.splits[s] for s in splits.SPLITS}
-    texts = [p.description for s in splits.SPLITS for p in token_splits[s]]
-    texts += [p.code for s in splits.SPLITS for p in token_splits[s]]
-    texts += [u.code for u in got.unlabelled]
-    ids = tok.encode_batch(texts)
+    # Encoded in blocks straight into flat arrays: lists of Python ints for 100k pairs and a few
+    # 100k unlabelled functions would take gigabytes.
+    dtype = token_store.dtype_for(tok.vocab_size)
+    arrays = {s: {"desc": _encode(tok, [p.description for p in got.splits[s]], dtype),
+                  "code": _encode(tok, [p.code for p in got.splits[s]], dtype)}
+              for s in splits.SPLITS}
+    if unlabelled:
+      code = _encode(tok, [u.code for u in got.unlabelled], dtype)
+      arrays[splits.UNLABELLED] = {"desc": (np.zeros(0, dtype), np.zeros_like(code[1])),
+                                   "code": code}
     timing["encode"] = time.time() - t
     t = time.time()
     os.makedirs(os.path.join(out, "tokens"))
-    n_pairs = sum(map(len, token_splits.values()))
-    at = 0
-    for split, pairs in token_splits.items():
-      n = len(pairs)
-      token_store.write(os.path.join(out, "tokens"), split,
-                        {"desc": ids[at:at + n], "code": ids[n_pairs + at:n_pairs + at + n]},
-                        tok.vocab_size)
-      at += n
-    if unlabelled:
-      code = ids[2 * n_pairs:]
-      token_store.write(os.path.join(out, "tokens"), splits.UNLABELLED,
-                        {"desc": [()] * len(code), "code": code}, tok.vocab_size)
+    for split, fields in arrays.items():
+      token_store.write_arrays(os.path.join(out, "tokens"), split, fields)
     tfds_dir, timing["tfds"] = tfds_job.result()
   timing["write"] = time.time() - t
   per_source = {}
@@ -251,6 +246,17 @@ def _build(d: ml_collections.ConfigDict, specs: list[str], out: str, key: str,
     json.dump(meta, f, indent=1)
   with open(os.path.join(out, "COMPLETE"), "w") as f:
     f.write(key + "\n")
+
+
+def _encode(tok: tokenizer_lib.Tokenizer, texts: list[str], dtype: np.dtype,
+            block: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+  """(flat token ids, lengths) of `texts`; each block encoded by sentencepiece's threads."""
+  flats, lengths = [np.zeros(0, dtype)], [np.zeros(0, np.int64)]
+  for i in range(0, len(texts), block):
+    flat, lens = token_store.to_arrays(tok.encode_batch(texts[i:i + block]), dtype)
+    flats.append(flat)
+    lengths.append(lens)
+  return np.concatenate(flats), np.concatenate(lengths)
 
 
 def _timed(fn, *args):

@@ -16,16 +16,32 @@ import numpy as np
 FIELDS = ("desc", "code")
 
 
-def write(directory: str, split: str, tokens: dict[str, Sequence[Sequence[int]]],
-          vocab_size: int) -> None:
-  dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+def dtype_for(vocab_size: int) -> np.dtype:
+  return np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32)
+
+
+def to_arrays(seqs: Sequence[Sequence[int]], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+  """(flat ids, lengths) of token sequences, without a Python frame per token."""
+  lengths = np.fromiter(map(len, seqs), np.int64, count=len(seqs))
+  flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype, count=int(lengths.sum()))
+  return flat, lengths
+
+
+def write_arrays(directory: str, split: str,
+                 arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+  """Writes each field's (flat ids, lengths) of a split."""
   for field in FIELDS:
-    seqs = tokens[field]
-    offsets = np.zeros(len(seqs) + 1, np.int64)
-    np.cumsum(np.fromiter(map(len, seqs), np.int64, count=len(seqs)), out=offsets[1:])
-    flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype, count=int(offsets[-1]))
+    flat, lengths = arrays[field]
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
     np.save(os.path.join(directory, f"{split}.{field}.npy"), flat)
     np.save(os.path.join(directory, f"{split}.{field}_offsets.npy"), offsets)
+
+
+def write(directory: str, split: str, tokens: dict[str, Sequence[Sequence[int]]],
+          vocab_size: int) -> None:
+  dtype = dtype_for(vocab_size)
+  write_arrays(directory, split, {f: to_arrays(tokens[f], dtype) for f in FIELDS})
 
 
 class TokenStore:
