@@ -82,8 +82,8 @@ def update_results(path: str, row: list[str]) -> None:
   start = old.find(HEADING)
   end = old.find("\n## ", start + len(HEADING)) if start >= 0 else -1
   section = old[start:end if end >= 0 else len(old)] if start >= 0 else ""
-  rows = [line for line in section.splitlines()
-          if line.startswith("| ") and not line.startswith("| host ")]
+  rows = [line for line in section.splitlines()   # the data rows: not the header, not ---
+          if line.startswith("| ") and not line.startswith("| host ") and "---" not in line]
   key = lambda line: [c.strip() for c in line.strip("|").split("|")][:4]  # noqa: E731
   new_row = "| " + " | ".join(row) + " |"
   rows = [r for r in rows if key(r) != key(new_row)] + [new_row]
@@ -91,7 +91,7 @@ def update_results(path: str, row: list[str]) -> None:
       HEADING,
       "",
       "`python benchmarks/bench_prepare.py --sources S --max_examples N`: `prepare` into a fresh "
-      "directory with configs/default.py (vocab 8000) and the unlabelled code set, seconds per "
+      "directory with configs/default.py (its tokenizer vocabulary: 4000) and the unlabelled code set, seconds per "
       "phase from meta.json: mining (worker processes), tokenizer training (a fixed 3 M-char "
       "sample of the train texts + 1 M of unlabelled code), encoding (sentencepiece threads), "
       "writing the token store and waiting for the TFDS dataset (written in a thread from the "
