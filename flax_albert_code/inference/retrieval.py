@@ -87,6 +87,9 @@ class Retriever:
 
     if method != "dense":
       self.bm25.score_matrix(words[:1], np.float32)   # builds the cached weights, once
+    if q <= chunk:   # one block (a served request): no thread pool
+      block(0)
+      return idx, scores
     # Blocks in threads: the sparse product, argmax and matmul run without the GIL.
     with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
       list(pool.map(block, range(0, q, chunk)))
