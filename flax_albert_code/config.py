@@ -93,6 +93,10 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       max_desc_len=64, max_code_len=256,
       code_buckets=(64, 128, 256),  # static batch shapes; each code length goes to the smallest bucket that fits
       shuffle_seed=0, num_workers=0,
+      # Unlabelled code for pretraining (split "unlabelled", token ids only): every function
+      # whole and each module in chunks within max_code_lines/max_code_chars, from files that
+      # gave no valid/test pair. max_unlabelled: 0 keeps all, N a fixed sample of N.
+      unlabelled=False, max_unlabelled=0,
   ))
   c.train = ml_collections.ConfigDict(dict(
       stage="joint",               # "pretrain" (alignment only) | "finetune" (generation [+alignment]) | "joint"

@@ -121,8 +121,8 @@ def test_jsonl_bad_lines_are_counted(tmp_path):
 
 def test_tfds_array_record_source(tmp_path):
   rows = [dict(index=i, lineno=i + 1, description=f"Compute value number {i} quickly.",
-               code=f"def v{i}():\n    return {i}\n", path=f"m{i}.py", name=f"v{i}", source="x",
-               desc_tokens=[1], code_tokens=[2]) for i in range(5)]
+               code=f"def v{i}():\n    return {i}\n", path=f"m{i}.py", name=f"v{i}", source="x")
+          for i in range(5)]
   ds_dir = builder.write(str(tmp_path / "tfds"), {"train": rows[:3], "test": rows[3:]})
   pairs, skipped = read_all(f"tfds:{ds_dir}")
   assert not skipped

@@ -3,7 +3,8 @@
 Writing goes through `tfds.core.GeneratorBasedBuilder(file_format="array_record")`; reading uses
 `tfds.builder_from_directory(...).as_data_source(split)` (random access, no TensorFlow; never
 `as_dataset`, which needs it). Examples keep the generation order (`disable_shuffling`), so the
-record at position i has `index == i`.
+record at position i has `index == i`. Token ids live in the token store only (since 2.0.0:
+encoding them here cost as much as the text); `ExampleSource` adds them back from it.
 """
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ TEXT_FIELDS = ("description", "code", "path", "name", "source")
 
 
 class CodePairs(tfds.core.GeneratorBasedBuilder):
-  """(description, code) pairs with their token ids (no special tokens, not truncated)."""
+  """(description, code) pairs with where they come from."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First version."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {"1.0.0": "First version.",
+                   "2.0.0": "Token ids only in the token store (prepared.py), not here."}
 
   # TFDS looks for a checksums file next to the builder's code through `importlib_resources`
   # (not installed, not needed: nothing is downloaded). No code path, no lookup.
@@ -38,14 +40,12 @@ class CodePairs(tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    tokens = tfds.features.Tensor(shape=(None,), dtype=np.int32)
     return tfds.core.DatasetInfo(
         builder=self,
         description="Python (description, code) pairs mined by flax_albert_code.prepare.",
         features=tfds.features.FeaturesDict({
             "index": np.int64, "lineno": np.int64,
             **{f: tfds.features.Text() for f in TEXT_FIELDS},
-            "desc_tokens": tokens, "code_tokens": tokens,
         }),
         disable_shuffling=True)
 
@@ -73,10 +73,15 @@ def open_splits(dataset_dir: str):
 
 
 class ExampleSource:
-  """Random access to one split's examples as dicts of str, int and int32 arrays."""
+  """Random access to one split's examples as dicts of str, int and int32 arrays.
 
-  def __init__(self, data_source):
+  `store` (the split's token_store.TokenStore) gives `desc_tokens` and `code_tokens` to records
+  that lack them (all since 2.0.0).
+  """
+
+  def __init__(self, data_source, store=None):
     self.data_source = data_source  # raw tfds source: text fields come back as bytes
+    self.store = store
 
   def __len__(self) -> int:
     return len(self.data_source)
@@ -84,7 +89,12 @@ class ExampleSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     if not -len(self) <= index < len(self):
       raise IndexError(f"index {index} out of range for a split of {len(self)} examples")
-    return decode(self.data_source[int(index) % len(self)])
+    index = int(index) % len(self)
+    out = decode(self.data_source[index])
+    if self.store is not None and "code_tokens" not in out:
+      out["desc_tokens"] = self.store.tokens("desc", index)
+      out["code_tokens"] = self.store.tokens("code", index)
+    return out
 
   def __iter__(self):
     return (self[i] for i in range(len(self)))

@@ -3,6 +3,10 @@
 Description: the first paragraph of a function's docstring, whitespace folded to single spaces.
 Code: the function's source lines (decorators kept) with the docstring lines removed, dedented by
 the indentation of its first line. Filters and normalisation for dedupe live here too.
+
+Unlabelled code (`Filters.unlabelled`, for pretraining a code model): every function and method
+whole (docstring kept), and each module's source in chunks cut at top-level statements
+(`module_chunks`), both within the code length limits.
 """
 from __future__ import annotations
 
@@ -29,6 +33,17 @@ class Pair:
 
 
 @dataclasses.dataclass(frozen=True)
+class Unlabelled:
+  """Code without a description: a whole function, or a chunk of a module (name "<module>")."""
+  code: str
+  path: str
+  name: str
+  lineno: int
+  source: str
+  keys: tuple[bytes, ...]  # code_key of the code, and of the code without its docstring if any
+
+
+@dataclasses.dataclass(frozen=True)
 class Filters:
   min_desc_words: int = 3
   max_code_lines: int = 80
@@ -37,6 +52,8 @@ class Filters:
   # Code search: every function, documented or not, none filtered out (description "" when
   # it has no docstring; its whole source when nothing but the docstring can be cut out).
   every_function: bool = False
+  # Also unlabelled code (`Unlabelled`) from Python files, in the same list as the pairs.
+  unlabelled: bool = False
 
   def reason_to_skip(self, description: str, code: str) -> str | None:
     if self.every_function:
@@ -134,16 +151,83 @@ def parse(text: str) -> ast.Module | None:
     return None
 
 
+def _fits(code: str, filters: Filters) -> bool:
+  return code.count("\n") + 1 <= filters.max_code_lines and len(code) <= filters.max_code_chars
+
+
+def module_chunks(tree: ast.Module, lines: list[str], filters: Filters) -> list[tuple[int, str]]:
+  """(first line, text) of a module cut into chunks within the code length limits.
+
+  Cuts fall between top-level statements (comments and blank lines before a statement go with
+  it); consecutive statements share a chunk while it fits. A statement too long for one chunk is
+  cut between lines; a single line longer than `max_code_chars` is dropped.
+  """
+  starts = sorted({0} | {min([d.lineno for d in getattr(n, "decorator_list", ())] + [n.lineno]) - 1
+                         for n in tree.body})
+  segments = [(a, b) for a, b in zip(starts, starts[1:] + [len(lines)]) if a < b]
+  pieces: list[tuple[int, int]] = []   # (start, end) line ranges that each fit alone
+  for a, b in segments:
+    while a < b:
+      end, chars = a, 0
+      while end < b and end - a < filters.max_code_lines and \
+          chars + len(lines[end]) <= filters.max_code_chars:
+        chars += len(lines[end])
+        end += 1
+      if end == a:   # one line over the char limit
+        a += 1
+        continue
+      pieces.append((a, end))
+      a = end
+  chunks, cur, chars = [], None, 0
+  for a, b in pieces:
+    n = sum(len(lines[i]) for i in range(a, b))
+    if cur is not None and cur[1] == a and b - cur[0] <= filters.max_code_lines and \
+        chars + n <= filters.max_code_chars:
+      cur, chars = (cur[0], b), chars + n
+      continue
+    if cur is not None:
+      chunks.append(cur)
+    cur, chars = (a, b), n
+  if cur is not None:
+    chunks.append(cur)
+  out = []
+  for a, b in chunks:
+    while a < b and not lines[a].strip():
+      a += 1
+    if a < b:
+      out.append((a + 1, "".join(lines[a:b]).rstrip() + "\n"))
+  return out
+
+
+def _unlabelled(tree: ast.Module, lines: list[str], path: str, source: str,
+                filters: Filters, skipped: collections.Counter) -> list[Unlabelled]:
+  out = []
+  for name, node in _walk(tree, ""):
+    code = _function_source(node, lines)
+    if not _fits(code, filters):
+      skipped["unlabelled: function too long (its module's chunks hold it)"] += 1
+      continue
+    doc = _docstring_node(node)
+    bare = _function_code(node, doc, lines) if doc is not None else None
+    keys = (code_key(code),) + ((code_key(bare),) if bare is not None else ())
+    lineno = min([d.lineno for d in node.decorator_list] + [node.lineno])
+    out.append(Unlabelled(code, path, name, lineno, source, keys))
+  for lineno, code in module_chunks(tree, lines, filters):
+    out.append(Unlabelled(code, path, "<module>", lineno, source, (code_key(code),)))
+  return out
+
+
 def mine_text(text: str, path: str, source: str, filters: Filters,
-              skipped: collections.Counter, partition: str = "") -> list[Pair]:
+              skipped: collections.Counter, partition: str = "") -> list[Pair | Unlabelled]:
   """Pairs of every documented function in `text` (one module), or with
-  `filters.every_function` of every function; skips counted in `skipped`."""
+  `filters.every_function` of every function; skips counted in `skipped`. With
+  `filters.unlabelled` the module's unlabelled code follows the pairs."""
   tree = parse(text)
   if tree is None:
     skipped["file: syntax error"] += 1
     return []
   lines = split_lines(text)
-  pairs = []
+  pairs: list[Pair | Unlabelled] = []
   for name, node in _walk(tree, ""):
     doc = _docstring_node(node)
     lineno = min([d.lineno for d in node.decorator_list] + [node.lineno])
@@ -164,6 +248,8 @@ def mine_text(text: str, path: str, source: str, filters: Filters,
       skipped["pair: " + reason] += 1
       continue
     pairs.append(Pair(description, code, path, name, lineno, source, partition))
+  if filters.unlabelled:
+    pairs += _unlabelled(tree, lines, path, source, filters, skipped)
   return pairs
 
 

@@ -59,13 +59,14 @@ def mine(prepared, k: int, method: str, embed: Embed | None = None, step: int = 
   retrieval.check_method(method)
   if method != "bm25" and embed is None:
     raise ValueError(f"Retrieval method {method!r} needs the model's vectors; mine with 'bm25'.")
-  descs, codes, paths = texts(prepared, "train")
+  train = texts(prepared, "train")
+  descs, codes, paths = train
   vectors = embed(codes, "code") if method != "bm25" else None
   retriever = retrieval.Retriever(codes, vectors, groups=paths,
                                   keys=[retrieval.key_text(d, c) for d, c in zip(descs, codes)])
   ids, scores = {}, {}
   for split in SPLITS:
-    descs, _, split_paths = texts(prepared, split)
+    descs, _, split_paths = train if split == "train" else texts(prepared, split)
     if not descs:
       continue
     qv = embed(descs, "desc") if method != "bm25" else None

@@ -1,7 +1,9 @@
 """Collecting pairs from all sources: exact dedupe, `max_examples`, split by source file.
 
 Whole source files go to one split (see `assign_splits`), so no file feeds two splits. Sources
-that fix a partition (CodeSearchNet, jsonl/TFDS with a `partition`) keep it.
+that fix a partition (CodeSearchNet, jsonl/TFDS with a `partition`) keep it. Unlabelled code
+(`mining.Filters.unlabelled`) is kept only from files that gave no valid/test pair, and never
+with the code of a valid/test pair (`select_unlabelled`).
 """
 from __future__ import annotations
 
@@ -21,13 +23,16 @@ from tqdm import tqdm
 from flax_albert_code.data import mining, sources
 
 SPLITS = ("train", "valid", "test")
+UNLABELLED = "unlabelled"   # code without descriptions: token ids only (prepared.Prepared.tokens)
+TOKEN_SPLITS = SPLITS + (UNLABELLED,)
 ALIASES = {"validation": "valid", "dev": "valid", "eval": "valid"}
 
 
-def canonical_split(split: str) -> str:
+def canonical_split(split: str, allowed: tuple[str, ...] = SPLITS) -> str:
+  """The split's name (aliases resolved); `allowed=TOKEN_SPLITS` admits "unlabelled" too."""
   split = ALIASES.get(split, split)
-  if split not in SPLITS:
-    raise ValueError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}.")
+  if split not in allowed:
+    raise ValueError(f"Unknown split {split!r}; use one of {', '.join(allowed)}.")
   return split
 
 
@@ -70,29 +75,36 @@ class Collected:
   skipped: collections.Counter      # "file: ..." / "row: ..." / "pair: ..." -> count
   units_read: int
   units_total: int
+  unlabelled: list[mining.Unlabelled] = dataclasses.field(default_factory=list)
 
 
 def collect(specs: Iterable[str], filters: mining.Filters, *, max_examples: int = 0,
             seed: int = 0, valid_fraction: float = 0.05, test_fraction: float = 0.05,
-            progress: bool = False, workers: int | None = None) -> Collected:
+            progress: bool = False, workers: int | None = None,
+            max_unlabelled: int = 0) -> Collected:
   """Reads the sources in order and returns the deduped pairs by split.
 
   With `max_examples` > 0 reading stops once that many unique pairs are in hand; since units are
   read in a fixed order and duplicates keep their first occurrence, this equals reading
   everything and keeping the first `max_examples`. Units are read by `workers` processes
   (default: one a CPU core, for 256 units or more) and taken in order, so the result does not
-  depend on the number of workers.
+  depend on the number of workers. With `filters.unlabelled` the units' unlabelled code is
+  collected too (see `select_unlabelled`; `max_unlabelled` > 0 caps it).
   """
   all_units = [u for spec in specs for u in sources.units(spec)]
   skipped: collections.Counter = collections.Counter()
   seen: set[bytes] = set()
   kept: list[mining.Pair] = []
+  unlabelled: list[mining.Unlabelled] = []
   read = 0
   with _reader(all_units, filters, workers) as results:
-    for pairs, unit_skipped in tqdm(results, total=len(all_units), desc="mining", unit="file",
+    for items, unit_skipped in tqdm(results, total=len(all_units), desc="mining", unit="file",
                                     disable=not progress, leave=False):
       read += 1
       skipped.update(unit_skipped)
+      pairs = [p for p in items if isinstance(p, mining.Pair)]
+      if len(pairs) < len(items):
+        unlabelled += [u for u in items if isinstance(u, mining.Unlabelled)]
       for pair in pairs:
         key = mining.code_key(pair.code)
         if key in seen:
@@ -104,8 +116,43 @@ def collect(specs: Iterable[str], filters: mining.Filters, *, max_examples: int 
           break
       if max_examples and len(kept) >= max_examples:
         break
-  return Collected(assign_splits(kept, seed, valid_fraction, test_fraction), kept, skipped, read,
-                   len(all_units))
+  by_split = assign_splits(kept, seed, valid_fraction, test_fraction)
+  return Collected(by_split, kept, skipped, read, len(all_units),
+                   select_unlabelled(unlabelled, by_split, skipped, max_unlabelled, seed))
+
+
+def select_unlabelled(unlabelled: list[mining.Unlabelled], by_split: dict[str, list[mining.Pair]],
+                      skipped: collections.Counter, max_unlabelled: int = 0,
+                      seed: int = 0) -> list[mining.Unlabelled]:
+  """The unlabelled code that may be used beside these splits, in reading order.
+
+  Leakage: code of a file that gave a valid or test pair is dropped, and so is code whose
+  `code_key` (or, for a documented function, its key without the docstring) is a valid/test
+  pair's. Exact duplicates keep their first occurrence. With `max_unlabelled` > 0 the kept ones
+  are those of smallest hash(seed, key): a fixed sample spread over all files.
+  """
+  held_out = [p for s in ("valid", "test") for p in by_split[s]]
+  held_paths = {p.path for p in held_out}
+  held_keys = {mining.code_key(p.code) for p in held_out}
+  seen: set[bytes] = set()
+  kept = []
+  for u in unlabelled:
+    if u.path in held_paths:
+      skipped["unlabelled: from a valid/test file"] += 1
+    elif any(k in held_keys for k in u.keys):
+      skipped["unlabelled: code of a valid/test pair"] += 1
+    elif u.keys[0] in seen:
+      skipped["unlabelled: duplicate code"] += 1
+    else:
+      seen.add(u.keys[0])
+      kept.append(u)
+  if max_unlabelled and len(kept) > max_unlabelled:
+    rank = sorted(range(len(kept)), key=lambda i: hashlib.blake2b(
+        seed.to_bytes(8, "little", signed=True) + kept[i].keys[0], digest_size=8).digest())
+    chosen = sorted(rank[:max_unlabelled])
+    skipped["unlabelled: over max_unlabelled"] += len(kept) - len(chosen)
+    kept = [kept[i] for i in chosen]
+  return kept
 
 
 def _read_unit(unit: sources.Unit, filters: mining.Filters):

@@ -7,6 +7,7 @@ writes, per split, the same token ids flat (`<split>.<field>.npy`) with offsets
 """
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Sequence
 
@@ -15,16 +16,32 @@ import numpy as np
 FIELDS = ("desc", "code")
 
 
-def write(directory: str, split: str, tokens: dict[str, Sequence[Sequence[int]]],
-          vocab_size: int) -> None:
-  dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+def dtype_for(vocab_size: int) -> np.dtype:
+  return np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32)
+
+
+def to_arrays(seqs: Sequence[Sequence[int]], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+  """(flat ids, lengths) of token sequences, without a Python frame per token."""
+  lengths = np.fromiter(map(len, seqs), np.int64, count=len(seqs))
+  flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype, count=int(lengths.sum()))
+  return flat, lengths
+
+
+def write_arrays(directory: str, split: str,
+                 arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+  """Writes each field's (flat ids, lengths) of a split."""
   for field in FIELDS:
-    seqs = tokens[field]
-    offsets = np.zeros(len(seqs) + 1, np.int64)
-    np.cumsum([len(s) for s in seqs], out=offsets[1:])
-    flat = np.fromiter((t for s in seqs for t in s), dtype, count=int(offsets[-1]))
+    flat, lengths = arrays[field]
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
     np.save(os.path.join(directory, f"{split}.{field}.npy"), flat)
     np.save(os.path.join(directory, f"{split}.{field}_offsets.npy"), offsets)
+
+
+def write(directory: str, split: str, tokens: dict[str, Sequence[Sequence[int]]],
+          vocab_size: int) -> None:
+  dtype = dtype_for(vocab_size)
+  write_arrays(directory, split, {f: to_arrays(tokens[f], dtype) for f in FIELDS})
 
 
 class TokenStore:
@@ -33,7 +50,9 @@ class TokenStore:
   def __init__(self, directory: str, split: str):
     self.flat, self.offsets = {}, {}
     for field in FIELDS:
-      self.flat[field] = np.load(os.path.join(directory, f"{split}.{field}.npy"), mmap_mode="r")
+      # A plain ndarray view of the memory map: slicing a np.memmap costs ~20 us, this ~1 us.
+      self.flat[field] = np.load(os.path.join(directory, f"{split}.{field}.npy"),
+                                 mmap_mode="r").view(np.ndarray)
       self.offsets[field] = np.load(os.path.join(directory, f"{split}.{field}_offsets.npy"))
     self.lengths = {f: np.diff(self.offsets[f]) for f in FIELDS}
 

