@@ -43,6 +43,10 @@ class DecodeCache(NamedTuple):
   cross_v_BxMxNxD: Array
   memory_lengths_B: Array
   index: Array            # scalar int32: the position the next token is written at
+  # Beam search without moving the cache (`init_cache(beam_index=True)`): row (b, k) reads
+  # position s from beam src[b, k, s] of its description, the beam that wrote it. None: every
+  # row reads its own (the cache is reordered instead).
+  beam_src_BxKxS: Array | None = None
 
 
 def _remat(module_cls, cfg: ModelConfig):
@@ -162,7 +166,7 @@ class _DecoderBody(nn.Module):
     if self.mode == "train":
       x = self.self_attention(x, is_causal=True, deterministic=det)
     else:
-      (x, cache_k, cache_v, layer), (index, attend_len) = x, decode_args
+      (x, cache_k, cache_v, layer), (index, attend_len, beam_src) = x, decode_args
       q, k, v = self.self_attention.qkv(x)
       at = (layer, 0, index, 0, 0)
       cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
@@ -170,13 +174,24 @@ class _DecoderBody(nn.Module):
       t, s = x.shape[1], attend_len or cache_k.shape[2]
       q_pos = index + jnp.arange(t)
       mask = (jnp.arange(s)[None, :] <= q_pos[:, None])[None, None]
-      x = self.self_attention.attend(x, q, cache_k[layer, :, :s], cache_v[layer, :, :s],
-                                     mask=mask, deterministic=det)
+      keys, values = cache_k[layer, :, :s], cache_v[layer, :, :s]
+      if beam_src is not None:
+        keys, values = (_read_beams(c, beam_src[:, :, :s]) for c in (keys, values))
+      x = self.self_attention.attend(x, q, keys, values, mask=mask, deterministic=det)
     x = self.cross_attention(x, cross_kv, kv_lengths_B=memory_lengths, deterministic=det)
     x = self.ffn(x, deterministic=det)
     if self.mode == "train":
       return x, None
     return (x, cache_k, cache_v, layer + 1), None
+
+
+def _read_beams(cache_NxSxHxD: Array, src_BxKxS: Array) -> Array:
+  """Row (b, k) at position s reads beam src[b, k, s] of description b: a gather batched over
+  descriptions (local to each shard), read-only, which XLA can fuse into the attention."""
+  b, k, s = src_BxKxS.shape
+  c = cache_NxSxHxD.reshape(b, k, *cache_NxSxHxD.shape[1:])
+  c = jnp.take_along_axis(c, src_BxKxS[:, :, :, None, None], axis=1)
+  return c.reshape(cache_NxSxHxD.shape)
 
 
 class AlbertDecoder(nn.Module):
@@ -197,8 +212,8 @@ class AlbertDecoder(nn.Module):
                                  (nn.broadcast, nn.broadcast), deterministic=det, **blocks)
                          for det in (True, False)]
     self.decode_stack = _repeat(_DecoderBody, cfg, cfg.decoder_layers,
-                                (nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                                deterministic=True, mode="decode", **blocks)
+                                (nn.broadcast,) * 5, deterministic=True, mode="decode",
+                                **blocks)
     self.logits_bias = self.param("logits_bias", layers._zeros(("vocab",)), (cfg.vocab_size,),
                                   cfg.weight_dtype)
     if cfg.pre_norm:
@@ -234,10 +249,16 @@ class AlbertDecoder(nn.Module):
     in a decoding phase); None: the whole cache.
     """
     x = self.embedding(ids_BxT, cache.index)
+    src = cache.beam_src_BxKxS
+    if src is not None:   # the new tokens are written to (and read from) each beam's own row
+      b, k, t = *src.shape[:2], ids_BxT.shape[1]
+      own = jnp.broadcast_to(jnp.arange(k, dtype=src.dtype)[None, :, None], (b, k, t))
+      src = jax.lax.dynamic_update_slice(src, own, (0, 0, cache.index))
     carry = (x, cache.k_LxBxSxNxD, cache.v_LxBxSxNxD, jnp.zeros((), jnp.int32))
     (x, k, v, _), _ = self.decode_stack(carry, (cache.cross_k_BxMxNxD, cache.cross_v_BxMxNxD),
-                                        cache.memory_lengths_B, cache.index, attend_len)
-    new = cache._replace(k_LxBxSxNxD=k, v_LxBxSxNxD=v, index=cache.index + ids_BxT.shape[1])
+                                        cache.memory_lengths_B, cache.index, attend_len, src)
+    new = cache._replace(k_LxBxSxNxD=k, v_LxBxSxNxD=v, index=cache.index + ids_BxT.shape[1],
+                         beam_src_BxKxS=src)
     return self.logits(self._final(x)), new
 
 
@@ -308,10 +329,13 @@ class CodeModel(nn.Module):
       out["code"] = self.encode(shift_right(code, CLS_ID), deterministic=deterministic)
     return out
 
-  def init_cache(self, enc: EncoderOutput, max_len: int, batch_repeat: int = 1) -> DecodeCache:
+  def init_cache(self, enc: EncoderOutput, max_len: int, batch_repeat: int = 1,
+                 beam_index: bool = False) -> DecodeCache:
     """A zeroed KV cache for `max_len` tokens, and the cross-attention KV of `enc`.
 
-    `batch_repeat` tiles each description (beams, samples) next to itself.
+    `batch_repeat` tiles each description (beams, samples) next to itself. `beam_index`: beam
+    search leaves the cache in place and reorders only `beam_src_BxKxS` (which beam wrote each
+    position), and attention reads each position from that beam.
     """
     cfg = self.cfg
     memory, lengths = self._memory(enc)
@@ -321,7 +345,10 @@ class CodeModel(nn.Module):
     b = ck.shape[0]
     shape = (cfg.decoder_layers, b, max_len, cfg.num_attention_heads, cfg.head_dim)
     zeros = jnp.zeros(shape, cfg.compute_dtype)
-    return DecodeCache(zeros, zeros, ck, cv, lengths, jnp.zeros((), jnp.int32))
+    src = None
+    if beam_index:
+      src = jnp.zeros((b // batch_repeat, batch_repeat, max_len), jnp.int32)
+    return DecodeCache(zeros, zeros, ck, cv, lengths, jnp.zeros((), jnp.int32), src)
 
   def decode_step(self, ids_BxT: Array, cache: DecodeCache,
                   attend_len: int | None = None) -> tuple[Array, DecodeCache]:
