@@ -445,6 +445,27 @@ def test_beam_search_through_beam_indices_gives_the_tokens_of_moving_the_cache(t
     run(beam_cache="moved")
 
 
+def test_pallas_decode_attention_gives_the_tokens_of_xla(tiny):
+  # model.decode_attention="pallas": one kernel per one-token self-/cross-attention (Pallas'
+  # interpreter on CPU), over a cache and a memory (12 -> 16) padded to powers of two.
+  config, model, variables, desc = tiny
+  config = _config()
+  config.model.decode_attention = "pallas"
+  pallas = model_lib.build(config)[0]
+  for kw in (dict(strategy="greedy", max_new_tokens=12, decode_phase=0),
+             dict(strategy="greedy", max_new_tokens=12, decode_phase=5),
+             dict(strategy="beam", num_beams=3, max_new_tokens=12, decode_phase=5),
+             dict(strategy="beam", num_beams=3, max_new_tokens=12, beam_cache="index")):
+    ref, ref_scores = (np.asarray(x) for x in model_decoding.generate(
+        model, variables, desc, **{k: v for k, v in kw.items() if k != "beam_cache"}))
+    out, scores = (np.asarray(x) for x in model_decoding.generate(pallas, variables, desc, **kw))
+    np.testing.assert_array_equal(out, ref, err_msg=str(kw))
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-5)
+  cache = pallas.apply(variables, pallas.apply(variables, desc, method="encode"), 12,
+                       method="init_cache")
+  assert cache.k_LxBxSxNxD.shape[2] == 16 and cache.cross_k_BxMxNxD.shape[1] == 16
+
+
 def test_sharded_generation_on_8_devices_equals_single_device(tiny):
   if jax.device_count() < 8:
     pytest.skip("needs 8 (fake) devices; conftest.py sets XLA_FLAGS")

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_albert_code.model import layers
+from flax_albert_code.model import one_query
 from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID
 from flax_albert_code.model.layers import ModelConfig
 
@@ -154,6 +155,8 @@ class _DecoderBody(nn.Module):
   are written in place (a scanned cache would be copied whole every step); queries attend to
   positions <= their own among the first `attend_len` (a static int <= S; None: all S) of the
   cache, so a decoding phase that knows `index < attend_len` reads only that much of it.
+  With `decode_attention="pallas"` a one-token step's self- and cross-attention are one kernel
+  each (model/one_query.py); the self-attention stays XLA's when beams read through `beam_src`.
   """
   self_attention: nn.Module
   cross_attention: nn.Module
@@ -165,6 +168,7 @@ class _DecoderBody(nn.Module):
     det = self.deterministic
     if self.mode == "train":
       x = self.self_attention(x, is_causal=True, deterministic=det)
+      x = self.cross_attention(x, cross_kv, kv_lengths_B=memory_lengths, deterministic=det)
     else:
       (x, cache_k, cache_v, layer), (index, attend_len, beam_src) = x, decode_args
       q, k, v = self.self_attention.qkv(x)
@@ -172,13 +176,23 @@ class _DecoderBody(nn.Module):
       cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
       cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), at)
       t, s = x.shape[1], attend_len or cache_k.shape[2]
-      q_pos = index + jnp.arange(t)
-      mask = (jnp.arange(s)[None, :] <= q_pos[:, None])[None, None]
-      keys, values = cache_k[layer, :, :s], cache_v[layer, :, :s]
-      if beam_src is not None:
-        keys, values = (_read_beams(c, beam_src[:, :, :s]) for c in (keys, values))
-      x = self.self_attention.attend(x, q, keys, values, mask=mask, deterministic=det)
-    x = self.cross_attention(x, cross_kv, kv_lengths_B=memory_lengths, deterministic=det)
+      pallas = self.self_attention.cfg.decode_attention == "pallas" and t == 1
+      if pallas and beam_src is None:
+        ctx = one_query.self_attention(q[:, 0], cache_k, cache_v, layer, index, s)
+        x = self.self_attention.residual(x, ctx[:, None], det)
+      else:
+        q_pos = index + jnp.arange(t)
+        mask = (jnp.arange(s)[None, :] <= q_pos[:, None])[None, None]
+        keys, values = cache_k[layer, :, :s], cache_v[layer, :, :s]
+        if beam_src is not None:
+          keys, values = (_read_beams(c, beam_src[:, :, :s]) for c in (keys, values))
+        x = self.self_attention.attend(x, q, keys, values, mask=mask, deterministic=det)
+      if pallas:
+        ctx = one_query.cross_attention(self.cross_attention.query(x)[:, 0], *cross_kv,
+                                        memory_lengths)
+        x = self.cross_attention.residual(x, ctx[:, None], det)
+      else:
+        x = self.cross_attention(x, cross_kv, kv_lengths_B=memory_lengths, deterministic=det)
     x = self.ffn(x, deterministic=det)
     if self.mode == "train":
       return x, None
@@ -342,12 +356,16 @@ class CodeModel(nn.Module):
     ck, cv = self.decoder.memory_kv(memory)
     if batch_repeat > 1:
       ck, cv, lengths = (jnp.repeat(t, batch_repeat, axis=0) for t in (ck, cv, lengths))
-    b = ck.shape[0]
-    shape = (cfg.decoder_layers, b, max_len, cfg.num_attention_heads, cfg.head_dim)
+    b, cache_len = ck.shape[0], max_len
+    if cfg.decode_attention == "pallas":   # Triton tiles: powers of two, the padding masked
+      cache_len = one_query.pow2(max_len)
+      pad = [(0, 0), (0, one_query.pow2(ck.shape[1]) - ck.shape[1]), (0, 0), (0, 0)]
+      ck, cv = jnp.pad(ck, pad), jnp.pad(cv, pad)
+    shape = (cfg.decoder_layers, b, cache_len, cfg.num_attention_heads, cfg.head_dim)
     zeros = jnp.zeros(shape, cfg.compute_dtype)
     src = None
     if beam_index:
-      src = jnp.zeros((b // batch_repeat, batch_repeat, max_len), jnp.int32)
+      src = jnp.zeros((b // batch_repeat, batch_repeat, cache_len), jnp.int32)
     return DecodeCache(zeros, zeros, ck, cv, lengths, jnp.zeros((), jnp.int32), src)
 
   def decode_step(self, ids_BxT: Array, cache: DecodeCache,
