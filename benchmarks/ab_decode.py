@@ -38,6 +38,7 @@ class Arm:
   prediction: str
   xla_flags: str = ""
   beam_cache: str = "copy"
+  decode_attention: str = "xla"       # config.model.decode_attention
   decode_phase: int | None = None     # None: config.sample.decode_phase
   strategies: tuple[str, ...] = ("greedy", "beam")
 
@@ -58,11 +59,22 @@ ARMS = {a.name: a for a in (
         "~0.75 GB a step); same tokens", beam_cache="index", strategies=("beam",)),
     Arm("beam_index_while", "beam_index + cmdbuf_while", "beam_index minus cmdbuf_while's gain",
         xla_flags=CMDBUF_WHILE, beam_cache="index", strategies=("beam",)),
+    Arm("pallas", "model.decode_attention='pallas': the one-token self-attention (over the "
+        "cache, read in place) and cross-attention are one Pallas/Triton kernel each a layer "
+        "(model/one_query.py)", "greedy -0.06 to -0.10 ms (per layer ~4 XLA kernels and a ~10 us "
+        "cuDNN call become two ~4 us kernels); beam -0.1 to -0.3 ms; bf16 tokens may differ in "
+        "a few rows (the weights are not rounded to bf16 before the weighted sum)",
+        decode_attention="pallas"),
+    Arm("all", "pallas + beam_index + cmdbuf_while", "greedy ~0.40, beam ~1.2-1.4 ms",
+        xla_flags=CMDBUF_WHILE, beam_cache="index", decode_attention="pallas"),
+    Arm("triton_gemm_any", "XLA flag --xla_gpu_triton_gemm_any=true (Triton GEMMs may fuse "
+        "bias, residual and LayerNorm producers)", "greedy -0.03 to +0.05 ms (uncertain)",
+        xla_flags="--xla_gpu_triton_gemm_any=true"),
     Arm("phase32", "sample.decode_phase=32 instead of 64 (8 loops, each reads a shorter prefix)",
         "greedy within +-0.02 ms (latency-bound); beam -0.1 ms (less prefix to move)",
         decode_phase=32),
 )}
-DEFAULT_ARMS = "baseline,cmdbuf_while,cmdbuf_while_min1,beam_index,beam_index_while"
+DEFAULT_ARMS = "baseline,cmdbuf_while,cmdbuf_while_min1,beam_index,pallas,all"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,6 +101,7 @@ def worker(args) -> None:
   config = config_lib.load_config("tiny" if args.small else "base")
   if arm.decode_phase is not None:
     config.sample.decode_phase = arm.decode_phase
+  config.model.decode_attention = arm.decode_attention
   model, cfg = model_lib.build(config)
   rng = np.random.RandomState(0)
   desc = rng.randint(SEP_ID + 1, cfg.vocab_size, (args.batch, args.desc_len)).astype(np.int32)
@@ -179,7 +192,9 @@ class _Worker:
     return msg[key]
 
   def stop(self):
-    if self.proc.poll() is None:
+    if self.proc.poll() is None and self.ready is None:   # still compiling: it reads no stdin
+      self.proc.kill()
+    elif self.proc.poll() is None:
       try:
         self.proc.stdin.write("quit\n")
         self.proc.stdin.flush()
