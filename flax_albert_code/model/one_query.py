@@ -16,7 +16,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 Array = jax.Array
 _MASKED = -1e30   # finite: a row with no valid position gets zeros, not NaN
@@ -56,8 +55,10 @@ def _cross_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, *, scale: float):
 def _call(kernel, q_BxNxD: Array, *args: Array) -> Array:
   b, heads, _ = q_BxNxD.shape
   interpret = jax.default_backend() != "gpu"
-  # Triton named explicitly: on GPU pallas_call may otherwise pick Mosaic GPU.
-  params = None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=1)
+  params = None
+  if not interpret:   # Triton named explicitly: on GPU pallas_call may otherwise pick Mosaic GPU
+    from jax.experimental.pallas import triton as pltriton  # pylint: disable=import-outside-toplevel
+    params = pltriton.CompilerParams(num_warps=4, num_stages=1)
   return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(q_BxNxD.shape, q_BxNxD.dtype),
                         grid=(b, heads), interpret=interpret, compiler_params=params,
                         name=kernel.func.__name__.strip("_"))(args[0], q_BxNxD, *args[1:])
