@@ -57,13 +57,14 @@ ARMS = {a.name: a for a in (
     Arm("beam_index", "beam_cache='index': the self-attention cache never moves; beams "
         "reorder a [B, K, T] table of which beam wrote each position and attention reads "
         "through it", "beam 2.2 -> 1.4-1.9 ms (no gather + copy back of the cache prefix, "
-        "~0.75 GB a step; 1.4 if XLA fuses the gather into the attention); same tokens", beam_cache="index", strategies=("beam",)),
+        "~0.75 GB a step; 1.4 if XLA fuses the gather into the attention); same tokens",
+        beam_cache="index", strategies=("beam",)),
     Arm("beam_index_while", "beam_index + cmdbuf_while", "beam_index minus cmdbuf_while's gain",
         xla_flags=CMDBUF_WHILE, beam_cache="index", strategies=("beam",)),
     Arm("pallas", "model.decode_attention='pallas': the one-token self-attention (over the "
         "cache, read in place) and cross-attention are one Pallas/Triton kernel each a layer "
-        "(model/one_query.py)", "greedy 0.51 -> 0.42-0.47 ms (per layer ~4 XLA kernels and a ~10 us "
-        "cuDNN call become two kernels); beam -0.1 to -0.2 ms (the cache copy stays); bf16 "
+        "(model/one_query.py)", "greedy 0.51 -> 0.42-0.47 ms (per layer ~4 XLA kernels and a "
+        "~10 us cuDNN call become two kernels); beam -0.1 to -0.2 ms (the cache copy stays); bf16 "
         "tokens may differ in a few rows (weights not rounded to bf16 before the weighted sum)",
         decode_attention="pallas"),
     Arm("all", "pallas + beam_index + cmdbuf_while", "greedy 0.40-0.46, beam 1.3-1.8 ms: "
