@@ -89,16 +89,18 @@ def _emit(obj) -> None:
 
 
 def worker(args) -> None:
+  # pylint: disable=import-outside-toplevel
+  # (jax is imported here, after the parent has set this process's XLA_FLAGS)
   sys.path.insert(0, REPO)
   t0 = time.perf_counter()
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from flax_albert_code import config as config_lib  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.config import CLS_ID, EOS_ID, SEP_ID  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.inference import model_decoding  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.inference.generator import inference_params  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.model import albert as model_lib  # pylint: disable=import-outside-toplevel
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax_albert_code import config as config_lib
+  from flax_albert_code.config import CLS_ID, EOS_ID, SEP_ID
+  from flax_albert_code.inference import model_decoding
+  from flax_albert_code.inference.generator import inference_params
+  from flax_albert_code.model import albert as model_lib
 
   arm = ARMS[args.arm]
   config = config_lib.load_config("tiny" if args.small else "base")
@@ -269,7 +271,8 @@ def _rows(workers):
 
 def _table(rows) -> str:
   out = ["| arm | prediction | greedy ms/step | beam 4 ms/step | greedy new tok/s | "
-         "beam 4 new tok/s | tokens vs baseline |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+         "beam 4 new tok/s | tokens vs baseline |",
+         "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
   for r in rows:
     g, b = r["greedy"] or {}, r["beam"] or {}
     same = ", ".join(f"{s} {r[s + '_same']}" for s in ("greedy", "beam") if r.get(s + "_same"))

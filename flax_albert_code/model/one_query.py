@@ -57,7 +57,7 @@ def _call(kernel, q_BxNxD: Array, *args: Array) -> Array:
   interpret = jax.default_backend() != "gpu"
   params = None
   if not interpret:   # Triton named explicitly: on GPU pallas_call may otherwise pick Mosaic GPU
-    from jax.experimental.pallas import triton as pltriton  # pylint: disable=import-outside-toplevel
+    from jax.experimental.pallas import triton as pltriton  # pylint: disable=C0415
     params = pltriton.CompilerParams(num_warps=4, num_stages=1)
   return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(q_BxNxD.shape, q_BxNxD.dtype),
                         grid=(b, heads), interpret=interpret, compiler_params=params,
