@@ -14,6 +14,7 @@ import pytest
 from flax_albert_code import config as config_lib
 from flax_albert_code.model import sharding
 from flax_albert_code.model import albert as model_lib
+from flax_albert_code.model import one_query
 from flax_albert_code.config import EOS_ID, PAD_ID
 
 B, L, T = 2, 6, 7  # batch, description length, code length (tiny shapes keep compiles short)
@@ -347,3 +348,23 @@ def test_a_vocabulary_the_mesh_does_not_divide_is_sharded_over_what_divides_it()
     # Dimensions that divide keep their axes.
     ffn = shardings["encoder"]["albert_layer_groups_0"]["albert_layers_0"]["ffn"]
     assert ffn["ffn"]["kernel"].spec == P("fsdp", "tensor")
+
+
+def test_one_query_pallas_kernels_equal_dot_product_attention():
+  """model/one_query.py (Pallas' interpreter on CPU) against jax.nn.dot_product_attention: the
+  self kernel reads layer 1 of the whole cache up to the decode index, the cross kernel stops at
+  each row's memory length (a row of length 1, one of the full 8)."""
+  rs = np.random.RandomState(0)
+  cache_k, cache_v = (jnp.asarray(rs.standard_normal((2, 3, 8, 2, 4)), jnp.float32)
+                      for _ in range(2))
+  q = jnp.asarray(rs.standard_normal((3, 2, 4)), jnp.float32)
+  out = one_query.self_attention(q, cache_k, cache_v, 1, 4, 6)
+  ref = jax.nn.dot_product_attention(q[:, None], cache_k[1, :, :5], cache_v[1, :, :5])[:, 0]
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+  lengths = jnp.array([3, 8, 1])
+  out = one_query.cross_attention(q, cache_k[0], cache_v[0], lengths)
+  ref = jax.nn.dot_product_attention(q[:, None], cache_k[0], cache_v[0],
+                                     key_value_seq_lengths=lengths)[:, 0]
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="power-of-two"):
+    one_query.cross_attention(q, cache_k[0, :, :6], cache_v[0, :, :6], lengths)

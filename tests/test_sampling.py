@@ -416,6 +416,56 @@ def test_phased_decoding_gives_the_tokens_of_one_loop(tiny):
     assert lengths.max() == 32 and len(set((lengths - 1) // 6)) > 1, (kw, lengths)
 
 
+def test_beam_search_through_beam_indices_gives_the_tokens_of_moving_the_cache(tiny):
+  # beam_cache="index" leaves the cache in place and reads each position from the beam that
+  # wrote it; a wrong index (e.g. a beam reading its own row after a reorder) changes tokens.
+  config, model, variables, desc = tiny
+  variables = jax.tree.map(lambda x: x, variables)
+  bias = variables["params"]["decoder"]["logits_bias"]
+  variables["params"]["decoder"]["logits_bias"] = bias.at[EOS_ID].set(1.0)
+  run = lambda **kw: (np.asarray(x) for x in model_decoding.generate(
+      model, variables, desc, strategy="beam", num_beams=3, max_new_tokens=32, **kw))
+  for phase in (0, 6):
+    copied, copied_scores = run(decode_phase=phase)
+    indexed, indexed_scores = run(decode_phase=phase, beam_cache="index")
+    np.testing.assert_array_equal(indexed, copied)
+    np.testing.assert_allclose(indexed_scores, copied_scores, rtol=1e-5, atol=1e-6)
+  # The reorder mattered: reading every position from the beam's own row decodes otherwise.
+  own = model_decoding.reorder_decode_cache
+  try:
+    model_decoding.reorder_decode_cache = lambda cache, parent, end=None: (
+        own(cache, parent, end) if cache.beam_src_BxKxS is None else cache)
+    model_decoding._generate.clear_cache()  # pylint: disable=protected-access
+    stale, _ = run(decode_phase=0, beam_cache="index")
+  finally:
+    model_decoding.reorder_decode_cache = own
+    model_decoding._generate.clear_cache()  # pylint: disable=protected-access
+  assert (stale != copied).any()
+  with pytest.raises(ValueError, match="beam_cache"):
+    run(beam_cache="moved")
+
+
+def test_pallas_decode_attention_gives_the_tokens_of_xla(tiny):
+  # model.decode_attention="pallas": one kernel per one-token self-/cross-attention (Pallas'
+  # interpreter on CPU), over a cache and a memory (12 -> 16) padded to powers of two.
+  config, model, variables, desc = tiny
+  config = _config()
+  config.model.decode_attention = "pallas"
+  pallas = model_lib.build(config)[0]
+  for kw in (dict(strategy="greedy", max_new_tokens=12, decode_phase=0),
+             dict(strategy="greedy", max_new_tokens=12, decode_phase=5),
+             dict(strategy="beam", num_beams=3, max_new_tokens=12, decode_phase=5),
+             dict(strategy="beam", num_beams=3, max_new_tokens=12, beam_cache="index")):
+    ref, ref_scores = (np.asarray(x) for x in model_decoding.generate(
+        model, variables, desc, **{k: v for k, v in kw.items() if k != "beam_cache"}))
+    out, scores = (np.asarray(x) for x in model_decoding.generate(pallas, variables, desc, **kw))
+    np.testing.assert_array_equal(out, ref, err_msg=str(kw))
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-5)
+  cache = pallas.apply(variables, pallas.apply(variables, desc, method="encode"), 12,
+                       method="init_cache")
+  assert cache.k_LxBxSxNxD.shape[2] == 16 and cache.cross_k_BxMxNxD.shape[1] == 16
+
+
 def test_sharded_generation_on_8_devices_equals_single_device(tiny):
   if jax.device_count() < 8:
     pytest.skip("needs 8 (fake) devices; conftest.py sets XLA_FLAGS")
@@ -428,8 +478,9 @@ def test_sharded_generation_on_8_devices_equals_single_device(tiny):
   d = jax.device_put(desc, sharding.batch_sharding(mesh))
   # The programs of the tests above, so only the sharded ones compile here.
   for kw in (dict(strategy="greedy"), dict(strategy="beam", num_beams=3),
+             dict(strategy="beam", num_beams=3, beam_cache="index"),
              dict(strategy="sample", num_samples=3, temperature=1.5, top_p=0.9, rng=7)):
-    ref, ref_scores = _gen(tiny, **kw)
+    ref, ref_scores = _gen(tiny, **{k: v for k, v in kw.items() if k != "beam_cache"})
     out = model_decoding.generate(model, sharded, d, max_new_tokens=T, mesh=mesh, axis_rules=rules,
                             **kw)
     assert out[0].sharding.spec[0] == ("data", "fsdp")

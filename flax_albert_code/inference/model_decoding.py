@@ -34,8 +34,13 @@ def reorder_decode_cache(cache: DecodeCache, parent_BxK: Array,
   `end` (static; the decoding phase's end) only the first `end` positions move, the only ones
   written so far, and they are written back into the cache as a static slice update, which XLA
   does in place: the rest of the cache is neither gathered nor copied into the loop's carry.
+  A cache with `beam_src_BxKxS` (`beam_cache="index"`) does not move at all: only the beam
+  indices do, and the attention reads through them.
   """
   b, k = parent_BxK.shape
+  if cache.beam_src_BxKxS is not None:
+    src = jnp.take_along_axis(cache.beam_src_BxKxS, parent_BxK[:, :, None], axis=1)
+    return cache._replace(beam_src_BxKxS=src)
 
   def gather(x_LxNxSxHxD):
     x = x_LxNxSxHxD if end is None else x_LxNxSxHxD[:, :, :end]
@@ -55,8 +60,8 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
              top_k: int | Array = 0, top_p=1.0, num_beams: int = 4, length_penalty=1.0,
              num_samples: int = 1, decode_phase: int = 64, mesh: jax.sharding.Mesh | None = None,
              axis_rules: tuple | None = None, repetition_penalty=1.0,
-             no_repeat_ngram_size: int = 0,
-             limit: Array | int | None = None) -> tuple[Array, Array]:
+             no_repeat_ngram_size: int = 0, limit: Array | int | None = None,
+             beam_cache: str = "copy") -> tuple[Array, Array]:
   """Decodes code for each description: tokens [B, K, T] int32 (PAD after EOS), scores [B, K].
 
   K is 1 (greedy), `num_samples` (sample) or `num_beams` (beam); candidates best first. Rows of
@@ -75,7 +80,13 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
   (`options.candidate_keys`), which make each candidate independent of the rest of the batch.
   `limit` (traced, <= max_new_tokens) stops decoding there; the outputs keep length
   max_new_tokens (PAD after).
+  `beam_cache` (beam search): "copy" moves each beam's self-attention cache to the beams that
+  continue it at every step (`reorder_decode_cache`); "index" leaves the cache in place and
+  moves only a [B, K, T] table of which beam wrote each position, which the attention reads
+  through. The tokens are the same.
   """
+  if beam_cache not in ("copy", "index"):
+    raise ValueError(f"beam_cache {beam_cache!r} must be 'copy' or 'index'.")
   cfg = model.cfg
   decoding.check_options(strategy, max_new_tokens=max_new_tokens, num_beams=num_beams,
                          num_samples=num_samples, top_k=top_k, top_p=top_p,
@@ -100,7 +111,8 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
                    penalize=not (isinstance(repetition_penalty, numbers.Real)
                                  and repetition_penalty == 1.0),
                    no_repeat_ngram_size=int(no_repeat_ngram_size),
-                   axis_rules=None if axis_rules is None else _hashable(axis_rules))
+                   axis_rules=None if axis_rules is None else _hashable(axis_rules),
+                   beam_index=strategy == "beam" and beam_cache == "index")
 
 
 def _hashable(rules) -> tuple:
@@ -119,18 +131,20 @@ def mesh_context(mesh: jax.sharding.Mesh | None, axis_rules: tuple | None):
 
 @functools.partial(jax.jit, static_argnames=("model", "strategy", "max_new_tokens", "k", "top_k",
                                              "nucleus", "phases", "mesh", "axis_rules",
-                                             "penalize", "no_repeat_ngram_size"))
+                                             "penalize", "no_repeat_ngram_size",
+                                             "beam_index"))
 def _generate(model: CodeModel, params, desc_ids_BxL, rng, temperature, top_p, length_penalty,
               repetition_penalty, limit, top_k_value, *, strategy: str, max_new_tokens: int,
               k: int, top_k: int | None, nucleus: bool, mesh, axis_rules,
               phases: tuple[int, ...] | None = None, penalize: bool = False,
-              no_repeat_ngram_size: int = 0):
+              no_repeat_ngram_size: int = 0, beam_index: bool = False):
   # top_k None: the traced `top_k_value` (0: off).
   with mesh_context(mesh, axis_rules):
     b = desc_ids_BxL.shape[0]
     active_B = desc_ids_BxL[:, 0] != PAD_ID
     enc = model.apply(params, desc_ids_BxL, method=CodeModel.encode)
-    cache = model.apply(params, enc, max_new_tokens, k, method=CodeModel.init_cache)
+    cache = model.apply(params, enc, max_new_tokens, k, beam_index,
+                        method=CodeModel.init_cache)
 
     def tokens_to_logits(ids_Nx1, cache, attend_len=None):
       logits, cache = model.apply(params, ids_Nx1, cache, attend_len,

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_albert_code.model import layers
+from flax_albert_code.model import one_query
 from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID
 from flax_albert_code.model.layers import ModelConfig
 
@@ -43,6 +44,10 @@ class DecodeCache(NamedTuple):
   cross_v_BxMxNxD: Array
   memory_lengths_B: Array
   index: Array            # scalar int32: the position the next token is written at
+  # Beam search without moving the cache (`init_cache(beam_index=True)`): row (b, k) reads
+  # position s from beam src[b, k, s] of its description, the beam that wrote it. None: every
+  # row reads its own (the cache is reordered instead).
+  beam_src_BxKxS: Array | None = None
 
 
 def _remat(module_cls, cfg: ModelConfig):
@@ -150,6 +155,8 @@ class _DecoderBody(nn.Module):
   are written in place (a scanned cache would be copied whole every step); queries attend to
   positions <= their own among the first `attend_len` (a static int <= S; None: all S) of the
   cache, so a decoding phase that knows `index < attend_len` reads only that much of it.
+  With `decode_attention="pallas"` a one-token step's self- and cross-attention are one kernel
+  each (model/one_query.py); the self-attention stays XLA's when beams read through `beam_src`.
   """
   self_attention: nn.Module
   cross_attention: nn.Module
@@ -161,22 +168,44 @@ class _DecoderBody(nn.Module):
     det = self.deterministic
     if self.mode == "train":
       x = self.self_attention(x, is_causal=True, deterministic=det)
+      x = self.cross_attention(x, cross_kv, kv_lengths_B=memory_lengths, deterministic=det)
     else:
-      (x, cache_k, cache_v, layer), (index, attend_len) = x, decode_args
+      (x, cache_k, cache_v, layer), (index, attend_len, beam_src) = x, decode_args
       q, k, v = self.self_attention.qkv(x)
       at = (layer, 0, index, 0, 0)
       cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
       cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), at)
       t, s = x.shape[1], attend_len or cache_k.shape[2]
-      q_pos = index + jnp.arange(t)
-      mask = (jnp.arange(s)[None, :] <= q_pos[:, None])[None, None]
-      x = self.self_attention.attend(x, q, cache_k[layer, :, :s], cache_v[layer, :, :s],
-                                     mask=mask, deterministic=det)
-    x = self.cross_attention(x, cross_kv, kv_lengths_B=memory_lengths, deterministic=det)
+      pallas = self.self_attention.cfg.decode_attention == "pallas" and t == 1
+      if pallas and beam_src is None:
+        ctx = one_query.self_attention(q[:, 0], cache_k, cache_v, layer, index, s)
+        x = self.self_attention.residual(x, ctx[:, None], det)
+      else:
+        q_pos = index + jnp.arange(t)
+        mask = (jnp.arange(s)[None, :] <= q_pos[:, None])[None, None]
+        keys, values = cache_k[layer, :, :s], cache_v[layer, :, :s]
+        if beam_src is not None:
+          keys, values = (_read_beams(c, beam_src[:, :, :s]) for c in (keys, values))
+        x = self.self_attention.attend(x, q, keys, values, mask=mask, deterministic=det)
+      if pallas:
+        ctx = one_query.cross_attention(self.cross_attention.query(x)[:, 0], *cross_kv,
+                                        memory_lengths)
+        x = self.cross_attention.residual(x, ctx[:, None], det)
+      else:
+        x = self.cross_attention(x, cross_kv, kv_lengths_B=memory_lengths, deterministic=det)
     x = self.ffn(x, deterministic=det)
     if self.mode == "train":
       return x, None
     return (x, cache_k, cache_v, layer + 1), None
+
+
+def _read_beams(cache_NxSxHxD: Array, src_BxKxS: Array) -> Array:
+  """Row (b, k) at position s reads beam src[b, k, s] of description b: a gather batched over
+  descriptions (local to each shard), read-only, which XLA can fuse into the attention."""
+  b, k, s = src_BxKxS.shape
+  c = cache_NxSxHxD.reshape(b, k, *cache_NxSxHxD.shape[1:])
+  c = jnp.take_along_axis(c, src_BxKxS[:, :, :, None, None], axis=1)
+  return c.reshape(cache_NxSxHxD.shape)
 
 
 class AlbertDecoder(nn.Module):
@@ -197,8 +226,8 @@ class AlbertDecoder(nn.Module):
                                  (nn.broadcast, nn.broadcast), deterministic=det, **blocks)
                          for det in (True, False)]
     self.decode_stack = _repeat(_DecoderBody, cfg, cfg.decoder_layers,
-                                (nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                                deterministic=True, mode="decode", **blocks)
+                                (nn.broadcast,) * 5, deterministic=True, mode="decode",
+                                **blocks)
     self.logits_bias = self.param("logits_bias", layers._zeros(("vocab",)), (cfg.vocab_size,),
                                   cfg.weight_dtype)
     if cfg.pre_norm:
@@ -234,10 +263,16 @@ class AlbertDecoder(nn.Module):
     in a decoding phase); None: the whole cache.
     """
     x = self.embedding(ids_BxT, cache.index)
+    src = cache.beam_src_BxKxS
+    if src is not None:   # the new tokens are written to (and read from) each beam's own row
+      b, k, t = *src.shape[:2], ids_BxT.shape[1]
+      own = jnp.broadcast_to(jnp.arange(k, dtype=src.dtype)[None, :, None], (b, k, t))
+      src = jax.lax.dynamic_update_slice(src, own, (0, 0, cache.index))
     carry = (x, cache.k_LxBxSxNxD, cache.v_LxBxSxNxD, jnp.zeros((), jnp.int32))
     (x, k, v, _), _ = self.decode_stack(carry, (cache.cross_k_BxMxNxD, cache.cross_v_BxMxNxD),
-                                        cache.memory_lengths_B, cache.index, attend_len)
-    new = cache._replace(k_LxBxSxNxD=k, v_LxBxSxNxD=v, index=cache.index + ids_BxT.shape[1])
+                                        cache.memory_lengths_B, cache.index, attend_len, src)
+    new = cache._replace(k_LxBxSxNxD=k, v_LxBxSxNxD=v, index=cache.index + ids_BxT.shape[1],
+                         beam_src_BxKxS=src)
     return self.logits(self._final(x)), new
 
 
@@ -307,20 +342,30 @@ class CodeModel(nn.Module):
       out["code"] = self.encode(code_encoder_input(code_ids_BxT), deterministic=deterministic)
     return out
 
-  def init_cache(self, enc: EncoderOutput, max_len: int, batch_repeat: int = 1) -> DecodeCache:
+  def init_cache(self, enc: EncoderOutput, max_len: int, batch_repeat: int = 1,
+                 beam_index: bool = False) -> DecodeCache:
     """A zeroed KV cache for `max_len` tokens, and the cross-attention KV of `enc`.
 
-    `batch_repeat` tiles each description (beams, samples) next to itself.
+    `batch_repeat` tiles each description (beams, samples) next to itself. `beam_index`: beam
+    search leaves the cache in place and reorders only `beam_src_BxKxS` (which beam wrote each
+    position), and attention reads each position from that beam.
     """
     cfg = self.cfg
     memory, lengths = self._memory(enc)
     ck, cv = self.decoder.memory_kv(memory)
     if batch_repeat > 1:
       ck, cv, lengths = (jnp.repeat(t, batch_repeat, axis=0) for t in (ck, cv, lengths))
-    b = ck.shape[0]
-    shape = (cfg.decoder_layers, b, max_len, cfg.num_attention_heads, cfg.head_dim)
+    b, cache_len = ck.shape[0], max_len
+    if cfg.decode_attention == "pallas":   # Triton tiles: powers of two, the padding masked
+      cache_len = one_query.pow2(max_len)
+      pad = [(0, 0), (0, one_query.pow2(ck.shape[1]) - ck.shape[1]), (0, 0), (0, 0)]
+      ck, cv = jnp.pad(ck, pad), jnp.pad(cv, pad)
+    shape = (cfg.decoder_layers, b, cache_len, cfg.num_attention_heads, cfg.head_dim)
     zeros = jnp.zeros(shape, cfg.compute_dtype)
-    return DecodeCache(zeros, zeros, ck, cv, lengths, jnp.zeros((), jnp.int32))
+    src = None
+    if beam_index:
+      src = jnp.zeros((b // batch_repeat, batch_repeat, cache_len), jnp.int32)
+    return DecodeCache(zeros, zeros, ck, cv, lengths, jnp.zeros((), jnp.int32), src)
 
   def decode_step(self, ids_BxT: Array, cache: DecodeCache,
                   attend_len: int | None = None) -> tuple[Array, DecodeCache]:

@@ -65,6 +65,7 @@ class ModelConfig:
   embedding_grad: str
   fused_qkv: bool
   norm_position: str
+  decode_attention: str
 
   @classmethod
   def from_config(cls, cfg) -> ModelConfig:
@@ -108,6 +109,10 @@ class ModelConfig:
          f"embedding_grad {self.embedding_grad!r} must be 'scatter' or 'onehot'"),
         (self.remat in ("none", "full", "dots"),
          f"remat {self.remat!r} must be 'none', 'full' or 'dots'"),
+        (self.decode_attention in ("xla", "pallas"),
+         f"decode_attention {self.decode_attention!r} must be 'xla' or 'pallas'"),
+        (self.decode_attention != "pallas" or self.head_dim & (self.head_dim - 1) == 0,
+         "decode_attention 'pallas' needs a power-of-two head size (hidden_size / heads)"),
         (self.norm_position in ("post", "pre"),
          f"norm_position {self.norm_position!r} must be 'post' (ALBERT) or 'pre'"),
     ]
@@ -345,6 +350,9 @@ class AlbertAttention(nn.Module):
 
   def qkv(self, x_BxTxH: Array) -> tuple[Array, Array, Array]:
     return self._project(self._in(x_BxTxH), ("query", "key", "value"))
+
+  def query(self, x_BxTxH: Array) -> Array:
+    return self._project(self._in(x_BxTxH), ("query",))[0]
 
   def __call__(self, x_BxTxH: Array, kv: tuple[Array, Array] | None = None, *,
                is_causal: bool = False, kv_lengths_B: Array | None = None,
