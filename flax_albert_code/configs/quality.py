@@ -5,6 +5,16 @@
   python -m flax_albert_code.train --config configs/quality.py --workdir runs/quality
   # local variant (CPU, minutes): --config.train.steps=50 --config.data.max_examples=3000
 
+The long variant trains past one 10-minute window: 100,000 pairs plus every function and module
+of the corpus as unlabelled code, a warmup-stable-decay schedule, a checkpoint every 500 steps
+(all kept: the quality-vs-compute curve evaluates them). Stop it any time (SIGTERM saves) and run
+the same command again to go on; the compilation cache in the workdir makes the restart quick.
+
+  python -m flax_albert_code.train --config configs/quality.py:long --workdir runs/long
+  python -m flax_albert_code.train --config configs/quality.py:long,gpus=2 --workdir runs/long2
+  QUALITY_CONFIG=configs/quality.py:long QUALITY_TRAIN_SECONDS=570 \
+      QUALITY_STAGES=train bash benchmarks/run_quality.sh OUT   # one call; again to continue
+
 Choices, each measured on the VALID split, never on test (benchmarks/RESULTS.md has the tables):
 - LayerNorm before each sublayer (`model.norm_position="pre"`) at peak lr 1e-3, warmup 150:
   after 400 steps (`benchmarks/sweep_quality.sh`, 50,000 pairs) valid gen_loss 4.15 vs 4.84
@@ -24,7 +34,14 @@ from flax_albert_code import config as config_lib
 from flax_albert_code.configs import common
 
 
-def get_config():
+RECIPES = ("short", "long")
+
+
+def get_config(arg: str | None = None):
+  arg = common.parse_arg(arg, recipe="short", gpus=1)
+  if arg.recipe not in RECIPES:
+    raise ValueError(f"configs/quality.py has no recipe {arg.recipe!r}; use one of "
+                     f"{', '.join(RECIPES)}.")
   c = common.accelerator(config_lib.get_config("base"))
   c.name = "quality"
   c.model.scan_layers = False
@@ -60,4 +77,26 @@ def get_config():
   # Chosen on the valid split (benchmarks/RESULTS.md, issue 19): without it 93% of greedy outputs
   # looped; with 4, 3% (and BLEU 0.38 -> 0.68).
   c.sample.no_repeat_ngram_size = 4
+  if arg.recipe == "long":
+    _long(c, arg.gpus)
   return c
+
+
+def _long(c, gpus: int) -> None:
+  """The long recipe: data parallel over `gpus` GPUs at 128 pairs a GPU; the same examples seen
+  in all (steps scale down as the batch grows)."""
+  if gpus < 1:
+    raise ValueError(f"configs/quality.py:long,gpus={gpus} must be at least 1.")
+  c.name = "quality_long" if gpus == 1 else f"quality_long_{gpus}gpu"
+  c.data.max_examples = 100000
+  c.data.unlabelled = True         # every function and module, documented or not
+  c.data.max_unlabelled = 400000
+  c.train.batch_size = 128 * gpus
+  c.train.steps = -(-7000 // gpus)
+  c.train.warmup_steps = -(-300 // gpus)
+  c.train.schedule = "wsd"         # the peak until the last 20%: a run continued keeps its past
+  c.train.decay_fraction = 0.2
+  c.train.checkpoint_every = -(-500 // gpus)
+  c.train.keep_checkpoints = 100
+  c.train.eval_every = -(-500 // gpus)
+  c.retrieval.refresh_steps = ()   # BM25 (description + code) neighbours throughout
