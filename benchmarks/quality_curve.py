@@ -28,18 +28,24 @@ COLUMNS = (("bleu", "greedy BLEU"), ("bleu_plain", "BLEU, no neighbours"),
 
 
 def train_seconds(metrics_path: str) -> dict[int, float]:
-  """{logged step: cumulative training seconds} from metrics.jsonl's throughput rows."""
-  rows = []
+  """{logged step: cumulative training seconds} from metrics.jsonl's throughput rows. A call
+  (a resume) starts a new segment: the trainer's startup row marks it (older logs: a step that
+  goes back, or two minutes without a row)."""
+  rows, restarted = [], False
   with open(metrics_path) as f:
     for line in f:
       line = line.strip()
-      if line:
-        r = json.loads(line)
-        if "tokens_per_s" in r:
-          rows.append((int(r["step"]), float(r["time"])))
+      if not line:
+        continue
+      r = json.loads(line)
+      if "startup_first_step_s" in r:
+        restarted = True
+      if "tokens_per_s" in r:
+        rows.append((int(r["step"]), float(r["time"]), restarted))
+        restarted = False
   segments, cur = [], []
-  for step, t in rows:        # a new call (resume) starts a new segment
-    if cur and (step <= cur[-1][0] or t - cur[-1][1] > 120):
+  for step, t, new in rows:
+    if cur and (new or step <= cur[-1][0] or t - cur[-1][1] > 120):
       segments.append(cur)
       cur = []
     cur.append((step, t))

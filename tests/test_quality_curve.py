@@ -54,3 +54,14 @@ def test_table_fit_and_results_section(tmp_path, capsys, monkeypatch):
   assert abs(b - 1.0) < 1e-9 and abs(a + b * 0.30103 - 1.0) < 1e-4
   text = results.read_text()
   assert "old" not in text and text.count("## Quality vs compute") == 1 and "## Next" in text
+
+
+def test_a_startup_row_starts_a_call_even_after_a_short_gap(tmp_path):
+  m = tmp_path / "metrics.jsonl"
+  rows = [{"step": 1, "time": 0.0, "startup_first_step_s": 30.0}]
+  rows += [{"step": s, "time": 30.0 + s, "tokens_per_s": 1.0} for s in (10, 20, 30)]
+  rows += [{"step": 31, "time": 100.0, "startup_first_step_s": 20.0}]   # resumed 40 s later
+  rows += [{"step": s, "time": 100.0 + (s - 30), "tokens_per_s": 1.0} for s in (40, 50)]
+  m.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  s = quality_curve.train_seconds(str(m))
+  assert s[30] == 30 and s[40] == 40 and s[50] == 50
