@@ -53,18 +53,22 @@ from bench_serving import card, replace_section, versions  # noqa: E402
 HEADING = "## Real-data training throughput (issue 21)"
 FIELDS = ("desc_ids", "code_ids", "ctx_ids")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(config_lib.CONFIG_DIR, "quality.py"),
-    "Config file, or the name of a shipped one (quality, default, tiny, ...).", lock_config=False)
-_DATA = flags.DEFINE_string("data", None, "prepared data: its directory, a data dir or a workdir")
-_NEIGHBOURS = flags.DEFINE_string(
-    "neighbours", None, "training workdir whose retrieval/neighbours_*.npz to use (default: "
-    "--data; mined with BM25 when none are saved)")
-_STEPS = flags.DEFINE_integer("steps", 50, "timed steps")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "untimed steps after compiling")
-_OUT = flags.DEFINE_string("out", "", "write the results as JSON here")
-_RESULTS = flags.DEFINE_string("results", os.path.join(REPO, "benchmarks", "RESULTS.md"),
-                               "RESULTS.md whose section to write ('' for none)")
+def _define_flags() -> None:
+  """The command's flags, defined when it runs (not on import: a test imports this module next to
+  the package's commands, which define --config too)."""
+  global _CONFIG, _DATA, _NEIGHBOURS, _STEPS, _WARMUP, _OUT, _RESULTS
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", os.path.join(config_lib.CONFIG_DIR, "quality.py"),
+      "Config file, or the name of a shipped one (quality, default, tiny, ...).", lock_config=False)
+  _DATA = flags.DEFINE_string("data", None, "prepared data: its directory, a data dir or a workdir")
+  _NEIGHBOURS = flags.DEFINE_string(
+      "neighbours", None, "training workdir whose retrieval/neighbours_*.npz to use (default: "
+      "--data; mined with BM25 when none are saved)")
+  _STEPS = flags.DEFINE_integer("steps", 50, "timed steps")
+  _WARMUP = flags.DEFINE_integer("warmup", 3, "untimed steps after compiling")
+  _OUT = flags.DEFINE_string("out", "", "write the results as JSON here")
+  _RESULTS = flags.DEFINE_string("results", os.path.join(REPO, "benchmarks", "RESULTS.md"),
+                                 "RESULTS.md whose section to write ('' for none)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,5 +353,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main, flags_parser=lambda argv: app.parse_flags_with_usage(
       config_lib.with_shipped_configs(argv)))

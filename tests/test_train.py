@@ -142,20 +142,23 @@ def test_one_and_eight_devices_give_the_same_losses(shared, tmp_path):
 
 
 def test_precompiled_steps_equal_the_jitted_ones(shared, tmp_path):
-  """train.precompile: every bucket's train and eval programs compiled up front (in threads)
-  and used, with the same losses, validation and final state as the lazily jitted steps."""
+  """train.precompile: every bucket's train and eval programs compiled in the background, the
+  first batch's first, and used, with the same losses, validation and final state as the
+  lazily jitted steps."""
   config = dict(data_dir=shared[0], **{"train.steps": 4, "train.eval_every": 2,
                                        "data.code_buckets": (32, 64)})
   made = []
-  real = train_step.precompile
+  real = train_step.precompile_async
 
   def recording(*args, **kw):
-    made.append(real(*args, **kw))
-    return made[-1]
+    made.append((kw.get("first"), real(*args, **kw)))
+    return made[-1][1]
   lazy, _ = run(make_config(**config), tmp_path / "lazy")
-  with mock.patch.object(train_step, "precompile", recording):
+  with mock.patch.object(train_step, "precompile_async", recording):
     eager, _ = run(make_config(**config, **{"train.precompile": True}), tmp_path / "eager")
-  assert sorted(made[0]) == [("eval", 32), ("eval", 64), ("train", 32), ("train", 64)]
+  first, futures = made[0]
+  assert sorted(futures) == [("eval", 32), ("eval", 64), ("train", 32), ("train", 64)]
+  assert first[0] == "train" and all(f.result(timeout=300) for f in futures.values())
   assert eager.history == lazy.history and eager.valid == lazy.valid and eager.valid
   assert tree_equal(eager.state, lazy.state)
 
@@ -278,7 +281,7 @@ def test_config_typo_and_bad_value_fail_at_once(tmp_path):
   assert typo.returncode != 0 and "Traceback" not in typo.stderr
   assert typo.stderr.strip() == typo.stderr.strip().splitlines()[0]       # one line
   assert "--config.train.stepz: config.train has no field 'stepz'" in typo.stderr
-  assert "steps, warmup_steps" in typo.stderr                             # the valid fields
+  assert "stage, steps, unlabelled_schedule" in typo.stderr               # the valid fields
   section = _train_cli(tmp_path, "--config.trian.steps=3")
   assert section.returncode != 0 and "config has no field 'trian'" in section.stderr
   assert "model, name, retrieval, sample, seed, train" in section.stderr

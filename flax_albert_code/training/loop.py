@@ -234,6 +234,7 @@ class Trainer:
     self.train_fn = self.eval_fn = self.bar = None   # made by train()
     # The last step's metrics on the device, not yet checked; throughput since the last log.
     self._pending: tuple[int, Any] | None = None
+    self._first_batch = None   # taken from the iterator early to compile its program first
     self._t_last, self._tokens_since, self._flops_since = time.perf_counter(), 0, 0.0
 
   def train(self, max_steps: int | None = None) -> Result:
@@ -250,9 +251,13 @@ class Trainer:
       self.train_fn, self.eval_fn = train_step.jit_steps(self.model, self.tx, self.config,
                                                          self.mesh, self.shardings)
       if tc.get("precompile", False) and step < end:
-        compiled = train_step.precompile(self.train_fn, self.eval_fn if tc.eval_every else None,
-                                         self.state, self.config, self.mesh, self.eval_bs,
-                                         tuple(self.config.data.code_buckets))
+        # The first batch's program is traced first; the others follow in the background.
+        self._first_batch = next(self.train_iter)
+        first = ("train", self._first_batch["code_ids"].shape[1])
+        compiled = train_step.precompile_async(
+            self.train_fn, self.eval_fn if tc.eval_every else None, self.state, self.config,
+            self.mesh, self.eval_bs, tuple(self.config.data.code_buckets), first=first)
+        compiled[first].result()   # the others go on compiling while the first steps run
         self.train_fn = _dispatch(compiled, "train", self.train_fn)
         self.eval_fn = _dispatch(compiled, "eval", self.eval_fn)
       self.startup["compile"] = time.perf_counter() - t
@@ -286,7 +291,8 @@ class Trainer:
   def do_step(self, step: int) -> None:
     """Runs training step `step` (1-based) on the next batch; then checks step - 1's metrics,
     which the device has by now."""
-    batch = _model_batch(next(self.train_iter))
+    batch, self._first_batch = self._first_batch or next(self.train_iter), None
+    batch = _model_batch(batch)
     ld, lc = batch["desc_ids"].shape[1], batch["code_ids"].shape[1]
     self.state, metrics = self.train_fn(self.state,
                                         pipeline.to_global(batch, self.batch_sharding))
@@ -378,9 +384,12 @@ def _with_neighbours(train_iter, config, prepared, nb):
 
 
 def _dispatch(compiled, kind: str, fallback):
-  """A step that runs the precompiled program for its batch's code length (else `fallback`)."""
+  """A step that runs the precompiled program for its batch's code length (else `fallback`);
+  a program still compiling (a Future) is waited for."""
   def step(state_or_params, batch):
     fn = compiled.get((kind, batch["code_ids"].shape[1]), fallback)
+    if hasattr(fn, "result"):
+      fn = fn.result()
     return fn(state_or_params, batch)
   return step
 
