@@ -94,28 +94,17 @@ def worker(args) -> None:
   sys.path.insert(0, REPO)
   t0 = time.perf_counter()
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from flax_albert_code import config as config_lib
-  from flax_albert_code.config import CLS_ID, EOS_ID, SEP_ID
   from flax_albert_code.inference import model_decoding
-  from flax_albert_code.inference.generator import inference_params
-  from flax_albert_code.model import albert as model_lib
+  import bench_sampling   # this directory: the random-weights set-up of the speed benchmarks
 
   arm = ARMS[args.arm]
   config = config_lib.load_config("tiny" if args.small else "base")
   if arm.decode_phase is not None:
     config.sample.decode_phase = arm.decode_phase
   config.model.decode_attention = arm.decode_attention
-  model, cfg = model_lib.build(config)
-  rng = np.random.RandomState(0)
-  desc = rng.randint(SEP_ID + 1, cfg.vocab_size, (args.batch, args.desc_len)).astype(np.int32)
-  desc[:, 0], desc[:, -1] = CLS_ID, SEP_ID
-  desc = jnp.asarray(desc)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), desc, desc[:, :8])
-  variables = inference_params(variables, cfg.compute_dtype)
-  bias = variables["params"]["decoder"]["logits_bias"]
-  variables["params"]["decoder"]["logits_bias"] = bias.at[EOS_ID].set(-1e4)
+  model, cfg, desc, variables = bench_sampling.random_model(config, args.batch, args.desc_len)
   n = args.new_tokens
 
   def run(strategy, limit):

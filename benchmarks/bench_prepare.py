@@ -26,6 +26,7 @@ from importlib import metadata
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench_pipeline import cpu_name  # noqa: E402  (this directory)
 from flax_albert_code.configs import default  # noqa: E402
 from flax_albert_code.data import neighbours, prepared as prepared_lib  # noqa: E402
 
@@ -33,17 +34,6 @@ HEADING = "## Prepare time"
 PHASES = ("mine", "tokenizer", "encode", "write", "total")
 COLUMNS = ("host", "sources", "max_examples", "unlabelled", "date", "pairs", "unlabelled code",
            *PHASES, "TFDS (in a thread)", "neighbours", "versions")
-
-
-def cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
 
 
 def versions() -> str:

@@ -29,6 +29,21 @@ from flax_albert_code import config as config_lib  # noqa: E402
 from flax_albert_code.config import CLS_ID, EOS_ID, SEP_ID  # noqa: E402
 
 
+def random_model(config, batch: int, desc_len: int):
+  """(model, model config, [batch, desc_len] random descriptions, inference variables): random
+  weights cast as CodeGenerator casts them, EOS made impossible so every row decodes in full."""
+  model, cfg = model_lib.build(config)
+  rng = np.random.RandomState(0)
+  desc = rng.randint(SEP_ID + 1, cfg.vocab_size, (batch, desc_len)).astype(np.int32)
+  desc[:, 0], desc[:, -1] = CLS_ID, SEP_ID
+  desc = jnp.asarray(desc)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), desc, desc[:, :8])
+  variables = inference_params(variables, cfg.compute_dtype)
+  bias = variables["params"]["decoder"]["logits_bias"]
+  variables["params"]["decoder"]["logits_bias"] = bias.at[EOS_ID].set(-1e4)
+  return model, cfg, desc, variables
+
+
 def timed(fn, repeats: int) -> float:
   jax.block_until_ready(fn())  # compile + warm up
   times = []
@@ -75,15 +90,7 @@ def main() -> None:
     def one_token_xla(q, k, v, *, impl, **kw):
       return attention(q, k, v, impl="xla" if q.shape[1] == 1 else impl, **kw)
     layers.attention = one_token_xla
-  model, cfg = model_lib.build(config)
-  rng = np.random.RandomState(0)
-  desc = rng.randint(SEP_ID + 1, cfg.vocab_size, (args.batch, args.desc_len)).astype(np.int32)
-  desc[:, 0], desc[:, -1] = CLS_ID, SEP_ID
-  desc = jnp.asarray(desc)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), desc, desc[:, :8])
-  variables = inference_params(variables, cfg.compute_dtype)
-  bias = variables["params"]["decoder"]["logits_bias"]
-  variables["params"]["decoder"]["logits_bias"] = bias.at[EOS_ID].set(-1e4)
+  model, cfg, desc, variables = random_model(config, args.batch, args.desc_len)
 
   print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; "
         f"attention {cfg.attention_impl}{' (XLA for one token)' if args.decode_xla else ''}; "
