@@ -120,6 +120,10 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       # (a causal LM under an empty description), by step: "1.0:600,0.25" = all for 600 steps,
       # then one in four; "" off. Needs the prepared unlabelled split (config.data.unlabelled).
       unlabelled_schedule="",
+      # Word dropout on the decoder's inputs (Bowman et al. 2016): this share of the code tokens
+      # the decoder reads while training (never BOS or padding) becomes UNK, so the code prefix
+      # alone predicts less and the decoder has to read its input. 0: off.
+      decoder_input_dropout=0.0,
       mlm_weight=0.0,              # ALBERT's masked LM on code, tied embedding (15%, 80/10/10); 0: off
       # Compile the train/eval steps of every code bucket at start, side by side in threads
       # (XLA compiles without the GIL): on a GPU the buckets' programs then cost one compile

@@ -1,4 +1,5 @@
-"""benchmarks/bench_model.py runs end to end on CPU (its tiny workload) and writes its JSON."""
+"""benchmarks/bench_model.py runs end to end on CPU (its tiny workload) and writes its JSON;
+bench_realdata.py and check_generation.py on tiny runs."""
 import json
 import math
 import os
@@ -91,3 +92,29 @@ def test_bench_realdata_tiny_with_retrieval_writes_its_figures(tmp_path):
   text = results.read_text()
   assert text.startswith("## Real-data training throughput (issue 21)")
   assert "Packing (an estimate; not implemented)" in text
+
+
+def test_check_generation_reports_conditioning_and_self_consistency(tmp_path):
+  """On the tiny fixture checkpoint (no retrieval): every input row, greedy equal to the
+  decoder's own argmax, the float32 reference equal to the model on CPU."""
+  import importlib.util
+  import shutil
+  spec = importlib.util.spec_from_file_location(
+      "check_generation", os.path.join(REPO, "benchmarks", "check_generation.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  run = tmp_path / "run"
+  shutil.copytree(os.path.join(REPO, "tests", "fixtures", "old_run", "run"), run)
+  out = tmp_path / "check.json"
+  assert module.main(["--checkpoint", str(run), "--n", "8", "--reference",
+                      "--json", str(out)]) == 0
+  res = json.loads(out.read_text())
+  rows = res["rows"]
+  assert set(rows) == {"as generated", "description alone", "shuffled input",
+                       "empty description", "as generated, XLA float32"}
+  assert rows["as generated"] == rows["description alone"]   # no retrieval: the same input
+  assert math.isclose(rows["as generated"]["nll"], rows["as generated, XLA float32"]["nll"],
+                      rel_tol=1e-5)
+  assert res["examples"] >= 2 and res["self_consistency_mismatch"] == 0.0   # the fixture has 5
+  g = res["greedy"]
+  assert 0 <= g["bp"] <= 1 and len(g["precisions"]) == 4 and g["mean_tokens"] > 0

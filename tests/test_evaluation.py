@@ -37,6 +37,14 @@ def test_bleu_sees_code_tokens_not_whitespace_words():
   assert metrics.bleu(['s = "a  b" + t + u + v'], ['s = "a b" + t + u + v']) < 100.0
 
 
+def test_bleu_details_split_a_short_output_into_its_brevity_penalty():
+  ref = "def f(x):\n  y = x + 1\n  return y * 2\n"
+  d = metrics.bleu_details(["def f(x):\n  return x"], [ref])
+  assert d["bleu"] == pytest.approx(metrics.bleu(["def f(x):\n  return x"], [ref]))
+  assert (d["hyp_len"], d["ref_len"]) == (8, 15) and d["precisions"][0] == pytest.approx(100.0)
+  assert d["bp"] == pytest.approx(np.exp(1 - 15 / 8))
+
+
 def test_exact_match_ignores_whitespace_outside_strings_only():
   assert metrics.exact_match("def f(a,b):\n  return a+b", "def f(a, b):\n    return a + b")
   assert not metrics.exact_match('x = "a b"', 'x = "a  b"')

@@ -1,11 +1,12 @@
 """The chunked generation loss: bf16 logits with fp32 sums and a fused gradient
 (`logits_dtype="bfloat16"`) against the upcast float32 path, on bf16 activations as in training.
 InfoNCE's memory queue: FIFO pushes, validity, the loss against a direct formula, no gradient
-into the queue."""
+into the queue. Word dropout on the decoder's inputs, and the train step reading it."""
 from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -127,6 +128,38 @@ def test_mlm_corruption_is_berts_15_percent_80_10_10():
   masked, kept = (out[chosen] == 1).mean(), (out[chosen] == ids[chosen]).mean()
   assert abs(masked - 0.8) < 0.02 and 0.09 < kept < 0.12   # 10% kept, and random hits by chance
   assert out.max() < 300 and not np.isin(out[chosen], [0, 2, 3, 4, 5]).any()   # mask: 1
+
+
+def test_word_dropout_replaces_its_share_of_decoder_inputs_never_bos_or_padding():
+  dec_in = np.random.RandomState(0).randint(6, 300, (64, 256)).astype(np.int32)
+  dec_in[:, 0], dec_in[:, 200:] = 2, 0          # BOS first, padding after 200
+  out = np.asarray(losses.drop_words(jax.random.PRNGKey(0), jnp.asarray(dec_in), 0.3, 1))
+  dropped = out != dec_in
+  assert (out[dropped] == 1).all() and not dropped[:, 0].any() and not dropped[:, 200:].any()
+  assert abs(dropped[:, 1:200].mean() - 0.3) < 0.01
+  same = losses.drop_words(jax.random.PRNGKey(0), jnp.asarray(dec_in), 0.0, 1)
+  assert (np.asarray(same) == dec_in).all()
+
+
+def test_the_train_step_drops_decoder_inputs_only_while_training():
+  from flax_albert_code import config as config_lib   # pylint: disable=import-outside-toplevel
+  from flax_albert_code.model import albert as model_lib   # pylint: disable=import-outside-toplevel
+  from flax_albert_code.training import step as train_step   # pylint: disable=import-outside-toplevel
+  config = config_lib.get_config("tiny")   # no dropout: train=True is otherwise deterministic
+  config.train.align_losses = ""
+  model, _ = model_lib.build(config)
+  rs = np.random.RandomState(0)
+  batch = {"desc_ids": jnp.asarray(rs.randint(6, 500, (4, 8)), jnp.int32),
+           "code_ids": jnp.asarray(rs.randint(6, 500, (4, 16)), jnp.int32)}
+  variables = nn.unbox(model.init(jax.random.PRNGKey(0), batch["desc_ids"], batch["code_ids"]))
+  params = {"model": variables["params"], "log_inv_temp": jnp.zeros(())}
+
+  def gen_loss(rate, train):
+    config.train.decoder_input_dropout = rate
+    return float(train_step.compute_losses(params, batch, jax.random.PRNGKey(1), model=model,
+                                           config=config, train=train)[1]["gen_loss"])
+  assert gen_loss(0.0, True) == gen_loss(0.0, False) == gen_loss(0.5, False)
+  assert gen_loss(0.5, True) != gen_loss(0.0, True)
 
 
 def _unit(rs, n, a=8):

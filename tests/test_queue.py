@@ -48,7 +48,7 @@ def _start(config):
   return model, tx, mesh, state, shardings
 
 
-@pytest.mark.parametrize("microbatches", [1, 2])
+@pytest.mark.parametrize("microbatches", [2])  # 1 is the default path every other test runs
 def test_steps_on_eight_devices_push_each_batch_and_use_the_queue_from_queue_start(microbatches):
   config = _config(microbatches=microbatches)
   model, tx, mesh, state, shardings = _start(config)

@@ -28,7 +28,7 @@ from flax_albert_code.training import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
-KILLS = 20
+KILLS = 12
 # configs/tiny.py, one code bucket, constant LR without warmup (so `steps` is not in the compiled
 # program), every step logged and checkpointed (async, the default).
 FLAGS = {

@@ -48,6 +48,17 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return float(sacrebleu.corpus_bleu(hyps, [refs], tokenize="none", force=True).score)
 
 
+def bleu_details(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
+  """`bleu` with its parts: {"bleu", "bp" (brevity penalty), "precisions" (1-4-gram, %),
+  "hyp_len", "ref_len"} in code tokens: a low BLEU of short outputs is the penalty, not n-grams."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    b = sacrebleu.corpus_bleu([tokenized(h) for h in hypotheses],
+                              [[tokenized(r) for r in references]], tokenize="none", force=True)
+  return {"bleu": float(b.score), "bp": float(b.bp), "precisions": [float(x) for x in b.precisions],
+          "hyp_len": int(b.sys_len), "ref_len": int(b.ref_len)}
+
+
 def sentence_bleu(hypothesis: str, reference: str) -> float:
   """Smoothed sentence BLEU over code tokens, for ranking single examples; 0-100."""
   with warnings.catch_warnings():

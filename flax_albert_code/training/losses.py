@@ -13,6 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from flax_albert_code.config import PAD_ID
 from flax_albert_code.model.layers import tied_logits
 
 Array = jax.Array
@@ -137,6 +138,14 @@ def group_mean(nll_B: Array, correct_B: Array, count_B: Array,
     nll_B, correct_B, count_B = nll_B * w, correct_B * w, count_B * w
   count = jnp.maximum(count_B.sum(), 1.0)
   return nll_B.sum() / count, correct_B.sum() / count, count
+
+
+def drop_words(rng: Array, dec_in_BxT: Array, rate: float, unk_id: int) -> Array:
+  """Decoder inputs with a `rate` share of their tokens replaced by `unk_id`: every position but
+  the first (BOS) and padding, each independently."""
+  keep_first = jnp.arange(dec_in_BxT.shape[1]) > 0
+  drop = jax.random.bernoulli(rng, rate, dec_in_BxT.shape) & keep_first & (dec_in_BxT != PAD_ID)
+  return jnp.where(drop, unk_id, dec_in_BxT)
 
 
 def mlm_corrupt(rng: Array, ids_BxL: Array, maskable_BxL: Array, vocab_size: int, *,

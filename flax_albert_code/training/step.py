@@ -21,8 +21,8 @@ import optax
 
 from flax_albert_code.training import losses
 from flax_albert_code.model import sharding
-from flax_albert_code.config import CLS_ID, PAD_ID, UNK_ID
-from flax_albert_code.model.albert import CodeModel, code_encoder_input
+from flax_albert_code.config import BOS_ID, CLS_ID, PAD_ID, UNK_ID
+from flax_albert_code.model.albert import CodeModel, code_encoder_input, shift_right
 
 # ALBERT's masked LM on code: the tokenizer has no [MASK] and never emits UNK (byte fallback),
 # so UNK stands in for it; random replacements are drawn from the ordinary ids.
@@ -154,9 +154,12 @@ def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool,
   dropout = train and (mc.hidden_dropout_prob > 0 or mc.attention_probs_dropout_prob > 0)
   desc, code = batch["desc_ids"], batch["code_ids"]
   labelled = batch.get("labelled")
+  word_dropout = float(tc.get("decoder_input_dropout", 0.0)) if train and gen else 0.0
+  dec_in = (losses.drop_words(jax.random.fold_in(rng, 2), shift_right(code, BOS_ID),
+                              word_dropout, UNK_ID) if word_dropout else None)
   out = model.apply({"params": params["model"]}, desc, code, deterministic=not dropout,
                     encode_code=bool(align), decode=gen, ctx_ids_BxC=batch.get("ctx_ids"),
-                    rngs={"dropout": rng})
+                    dec_in_BxT=dec_in, rngs={"dropout": rng})
   metrics, total = {}, 0.0
   ce_options = dict(chunk=tc.get("loss_chunk", 128), logits_dtype=tc.get("logits_dtype", "float32"))
   if gen:
