@@ -8,6 +8,7 @@ Rows (per code token, the reference's tokens teacher-forced, EOS included):
 - nll / accuracy with the input generation reads (description + retrieved neighbours), with the
   description alone, with another example's input (shuffled), and with an empty description.
   The gap between "as generated" and "shuffled" is what the input is worth to the decoder.
+  With retrieval, also with the reference itself as first neighbour: can the decoder copy?
 - self-consistency: greedy's tokens teacher-forced back through the decoder; the share of
   positions whose argmax is not greedy's token (bf16 ties aside, 0 unless decoding and training
   compute different functions).
@@ -31,6 +32,7 @@ from flax_albert_code.evaluation import metrics
 from flax_albert_code.inference import model_decoding, postprocess
 from flax_albert_code.inference.generator import CodeGenerator
 from flax_albert_code.model import albert as model_lib
+from flax_albert_code.tokenizer import frame_context
 
 
 def teacher_forced(model, variables, ctx_NxL: np.ndarray, targets_NxT: np.ndarray,
@@ -92,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
       "description alone": [gen._description_ids(d, i) for i, d in enumerate(descs)],
   }
   ctx["shuffled input"] = ctx["as generated"][1:] + ctx["as generated"][:1]
+  if uses_retrieval:   # can it copy? the reference itself as first neighbour
+    ctx["own code as first neighbour"] = [
+        frame_context(tok.encode(d), [tok.encode(c), *[n["tokens"] for n in nbs[i]][:-1]],
+                      gen.max_desc_len, gen.max_ctx_len)
+        for i, (d, c) in enumerate(zip(descs, codes))]
   ctx["empty description"] = [tok.encode_description("", gen.max_desc_len) for _ in descs]
   ctx = {k: np.array([postprocess.pad(x, width) for x in v], np.int32) for k, v in ctx.items()}
 

@@ -268,3 +268,41 @@ def test_a_schedule_without_unlabelled_data_says_how_to_get_it(setup):
                                       r"True, or set the schedule to ''\."):
     pipeline.make_iterator(config, prep, "train", 8, shuffle=True, num_epochs=None,
                            unlabelled_schedule="0.5")
+
+
+def test_self_neighbours_put_a_training_rows_own_code_first_repeatably(setup):
+  """retrieval.self_neighbour_rate: that share of training rows reads its own code (15% UNK)
+  as first neighbour, the same rows whenever the same batch comes again; evaluation never."""
+  config, prep = setup
+  tok = prep.tokens("train")
+  n = prep.split_sizes["train"]
+  nb = types.SimpleNamespace(ids={s: (np.arange(prep.split_sizes[s])[:, None] + 1) % n
+                                  for s in ("train", "valid")})   # the next example's code
+  config = config.copy_and_resolve_references()
+  config.retrieval.update(max_ctx_len=160, self_neighbour_rate=0.5)
+  make = lambda split, shuffle: pipeline.make_iterator(  # noqa: E731
+      config, prep, split, 8, shuffle=shuffle, num_epochs=1, neighbours=nb)
+  batches = take(make("train", True), 4)
+  own = 0
+  for b in batches:
+    for row, i in enumerate(b["index"]):
+      ctx = b["ctx_ids"][row].tolist()
+      first = ctx[ctx.index(SEP) + 1:]
+      first = first[:first.index(SEP)]
+      code = tok.tokens("code", i)[:len(first)].tolist()
+      other = tok.tokens("code", (i + 1) % n)[:len(first)].tolist()
+      if first == other:
+        continue
+      own += 1
+      unk = [a != b for a, b in zip(first, code)]
+      assert all(first[j] == config_lib.UNK_ID for j, d in enumerate(unk) if d)
+      assert len(first) == len(code) and sum(unk) < 0.4 * len(code) + 2
+  assert 0.3 < own / (8 * len(batches)) < 0.7
+  assert_same(take(make("train", True), 4), batches)
+  config.retrieval.self_neighbour_rate = 0.0
+  for b in take(make("train", True), 2) + take(make("valid", False), 1):
+    for row, i in enumerate(b["index"]):
+      ctx = b["ctx_ids"][row].tolist()
+      first = ctx[ctx.index(SEP) + 1:]
+      first = first[:first.index(SEP)]
+      assert first == tok.tokens("code", (i + 1) % n)[:len(first)].tolist() or not first

@@ -16,7 +16,9 @@ A batch is a dict of numpy arrays:
                                      filler row (only with drop_remainder=False), all-PAD code
   ctx_ids   int32 [b, max_ctx_len]   only with retrieval (config.retrieval.k > 0): [CLS]
                                      description [SEP] code of each neighbour [SEP]
-                                     (`tokenizer.frame_context`), what the decoder attends to
+                                     (`tokenizer.frame_context`), what the decoder attends to;
+                                     in training, config.retrieval.self_neighbour_rate of the
+                                     rows have their own code (15% UNK) as first neighbour
   labelled  bool  [b]                only with an unlabelled schedule: False for the rows of
                                      unlabelled code (description and context just [CLS][SEP])
 
@@ -28,6 +30,7 @@ still global batch i, so the iterator state stays one integer.
 from __future__ import annotations
 
 import fractions
+import hashlib
 import os
 import sys
 from typing import Any
@@ -37,13 +40,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from flax_albert_code.config import CLS_ID, EOS_ID, SEP_ID
+from flax_albert_code.config import CLS_ID, EOS_ID, SEP_ID, UNK_ID
 from flax_albert_code.data import splits, token_store
 from flax_albert_code.tokenizer import frame_context
 from flax_albert_code.data.sources import DataError
 
 Batch = dict[str, np.ndarray]
 SCHEDULE_FIELD = "config.train.unlabelled_schedule"
+SELF_NEIGHBOUR_NOISE = 0.15   # share of a self-neighbour's tokens made UNK
 Schedule = tuple[tuple[fractions.Fraction, int | None], ...]
 
 
@@ -195,10 +199,11 @@ class Assemble(grain.transforms.Map):
   def __init__(self, store: token_store.TokenStore, max_desc_len: int,
                neighbours: np.ndarray | None = None,
                train_store: token_store.TokenStore | None = None, max_ctx_len: int = 0,
-               labelled: bool | None = None):
+               labelled: bool | None = None, self_neighbour_rate: float = 0.0):
     self.store, self.max_desc_len = store, max_desc_len
     self.neighbours, self.train_store, self.max_ctx_len = neighbours, train_store, max_ctx_len
     self.labelled = labelled   # None: no `labelled` field
+    self.self_neighbour_rate = self_neighbour_rate
 
   def map(self, element: tuple[np.ndarray, int]) -> Batch:
     indices, width = element
@@ -227,9 +232,17 @@ class Assemble(grain.transforms.Map):
 
   def _contexts(self, idx: np.ndarray, filler: np.ndarray) -> np.ndarray:
     ctx = np.zeros((len(idx), self.max_ctx_len), np.int32)
+    # A pure function of the batch's rows (resume-exact): which rows see their own code.
+    rng = np.random.default_rng(np.frombuffer(
+        hashlib.sha256(idx.astype(np.int64).tobytes()).digest()[:8], np.uint64))
+    own = rng.random(len(idx)) < self.self_neighbour_rate
     for r, (i, fill) in enumerate(zip(idx, filler)):
       desc = [] if fill else self.store.tokens("desc", i)
       codes = [self.train_store.tokens("code", j) for j in self.neighbours[i] if j >= 0]
+      if own[r] and codes:
+        code = np.array(self.store.tokens("code", i), np.int32)
+        code[rng.random(len(code)) < SELF_NEIGHBOUR_NOISE] = UNK_ID
+        codes = [code.tolist(), *codes[:-1]]
       row = frame_context(desc, [] if fill else codes, self.max_desc_len, self.max_ctx_len)
       ctx[r, :len(row)] = row
     return ctx
@@ -280,9 +293,12 @@ def make_dataset(config: ml_collections.ConfigDict, prepared, split: str, batch_
   if neighbours is None:
     ds = plan(store, split).map(Assemble(store, d.max_desc_len, labelled=labelled))
   else:
+    own = (float(config.retrieval.get("self_neighbour_rate", 0.0))
+           if split == "train" and shuffle else 0.0)
     ds = plan(store, split).map(Assemble(store, d.max_desc_len, neighbours.ids[split],
                                          prepared.tokens("train"),
-                                         int(config.retrieval.max_ctx_len), labelled=labelled))
+                                         int(config.retrieval.max_ctx_len), labelled=labelled,
+                                         self_neighbour_rate=own))
   if not schedule:
     return ds
   code = unlabelled_store(prepared)
