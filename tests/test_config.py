@@ -139,9 +139,10 @@ def test_parse_arg():
 
 def test_pretraining_on_unlabelled_code_is_off_in_every_shipped_config():
   """Fields added after the pins: unlabelled code (train.unlabelled_schedule), the masked LM
-  (train.mlm_weight) and word dropout on the decoder's inputs (train.decoder_input_dropout) are
-  opt-in, so the shipped runs and their checkpoints are unchanged."""
+  (train.mlm_weight), word dropout on the decoder's inputs (train.decoder_input_dropout) and
+  self-neighbours (retrieval.self_neighbour_rate) are opt-in, so the shipped runs and their checkpoints are unchanged."""
   for name in config_lib.shipped_names():
     train = config_lib.load_config(name).train
     assert (train.unlabelled_schedule, train.mlm_weight, train.decoder_input_dropout) == (
         "", 0.0, 0.0), name
+    assert config_lib.load_config(name).retrieval.self_neighbour_rate == 0.0, name
