@@ -91,6 +91,9 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       max_file_bytes=1 << 20,      # larger source files are skipped (generated code, data tables)
       valid_fraction=0.05, test_fraction=0.05, split_seed=0,
       tokenizer_vocab_size=8000, tokenizer_path="",  # "" -> train on the prepared train split
+      # "unigram" | "bpe": BPE joins the space to the word after it ("▁name"); unigram often
+      # leaves it alone ("▁", "name": 5.4% of stdlib code tokens at 4,000 pieces, BPE 0.15%).
+      tokenizer_type="unigram",
       max_desc_len=64, max_code_len=256,
       code_buckets=(64, 128, 256),  # static batch shapes; each code length goes to the smallest bucket that fits
       shuffle_seed=0, num_workers=0,

@@ -140,8 +140,10 @@ def frame_code(tokens: Sequence[int], max_len: int) -> list[int]:
 
 
 def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int, *,
-                    num_threads: int = 8, input_sentence_size: int = 0) -> Tokenizer:
-  """Trains a unigram model on `texts` and writes it to `out_path` atomically.
+                    num_threads: int = 8, input_sentence_size: int = 0,
+                    model_type: str = "unigram") -> Tokenizer:
+  """Trains a sentencepiece model ("unigram" or "bpe") on `texts` and writes it to `out_path`
+  atomically.
 
   The vocabulary may come out smaller than `vocab_size` when the corpus is small
   (`hard_vocab_limit=False`); read `.vocab_size` of the result. The model is a deterministic
@@ -149,6 +151,9 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int, *,
   count, so hosts of any size that prepare the same data get the same tokenizer.
   """
   out_path = os.fspath(out_path)
+  if model_type not in ("unigram", "bpe"):
+    raise TokenizerError(f"Unknown tokenizer type {model_type!r}; use 'unigram' or 'bpe' "
+                         "(config.data.tokenizer_type).")
   texts = [escape(t) for t in texts if t]
   if not texts:
     raise TokenizerError(f"No text to train the tokenizer {out_path} on; check the data sources.")
@@ -156,7 +161,7 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int, *,
     with files.atomic_write(out_path, "wb") as f:
       spm.SentencePieceTrainer.train(
           sentence_iterator=iter(texts), model_writer=f, vocab_size=vocab_size,
-          model_type="unigram", normalization_rule_name="identity",
+          model_type=model_type, normalization_rule_name="identity",
           remove_extra_whitespaces=False, add_dummy_prefix=False, split_by_whitespace=True,
           allow_whitespace_only_pieces=True, byte_fallback=True,
           user_defined_symbols=list(USER_SYMBOLS), control_symbols=list(CONTROL_SYMBOLS),

@@ -93,3 +93,19 @@ def test_load_and_atomic_write(tok, tmp_path):
 def test_training_is_deterministic(tok, tmp_path):
   again = tokenizer_lib.train_tokenizer(CORPUS, str(tmp_path / "again.model"), vocab_size=300)
   assert open(again.path, "rb").read() == open(tok.path, "rb").read()
+
+
+def test_bpe_tokenizer_round_trips_and_keys_its_own_prepared_data(tmp_path):
+  """config.data.tokenizer_type="bpe": the same exact round trip; data prepared with it gets its
+  own key, and the default "unigram" keeps the key data had before the field."""
+  from flax_albert_code.data import prepared   # pylint: disable=import-outside-toplevel
+  texts = ["def add(a, b):\n    return a + b\n", "class A:\n\tx = 'J|\u2581'\n"] * 50
+  tok = tokenizer_lib.train_tokenizer(texts, str(tmp_path / "bpe.model"), 300, model_type="bpe")
+  for t in texts[:2] + ["    self.__init__()  # ok\n"]:
+    assert tok.decode(tok.encode(t)) == t
+  with pytest.raises(tokenizer_lib.TokenizerError, match="'unigram' or 'bpe'"):
+    tokenizer_lib.train_tokenizer(texts, str(tmp_path / "x.model"), 300, model_type="wordpiece")
+  d = config_lib.get_config("tiny").data
+  assert "tokenizer_type" not in prepared.options(d)
+  d.tokenizer_type = "bpe"
+  assert prepared.options(d)["tokenizer_type"] == "bpe"

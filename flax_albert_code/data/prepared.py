@@ -108,8 +108,12 @@ def data_root(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def options(d: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config.data fields that make the prepared data (KEY_FIELDS), with defaults for those a
-  config saved before them lacks."""
-  return {f: d.get(f, _ADDED_FIELDS.get(f)) for f in KEY_FIELDS}
+  config saved before them lacks; `tokenizer_type` only when it is not the default "unigram"
+  (data prepared before the field keeps its key)."""
+  out = {f: d.get(f, _ADDED_FIELDS.get(f)) for f in KEY_FIELDS}
+  if d.get("tokenizer_type", "unigram") != "unigram":
+    out["tokenizer_type"] = d.tokenizer_type
+  return out
 
 
 def _filters(d: ml_collections.ConfigDict) -> mining.Filters:
@@ -200,7 +204,8 @@ def _build(d: ml_collections.ConfigDict, specs: list[str], out: str, key: str,
                                TOKENIZER_SAMPLE_CHARS, d.split_seed)
       texts += tokenizer_sample([u.code for u in got.unlabelled], UNLABELLED_SAMPLE_CHARS,
                                 d.split_seed)
-      tok = tokenizer_lib.train_tokenizer(texts, spm_path, d.tokenizer_vocab_size)
+      tok = tokenizer_lib.train_tokenizer(texts, spm_path, d.tokenizer_vocab_size,
+                                          model_type=d.get("tokenizer_type", "unigram"))
     timing["tokenizer"] = time.time() - t
     t = time.time()
     # Encoded in blocks straight into flat arrays: lists of Python ints for 100k pairs and a few
