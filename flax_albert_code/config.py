@@ -213,6 +213,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = config.train.get(name)
     if isinstance(value, int) and value < 1:
       raise ValueError(f"config.train.{name}={value} must be at least 1.")
+  for section, name in (("train", "decoder_input_dropout"), ("retrieval", "self_neighbour_rate")):
+    value = config[section].get(name) if section in config else None
+    if isinstance(value, (int, float)) and not 0 <= value < 1:
+      raise ValueError(f"config.{section}.{name}={value} is a share of tokens or rows; give a "
+                       "value in [0, 1).")
 
 
 def config_path(spec: str) -> str:

@@ -146,3 +146,14 @@ def test_pretraining_on_unlabelled_code_is_off_in_every_shipped_config():
     assert (train.unlabelled_schedule, train.mlm_weight, train.decoder_input_dropout) == (
         "", 0.0, 0.0), name
     assert config_lib.load_config(name).retrieval.self_neighbour_rate == 0.0, name
+
+
+@pytest.mark.parametrize("field", ["train.decoder_input_dropout", "retrieval.self_neighbour_rate"])
+def test_shares_out_of_range_are_refused_naming_the_field(field):
+  config = config_lib.get_config("tiny")
+  section, name = field.split(".")
+  config[section][name] = 0.3
+  config_lib.validate(config)
+  config[section][name] = 1.0
+  with pytest.raises(ValueError, match=f"config.{field}=1.0 is a share.*\\[0, 1\\)"):
+    config_lib.validate(config)

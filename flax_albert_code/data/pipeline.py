@@ -233,9 +233,11 @@ class Assemble(grain.transforms.Map):
   def _contexts(self, idx: np.ndarray, filler: np.ndarray) -> np.ndarray:
     ctx = np.zeros((len(idx), self.max_ctx_len), np.int32)
     # A pure function of the batch's rows (resume-exact): which rows see their own code.
-    rng = np.random.default_rng(np.frombuffer(
-        hashlib.sha256(idx.astype(np.int64).tobytes()).digest()[:8], np.uint64))
-    own = rng.random(len(idx)) < self.self_neighbour_rate
+    own = np.zeros(len(idx), bool)
+    if self.self_neighbour_rate:
+      rng = np.random.default_rng(np.frombuffer(
+          hashlib.sha256(idx.astype(np.int64).tobytes()).digest()[:8], np.uint64))
+      own = rng.random(len(idx)) < self.self_neighbour_rate
     for r, (i, fill) in enumerate(zip(idx, filler)):
       desc = [] if fill else self.store.tokens("desc", i)
       codes = [self.train_store.tokens("code", j) for j in self.neighbours[i] if j >= 0]
