@@ -20,6 +20,7 @@ Rows (per code token, the reference's tokens teacher-forced, EOS included):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -32,27 +33,29 @@ from flax_albert_code.evaluation import metrics
 from flax_albert_code.inference import model_decoding, postprocess
 from flax_albert_code.inference.generator import CodeGenerator
 from flax_albert_code.model import albert as model_lib
-from flax_albert_code.tokenizer import frame_context
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _teacher_forced_batch(model, variables, ctx_BxL, targets_BxT):
+  enc = model.apply(variables, ctx_BxL, method=model_lib.CodeModel.encode)
+  logits = model.apply(variables, enc, model_lib.shift_right(targets_BxT, BOS_ID),
+                       method=model_lib.CodeModel.decode_logits).astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits)
+  return (-jnp.take_along_axis(logp, targets_BxT[..., None], -1)[..., 0],
+          jnp.argmax(logits, -1))
 
 
 def teacher_forced(model, variables, ctx_NxL: np.ndarray, targets_NxT: np.ndarray,
                    batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
-  """Per-token nll [N, T] and argmax [N, T] of the decoder reading `ctx` with `targets` fed."""
-
-  @jax.jit
-  def run(v, ctx, tgt):
-    enc = model.apply(v, ctx, method=model_lib.CodeModel.encode)
-    logits = model.apply(v, enc, model_lib.shift_right(tgt, BOS_ID),
-                         method=model_lib.CodeModel.decode_logits).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits)
-    return -jnp.take_along_axis(logp, tgt[..., None], -1)[..., 0], jnp.argmax(logits, -1)
-
+  """Per-token nll [N, T] and argmax [N, T] of the decoder reading `ctx` with `targets` fed
+  (one compiled program per model and shapes, shared by every input row)."""
   nll, arg = [], []
   for s in range(0, len(ctx_NxL), batch):
     c, t = ctx_NxL[s:s + batch], targets_NxT[s:s + batch]
     pad = batch - len(c)
     c, t = np.pad(c, ((0, pad), (0, 0))), np.pad(t, ((0, pad), (0, 0)))
-    n, a = jax.device_get(run(variables, jnp.asarray(c), jnp.asarray(t)))
+    n, a = jax.device_get(_teacher_forced_batch(model, variables, jnp.asarray(c),
+                                                jnp.asarray(t)))
     nll.append(n[:batch - pad])
     arg.append(a[:batch - pad])
   return np.concatenate(nll), np.concatenate(arg)
@@ -96,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
   ctx["shuffled input"] = ctx["as generated"][1:] + ctx["as generated"][:1]
   if uses_retrieval:   # can it copy? the reference itself as first neighbour
     ctx["own code as first neighbour"] = [
-        frame_context(tok.encode(d), [tok.encode(c), *[n["tokens"] for n in nbs[i]][:-1]],
-                      gen.max_desc_len, gen.max_ctx_len)
+        gen._input_ids(d, i, [tok.encode(c), *[n["tokens"] for n in nbs[i]][:-1]])
         for i, (d, c) in enumerate(zip(descs, codes))]
   ctx["empty description"] = [tok.encode_description("", gen.max_desc_len) for _ in descs]
   ctx = {k: np.array([postprocess.pad(x, width) for x in v], np.int32) for k, v in ctx.items()}

@@ -270,6 +270,13 @@ def test_a_schedule_without_unlabelled_data_says_how_to_get_it(setup):
                            unlabelled_schedule="0.5")
 
 
+def _first_neighbour(ctx_row) -> list[int]:
+  """The tokens between a context row's first and second SEP."""
+  ctx = ctx_row.tolist()
+  first = ctx[ctx.index(SEP) + 1:]
+  return first[:first.index(SEP)]
+
+
 def test_self_neighbours_put_a_training_rows_own_code_first_repeatably(setup):
   """retrieval.self_neighbour_rate: that share of training rows reads its own code (15% UNK)
   as first neighbour, the same rows whenever the same batch comes again; evaluation never."""
@@ -286,9 +293,7 @@ def test_self_neighbours_put_a_training_rows_own_code_first_repeatably(setup):
   own = 0
   for b in batches:
     for row, i in enumerate(b["index"]):
-      ctx = b["ctx_ids"][row].tolist()
-      first = ctx[ctx.index(SEP) + 1:]
-      first = first[:first.index(SEP)]
+      first = _first_neighbour(b["ctx_ids"][row])
       code = tok.tokens("code", i)[:len(first)].tolist()
       other = tok.tokens("code", (i + 1) % n)[:len(first)].tolist()
       if first == other:
@@ -302,7 +307,5 @@ def test_self_neighbours_put_a_training_rows_own_code_first_repeatably(setup):
   config.retrieval.self_neighbour_rate = 0.0
   for b in take(make("train", True), 2) + take(make("valid", False), 1):
     for row, i in enumerate(b["index"]):
-      ctx = b["ctx_ids"][row].tolist()
-      first = ctx[ctx.index(SEP) + 1:]
-      first = first[:first.index(SEP)]
+      first = _first_neighbour(b["ctx_ids"][row])
       assert first == tok.tokens("code", (i + 1) % n)[:len(first)].tolist() or not first

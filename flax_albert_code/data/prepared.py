@@ -46,6 +46,7 @@ KEY_FIELDS = ("sources", "max_examples", "min_desc_words", "max_code_lines", "ma
 # encoded all of them in 1.4% more tokens than the one trained on everything.
 # Fields a config saved before they existed (an old checkpoint's) lacks: their defaults.
 _ADDED_FIELDS = {"unlabelled": False, "max_unlabelled": 0}
+OPTIONAL_KEY_FIELDS = {"tokenizer_type": "unigram"}
 TOKENIZER_SAMPLE_CHARS = 3_000_000
 UNLABELLED_SAMPLE_CHARS = 1_000_000
 DataError = sources.DataError
@@ -108,11 +109,11 @@ def data_root(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def options(d: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config.data fields that make the prepared data (KEY_FIELDS), with defaults for those a
-  config saved before them lacks; `tokenizer_type` only when it is not the default "unigram"
-  (data prepared before the field keeps its key)."""
+  config saved before them lacks, and each of OPTIONAL_KEY_FIELDS that is not its default (data
+  prepared before such a field keeps its key)."""
   out = {f: d.get(f, _ADDED_FIELDS.get(f)) for f in KEY_FIELDS}
-  if d.get("tokenizer_type", "unigram") != "unigram":
-    out["tokenizer_type"] = d.tokenizer_type
+  out.update({f: d[f] for f, default in OPTIONAL_KEY_FIELDS.items()
+              if d.get(f, default) != default})
   return out
 
 
@@ -205,7 +206,8 @@ def _build(d: ml_collections.ConfigDict, specs: list[str], out: str, key: str,
       texts += tokenizer_sample([u.code for u in got.unlabelled], UNLABELLED_SAMPLE_CHARS,
                                 d.split_seed)
       tok = tokenizer_lib.train_tokenizer(texts, spm_path, d.tokenizer_vocab_size,
-                                          model_type=d.get("tokenizer_type", "unigram"))
+                                          model_type=d.get("tokenizer_type",
+                                                           OPTIONAL_KEY_FIELDS["tokenizer_type"]))
     timing["tokenizer"] = time.time() - t
     t = time.time()
     # Encoded in blocks straight into flat arrays: lists of Python ints for 100k pairs and a few

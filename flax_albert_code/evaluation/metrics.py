@@ -39,13 +39,7 @@ def tokenized(code: str) -> str:
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
   """Corpus BLEU-4 over code tokens (sacrebleu defaults: exp smoothing, tokenize none); 0-100."""
-  if not hypotheses:
-    return 0.0
-  hyps = [tokenized(h) for h in hypotheses]
-  refs = [tokenized(r) for r in references]
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    return float(sacrebleu.corpus_bleu(hyps, [refs], tokenize="none", force=True).score)
+  return bleu_details(hypotheses, references)["bleu"] if hypotheses else 0.0
 
 
 def bleu_details(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
