@@ -42,6 +42,7 @@ class Arm:
   decode_attention: str = "xla"       # config.model.decode_attention
   decode_phase: int | None = None     # None: config.sample.decode_phase
   strategies: tuple[str, ...] = ("greedy", "beam")
+  dtype: str = ""                     # config.model.dtype ("": the base config's bfloat16)
 
 
 ARMS = {a.name: a for a in (
@@ -70,6 +71,15 @@ ARMS = {a.name: a for a in (
     Arm("all", "pallas + beam_index + cmdbuf_while", "greedy 0.40-0.46, beam 1.3-1.8 ms: "
         "neither target (0.25 / 0.8) is reached by these alone",
         xla_flags=CMDBUF_WHILE, beam_cache="index", decode_attention="pallas"),
+    # Exactness: the same programs in float32 (compute and weights). The bf16 arms are compared
+    # with "fp32" row by row: an arm that agrees with it as often as the bf16 baseline does
+    # differs from the baseline by rounding, not by a fault.
+    Arm("fp32", "the baseline in float32 (compute and weights): the reference for exactness",
+        "greedy ~1.5-2x slower than bf16 (twice the bytes)", dtype="float32"),
+    Arm("pallas_fp32", "pallas in float32", "the fp32 reference's tokens (same arithmetic up "
+        "to summation order)", decode_attention="pallas", dtype="float32"),
+    Arm("beam_index_fp32", "beam_index in float32", "the fp32 reference's beams",
+        beam_cache="index", strategies=("beam",), dtype="float32"),
     Arm("triton_gemm_any", "XLA flag --xla_gpu_triton_gemm_any=true (Triton GEMMs may fuse "
         "bias, residual and LayerNorm producers)", "greedy -0.03 to +0.05 ms (uncertain)",
         xla_flags="--xla_gpu_triton_gemm_any=true"),
@@ -104,6 +114,8 @@ def worker(args) -> None:
   if arm.decode_phase is not None:
     config.sample.decode_phase = arm.decode_phase
   config.model.decode_attention = arm.decode_attention
+  if arm.dtype:
+    config.model.dtype = arm.dtype
   model, cfg, desc, variables = bench_sampling.random_model(config, args.batch, args.desc_len)
   n = args.new_tokens
 
@@ -141,7 +153,7 @@ def worker(args) -> None:
       full = statistics.median(once(n) for _ in range(args.repeats))
       one = statistics.median(once(1) for _ in range(args.repeats))
       timed[strategy] = {"ms_step": 1e3 * (full - one) / (n - 1), "total_ms": 1e3 * full,
-                         "tok_s": args.batch * n / full}
+                         "tok_s": args.batch * n / full, "new_tokens": n}
     _emit({"timed": timed})
 
 
@@ -240,8 +252,18 @@ def parent(args) -> None:
                                             for w in workers]}, f, indent=1)
 
 
+def _differ(w, ref, strategy: str) -> str | None:
+  mine = (w.ready or {}).get("tokens", {}).get(strategy)
+  theirs = (ref.ready or {}).get("tokens", {}).get(strategy) if ref else None
+  if not (mine and theirs):
+    return None
+  diff = sum(a != b for a, b in zip(mine["rows"], theirs["rows"]))
+  return "same" if diff == 0 else f"{diff} rows differ"
+
+
 def _rows(workers):
   base = workers[0]
+  ref = next((w for w in workers if w.arm.name == "fp32"), None)
   rows = []
   for w in workers:
     for i, t in enumerate(w.timings or [None]):
@@ -249,26 +271,27 @@ def _rows(workers):
       row = {"arm": name, "prediction": w.arm.prediction, "error": w.error}
       for s in ("greedy", "beam"):
         row[s] = None if t is None or s not in t else t[s]
-        mine = (w.ready or {}).get("tokens", {}).get(s)
-        ref = (base.ready or {}).get("tokens", {}).get(s)
-        if mine and ref:
-          diff = sum(a != b for a, b in zip(mine["rows"], ref["rows"]))
-          row[s + "_same"] = "same" if diff == 0 else f"{diff} rows differ"
+        row[s + "_same"] = _differ(w, base, s)
+        row[s + "_ref"] = None if w is ref else _differ(w, ref, s)
       rows.append(row)
   return rows
 
 
 def _table(rows) -> str:
   out = ["| arm | prediction | greedy ms/step | beam 4 ms/step | greedy new tok/s | "
-         "beam 4 new tok/s | tokens vs baseline |",
-         "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+         "beam 4 new tok/s | ms per new token, whole call | tokens vs baseline | "
+         "tokens vs fp32 reference |",
+         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
   for r in rows:
     g, b = r["greedy"] or {}, r["beam"] or {}
-    same = ", ".join(f"{s} {r[s + '_same']}" for s in ("greedy", "beam") if r.get(s + "_same"))
+    same, ref = (", ".join(f"{s} {r[s + key]}" for s in ("greedy", "beam") if r.get(s + key))
+                 for key in ("_same", "_ref"))
     note = f" (failed: {r['error']})" if r["error"] else ""
+    per_token = ", ".join(f"{s} {_fmt(t['total_ms'] / t['new_tokens'])}"
+                          for s, t in (("greedy", g), ("beam", b)) if t.get("new_tokens"))
     out.append(f"| {r['arm']}{note} | {r['prediction']} | {_fmt(g.get('ms_step'))} | "
                f"{_fmt(b.get('ms_step'))} | {_fmt(g.get('tok_s'), 0)} | {_fmt(b.get('tok_s'), 0)} "
-               f"| {same} |")
+               f"| {per_token} | {same} | {ref} |")
   return "\n".join(out)
 
 
@@ -291,7 +314,8 @@ def _write_results(args, workers, table: str, wall_s: float, log_dir: str) -> No
     versions = f"jax {info.get('jax', '?')}"
   now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   flags = "; ".join(f"{w.arm.name}: `{w.arm.xla_flags or '(none)'}`" for w in workers)
-  lines = [SECTION, "",
+  heading = SECTION if args.batch == 64 else SECTION.replace(" (issue", f" at batch {args.batch} (issue")
+  lines = [heading, "",
            f"`python benchmarks/ab_decode.py{' --small' if args.small else ''} --arms {args.arms}` "
            f"in one device call, {now}, commit `{commit}`, {wall_s:.0f} s in all. Card: "
            f"{smi[0] if smi else info.get('device', '?')}. Versions: {versions}. "
@@ -305,8 +329,8 @@ def _write_results(args, workers, table: str, wall_s: float, log_dir: str) -> No
   section = "\n".join(lines)
   path = args.results
   text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-  if SECTION in text:   # replace the previous run's section
-    head, rest = text.split(SECTION, 1)
+  if heading + "\n" in text:   # replace the previous run's section
+    head, rest = text.split(heading + "\n", 1)
     nxt = rest.find("\n## ")
     text = head + section + ("\n" + rest[nxt + 1:] if nxt >= 0 else "")
   else:
@@ -315,7 +339,7 @@ def _write_results(args, workers, table: str, wall_s: float, log_dir: str) -> No
     text = (text[:i + 1] + section + "\n" + text[i + 1:]) if i >= 0 else text + "\n" + section
   with open(path, "w") as f:
     f.write(text)
-  print(f"wrote {SECTION!r} into {path}")
+  print(f"wrote {heading!r} into {path}")
 
 
 def main() -> None:

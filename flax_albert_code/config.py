@@ -165,6 +165,7 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       strategy="greedy", max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
       num_beams=4, length_penalty=1.0, num_samples=1, batch_buckets=(1, 8, 32),
       decode_phase=64,             # decode in phases of N steps that read only the cache written so far; 0: off
+      beam_cache="copy",           # beam search: "copy" reorders the KV cache, "index" reads it through beam indices
       repetition_penalty=1.0,      # CTRL penalty of tokens already emitted (1.0: off)
       no_repeat_ngram_size=0,      # never repeat an n-gram of the output (0: off)
   ))
@@ -181,6 +182,11 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       self_neighbour_rate=0.0,
   ))
   return c
+
+
+# String fields with a closed set of values (the first is the default's).
+CHOICES = {("model", "decode_attention"): ("xla", "pallas"),
+           ("sample", "beam_cache"): ("copy", "index")}
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -213,6 +219,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = config.train.get(name)
     if isinstance(value, int) and value < 1:
       raise ValueError(f"config.train.{name}={value} must be at least 1.")
+  for (section, name), choices in CHOICES.items():
+    value = config[section].get(name) if section in config else None
+    if value is not None and value not in choices:
+      raise ValueError(f"config.{section}.{name}={value!r} is not one of {', '.join(choices)}; "
+                       f"set --config.{section}.{name}={choices[0]}.")
   for section, name in (("train", "decoder_input_dropout"), ("retrieval", "self_neighbour_rate")):
     value = config[section].get(name) if section in config else None
     if isinstance(value, (int, float)) and not 0 <= value < 1:

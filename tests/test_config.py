@@ -157,3 +157,15 @@ def test_shares_out_of_range_are_refused_naming_the_field(field):
   config[section][name] = 1.0
   with pytest.raises(ValueError, match=f"config.{field}=1.0 is a share.*\\[0, 1\\)"):
     config_lib.validate(config)
+
+
+@pytest.mark.parametrize("field,good,bad", [("model.decode_attention", "pallas", "triton"),
+                                            ("sample.beam_cache", "index", "moved")])
+def test_closed_choices_are_refused_naming_the_field_and_the_values(field, good, bad):
+  config = config_lib.get_config("tiny")
+  section, name = field.split(".")
+  config[section][name] = good
+  config_lib.validate(config)
+  config[section][name] = bad
+  with pytest.raises(ValueError, match=f"config.{field}='{bad}' is not one of"):
+    config_lib.validate(config)
