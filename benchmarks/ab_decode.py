@@ -46,8 +46,15 @@ class Arm:
 
 
 ARMS = {a.name: a for a in (
-    Arm("baseline", "the current code and flags",
+    Arm("baseline", "decode_attention='xla', beam_cache='copy': the defaults before "
+        "2026-11-30's fourth session, no XLA flags",
         "greedy 0.51, beam 2.2 ms (the issue's figures)"),
+    Arm("defaults", "the defaults now: decode_attention='auto' (Pallas on a GPU) and "
+        "beam_cache='index', beams read through their index inside the Pallas self-attention",
+        "greedy 0.41 (pallas), beam 1.0 ms (-0.1 to -0.2 ms on the gather + XLA attention of "
+        "beam_index)", beam_cache="index", decode_attention="auto"),
+    Arm("defaults_fp32", "the defaults in float32", "the fp32 reference's tokens",
+        beam_cache="index", decode_attention="auto", dtype="float32"),
     Arm("cmdbuf_while", f"XLA flag {CMDBUF_WHILE}: the decode while-loops (and their "
         "conditions) inside CUDA graphs, no host round trip for the loop predicate",
         "greedy -0.02 to -0.05 ms, beam the same absolute; no change if 0.11.2 already "

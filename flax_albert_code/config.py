@@ -69,7 +69,7 @@ def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       scan_layers=True,                  # loop over depth with nn.scan (compile time flat in depth)
       embedding_grad="scatter",          # word-embedding backward: "scatter" | "onehot" (a matmul)
       fused_qkv=True,                    # Q|K|V (and a memory's K|V) as one matmul; same parameters
-      decode_attention="xla",            # one-token decode steps: "xla" | "pallas" (model/one_query.py)
+      decode_attention="auto",           # one-token decode steps: "auto" (pallas on a GPU, else xla) | "xla" | "pallas" (model/one_query.py)
       # "post": ALBERT's LN(x + f(x)) (HF weights); "pre": x + f(LN(x)) and a final LN per stack,
       # which trains at higher learning rates (not HF-compatible).
       norm_position="post",
@@ -165,7 +165,7 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       strategy="greedy", max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
       num_beams=4, length_penalty=1.0, num_samples=1, batch_buckets=(1, 8, 32),
       decode_phase=64,             # decode in phases of N steps that read only the cache written so far; 0: off
-      beam_cache="copy",           # beam search: "copy" reorders the KV cache, "index" reads it through beam indices
+      beam_cache="index",          # beam search: "index" reads the KV cache through beam indices, "copy" reorders it
       repetition_penalty=1.0,      # CTRL penalty of tokens already emitted (1.0: off)
       no_repeat_ngram_size=0,      # never repeat an n-gram of the output (0: off)
   ))
@@ -185,8 +185,8 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
 
 
 # String fields with a closed set of values (the first is the default's).
-CHOICES = {("model", "decode_attention"): ("xla", "pallas"),
-           ("sample", "beam_cache"): ("copy", "index")}
+CHOICES = {("model", "decode_attention"): ("auto", "xla", "pallas"),
+           ("sample", "beam_cache"): ("index", "copy")}
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

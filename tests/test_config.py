@@ -80,7 +80,8 @@ def _leaves(tree, path=()):
 ])
 def test_every_name_gives_the_values_it_gave_before_the_configs_moved(name, specs):
   """tests/fixtures/configs_10e094a.json holds every field of the five configs as their own
-  files gave them (tests/fixtures/make_config_pins.py); fields added since may only add."""
+  files gave them (tests/fixtures/make_config_pins.py); fields added since may only add. Changed
+  on purpose since: base train.loss_chunk 128 -> 0 (the CE in one pass: -7% a BENCH-A step)."""
   with open(PINS) as f:
     want = dict(_leaves(json.load(f)[name]))
   assert want["model.preset"] == ("small" if name == "default" else
@@ -159,8 +160,8 @@ def test_shares_out_of_range_are_refused_naming_the_field(field):
     config_lib.validate(config)
 
 
-@pytest.mark.parametrize("field,good,bad", [("model.decode_attention", "pallas", "triton"),
-                                            ("sample.beam_cache", "index", "moved")])
+@pytest.mark.parametrize("field,good,bad", [("model.decode_attention", "xla", "triton"),
+                                            ("sample.beam_cache", "copy", "moved")])
 def test_closed_choices_are_refused_naming_the_field_and_the_values(field, good, bad):
   config = config_lib.get_config("tiny")
   section, name = field.split(".")

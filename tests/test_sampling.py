@@ -3,6 +3,8 @@ tiny model with random fp32 parameters, sharpened so that outputs vary with posi
 comes at different steps (argmax gaps stay far above rounding)."""
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ import pytest
 from flax_albert_code import config as config_lib
 from flax_albert_code.inference import decoding as sampling
 from flax_albert_code.inference import model_decoding
+from flax_albert_code.model import layers
 from flax_albert_code.model import sharding
 from flax_albert_code.model import albert as model_lib
 from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID, UNK_ID
@@ -426,8 +429,8 @@ def test_beam_search_through_beam_indices_gives_the_tokens_of_moving_the_cache(t
   run = lambda **kw: (np.asarray(x) for x in model_decoding.generate(
       model, variables, desc, strategy="beam", num_beams=3, max_new_tokens=32, **kw))
   for phase in (0, 6):
-    copied, copied_scores = run(decode_phase=phase)
-    indexed, indexed_scores = run(decode_phase=phase, beam_cache="index")
+    copied, copied_scores = run(decode_phase=phase, beam_cache="copy")
+    indexed, indexed_scores = run(decode_phase=phase)   # the default
     np.testing.assert_array_equal(indexed, copied)
     np.testing.assert_allclose(indexed_scores, copied_scores, rtol=1e-5, atol=1e-6)
   # The reorder mattered: reading every position from the beam's own row decodes otherwise.
@@ -454,16 +457,26 @@ def test_pallas_decode_attention_gives_the_tokens_of_xla(tiny):
   pallas = model_lib.build(config)[0]
   for kw in (dict(strategy="greedy", max_new_tokens=12, decode_phase=0),
              dict(strategy="greedy", max_new_tokens=12, decode_phase=5),
+             dict(strategy="beam", num_beams=3, max_new_tokens=12, decode_phase=5,
+                  beam_cache="copy"),
              dict(strategy="beam", num_beams=3, max_new_tokens=12, decode_phase=5),
-             dict(strategy="beam", num_beams=3, max_new_tokens=12, beam_cache="index")):
+             dict(strategy="beam", num_beams=3, max_new_tokens=12)):
     ref, ref_scores = (np.asarray(x) for x in model_decoding.generate(
-        model, variables, desc, **{k: v for k, v in kw.items() if k != "beam_cache"}))
+        model, variables, desc, **{**kw, "beam_cache": "copy"}))
     out, scores = (np.asarray(x) for x in model_decoding.generate(pallas, variables, desc, **kw))
     np.testing.assert_array_equal(out, ref, err_msg=str(kw))
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-5)
   cache = pallas.apply(variables, pallas.apply(variables, desc, method="encode"), 12,
                        method="init_cache")
   assert cache.k_LxBxSxNxD.shape[2] == 16 and cache.cross_k_BxMxNxD.shape[1] == 16
+
+
+def test_decode_attention_auto_is_pallas_only_on_a_gpu():
+  cfg = layers.ModelConfig.default("tiny")
+  assert cfg.decode_attention == "auto"
+  assert cfg.pallas_decode == (jax.default_backend() == "gpu")
+  assert dataclasses.replace(cfg, decode_attention="pallas").pallas_decode
+  assert not dataclasses.replace(cfg, decode_attention="xla").pallas_decode
 
 
 def test_sharded_generation_on_8_devices_equals_single_device(tiny):

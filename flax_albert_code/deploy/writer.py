@@ -109,8 +109,9 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
                 platforms=platforms)
   dtype = _dtype(dtype)
   config = gen.config.copy_and_resolve_references()
-  # Portable numerics: the cuDNN attention kernel has no CPU lowering; remat is training only.
-  config.model.update(dtype=dtype, attention_impl="xla", remat="none")
+  # Portable numerics: the cuDNN and Pallas attention kernels have no CPU lowering; remat is
+  # training only.
+  config.model.update(dtype=dtype, attention_impl="xla", decode_attention="xla", remat="none")
   if buckets:
     config.sample.batch_buckets = tuple(sorted({int(b) for b in buckets}))
   if min(config.sample.batch_buckets) < 1:

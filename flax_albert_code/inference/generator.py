@@ -91,7 +91,7 @@ class CodeGenerator:
     self.default_max_new_tokens = min(int(self.config.sample.max_new_tokens), limit)
     # Configs saved before the field existed decode with the default.
     self.decode_phase = int(self.config.sample.get("decode_phase", 64))
-    self.beam_cache = str(self.config.sample.get("beam_cache", "copy"))
+    self.beam_cache = str(self.config.sample.get("beam_cache", "index"))
     divisor = sharding.batch_divisor(mesh) if mesh is not None else 1
     self.batch_buckets = sorted({-(-int(b) // divisor) * divisor
                                  for b in self.config.sample.batch_buckets})

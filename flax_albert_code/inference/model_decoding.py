@@ -61,7 +61,7 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
              num_samples: int = 1, decode_phase: int = 64, mesh: jax.sharding.Mesh | None = None,
              axis_rules: tuple | None = None, repetition_penalty=1.0,
              no_repeat_ngram_size: int = 0, limit: Array | int | None = None,
-             beam_cache: str = "copy") -> tuple[Array, Array]:
+             beam_cache: str = "index") -> tuple[Array, Array]:
   """Decodes code for each description: tokens [B, K, T] int32 (PAD after EOS), scores [B, K].
 
   K is 1 (greedy), `num_samples` (sample) or `num_beams` (beam); candidates best first. Rows of
@@ -80,10 +80,11 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
   (`options.candidate_keys`), which make each candidate independent of the rest of the batch.
   `limit` (traced, <= max_new_tokens) stops decoding there; the outputs keep length
   max_new_tokens (PAD after).
-  `beam_cache` (beam search): "copy" moves each beam's self-attention cache to the beams that
-  continue it at every step (`reorder_decode_cache`); "index" leaves the cache in place and
+  `beam_cache` (beam search, config.sample.beam_cache): "index" leaves the cache in place and
   moves only a [B, K, T] table of which beam wrote each position, which the attention reads
-  through. The tokens are the same.
+  through; "copy" moves each beam's self-attention cache to the beams that continue it at every
+  step (`reorder_decode_cache`). The tokens are the same (in float32; bf16 rounds differently,
+  as much as bf16 differs from float32 either way: RESULTS.md "Decoding A/B").
   """
   if beam_cache not in ("copy", "index"):
     raise ValueError(f"beam_cache {beam_cache!r} must be 'copy' or 'index'.")

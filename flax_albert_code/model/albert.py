@@ -155,8 +155,8 @@ class _DecoderBody(nn.Module):
   are written in place (a scanned cache would be copied whole every step); queries attend to
   positions <= their own among the first `attend_len` (a static int <= S; None: all S) of the
   cache, so a decoding phase that knows `index < attend_len` reads only that much of it.
-  With `decode_attention="pallas"` a one-token step's self- and cross-attention are one kernel
-  each (model/one_query.py); the self-attention stays XLA's when beams read through `beam_src`.
+  With `decode_attention="pallas"` (or "auto" on a GPU) a one-token step's self- and cross-attention are one kernel
+  each (model/one_query.py), beams reading the cache through `beam_src` inside the kernel.
   """
   self_attention: nn.Module
   cross_attention: nn.Module
@@ -176,9 +176,12 @@ class _DecoderBody(nn.Module):
       cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
       cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), at)
       t, s = x.shape[1], attend_len or cache_k.shape[2]
-      pallas = self.self_attention.cfg.decode_attention == "pallas" and t == 1
-      if pallas and beam_src is None:
-        ctx = one_query.self_attention(q[:, 0], cache_k, cache_v, layer, index, s)
+      pallas = self.self_attention.cfg.pallas_decode and t == 1
+      if pallas:
+        ctx = (one_query.self_attention(q[:, 0], cache_k, cache_v, layer, index, s)
+               if beam_src is None else
+               one_query.beam_self_attention(q[:, 0], cache_k, cache_v, layer, index, s,
+                                             beam_src))
         x = self.self_attention.residual(x, ctx[:, None], det)
       else:
         q_pos = index + jnp.arange(t)
@@ -358,7 +361,7 @@ class CodeModel(nn.Module):
     if batch_repeat > 1:
       ck, cv, lengths = (jnp.repeat(t, batch_repeat, axis=0) for t in (ck, cv, lengths))
     b, cache_len = ck.shape[0], max_len
-    if cfg.decode_attention == "pallas":   # Triton tiles: powers of two, the padding masked
+    if cfg.pallas_decode:   # Triton tiles: powers of two, the padding masked
       cache_len = one_query.pow2(max_len)
       pad = [(0, 0), (0, one_query.pow2(ck.shape[1]) - ck.shape[1]), (0, 0), (0, 0)]
       ck, cv = jnp.pad(ck, pad), jnp.pad(cv, pad)

@@ -109,8 +109,8 @@ class ModelConfig:
          f"embedding_grad {self.embedding_grad!r} must be 'scatter' or 'onehot'"),
         (self.remat in ("none", "full", "dots"),
          f"remat {self.remat!r} must be 'none', 'full' or 'dots'"),
-        (self.decode_attention in ("xla", "pallas"),
-         f"decode_attention {self.decode_attention!r} must be 'xla' or 'pallas'"),
+        (self.decode_attention in ("auto", "xla", "pallas"),
+         f"decode_attention {self.decode_attention!r} must be 'auto', 'xla' or 'pallas'"),
         (self.decode_attention != "pallas" or self.head_dim & (self.head_dim - 1) == 0,
          "decode_attention 'pallas' needs a power-of-two head size (hidden_size / heads)"),
         (self.norm_position in ("post", "pre"),
@@ -119,6 +119,14 @@ class ModelConfig:
     for ok, msg in checks:
       if not ok:
         raise ValueError(f"Bad model config: {msg}; fix config.model.")
+
+  @property
+  def pallas_decode(self) -> bool:
+    """One-token decode steps through model/one_query.py's kernels: "pallas", or "auto" on a
+    GPU when the head size is a power of two (Triton tiles). Read at trace time."""
+    if self.decode_attention == "auto":
+      return jax.default_backend() == "gpu" and self.head_dim & (self.head_dim - 1) == 0
+    return self.decode_attention == "pallas"
 
   @property
   def pre_norm(self) -> bool:

@@ -44,6 +44,21 @@ def _self_kernel(at_ref, q_ref, k_ref, v_ref, o_ref, *, span: int, scale: float)
   o_ref[n, h, :] = _softmax_weighted_sum(q_ref[n, h, :], k, v, valid, scale).astype(o_ref.dtype)
 
 
+def _beam_self_kernel(at_ref, q_ref, src_ref, k_ref, v_ref, o_ref, *, span: int, beams: int,
+                      cache_len: int, scale: float):
+  n, h = pl.program_id(0), pl.program_id(1)
+  layer, index = at_ref[0], at_ref[1]
+  # Row n = (description b, beam k) reads position s from the row of the beam that wrote it:
+  # rows of the flattened [B*K*S] cache, gathered in the kernel (the cache does not move).
+  first = (n // beams) * beams
+  rows = first + src_ref[n // beams, n % beams, pl.ds(0, span)]
+  flat = rows * cache_len + jnp.arange(span)
+  valid = jnp.arange(span) <= index
+  o_ref[n, h, :] = _softmax_weighted_sum(q_ref[n, h, :], k_ref[layer, flat, h, :],
+                                         v_ref[layer, flat, h, :], valid, scale
+                                         ).astype(o_ref.dtype)
+
+
 def _cross_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, *, scale: float):
   n, h = pl.program_id(0), pl.program_id(1)
   span = k_ref.shape[1]
@@ -76,6 +91,22 @@ def self_attention(q_BxNxD: Array, cache_k_LxBxSxNxD: Array, cache_v_LxBxSxNxD: 
   at = jnp.stack([jnp.asarray(layer, jnp.int32), jnp.asarray(index, jnp.int32)])
   kernel = functools.partial(_self_kernel, span=span, scale=d ** -0.5)
   return _call(kernel, q_BxNxD, at, cache_k_LxBxSxNxD, cache_v_LxBxSxNxD)
+
+
+def beam_self_attention(q_BxNxD: Array, cache_k_LxBxSxNxD: Array, cache_v_LxBxSxNxD: Array,
+                        layer: Array, index: Array, attend_len: int, src_BxKxS: Array) -> Array:
+  """`self_attention` for beam search over a cache that does not move (`beam_cache="index"`):
+  row (b, k) reads position s from beam src[b, k, s] of description b, gathered in the kernel."""
+  span, (l, rows, s, heads, d) = pow2(attend_len), cache_k_LxBxSxNxD.shape
+  if span > s or pow2(d) != d:
+    raise ValueError(f"Pallas decode attention needs a power-of-two head size (got {d}) and a "
+                     "cache padded to a power of two (CodeModel.init_cache does it).")
+  at = jnp.stack([jnp.asarray(layer, jnp.int32), jnp.asarray(index, jnp.int32)])
+  kernel = functools.partial(_beam_self_kernel, span=span, beams=src_BxKxS.shape[1],
+                             cache_len=s, scale=d ** -0.5)
+  flat = lambda c: c.reshape(l, rows * s, heads, d)   # free: the cache is contiguous
+  return _call(kernel, q_BxNxD, at, src_BxKxS.astype(jnp.int32), flat(cache_k_LxBxSxNxD),
+               flat(cache_v_LxBxSxNxD))
 
 
 def cross_attention(q_BxNxD: Array, k_BxMxNxD: Array, v_BxMxNxD: Array,
