@@ -69,7 +69,7 @@ def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       scan_layers=True,                  # loop over depth with nn.scan (compile time flat in depth)
       embedding_grad="scatter",          # word-embedding backward: "scatter" | "onehot" (a matmul)
       fused_qkv=True,                    # Q|K|V (and a memory's K|V) as one matmul; same parameters
-      decode_attention="auto",           # one-token decode steps: "auto" (pallas on a GPU, else xla) | "xla" | "pallas" (model/one_query.py)
+      decode_attention="auto",           # one-token decode steps: "auto" (pallas on one GPU, else xla) | "xla" | "pallas" (model/one_query.py)
       # "post": ALBERT's LN(x + f(x)) (HF weights); "pre": x + f(LN(x)) and a final LN per stack,
       # which trains at higher learning rates (not HF-compatible).
       norm_position="post",

@@ -9,6 +9,7 @@ search moves the cache with `reorder_decode_cache`. All of it is one jitted prog
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import numbers
 from typing import Any
@@ -95,6 +96,10 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
                          max_positions=cfg.max_position_embeddings,
                          repetition_penalty=repetition_penalty, length_penalty=length_penalty,
                          no_repeat_ngram_size=no_repeat_ngram_size)
+  if mesh is not None and mesh.size > 1 and cfg.decode_attention == "auto":
+    # GSPMD does not partition a Pallas call (it would gather the sharded cache onto every
+    # device): a batch sharded over several devices decodes with XLA's attention.
+    model = model.clone(cfg=dataclasses.replace(cfg, decode_attention="xla"))
   nucleus = strategy == "sample" and not (isinstance(top_p, numbers.Real) and top_p >= 1.0)
   if isinstance(rng, int):
     rng = jax.random.PRNGKey(rng)
