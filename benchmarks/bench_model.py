@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # kernels.py
 from flax_albert_code import config as config_lib  # noqa: E402
 from flax_albert_code.training import metrics  # noqa: E402
 from flax_albert_code.model import albert as model_lib  # noqa: E402
@@ -128,9 +129,8 @@ def bench_train(c, *, align: bool, steps: int, warmup: int = 3) -> dict:
 
 
 def profile_train(c, out_dir: str, *, align: bool, steps: int = 3) -> list[tuple[str, float]]:
-  """Trace a few steps (perfetto JSON) and sum GPU kernel time by kernel name, per step."""
-  import glob
-  import gzip
+  """Trace a few steps (perfetto JSON); GPU kernel ms per step by kernel name, largest first."""
+  import kernels   # this directory
   _, _, mesh, state, train_fn, (batch,) = _train_setup(c, align, 1)
   with jax.set_mesh(mesh):
     for _ in range(3):
@@ -141,16 +141,9 @@ def profile_train(c, out_dir: str, *, align: bool, steps: int = 3) -> list[tuple
       state, m = train_fn(state, batch)
     _sync(state)
     jax.profiler.stop_trace()
-  path = sorted(glob.glob(os.path.join(out_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
-  trace = json.load(gzip.open(path))
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-              and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
-  totals: dict[str, float] = {}
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in gpu_pids:
-      totals[e["name"]] = totals.get(e["name"], 0.0) + e.get("dur", 0) / 1e3 / steps
-  return sorted(totals.items(), key=lambda kv: -kv[1])
+  totals, counts = kernels.from_trace(out_dir)
+  kernels.print_table(totals, counts, per=steps)
+  return sorted(((k, v / steps) for k, v in totals.items()), key=lambda kv: -kv[1])
 
 
 def bench_generate(c, *, strategy: str, num_beams: int, reps: int) -> dict:
@@ -232,12 +225,7 @@ def main() -> None:
                    f"peak {r['peak_bytes'] / 2**30:.2f} GiB" if r["peak_bytes"] else ""))
       print(json.dumps({name: r}), flush=True)
   if args.profile:
-    kernels = profile_train(c, args.profile, align=False)
-    total = sum(t for _, t in kernels)
-    res["profile_generation_step_ms"] = kernels
-    print(f"GPU kernel time per generation step: {total:.2f} ms; top kernels:")
-    for name, t in kernels[:25]:
-      print(f"  {t:8.3f} ms  {t / total:6.1%}  {name[:110]}")
+    res["profile_generation_step_ms"] = profile_train(c, args.profile, align=False)
   if args.mode in ("all", "generate"):
     for name, strategy, beams in (("generate_greedy", "greedy", 1), ("generate_beam4", "beam", 4)):
       r = res[name] = bench_generate(c, strategy=strategy, num_beams=beams, reps=reps)

@@ -1,10 +1,12 @@
 """benchmarks/bench_model.py runs end to end on CPU (its tiny workload) and writes its JSON;
-bench_realdata.py and check_generation.py on tiny runs."""
+bench_realdata.py and check_generation.py on tiny runs; kernels.py on a synthetic trace."""
 import json
 import math
 import os
 import subprocess
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,3 +122,31 @@ def test_check_generation_reports_conditioning_and_self_consistency(tmp_path):
   assert res["examples"] >= 2 and res["self_consistency_mismatch"] == 0.0   # the fixture has 5
   g = res["greedy"]
   assert 0 <= g["bp"] <= 1 and len(g["precisions"]) == 4 and g["mean_tokens"] > 0
+
+
+def test_kernel_table_from_a_trace(tmp_path, capsys):
+  """benchmarks/kernels.py: GPU kernels of a perfetto trace by name and kind, per step."""
+  import gzip
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import kernels  # pylint: disable=import-outside-toplevel
+  events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}}]
+  for step in range(2):
+    for name, dur in (("nvjet_sm90_tst_128x128", 40), ("input_add_reduce_fusion_3", 20),
+                      ("cross_kernel", 10), ("loop_convert_fusion", 10)):
+      events.append({"ph": "X", "pid": 1, "name": name, "dur": dur, "ts": step})
+    events.append({"ph": "X", "pid": 2, "name": "host_thing", "dur": 999, "ts": step})
+  (tmp_path / "run").mkdir()
+  with gzip.open(tmp_path / "run" / "h.trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  totals, counts = kernels.from_trace(str(tmp_path))
+  assert "host_thing" not in totals and counts["cross_kernel"] == 2
+  assert totals["nvjet_sm90_tst_128x128"] == pytest.approx(0.08)
+  kinds = kernels.by_kind(totals, counts)
+  assert kinds["gemm"] == (pytest.approx(0.08), 2) and kinds["attention"][1] == 2
+  assert kinds["reduction fusion"][1] == 2 and kinds["elementwise fusion"][1] == 2
+  kernels.print_table(totals, counts, per=2)
+  out = capsys.readouterr().out
+  assert "0.080 ms in 4.0 launches" in out and "gemm" in out
+  with pytest.raises(FileNotFoundError, match="No \\*.trace.json.gz"):
+    kernels.from_trace(str(tmp_path / "run" / "missing"))
