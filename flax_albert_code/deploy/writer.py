@@ -285,7 +285,7 @@ def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str]
 
 def _generate(model, variables, desc_ids, keys, limit, temperature, top_k, top_p,
               length_penalty, repetition_penalty, *, strategy: str, max_new_tokens: int, k: int,
-              decode_phase: int, no_repeat_ngram_size: int = 0, beam_cache: str = "copy"):
+              decode_phase: int, no_repeat_ngram_size: int = 0, beam_cache: str = "index"):
   """One generate program: GENERATE_INPUTS, every option traced but the strategy and the
   n-gram ban (config.sample.no_repeat_ngram_size, built in: it shapes the program)."""
   return model_decoding.generate(model, variables, desc_ids, strategy=strategy,

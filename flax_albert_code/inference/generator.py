@@ -190,7 +190,8 @@ class CodeGenerator:
           max_new_tokens=max_new, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
           num_beams=num_beams, length_penalty=length_penalty, num_samples=num_samples,
           decode_phase=self.decode_phase, beam_cache=self.beam_cache, mesh=self.mesh,
-          axis_rules=self.axis_rules, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+          axis_rules=self.axis_rules, repetition_penalty=repetition_penalty,
+          no_repeat_ngram_size=no_repeat_ngram_size)
       tokens.append(np.asarray(jax.device_get(t))[:size])
       scores.append(np.asarray(jax.device_get(s))[:size])
     tokens_NxKxT, scores_NxK = np.concatenate(tokens), np.concatenate(scores)

@@ -155,8 +155,9 @@ class _DecoderBody(nn.Module):
   are written in place (a scanned cache would be copied whole every step); queries attend to
   positions <= their own among the first `attend_len` (a static int <= S; None: all S) of the
   cache, so a decoding phase that knows `index < attend_len` reads only that much of it.
-  With `decode_attention="pallas"` (or "auto" on a GPU) a one-token step's self- and cross-attention are one kernel
-  each (model/one_query.py), beams reading the cache through `beam_src` inside the kernel.
+  With `decode_attention="pallas"` (or "auto" on a GPU) a one-token step's self- and
+  cross-attention are one kernel each (model/one_query.py), beams reading the cache through
+  `beam_src` inside the kernel.
   """
   self_attention: nn.Module
   cross_attention: nn.Module

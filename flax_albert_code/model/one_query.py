@@ -5,8 +5,10 @@ Each is one kernel a layer, a program per (row, head) that reads the keys and va
 head once, where XLA's attention is 3-5 kernels (logits, softmax reductions, weighted sum) and
 cuDNN's flash attention is tuned for long queries. The self-attention kernel reads the layer out
 of the whole [L, B, S, N, D] cache (the layer and the decode index are kernel inputs), so no
-slice of the cache is copied. Triton tiles must be powers of two: the head size must be one, and
-`CodeModel.init_cache` pads the cache and the memory to one (the padding is masked out).
+slice of the cache is copied; its beam-search twin gathers each position from the beam that
+wrote it (`beam_cache="index"`), so beams never move the cache either. Triton tiles must be
+powers of two: the head size must be one, and `CodeModel.init_cache` pads the cache and the
+memory to one (the padding is masked out).
 On CPU the kernels run in Pallas' interpreter (tests).
 """
 from __future__ import annotations
