@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_albert_code.config import PAD_ID
+from flax_albert_code.config import CHOICES, PAD_ID
 from flax_albert_code.inference import decoding
 from flax_albert_code.model.albert import CodeModel, DecodeCache
 
@@ -87,8 +87,9 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
   step (`reorder_decode_cache`). The tokens are the same (in float32; bf16 rounds differently,
   as much as bf16 differs from float32 either way: RESULTS.md "Decoding A/B").
   """
-  if beam_cache not in ("copy", "index"):
-    raise ValueError(f"beam_cache {beam_cache!r} must be 'copy' or 'index'.")
+  if beam_cache not in CHOICES[("sample", "beam_cache")]:
+    raise ValueError(f"beam_cache {beam_cache!r} must be one of "
+                     f"{', '.join(CHOICES[('sample', 'beam_cache')])}.")
   cfg = model.cfg
   decoding.check_options(strategy, max_new_tokens=max_new_tokens, num_beams=num_beams,
                          num_samples=num_samples, top_k=top_k, top_p=top_p,

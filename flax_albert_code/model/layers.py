@@ -109,8 +109,9 @@ class ModelConfig:
          f"embedding_grad {self.embedding_grad!r} must be 'scatter' or 'onehot'"),
         (self.remat in ("none", "full", "dots"),
          f"remat {self.remat!r} must be 'none', 'full' or 'dots'"),
-        (self.decode_attention in ("auto", "xla", "pallas"),
-         f"decode_attention {self.decode_attention!r} must be 'auto', 'xla' or 'pallas'"),
+        (self.decode_attention in config_lib.CHOICES[("model", "decode_attention")],
+         f"decode_attention {self.decode_attention!r} must be one of "
+         f"{', '.join(config_lib.CHOICES[('model', 'decode_attention')])}"),
         (self.decode_attention != "pallas" or self.head_dim & (self.head_dim - 1) == 0,
          "decode_attention 'pallas' needs a power-of-two head size (hidden_size / heads)"),
         (self.norm_position in ("post", "pre"),
