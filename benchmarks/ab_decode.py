@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -43,18 +44,39 @@ class Arm:
   decode_phase: int | None = None     # None: config.sample.decode_phase
   strategies: tuple[str, ...] = ("greedy", "beam")
   dtype: str = ""                     # config.model.dtype ("": the base config's bfloat16)
+  two_stage_topk: bool = True         # beam candidates by decoding.top_k_flat (False: one top-k)
+  timed: bool = True                  # False: tokens only (an exactness twin too slow to time)
 
 
 ARMS = {a.name: a for a in (
     Arm("baseline", "decode_attention='xla', beam_cache='copy': the defaults before "
         "2026-11-30's fourth session, no XLA flags",
         "greedy 0.51, beam 2.2 ms (the issue's figures)"),
-    Arm("defaults", "the defaults now: decode_attention='auto' (Pallas on a GPU) and "
-        "beam_cache='index', beams read through their index inside the Pallas self-attention",
-        "greedy 0.41 (pallas), beam 1.0 ms (-0.1 to -0.2 ms on the gather + XLA attention of "
-        "beam_index)", beam_cache="index", decode_attention="auto"),
-    Arm("defaults_fp32", "the defaults in float32", "the fp32 reference's tokens",
-        beam_cache="index", decode_attention="auto", dtype="float32"),
+    Arm("defaults", "the defaults now: decode_attention='auto' (on one GPU the one-token layer "
+        "as model/fused_decode.py's kernels, as arm layer) and beam_cache='index'",
+        "as layer (batch 1: greedy 0.30-0.33, beam 0.33-0.37 ms, from 0.34 / 0.37 with "
+        "pallas_index; rows padded 1 -> 16 cost little in latency-bound kernels)",
+        beam_cache="index", decode_attention="auto"),
+    Arm("pallas_index", "the defaults of 2026-11-30's fourth session: decode_attention="
+        "'pallas' (one-query attention kernels, XLA for the rest of the layer) and "
+        "beam_cache='index' (beams read through their index inside the Pallas kernel)",
+        "greedy 0.40, beam 0.83 ms", beam_cache="index", decode_attention="pallas"),
+    Arm("defaults_fp32", "the defaults in float32, tokens only", "the fp32 reference's tokens",
+        beam_cache="index", decode_attention="auto", dtype="float32", timed=False),
+    Arm("layer", "decode_attention='layer': the one-token decoder layer as twelve Pallas "
+        "kernels (model/fused_decode.py: five split-K GEMMs; an epilogue a row for bias, "
+        "activation, residual and LayerNorm; Q|K|V and the cross query summed inside the "
+        "attention kernels, which write the new K/V into the cache), beam_index",
+        "greedy 0.41 -> 0.30-0.36 ms (~25 kernels a layer -> 12: GEMMs as fast as XLA's "
+        "split-K ones, epilogues 2-3 us); beam 0.82 -> 0.65-0.75 ms", beam_cache="index",
+        decode_attention="layer"),
+    Arm("layer_fp32", "layer in float32, tokens only (Triton's exact float32 dot is slow)",
+        "the fp32 reference's tokens", beam_cache="index", decode_attention="layer",
+        dtype="float32", timed=False),
+    Arm("defaults_flat_topk", "the defaults with the beam's candidates taken by one top-k over "
+        "[B, K * V] (before 2026-11-30's fifth session) instead of decoding.top_k_flat",
+        "beam 0.84 ms (the fourth session's defaults)", beam_cache="index",
+        decode_attention="auto", strategies=("beam",), two_stage_topk=False),
     Arm("cmdbuf_while", f"XLA flag {CMDBUF_WHILE}: the decode while-loops (and their "
         "conditions) inside CUDA graphs, no host round trip for the loop predicate",
         "greedy -0.02 to -0.05 ms, beam the same absolute; no change if 0.11.2 already "
@@ -125,6 +147,9 @@ def worker(args) -> None:
     config.model.dtype = arm.dtype
   model, cfg, desc, variables = bench_sampling.random_model(config, args.batch, args.desc_len)
   n = args.new_tokens
+  if not arm.two_stage_topk:
+    from flax_albert_code.inference import decoding
+    decoding.beam_search = functools.partial(decoding.beam_search, two_stage_topk=False)
 
   def run(strategy, limit):
     return model_decoding.generate(
@@ -151,7 +176,7 @@ def worker(args) -> None:
     if line.strip() != "time":
       break
     timed = {}
-    for strategy in arm.strategies:
+    for strategy in arm.strategies if arm.timed else ():
       def once(limit, strategy=strategy):
         t = time.perf_counter()
         jax.block_until_ready(run(strategy, limit))

@@ -67,6 +67,7 @@ def main() -> None:
   p.add_argument("--scan", action="store_true", help="config.model.scan_layers=True")
   p.add_argument("--decode-xla", action="store_true",
                  help="experiment: XLA attention for one-token queries even when cuDNN is set")
+  p.add_argument("--decode-attention", default="", help="config.model.decode_attention")
   p.add_argument("--decode-phase", type=int, default=None,
                  help="override config.sample.decode_phase (0: attend to the whole cache)")
   p.add_argument("--no-fused-qkv", action="store_true", help="config.model.fused_qkv=False")
@@ -79,6 +80,8 @@ def main() -> None:
     config.model.attention_impl = args.attention
   if args.no_scan or args.scan:
     config.model.scan_layers = args.scan
+  if args.decode_attention:
+    config.model.decode_attention = args.decode_attention
   if args.decode_phase is not None:
     config.sample.decode_phase = args.decode_phase
   if args.no_fused_qkv:
@@ -95,7 +98,7 @@ def main() -> None:
   print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; "
         f"attention {cfg.attention_impl}{' (XLA for one token)' if args.decode_xla else ''}; "
         f"scan {cfg.scan_layers}; fused qkv {cfg.fused_qkv}; "
-        f"decode phase {config.sample.decode_phase}")
+        f"decode phase {config.sample.decode_phase}; decode attention {cfg.decode_attention}")
   rows = []
   n = args.new_tokens
   for strategy in args.strategies.split(","):
@@ -104,16 +107,21 @@ def main() -> None:
                                      max_new_tokens=t, num_beams=args.num_beams, num_samples=1,
                                      top_p=1.0, decode_phase=config.sample.decode_phase)
     tokens, _ = run(n)
-    if args.hlo:
+    if args.hlo:   # the program generate() runs, lowered with generate()'s own arguments
       os.makedirs(args.hlo, exist_ok=True)
-      lowered = model_decoding._generate.lower(  # pylint: disable=protected-access
-          model, variables, desc, jax.random.PRNGKey(0), jnp.float32(1), jnp.float32(1),
-          jnp.float32(1), strategy=strategy, max_new_tokens=n,
-          k=decoding.num_candidates(strategy, args.num_beams, 1), top_k=0, nucleus=False,
-          phases=decoding.decode_phases(n, config.sample.decode_phase), mesh=None,
-          axis_rules=None)
+      jitted = model_decoding._generate  # pylint: disable=protected-access
+      texts = []
+
+      def capture(*a, jitted=jitted, texts=texts, **kw):
+        texts.append(jitted.lower(*a, **kw).compile().as_text())
+        return jitted(*a, **kw)
+      model_decoding._generate = capture  # pylint: disable=protected-access
+      try:
+        run(n)
+      finally:
+        model_decoding._generate = jitted  # pylint: disable=protected-access
       with open(os.path.join(args.hlo, f"{strategy}.hlo.txt"), "w") as f:
-        f.write(lowered.compile().as_text())
+        f.write(texts[0])
     assert tokens.shape[-1] == n and int((np.asarray(tokens) != 0).sum(-1).min()) == n, \
         "not every row decoded all tokens"
     t_full, t_one = timed(lambda: run(n), args.repeats), timed(lambda: run(1), args.repeats)

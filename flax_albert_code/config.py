@@ -69,7 +69,7 @@ def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       scan_layers=True,                  # loop over depth with nn.scan (compile time flat in depth)
       embedding_grad="scatter",          # word-embedding backward: "scatter" | "onehot" (a matmul)
       fused_qkv=True,                    # Q|K|V (and a memory's K|V) as one matmul; same parameters
-      decode_attention="auto",           # one-token decode steps: "auto" (pallas on one GPU, else xla) | "xla" | "pallas" (model/one_query.py)
+      decode_attention="auto",           # one-token decode steps: "auto" (layer on one GPU, else xla) | "xla" | "pallas" (attention kernels, model/one_query.py) | "layer" (the whole layer in Pallas kernels, model/fused_decode.py)
       # "post": ALBERT's LN(x + f(x)) (HF weights); "pre": x + f(LN(x)) and a final LN per stack,
       # which trains at higher learning rates (not HF-compatible).
       norm_position="post",
@@ -185,7 +185,7 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
 
 
 # String fields with a closed set of values (the first is the default's).
-CHOICES = {("model", "decode_attention"): ("auto", "xla", "pallas"),
+CHOICES = {("model", "decode_attention"): ("auto", "xla", "pallas", "layer"),
            ("sample", "beam_cache"): ("index", "copy")}
 
 

@@ -131,12 +131,20 @@ def test_decoder_is_causal(tiny):
   assert norms[~future].min() > 1e-6, f"logits ignore earlier tokens:\n{norms}"
 
 
-@pytest.mark.parametrize("memory,share_block,share_emb,norm", [
-    ("states", False, True, "post"), ("vector", True, False, "post"),
-    ("states", True, False, "post"), ("states", False, True, "pre")])
-def test_cached_decoding_equals_teacher_forcing(memory, share_block, share_emb, norm):
+@pytest.mark.parametrize("memory,share_block,share_emb,norm,decode", [
+    ("states", False, True, "post", "xla"), ("vector", True, False, "post", "xla"),
+    ("states", True, False, "post", "xla"), ("states", False, True, "pre", "xla"),
+    # The one-token layer as model/fused_decode.py's kernels (Pallas' interpreter on CPU):
+    # LayerNorms folded into the projections (post-norm: a LayerNorm pending between layers).
+    # Blocks of 2 cache positions: the write kernel's online softmax runs over several.
+    ("states", False, True, "post", "layer"), ("vector", True, False, "pre", "layer/2")])
+def test_cached_decoding_equals_teacher_forcing(memory, share_block, share_emb, norm, decode,
+                                                monkeypatch):
+  if decode.endswith("/2"):
+    monkeypatch.setattr(one_query, "_BLOCK", 2)
   model = _model(decoder_memory=memory, share_encoder_decoder_block=share_block,
-                 share_embedding=share_emb, norm_position=norm)
+                 share_embedding=share_emb, norm_position=norm,
+                 decode_attention=decode.split("/")[0])
   desc, code = _batch(1)
   variables = {"params": random_params(model)}
   dec_in = model_lib.shift_right(code, config_lib.BOS_ID)

@@ -202,6 +202,21 @@ def test_toy_a_traced_top_k_filters_as_a_static_one():
           traced(k, p), sampling.filter_logits(logits, top_k=k, top_p=p, nucleus=True))
 
 
+def test_two_stage_top_k_equals_one_top_k_over_all_beams_ties_included():
+  rng = np.random.RandomState(0)
+  # Few distinct values (many ties, across and within beams) and a beam at -inf, as at the
+  # first step of a search.
+  x = rng.randint(0, 4, (3, 4, 50)).astype(np.float32)
+  x[:, 1:2] = sampling.NEG_INF
+  x[2] = 1.0                                      # a row of one value: order by index only
+  x = jnp.asarray(x)
+  for n in (1, 5, 8):
+    want = jax.lax.top_k(x.reshape(3, -1), n)
+    got = jax.jit(sampling.top_k_flat, static_argnums=1)(x, n)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_toy_top_k_and_top_p_filters():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   keep = lambda **kw: np.isfinite(np.asarray(sampling.filter_logits(logits, **kw)))[0].tolist()
@@ -448,12 +463,14 @@ def test_beam_search_through_beam_indices_gives_the_tokens_of_moving_the_cache(t
     run(beam_cache="moved")
 
 
-def test_pallas_decode_attention_gives_the_tokens_of_xla(tiny):
+@pytest.mark.parametrize("kernels", ["pallas", "layer"])
+def test_pallas_decode_attention_gives_the_tokens_of_xla(tiny, kernels):
   # model.decode_attention="pallas": one kernel per one-token self-/cross-attention (Pallas'
-  # interpreter on CPU), over a cache and a memory (12 -> 16) padded to powers of two.
+  # interpreter on CPU), over a cache and a memory (12 -> 16) padded to powers of two;
+  # "layer": the whole one-token layer in model/fused_decode.py's kernels, rows padded 4 -> 16.
   config, model, variables, desc = tiny
   config = _config()
-  config.model.decode_attention = "pallas"
+  config.model.decode_attention = kernels
   pallas = model_lib.build(config)[0]
   for kw in (dict(strategy="greedy", max_new_tokens=12, decode_phase=0),
              dict(strategy="greedy", max_new_tokens=12, decode_phase=5),
@@ -471,11 +488,14 @@ def test_pallas_decode_attention_gives_the_tokens_of_xla(tiny):
   assert cache.k_LxBxSxNxD.shape[2] == 16 and cache.cross_k_BxMxNxD.shape[1] == 16
 
 
-def test_decode_attention_auto_is_pallas_only_on_a_gpu():
+def test_decode_attention_auto_is_the_layer_kernels_only_on_a_gpu():
   cfg = layers.ModelConfig.default("tiny")
   assert cfg.decode_attention == "auto"
   assert cfg.pallas_decode == (jax.default_backend() == "gpu")
+  assert cfg.decode_layer_kernels == (jax.default_backend() == "gpu")
   assert dataclasses.replace(cfg, decode_attention="pallas").pallas_decode
+  assert not dataclasses.replace(cfg, decode_attention="pallas").decode_layer_kernels
+  assert dataclasses.replace(cfg, decode_attention="layer").decode_layer_kernels
   assert not dataclasses.replace(cfg, decode_attention="xla").pallas_decode
 
 

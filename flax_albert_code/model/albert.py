@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_albert_code.model import fused_decode
 from flax_albert_code.model import layers
 from flax_albert_code.model import one_query
 from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID
@@ -155,9 +156,10 @@ class _DecoderBody(nn.Module):
   are written in place (a scanned cache would be copied whole every step); queries attend to
   positions <= their own among the first `attend_len` (a static int <= S; None: all S) of the
   cache, so a decoding phase that knows `index < attend_len` reads only that much of it.
-  With `decode_attention="pallas"` (or "auto" on a GPU) a one-token step's self- and
-  cross-attention are one kernel each (model/one_query.py), beams reading the cache through
-  `beam_src` inside the kernel.
+  With `decode_attention="pallas"` a one-token step's self- and cross-attention are one kernel
+  each (model/one_query.py), beams reading the cache through `beam_src` inside the kernel; with
+  "layer" (and "auto" on a GPU) `AlbertDecoder.step` runs the whole one-token stack as
+  model/fused_decode.py's kernels instead of this body.
   """
   self_attention: nn.Module
   cross_attention: nn.Module
@@ -272,12 +274,38 @@ class AlbertDecoder(nn.Module):
       b, k, t = *src.shape[:2], ids_BxT.shape[1]
       own = jnp.broadcast_to(jnp.arange(k, dtype=src.dtype)[None, :, None], (b, k, t))
       src = jax.lax.dynamic_update_slice(src, own, (0, 0, cache.index))
-    carry = (x, cache.k_LxBxSxNxD, cache.v_LxBxSxNxD, jnp.zeros((), jnp.int32))
-    (x, k, v, _), _ = self.decode_stack(carry, (cache.cross_k_BxMxNxD, cache.cross_v_BxMxNxD),
-                                        cache.memory_lengths_B, cache.index, attend_len, src)
+    if self.cfg.decode_layer_kernels and ids_BxT.shape[1] == 1:
+      x, k, v = self._layer_kernels(x, cache, attend_len, src)
+    else:
+      carry = (x, cache.k_LxBxSxNxD, cache.v_LxBxSxNxD, jnp.zeros((), jnp.int32))
+      (x, k, v, _), _ = self.decode_stack(
+          carry, (cache.cross_k_BxMxNxD, cache.cross_v_BxMxNxD), cache.memory_lengths_B,
+          cache.index, attend_len, src)
     new = cache._replace(k_LxBxSxNxD=k, v_LxBxSxNxD=v, index=cache.index + ids_BxT.shape[1],
                          beam_src_BxKxS=src)
     return self.logits(self._final(x)), new
+
+
+  def _layer_kernels(self, x_Bx1xH: Array, cache: DecodeCache, attend_len: int | None,
+                     src: Array | None) -> tuple[Array, Array, Array]:
+    """The one-token decoder stack as model/fused_decode.py's kernels, twelve a layer."""
+    cfg = self.cfg
+    sa, ffn = self._blocks()
+    w = fused_decode.layer_weights(*(nn.meta.unbox(m.variables["params"])
+                                     for m in (sa, self.cross_attention, ffn)))
+    b, k, v = x_Bx1xH.shape[0], cache.k_LxBxSxNxD, cache.v_LxBxSxNxD
+    pad = -b % fused_decode.rows_block(b)
+    x = jnp.pad(x_Bx1xH[:, 0], ((0, pad), (0, 0)))
+    x_ln = sa.LayerNorm(x) if cfg.pre_norm else x
+    for layer in range(cfg.decoder_layers):
+      at = fused_decode.DecodeAt(k, v, jnp.int32(layer), cache.index,
+                                 attend_len or k.shape[2], cache.cross_k_BxMxNxD,
+                                 cache.cross_v_BxMxNxD, cache.memory_lengths_B, b, src)
+      x, x_ln, k, v = fused_decode.decoder_layer(
+          w, x, x_ln, at, pre_norm=cfg.pre_norm, eps=cfg.layer_norm_eps,
+          act=layers.ACTIVATIONS[cfg.hidden_act], dtype=cfg.compute_dtype,
+          num_heads=cfg.num_attention_heads)
+    return x[:b, None], k, v
 
 
 class CodeModel(nn.Module):

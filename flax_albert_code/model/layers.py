@@ -112,8 +112,10 @@ class ModelConfig:
         (self.decode_attention in config_lib.CHOICES[("model", "decode_attention")],
          f"decode_attention {self.decode_attention!r} must be one of "
          f"{', '.join(config_lib.CHOICES[('model', 'decode_attention')])}"),
-        (self.decode_attention != "pallas" or self.head_dim & (self.head_dim - 1) == 0,
-         "decode_attention 'pallas' needs a power-of-two head size (hidden_size / heads)"),
+        (self.decode_attention not in ("pallas", "layer")
+         or self.head_dim & (self.head_dim - 1) == 0,
+         f"decode_attention {self.decode_attention!r} needs a power-of-two head size "
+         "(hidden_size / heads)"),
         (self.norm_position in ("post", "pre"),
          f"norm_position {self.norm_position!r} must be 'post' (ALBERT) or 'pre'"),
     ]
@@ -127,7 +129,17 @@ class ModelConfig:
     GPU when the head size is a power of two (Triton tiles). Read at trace time."""
     if self.decode_attention == "auto":
       return jax.default_backend() == "gpu" and self.head_dim & (self.head_dim - 1) == 0
-    return self.decode_attention == "pallas"
+    return self.decode_attention in ("pallas", "layer")
+
+  @property
+  def decode_layer_kernels(self) -> bool:
+    """One-token decode steps run the whole decoder layer as model/fused_decode.py's kernels:
+    "layer", or "auto" on a GPU when the sizes tile (the head size a power of two, the hidden
+    and FFN sizes multiples of 16). Read at trace time."""
+    if self.decode_attention == "auto":
+      return (self.pallas_decode and self.hidden_size % 16 == 0
+              and self.intermediate_size % 16 == 0)
+    return self.decode_attention == "layer"
 
   @property
   def pre_norm(self) -> bool:
