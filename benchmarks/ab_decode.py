@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import importlib
 import json
 import os
 import queue
@@ -46,6 +47,7 @@ class Arm:
   dtype: str = ""                     # config.model.dtype ("": the base config's bfloat16)
   two_stage_topk: bool = True         # beam candidates by decoding.top_k_flat (False: one top-k)
   timed: bool = True                  # False: tokens only (an exactness twin too slow to time)
+  patch: tuple = ()                   # (module, attribute, value): a kernel tuning constant
 
 
 ARMS = {a.name: a for a in (
@@ -73,6 +75,26 @@ ARMS = {a.name: a for a in (
     Arm("layer_fp32", "layer in float32, tokens only (Triton's exact float32 dot is slow)",
         "the fp32 reference's tokens", beam_cache="index", decode_attention="layer",
         dtype="float32", timed=False),
+    # Tuning constants of the layer kernels, each against arm layer.
+    Arm("layer_block32", "layer, the write kernel's online softmax over blocks of 32 cache "
+        "positions (64 by default)", "greedy within +-0.01 ms of layer",
+        beam_cache="index", decode_attention="layer",
+        patch=(("flax_albert_code.model.one_query", "_BLOCK", 32),)),
+    Arm("layer_block128", "layer, blocks of 128 cache positions",
+        "greedy within +-0.01 ms of layer", beam_cache="index", decode_attention="layer",
+        patch=(("flax_albert_code.model.one_query", "_BLOCK", 128),)),
+    Arm("layer_warps2", "layer, 2 warps a program in the attention kernels (4 by default)",
+        "attention -10% to +10%: a [64, 64] tile over 64 threads, more programs resident",
+        beam_cache="index", decode_attention="layer",
+        patch=(("flax_albert_code.model.one_query", "_WARPS", 2),)),
+    Arm("layer_splits192", "layer, K split until a GEMM has 192 programs (96 by default)",
+        "greedy within +-0.01 ms: GEMMs a little faster, twice the partials to sum",
+        beam_cache="index", decode_attention="layer",
+        patch=(("flax_albert_code.model.fused_decode", "MIN_PROGRAMS", 192),)),
+    Arm("layer_splits48", "layer, K split until a GEMM has 48 programs",
+        "greedy +0 to +0.02 ms: fewer programs than SMs", beam_cache="index",
+        decode_attention="layer",
+        patch=(("flax_albert_code.model.fused_decode", "MIN_PROGRAMS", 48),)),
     Arm("defaults_flat_topk", "the defaults with the beam's candidates taken by one top-k over "
         "[B, K * V] (before 2026-11-30's fifth session) instead of decoding.top_k_flat",
         "beam 0.84 ms (the fourth session's defaults)", beam_cache="index",
@@ -147,6 +169,8 @@ def worker(args) -> None:
     config.model.dtype = arm.dtype
   model, cfg, desc, variables = bench_sampling.random_model(config, args.batch, args.desc_len)
   n = args.new_tokens
+  for module, name, value in arm.patch:
+    setattr(importlib.import_module(module), name, value)
   if not arm.two_stage_topk:
     from flax_albert_code.inference import decoding
     decoding.beam_search = functools.partial(decoding.beam_search, two_stage_topk=False)

@@ -30,6 +30,7 @@ from jax.experimental import pallas as pl
 from flax_albert_code.model import one_query
 
 Array = jax.Array
+MIN_PROGRAMS = 96   # splitk_dot splits K until a GEMM has this many programs (H200: 132 SMs)
 
 
 class Norm(NamedTuple):
@@ -113,17 +114,18 @@ def _splitk_kernel(x_ref, w_ref, o_ref, *, bm: int, bn: int, bk: int, steps: int
   o_ref[s, rows, cols] = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
 
 
-def splitk_dot(x_MxK: Array, w_KxN: Array, *, dtype, min_programs: int = 96) -> Array:
+def splitk_dot(x_MxK: Array, w_KxN: Array, *, dtype, min_programs: int | None = None) -> Array:
   """x @ w as float32 partial sums over S slices of K, [S, M, N] (sum them for the product):
   at 64 rows the output alone has too few tiles to occupy the GPU (XLA splits K likewise).
-  S is the fewest (a power of two: Triton tiles) that gives `min_programs` programs. M must be
-  a multiple of `rows_block(M)`."""
+  S is the fewest (a power of two: Triton tiles) that gives `min_programs` (default
+  `MIN_PROGRAMS`) programs. M must be a multiple of `rows_block(M)`."""
   (m, k), n = x_MxK.shape, w_KxN.shape[1]
   bm = rows_block(m)
   if m % bm:
     raise ValueError(f"splitk_dot needs the rows ({m}) padded to a multiple of {bm}.")
   bn = _block(n, 64, "the hidden and FFN sizes")
   tiles, splits = (m // bm) * (n // bn), 1
+  min_programs = MIN_PROGRAMS if min_programs is None else min_programs
   while tiles * splits < min_programs and k % (4 * splits) == 0 and (k // (2 * splits)) % 16 == 0:
     splits *= 2
   bk = _block(k // splits, 128, "the hidden and FFN sizes")

@@ -24,6 +24,7 @@ from jax.experimental import pallas as pl
 Array = jax.Array
 _MASKED = -1e30   # finite: a row with no valid position gets zeros, not NaN
 _BLOCK = 64       # cache positions a block of the write kernel's online softmax
+_WARPS = 4        # Triton warps a program (tuning: benchmarks/ab_decode.py patches these)
 
 
 def pow2(n: int) -> int:
@@ -177,7 +178,7 @@ def _backend() -> dict:
   params = None
   if not interpret:   # Triton named explicitly: on GPU pallas_call may otherwise pick Mosaic GPU
     from jax.experimental.pallas import triton as pltriton  # pylint: disable=C0415
-    params = pltriton.CompilerParams(num_warps=4, num_stages=1)
+    params = pltriton.CompilerParams(num_warps=_WARPS, num_stages=1)
   return dict(interpret=interpret, compiler_params=params)
 
 
