@@ -1,6 +1,7 @@
 """Decoding A/B at BENCH-A (issue 21): every arm against the current code in one device call.
 
-  python benchmarks/ab_decode.py                       # the default arms, writes RESULTS.md
+  python benchmarks/ab_decode.py                       # the default arms; RESULTS.md gets the
+                                                       # run first under its section's heading
   python benchmarks/ab_decode.py --arms baseline,pallas  # some arms (baseline always)
   python benchmarks/ab_decode.py --small --results ''  # tiny model, CPU smoke run, no file
 
@@ -138,7 +139,7 @@ ARMS = {a.name: a for a in (
         "greedy within +-0.02 ms (latency-bound); beam -0.1 ms (less prefix to move)",
         decode_phase=32),
 )}
-DEFAULT_ARMS = "baseline,cmdbuf_while,beam_index,pallas,all"
+DEFAULT_ARMS = "baseline,pallas_index,defaults,defaults_fp32,fp32"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +372,7 @@ def _write_results(args, workers, table: str, wall_s: float, log_dir: str) -> No
   now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   flags = "; ".join(f"{w.arm.name}: `{w.arm.xla_flags or '(none)'}`" for w in workers)
   heading = SECTION if args.batch == 64 else SECTION.replace(" (issue", f" at batch {args.batch} (issue")
-  lines = [heading, "",
+  lines = [f"### Run of {now}", "",
            f"`python benchmarks/ab_decode.py{' --small' if args.small else ''} --arms {args.arms}` "
            f"in one device call, {now}, commit `{commit}`, {wall_s:.0f} s in all. Card: "
            f"{smi[0] if smi else info.get('device', '?')}. Versions: {versions}. "
@@ -385,11 +386,11 @@ def _write_results(args, workers, table: str, wall_s: float, log_dir: str) -> No
   section = "\n".join(lines)
   path = args.results
   text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-  if heading + "\n" in text:   # replace the previous run's section
+  if heading + "\n" in text:   # the newest run first, under the section's heading
     head, rest = text.split(heading + "\n", 1)
-    nxt = rest.find("\n## ")
-    text = head + section + ("\n" + rest[nxt + 1:] if nxt >= 0 else "")
+    text = head + heading + "\n\n" + section + rest
   else:
+    section = heading + "\n\n" + section
     anchor = "\n## Retrieval-augmented generation"
     i = text.find(anchor)
     text = (text[:i + 1] + section + "\n" + text[i + 1:]) if i >= 0 else text + "\n" + section

@@ -1,5 +1,6 @@
 """benchmarks/bench_model.py runs end to end on CPU (its tiny workload) and writes its JSON;
-bench_realdata.py and check_generation.py on tiny runs; kernels.py on a synthetic trace."""
+bench_realdata.py, check_generation.py and ab_decode.py on tiny runs; kernels.py on a synthetic
+trace."""
 import json
 import math
 import os
@@ -150,3 +151,28 @@ def test_kernel_table_from_a_trace(tmp_path, capsys):
   assert "0.080 ms in 4.0 launches" in out and "gemm" in out
   with pytest.raises(FileNotFoundError, match="No \\*.trace.json.gz"):
     kernels.from_trace(str(tmp_path / "run" / "missing"))
+
+
+def test_ab_decode_tiny_arms_agree_and_a_run_goes_above_the_last(tmp_path):
+  # The layer kernels (Pallas' interpreter on CPU), one with a patched tuning constant, give
+  # the baseline's tokens; the run goes first under the section's heading, and the earlier run
+  # and the section after it survive.
+  heading = "## Decoding A/B at batch 4 (issue 21)"
+  results = tmp_path / "RESULTS.md"
+  results.write_text(f"# Benchmark results\n\n{heading}\n\n### Run of earlier\n\nold\n\n"
+                     "## Retrieval-augmented generation\n\nkept\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.run([sys.executable, "benchmarks/ab_decode.py", "--small", "--arms",
+                         "baseline,layer,layer_block32", "--results", str(results),
+                         "--log-dir", str(tmp_path / "logs"), "--budget-s", "240"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  text = results.read_text()
+  assert text.count(heading) == 1 and "old" in text and "kept" in text
+  runs = [line for line in text.splitlines() if line.startswith("### Run of")]
+  assert len(runs) == 2 and runs[1] == "### Run of earlier"
+  rows = {line.split(" | ")[0][2:]: line for line in text.splitlines()
+          if line.startswith("| layer")}
+  assert set(rows) == {"layer", "layer_block32"}
+  assert all("greedy same, beam same" in r and "failed" not in r for r in rows.values())

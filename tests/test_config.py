@@ -31,6 +31,15 @@ def test_default_is_the_schema_preset(preset):
   assert ModelConfig.from_config(config_lib.get_config(preset).model) == cfg
 
 
+def test_layer_kernels_refuse_sizes_that_do_not_tile_at_config_time():
+  cfg = ModelConfig.default("tiny")
+  dataclasses.replace(cfg, decode_attention="layer")   # 32 / 64: fine
+  with pytest.raises(ValueError, match="'layer' needs hidden_size and intermediate_size"):
+    dataclasses.replace(cfg, decode_attention="layer", intermediate_size=72)
+  # "auto" falls back to the attention kernels instead of failing.
+  assert not dataclasses.replace(cfg, intermediate_size=72).decode_layer_kernels
+
+
 def test_pooling_default_is_the_schemas():
   # The dataclass once said "cls" while the schema said "mean".
   assert ModelConfig.default().pooling == config_lib.model_config().pooling == "mean"

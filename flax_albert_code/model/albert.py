@@ -285,7 +285,6 @@ class AlbertDecoder(nn.Module):
                          beam_src_BxKxS=src)
     return self.logits(self._final(x)), new
 
-
   def _layer_kernels(self, x_Bx1xH: Array, cache: DecodeCache, attend_len: int | None,
                      src: Array | None) -> tuple[Array, Array, Array]:
     """The one-token decoder stack as model/fused_decode.py's kernels, twelve a layer."""

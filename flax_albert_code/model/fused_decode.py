@@ -93,15 +93,6 @@ def rows_block(m: int) -> int:
   return min(64, max(16, one_query.pow2(m)))
 
 
-def _backend(num_stages: int) -> dict:
-  interpret = jax.default_backend() != "gpu"
-  params = None
-  if not interpret:
-    from jax.experimental.pallas import triton as pltriton  # pylint: disable=C0415
-    params = pltriton.CompilerParams(num_warps=4, num_stages=num_stages)
-  return dict(interpret=interpret, compiler_params=params)
-
-
 def _splitk_kernel(x_ref, w_ref, o_ref, *, bm: int, bn: int, bk: int, steps: int, dtype,
                    precision):
   i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -134,7 +125,7 @@ def splitk_dot(x_MxK: Array, w_KxN: Array, *, dtype, min_programs: int | None = 
                              dtype=dtype, precision=precision)
   return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
                         grid=(m // bm, n // bn, splits), name="splitk_dot",
-                        **_backend(3))(x_MxK, w_KxN)
+                        **one_query.backend(3, num_warps=4))(x_MxK, w_KxN)
 
 
 def _layer_norm(chunks: list, norm_refs, cw: int, eps: float) -> list:
@@ -195,7 +186,7 @@ def epilogue(partials_SxMxN: Array, b_N: Array, *, dtype, eps: float = 0.0,
                              residual=residual is not None, norm=norm is not None, raw=raw)
   grid = (m,) if norm is not None else (m, n // cw)
   return pl.pallas_call(kernel, out_shape=[out] * (int(raw) + int(norm is not None)),
-                        grid=grid, name="epilogue", **_backend(1))(*args)
+                        grid=grid, name="epilogue", **one_query.backend(1, num_warps=4))(*args)
 
 
 class DecodeAt(NamedTuple):

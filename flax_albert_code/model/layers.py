@@ -116,6 +116,10 @@ class ModelConfig:
          or self.head_dim & (self.head_dim - 1) == 0,
          f"decode_attention {self.decode_attention!r} needs a power-of-two head size "
          "(hidden_size / heads)"),
+        (self.decode_attention != "layer"
+         or (self.hidden_size % 16 == 0 and self.intermediate_size % 16 == 0),
+         "decode_attention 'layer' needs hidden_size and intermediate_size multiples of 16 "
+         "(Triton tiles); use 'pallas' or 'auto'"),
         (self.norm_position in ("post", "pre"),
          f"norm_position {self.norm_position!r} must be 'post' (ALBERT) or 'pre'"),
     ]
@@ -125,8 +129,10 @@ class ModelConfig:
 
   @property
   def pallas_decode(self) -> bool:
-    """One-token decode steps through model/one_query.py's kernels: "pallas", or "auto" on a
-    GPU when the head size is a power of two (Triton tiles). Read at trace time."""
+    """One-token decode steps through Pallas kernels (model/one_query.py's, and with
+    `decode_layer_kernels` model/fused_decode.py's): "pallas", "layer", or "auto" on a GPU when
+    the head size is a power of two (Triton tiles); the cache is then padded to a power of two.
+    Read at trace time."""
     if self.decode_attention == "auto":
       return jax.default_backend() == "gpu" and self.head_dim & (self.head_dim - 1) == 0
     return self.decode_attention in ("pallas", "layer")

@@ -141,7 +141,7 @@ def self_attention_write(qkv_SxMxP: Array, qkv_bias_P: Array, cache_k_LxBxSxNxD:
   first = len(args)
   ctx, ck, cv = pl.pallas_call(
       functools.partial(_write_kernel, **kw), out_shape=out_shape, grid=(rows, heads),
-      input_output_aliases={first: 1, first + 1: 2}, **_backend(),
+      input_output_aliases={first: 1, first + 1: 2}, **backend(),
       name="self_write_kernel" if src_BxKxS is None else "beam_self_write_kernel")(
           *args, *caches)
   return ctx, ck.reshape(cache_k_LxBxSxNxD.shape), cv.reshape(cache_v_LxBxSxNxD.shape)
@@ -167,18 +167,20 @@ def cross_attention_partials(q_SxMxH: Array, q_bias_H: Array, k_BxMxNxD: Array,
                      f"(got {m}, {d}); CodeModel.init_cache pads the memory.")
   kernel = functools.partial(_cross_partials_kernel, scale=d ** -0.5)
   out = jax.ShapeDtypeStruct((q_SxMxH.shape[1], heads, d), k_BxMxNxD.dtype)
-  return pl.pallas_call(kernel, out_shape=out, grid=(rows, heads), **_backend(),
+  return pl.pallas_call(kernel, out_shape=out, grid=(rows, heads), **backend(),
                         name="cross_partials_kernel")(
                             lengths_B.astype(jnp.int32), q_SxMxH, q_bias_H, k_BxMxNxD,
                             v_BxMxNxD)
 
 
-def _backend() -> dict:
+def backend(num_stages: int = 1, num_warps: int | None = None) -> dict:
+  """pallas_call's arguments: Triton on a GPU (`num_warps` None: `_WARPS`), the interpreter
+  elsewhere."""
   interpret = jax.default_backend() != "gpu"
   params = None
   if not interpret:   # Triton named explicitly: on GPU pallas_call may otherwise pick Mosaic GPU
     from jax.experimental.pallas import triton as pltriton  # pylint: disable=C0415
-    params = pltriton.CompilerParams(num_warps=_WARPS, num_stages=1)
+    params = pltriton.CompilerParams(num_warps=num_warps or _WARPS, num_stages=num_stages)
   return dict(interpret=interpret, compiler_params=params)
 
 
@@ -193,7 +195,7 @@ def _cross_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, *, scale: float):
 def _call(kernel, q_BxNxD: Array, *args: Array) -> Array:
   b, heads, _ = q_BxNxD.shape
   return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(q_BxNxD.shape, q_BxNxD.dtype),
-                        grid=(b, heads), **_backend(),
+                        grid=(b, heads), **backend(),
                         name=kernel.func.__name__.strip("_"))(args[0], q_BxNxD, *args[1:])
 
 
