@@ -88,6 +88,15 @@ ARMS = {a.name: a for a in (
         "attention -10% to +10%: a [64, 64] tile over 64 threads, more programs resident",
         beam_cache="index", decode_attention="layer",
         patch=(("flax_albert_code.model.one_query", "_WARPS", 2),)),
+    Arm("layer_stages2", "layer, 2 Triton pipeline stages in the attention kernels (1 by "
+        "default): the next block of cache positions loads while this one is summed",
+        "greedy -0.01 to -0.02 ms (self-attention 13 -> 10-11 us a layer); beam likewise",
+        beam_cache="index", decode_attention="layer",
+        patch=(("flax_albert_code.model.one_query", "_STAGES", 2),)),
+    Arm("layer_epilogue8", "layer, 8 warps an epilogue program (4 by default)",
+        "greedy within +-0.01 ms (a LayerNorm epilogue reads 8 x 768 partials a row: 3.4 us, "
+        "latency-bound)", beam_cache="index", decode_attention="layer",
+        patch=(("flax_albert_code.model.fused_decode", "EPILOGUE_WARPS", 8),)),
     Arm("layer_splits192", "layer, K split until a GEMM has 192 programs (96 by default)",
         "greedy within +-0.01 ms: GEMMs a little faster, twice the partials to sum",
         beam_cache="index", decode_attention="layer",

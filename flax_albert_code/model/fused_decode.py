@@ -31,6 +31,7 @@ from flax_albert_code.model import one_query
 
 Array = jax.Array
 MIN_PROGRAMS = 96   # splitk_dot splits K until a GEMM has this many programs (H200: 132 SMs)
+EPILOGUE_WARPS = 4  # Triton warps of an epilogue program (a row, or a chunk of one)
 
 
 class Norm(NamedTuple):
@@ -186,7 +187,7 @@ def epilogue(partials_SxMxN: Array, b_N: Array, *, dtype, eps: float = 0.0,
                              residual=residual is not None, norm=norm is not None, raw=raw)
   grid = (m,) if norm is not None else (m, n // cw)
   return pl.pallas_call(kernel, out_shape=[out] * (int(raw) + int(norm is not None)),
-                        grid=grid, name="epilogue", **one_query.backend(1, num_warps=4))(*args)
+                        grid=grid, name="epilogue", **one_query.backend(1, num_warps=EPILOGUE_WARPS))(*args)
 
 
 class DecodeAt(NamedTuple):

@@ -25,6 +25,7 @@ Array = jax.Array
 _MASKED = -1e30   # finite: a row with no valid position gets zeros, not NaN
 _BLOCK = 64       # cache positions a block of the write kernel's online softmax
 _WARPS = 4        # Triton warps a program (tuning: benchmarks/ab_decode.py patches these)
+_STAGES = 1       # Triton pipeline stages of the attention kernels' loops
 
 
 def pow2(n: int) -> int:
@@ -173,14 +174,15 @@ def cross_attention_partials(q_SxMxH: Array, q_bias_H: Array, k_BxMxNxD: Array,
                             v_BxMxNxD)
 
 
-def backend(num_stages: int = 1, num_warps: int | None = None) -> dict:
-  """pallas_call's arguments: Triton on a GPU (`num_warps` None: `_WARPS`), the interpreter
+def backend(num_stages: int | None = None, num_warps: int | None = None) -> dict:
+  """pallas_call's arguments: Triton on a GPU (None: `_STAGES`, `_WARPS`), the interpreter
   elsewhere."""
   interpret = jax.default_backend() != "gpu"
   params = None
   if not interpret:   # Triton named explicitly: on GPU pallas_call may otherwise pick Mosaic GPU
     from jax.experimental.pallas import triton as pltriton  # pylint: disable=C0415
-    params = pltriton.CompilerParams(num_warps=num_warps or _WARPS, num_stages=num_stages)
+    params = pltriton.CompilerParams(num_warps=num_warps or _WARPS,
+                                     num_stages=num_stages or _STAGES)
   return dict(interpret=interpret, compiler_params=params)
 
 
