@@ -51,15 +51,20 @@ def _self_kernel(at_ref, q_ref, k_ref, v_ref, o_ref, *, span: int, scale: float)
   o_ref[n, h, :] = _softmax_weighted_sum(q_ref[n, h, :], k, v, valid, scale).astype(o_ref.dtype)
 
 
+def _beam_positions(src_ref, n: Array, beams: int, start, size: int, cache_len: int) -> Array:
+  """Rows of the flattened [B*K*S] cache that row n = (description b, beam k) reads for
+  positions [start, start + size): each from the beam that wrote it (src[b, k, s])."""
+  rows = (n // beams) * beams + src_ref[n // beams, n % beams, pl.ds(start, size)]
+  return rows * cache_len + start + jnp.arange(size)
+
+
 def _beam_self_kernel(at_ref, q_ref, src_ref, k_ref, v_ref, o_ref, *, span: int, beams: int,
                       cache_len: int, scale: float):
   n, h = pl.program_id(0), pl.program_id(1)
   layer, index = at_ref[0], at_ref[1]
   # Row n = (description b, beam k) reads position s from the row of the beam that wrote it:
   # rows of the flattened [B*K*S] cache, gathered in the kernel (the cache does not move).
-  first = (n // beams) * beams
-  rows = first + src_ref[n // beams, n % beams, pl.ds(0, span)]
-  flat = rows * cache_len + jnp.arange(span)
+  flat = _beam_positions(src_ref, n, beams, 0, span, cache_len)
   valid = jnp.arange(span) <= index
   o_ref[n, h, :] = _softmax_weighted_sum(q_ref[n, h, :], k_ref[layer, flat, h, :],
                                          v_ref[layer, flat, h, :], valid, scale
@@ -88,17 +93,15 @@ def _write_kernel(at_ref, p_ref, b_ref, *refs, span: int, heads: int, scale: flo
   d, dt = o_ref.shape[-1], k_out.dtype
   q, k_new, v_new = (_summed(p_ref, b_ref, n, (part * heads + h) * d, d, dt)
                      for part in range(3))
-  row = n * cache_len + index if beams else None
-  k_out[(layer, row, h) if beams else (layer, n, index, h)] = k_new
-  v_out[(layer, row, h) if beams else (layer, n, index, h)] = v_new
+  at = (layer, n * cache_len + index, h) if beams else (layer, n, index, h)
+  k_out[at], v_out[at] = k_new, v_new
   blk, qf = min(_BLOCK, span), q.astype(jnp.float32)
 
   def block(c, carry):
     top, total, acc = carry
     pos = c * blk + jnp.arange(blk)
     if beams:
-      rows = (n // beams) * beams + src_ref[n // beams, n % beams, pl.ds(c * blk, blk)]
-      flat = rows * cache_len + pos
+      flat = _beam_positions(src_ref, n, beams, c * blk, blk, cache_len)
       k, v = k_ref[layer, flat, h, :], v_ref[layer, flat, h, :]
     else:
       k, v = (ref[layer, n, pl.ds(c * blk, blk), h, :] for ref in (k_ref, v_ref))
@@ -119,8 +122,8 @@ def self_attention_write(qkv_SxMxP: Array, qkv_bias_P: Array, cache_k_LxBxSxNxD:
                          attend_len: int, rows: int,
                          src_BxKxS: Array | None = None) -> tuple[Array, Array, Array]:
   """Q|K|V are the sum of partial products [S, M, 3 * N * D] + bias (rows >= `rows` are
-  padding): writes each row's K/V at `index` of `layer` and attends over positions <= `index`,
-  reading the first pow2(attend_len); with `src_BxKxS` row (b, k) reads position s from beam
+  padding): writes each row's K/V at `index` of `layer` and attends over positions <= `index`
+  (< attend_len), reading the cache in blocks only up to `index`; with `src_BxKxS` row (b, k) reads position s from beam
   src[b, k, s] (`beam_self_attention`). Returns (context [M, N, D], cache k, cache v): the
   caches are updated in place."""
   l, b, s, heads, d = cache_k_LxBxSxNxD.shape
