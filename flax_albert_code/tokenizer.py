@@ -123,8 +123,9 @@ def frame_context(desc_tokens: Sequence[int], neighbours: Sequence[Sequence[int]
   """[CLS] description [SEP] code_1 [SEP] ... code_k [SEP]: what a retrieval model's encoder
   reads for generation. The description is framed as `frame_description` frames it; the room
   left (max_len minus the description) is shared equally by the neighbours, each cut at its
-  share (a short neighbour leaves the rest to the next)."""
-  out = frame_description(desc_tokens, max_desc_len)
+  share (a short neighbour leaves the rest to the next). A context shorter than max_desc_len
+  cuts the description at max_len."""
+  out = frame_description(desc_tokens, min(max_desc_len, max_len))
   for i, code in enumerate(neighbours):
     share = (max_len - len(out)) // (len(neighbours) - i) - 1
     if share <= 0:

@@ -59,6 +59,8 @@ def test_frame_context_shares_the_room_between_neighbours():
   assert ids[:4] == [CLS_ID, 10, 11, SEP_ID] and len(ids) <= 24
   assert ids.count(SEP_ID) == 3 and ids[-4:] == [30, 30, 30, SEP_ID]
   assert frame_context([10, 11], [], 8, 24) == [CLS_ID, 10, 11, SEP_ID]
+  # A context shorter than the descriptions' limit cuts the description to fit it.
+  assert len(frame_context(list(range(10, 40)), [[20] * 5], max_desc_len=32, max_len=8)) <= 8
 
 
 @pytest.fixture(scope="module")
