@@ -64,10 +64,12 @@ def test_packing_estimate_first_fits_all_fields_of_an_example_into_one_row():
 
 
 def test_bench_realdata_tiny_with_retrieval_writes_its_figures(tmp_path):
+  import numpy as np
   from flax_albert_code import config as config_lib
   from flax_albert_code.data.prepared import prepare
   config = config_lib.load_config("tiny")
   config.data.max_examples = 120
+  config.data.max_desc_len = 128   # descriptions of 30-70 tokens: two fit a row, as packing needs
   prepare(config, str(tmp_path / "run"), progress=False)
   out, results = tmp_path / "realdata.json", tmp_path / "RESULTS.md"
   env = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -78,10 +80,21 @@ def test_bench_realdata_tiny_with_retrieval_writes_its_figures(tmp_path):
        "--data", str(tmp_path / "run"), "--steps", "3", "--warmup", "1", "--out", str(out),
        "--results", str(results), "--config.data.max_examples=120",
        "--config.data.code_buckets=(64,)", "--config.train.batch_size=8",
-       "--config.retrieval.k=2", "--config.retrieval.max_ctx_len=64"],
+       "--config.data.max_desc_len=128",
+       "--config.retrieval.k=2", "--config.retrieval.max_ctx_len=64", "--pack", "none,desc+ctx",
+       "--config.train.pack_rows.desc=0.5", "--config.train.pack_rows.ctx=1.0",
+       "--predict", "desc+ctx=fewer rows"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  res = json.loads(out.read_text())
+  res, packed = json.loads(out.read_text())
+  # The packed arm: the same batches in fewer encoder rows, the same first loss (same weights).
+  assert packed["pack"] == "desc,ctx" and packed["pack_rows"] == {"desc": 4, "ctx": 8}
+  assert packed["packed_steps"] > 0
+  assert packed["tokens_useful"] == res["tokens_useful"]
+  assert packed["tokens_fed"]["desc_ids"] < res["tokens_fed"]["desc_ids"]
+  np.testing.assert_allclose(packed["loss_first_last"][0], res["loss_first_last"][0], rtol=1e-4)
+  assert set(res["rows_needed"]) == {"desc_ids", "ctx_ids"}
+  assert all(0 < x["mean"] <= x["max"] <= 1 for x in res["rows_needed"].values())
   assert res["steps"] == 3 and res["retrieval_k"] == 2 and "BM25" in res["neighbours"]
   assert set(res["tokens_fed"]) == {"desc_ids", "code_ids", "ctx_ids"}
   assert res["tokens_fed"]["code_ids"] == 3 * 8 * 64 and res["tokens_fed"]["ctx_ids"] == 3 * 8 * 64
@@ -95,8 +108,9 @@ def test_bench_realdata_tiny_with_retrieval_writes_its_figures(tmp_path):
   # Perfect packing computes the examples at their own lengths: fewer FLOPs than fed.
   assert 0 < res["own_length_flops"] < res["flops"] and res["packing_ceiling"] > 1
   text = results.read_text()
-  assert text.startswith("## Real-data training throughput (issue 21)")
-  assert "Packing (an estimate; not implemented)" in text and "at most" in text
+  assert text.startswith("## Sequence packing of the encoder's inputs (issue 21)")
+  assert "| desc+ctx | fewer rows |" in text
+  assert "Ideal packing (an estimate" in proc.stdout and "at most" in proc.stdout
 
 
 def test_check_generation_reports_conditioning_and_self_consistency(tmp_path):

@@ -29,6 +29,7 @@ from flax_albert_code.training import optim
 from flax_albert_code.model import sharding
 from flax_albert_code.training import step as train_step
 from flax_albert_code.training import loop as trainer
+from flax_albert_code.data import packing
 from flax_albert_code.data import pipeline
 from flax_albert_code.data.prepared import prepare
 
@@ -81,13 +82,13 @@ def devices_for(mesh):
 
 def run(config, workdir, **kw):
   """trainer.run that also records each training batch's example indices (the data order)."""
-  seen, real = [], trainer._model_batch
+  seen, real = [], trainer.Trainer._model_batch
 
-  def recording(batch):
+  def recording(self, batch):
     seen.append(batch["index"].copy())
-    return real(batch)
+    return real(self, batch)
   mesh = tuple(config.mesh[a] for a in sharding.MESH_AXES)
-  with mock.patch.object(trainer, "_model_batch", recording):
+  with mock.patch.object(trainer.Trainer, "_model_batch", recording):
     result = trainer.run(config, str(workdir), progress=False, devices=devices_for(mesh), **kw)
   return result, seen
 
@@ -157,10 +158,34 @@ def test_precompiled_steps_equal_the_jitted_ones(shared, tmp_path):
   with mock.patch.object(train_step, "precompile_async", recording):
     eager, _ = run(make_config(**config, **{"train.precompile": True}), tmp_path / "eager")
   first, futures = made[0]
-  assert sorted(futures) == [("eval", 32), ("eval", 64), ("train", 32), ("train", 64)]
+  assert sorted(k[:2] for k in futures) == [("eval", 32), ("eval", 64), ("train", 32),
+                                             ("train", 64)]
   assert first[0] == "train" and all(f.result(timeout=300) for f in futures.values())
   assert eager.history == lazy.history and eager.valid == lazy.valid and eager.valid
   assert tree_equal(eager.state, lazy.state)
+
+
+def test_packed_descriptions_train_as_unpacked(shared, tmp_path):
+  """train.pack="desc" on 8 devices (4 packing groups of 2 examples): the same losses as
+  unpacked, whether the batches fit their rows (2 a group: packed) or not (1 a group: the tiny
+  descriptions fill their 32 tokens, so every batch runs unpacked, through the plain program)."""
+  config = dict(data_dir=shared[0], **{"train.steps": 3})
+  fitted, real = [], packing.Packer.__call__
+
+  def recording(self, batch):
+    fitted.append(real(self, batch))
+    return fitted[-1]
+  plain, plain_batches = run(make_config(**config), tmp_path / "plain")
+  for share, fit in ((1.0, True), (0.5, False)):
+    fitted.clear()
+    with mock.patch.object(packing.Packer, "__call__", recording):
+      packed, packed_batches = run(make_config(**config, **{
+          "train.pack": "desc", "train.pack_rows": {"desc": share}}), tmp_path / f"packed{share}")
+    np.testing.assert_array_equal(np.stack(plain_batches), np.stack(packed_batches))
+    assert fitted == [fit] * 3
+    for k in ("loss", "gen_loss", "infonce_loss", "grad_norm"):
+      np.testing.assert_allclose([h[k] for h in packed.history], [h[k] for h in plain.history],
+                                 rtol=1e-4, err_msg=k)
 
 
 def test_resume_equals_uninterrupted_bitwise(shared, tmp_path):

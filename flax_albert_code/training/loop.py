@@ -26,6 +26,7 @@ from flax_albert_code.training import optim
 from flax_albert_code.model import sharding
 from flax_albert_code.training import step as train_step
 from flax_albert_code.data import neighbours as neighbours_lib
+from flax_albert_code.data import packing
 from flax_albert_code.data import pipeline
 from flax_albert_code.data.prepared import prepare
 from flax_albert_code.evaluation import design_example
@@ -106,7 +107,8 @@ def _flatten(tree):
   return [(_key(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def _model_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+
+def _model_fields(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: batch[k] for k in ("desc_ids", "code_ids", "ctx_ids", "labelled") if k in batch}
 
 
@@ -157,7 +159,7 @@ def evaluate(eval_fn, params, config, prepared, mesh, batch_size: int,
     return {}
   sums, n = {}, 0
   for batch in it:
-    m = jax.device_get(eval_fn(params, pipeline.to_global(_model_batch(batch),
+    m = jax.device_get(eval_fn(params, pipeline.to_global(_model_fields(batch),
                                                           sharding.batch_sharding(mesh))))
     for k, v in m.items():
       sums[k] = sums.get(k, 0.0) + float(v)
@@ -231,6 +233,8 @@ class Trainer:
     self.valid: dict[str, float] = {}
     self.eval_bs = int(tc.get("eval_batch_size", 0) or tc.batch_size)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.packer = packing.Packer.from_config(config, divisor)
+    self.packed_batches = {True: 0, False: 0}   # batches that fit their packing rows, and not
     self.train_fn = self.eval_fn = self.bar = None   # made by train()
     # The last step's metrics on the device, not yet checked; throughput since the last log.
     self._pending: tuple[int, Any] | None = None
@@ -252,8 +256,8 @@ class Trainer:
                                                          self.mesh, self.shardings)
       if tc.get("precompile", False) and step < end:
         # The first batch's program is traced first; the others follow in the background.
-        self._first_batch = next(self.train_iter)
-        first = ("train", self._first_batch["code_ids"].shape[1])
+        self._first_batch = self._model_batch(next(self.train_iter))
+        first = train_step.program_key("train", self._first_batch)
         compiled = train_step.precompile_async(
             self.train_fn, self.eval_fn if tc.eval_every else None, self.state, self.config,
             self.mesh, self.eval_bs, tuple(self.config.data.code_buckets), first=first)
@@ -291,8 +295,8 @@ class Trainer:
   def do_step(self, step: int) -> None:
     """Runs training step `step` (1-based) on the next batch; then checks step - 1's metrics,
     which the device has by now."""
-    batch, self._first_batch = self._first_batch or next(self.train_iter), None
-    batch = _model_batch(batch)
+    batch = self._first_batch or self._model_batch(next(self.train_iter))
+    self._first_batch = None
     ld, lc = batch["desc_ids"].shape[1], batch["code_ids"].shape[1]
     self.state, metrics = self.train_fn(self.state,
                                         pipeline.to_global(batch, self.batch_sharding))
@@ -302,6 +306,13 @@ class Trainer:
         self.model_cfg, ld, lc, generation=self.gen, align=bool(self.align),
         mlm=bool(self.tc.get("mlm_weight", 0.0)))
     self._pending = (step, metrics)
+
+  def _model_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The fields the step reads, with config.train.pack's plans where the batch fits them."""
+    out = _model_fields(batch)
+    if self.packer is not None:
+      self.packed_batches[self.packer(out)] += 1
+    return out
 
   def _log_startup(self, step: int) -> None:
     """Time to the first step, by phase (a restart after preemption is judged by it)."""
@@ -342,6 +353,8 @@ class Trainer:
     rate = {"tokens_per_s": self._tokens_since / dt, "model_tflops": self._flops_since / dt / 1e12}
     if self.peak:
       rate["mfu"] = self._flops_since / dt / (self.peak * self.mesh.devices.size)
+    if self.packer is not None:   # batches so far that did not fit their rows (ran unpacked)
+      rate["unpacked_batches"] = self.packed_batches[False]
     self.writer.write(step, rate)
     self.bar.set_postfix(loss=f"{self.history[-1]['loss']:.3f}",
                          tok_s=f"{rate['tokens_per_s']:.0f}")
@@ -387,7 +400,7 @@ def _dispatch(compiled, kind: str, fallback):
   """A step that runs the precompiled program for its batch's code length (else `fallback`);
   a program still compiling (a Future) is waited for."""
   def step(state_or_params, batch):
-    fn = compiled.get((kind, batch["code_ids"].shape[1]), fallback)
+    fn = compiled.get(train_step.program_key(kind, batch), fallback)
     if hasattr(fn, "result"):
       fn = fn.result()
     return fn(state_or_params, batch)

@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flax_albert_code.data import packing as data_packing
 from flax_albert_code.training import losses
+from flax_albert_code.model import packing
 from flax_albert_code.model import sharding
 from flax_albert_code.config import BOS_ID, CLS_ID, PAD_ID, UNK_ID
 from flax_albert_code.model.albert import CodeModel, code_encoder_input, shift_right
@@ -159,7 +161,8 @@ def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool,
                               word_dropout, UNK_ID) if word_dropout else None)
   out = model.apply({"params": params["model"]}, desc, code, deterministic=not dropout,
                     encode_code=bool(align), decode=gen, ctx_ids_BxC=batch.get("ctx_ids"),
-                    dec_in_BxT=dec_in, rngs={"dropout": rng})
+                    dec_in_BxT=dec_in, desc_packed=packing.Packed.from_batch(batch, "desc"),
+                    ctx_packed=packing.Packed.from_batch(batch, "ctx"), rngs={"dropout": rng})
   metrics, total = {}, 0.0
   ce_options = dict(chunk=tc.get("loss_chunk", 128), logits_dtype=tc.get("logits_dtype", "float32"))
   if gen:
@@ -289,14 +292,20 @@ def jit_steps(model, tx, config, mesh, state_shardings):
   return train, evaluate
 
 
+def program_key(kind: str, batch) -> tuple:
+  """What picks a step's compiled program: train or eval, the code bucket, the batch's fields
+  (a packed batch and one that did not fit its rows run different programs)."""
+  return kind, batch["code_ids"].shape[1], tuple(sorted(batch))
+
+
 def precompile(train_fn, eval_fn, state: TrainState, config, mesh, eval_batch_size: int,
-               code_lengths) -> dict[tuple[str, int], Any]:
+               code_lengths) -> dict[tuple, Any]:
   """Compiles the train and eval steps for every code bucket at once, in threads.
 
   XLA compiles without the GIL, so the buckets' programs (3 train + 3 eval by default) build
   side by side instead of one after another as the first batch of each shape arrives.
-  Returns {("train" | "eval", code length): compiled}; call a compiled step like the jitted
-  one (same shardings, the state still donated).
+  Returns {`program_key`: compiled}; call a compiled step like the jitted one (same
+  shardings, the state still donated).
   """
   start = time.perf_counter()
   futures = precompile_async(train_fn, eval_fn, state, config, mesh, eval_batch_size,
@@ -307,8 +316,8 @@ def precompile(train_fn, eval_fn, state: TrainState, config, mesh, eval_batch_si
 
 
 def precompile_async(train_fn, eval_fn, state: TrainState, config, mesh, eval_batch_size: int,
-                     code_lengths, first: tuple[str, int] | None = None
-                     ) -> dict[tuple[str, int], concurrent.futures.Future]:
+                     code_lengths, first: tuple | None = None
+                     ) -> dict[tuple, concurrent.futures.Future]:
   """`precompile` without waiting: {key: Future of the compiled step}.
 
   One background thread traces and lowers the programs one after another (tracing holds the
@@ -319,24 +328,34 @@ def precompile_async(train_fn, eval_fn, state: TrainState, config, mesh, eval_ba
   """
   batch_sh = sharding.batch_sharding(mesh)
 
-  def batch(b, lc, labelled=False):
-    shape = lambda n: jax.ShapeDtypeStruct((b, n), jnp.int32, sharding=batch_sh)
-    out = {"desc_ids": shape(config.data.max_desc_len), "code_ids": shape(lc)}
+  packer = data_packing.Packer.from_config(config, sharding.batch_divisor(mesh)
+                                           * max(int(config.train.microbatches), 1))
+
+  def batch(b, lc, labelled=False, packed=False):
+    shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=batch_sh)
+    out = {"desc_ids": shape(b, config.data.max_desc_len), "code_ids": shape(b, lc)}
     if retrieval_k(config):
-      out["ctx_ids"] = shape(int(config.retrieval.max_ctx_len))
+      out["ctx_ids"] = shape(b, int(config.retrieval.max_ctx_len))
     if labelled:   # training batches with an unlabelled schedule; eval batches never
       out["labelled"] = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=batch_sh)
+    if packed:     # training batches with config.train.pack (those that fit); eval never
+      widths = {k: v.shape[1] for k, v in out.items()}
+      out.update({k: shape(*s) for k, s in packer.shapes(b, widths).items()})
     return out
 
   # Shapes only: the live state may be donated by training steps while this runs.
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                        state)
   mixed = bool(config.train.get("unlabelled_schedule", ""))
-  jobs = {("train", lc): (train_fn, (state, batch(config.train.batch_size, lc, mixed)))
-          for lc in code_lengths}
-  if eval_fn is not None:
-    jobs.update({("eval", lc): (eval_fn, (state.params, batch(eval_batch_size, lc)))
-                 for lc in code_lengths})
+  jobs = {}
+  for lc in code_lengths:
+    # With packing, also the program of a batch that does not fit its rows.
+    for packed in {False, packer is not None}:
+      b = batch(config.train.batch_size, lc, mixed, packed)
+      jobs[program_key("train", b)] = (train_fn, (state, b))
+    if eval_fn is not None:
+      b = batch(eval_batch_size, lc)
+      jobs[program_key("eval", b)] = (eval_fn, (state.params, b))
   order = sorted(jobs, key=lambda k: (k != first, k[0] != "train", k[1]))
   futures = {k: concurrent.futures.Future() for k in order}
   pool = concurrent.futures.ThreadPoolExecutor(len(order))
