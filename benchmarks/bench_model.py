@@ -19,7 +19,6 @@ import statistics
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +31,7 @@ from flax_albert_code.model import albert as model_lib  # noqa: E402
 from flax_albert_code.training import optim  # noqa: E402
 from flax_albert_code.model import sharding  # noqa: E402
 from flax_albert_code.inference import model_decoding  # noqa: E402
+from flax_albert_code.inference.generator import inference_params  # noqa: E402
 from flax_albert_code.training import step as train_step  # noqa: E402
 from flax_albert_code.config import EOS_ID  # noqa: E402
 
@@ -151,7 +151,9 @@ def bench_generate(c, *, strategy: str, num_beams: int, reps: int) -> dict:
   ld, lc, b = c.data.max_desc_len, c.data.max_code_len, c.train.batch_size
   rng = np.random.RandomState(1)
   desc = jnp.asarray(rng.randint(6, mc.vocab_size, (b, ld)).astype(np.int32))
-  params = jax.jit(lambda k: nn.unbox(model.init(k, desc[:2], desc[:2])))(jax.random.PRNGKey(0))
+  # The weights as CodeGenerator (what users call) holds them: matrices in the compute dtype.
+  params = inference_params(jax.jit(model.init)(jax.random.PRNGKey(0), desc[:2], desc[:2]),
+                            mc.compute_dtype)
   # "EOS ignored": the benchmark bans EOS so every sequence decodes exactly `lc` new tokens.
   bias = params["params"]["decoder"]["logits_bias"]
   params["params"]["decoder"]["logits_bias"] = bias.at[EOS_ID].set(-1e9)
