@@ -233,7 +233,7 @@ def run(config, data: str, steps: int, warmup: int, neighbours_dir: str | None,
     rows = {f: [] for f in FIELDS}   # rows each field ran in: its examples, or its packed rows
     # The share of a group's examples first fit would need as rows (what pack_rows must hold).
     needed = {f: [] for f in packing.FIELDS.values()}
-    groups = packer.groups if packer else sharding.batch_divisor(mesh)
+    groups = B // packer.group_size if packer else sharding.batch_divisor(mesh)
     max_segments = int(tc.pack_max_segments)
     per_step, pending, wait_s, plans = [], None, 0.0, []
     t_first = time.perf_counter()
@@ -311,7 +311,7 @@ def run(config, data: str, steps: int, warmup: int, neighbours_dir: str | None,
       "pack": str(tc.get("pack", "")), "packed_steps": packed_steps,
       "rows_needed": {f: {"mean": float(np.mean(v)), "p90": float(np.quantile(v, 0.9)),
                           "max": float(np.max(v))} for f, v in needed.items() if v},
-      "pack_rows": {f: packing.rows_for(B // packer.groups, packer.rows[f])
+      "pack_rows": {f: packing.rows_for(packer.group_size, packer.rows[f])
                     for f in packer.fields} if packer else {},
       "train_examples": int(prepared.split_sizes.get("train", 0)), "batch_size": B,
       "devices": jax.device_count(), "code_buckets": list(buckets), "widths": widths,

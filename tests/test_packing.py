@@ -58,14 +58,19 @@ def test_plan_refuses_what_does_not_fit_and_add_plans_leaves_the_batch_unpacked(
   assert packing.plan(ids, groups=1, rows=3, max_segments=4) is None
   assert packing.plan(_ids([1, 1, 1, 1], 8), groups=1, rows=1, max_segments=3) is None
   batch = {"desc_ids": _ids([8] * 15 + [1], 8)}   # 16 examples into 8 rows: no
-  assert not packing.Packer(("desc",), 1, {"desc": 0.5}, 4)(batch)
+  assert not packing.Packer(("desc",), 16, {"desc": 0.5}, 4)(batch)
   assert set(batch) == {"desc_ids"}
-  packer = packing.Packer(("desc",), 2, {"desc": 1.0}, 4)
+  packer = packing.Packer(("desc",), 8, {"desc": 1.0}, 4)
   assert packer(batch)
   shapes = packer.shapes(16, {"desc_ids": 8})
   assert {k: v.shape for k, v in batch.items() if k != "desc_ids"} == shapes
   assert set(shapes) == {"desc_pack_src", "desc_pack_dst", "desc_pack_seqlen",
                          "desc_pack_offsets"}
+  # Two hosts, each planning its own half of the batch, make the global plan between them.
+  halves = [{"desc_ids": batch["desc_ids"][h * 8:(h + 1) * 8]} for h in (0, 1)]
+  assert all(packer(half) for half in halves)
+  for k in shapes:
+    np.testing.assert_array_equal(np.concatenate([half[k] for half in halves]), batch[k])
   with pytest.raises(ValueError, match="right-padded"):
     packing.plan(np.array([[5, 0, 5]], np.int32), 1, 1, 2)
   with pytest.raises(ValueError, match="config.train.pack="):

@@ -8,7 +8,7 @@ gathers the states back to [B, L, H], so pooling, the decoder's memory and the l
 the packing.
 
 Rows are planned per group of consecutive examples, one group per (microbatch x batch shard),
-so every gather stays on its device. A batch whose examples do not fit the rows runs unpacked
+so every gather stays on its device, and each host plans its own rows of the global batch. A batch whose examples do not fit the rows runs unpacked
 (another compiled program; `add_plans` says so): nothing is dropped or moved to another batch.
 
 The plan of a field f (FIELDS) adds four int32 arrays to the batch, G groups of Bg examples
@@ -101,28 +101,32 @@ def plan(ids_BxL: np.ndarray, groups: int, rows: int, max_segments: int
 
 @dataclasses.dataclass(frozen=True)
 class Packer:
-  """config.train.pack's plans for the batches of a run: `groups` = data x fsdp shards x
-  microbatches; `rows` the share of each group's examples a field gets as rows."""
+  """config.train.pack's plans for the batches of a run. A group is `group_size` consecutive
+  examples (the global batch over data x fsdp shards x microbatches), so a host packs its own
+  rows of the batch into its own groups; `rows`: the share of a group's examples a field gets
+  as rows."""
   fields: tuple[str, ...]
-  groups: int
+  group_size: int
   rows: dict[str, float]
   max_segments: int
 
   @classmethod
   def from_config(cls, config, groups: int) -> Packer | None:
+    """`groups`: the global batch's groups (data x fsdp mesh axes x microbatches)."""
     fields = pack_fields(config.train.get("pack", ""))
     if not fields:
       return None
-    return cls(fields, groups, {f: float(config.train.pack_rows[f]) for f in fields},
+    return cls(fields, int(config.train.batch_size) // groups,
+               {f: float(config.train.pack_rows[f]) for f in fields},
                int(config.train.pack_max_segments))
 
   def __call__(self, batch: dict[str, np.ndarray]) -> bool:
-    """Adds the plans to `batch` in place; False (and nothing added) when one field's examples
-    do not fit its rows, so the batch runs unpacked."""
+    """Adds the plans to `batch` (this host's rows of a global batch) in place; False (and
+    nothing added) when one field's examples do not fit its rows, so the batch runs unpacked."""
     plans = {}
     for f in self.fields:
       ids = batch[FIELDS[f]]
-      p = plan(ids, self.groups, rows_for(ids.shape[0] // self.groups, self.rows[f]),
+      p = plan(ids, ids.shape[0] // self.group_size, rows_for(self.group_size, self.rows[f]),
                self.max_segments)
       if p is None:
         return False
@@ -131,13 +135,14 @@ class Packer:
     return True
 
   def shapes(self, batch_size: int, widths: dict[str, int]) -> dict[str, tuple[int, ...]]:
-    """The plan arrays' shapes for a batch of `batch_size`, fields `widths` wide (by batch key)."""
-    per = batch_size // self.groups
+    """The plan arrays' shapes for a (global) batch of `batch_size`, fields `widths` wide (by
+    batch key)."""
+    groups, per = batch_size // self.group_size, self.group_size
     out = {}
     for f in self.fields:
       width, rows = widths[FIELDS[f]], rows_for(per, self.rows[f])
-      out.update({f"{f}_pack_src": (self.groups, rows, width),
-                  f"{f}_pack_dst": (self.groups, per, width),
-                  f"{f}_pack_seqlen": (self.groups, rows, self.max_segments),
-                  f"{f}_pack_offsets": (self.groups, rows, self.max_segments + 1)})
+      out.update({f"{f}_pack_src": (groups, rows, width),
+                  f"{f}_pack_dst": (groups, per, width),
+                  f"{f}_pack_seqlen": (groups, rows, self.max_segments),
+                  f"{f}_pack_offsets": (groups, rows, self.max_segments + 1)})
     return out
