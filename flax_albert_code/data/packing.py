@@ -8,8 +8,9 @@ gathers the states back to [B, L, H], so pooling, the decoder's memory and the l
 the packing.
 
 Rows are planned per group of consecutive examples, one group per (microbatch x batch shard),
-so every gather stays on its device, and each host plans its own rows of the global batch. A batch whose examples do not fit the rows runs unpacked
-(another compiled program; `add_plans` says so): nothing is dropped or moved to another batch.
+so every gather stays on its device, and each host plans its own rows of the global batch. A
+batch whose examples do not fit the rows runs unpacked (another compiled program; `Packer`
+says so): nothing is dropped or moved to another batch.
 
 The plan of a field f (FIELDS) adds four int32 arrays to the batch, G groups of Bg examples
 packed into R rows of the field's width L, at most M segments a row:
