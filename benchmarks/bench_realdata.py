@@ -235,7 +235,7 @@ def run(config, data: str, steps: int, warmup: int, neighbours_dir: str | None,
     needed = {f: [] for f in packing.FIELDS.values()}
     groups = B // packer.group_size if packer else sharding.batch_divisor(mesh)
     max_segments = int(tc.pack_max_segments)
-    per_step, pending, wait_s, plans = [], None, 0.0, []
+    per_step, pending, wait_s, plans, step_flops = [], None, 0.0, [], []
     t_first = time.perf_counter()
     last_done = t_first
     for i in range(steps):
@@ -253,6 +253,7 @@ def run(config, data: str, steps: int, warmup: int, neighbours_dir: str | None,
           needed[f].append(max(packing.rows_needed(lens[g * per:(g + 1) * per], widths_of[f],
                                                    max_segments) for g in range(groups)) / per)
       plans.append(any(k.endswith("_pack_src") for k in host))
+      step_flops.append(metrics.batch_flops(mc, host, generation=gen, align=bool(align)))
       width = host["code_ids"].shape[1]
       if pending is not None:
         loss = float(jax.device_get(pending[1]["loss"]))   # the step before: a step late
@@ -273,17 +274,7 @@ def run(config, data: str, steps: int, warmup: int, neighbours_dir: str | None,
       fed[f] += rows[f][i] * (w if f == "code_ids" else widths[f])
   packed_steps = sum(plans)
   useful = {f: int(v.sum()) for f, v in lengths.items()}
-  flops = 0.0
-  ld, lctx = widths["desc_ids"], widths["ctx_ids"]
-  encoder = lambda n: metrics.train_flops_per_example(mc, n, 0, generation=False, align=False)
-  for i, (w, _, _) in enumerate(per_step):
-    if k:
-      flops += B * (metrics.train_flops_per_example(mc, lctx, w, generation=gen, align=bool(align))
-                    + encoder(ld))
-      flops -= (B - rows["ctx_ids"][i]) * encoder(lctx)   # packed: fewer encoder rows
-    else:
-      flops += B * metrics.train_flops_per_example(mc, ld, w, generation=gen, align=bool(align))
-    flops -= (B - rows["desc_ids"][i]) * encoder(ld)
+  flops = sum(step_flops)
   # The same examples at their own lengths (each field's real tokens, attention within the
   # example): what perfect packing would compute, so flops / own_flops bounds its gain.
   n = len(lengths["code_ids"])

@@ -110,3 +110,22 @@ def test_packed_encoding_equals_unpacked(pre_norm):
   np.testing.assert_allclose(l1, l0, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
     np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-4)
+
+
+def test_batch_flops_count_the_context_and_the_packed_rows():
+  """The Trainer's and bench_realdata's FLOPs a step: with a retrieval context the decoder
+  attends to the context and the context is encoded too; packed passes count their rows."""
+  from flax_albert_code.training import metrics
+  mc = _model().cfg
+  f = functools.partial(metrics.train_flops_per_example, mc)
+  enc = lambda n: f(n, 0, generation=False, align=False)
+  batch = {"desc_ids": np.zeros((8, 16), np.int32), "code_ids": np.zeros((8, 32), np.int32)}
+  assert metrics.batch_flops(mc, batch) == 8 * f(16, 32)
+  batch["ctx_ids"] = np.zeros((8, 48), np.int32)
+  assert metrics.batch_flops(mc, batch) == 8 * (f(48, 32) + enc(16))
+  assert metrics.batch_flops(mc, batch, generation=False) == 8 * f(16, 32, generation=False)
+  batch["desc_pack_src"] = np.zeros((2, 1, 16), np.int32)   # 2 rows for 8 descriptions
+  batch["ctx_pack_src"] = np.zeros((2, 3, 48), np.int32)    # 6 rows for 8 contexts
+  # The context encoder is inside f(48, 32) (its "description" pass): 2 of 8 rows not computed.
+  np.testing.assert_allclose(metrics.batch_flops(mc, batch),
+                             8 * f(48, 32) - 2 * enc(48) + 2 * enc(16), rtol=1e-12)

@@ -61,10 +61,10 @@ def test_steps_on_eight_devices_push_each_batch_and_use_the_queue_from_queue_sta
     fills, pushed = [], []
     for i in range(3):
       pushed.append(_vectors(model, jax.device_get(state.params), _batch(i)))
-      state, metrics = compiled[("train", LC)](state, _batch(i))
+      state, metrics = compiled[train_step.program_key("train", _batch(i))](state, _batch(i))
       assert "queue_rows" not in metrics and np.isfinite(float(metrics["loss"]))
       fills.append(float(metrics["queue_fill"]))
-    eval_metrics = compiled[("eval", LC)](state.params, _batch(9))
+    eval_metrics = compiled[train_step.program_key("eval", _batch(9))](state.params, _batch(9))
   # Steps 0 and 1 come before queue_start=2 (the queue fills but is not used); step 2 uses the
   # two batches pushed before it; the third push wraps to the start.
   assert fills == [0.0, 0.0, 1.0]
