@@ -169,7 +169,6 @@ def run(config, data: str, steps: int, warmup: int, neighbours_dir: str | None,
   from flax_albert_code.training import metrics  # pylint: disable=import-outside-toplevel
   from flax_albert_code.training import optim  # pylint: disable=import-outside-toplevel
   from flax_albert_code.training import step as train_step  # pylint: disable=import-outside-toplevel
-
   from flax_albert_code.data import packing  # pylint: disable=import-outside-toplevel
 
   cache = {} if cache is None else cache
@@ -204,8 +203,8 @@ def run(config, data: str, steps: int, warmup: int, neighbours_dir: str | None,
   batch_sharding = sharding.batch_sharding(mesh)
   packer = packing.Packer.from_config(config, sharding.batch_divisor(mesh)
                                       * max(int(tc.microbatches), 1))
-  widths_of = {"desc_ids": int(d.max_desc_len), "code_ids": int(buckets[-1]),
-               "ctx_ids": int(config.retrieval.max_ctx_len)}
+  widths = {"desc_ids": int(d.max_desc_len), "code_ids": int(buckets[-1]),
+            "ctx_ids": int(config.retrieval.max_ctx_len)}
   setup_s = time.perf_counter() - t_start
   with jax.set_mesh(mesh):
     train_fn, _ = train_step.jit_steps(model, tx, config, mesh, shardings)
@@ -250,7 +249,7 @@ def run(config, data: str, steps: int, warmup: int, neighbours_dir: str | None,
         if f in needed and f in host:
           per = B // groups
           lens = lengths[f][-1]
-          needed[f].append(max(packing.rows_needed(lens[g * per:(g + 1) * per], widths_of[f],
+          needed[f].append(max(packing.rows_needed(lens[g * per:(g + 1) * per], widths[f],
                                                    max_segments) for g in range(groups)) / per)
       plans.append(any(k.endswith("_pack_src") for k in host))
       step_flops.append(metrics.batch_flops(mc, host, generation=gen, align=bool(align)))
@@ -267,7 +266,6 @@ def run(config, data: str, steps: int, warmup: int, neighbours_dir: str | None,
     wall = now - t_first
 
   lengths = {f: np.concatenate(v) for f, v in lengths.items() if v}
-  widths = widths_of
   fed = {f: 0 for f in lengths}
   for i, (w, _, _) in enumerate(per_step):
     for f in fed:
@@ -369,8 +367,9 @@ def markdown(res: dict) -> str:
       "| code bucket | steps | median step ms | mean step ms |", "| ---: | ---: | ---: | ---: |",
       *[f"| {w} | {b['steps']} | {b['median_ms']:.1f} | {b['mean_ms']:.1f} |"
         for w, b in res["step_ms_by_bucket"].items()], "",
-      f"**Ideal packing (an estimate; `--pack` measures the implemented one):** the same {p['examples']:,} examples "
-      f"first-fit (longest code first) into rows of {p['widths']}, all fields of an example in "
+      "**Ideal packing (an estimate; `--pack` measures the implemented one):** the same "
+      f"{p['examples']:,} examples first-fit (longest code first) into rows of {p['widths']}, "
+      "all fields of an example in "
       f"one row: {p['joint']['rows']:,} rows, padding {_pct(p['joint']['padding'])} ("
       + ", ".join(f"{names[f]} {_pct(x)}" for f, x in p["joint"]["padding_per_field"].items())
       + f"), {p['joint']['tokens_fed_vs_bucketed']:.2f}x the tokens the bucketed batches fed. "
