@@ -92,7 +92,7 @@ def test_packed_encoding_equals_unpacked(pre_norm):
   params = random_params(model)
   desc = _ids([8, 3, 4, 2, 5, 1], 8, seed=3)
   rows = packing.plan(desc, groups=2, rows=2, max_segments=3)   # 3 examples a group in 2 rows
-  plan = model_packing.Packed(*(jnp.asarray(rows[k]) for k in packing.SUFFIXES))
+  plan = model_packing.Packed(*(jnp.asarray(rows[k]) for k in ("src", "dst", "seqlen", "offsets")))
 
   def loss(p, packed):
     enc = model.apply({"params": p}, jnp.asarray(desc), method=model_lib.CodeModel.encode,

@@ -31,7 +31,6 @@ import numpy as np
 from flax_albert_code.config import PACK_FIELDS, PAD_ID, pack_fields
 
 FIELDS = dict(zip(PACK_FIELDS, ("desc_ids", "ctx_ids")))
-SUFFIXES = ("src", "dst", "seqlen", "offsets")
 
 
 def rows_for(group_size: int, fraction: float) -> int:
@@ -121,29 +120,27 @@ class Packer:
                {f: float(config.train.pack_rows[f]) for f in fields},
                int(config.train.pack_max_segments))
 
-  def __call__(self, batch: dict[str, np.ndarray]) -> bool:
-    """Adds the plans to `batch` (this host's rows of a global batch) in place; False (and
-    nothing added) when one field's examples do not fit its rows, so the batch runs unpacked."""
+  def _plans(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
     plans = {}
     for f in self.fields:
       ids = batch[FIELDS[f]]
       p = plan(ids, ids.shape[0] // self.group_size, rows_for(self.group_size, self.rows[f]),
                self.max_segments)
       if p is None:
-        return False
+        return None
       plans.update({f"{f}_pack_{k}": v for k, v in p.items()})
-    batch.update(plans)
-    return True
+    return plans
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> bool:
+    """Adds the plans to `batch` (this host's rows of a global batch) in place; False (and
+    nothing added) when one field's examples do not fit its rows, so the batch runs unpacked."""
+    plans = self._plans(batch)
+    batch.update(plans or {})
+    return plans is not None
 
   def shapes(self, batch_size: int, widths: dict[str, int]) -> dict[str, tuple[int, ...]]:
     """The plan arrays' shapes for a (global) batch of `batch_size`, fields `widths` wide (by
-    batch key)."""
-    groups, per = batch_size // self.group_size, self.group_size
-    out = {}
-    for f in self.fields:
-      width, rows = widths[FIELDS[f]], rows_for(per, self.rows[f])
-      out.update({f"{f}_pack_src": (groups, rows, width),
-                  f"{f}_pack_dst": (groups, per, width),
-                  f"{f}_pack_seqlen": (groups, rows, self.max_segments),
-                  f"{f}_pack_offsets": (groups, rows, self.max_segments + 1)})
-    return out
+    batch key): those of the plans of an empty batch."""
+    empty = {FIELDS[f]: np.full((batch_size, widths[FIELDS[f]]), PAD_ID, np.int32)
+             for f in self.fields}
+    return {k: v.shape for k, v in self._plans(empty).items()}

@@ -123,9 +123,9 @@ def self_attention_write(qkv_SxMxP: Array, qkv_bias_P: Array, cache_k_LxBxSxNxD:
                          src_BxKxS: Array | None = None) -> tuple[Array, Array, Array]:
   """Q|K|V are the sum of partial products [S, M, 3 * N * D] + bias (rows >= `rows` are
   padding): writes each row's K/V at `index` of `layer` and attends over positions <= `index`
-  (< attend_len), reading the cache in blocks only up to `index`; with `src_BxKxS` row (b, k) reads position s from beam
-  src[b, k, s] (`beam_self_attention`). Returns (context [M, N, D], cache k, cache v): the
-  caches are updated in place."""
+  (< attend_len), reading the cache in blocks only up to `index`; with `src_BxKxS` row (b, k)
+  reads position s from beam src[b, k, s] (`beam_self_attention`). Returns (context [M, N, D],
+  cache k, cache v): the caches are updated in place."""
   l, b, s, heads, d = cache_k_LxBxSxNxD.shape
   span = pow2(attend_len)
   if span > s or pow2(d) != d or qkv_SxMxP.shape[2] != 3 * heads * d:

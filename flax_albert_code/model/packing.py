@@ -8,6 +8,7 @@ collide). Attention in packed rows reads `Segments`: cuDNN's packed flash attent
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -36,7 +37,7 @@ class Packed(NamedTuple):
     """The plan of `field` ("desc", "ctx") in a batch, None if the batch carries none."""
     if f"{field}_pack_src" not in batch:
       return None
-    return cls(*(batch[f"{field}_pack_{s}"] for s in ("src", "dst", "seqlen", "offsets")))
+    return cls(*(batch[f"{field}_pack_{name.split('_')[0]}"] for name in cls._fields))
 
   def segments(self) -> Segments:
     g, r, width = self.src_GxRxL.shape
@@ -88,6 +89,7 @@ def unpack(y_NxLxH: Array, p: Packed) -> Array:
   return out.reshape(g * per, width, h)
 
 
+@functools.cache
 def _cudnn_packed():
   """cuDNN's attention entry point that takes segment offsets, or None where there is none."""
   try:

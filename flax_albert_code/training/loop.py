@@ -107,7 +107,6 @@ def _flatten(tree):
   return [(_key(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-
 def _model_fields(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: batch[k] for k in ("desc_ids", "code_ids", "ctx_ids", "labelled") if k in batch}
 
@@ -234,7 +233,7 @@ class Trainer:
     self.eval_bs = int(tc.get("eval_batch_size", 0) or tc.batch_size)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.packer = packing.Packer.from_config(config, divisor)
-    self.packed_batches = {True: 0, False: 0}   # batches that fit their packing rows, and not
+    self.unpacked_batches = 0   # batches that did not fit their packing rows
     self.train_fn = self.eval_fn = self.bar = None   # made by train()
     # The last step's metrics on the device, not yet checked; throughput since the last log.
     self._pending: tuple[int, Any] | None = None
@@ -311,7 +310,7 @@ class Trainer:
     """The fields the step reads, with config.train.pack's plans where the batch fits them."""
     out = _model_fields(batch)
     if self.packer is not None:
-      self.packed_batches[self.packer(out)] += 1
+      self.unpacked_batches += not self.packer(out)
     return out
 
   def _log_startup(self, step: int) -> None:
@@ -354,7 +353,7 @@ class Trainer:
     if self.peak:
       rate["mfu"] = self._flops_since / dt / (self.peak * self.mesh.devices.size)
     if self.packer is not None:   # batches so far that did not fit their rows (ran unpacked)
-      rate["unpacked_batches"] = self.packed_batches[False]
+      rate["unpacked_batches"] = self.unpacked_batches
     self.writer.write(step, rate)
     self.bar.set_postfix(loss=f"{self.history[-1]['loss']:.3f}",
                          tok_s=f"{rate['tokens_per_s']:.0f}")

@@ -350,7 +350,7 @@ def precompile_async(train_fn, eval_fn, state: TrainState, config, mesh, eval_ba
   jobs = {}
   for lc in code_lengths:
     # With packing, also the program of a batch that does not fit its rows.
-    for packed in {False, packer is not None}:
+    for packed in (False, True) if packer is not None else (False,):
       b = batch(config.train.batch_size, lc, mixed, packed)
       jobs[program_key("train", b)] = (train_fn, (state, b))
     if eval_fn is not None:
