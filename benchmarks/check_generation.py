@@ -6,12 +6,14 @@ agrees with the model's own teacher-forced argmax, and how long greedy outputs a
 
 Rows (per code token, the reference's tokens teacher-forced, EOS included):
 - nll / accuracy with the input generation reads (description + retrieved neighbours), with the
-  description alone, with another example's input (shuffled), and with an empty description.
-  The gap between "as generated" and "shuffled" is what the input is worth to the decoder.
-  With retrieval, also with the reference itself as first neighbour: can the decoder copy?
-- self-consistency: greedy's tokens teacher-forced back through the decoder; the share of
-  positions whose argmax is not greedy's token (bf16 ties aside, 0 unless decoding and training
-  compute different functions).
+  description alone, and with another example's input (shuffled). The gap between "as
+  generated" and "shuffled" is what the input is worth to the decoder (the trainer's
+  input_gap). With retrieval, also with the reference itself as first neighbour: can the
+  decoder copy (the trainer's copy_gap)?
+- self-consistency (only without an n-gram ban, which changes greedy's choices on purpose):
+  greedy's tokens teacher-forced back through the decoder; the share of positions whose argmax
+  is not greedy's token (bf16 ties aside, 0 unless decoding and training compute different
+  functions).
 - the same nll with XLA's attention in float32 (`--reference`), to catch a fused kernel that
   computes something else than the reference.
 - greedy: BLEU, its brevity penalty, output/reference length, share ending in EOS, share whose
@@ -101,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     ctx["own code as first neighbour"] = [
         gen._input_ids(d, i, [tok.encode(c), *[n["tokens"] for n in nbs[i]][:-1]])
         for i, (d, c) in enumerate(zip(descs, codes))]
-  ctx["empty description"] = [tok.encode_description("", gen.max_desc_len) for _ in descs]
   ctx = {k: np.array([postprocess.pad(x, width) for x in v], np.int32) for k, v in ctx.items()}
 
   out = {"checkpoint": args.checkpoint, "step": gen.step, "split": args.split,
@@ -120,12 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     greedy.append(np.asarray(jax.device_get(t))[:, 0])
   greedy = np.concatenate(greedy)
   outputs = [tok.decode(g.tolist()) for g in greedy]
-  # The decoder's own argmax over greedy's tokens: equal to them wherever no n-gram ban acted,
-  # unless decoding and training compute different functions.
-  nll, arg = teacher_forced(gen.model, gen.variables, ctx["as generated"], greedy)
-  w = greedy != PAD_ID
   out["no_repeat_ngram_size"] = ngram
-  out["self_consistency_mismatch"] = float(((arg != greedy) & w).sum() / w.sum())
+  if not ngram:   # the decoder's own argmax over greedy's tokens: equal to them
+    nll, arg = teacher_forced(gen.model, gen.variables, ctx["as generated"], greedy)
+    w = greedy != PAD_ID
+    out["self_consistency_mismatch"] = float(((arg != greedy) & w).sum() / w.sum())
   if args.reference:
     ref_cfg = cfg.copy_and_resolve_references()
     ref_cfg.model.attention_impl, ref_cfg.model.dtype = "xla", "float32"
@@ -154,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
   print(f"greedy: BLEU {g['bleu']:.2f} (brevity penalty {g['bp']:.3f}, precisions "
         f"{'/'.join(f'{x:.0f}' for x in g['precisions'])}), {g['mean_tokens']:.1f} tokens vs "
         f"reference {g['mean_reference_tokens']:.1f}, EOS {g['ends_in_eos']:.0%}, first token "
-        f"{g['first_token_matches']:.0%}, parses {g['parses']:.0%}; self-consistency mismatch "
-        f"{out['self_consistency_mismatch']:.2%} (no_repeat_ngram_size {ngram})")
+        f"{g['first_token_matches']:.0%}, parses {g['parses']:.0%} (no_repeat_ngram_size "
+        f"{ngram})" + (f"; self-consistency mismatch {out['self_consistency_mismatch']:.2%}"
+                       if "self_consistency_mismatch" in out else ""))
   for s in out["samples"][:3]:
     print(f"# {s['description']}\n{s['greedy']}---")
   if args.json:

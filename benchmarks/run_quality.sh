@@ -58,6 +58,10 @@ if [[ $stages == *" curve "* ]]; then
   cp "$here/quality_vs_compute.png" "$out/" 2>/dev/null || true
 fi
 if [[ $stages == *" eval "* ]]; then
+  stamp "reading: teacher-forced nll with own / another / own code as first neighbour (valid)"
+  python3 "$here/check_generation.py" --checkpoint "$work" --n 256 \
+    --json "$out/check_generation.json" 2>&1 | grep -v -i "warn" | head -12 \
+    | tee "$out/check_generation.txt"
   ngrams=()
   read -r -a ngrams <<< "${QUALITY_NGRAMS:-0 4}"
   for n in "${ngrams[@]}"; do

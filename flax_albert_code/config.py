@@ -73,9 +73,30 @@ def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       # "post": ALBERT's LN(x + f(x)) (HF weights); "pre": x + f(LN(x)) and a final LN per stack,
       # which trains at higher learning rates (not HF-compatible).
       norm_position="post",
+      # Reading the input (issue 30). copy_head: the output mixes the vocabulary softmax with a
+      # pointer over the encoder's input tokens (See et al. 2017), gated per position, so a
+      # token of the description or a neighbour can be written by pointing at it.
+      # memory_embeddings: the decoder attends to 0.5 * (encoder states + embedded input), which
+      # keeps each input token's identity when the encoder's states lose it.
+      # context_token_types: tokens after the first [SEP] (a retrieval context's neighbours)
+      # get token type 1, the description type 0.
+      copy_head=True, memory_embeddings=True, context_token_types=True,
   ))
   m.update(MODEL_PRESETS[preset])
   return m
+
+
+# Model fields added after checkpoints were written, with the value a saved config without the
+# field stands for (what the code did before it existed), not today's default.
+LEGACY_MODEL_VALUES = {"copy_head": False, "memory_embeddings": False,
+                       "context_token_types": False}
+
+
+def upgrade_model(values: dict) -> tuple[dict, list[str]]:
+  """A saved `config.model` mapping with every field added since it was written set to its
+  `LEGACY_MODEL_VALUES`, and the names of those fields (for a log line)."""
+  missing = sorted(k for k in LEGACY_MODEL_VALUES if k not in values)
+  return {**{k: LEGACY_MODEL_VALUES[k] for k in missing}, **values}, missing
 
 
 def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:

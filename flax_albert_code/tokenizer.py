@@ -121,13 +121,18 @@ def frame_description(tokens: Sequence[int], max_len: int) -> list[int]:
 def frame_context(desc_tokens: Sequence[int], neighbours: Sequence[Sequence[int]],
                   max_desc_len: int, max_len: int) -> list[int]:
   """[CLS] description [SEP] code_1 [SEP] ... code_k [SEP]: what a retrieval model's encoder
-  reads for generation. The description is framed as `frame_description` frames it; the room
-  left (max_len minus the description) is shared equally by the neighbours, each cut at its
-  share (a short neighbour leaves the rest to the next). A context shorter than max_desc_len
-  cuts the description at max_len."""
+  reads for generation. The description is framed as `frame_description` frames it. The nearest
+  neighbour comes first and may fill the room left (max_len minus the description) but for
+  1 / (2k) of it kept for each later neighbour, so the code most worth copying is whole as
+  often as the room allows; each later one takes what is left, shared equally (a short
+  neighbour leaves the rest to the next). A context shorter than max_desc_len cuts the
+  description at max_len."""
   out = frame_description(desc_tokens, min(max_desc_len, max_len))
+  n = len(neighbours)
+  kept = (max_len - len(out)) // (2 * n) if n else 0   # room each later neighbour keeps
   for i, code in enumerate(neighbours):
-    share = (max_len - len(out)) // (len(neighbours) - i) - 1
+    room = max_len - len(out)
+    share = (room - (n - i - 1) * kept if i == 0 else room // (n - i)) - 1
     if share <= 0:
       break
     out += [*code[:share], SEP_ID]

@@ -130,7 +130,7 @@ def test_check_generation_reports_conditioning_and_self_consistency(tmp_path):
   res = json.loads(out.read_text())
   rows = res["rows"]
   assert set(rows) == {"as generated", "description alone", "shuffled input",
-                       "empty description", "as generated, XLA float32"}
+                       "as generated, XLA float32"}
   assert rows["as generated"] == rows["description alone"]   # no retrieval: the same input
   assert math.isclose(rows["as generated"]["nll"], rows["as generated, XLA float32"]["nll"],
                       rel_tol=1e-5)

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flax_albert_code import config as config_lib
+from flax_albert_code.config import UNK_ID
 from flax_albert_code.data import pipeline, prepared as prepared_lib, token_store
 from flax_albert_code.data.sources import DataError
 
@@ -175,7 +176,7 @@ def test_to_global_shards_over_8_devices(setup):
     np.testing.assert_array_equal(np.asarray(shards[3].data), batch[k][6:8])
 
 
-# Pretraining on unlabelled code: the schedule, the batches' kinds, resume.
+# Denoising unlabelled code: the schedule, the batches' kinds, the corruption, resume.
 
 def with_unlabelled(prep, n=120):
   """`prep` with an unlabelled split written as prepare writes it (empty descriptions): the
@@ -233,7 +234,7 @@ def test_unlabelled_rows_are_framed_and_bucketed_and_resume_exactly(setup):
   kinds = [bool(b["labelled"].all()) for b in batches]
   assert all(b["labelled"].all() or not b["labelled"].any() for b in batches)
   assert kinds == [False] * 3 + [True, False] * 18 + [True]
-  widths = set()
+  widths, unks = set(), 0
   for b in batches:
     assert set(b) == {"desc_ids", "code_ids", "index", "ctx_ids", "labelled"}
     if b["labelled"][0]:
@@ -242,13 +243,21 @@ def test_unlabelled_rows_are_framed_and_bucketed_and_resume_exactly(setup):
     width = b["code_ids"].shape[1]
     widths.add(width)
     assert (b["desc_ids"][:, :2] == [CLS, SEP]).all() and not b["desc_ids"][:, 2:].any()
-    assert (b["ctx_ids"][:, :2] == [CLS, SEP]).all() and not b["ctx_ids"][:, 2:].any()
+    assert (b["ctx_ids"][:, :2] == [CLS, SEP]).all()
     for row, i in enumerate(b["index"]):
       n = unl.lengths["code"][i]
       assert BUCKETS[int(np.searchsorted(BUCKETS, min(n + 1, 128)))] == width
-      np.testing.assert_array_equal(b["code_ids"][row, :min(n, width)],
-                                    unl.tokens("code", i)[:width])
-  assert len(widths) > 1
+      code = unl.tokens("code", i)
+      np.testing.assert_array_equal(b["code_ids"][row, :min(n, width)], code[:width])
+      # The context is the code with spans cut to one UNK each: what is kept is the code's
+      # tokens in order, and every UNK stands for at least one.
+      ctx = b["ctx_ids"][row]
+      seen = ctx[2:list(ctx).index(SEP, 2)].tolist()
+      assert len(seen) <= len(code)
+      unks += UNK_ID in seen
+      rest = iter(code.tolist())
+      assert all(t == UNK_ID or t in rest for t in seen)
+  assert len(widths) > 1 and unks > 20
   for k in (2, 7):   # inside the all-unlabelled start, and in the alternation
     full = make()
     take(full, k)
@@ -259,13 +268,30 @@ def test_unlabelled_rows_are_framed_and_bucketed_and_resume_exactly(setup):
   assert_same(take(make(), 40), batches)
 
 
+def test_corrupt_spans_cuts_about_the_rate_in_spans():
+  rng = np.random.default_rng(0)
+  code = np.arange(10, 410)
+  out = pipeline.corrupt_spans(code, rng)
+  kept = out[out != UNK_ID]
+  cut = len(code) - len(kept)
+  spans = int((out == UNK_ID).sum())
+  assert 0.08 * len(code) < cut < 0.25 * len(code) and 10 < spans < 40
+  assert (np.diff(kept) > 0).all() and set(kept) <= set(code)   # order kept, nothing new
+  assert np.array_equal(pipeline.corrupt_spans(np.array([7]), rng), [7])
+
+
 def test_a_schedule_without_unlabelled_data_says_how_to_get_it(setup):
   config, prep = setup
   prep = dataclasses.replace(prep, split_sizes={k: v for k, v in prep.split_sizes.items()
                                                 if k != "unlabelled"}, _cache={})
+  nb = types.SimpleNamespace(ids={"train": np.zeros((prep.split_sizes["train"], 1), np.int64)})
   with pytest.raises(DataError, match=r"config.train.unlabelled_schedule is set but .* has no "
                                       r"unlabelled code; prepare with config.data.unlabelled="
                                       r"True, or set the schedule to ''\."):
+    pipeline.make_iterator(config, prep, "train", 8, shuffle=True, num_epochs=None,
+                           unlabelled_schedule="0.5", neighbours=nb)
+  # Denoised code is the decoder's context: no retrieval, no context to put it in.
+  with pytest.raises(ValueError, match=r"retrieval is off \(config.retrieval.k=0\)"):
     pipeline.make_iterator(config, prep, "train", 8, shuffle=True, num_epochs=None,
                            unlabelled_schedule="0.5")
 

@@ -243,7 +243,9 @@ def random_variables(model, desc, code, seed: int = 0):
   """The model's initialisation (normal(initializer_range) weights, zero biases, unit LayerNorm
   scales) drawn with numpy from the abstract shapes: no compile of `init`."""
   abstract = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), desc, code))
-  rs = np.random.RandomState(seed)
+  # The copy head draws from a stream of its own, so the rest of the model is the same with
+  # it or without it.
+  rs, rs_copy = np.random.RandomState(seed), np.random.RandomState(seed + 1)
 
   def draw(path, x):
     name = jax.tree_util.keystr(path)
@@ -251,7 +253,8 @@ def random_variables(model, desc, code, seed: int = 0):
       return np.zeros(x.shape, x.dtype)
     if "'scale'" in name:
       return np.ones(x.shape, x.dtype)
-    return (rs.standard_normal(x.shape) * model.cfg.initializer_range).astype(x.dtype)
+    r = rs_copy if "copy_head" in name else rs
+    return (r.standard_normal(x.shape) * model.cfg.initializer_range).astype(x.dtype)
   return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
@@ -270,6 +273,9 @@ def tiny():
   emb = variables["params"]["shared_embedding"]["position_embeddings"]
   emb["embedding"] = emb["embedding"] * 10.0
   variables["params"]["decoder"]["logits_bias"][EOS_ID] = 2.0
+  # The copy head points at the random description's tokens; a gate that mostly generates
+  # lets EOS win in some rows (every decoding path still reads the mixture).
+  variables["params"]["decoder"]["copy_head"]["gate"]["bias"][:] = 3.0
   return config, model, jax.tree.map(jnp.asarray, variables), jnp.asarray(desc)
 
 
@@ -421,7 +427,7 @@ def test_phased_decoding_gives_the_tokens_of_one_loop(tiny):
   config, model, variables, desc = tiny
   variables = jax.tree.map(lambda x: x, variables)
   bias = variables["params"]["decoder"]["logits_bias"]
-  variables["params"]["decoder"]["logits_bias"] = bias.at[EOS_ID].set(1.0)
+  variables["params"]["decoder"]["logits_bias"] = bias.at[EOS_ID].set(0.8)
   run = lambda **kw: (np.asarray(x) for x in model_decoding.generate(
       model, variables, desc, max_new_tokens=32, **kw))
   for kw in (dict(strategy="greedy"), dict(strategy="beam", num_beams=3),
@@ -440,7 +446,7 @@ def test_beam_search_through_beam_indices_gives_the_tokens_of_moving_the_cache(t
   config, model, variables, desc = tiny
   variables = jax.tree.map(lambda x: x, variables)
   bias = variables["params"]["decoder"]["logits_bias"]
-  variables["params"]["decoder"]["logits_bias"] = bias.at[EOS_ID].set(1.0)
+  variables["params"]["decoder"]["logits_bias"] = bias.at[EOS_ID].set(0.8)
   run = lambda **kw: (np.asarray(x) for x in model_decoding.generate(
       model, variables, desc, strategy="beam", num_beams=3, max_new_tokens=32, **kw))
   for phase in (0, 6):

@@ -74,6 +74,13 @@ def get_config(arg: str | None = None):
   c.retrieval.method = "hybrid"
   c.retrieval.max_ctx_len = 320
   c.retrieval.refresh_steps = (900,)
+  # Reading the input (issue 30): the copy head (on by default), half of the training rows with
+  # their own code (15% UNK) as first neighbour, and denoising on unlabelled code: half of the
+  # batches for the first 400 steps, then one in five (about 27% of all batches).
+  c.retrieval.self_neighbour_rate = 0.5
+  c.data.unlabelled = True
+  c.data.max_unlabelled = 100000
+  c.train.unlabelled_schedule = "0.5:400,0.2"
   # Chosen on the valid split (benchmarks/RESULTS.md, issue 19): without it 93% of greedy outputs
   # looped; with 4, 3% (and BLEU 0.38 -> 0.68).
   c.sample.no_repeat_ngram_size = 4

@@ -19,13 +19,20 @@ A batch is a dict of numpy arrays:
                                      (`tokenizer.frame_context`), what the decoder attends to;
                                      in training, config.retrieval.self_neighbour_rate of the
                                      rows have their own code (15% UNK) as first neighbour
+  own_ctx_ids int32 [b, max_ctx_len] only with `own_context` (the trainer's reading gauge):
+                                     the context with the row's own code, intact, as first
+                                     neighbour
   labelled  bool  [b]                only with an unlabelled schedule: False for the rows of
-                                     unlabelled code (description and context just [CLS][SEP])
+                                     unlabelled code, whose context is the code corrupted
+                                     ([CLS] [SEP] code with spans cut to one UNK [SEP])
 
-Pretraining on unlabelled code (config.train.unlabelled_schedule, `parse_schedule`): each global
+Denoising on unlabelled code (config.train.unlabelled_schedule, `parse_schedule`): each global
 batch is either labelled pairs or unlabelled code, chosen by a pure function of the batch index
 (`unlabelled_before`), and each kind has its own bucketed, shuffled BatchPlan; element i is
-still global batch i, so the iterator state stays one integer.
+still global batch i, so the iterator state stays one integer. An unlabelled row's encoder
+reads its function with about 15% of the tokens cut out in spans (BART's text infilling, each
+span one UNK; `corrupt_spans`) and its decoder writes the whole function: copying what is
+there and filling what is not, from the first step.
 """
 from __future__ import annotations
 
@@ -48,6 +55,7 @@ from flax_albert_code.data.sources import DataError
 Batch = dict[str, np.ndarray]
 SCHEDULE_FIELD = "config.train.unlabelled_schedule"
 SELF_NEIGHBOUR_NOISE = 0.15   # share of a self-neighbour's tokens made UNK
+DENOISE_RATE, DENOISE_SPAN = 0.15, 3.0   # share of an unlabelled function's tokens cut; mean span
 Schedule = tuple[tuple[fractions.Fraction, int | None], ...]
 
 
@@ -193,17 +201,45 @@ class BatchPlan(grain.MapDataset):
     return batches[i, self.rows], int(self.buckets[bucket_ids[i]])
 
 
+def corrupt_spans(tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """`tokens` with about DENOISE_RATE of them cut out in spans (lengths geometric, mean
+  DENOISE_SPAN), each span replaced by one UNK (BART's text infilling)."""
+  n = len(tokens)
+  if n < 2:
+    return np.asarray(tokens, np.int32)
+  n_spans = max(1, round(n * DENOISE_RATE / DENOISE_SPAN))
+  cut = np.zeros(n, bool)
+  for start, length in zip(rng.choice(n, size=n_spans, replace=False),
+                           rng.geometric(1 / DENOISE_SPAN, size=n_spans)):
+    cut[start:start + length] = True
+  first = cut & ~np.concatenate([[False], cut[:-1]])
+  out = np.where(first, UNK_ID, np.asarray(tokens, np.int32))
+  return out[~cut | first]
+
+
+def _rows_rng(idx: np.ndarray) -> np.random.Generator:
+  """A generator that is a pure function of the batch's rows (resume-exact)."""
+  return np.random.default_rng(np.frombuffer(
+      hashlib.sha256(idx.astype(np.int64).tobytes()).digest()[:8], np.uint64))
+
+
 class Assemble(grain.transforms.Map):
-  """(indices, width) -> the padded batch dict, gathered from the token store."""
+  """(indices, width) -> the padded batch dict, gathered from the token store.
+
+  `labelled=False` (unlabelled code): the context is the code corrupted (`corrupt_spans`).
+  `own_context`: also `own_ctx_ids`, each row's context with its own code first.
+  """
 
   def __init__(self, store: token_store.TokenStore, max_desc_len: int,
                neighbours: np.ndarray | None = None,
                train_store: token_store.TokenStore | None = None, max_ctx_len: int = 0,
-               labelled: bool | None = None, self_neighbour_rate: float = 0.0):
+               labelled: bool | None = None, self_neighbour_rate: float = 0.0,
+               own_context: bool = False):
     self.store, self.max_desc_len = store, max_desc_len
     self.neighbours, self.train_store, self.max_ctx_len = neighbours, train_store, max_ctx_len
     self.labelled = labelled   # None: no `labelled` field
     self.self_neighbour_rate = self_neighbour_rate
+    self.own_context = own_context
 
   def map(self, element: tuple[np.ndarray, int]) -> Batch:
     indices, width = element
@@ -224,28 +260,42 @@ class Assemble(grain.transforms.Map):
     code[rows[fits], code_len[fits]] = EOS_ID
     code[filler] = 0
     out = {"desc_ids": desc, "code_ids": code, "index": indices.astype(np.int32)}
-    if self.neighbours is not None:
+    if self.labelled is False:
+      out["ctx_ids"] = self._denoising_contexts(idx, filler)
+    elif self.neighbours is not None:
       out["ctx_ids"] = self._contexts(idx, filler)
+      if self.own_context:
+        out["own_ctx_ids"] = self._contexts(idx, filler, own=~filler, noise=0.0)
     if self.labelled is not None:
       out["labelled"] = np.full(len(idx), self.labelled)
     return out
 
-  def _contexts(self, idx: np.ndarray, filler: np.ndarray) -> np.ndarray:
+  def _contexts(self, idx: np.ndarray, filler: np.ndarray, own: np.ndarray | None = None,
+                noise: float = SELF_NEIGHBOUR_NOISE) -> np.ndarray:
+    """Description + neighbours; rows where `own` (default: self_neighbour_rate of them) have
+    their own code, a `noise` share of its tokens UNK, as first neighbour."""
     ctx = np.zeros((len(idx), self.max_ctx_len), np.int32)
-    # A pure function of the batch's rows (resume-exact): which rows see their own code.
-    own = np.zeros(len(idx), bool)
-    if self.self_neighbour_rate:
-      rng = np.random.default_rng(np.frombuffer(
-          hashlib.sha256(idx.astype(np.int64).tobytes()).digest()[:8], np.uint64))
-      own = rng.random(len(idx)) < self.self_neighbour_rate
+    rng = _rows_rng(idx)   # which rows see their own code, and its UNKs
+    if own is None:
+      own = (rng.random(len(idx)) < self.self_neighbour_rate if self.self_neighbour_rate
+             else np.zeros(len(idx), bool))
     for r, (i, fill) in enumerate(zip(idx, filler)):
       desc = [] if fill else self.store.tokens("desc", i)
       codes = [self.train_store.tokens("code", j) for j in self.neighbours[i] if j >= 0]
-      if own[r] and codes:
+      if own[r]:
         code = np.array(self.store.tokens("code", i), np.int32)
-        code[rng.random(len(code)) < SELF_NEIGHBOUR_NOISE] = UNK_ID
-        codes = [code.tolist(), *codes[:-1]]
+        code[rng.random(len(code)) < noise] = UNK_ID
+        codes = [code.tolist(), *codes[:-1]] if codes else [code.tolist()]
       row = frame_context(desc, [] if fill else codes, self.max_desc_len, self.max_ctx_len)
+      ctx[r, :len(row)] = row
+    return ctx
+
+  def _denoising_contexts(self, idx: np.ndarray, filler: np.ndarray) -> np.ndarray:
+    ctx = np.zeros((len(idx), self.max_ctx_len), np.int32)
+    rng = _rows_rng(idx)
+    for r, (i, fill) in enumerate(zip(idx, filler)):
+      code = [] if fill else [corrupt_spans(np.asarray(self.store.tokens("code", i)), rng)]
+      row = frame_context([], code, self.max_desc_len, self.max_ctx_len)
       ctx[r, :len(row)] = row
     return ctx
 
@@ -264,7 +314,7 @@ def make_dataset(config: ml_collections.ConfigDict, prepared, split: str, batch_
                  shuffle: bool, num_epochs: int | None, drop_remainder: bool | None = None,
                  process_index: int | None = None,
                  process_count: int | None = None, neighbours=None,
-                 unlabelled_schedule: str = "") -> grain.MapDataset:
+                 unlabelled_schedule: str = "", own_context: bool = False) -> grain.MapDataset:
   """The grain MapDataset of this host's batches; see `make_iterator`."""
   d = config.data
   process_index = jax.process_index() if process_index is None else process_index
@@ -300,28 +350,29 @@ def make_dataset(config: ml_collections.ConfigDict, prepared, split: str, batch_
     ds = plan(store, split).map(Assemble(store, d.max_desc_len, neighbours.ids[split],
                                          prepared.tokens("train"),
                                          int(config.retrieval.max_ctx_len), labelled=labelled,
-                                         self_neighbour_rate=own))
+                                         self_neighbour_rate=own, own_context=own_context))
   if not schedule:
     return ds
+  if not int(config.retrieval.get("k", 0)):
+    raise ValueError(f"{SCHEDULE_FIELD} denoises unlabelled code, which the decoder reads as its "
+                     "context, but retrieval is off (config.retrieval.k=0); set "
+                     "--config.retrieval.k=2 or the schedule to ''.")
   code = unlabelled_store(prepared)
-  no_neighbours = (None if neighbours is None
-                   else np.full((len(code), neighbours.ids[split].shape[1]), -1, np.int64))
   unl = plan(code, "unlabelled").map(Assemble(
-      code, d.max_desc_len, no_neighbours,
-      None if neighbours is None else prepared.tokens("train"),
-      0 if neighbours is None else int(config.retrieval.max_ctx_len), labelled=False))
+      code, d.max_desc_len, max_ctx_len=int(config.retrieval.max_ctx_len), labelled=False))
   return Mix(ds, unl, schedule)
 
 
 def make_iterator(config: ml_collections.ConfigDict, prepared, split: str, batch_size: int, *,
                   shuffle: bool, num_epochs: int | None, drop_remainder: bool | None = None,
                   process_index: int | None = None, process_count: int | None = None,
-                  prefetch: int = 2, neighbours=None,
-                  unlabelled_schedule: str = "") -> grain.DatasetIterator:
+                  prefetch: int = 2, neighbours=None, unlabelled_schedule: str = "",
+                  own_context: bool = False) -> grain.DatasetIterator:
   """An iterator over this host's part of each global batch (`batch_size` is global).
 
-  `unlabelled_schedule` (`parse_schedule`; "" off) mixes in batches of unlabelled code, without
-  end (`num_epochs` then ignored).
+  `unlabelled_schedule` (`parse_schedule`; "" off) mixes in batches of unlabelled code to
+  denoise, without end (`num_epochs` then ignored). `own_context` (with neighbours): batches
+  also hold `own_ctx_ids` (the module docstring).
 
   `drop_remainder` (default: `shuffle`) drops each bucket's last partial batch per epoch;
   without it the last batch is completed with filler rows (index -1). The iterator's
@@ -330,7 +381,7 @@ def make_iterator(config: ml_collections.ConfigDict, prepared, split: str, batch
   ds = make_dataset(config, prepared, split, batch_size, shuffle=shuffle, num_epochs=num_epochs,
                     drop_remainder=drop_remainder, process_index=process_index,
                     process_count=process_count, neighbours=neighbours,
-                    unlabelled_schedule=unlabelled_schedule)
+                    unlabelled_schedule=unlabelled_schedule, own_context=own_context)
   read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
   return iter(ds.to_iter_dataset(read))
 

@@ -31,6 +31,7 @@ naming it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from typing import Any, Sequence
@@ -60,6 +61,9 @@ SPOT_COSINE = 0.9        # ... whose stored vectors must be this close to the mo
 GENERATE_INPUTS = ("desc_ids", "keys", "max_new_tokens", "temperature", "top_k", "top_p",
                    "length_penalty", "repetition_penalty")
 KINDS = ("desc", "code")
+
+
+log = logging.getLogger("flax_albert_code")
 
 
 class ExportError(ValueError):
@@ -137,6 +141,11 @@ class Export:
     self.num_beams = int(info["num_beams"])
     # Built into the programs (config.sample.no_repeat_ngram_size at export; 0 before it existed).
     self.no_repeat_ngram_size = int(info.get("no_repeat_ngram_size", 0))
+    # Built into the programs too; exports written before the copy head decode without one.
+    self.copy_head = bool(info.get("copy_head", False))
+    if "copy_head" not in info:
+      log.info("Export %s was written before the copy head: its programs decode without one.",
+               self.path)
     self.align_dim = int(info["align_dim"])
     self.vocab_size = int(info["vocab_size"])
     rag = info.get("retrieval") or {}      # absent in exports written before retrieval

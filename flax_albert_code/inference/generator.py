@@ -95,6 +95,7 @@ class CodeGenerator:
     divisor = sharding.batch_divisor(mesh) if mesh is not None else 1
     self.batch_buckets = sorted({-(-int(b) // divisor) * divisor
                                  for b in self.config.sample.batch_buckets})
+    model_lib.check_params(self.model, nn.meta.unbox(params))
     self.variables = self._place(params)
     self.step: int | None = None
     self.checkpoint_path: str | None = None

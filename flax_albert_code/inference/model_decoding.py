@@ -36,9 +36,15 @@ def reorder_decode_cache(cache: DecodeCache, parent_BxK: Array,
   written so far, and they are written back into the cache as a static slice update, which XLA
   does in place: the rest of the cache is neither gathered nor copied into the loop's carry.
   A cache with `beam_src_BxKxS` (`beam_cache="index"`) does not move at all: only the beam
-  indices do, and the attention reads through them.
+  indices do, and the attention reads through them. The copy head's score history is a beam's
+  own state either way and moves with it.
   """
   b, k = parent_BxK.shape
+  if cache.copy_history_BxLxC is not None:
+    hist = cache.copy_history_BxLxC
+    hist = jnp.take_along_axis(hist.reshape(b, k, *hist.shape[1:]),
+                               parent_BxK[:, :, None, None], axis=1).reshape(hist.shape)
+    cache = cache._replace(copy_history_BxLxC=hist)
   if cache.beam_src_BxKxS is not None:
     src = jnp.take_along_axis(cache.beam_src_BxKxS, parent_BxK[:, :, None], axis=1)
     return cache._replace(beam_src_BxKxS=src)

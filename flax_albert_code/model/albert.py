@@ -9,6 +9,7 @@ Parameter tree (one shared block per stack, so the parameter count does not depe
                                                  the encoder (share_encoder_decoder_block)
   {encoder,decoder}/final_layer_norm             only with norm_position="pre"
   decoder/logits_bias, decoder/decoder_embedding (only when share_embedding=False)
+  decoder/copy_head/                             the pointer over the input (copy_head=True)
 
 Depth is an `nn.scan` over the shared block (parameters broadcast), so compile time is flat
 in depth; `remat` rematerialises the block in the backward pass.
@@ -21,11 +22,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_albert_code.model import copy_head as copy_lib
 from flax_albert_code.model import fused_decode
 from flax_albert_code.model import layers
 from flax_albert_code.model import one_query
 from flax_albert_code.model import packing
-from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID
+from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID
 from flax_albert_code.model.layers import ModelConfig
 
 Array = jax.Array
@@ -36,6 +38,8 @@ class EncoderOutput(NamedTuple):
   mask_BxL: Array         # True at real tokens
   pooled_BxH: Array       # sentence vector v (tanh pooler over [CLS], or a masked mean)
   vector_BxA: Array       # alignment vector (projection of v, optionally L2-normalised)
+  embedded_BxLxH: Array | None = None   # the embedded input the layers read
+  ids_BxL: Array | None = None          # the input's token ids (what the copy head copies)
 
 
 class DecodeCache(NamedTuple):
@@ -50,6 +54,11 @@ class DecodeCache(NamedTuple):
   # position s from beam src[b, k, s] of its description, the beam that wrote it. None: every
   # row reads its own (the cache is reordered instead).
   beam_src_BxKxS: Array | None = None
+  # The copy head's keys and the context's ids (copy_head=True), computed once like cross_k,
+  # and the pointer's scores of the last steps (copy_head.HISTORY), per row like the tokens.
+  copy_keys_BxCxD: Array | None = None
+  copy_ids_BxC: Array | None = None
+  copy_history_BxLxC: Array | None = None
 
 
 def _remat(module_cls, cfg: ModelConfig):
@@ -154,7 +163,7 @@ class AlbertEncoder(nn.Module):
     vec = self.align_head(pooled).astype(jnp.float32)
     if cfg.align_normalize:
       vec = vec / jnp.maximum(jnp.linalg.norm(vec, axis=-1, keepdims=True), 1e-6)
-    return EncoderOutput(x_BxLxH, mask_BxL, pooled, vec)
+    return EncoderOutput(x_BxLxH, mask_BxL, pooled, vec, embedded_BxLxH)
 
 
 class _DecoderBody(nn.Module):
@@ -247,6 +256,8 @@ class AlbertDecoder(nn.Module):
                                   cfg.weight_dtype)
     if cfg.pre_norm:
       self.final_layer_norm = layers.layer_norm(cfg, "embed", "final_layer_norm")
+    if cfg.copy_head:
+      self.copy_head = copy_lib.CopyHead(cfg)
 
   def _final(self, x_BxTxH: Array) -> Array:
     return self.final_layer_norm(x_BxTxH) if self.cfg.pre_norm else x_BxTxH
@@ -269,6 +280,31 @@ class AlbertDecoder(nn.Module):
   def logits(self, h_BxTxH: Array) -> Array:
     return self.embedding.attend(h_BxTxH, self.logits_bias)
 
+  def copy_keys(self, enc: EncoderOutput) -> Array:
+    return self.copy_head.keys(enc.states_BxLxH, self.embedding.words(enc.ids_BxL))
+
+  def copy(self, h_BxTxH: Array, dec_in_BxT: Array, keys_BxCxD: Array, ids_BxC: Array,
+           history_BxLxC: Array | None = None) -> tuple[copy_lib.CopyTerms, Array]:
+    """The copy head at each position of `h` (the final states after reading `dec_in`), and its
+    score history after the last (`copy_head.CopyHead`)."""
+    return self.copy_head(h_BxTxH, self.embedding.words(dec_in_BxT), keys_BxCxD, ids_BxC,
+                          history_BxLxC)
+
+  def output(self, h_BxTxH: Array, dec_in_BxT: Array, cache_or_enc) -> tuple[Array, Any]:
+    """What a decoding step returns: the logits, or with the copy head the log-probabilities of
+    the mixture (which every decoding strategy reads as logits: log_softmax leaves them); and
+    the copy head's score history after the last position (None without the head)."""
+    logits = self.logits(h_BxTxH)
+    if not self.cfg.copy_head:
+      return logits, None
+    if isinstance(cache_or_enc, DecodeCache):
+      keys, ids = cache_or_enc.copy_keys_BxCxD, cache_or_enc.copy_ids_BxC
+      history = cache_or_enc.copy_history_BxLxC
+    else:
+      keys, ids, history = self.copy_keys(cache_or_enc), cache_or_enc.ids_BxL, None
+    terms, history = self.copy(h_BxTxH, dec_in_BxT, keys, ids, history)
+    return copy_lib.mix_log_probs(logits, terms), history
+
   def step(self, ids_BxT: Array, cache: DecodeCache,
            attend_len: int | None = None) -> tuple[Array, DecodeCache]:
     """Incremental decoding: logits for `ids_BxT` at positions cache.index.. and the new cache.
@@ -290,9 +326,10 @@ class AlbertDecoder(nn.Module):
       (x, k, v, _), _ = self.decode_stack(
           carry, (cache.cross_k_BxMxNxD, cache.cross_v_BxMxNxD), cache.memory_lengths_B,
           cache.index, attend_len, src)
+    out, history = self.output(self._final(x), ids_BxT, cache)
     new = cache._replace(k_LxBxSxNxD=k, v_LxBxSxNxD=v, index=cache.index + ids_BxT.shape[1],
-                         beam_src_BxKxS=src)
-    return self.logits(self._final(x)), new
+                         beam_src_BxKxS=src, copy_history_BxLxC=history)
+    return out, new
 
   def _layer_kernels(self, x_Bx1xH: Array, cache: DecodeCache, attend_len: int | None,
                      src: Array | None) -> tuple[Array, Array, Array]:
@@ -339,16 +376,22 @@ class CodeModel(nn.Module):
              token_type_ids: Array | None = None,
              packed: packing.Packed | None = None) -> EncoderOutput:
     mask = ids_BxL != PAD_ID if attention_mask is None else attention_mask.astype(bool)
+    if token_type_ids is None and self.cfg.context_token_types:
+      token_type_ids = context_token_types(ids_BxL)
     x = self.shared_embedding(ids_BxL, token_types_BxL=token_type_ids,
                               deterministic=deterministic)
-    return self.encoder(x, mask, deterministic=deterministic, attention_mask=attention_mask,
-                        packed=packed)
+    enc = self.encoder(x, mask, deterministic=deterministic, attention_mask=attention_mask,
+                       packed=packed)
+    return enc._replace(ids_BxL=ids_BxL)
 
   def _memory(self, enc: EncoderOutput) -> tuple[Array, Array]:
     if self.cfg.decoder_memory == "vector":
       b = enc.pooled_BxH.shape[0]
       return enc.pooled_BxH[:, None, :], jnp.ones((b,), jnp.int32)
-    return enc.states_BxLxH, enc.mask_BxL.sum(-1).astype(jnp.int32)
+    states = enc.states_BxLxH
+    if self.cfg.memory_embeddings:
+      states = 0.5 * (states + enc.embedded_BxLxH.astype(states.dtype))
+    return states, enc.mask_BxL.sum(-1).astype(jnp.int32)
 
   def decoder_hidden(self, enc: EncoderOutput, dec_in_BxT: Array, *,
                      deterministic: bool = True) -> Array:
@@ -368,7 +411,8 @@ class CodeModel(nn.Module):
     """Training forward pass. `code_ids` are targets (code tokens, EOS, padding).
 
     Returns the description's EncoderOutput ("desc"), the decoder's last hidden states
-    ("hidden"; logits come from `logits` or the chunked loss) and the code's EncoderOutput.
+    ("hidden"; logits come from `logits` or the chunked loss), the copy head's
+    `copy_head.CopyTerms` ("copy", with copy_head) and the code's EncoderOutput ("code").
     With `ctx_ids` (retrieval: description + neighbours' code), the decoder attends to their
     encoding instead of the description's; alignment still reads the description alone.
     `dec_in` replaces the decoder's inputs (default: BOS + `code_ids` shifted right).
@@ -381,6 +425,9 @@ class CodeModel(nn.Module):
       memory = enc_d if ctx_ids_BxC is None else self.encode(
           ctx_ids_BxC, deterministic=deterministic, packed=ctx_packed)
       out["hidden"] = self.decoder_hidden(memory, dec_in, deterministic=deterministic)
+      if self.cfg.copy_head:
+        out["copy"], _ = self.decoder.copy(out["hidden"], dec_in, self.decoder.copy_keys(memory),
+                                           memory.ids_BxL)
     if encode_code or self.is_initializing():
       # [CLS] + code, kept at length T (the EOS slot holds [CLS]): T+1 would break cuDNN's
       # flash attention (lengths must tile) and cost a 257th position. EOS is read as padding,
@@ -412,21 +459,35 @@ class CodeModel(nn.Module):
     src = None
     if beam_index:
       src = jnp.zeros((b // batch_repeat, batch_repeat, cache_len), jnp.int32)
-    return DecodeCache(zeros, zeros, ck, cv, lengths, jnp.zeros((), jnp.int32), src)
+    copy_keys = copy_ids = history = None
+    if cfg.copy_head:
+      copy_keys, copy_ids = self.decoder.copy_keys(enc).astype(cfg.compute_dtype), enc.ids_BxL
+      if batch_repeat > 1:
+        copy_keys, copy_ids = (jnp.repeat(t, batch_repeat, axis=0) for t in (copy_keys, copy_ids))
+      history = jnp.zeros((b, copy_lib.HISTORY, copy_ids.shape[1]), jnp.float32)
+    return DecodeCache(zeros, zeros, ck, cv, lengths, jnp.zeros((), jnp.int32), src, copy_keys,
+                       copy_ids, history)
 
   def decode_step(self, ids_BxT: Array, cache: DecodeCache,
                   attend_len: int | None = None) -> tuple[Array, DecodeCache]:
     return self.decoder.step(ids_BxT, cache, attend_len)
 
   def decode_logits(self, enc: EncoderOutput, dec_in_BxT: Array) -> Array:
-    """Teacher-forced logits (reference for the cached path)."""
-    return self.logits(self.decoder_hidden(enc, dec_in_BxT))
+    """Teacher-forced logits, or with the copy head the mixture's log-probabilities: what
+    `decode_step` returns position by position (the reference for the cached path)."""
+    return self.decoder.output(self.decoder_hidden(enc, dec_in_BxT), dec_in_BxT, enc)[0]
 
 
 def shift_right(ids_BxT: Array, first_id: int) -> Array:
   """[a, b, c] -> [first, a, b]: decoder inputs from targets, [CLS]-led code for the encoder."""
   first = jnp.full_like(ids_BxT[:, :1], first_id)
   return jnp.concatenate([first, ids_BxT[:, :-1]], axis=1)
+
+
+def context_token_types(ids_BxL: Array) -> Array:
+  """Token type 1 after the first [SEP] (a retrieval context's neighbours), else 0."""
+  sep = ids_BxL == SEP_ID
+  return ((jnp.cumsum(sep, axis=-1) - sep) > 0).astype(jnp.int32)
 
 
 def code_encoder_input(code_ids_BxT: Array) -> Array:
@@ -438,6 +499,29 @@ def code_encoder_input(code_ids_BxT: Array) -> Array:
 def build(config) -> tuple[CodeModel, ModelConfig]:
   cfg = ModelConfig.from_config(config.model if hasattr(config, "model") else config)
   return CodeModel(cfg), cfg
+
+
+def check_params(model: CodeModel, params) -> None:
+  """A ValueError in one sentence when `params` (a checkpoint's) lack a module `model`'s config
+  builds or hold one it does not: the copy head above all (config.model.copy_head)."""
+  ids = jnp.zeros((1, 4), jnp.int32)
+  want = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), ids, ids)["params"])
+  have = params.get("params", params) if hasattr(params, "get") else params
+  paths = lambda tree: {jax.tree_util.keystr(p) for p, _ in
+                        jax.tree_util.tree_flatten_with_path(tree)[0]}
+  missing, extra = sorted(paths(want) - paths(have)), sorted(paths(have) - paths(want))
+  if any("copy_head" in p for p in missing):
+    raise ValueError("config.model.copy_head is True but these parameters have no copy head (the "
+                     "model was trained without one); run it with --config.model.copy_head=False "
+                     "or load it with its own saved config.")
+  if any("copy_head" in p for p in extra):
+    raise ValueError("These parameters have a copy head (decoder/copy_head) but "
+                     "config.model.copy_head is False; run them with the config they were "
+                     "trained with (copy_head=True).")
+  if missing or extra:
+    what = f"lack {missing[0]}" if missing else f"hold {extra[0]}, which it does not build"
+    raise ValueError(f"These parameters do not fit config.model (they {what}); load them with the "
+                     "config they were trained with.")
 
 
 def param_count(params) -> int:

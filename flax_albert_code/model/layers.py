@@ -67,15 +67,20 @@ class ModelConfig:
   fused_qkv: bool
   norm_position: str
   decode_attention: str
+  copy_head: bool
+  memory_embeddings: bool
+  context_token_types: bool
 
   @classmethod
   def from_config(cls, cfg) -> ModelConfig:
     """From `config.model` (a ConfigDict or a mapping, e.g. a checkpoint's saved config).
 
-    A field it lacks takes the schema's default for its `preset` (configs saved before a field
-    existed); a key the schema does not have is refused.
+    A field it lacks takes its `config.LEGACY_MODEL_VALUES` value, else the schema's default for
+    its `preset` (configs saved before a field existed); a key the schema does not have is
+    refused.
     """
     values = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
+    values, _ = config_lib.upgrade_model(values)
     schema = config_lib.model_config(values.get("preset", config_lib.DEFAULT_PRESET))
     unknown = sorted(k for k in values if k not in schema)
     if unknown:
@@ -165,8 +170,9 @@ class ModelConfig:
     return jnp.dtype(self.param_dtype)
 
 
-def _init(cfg: ModelConfig, names: tuple[str | None, ...]):
-  return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), names)
+def _init(cfg: ModelConfig, names: tuple[str | None, ...], std: float | None = None):
+  return nn.with_logical_partitioning(
+      nn.initializers.normal(cfg.initializer_range if std is None else std), names)
 
 
 def _zeros(names):
@@ -192,13 +198,14 @@ class Dense(nn.Module):
   axes: tuple[str | None, ...]
   n_in: int
   cfg: ModelConfig
+  init_std: float | None = None   # the kernel's initial standard deviation (None: the config's)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.cfg
     in_shape = x.shape[-self.n_in:]
-    kernel = self.param("kernel", _init(cfg, self.axes), in_shape + self.features,
-                        cfg.weight_dtype)
+    kernel = self.param("kernel", _init(cfg, self.axes, self.init_std),
+                        in_shape + self.features, cfg.weight_dtype)
     bias = self.param("bias", _zeros(self.axes[self.n_in:]), self.features, cfg.weight_dtype)
     dt = cfg.compute_dtype
     contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
@@ -207,10 +214,10 @@ class Dense(nn.Module):
 
 
 def dense(cfg: ModelConfig, features, axes: tuple[str | None, ...], name: str,
-          n_in: int = 1) -> Dense:
+          n_in: int = 1, init_std: float | None = None) -> Dense:
   """A Dense whose kernel has logical axes `axes` (inputs first) and bias the output axes."""
   features = features if isinstance(features, tuple) else (features,)
-  return Dense(features, axes, n_in, cfg, name=name)
+  return Dense(features, axes, n_in, cfg, init_std, name=name)
 
 
 def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
@@ -266,6 +273,11 @@ class FactorizedEmbedding(nn.Module):
     x = self.dropout(self.LayerNorm(x), deterministic=deterministic)
     x_BxLxH = self.embedding_hidden_mapping_in(x)
     return constrain(x_BxLxH, ("batch", "length", "act_embed"))
+
+  def words(self, ids_BxL: Array) -> Array:
+    """The tokens' word vectors [B, L, E] alone (no position, type or norm): their identity."""
+    return embed_lookup(self.word_embeddings.embedding.astype(self.cfg.compute_dtype), ids_BxL,
+                        self.cfg.embedding_grad == "onehot")
 
   def attend(self, h_BxLxH: Array, bias_V: Array) -> Array:
     """Tied output projection to vocabulary logits (compute dtype; the loss upcasts)."""

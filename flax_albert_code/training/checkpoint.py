@@ -40,6 +40,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from flax_albert_code import config as config_lib
 from flax_albert_code.utils import files
 
 # A resumed run must train the same model on the same data: these sections must match.
@@ -365,4 +366,9 @@ def _load_for_inference(path: str) -> tuple[ml_collections.ConfigDict, Any, int]
                           f"({type(e).__name__}: {str(e)[:300]}).") from e
   finally:
     manager.close()
+  _, added = config_lib.upgrade_model(dict(config.get("model", {})))
+  if added:
+    log.info("Checkpoint %s was written before config.model.%s existed: it runs with %s.",
+             directory / str(step), ", ".join(added),
+             ", ".join(f"{k}={config_lib.LEGACY_MODEL_VALUES[k]}" for k in added))
   return config, state["params"]["model"], step

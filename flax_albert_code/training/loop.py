@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from flax_albert_code.training import checkpoint
+from flax_albert_code.training import gauge as gauge_lib
 from flax_albert_code.training import metrics as metrics_lib
 from flax_albert_code.model import albert as model_lib
 from flax_albert_code.model import hf
@@ -147,25 +148,32 @@ def _neighbours(config, prepared, workdir: str, step: int, params, mesh, *, refr
 
 
 def evaluate(eval_fn, params, config, prepared, mesh, batch_size: int,
-             neighbours=None) -> dict[str, float]:
-  """Mean validation metrics over the first `eval_batches` batches of the valid split."""
+             neighbours=None, gauge_fn=None) -> dict[str, float]:
+  """Mean validation metrics over the first `eval_batches` batches of the valid split; with
+  `gauge_fn` (`gauge.jit_gauge`) also the reading gauge over the first `gauge.BATCHES`."""
   try:
     it = pipeline.make_iterator(config, prepared, "valid", batch_size, shuffle=False,
                                 num_epochs=1, drop_remainder=True, prefetch=0,
-                                neighbours=neighbours)
+                                neighbours=neighbours, own_context=gauge_fn is not None)
   except (ValueError, pipeline.DataError) as e:
     log.warning("No validation: %s", e)
     return {}
-  sums, n = {}, 0
+  sums, gauge_sums, n = {}, {}, 0
+  batch_sharding = sharding.batch_sharding(mesh)
   for batch in it:
-    m = jax.device_get(eval_fn(params, pipeline.to_global(_model_fields(batch),
-                                                          sharding.batch_sharding(mesh))))
+    m = jax.device_get(eval_fn(params, pipeline.to_global(_model_fields(batch), batch_sharding)))
     for k, v in m.items():
       sums[k] = sums.get(k, 0.0) + float(v)
+    if gauge_fn is not None and n < gauge_lib.BATCHES:
+      fields = {**_model_fields(batch), **{k: batch[k] for k in ("own_ctx_ids",) if k in batch}}
+      g = jax.device_get(gauge_fn(params, pipeline.to_global(fields, batch_sharding)))
+      for k, v in g.items():
+        gauge_sums[k] = gauge_sums.get(k, 0.0) + float(v)
     n += 1
     if n >= config.train.eval_batches:
       break
-  return {f"valid_{k}": v / n for k, v in sums.items()} if n else {}
+  out = {f"valid_{k}": v / n for k, v in sums.items()} if n else {}
+  return {**out, **(gauge_lib.finish(gauge_sums) if gauge_sums else {})}
 
 
 def run(config, workdir: str, *, progress: bool = True, max_steps: int | None = None,
@@ -234,7 +242,8 @@ class Trainer:
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.packer = packing.Packer.from_config(config, divisor)
     self.unpacked_batches = 0   # batches that did not fit their packing rows
-    self.train_fn = self.eval_fn = self.bar = None   # made by train()
+    self.train_fn = self.eval_fn = self.gauge_fn = self.bar = None   # made by train()
+    self._gauge_warned = False
     # The last step's metrics on the device, not yet checked; throughput since the last log.
     self._pending: tuple[int, Any] | None = None
     self._first_batch = None   # taken from the iterator early to compile its program first
@@ -253,6 +262,9 @@ class Trainer:
       t = time.perf_counter()
       self.train_fn, self.eval_fn = train_step.jit_steps(self.model, self.tx, self.config,
                                                          self.mesh, self.shardings)
+      if self.gen:
+        self.gauge_fn = gauge_lib.jit_gauge(self.model, self.config, self.mesh,
+                                            self.shardings.params)
       if tc.get("precompile", False) and step < end:
         # The first batch's program is traced first; the others follow in the background.
         self._first_batch = self._model_batch(next(self.train_iter))
@@ -355,8 +367,10 @@ class Trainer:
     if self.packer is not None:   # batches so far that did not fit their rows (ran unpacked)
       rate["unpacked_batches"] = self.unpacked_batches
     self.writer.write(step, rate)
-    self.bar.set_postfix(loss=f"{self.history[-1]['loss']:.3f}",
-                         tok_s=f"{rate['tokens_per_s']:.0f}")
+    shown = dict(loss=f"{self.history[-1]['loss']:.3f}", tok_s=f"{rate['tokens_per_s']:.0f}")
+    if "input_gap" in self.valid:   # the reading gauge at the last validation
+      shown["input_gap"] = f"{self.valid['input_gap']:.3f}"
+    self.bar.set_postfix(**shown)
     self._t_last, self._tokens_since, self._flops_since = time.perf_counter(), 0, 0.0
 
   def _refresh_neighbours(self, step: int) -> None:
@@ -369,10 +383,14 @@ class Trainer:
 
   def _evaluate(self, step: int) -> None:
     self.valid = evaluate(self.eval_fn, self.state.params, self.config, self.prepared, self.mesh,
-                          self.eval_bs, self.neighbours)
+                          self.eval_bs, self.neighbours, self.gauge_fn)
     if self.valid:
       self.writer.write(step, self.valid)
       log.info("step %d: %s", step, {k: round(v, 4) for k, v in self.valid.items()})
+      problem = gauge_lib.problem(self.valid, step, int(self.tc.warmup_steps))
+      if problem and not self._gauge_warned:
+        log.warning("%s", problem)
+        self._gauge_warned = True
 
   def _save(self, step: int, force: bool) -> None:
     self._flush()   # never checkpoint a state whose loss was not checked
@@ -417,6 +435,10 @@ def report(result: Result, config) -> None:
     shown = {k[6:]: v for k, v in result.valid.items()
              if k.endswith(("loss", "accuracy"))}
     print("final validation: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    read = {k: result.valid[k] for k in ("input_gap", "copy_gap", "encoder_spread")
+            if k in result.valid}
+    if read:
+      print("reading gauge: " + ", ".join(f"{k} {v:.4f}" for k, v in read.items()))
   n = int(config.train.samples_at_end)
   if n and train_step.objectives(config.train)[0] and result.state is not None:
     _print_samples(result, config, n)

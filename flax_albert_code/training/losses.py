@@ -4,7 +4,8 @@ ALBERT's masked-LM corruption of code.
 The generation loss never materialises fp32 logits for the whole batch: the sequence is cut
 into chunks and each chunk's logits are recomputed in the backward pass (`jax.checkpoint`).
 With `logits_dtype="bfloat16"` (config.train.logits_dtype) the logits stay bf16 and a custom
-gradient writes d(logits) in bf16 in one elementwise pass; see `_bf16_cross_entropy`.
+gradient writes d(logits) in bf16 in one elementwise pass; see `_bf16_logit_stats`. With the
+model's copy head the loss is that of its pointer-generator mixture (`generation_row_sums`).
 """
 from __future__ import annotations
 
@@ -14,117 +15,153 @@ import jax
 import jax.numpy as jnp
 
 from flax_albert_code.config import PAD_ID
+from flax_albert_code.model.copy_head import LOG_ZERO, CopyTerms
 from flax_albert_code.model.layers import tied_logits
 
 Array = jax.Array
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _bf16_cross_entropy(logits_BxTxV: Array, targets_BxT: Array, weights_BxT: Array,
-                        label_smoothing: float, z_loss: float) -> tuple[Array, Array]:
-  """Per row [B]: (sum of weighted token NLL, sum of weighted correct tokens) from bf16 logits.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _bf16_logit_stats(logits_BxTxV: Array, targets_BxT: Array,
+                      with_mean: bool) -> tuple[Array, Array, Array, Array]:
+  """Per token, in fp32 from bf16 logits: (logsumexp, target logit, mean logit or 0, max).
 
-  The same arithmetic as the float32 path, whose logits are these bf16 values upcast: the
-  max is exact, exp and the sums run in fp32, the target logit is read by a gather. Only the
+  The same arithmetic as the float32 path, whose logits are these bf16 values upcast: the max
+  is exact, exp and the sums run in fp32, the target logit is read by a gather. Only the
   gradient differs in form: autodiff of the gather is a scatter into a dense fp32 [B, T, V]
-  buffer that is then cast to bf16; here d(logits) = w g ((1 + 2 z lse) p - (1 - s) onehot
-  - s / V) is computed in fp32 per element and written in bf16 once. A token counts as
-  correct when its logit equals the maximum (ties count, where argmax would pick the first).
+  buffer that is then cast to bf16; here d(logits) = g_lse p + g_target onehot + g_mean / V is
+  computed in fp32 per element and written in bf16 once. The max carries no gradient (it only
+  counts correct tokens).
   """
-  return _bf16_ce_fwd(logits_BxTxV, targets_BxT, weights_BxT, label_smoothing, z_loss)[0]
+  return _bf16_stats_fwd(logits_BxTxV, targets_BxT, with_mean)[0]
 
 
-def _bf16_ce_fwd(logits, targets, weights, label_smoothing, z_loss):
+def _bf16_stats_fwd(logits, targets, with_mean):
   f32 = jnp.float32
   m = jnp.max(logits, axis=-1).astype(f32)
   lse = m + jnp.log(jnp.sum(jnp.exp(logits.astype(f32) - m[..., None]), axis=-1))
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(f32)
-  nll = lse - target_logit
-  if label_smoothing:
-    mean = jnp.mean(logits.astype(f32), axis=-1)
-    nll = (1 - label_smoothing) * nll + label_smoothing * (lse - mean)
-  if z_loss:
-    nll = nll + z_loss * jnp.square(lse)
-  weights = weights.astype(f32)
-  correct = (target_logit >= m).astype(f32)
-  out = ((nll * weights).sum(-1), (correct * weights).sum(-1))
-  return out, (logits, targets, weights, lse, nll)
+  mean = jnp.mean(logits.astype(f32), axis=-1) if with_mean else jnp.zeros_like(lse)
+  return (lse, target_logit, mean, m), (logits, targets, lse)
 
 
-def _bf16_ce_bwd(label_smoothing, z_loss, res, g):
-  logits, targets, weights, lse, nll = res
-  g_nll = g[0][..., None]   # per row; the correct-token count has no gradient
-  f32 = jnp.float32
-  scale = (g_nll * weights)[..., None]
-  p = jnp.exp(logits.astype(f32) - lse[..., None])
+def _bf16_stats_bwd(with_mean, res, g):
+  logits, targets, lse = res
+  g_lse, g_target, g_mean, _ = g
+  p = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
   onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
-  d = p * (1 + 2 * z_loss * lse[..., None]) - jnp.where(onehot, 1 - label_smoothing, 0.0)
-  if label_smoothing:
-    d = d - label_smoothing / logits.shape[-1]
-  return (d * scale).astype(logits.dtype), None, g_nll * nll
+  d = g_lse[..., None] * p + jnp.where(onehot, g_target[..., None], 0.0)
+  if with_mean:
+    d = d + g_mean[..., None] / logits.shape[-1]
+  return d.astype(logits.dtype), None
 
 
-_bf16_cross_entropy.defvjp(_bf16_ce_fwd, _bf16_ce_bwd)
+_bf16_logit_stats.defvjp(_bf16_stats_fwd, _bf16_stats_bwd)
 
 
-def _chunk_stats(h, targets, weights, proj, word, bias, label_smoothing, z_loss,
-                 logits_dtype="float32"):
-  logits = tied_logits(h, proj, word, bias)
+def _logit_stats(logits, targets, logits_dtype: str, with_mean: bool):
+  """(logsumexp, target logit, mean logit or 0, max logit) per token, float32."""
   if logits_dtype == "bfloat16":
-    return _bf16_cross_entropy(logits.astype(jnp.bfloat16), targets, weights, label_smoothing,
-                               z_loss)
+    return _bf16_logit_stats(logits.astype(jnp.bfloat16), targets, with_mean)
   logits = logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  nll = lse - target_logit
+  mean = logits.mean(-1) if with_mean else jnp.zeros_like(lse)
+  return lse, target_logit, mean, jax.lax.stop_gradient(logits.max(-1))
+
+
+def _copy_log_prob(logp_vocab_BxT: Array, targets_BxT: Array, copy: CopyTerms) -> Array:
+  """log p(target) of the copy head's mixture: p_gen p_vocab + (1 - p_gen) copy mass."""
+  mass = (copy.attn_BxTxC * (copy.ids_BxC[:, None, :] == targets_BxT[..., None])).sum(-1)
+  log_copy = jnp.where(mass > 0, jax.nn.log_sigmoid(-copy.gate_BxT)
+                       + jnp.log(jnp.where(mass > 0, mass, 1.0)), LOG_ZERO)
+  return jnp.logaddexp(jax.nn.log_sigmoid(copy.gate_BxT) + logp_vocab_BxT, log_copy)
+
+
+def _copy_correct(logits_BxTxV, lse, max_logit, logp_BxT, copy: CopyTerms) -> Array:
+  """Whether the target is the mixture's most likely token. Copying adds mass only to context
+  tokens, so the mixture's maximum is that of the vocabulary's best token or of a context
+  token: no [B, T, V] mixture is built."""
+  b, t, _ = logits_BxTxV.shape
+  p_gen = jax.nn.sigmoid(copy.gate_BxT)
+  at_ctx = jnp.take_along_axis(logits_BxTxV, jnp.broadcast_to(
+      copy.ids_BxC[:, None, :], (b, t, copy.ids_BxC.shape[1])), axis=-1).astype(jnp.float32)
+  same_CxC = (copy.ids_BxC[:, :, None] == copy.ids_BxC[:, None, :]).astype(jnp.float32)
+  mass_ctx = jnp.einsum("btc,bcd->btd", copy.attn_BxTxC, same_CxC)
+  p_ctx = p_gen[..., None] * jnp.exp(at_ctx - lse[..., None]) + (1 - p_gen[..., None]) * mass_ctx
+  best = jnp.maximum(p_gen * jnp.exp(max_logit - lse), p_ctx.max(-1))
+  return jnp.exp(logp_BxT) >= best * (1 - 1e-5)
+
+
+def _chunk_stats(h, targets, weights, copy, proj, word, bias, label_smoothing, z_loss,
+                 logits_dtype="float32"):
+  logits = tied_logits(h, proj, word, bias)
+  lse, target_logit, mean, max_logit = _logit_stats(logits, targets, logits_dtype,
+                                                    bool(label_smoothing))
+  logp = target_logit - lse
+  if copy is not None:
+    logp = _copy_log_prob(logp, targets, copy)
+    correct = jax.lax.stop_gradient(_copy_correct(logits, lse, max_logit, logp, copy))
+  else:
+    correct = target_logit >= max_logit
+  nll = -logp
   if label_smoothing:
-    nll = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(-1))
+    nll = (1 - label_smoothing) * nll + label_smoothing * (lse - mean)
   if z_loss:
     nll = nll + z_loss * jnp.square(lse)
-  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-  return (nll * weights).sum(-1), (correct * weights).sum(-1)
+  return (nll * weights).sum(-1), (correct.astype(jnp.float32) * weights).sum(-1)
 
 
 def generation_row_sums(h_BxTxH: Array, targets_BxT: Array, weights_BxT: Array, proj_ExH: Array,
-                        word_VxE: Array, bias_V: Array, *, label_smoothing: float = 0.0,
-                        z_loss: float = 0.0, chunk: int = 128,
+                        word_VxE: Array, bias_V: Array, *, copy: CopyTerms | None = None,
+                        label_smoothing: float = 0.0, z_loss: float = 0.0, chunk: int = 128,
                         logits_dtype: str = "float32") -> tuple[Array, Array, Array]:
   """Per row [B]: (sum of weighted token NLL, sum of weighted correct tokens, weight sum); the
   chunked cross-entropy `generation_loss` averages. Rows can then be grouped (labelled pairs,
   unlabelled code) at no extra logits cost.
 
+  `copy` (the model's copy head): the NLL is that of the pointer-generator mixture,
+  -log(p_gen softmax(logits)[y] + (1 - p_gen) sum_j a_j [ctx_j == y]), from each position's
+  target logit and logsumexp and the copy mass on the target: no [B, T, V] mixture.
   `logits_dtype`: "float32" upcasts each chunk's logits (autodiff gradient), "bfloat16" keeps
-  them bf16 with fp32 reductions and a fused bf16 gradient (`_bf16_cross_entropy`).
+  them bf16 with fp32 reductions and a fused bf16 gradient (`_bf16_logit_stats`).
   """
   if logits_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"logits_dtype {logits_dtype!r} must be 'float32' or 'bfloat16'; fix "
                      "config.train.logits_dtype.")
   b, t, h = h_BxTxH.shape
   count = weights_BxT.astype(jnp.float32).sum(-1)
+  weights = weights_BxT.astype(jnp.float32)
   if not chunk:   # one pass, logits kept for the backward pass
-    nll, correct = _chunk_stats(h_BxTxH, targets_BxT, weights_BxT.astype(jnp.float32), proj_ExH,
-                                word_VxE, bias_V, label_smoothing, z_loss, logits_dtype)
+    nll, correct = _chunk_stats(h_BxTxH, targets_BxT, weights, copy, proj_ExH, word_VxE, bias_V,
+                                label_smoothing, z_loss, logits_dtype)
     return nll, correct, count
   chunk = min(chunk, t)
   if t % chunk:
     chunk = t
   n = t // chunk
   split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
-  stats = jax.checkpoint(lambda args: _chunk_stats(*args, proj_ExH, word_VxE, bias_V,
-                                                   label_smoothing, z_loss, logits_dtype))
-  nll, correct = jax.lax.map(stats, (split(h_BxTxH), split(targets_BxT),
-                                     split(weights_BxT.astype(jnp.float32))))
+  ids = None if copy is None else copy.ids_BxC
+
+  def stats(args):
+    h_c, targets_c, weights_c, copy_c = args
+    copy_c = None if copy_c is None else CopyTerms(*copy_c, ids)
+    return _chunk_stats(h_c, targets_c, weights_c, copy_c, proj_ExH, word_VxE, bias_V,
+                        label_smoothing, z_loss, logits_dtype)
+  copy_split = None if copy is None else (split(copy.attn_BxTxC), split(copy.gate_BxT))
+  nll, correct = jax.lax.map(jax.checkpoint(stats), (split(h_BxTxH), split(targets_BxT),
+                                                     split(weights), copy_split))
   return nll.sum(0), correct.sum(0), count
 
 
 def generation_loss(h_BxTxH: Array, targets_BxT: Array, weights_BxT: Array, proj_ExH: Array,
-                    word_VxE: Array, bias_V: Array, *, label_smoothing: float = 0.0,
-                    z_loss: float = 0.0, chunk: int = 128,
+                    word_VxE: Array, bias_V: Array, *, copy: CopyTerms | None = None,
+                    label_smoothing: float = 0.0, z_loss: float = 0.0, chunk: int = 128,
                     logits_dtype: str = "float32") -> tuple[Array, Array, Array]:
   """Token-mean cross-entropy; returns (loss, token accuracy, token count). The sequence is
   cut into chunks of `chunk` tokens (0: one pass); see `generation_row_sums`."""
   nll, correct, count = generation_row_sums(
-      h_BxTxH, targets_BxT, weights_BxT, proj_ExH, word_VxE, bias_V,
+      h_BxTxH, targets_BxT, weights_BxT, proj_ExH, word_VxE, bias_V, copy=copy,
       label_smoothing=label_smoothing, z_loss=z_loss, chunk=chunk, logits_dtype=logits_dtype)
   return group_mean(nll, correct, count)
 

@@ -39,7 +39,10 @@ def _decoder_flops(mc, desc_len: int, code_len: int) -> float:
   mem = 1 if mc.decoder_memory == "vector" else desc_len
   per_layer = 8 * h * h + 4 * h * h + 4 * h * i + 4 * code_len * h + 4 * mem * h
   per_token = 2 * e * h + mc.decoder_layers * per_layer + 2 * h * e + 2 * e * v
-  return code_len * per_token + mem * 4 * h * h   # cross K/V projected once (shared block)
+  flops = code_len * per_token + mem * 4 * h * h   # cross K/V projected once (shared block)
+  if getattr(mc, "copy_head", False):   # keys (state, token, previous token), query, scores
+    flops += mem * (2 * h * h + 4 * e * h) + code_len * (2 * h * h + 2 * e * h + 2 * mem * h)
+  return flops
 
 
 def train_flops_per_example(mc, desc_len: int, code_len: int, *, generation: bool = True,

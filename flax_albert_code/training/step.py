@@ -144,9 +144,10 @@ def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool,
   """Weighted total loss and metrics for one batch.
 
   With a `labelled` field [B] (an unlabelled schedule), the generation loss is the token mean
-  over all rows (pairs and unlabelled code, a causal LM under an empty description), reported
-  apart as gen_loss/token_accuracy (pairs) and lm_loss/lm_accuracy (unlabelled code); the
-  alignment losses read the labelled rows only. With a `queue`, InfoNCE also contrasts against
+  over all rows (pairs, and unlabelled code written back from its corrupted copy in the
+  context: data/pipeline.py), reported apart as gen_loss/token_accuracy (pairs) and
+  denoise_loss/denoise_accuracy (unlabelled code); the alignment losses read the labelled rows
+  only. With a `queue`, InfoNCE also contrasts against
   its entries, and the metrics carry "queue_rows": the batch's (v_d, v_c), for train_step to
   push (and pop from the metrics).
   """
@@ -169,16 +170,17 @@ def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool,
     weights = code != PAD_ID
     sums = losses.generation_row_sums(
         out["hidden"], code, weights, *_output_weights(params["model"], mc),
-        label_smoothing=tc.label_smoothing, z_loss=tc.z_loss, **ce_options)
+        copy=out.get("copy"), label_smoothing=tc.label_smoothing, z_loss=tc.z_loss,
+        **ce_options)
     ce, acc, count = losses.group_mean(*sums)
     total += tc.gen_weight * ce
     if labelled is None:
       metrics.update(gen_loss=ce, token_accuracy=acc, code_tokens=count)
     else:   # 0 for a kind the batch has no rows of
       pair_ce, pair_acc, _ = losses.group_mean(*sums, labelled)
-      lm_ce, lm_acc, _ = losses.group_mean(*sums, ~labelled)
-      metrics.update(gen_loss=pair_ce, token_accuracy=pair_acc, lm_loss=lm_ce,
-                     lm_accuracy=lm_acc, code_tokens=count)
+      dn_ce, dn_acc, _ = losses.group_mean(*sums, ~labelled)
+      metrics.update(gen_loss=pair_ce, token_accuracy=pair_acc, denoise_loss=dn_ce,
+                     denoise_accuracy=dn_acc, code_tokens=count)
   if mlm_weight:
     mlm, mlm_acc = _masked_lm(params["model"], code, jax.random.fold_in(rng, 1), model=model,
                               deterministic=not dropout, ce_options=ce_options)

@@ -1,0 +1,132 @@
+"""The copy head: a pointer from each decoder position over the encoder's input tokens.
+
+Pointer-generator (See et al. 2017): at position t the output distribution is
+
+  p(y) = p_gen * softmax(logits)[y] + (1 - p_gen) * sum_j a_j [ctx_j == y]
+
+where a is one attention of the decoder's final state over the context (the description, and
+with retrieval the neighbours' code) and p_gen = sigmoid(gate). The keys keep each context
+token's identity whatever the encoder's states do: they add projections of the word vectors of
+the token and of the one before it to the token's state. The query adds the word vector of the
+token the decoder has just read, through the same projection as the previous token's key
+(`match`, a Gram kernel that scores a token against itself highest), initialised so that at
+the first step a context position whose previous token is the one just read already scores
+about sqrt(D) above the others: "copy the token after the one I just wrote", the induction
+pattern a plain cross-attention has to discover, is there from the start. Word vectors are
+scaled to unit RMS first, so a rare identifier matches as sharply as a frequent keyword.
+
+Code repeats tokens ("self", ".", "(", indentation), so one token of history points at many
+places. The score of context position j at step t therefore also adds the scores the previous
+`HISTORY` steps gave the positions before j, weighted by learned scalars:
+s[t, j] = b[t, j] + sum_l w_l b[t - l, j - l]: a run of matches (an n-gram) outscores one
+match, and the pointer follows the copied span. Training computes it from the whole score
+matrix (a shifted diagonal); decoding keeps the last steps' scores in the cache.
+
+Special tokens (PAD, UNK, BOS, EOS, [CLS], [SEP]) are never copied; a row with nothing to copy
+puts all its mass on the vocabulary (p_gen = 1).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID, UNK_ID
+from flax_albert_code.model import layers
+from flax_albert_code.model.layers import ModelConfig
+
+Array = jax.Array
+NOT_COPIED = (PAD_ID, UNK_ID, BOS_ID, EOS_ID, CLS_ID, SEP_ID)
+NO_COPY_GATE = 30.0   # the gate logit of a row with nothing to copy: p_gen = 1 - 1e-13
+LOG_ZERO = -1e30      # log of an empty copy mass: finite, so gradients stay finite
+HISTORY = 2           # steps of score history the pointer adds (the module docstring)
+
+
+class CopyTerms(NamedTuple):
+  """What the loss and the decoding step need of the copy head at each decoder position."""
+  attn_BxTxC: Array    # float32 pointer weights over the context; 0 at tokens never copied
+  gate_BxT: Array      # float32 logit of p_gen
+  ids_BxC: Array       # the context's token ids
+
+
+def copyable(ids_BxC: Array) -> Array:
+  """True at context tokens the head may copy."""
+  out = jnp.ones(ids_BxC.shape, bool)
+  for i in NOT_COPIED:
+    out &= ids_BxC != i
+  return out
+
+
+def unit_rms(x: Array) -> Array:
+  """x scaled to a root mean square of 1 over its last axis."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + 1e-12)).astype(
+      x.dtype)
+
+
+class CopyHead(nn.Module):
+  """Pointer attention and gate; `keys` once per context, `__call__` per decoder position."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    d = cfg.hidden_size
+    self.query = layers.dense(cfg, d, ("embed", "mlp"), "query")
+    self.key = layers.dense(cfg, d, ("embed", "mlp"), "key")
+    self.key_token = layers.dense(cfg, d, ("emb", "mlp"), "key_token")
+    # Unit-RMS word vectors through a kernel of std 1/sqrt(E): |W e|^2 ~ D for the same token,
+    # ~ sqrt(D) apart for others, so after the 1/sqrt(D) scaling a match scores ~sqrt(D).
+    self.match = layers.dense(cfg, d, ("emb", "mlp"), "match",
+                              init_std=cfg.embedding_size ** -0.5)
+    self.gate = layers.dense(cfg, 1, ("embed", None), "gate")
+    self.history_weights = self.param("history_weights", layers._ones((None,)), (HISTORY,),
+                                      jnp.float32)
+
+  def keys(self, states_BxCxH: Array, words_BxCxE: Array) -> Array:
+    """Keys [B, C, D] of a context from its encoder states and its tokens' word vectors."""
+    words = unit_rms(words_BxCxE)
+    prev = jnp.pad(words[:, :-1], ((0, 0), (1, 0), (0, 0)))
+    k = self.key(states_BxCxH) + self.key_token(words) + self.match(prev)
+    return layers.constrain(k, ("batch", "length", "act_mlp"))
+
+  def __call__(self, h_BxTxH: Array, words_BxTxE: Array, keys_BxCxD: Array, ids_BxC: Array,
+               history_BxLxC: Array | None = None) -> tuple[CopyTerms, Array]:
+    """`h`: the decoder's final states; `words`: word vectors of the tokens it read there;
+    `history`: the raw scores of the HISTORY steps before the first of them (None: the start,
+    zeros). Returns the copy terms and the history after the last of them."""
+    q = self.query(h_BxTxH) + self.match(unit_rms(words_BxTxE))
+    q = layers.constrain(q, ("batch", "length", "act_mlp"))
+    raw = jnp.einsum("btd,bcd->btc", q, keys_BxCxD.astype(q.dtype),
+                     preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(q.shape[-1]))
+    b, t, c = raw.shape
+    if history_BxLxC is None:
+      history_BxLxC = jnp.zeros((b, HISTORY, c), jnp.float32)
+    full = jnp.concatenate([history_BxLxC, raw], axis=1)
+    weights = self.history_weights
+    scores = raw
+    for lag in range(1, HISTORY + 1):
+      past = full[:, HISTORY - lag:HISTORY - lag + t, :c - lag]   # rows t - lag, columns j - lag
+      scores = scores + weights[lag - 1] * jnp.pad(past, ((0, 0), (0, 0), (lag, 0)))
+    ok_BxC = copyable(ids_BxC)
+    any_B = ok_BxC.any(-1)
+    scores = jnp.where(ok_BxC[:, None, :], scores, -jnp.inf)
+    attn = jax.nn.softmax(jnp.where(any_B[:, None, None], scores, 0.0), axis=-1)
+    attn = jnp.where(ok_BxC[:, None, :], attn, 0.0)
+    gate = self.gate(h_BxTxH)[..., 0].astype(jnp.float32)
+    gate = jnp.where(any_B[:, None], gate, NO_COPY_GATE)
+    return CopyTerms(attn, gate, ids_BxC), full[:, -HISTORY:]
+
+
+def mix_log_probs(logits_BxTxV: Array, copy: CopyTerms) -> Array:
+  """log p(y) of the whole mixture [B, T, V] in float32 (for decoding and teacher-forced
+  scoring; the training loss never builds it, see `losses.generation_row_sums`)."""
+  b, t, _ = logits_BxTxV.shape
+  logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+  rows, cols = jnp.arange(b)[:, None, None], jnp.arange(t)[None, :, None]
+  mass = jnp.zeros(logp.shape, jnp.float32).at[rows, cols, copy.ids_BxC[:, None, :]].add(
+      copy.attn_BxTxC)
+  log_mass = jnp.where(mass > 0, jnp.log(jnp.where(mass > 0, mass, 1.0)), LOG_ZERO)
+  gate = copy.gate_BxT[..., None]
+  return jnp.logaddexp(jax.nn.log_sigmoid(gate) + logp, jax.nn.log_sigmoid(-gate) + log_mass)
