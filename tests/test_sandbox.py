@@ -144,16 +144,19 @@ def test_environment_is_stripped_and_signals_refused(run, monkeypatch):
 
 
 def test_timeout_kills_the_whole_process_group():
-  # The mechanism behind "killed with its children": children and grandchildren share the group.
+  # The mechanism behind "killed with its children": children and grandchildren share the group,
+  # and _kill_group returns once they are dead (not merely signalled), however loaded the
+  # machine: the sandbox directory they work in is removed next.
   proc = subprocess.Popen(["sh", "-c", "sleep 60 & (sleep 60 &) ; sleep 60"],
                           start_new_session=True)
-  time.sleep(0.3)
-  members = [p for p in _pids() if _pgid(p) == proc.pid]
-  assert len(members) >= 3
+  deadline = time.monotonic() + 30
+  while len(members := [p for p in _pids() if _pgid(p) == proc.pid]) < 3:
+    assert time.monotonic() < deadline, members   # the shell starts its sleeps
+    time.sleep(0.05)
   sandbox._kill_group(proc.pid)
-  proc.wait()
-  time.sleep(0.2)
   assert not [p for p in members if _alive(p)]
+  assert not sandbox._group_alive(proc.pid)
+  proc.wait()
 
 
 def test_run_many_keeps_order_and_the_evaluator_survives(own_tmp):

@@ -228,11 +228,34 @@ def _tail(path: str, n: int = 2000) -> str:
     return f.read().decode("utf-8", "replace")
 
 
-def _kill_group(pid: int) -> None:
+def _kill_group(pgid: int, wait_s: float = 5.0) -> None:
+  """SIGKILL to process group `pgid`, then wait (at most `wait_s`) until none of its processes
+  is alive: a killed process runs on for a moment before it is a zombie (longer on a loaded
+  machine), and its sandbox directory is removed next."""
   try:
-    os.killpg(pid, signal.SIGKILL)
+    os.killpg(pgid, signal.SIGKILL)
   except (ProcessLookupError, PermissionError):
-    pass
+    return
+  deadline = time.monotonic() + wait_s
+  while _group_alive(pgid) and time.monotonic() < deadline:
+    time.sleep(0.005)
+
+
+def _group_alive(pgid: int) -> bool:
+  """Whether a process of group `pgid` is alive (not a zombie); False without Linux's /proc."""
+  try:
+    pids = [p for p in os.listdir("/proc") if p.isdigit()]
+  except OSError:
+    return False
+  for pid in pids:
+    try:
+      with open(f"/proc/{pid}/stat", "rb") as f:
+        state, _, group = f.read().rpartition(b")")[2].split()[:3]
+    except (OSError, ValueError):
+      continue
+    if int(group) == pgid and state not in (b"Z", b"X"):
+      return True
+  return False
 
 
 def _run(program: str, limits: Limits, drop: bool, prefix: Sequence[str]) -> Result:
