@@ -30,9 +30,14 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default",
 def main(argv: list[str]) -> None:
   del argv
   config = _CONFIG.value
+  # Here, not at the top: orbax would make `--help` slow.
+  from flax_albert_code.training import checkpoint  # pylint: disable=import-outside-toplevel
   try:
+    # A run's data is what its checkpoints were trained on: other data would move its CURRENT
+    # (and its tokenizer) from under it.
+    checkpoint.check_workdir(_WORKDIR.value, config, sections=("data",))
     prepared = prepare(config, _WORKDIR.value, progress=True)
-  except (DataError, TokenizerError) as e:
+  except (DataError, TokenizerError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   print(summary(prepared, config.data))

@@ -95,6 +95,10 @@ def main(argv: list[str]) -> None:
   except ValueError as e:
     sys.exit(f"error: {e}")
   workdir = _WORKDIR.value or os.path.join("runs", config.name)
+  try:   # before anything is written there: a refused run leaves the workdir as it was
+    checkpoint.check_workdir(workdir, config)
+  except checkpoint.CheckpointError as e:
+    sys.exit(f"error: {e}")
   cache = compile_cache.enable(config.train.get("compilation_cache", "auto"), workdir)
   if jax.process_index() == 0:
     print(f"Training config {config.name!r} on {jax.device_count()} {jax.devices()[0].platform} "

@@ -7,10 +7,12 @@ most of a short run's time on CPU.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -225,6 +227,40 @@ def test_other_config_refuses_to_resume(shared, tmp_path):
                            r"\['hidden_size'\]\); use a new --workdir or the same config\."):
     trainer.run(other, str(tmp_path), progress=False, devices=devices_for(MESH_8))
   assert checkpoint.Checkpointer(str(tmp_path), read_only=True).latest_step() == 1
+
+
+def tree_state(root) -> dict[str, tuple]:
+  """Every path under `root`: a file's size, mtime and sha256, a directory's presence."""
+  out = {}
+  for d, dirs, names in os.walk(root):
+    for name in dirs:
+      out[os.path.relpath(os.path.join(d, name), root)] = ("dir",)
+    for name in names:
+      path = os.path.join(d, name)
+      with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+      out[os.path.relpath(path, root)] = (os.path.getsize(path), os.stat(path).st_mtime_ns,
+                                          digest)
+  return out
+
+
+def test_a_refused_command_changes_nothing_in_the_workdir(shared, tmp_path):
+  """train and prepare with other data, into a trained workdir holding its own data (the default
+  layout): one error line, before anything is prepared, cached or pointed at (CURRENT): the
+  workdir is byte-identical, and its checkpoint still finds its own tokenizer."""
+  workdir = tmp_path / "w"
+  shutil.copytree(shared[0], workdir / "data")   # the run's data (reused, not mined again)
+  run(make_config("", **{"train.steps": 1}), workdir)
+  before = tree_state(workdir)
+  other = cli_flags("", **{"data.max_examples": 150, "train.steps": 2})
+  for command in ("train", "prepare"):
+    proc = subprocess.run([sys.executable, "-m", f"flax_albert_code.{command}", "--config",
+                           "configs/tiny.py", "--workdir", str(workdir), *other],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        f"error: The workdir {workdir} holds checkpoints of another config (config.data differs "
+        "in ['max_examples']); use a new --workdir or the same config."], proc.stderr
+    assert tree_state(workdir) == before, command
 
 
 def test_overfits_a_tiny_set(shared, tmp_path):

@@ -334,7 +334,7 @@ def _find_prepared(config, workdir: str):
     if not path:
       continue
     try:
-      return prepared_lib.load_prepared(path)
+      return prepared_lib.load_prepared(path, config.data)
     except (prepared_lib.DataError, OSError, ValueError):
       continue
   return None

@@ -31,7 +31,7 @@ import errno
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import grain
 import jax
@@ -44,6 +44,8 @@ from flax_albert_code.utils import files
 
 # A resumed run must train the same model on the same data: these sections must match.
 MUST_MATCH = ("model", "data")
+# Set by training from the prepared data (the tokenizer's size): not compared before it is.
+DERIVED = ("model.vocab_size",)
 MANIFEST = "sha256_manifest.json"
 _UNHASHED = ("_CHECKPOINT_METADATA",)   # orbax rewrites its step metadata at the commit
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"   # orbax's uncommitted step directories: <step><suffix>[-*]
@@ -216,8 +218,10 @@ class Checkpointer:
                             f"({type(e).__name__}).") from e
     return ml_collections.ConfigDict(restored["config"])
 
-  def check_compatible(self, config) -> None:
-    """Refuse to resume a workdir written by another model or data config."""
+  def check_compatible(self, config, sections: Sequence[str] = MUST_MATCH,
+                       ignore: Sequence[str] = ()) -> None:
+    """Refuse to resume a workdir written by another model or data config: CheckpointError
+    naming the fields of `sections` that differ (but those in `ignore`, "section.key")."""
     saved = None
     for step in sorted(self.manager.all_steps(), reverse=True):   # the newest intact config
       if self.verify(step) is None:
@@ -228,10 +232,14 @@ class Checkpointer:
           pass
     if saved is None:
       return      # nothing to compare with: restore() says what is wrong
-    for section in MUST_MATCH:
+    for section in sections:
       a, b = saved.get(section), config.get(section)
       a = a.to_dict() if a is not None else None
       b = _jsonable(b.to_dict()) if b is not None else None
+      for path in ignore:
+        if path.startswith(section + "."):
+          for d in (a, b):
+            (d or {}).pop(path[len(section) + 1:], None)
       if a != b:
         diff = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k))
         raise CheckpointError(
@@ -274,6 +282,21 @@ class Checkpointer:
       error = error or self._failure(self._saving, e)
     if error is not None and not already_reported:
       raise error
+
+
+def check_workdir(workdir: str, config, sections: Sequence[str] = MUST_MATCH) -> None:
+  """Before a command writes anything into `workdir` (prepared data, CURRENT, a cache):
+  CheckpointError if it holds checkpoints of another config, compared in `sections` (but
+  DERIVED). Reads only, so a refused command leaves the workdir as it was."""
+  workdir = str(workdir) if "://" in str(workdir) else os.path.abspath(os.path.expanduser(workdir))
+  if not checkpoint_dir(workdir).is_dir():
+    return
+  with _quiet_orbax():
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+      ckpt.check_compatible(config, sections, ignore=DERIVED)
+    finally:
+      ckpt.manager.close()
 
 
 def verify_step(path: epath.Path) -> str | None:
