@@ -357,15 +357,38 @@ def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(shared, tm
   config = make_config(shared[0], mesh=MESH_1, **{
       "train.learning_rate": 1e30, "train.steps": 6, "train.checkpoint_every": 1,
       "train.log_every": 100})
-  with pytest.raises(trainer.TrainingError, match=r"Non-finite .* at step (\d+); the last good "
-                                                  r"checkpoint is intact") as err:
+  ckpt_dir = checkpoint.checkpoint_dir(str(tmp_path))
+  with pytest.raises(trainer.TrainingError, match=r"Training diverged at step (\d+) \(non-finite "
+                     rf"param_norm (nan|inf)\); the last good checkpoint is {ckpt_dir}/1, where "
+                     r"the next run resumes; lower config.train.learning_rate \(now 1e\+30\)") as err:
     run(config, tmp_path)
   bad_step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
   assert bad_step == 2
-  ckpt_dir = checkpoint.checkpoint_dir(str(tmp_path))
   assert sorted(p.name for p in ckpt_dir.iterdir()) == ["1"]    # complete, no tmp dir left
   _, params, step = checkpoint.load_for_inference(str(tmp_path))
   assert step == 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_a_diverging_run_stops_and_the_next_resumes_from_the_last_good_checkpoint(shared, tmp_path):
+  # Learning rate 1 (optax's schedule gives 0 to step 1): step 2's update takes the loss from ~6
+  # to ~650, finite, at step 3; the state checkpointed at step 2 is that diverged one.
+  config = make_config(shared[0], mesh=MESH_1, **{
+      "train.learning_rate": 1.0, "train.steps": 6, "train.checkpoint_every": 1,
+      "train.log_every": 100})
+  with pytest.raises(trainer.TrainingError) as err:
+    run(config, tmp_path)
+  ckpt_dir = checkpoint.checkpoint_dir(str(tmp_path))
+  assert re.fullmatch(
+      r"Training diverged at step 3 \(loss [\d.]+, over 10x its start [\d.]+\); the last good "
+      rf"checkpoint is {ckpt_dir}/1, where the next run resumes \(step 2 moved to "
+      rf"{tmp_path}/checkpoints_diverged\); lower config.train.learning_rate \(now 1\) or check "
+      r"the data\.", str(err.value)), str(err.value)
+  assert sorted(p.name for p in ckpt_dir.iterdir()) == ["1"]   # never a diverged state
+  # The next start (a sane learning rate) resumes from step 1 and trains on.
+  resumed, _ = run(make_config(shared[0], mesh=MESH_1, **{"train.steps": 3}), tmp_path)
+  assert [h["step"] for h in resumed.history] == [2, 3]
+  assert all(h["loss"] < 10 for h in resumed.history), resumed.history
+  assert checkpoint.Checkpointer(str(tmp_path), read_only=True).latest_step() == 3
 
 
 def test_checkpoint_policy_keeps_last_k_and_the_best(tmp_path):

@@ -47,6 +47,7 @@ MUST_MATCH = ("model", "data")
 # Set by training from the prepared data (the tokenizer's size): not compared before it is.
 DERIVED = ("model.vocab_size",)
 MANIFEST = "sha256_manifest.json"
+DIVERGED_DIR = "checkpoints_diverged"   # where a diverged run's checkpoints go (set_aside)
 _UNHASHED = ("_CHECKPOINT_METADATA",)   # orbax rewrites its step metadata at the commit
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"   # orbax's uncommitted step directories: <step><suffix>[-*]
 
@@ -190,12 +191,26 @@ class Checkpointer:
         + "; delete the bad step directories to start from an earlier one, or use a new "
         "--workdir.")
 
-  def _move_aside(self, step: int) -> None:
-    """Move a corrupt step out of orbax's sight, so that training can save that step again."""
+  def set_aside(self, first: int) -> list[int]:
+    """Moves every step from `first` on (a diverged run's states) to `<workdir>/
+    checkpoints_diverged/`, after the save in flight, so that the next run resumes before them;
+    the steps moved."""
+    self.wait()
+    self.manager.reload()
+    moved = [s for s in sorted(self.manager.all_steps()) if s >= first]
+    if jax.process_index() == 0:
+      for step in moved:
+        self._move_aside(step, DIVERGED_DIR, "diverged")
+    return moved
+
+  def _move_aside(self, step: int, folder: str = "checkpoints_corrupt",
+                  what: str = "corrupt") -> None:
+    """Move a corrupt (or diverged) step out of orbax's sight, so that training can save that
+    step again."""
     if self.read_only:
       return
     src = self.directory / str(step)
-    dest = self.directory.parent / "checkpoints_corrupt" / str(step)
+    dest = self.directory.parent / folder / str(step)
     n = 1
     while dest.exists():
       dest, n = dest.parent / f"{step}.{n}", n + 1
@@ -203,9 +218,9 @@ class Checkpointer:
       dest.parent.mkdir(parents=True, exist_ok=True)
       src.rename(dest)
     except Exception as e:
-      raise CheckpointError(f"Checkpoint {src} is corrupt and could not be moved aside "
+      raise CheckpointError(f"Checkpoint {src} is {what} and could not be moved aside "
                             f"({type(e).__name__}: {e}); delete it and run again.") from e
-    log.warning("Moved the corrupt checkpoint step %d to %s.", step, dest)
+    log.warning("Moved the %s checkpoint step %d to %s.", what, step, dest)
     self._problems.pop(step, None)
     self.manager.reload()
 
