@@ -17,6 +17,7 @@ from ml_collections import config_flags
 from flax_albert_code import config as config_lib
 from flax_albert_code.data.prepared import (DataError, Prepared, load_prepared,  # noqa: F401
                                             prepare, summary)
+from flax_albert_code.utils import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(config_lib.CONFIG_DIR, "default.py"),
@@ -44,4 +45,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, argv=config_lib.with_shipped_configs(sys.argv))
+  app.run(main, argv=cli.config_argv(sys.argv))

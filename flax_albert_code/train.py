@@ -15,6 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from flax_albert_code import config as config_lib
+from flax_albert_code.utils import cli
 
 _DEFAULT_CONFIG = os.path.join(config_lib.CONFIG_DIR, "default.py")
 
@@ -40,7 +41,7 @@ def _unknown_field(err: Exception) -> str:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, but a mistyped `--config.a.b` ends in one sentence, not a traceback."""
   try:
-    return app.parse_flags_with_usage(config_lib.with_shipped_configs(argv))
+    return app.parse_flags_with_usage(cli.config_argv(argv))
   except (KeyError, AttributeError) as e:
     sys.exit(f"error: {_unknown_field(e)}")
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import ml_collections
 import pytest
@@ -127,6 +129,18 @@ def test_a_bad_variant_is_one_sentence():
   with pytest.raises(FileNotFoundError, match=r"give a path or a shipped config \(albert, base, "
                                               r"default, large, quality, tiny\)"):
     config_lib.load_config("configs/nope.py")
+
+
+@pytest.mark.parametrize("command,spec", [("train", "nosuch"), ("prepare", "nosuch.py:arg")])
+def test_a_missing_config_is_one_line_listing_the_shipped_ones(command, spec, tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", f"flax_albert_code.{command}", "--config", spec,
+                         "--workdir", str(tmp_path / "w")], cwd=repo, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 1 and proc.stderr.splitlines() == [
+      f"error: --config {spec}: no such config file; give a path or a shipped config (albert, "
+      "base, default, large, quality, tiny)."], proc.stderr
+  assert not (tmp_path / "w").exists()
 
 
 def test_parse_arg():

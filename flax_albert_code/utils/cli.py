@@ -3,9 +3,11 @@ reading texts, loading a model."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Sequence
 
+from flax_albert_code import config as config_lib
 from flax_albert_code.inference import options
 
 USER_ERRORS: tuple = (ValueError, OSError, RuntimeError)  # CheckpointError is a RuntimeError
@@ -19,6 +21,20 @@ def quiet_logs() -> None:
   ours.addHandler(handler)
   ours.propagate = False
   logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def config_argv(argv: Sequence[str]) -> list[str]:
+  """argv with each `--config X` resolved (`config.with_shipped_configs`); one that names no
+  config file exits with one `error:` line listing the shipped configs, not a traceback."""
+  out = config_lib.with_shipped_configs(list(argv))
+  for i, arg in enumerate(out):
+    spec = (arg[len("--config="):] if arg.startswith("--config=") else
+            out[i + 1] if arg == "--config" and i + 1 < len(out) else None)
+    if spec is not None and not os.path.isfile(spec.partition(":")[0]):
+      given = argv[i + 1] if arg == "--config" else argv[i][len("--config="):]
+      sys.exit(f"error: --config {given}: no such config file; give a path or a shipped config "
+               f"({', '.join(config_lib.shipped_names())}).")
+  return out
 
 
 def progress() -> bool:
