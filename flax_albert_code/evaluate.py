@@ -6,7 +6,9 @@
 SOURCE: `prepared` (default: the checkpoint's prepared data), any data source spec
 (`jsonl:PATH`, `csn:PATH`, `dir:PATH`, ...; a source with partitions keeps `--split`), or
 `humaneval`. Baselines use the prepared train split. Every flag is checked before the model
-loads (a mistake is one `error:` line); progress bars go to stderr. The logic lives in
+loads (a mistake is one `error:` line); progress goes to stderr: bars on a terminal, else a line
+now and then; descriptions the model cuts are one warning (their numbers in the report). An
+earlier report in the same directory is kept as report.N.json/.md. The logic lives in
 `flax_albert_code.evaluation.harness`; this file only wires it to a checkpoint.
 """
 from __future__ import annotations
@@ -143,10 +145,12 @@ def main(argv: Sequence[str] | None = None) -> dict | int:
       raise ValueError("The baselines need the run's prepared train split, which was not found "
                        "beside the checkpoint; pass --no-baselines.")
     train = [] if args.no_baselines else load_examples("prepared", "train", gen.prepared)
+    progress = cli.progress() or "lines"   # bars on a terminal, else a line now and then
     if problems is not None:
       results = harness.evaluate_humaneval(
           gen, problems, strategies, args.rerank, decode, train,
-          sandbox.Limits(timeout_s=args.timeout), args.workers or None, args.show, progress=cli.progress())
+          sandbox.Limits(timeout_s=args.timeout), args.workers or None, args.show,
+          progress=progress)
     else:
       if examples is None:
         if gen.prepared is None:
@@ -155,16 +159,19 @@ def main(argv: Sequence[str] | None = None) -> dict | int:
         examples = load_examples("prepared", args.split, gen.prepared, args.max_examples)
       results = harness.evaluate(gen, examples, train, strategies, args.rerank, decode,
                                  not args.no_retrieval, args.max_candidates, args.show,
-                                 args.random_examples, args.seed, progress=cli.progress(),
+                                 args.random_examples, args.seed, progress=progress,
                                  retrieve=False if args.no_retrieve else None,
                                  corpus=args.corpus or None)
     results.update(title=f"{args.data} ({args.split})" if args.data != "humaneval" else "HumanEval",
                    checkpoint=args.checkpoint, data=args.data, split=args.split)
+    kept = report.keep_earlier(args.out or args.checkpoint)
     json_path, md_path = report.write(results, args.out or args.checkpoint)
   except (*cli.USER_ERRORS, ImportError) as e:
     return cli.fail(e)
   print(report.table(results["rows"]))
-  print(f"\nWrote {json_path} and {md_path}")
+  print(f"\nWrote {json_path} and {md_path}"
+        + (f" (the earlier report kept as {' and '.join(map(os.path.basename, kept))})"
+           if kept else ""))
   return results
 
 

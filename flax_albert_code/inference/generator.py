@@ -101,6 +101,9 @@ class CodeGenerator:
     self.retrieval_k = int(self.config.retrieval.k)
     self.max_ctx_len = int(self.config.retrieval.max_ctx_len)
     self._corpus: tuple[str, Any] | None = None   # (spec, Retriever over its index)
+    # A warning for each description cut to max_desc_len; off where a caller summarises them
+    # (evaluation: one line for a split, `long_descriptions`).
+    self.warn_long = True
 
   @classmethod
   def from_checkpoint(cls, path: str, *, mesh: jax.sharding.Mesh | None = None) -> CodeGenerator:
@@ -301,9 +304,15 @@ class CodeGenerator:
     return frame_context(self.tokenizer.encode(text), neighbour_tokens, self.max_desc_len,
                          self.max_ctx_len)
 
+  def long_descriptions(self, texts: Sequence[str]) -> list[int]:
+    """Indices of the `texts` longer than the model reads (max_desc_len - 2 tokens), which it
+    cuts."""
+    return [i for i, t in enumerate(texts)
+            if len(self.tokenizer.encode(t)) > self.max_desc_len - 2]
+
   def _description_ids(self, text: str, i: int) -> list[int]:
     n = len(self.tokenizer.encode(text))
-    if n > self.max_desc_len - 2:
+    if n > self.max_desc_len - 2 and self.warn_long:
       log.warning("Description %d is %d tokens long; the model reads at most %d, so it was "
                   "truncated.", i + 1, n, self.max_desc_len - 2)
     return self.tokenizer.encode_description(text, self.max_desc_len)

@@ -13,9 +13,22 @@ from flax_albert_code.inference import options
 USER_ERRORS: tuple = (ValueError, OSError, RuntimeError)  # CheckpointError is a RuntimeError
 
 
+class _AboveBars(logging.StreamHandler):
+  """Lines written through tqdm, so that a progress bar on the terminal is not broken: the
+  bar is cleared, the line written, the bar drawn again below it."""
+
+  def emit(self, record: logging.LogRecord) -> None:
+    try:
+      from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+      tqdm.write(self.format(record), file=self.stream)
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
+
+
 def quiet_logs() -> None:
-  """Our warnings as `warning: ...` lines; library chatter (orbax, absl) only when it is an error."""
-  handler = logging.StreamHandler()
+  """Our warnings as `warning: ...` lines (above any progress bar); library chatter (orbax,
+  absl) only when it is an error."""
+  handler = _AboveBars()
   handler.setFormatter(logging.Formatter("warning: %(message)s"))
   ours = logging.getLogger("flax_albert_code")
   ours.addHandler(handler)
