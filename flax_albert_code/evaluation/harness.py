@@ -213,7 +213,8 @@ def evaluate(generator, examples: Sequence[dict], train_examples: Sequence[dict]
     if train_examples:
       nn = bm25.nearest_neighbour(descs, [t["description"] for t in train_examples])
       outputs["BM25 nearest neighbour"] = [train_examples[i]["code"] for i in nn]
-      rows.append(_generation_row("BM25 nearest neighbour", outputs["BM25 nearest neighbour"], refs))
+      rows.append(_generation_row("BM25 nearest neighbour", outputs["BM25 nearest neighbour"],
+                                  refs))
     if retrieval:
       chunks = retrieval_chunks(len(examples), max_candidates)
       d_emb = _embed(generator, descs, "desc", decode.batch_size, progress)
