@@ -107,7 +107,8 @@ def main(argv: list[str]) -> None:
           f"{workdir if '://' in workdir else os.path.abspath(workdir)}"
           f"{f' (compilation cache {cache})' if cache else ''}", flush=True)
   try:
-    result = trainer.run(config, workdir)
+    # A bar on a terminal; in a log or a pipe a line every log_every steps instead.
+    result = trainer.run(config, workdir, progress=cli.progress())
   except (DataError, TokenizerError, checkpoint.CheckpointError, trainer.TrainingError,
           ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

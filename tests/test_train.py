@@ -313,6 +313,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(shared, tmp_path):
   finally:
     proc.kill()
   assert proc.returncode == 0, out
+  # Not a terminal: no bar, whose carriage returns would land between the log's lines, but a
+  # line every config.train.log_every (1) steps.
+  assert "\r" not in out and re.search(r"step 3/100000: loss \d+\.\d{4}\n", out), out
   saved = int(re.search(r"Received SIGTERM at step (\d+): checkpoint saved", out).group(1))
   assert 3 <= saved < 100000
   ckpt_dir = checkpoint.checkpoint_dir(str(workdir))

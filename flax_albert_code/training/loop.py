@@ -354,6 +354,8 @@ class Trainer:
     self.history.append({"step": step, **m})
     if step % self.tc.log_every == 0:
       self.writer.write(step, m)
+      if self.bar.disable and self.is_main:   # no bar (stderr is a log or a pipe): a line
+        log.info("step %d/%d: loss %.4f", step, self.tc.steps, m.get("loss", float("nan")))
     self.bar.update(step - self.bar.n)
 
   def _diverged(self, step: int, what: str, first_bad: int) -> None:
