@@ -218,3 +218,25 @@ def test_root_drops_to_nobody_when_the_interpreter_allows(monkeypatch, tmp_path)
     assert r.passed, r.detail
   finally:
     sandbox._can_drop_privileges.cache_clear()
+
+
+@pytest.mark.parametrize("code, status, reason", [
+    ("def f(a, b):\n    return a + b\n", "passed", ""),
+    ("def f(a, b):\n    return a - b\n", "failed", "failed: f(2, 3) returned -1"),
+    ("def f(a, b):\n    return x\n", "error", "NameError at line 2: name 'x' is not defined"),
+    ("def f(a, b:\n    return a\n", "error", "SyntaxError at line 1: "),
+    ("defdefdefdef\n", "error", "no top-level function to call"),
+    ("def f(a, b):\n    while True:\n        pass\n", "timeout", "timeout"),
+    ("import os\ndef f(a, b):\n    os.system('ls')\n", "error",
+     "PermissionError at line 3: sandbox: os.system is not allowed"),
+])
+def test_the_design_example_says_which_error(code, status, reason):
+  """The source design's example reports what went wrong, not just "error"."""
+  from flax_albert_code.evaluation import design_example  # pylint: disable=import-outside-toplevel
+  result = design_example.check(code, sandbox.Limits(timeout_s=1.5, cpu_s=1))
+  assert result.status == status and sandbox.describe(result).startswith(reason), result
+  line = design_example.format_results([{"strategy": "greedy", "code": code, "neighbours": [],
+                                         "passed": result.passed, "status": result.status,
+                                         "reason": sandbox.describe(result)}]).splitlines()[1]
+  assert line == "## greedy: f(2, 3) == 5 " + (
+      "passes" if status == "passed" else f"does not pass ({sandbox.describe(result)})")

@@ -40,6 +40,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -220,6 +221,30 @@ def run_many(programs: Sequence[str], limits: Limits = Limits(),
     return list(tqdm(pool.map(lambda p: run(p, limits), programs), total=len(programs),
                      desc="sandbox", unit="program", disable=not progress, leave=False,
                      dynamic_ncols=True))
+
+
+_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)):? ?(.*)$")
+_PROGRAM_LINE = re.compile(r'File "program\.py", line (\d+)')
+
+
+def describe(result: Result, width: int = 120) -> str:
+  """What went wrong, in a few words, from the program's stderr: "" for a pass, "timeout",
+  "failed: <the assertion's message>", or "<Exception> at line N: <message>" (N of the program)."""
+  if result.passed:
+    return ""
+  if result.status == "timeout":
+    return "timeout"
+  lines = [line for line in result.detail.splitlines() if not line.startswith("blocked: ")]
+  error = next((m for m in map(_ERROR_LINE.match, reversed(lines)) if m), None)
+  if result.status == "failed":
+    text = "failed" + (f": {error.group(2)}" if error and error.group(2) else "")
+  elif error is None:
+    text = next((line.strip() for line in lines if line.strip()), result.status)
+  else:
+    where = _PROGRAM_LINE.findall(result.detail)
+    text = error.group(1) + (f" at line {where[-1]}" if where else "") + (
+        f": {error.group(2)}" if error.group(2) else "")
+  return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _tail(path: str, n: int = 2000) -> str:
