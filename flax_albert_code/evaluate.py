@@ -75,7 +75,8 @@ def load_examples(spec: str, split: str, prepared, max_examples: int = 0) -> lis
             for e in itertools.islice(prepared.source(split), max_examples or None)]
   split = splits.canonical_split(split)
   skipped: collections.Counter = collections.Counter()
-  pairs = [pr for spec_ in sources.parse_specs(spec) for unit in sources.units(spec_)
+  pairs = [pr for spec_ in sources.parse_specs(spec, "--data")
+           for unit in sources.units(spec_, "--data")
            for pr in unit.read(mining.Filters(), skipped)]
   if any(pr.partition for pr in pairs):
     pairs = [pr for pr in pairs if pr.partition == split]
@@ -110,6 +111,9 @@ def check_args(args: argparse.Namespace) -> list[str]:
                        f"got {value}.")
   if not args.timeout > 0:
     raise ValueError(f"--timeout must be positive, got {args.timeout:g}.")
+  if args.corpus:
+    from flax_albert_code.inference import index  # pylint: disable=import-outside-toplevel
+    index.check_corpus(args.corpus)
   if args.data != "humaneval":
     from flax_albert_code.data import splits  # pylint: disable=import-outside-toplevel
     splits.canonical_split(args.split)

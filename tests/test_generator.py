@@ -347,3 +347,19 @@ def test_generate_command_missing_input_and_a_file_for_a_checkpoint(capsys, tmp_
     assert generate.main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith(words) and len(err.splitlines()) == 1, err
+
+
+def test_a_missing_corpus_path_names_the_flag_before_the_model_loads(capsys, tmp_path,
+                                                                     monkeypatch):
+  from flax_albert_code import evaluate, export  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(cli_lib, "load_generator",
+                      lambda path: pytest.fail("loaded the model before checking --corpus"))
+  monkeypatch.setattr(CodeGenerator, "from_checkpoint",
+                      lambda *a, **k: pytest.fail("loaded the model before checking --corpus"))
+  missing = tmp_path / "nope"
+  corpus = ["--checkpoint", str(tmp_path), "--corpus", f"dir:{missing}"]
+  for main, argv in ((generate.main, [*corpus, "q"]), (search_cmd.main, [*corpus, "q"]),
+                     (evaluate.main, corpus), (export.main, [*corpus, "--out", str(tmp_path / "e")])):
+    assert main(argv) == 1
+    assert capsys.readouterr().err == (f"error: Data source 'dir:{missing}': {missing} does not "
+                                       "exist; fix the path in --corpus.\n"), main
