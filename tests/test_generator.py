@@ -358,8 +358,9 @@ def test_a_missing_corpus_path_names_the_flag_before_the_model_loads(capsys, tmp
                       lambda *a, **k: pytest.fail("loaded the model before checking --corpus"))
   missing = tmp_path / "nope"
   corpus = ["--checkpoint", str(tmp_path), "--corpus", f"dir:{missing}"]
+  out = ["--out", str(tmp_path / "e")]
   for main, argv in ((generate.main, [*corpus, "q"]), (search_cmd.main, [*corpus, "q"]),
-                     (evaluate.main, corpus), (export.main, [*corpus, "--out", str(tmp_path / "e")])):
+                     (evaluate.main, corpus), (export.main, [*corpus, *out])):
     assert main(argv) == 1
     assert capsys.readouterr().err == (f"error: Data source 'dir:{missing}': {missing} does not "
                                        "exist; fix the path in --corpus.\n"), main
