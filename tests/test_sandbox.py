@@ -4,6 +4,7 @@ Every containment case runs with namespaces (when `unshare` works here) and with
 not allow them. Limits are tight so that the whole file takes a few seconds.
 """
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -84,9 +85,21 @@ def test_memory_hog_is_stopped(run):
   assert not r.passed and "MemoryError" in r.detail
 
 
-def test_writing_outside_the_temp_dir_is_refused(run, tmp_path):
+@pytest.fixture
+def open_dir():
+  """A directory (with a file) that anyone may write, so that what refuses a sandboxed program's
+  write there is the sandbox, not the file permissions that bind a program run as `nobody`."""
+  root = tempfile.mkdtemp(prefix="outside-")
+  os.chmod(root, 0o777)
+  yield pathlib.Path(root)
+  shutil.rmtree(root, ignore_errors=True)
+
+
+def test_writing_outside_the_temp_dir_is_refused(run, open_dir):
+  tmp_path = open_dir
   target, victim = tmp_path / "pwned", tmp_path / "victim"
   victim.write_text("keep me")
+  victim.chmod(0o666)
   for program in [f"open({str(target)!r}, 'w').write('x')",
                   f"import os\nos.open({str(target)!r}, os.O_CREAT | os.O_WRONLY)",
                   f"import os\nos.remove({str(victim)!r})",

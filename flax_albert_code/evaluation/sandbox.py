@@ -297,6 +297,9 @@ def _run(program: str, limits: Limits, drop: bool, prefix: Sequence[str]) -> Res
     if drop:
       os.chown(work, NOBODY, NOBODY)
       os.chmod(os.path.join(work, "program.py"), 0o644)
+      # `nobody` must pass through to its working directory by name (TMPDIR, tempfile, absolute
+      # paths), not list what is beside it.
+      os.chmod(outer, 0o711)
     env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
     args = [str(write_fd), str(cpu), str(limits.memory_bytes), str(limits.file_bytes),
             str(limits.extra_processes), str(int(drop))]
