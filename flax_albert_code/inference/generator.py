@@ -28,6 +28,7 @@ from flax_albert_code.config import EOS_ID
 from flax_albert_code.data import prepared as prepared_lib
 from flax_albert_code.inference import decoding
 from flax_albert_code.inference import index as index_lib
+from flax_albert_code.inference import memory
 from flax_albert_code.inference import model_decoding
 from flax_albert_code.inference import options
 from flax_albert_code.inference import postprocess
@@ -169,6 +170,9 @@ class CodeGenerator:
                   max_tokens=self.cfg.max_position_embeddings, vocab_size=self.cfg.vocab_size,
                   no_repeat_ngram_size=no_repeat_ngram_size)
     max_new = int(max_new)
+    memory.check(self.config, num_texts=len(texts), strategy=strategy, num_samples=num_samples,
+                 num_beams=num_beams, max_new_tokens=max_new,
+                 divisor=sharding.batch_divisor(self.mesh) if self.mesh is not None else 1)
     if not texts:
       return []
     used = self._retrieves(retrieve)

@@ -372,6 +372,24 @@ def _quiet_orbax():
     absl.removeFilter(drop)
 
 
+def read_config(path: str) -> ml_collections.ConfigDict:
+  """The config saved with the checkpoint `path` names (a workdir or a step directory), without
+  reading its parameters: what a command checks its flags against before loading a model."""
+  directory, step = resolve(path)
+  with _quiet_orbax():
+    manager = ocp.CheckpointManager(directory,
+                                    options=ocp.CheckpointManagerOptions(read_only=True),
+                                    item_names=("state", "data", "config"))
+    try:
+      return ml_collections.ConfigDict(manager.restore(
+          step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+    except Exception as e:
+      raise CheckpointError(f"Checkpoint {directory / str(step)} has no readable config "
+                            f"({type(e).__name__}); pass another checkpoint.") from e
+    finally:
+      manager.close()
+
+
 def load_for_inference(path: str) -> tuple[ml_collections.ConfigDict, Any, int]:
   """(config, model params, step) from a workdir or checkpoint dir, on the default device."""
   with _quiet_orbax():
