@@ -49,7 +49,7 @@ def test_evaluate_cli_writes_reports_with_every_method(workdir, tmp_path, capsys
   assert [line for line in err.splitlines() if "longer than the model reads" in line] == [
       "warning: 2 of 8 descriptions are longer than the model reads (22 tokens) and were cut; "
       "report.json lists them (truncated)."], err
-  assert "\r" not in err and "greedy: 8/8 desc (100%), " in err and "beam: 3/8 desc" in err
+  assert "\r" not in err and "greedy: 8/8 desc (100%), " in err and "beam: 0/8 desc" in err
 
   evaluate.main(["--checkpoint", workdir, "--data", f"jsonl:{data}", "--no-baselines",
                  "--no-retrieval", "--out", str(out)])

@@ -12,15 +12,18 @@ from flax_albert_code.utils import progress
 
 def test_lines_show_where_the_work_is_without_carriage_returns():
   out = io.StringIO()
-  lines = progress.Lines(10, "greedy", "desc", every_s=3600, file=out)
-  lines.update(3)      # the first update: a line at once
+  lines = progress.Lines(10, "greedy", "desc", every_s=3600, file=out)   # the start: a line
   lines.update(3)      # within the interval: none
+  lines.every_s = 0
+  lines.update(3)      # past it: a line
+  lines.every_s = 3600
   lines.update(4)      # the end: always
   lines.close()
   shown = out.getvalue().splitlines()
-  assert len(shown) == 2 and "\r" not in out.getvalue()
-  assert shown[0].startswith("greedy: 3/10 desc (30%), 0:00 elapsed, ~0:00 left")
-  assert shown[1] == "greedy: 10/10 desc (100%), 0:00 elapsed"
+  assert len(shown) == 3 and "\r" not in out.getvalue()
+  assert shown[0] == "greedy: 0/10 desc (0%), 0:00 elapsed"
+  assert shown[1].startswith("greedy: 6/10 desc (60%), 0:00 elapsed, ~0:00 left")
+  assert shown[2] == "greedy: 10/10 desc (100%), 0:00 elapsed"
   assert isinstance(progress.bar(5, "x", "y", "lines"), progress.Lines)
   assert progress.bar(5, "x", "y", False).disable and not progress.bar(5, "x", "y", True).disable
 

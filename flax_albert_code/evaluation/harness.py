@@ -84,9 +84,10 @@ def summarised_truncation(generator, descriptions: Sequence[str]) -> Iterator[di
 
 def _generate(generator, descriptions: Sequence[str], strategy: str, rerank: bool,
               d: DecodeSettings, progress: bool | str = False,
-              retrieve: bool | None = None) -> list[list[dict]]:
+              retrieve: bool | None = None, name: str = "") -> list[list[dict]]:
   out: list[list[dict]] = []
-  bar = progress_lib.bar(len(descriptions), method_name(strategy, rerank), "desc", progress)
+  bar = progress_lib.bar(len(descriptions), name or method_name(strategy, rerank), "desc",
+                         progress)
   for i in range(0, len(descriptions), d.batch_size):
     batch = list(descriptions[i:i + d.batch_size])
     cands = generator.generate(
@@ -199,7 +200,7 @@ def evaluate(generator, examples: Sequence[dict], train_examples: Sequence[dict]
     for strategy, rr in methods(strategies, rerank):
       for arm, arm_k in arms:
         name = method_name(strategy, rr) + (", no retrieval" if arm is False else "")
-        cands = _generate(generator, descs, strategy, rr, decode, progress,
+        cands = _generate(generator, descs, strategy, rr, decode, progress, name=name,
                           **({"retrieve": arm} if arm is not None else {}))
         outputs[name] = [c[0]["code"] for c in cands]
         finished = [c[0].get("finish_reason", "eos") == "eos" for c in cands]

@@ -22,19 +22,19 @@ def bar(total: int, desc: str, unit: str, progress: bool | str, **kw):
 
 class Lines:
   """The part of tqdm's interface our loops use (update, close, `with`), as a line on stderr at
-  the first update, then at most every `every_s` seconds, and at the end."""
+  the start, then at most every `every_s` seconds, and at the end."""
 
   def __init__(self, total: int, desc: str, unit: str, every_s: float = 10.0, file=None):
     self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
     self.file = file
     self.n = 0
-    self.start = time.monotonic()
-    self._shown: float | None = None   # when the last line was written
+    self.start = self._shown = time.monotonic()   # _shown: when the last line was written
+    self._show(self.start)
 
   def update(self, n: int = 1) -> None:
     self.n += n
     now = time.monotonic()
-    if self._shown is None or now - self._shown >= self.every_s or self.n >= self.total:
+    if now - self._shown >= self.every_s or self.n >= self.total:
       self._show(now)
 
   def _show(self, now: float) -> None:
