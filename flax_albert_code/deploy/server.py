@@ -200,7 +200,8 @@ def _models(exp, limits: Limits) -> dict[str, type[pydantic.BaseModel]]:
     num_samples: int = _option(1, "num_samples", minimum=1, maximum=limits.max_samples)
     num_beams: Optional[int] = _option(
         None, "num_beams", "beam: the export's beam width, fixed when it was exported (null: "
-        "that width).", minimum=exp.num_beams, maximum=exp.num_beams)
+        "that width).", minimum=getattr(exp, "num_beams", None),
+        maximum=getattr(exp, "num_beams", None))
     temperature: float = _option(1.0, "temperature")
     top_k: int = _option(0, "top_k", "sample: draw from the k likeliest tokens (0: off).",
                          minimum=0, maximum=getattr(exp, "vocab_size", None))
