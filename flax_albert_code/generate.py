@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.corpus:
       from flax_albert_code.inference import index  # pylint: disable=import-outside-toplevel
       index.check_corpus(args.corpus)
-    cli.check_decoding(args.checkpoint, num_texts=len(texts), strategy=args.strategy,
+    cli.check_decoding(args.checkpoint, [args.strategy], num_texts=len(texts),
                        num_samples=args.num_samples, num_beams=args.num_beams,
                        max_new_tokens=args.max_new_tokens)
     gen = cli.load_generator(args.checkpoint)

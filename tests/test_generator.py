@@ -258,7 +258,8 @@ def cli(gen, monkeypatch):
   gen.checkpoint_path = "/nonexistent/run/checkpoints/5"
   monkeypatch.setattr(cli_lib, "load_generator", lambda path: gen)
   monkeypatch.setattr(cli_lib, "check_decoding",   # the fake checkpoint's config is gen's
-                      lambda path, **decode: memory.check(gen.config, **decode))
+                      lambda path, strategies, **decode: [
+                          memory.check(gen.config, strategy=s, **decode) for s in strategies])
   return gen
 
 

@@ -93,15 +93,18 @@ def read_texts(args: Sequence[str], input_path: str, what: str = "description") 
   return texts
 
 
-def check_decoding(path: str, **decode) -> None:
-  """Before the model of checkpoint `path` is loaded: OptionError if a decoding call with
-  `decode` (num_texts, strategy, num_samples, num_beams, max_new_tokens) cannot fit in the memory
-  free here, or asks for more tokens than the model has positions (inference/memory.py)."""
+def check_decoding(path: str, strategies: Sequence[str], **decode) -> None:
+  """Before the model of checkpoint `path` is loaded: OptionError if a decoding call of one of
+  `strategies` with `decode` (num_texts, num_samples, num_beams, max_new_tokens) cannot fit in
+  the memory free here, or asks for more tokens than the model has positions
+  (inference/memory.py)."""
   # Here, not at the top: orbax would make the commands' `--help` slow.
   from flax_albert_code.inference import memory  # pylint: disable=import-outside-toplevel
   from flax_albert_code.inference.generator import full_config  # pylint: disable=import-outside-toplevel
   from flax_albert_code.training import checkpoint  # pylint: disable=import-outside-toplevel
-  memory.check(full_config(checkpoint.read_config(path)), **decode)
+  config = full_config(checkpoint.read_config(path))
+  for strategy in strategies:
+    memory.check(config, strategy=strategy, **decode)
 
 
 def load_generator(path: str):
