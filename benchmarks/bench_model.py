@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # kernels.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # gpu_kernels.py
 from flax_albert_code import config as config_lib  # noqa: E402
 from flax_albert_code.training import metrics  # noqa: E402
 from flax_albert_code.model import albert as model_lib  # noqa: E402
@@ -130,7 +130,7 @@ def bench_train(c, *, align: bool, steps: int, warmup: int = 3) -> dict:
 
 def profile_train(c, out_dir: str, *, align: bool, steps: int = 3) -> list[tuple[str, float]]:
   """Trace a few steps (perfetto JSON); GPU kernel ms per step by kernel name, largest first."""
-  import kernels   # this directory
+  import gpu_kernels   # this directory
   _, _, mesh, state, train_fn, (batch,) = _train_setup(c, align, 1)
   with jax.set_mesh(mesh):
     for _ in range(3):
@@ -141,8 +141,8 @@ def profile_train(c, out_dir: str, *, align: bool, steps: int = 3) -> list[tuple
       state, m = train_fn(state, batch)
     _sync(state)
     jax.profiler.stop_trace()
-  totals, counts = kernels.from_trace(out_dir)
-  kernels.print_table(totals, counts, per=steps)
+  totals, counts = gpu_kernels.from_trace(out_dir)
+  gpu_kernels.print_table(totals, counts, per=steps)
   return sorted(((k, v / steps) for k, v in totals.items()), key=lambda kv: -kv[1])
 
 

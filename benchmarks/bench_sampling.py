@@ -128,12 +128,12 @@ def main() -> None:
     step_ms = 1e3 * (t_full - t_one) / (n - 1)
     rows.append((strategy, t_full * 1e3, step_ms, args.batch * n / t_full))
     if args.profile:
-      import kernels   # this directory  # pylint: disable=import-outside-toplevel
+      import gpu_kernels   # this directory  # pylint: disable=import-outside-toplevel
       with jax.profiler.trace(os.path.join(args.profile, strategy), create_perfetto_trace=True):
         jax.block_until_ready(run(n))
       print(f"{strategy}, one call of {n} new tokens:")
-      kernels.print_table(*kernels.from_trace(os.path.join(args.profile, strategy)), per=n,
-                          unit="new token (encoder and set-up included)")
+      gpu_kernels.print_table(*gpu_kernels.from_trace(os.path.join(args.profile, strategy)),
+                              per=n, unit="new token (encoder and set-up included)")
   print(f"{'strategy':<10}{'total ms':>10}{'ms/step':>10}{'new tok/s':>12}")
   for s, total, step, tps in rows:
     print(f"{s:<10}{total:>10.1f}{step:>10.3f}{tps:>12.0f}")

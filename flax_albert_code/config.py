@@ -230,6 +230,52 @@ def pack_fields(text: str) -> tuple[str, ...]:
   return fields
 
 
+# Ranges of the numeric fields that have one: (low, low inclusive, high, high inclusive), None
+# unbounded. The mesh axes (-1 or a size) and the shares below (their own messages) aside.
+_AT_LEAST_1, _AT_LEAST_0 = (1, True, None, None), (0, True, None, None)
+_POSITIVE, _SHARE, _FRACTION = (0, False, None, None), (0, True, 1, False), (0, True, 1, True)
+RANGES = {
+    **{f"model.{k}": _AT_LEAST_1 for k in (
+        "vocab_size", "embedding_size", "hidden_size", "num_attention_heads", "intermediate_size",
+        "num_hidden_layers", "num_hidden_groups", "inner_group_num", "max_position_embeddings",
+        "type_vocab_size", "decoder_layers", "align_dim")},
+    "model.layer_norm_eps": _POSITIVE, "model.initializer_range": _POSITIVE,
+    "model.hidden_dropout_prob": _SHARE, "model.attention_probs_dropout_prob": _SHARE,
+    **{f"data.{k}": _AT_LEAST_1 for k in (
+        "max_code_lines", "max_code_chars", "max_file_bytes", "tokenizer_vocab_size",
+        "max_desc_len", "max_code_len")},
+    **{f"data.{k}": _AT_LEAST_0 for k in (
+        "max_examples", "min_desc_words", "num_workers", "max_unlabelled")},
+    "data.valid_fraction": _SHARE, "data.test_fraction": _SHARE,
+    **{f"train.{k}": _AT_LEAST_1 for k in (
+        "steps", "batch_size", "microbatches", "log_every", "eval_batches", "checkpoint_every",
+        "keep_checkpoints")},
+    **{f"train.{k}": _AT_LEAST_0 for k in (
+        "warmup_steps", "weight_decay", "grad_clip", "l2_weight", "infonce_weight", "gen_weight",
+        "queue_size", "queue_start", "z_loss", "loss_chunk", "mlm_weight", "eval_every",
+        "samples_at_end")},
+    **{f"train.{k}": _POSITIVE for k in ("learning_rate", "eps", "init_temperature")},
+    "train.end_lr_fraction": _FRACTION, "train.decay_fraction": _FRACTION,
+    "train.b1": _SHARE, "train.b2": _SHARE, "train.label_smoothing": _SHARE,
+    **{f"sample.{k}": _AT_LEAST_1 for k in ("max_new_tokens", "num_beams", "num_samples")},
+    **{f"sample.{k}": _AT_LEAST_0 for k in (
+        "top_k", "length_penalty", "decode_phase", "no_repeat_ngram_size")},
+    "sample.temperature": _POSITIVE, "sample.top_p": (0, False, 1, True),
+    "sample.repetition_penalty": (1, True, None, None),
+    "retrieval.k": _AT_LEAST_0, "retrieval.max_ctx_len": _AT_LEAST_1,
+}
+
+
+def _out_of_range(value, low, low_in, high, high_in) -> str | None:
+  """What `value` must be, when it is not."""
+  if (value >= low if low_in else value > low) and (
+      high is None or (value <= high if high_in else value < high)):
+    return None
+  if high is not None:
+    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+  return f"at least {low}" if low_in else "positive"
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """ValueError, in one sentence naming the field, for a value of the wrong type or out of range.
 
@@ -256,10 +302,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
           raise ValueError(f"{name}={value!r} is not a finite number; give a finite value.")
 
   check(config, schema, "config")
-  for name in ("steps", "batch_size"):
-    value = config.train.get(name)
-    if isinstance(value, int) and value < 1:
-      raise ValueError(f"config.train.{name}={value} must be at least 1.")
+  for path, bounds in RANGES.items():
+    section, name = path.split(".")
+    value = config[section].get(name) if section in config else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      want = _out_of_range(value, *bounds)
+      if want:
+        raise ValueError(f"config.{path}={value} must be {want}.")
+  for axis, value in config.get("mesh", {}).items():
+    if isinstance(value, int) and value != -1 and value < 1:
+      raise ValueError(f"config.mesh.{axis}={value} must be a number of devices, or -1 for the "
+                       "rest of them.")
+  if "data" in config and config.data.get("valid_fraction", 0) + config.data.get(
+      "test_fraction", 0) >= 1:
+    raise ValueError(f"config.data.valid_fraction + test_fraction = "
+                     f"{config.data.valid_fraction + config.data.test_fraction:g} leaves no train "
+                     "split; keep their sum below 1.")
   for (section, name), choices in CHOICES.items():
     value = config[section].get(name) if section in config else None
     if value is not None and value not in choices:

@@ -6,7 +6,9 @@
 SOURCE: `prepared` (default: the checkpoint's prepared data), any data source spec
 (`jsonl:PATH`, `csn:PATH`, `dir:PATH`, ...; a source with partitions keeps `--split`), or
 `humaneval`. Baselines use the prepared train split. Every flag is checked before the model
-loads (a mistake is one `error:` line); progress bars go to stderr. The logic lives in
+loads (a mistake is one `error:` line); progress goes to stderr: bars on a terminal, else a line
+now and then; descriptions the model cuts are one warning (their numbers in the report). An
+earlier report in the same directory is kept as report.N.json/.md. The logic lives in
 `flax_albert_code.evaluation.harness`; this file only wires it to a checkpoint.
 """
 from __future__ import annotations
@@ -73,7 +75,8 @@ def load_examples(spec: str, split: str, prepared, max_examples: int = 0) -> lis
             for e in itertools.islice(prepared.source(split), max_examples or None)]
   split = splits.canonical_split(split)
   skipped: collections.Counter = collections.Counter()
-  pairs = [pr for spec_ in sources.parse_specs(spec) for unit in sources.units(spec_)
+  pairs = [pr for spec_ in sources.parse_specs(spec, "--data")
+           for unit in sources.units(spec_, "--data")
            for pr in unit.read(mining.Filters(), skipped)]
   if any(pr.partition for pr in pairs):
     pairs = [pr for pr in pairs if pr.partition == split]
@@ -108,6 +111,9 @@ def check_args(args: argparse.Namespace) -> list[str]:
                        f"got {value}.")
   if not args.timeout > 0:
     raise ValueError(f"--timeout must be positive, got {args.timeout:g}.")
+  if args.corpus:
+    from flax_albert_code.inference import index  # pylint: disable=import-outside-toplevel
+    index.check_corpus(args.corpus)
   if args.data != "humaneval":
     from flax_albert_code.data import splits  # pylint: disable=import-outside-toplevel
     splits.canonical_split(args.split)
@@ -131,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> dict | int:
       examples = load_examples(args.data, args.split, None, args.max_examples)
       if not examples:
         raise ValueError(f"--data {args.data} holds no {args.split} examples.")
+    # One decoding call takes --batch-size descriptions.
+    cli.check_decoding(args.checkpoint, strategies, num_texts=args.batch_size,
+                       num_samples=args.num_samples, num_beams=args.num_beams,
+                       max_new_tokens=args.max_new_tokens)
     # Here, not at the top: flax and orbax would make `--help` take 2.6 s, not 1.1 s.
     from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
     gen = CodeGenerator.from_checkpoint(args.checkpoint)
@@ -143,10 +153,12 @@ def main(argv: Sequence[str] | None = None) -> dict | int:
       raise ValueError("The baselines need the run's prepared train split, which was not found "
                        "beside the checkpoint; pass --no-baselines.")
     train = [] if args.no_baselines else load_examples("prepared", "train", gen.prepared)
+    progress = cli.progress() or "lines"   # bars on a terminal, else a line now and then
     if problems is not None:
       results = harness.evaluate_humaneval(
           gen, problems, strategies, args.rerank, decode, train,
-          sandbox.Limits(timeout_s=args.timeout), args.workers or None, args.show, progress=cli.progress())
+          sandbox.Limits(timeout_s=args.timeout), args.workers or None, args.show,
+          progress=progress)
     else:
       if examples is None:
         if gen.prepared is None:
@@ -155,16 +167,19 @@ def main(argv: Sequence[str] | None = None) -> dict | int:
         examples = load_examples("prepared", args.split, gen.prepared, args.max_examples)
       results = harness.evaluate(gen, examples, train, strategies, args.rerank, decode,
                                  not args.no_retrieval, args.max_candidates, args.show,
-                                 args.random_examples, args.seed, progress=cli.progress(),
+                                 args.random_examples, args.seed, progress=progress,
                                  retrieve=False if args.no_retrieve else None,
                                  corpus=args.corpus or None)
     results.update(title=f"{args.data} ({args.split})" if args.data != "humaneval" else "HumanEval",
                    checkpoint=args.checkpoint, data=args.data, split=args.split)
+    kept = report.keep_earlier(args.out or args.checkpoint)
     json_path, md_path = report.write(results, args.out or args.checkpoint)
   except (*cli.USER_ERRORS, ImportError) as e:
     return cli.fail(e)
   print(report.table(results["rows"]))
-  print(f"\nWrote {json_path} and {md_path}")
+  print(f"\nWrote {json_path} and {md_path}"
+        + (f" (the earlier report kept as {' and '.join(map(os.path.basename, kept))})"
+           if kept else ""))
   return results
 
 

@@ -64,9 +64,19 @@ def _names(text: str) -> list[str]:
   return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _existing(out: str) -> dict | None:
+  """The manifest of an export already at `out`, if there is one."""
+  try:
+    with open(os.path.join(os.path.expanduser(out), MANIFEST), encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   cli.quiet_logs()
+  old = _existing(args.out)
   try:
     path = export(args.checkpoint, args.out, dtype=args.dtype,
                   buckets=_ints("--buckets", args.buckets),
@@ -85,6 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"{path}: {len(manifest['programs'])} programs for {', '.join(manifest['platforms'])}, "
         f"{len(manifest['files'])} files, {size / 1e6:.1f} MB, step {manifest.get('step')}"
         f"{shipped}")
+  if old is not None:
+    print(f"It replaced the export that was there (step {old.get('step')}, made "
+          f"{old.get('created', 'at an unknown time')}); a server running from it keeps serving "
+          "what it loaded until it is restarted.")
   return 0
 
 

@@ -17,7 +17,7 @@ from ml_collections import config_flags
 from flax_albert_code import config as config_lib
 from flax_albert_code.data.prepared import (DataError, Prepared, load_prepared,  # noqa: F401
                                             prepare, summary)
-from flax_albert_code.tokenizer import TokenizerError
+from flax_albert_code.utils import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(config_lib.CONFIG_DIR, "default.py"),
@@ -30,13 +30,19 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default",
 def main(argv: list[str]) -> None:
   del argv
   config = _CONFIG.value
+  # Here, not at the top: orbax would make `--help` slow.
+  from flax_albert_code.training import checkpoint  # pylint: disable=import-outside-toplevel
   try:
+    config_lib.validate(config)
+    # A run's data is what its checkpoints were trained on: other data would move its CURRENT
+    # (and its tokenizer) from under it.
+    checkpoint.check_workdir(_WORKDIR.value, config, sections=("data",))
     prepared = prepare(config, _WORKDIR.value, progress=True)
-  except (DataError, TokenizerError) as e:
+  except (ValueError, checkpoint.CheckpointError) as e:   # DataError and TokenizerError too
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   print(summary(prepared, config.data))
 
 
 if __name__ == "__main__":
-  app.run(main, argv=config_lib.with_shipped_configs(sys.argv))
+  app.run(main, argv=cli.config_argv(sys.argv))

@@ -40,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.top_k < 1:
       raise ValueError(f"--top-k must be at least 1, got {args.top_k}.")
     queries = cli.read_texts(args.queries, "", "query")
+    index_lib.check_corpus(args.corpus)
     gen = cli.load_generator(args.checkpoint)
     examples, fingerprint, skipped = index_lib.corpus(args.corpus, gen.prepared, progress=cli.progress())
     if not examples:

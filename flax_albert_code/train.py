@@ -15,6 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from flax_albert_code import config as config_lib
+from flax_albert_code.utils import cli
 
 _DEFAULT_CONFIG = os.path.join(config_lib.CONFIG_DIR, "default.py")
 
@@ -40,7 +41,7 @@ def _unknown_field(err: Exception) -> str:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, but a mistyped `--config.a.b` ends in one sentence, not a traceback."""
   try:
-    return app.parse_flags_with_usage(config_lib.with_shipped_configs(argv))
+    return app.parse_flags_with_usage(cli.config_argv(argv))
   except (KeyError, AttributeError) as e:
     sys.exit(f"error: {_unknown_field(e)}")
 
@@ -95,6 +96,10 @@ def main(argv: list[str]) -> None:
   except ValueError as e:
     sys.exit(f"error: {e}")
   workdir = _WORKDIR.value or os.path.join("runs", config.name)
+  try:   # before anything is written there: a refused run leaves the workdir as it was
+    checkpoint.check_workdir(workdir, config)
+  except checkpoint.CheckpointError as e:
+    sys.exit(f"error: {e}")
   cache = compile_cache.enable(config.train.get("compilation_cache", "auto"), workdir)
   if jax.process_index() == 0:
     print(f"Training config {config.name!r} on {jax.device_count()} {jax.devices()[0].platform} "
@@ -102,7 +107,8 @@ def main(argv: list[str]) -> None:
           f"{workdir if '://' in workdir else os.path.abspath(workdir)}"
           f"{f' (compilation cache {cache})' if cache else ''}", flush=True)
   try:
-    result = trainer.run(config, workdir)
+    # A bar on a terminal; in a log or a pipe a line every log_every steps instead.
+    result = trainer.run(config, workdir, progress=cli.progress())
   except (DataError, TokenizerError, checkpoint.CheckpointError, trainer.TrainingError,
           ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

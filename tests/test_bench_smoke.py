@@ -1,6 +1,8 @@
 """benchmarks/bench_model.py runs end to end on CPU (its tiny workload) and writes its JSON;
-bench_realdata.py, check_generation.py and ab_decode.py on tiny runs; kernels.py on a synthetic
-trace."""
+bench_realdata.py, check_generation.py and ab_decode.py on tiny runs; gpu_kernels.py on a
+synthetic trace; no benchmark module hides an installed one."""
+import glob
+import importlib.machinery
 import json
 import math
 import os
@@ -10,6 +12,20 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(REPO, "benchmarks")
+
+
+def test_no_benchmark_module_hides_an_installed_one():
+  """benchmarks/ lands on sys.path (its scripts import each other, tests import them): a module
+  there named like an installed one (benchmarks/kernels.py and the PyPI `kernels` that
+  transformers probes for) breaks every later import of it in that process."""
+  elsewhere = [p for p in sys.path
+               if os.path.realpath(p or os.getcwd()) not in (os.path.realpath(BENCHMARKS),
+                                                             os.path.realpath(REPO))]
+  names = [os.path.basename(f)[:-3] for f in glob.glob(os.path.join(BENCHMARKS, "*.py"))]
+  hidden = {n: spec.origin for n in names
+            if (spec := importlib.machinery.PathFinder.find_spec(n, elsewhere)) is not None}
+  assert not hidden, f"rename these benchmarks, they hide installed modules: {hidden}"
 
 
 def test_bench_model_tiny_writes_positive_rates(tmp_path):
@@ -140,10 +156,10 @@ def test_check_generation_reports_conditioning_and_self_consistency(tmp_path):
 
 
 def test_kernel_table_from_a_trace(tmp_path, capsys):
-  """benchmarks/kernels.py: GPU kernels of a perfetto trace by name and kind, per step."""
+  """benchmarks/gpu_kernels.py: GPU kernels of a perfetto trace by name and kind, per step."""
   import gzip
-  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-  import kernels  # pylint: disable=import-outside-toplevel
+  sys.path.append(BENCHMARKS)   # after the installed packages: it hides none of them
+  import gpu_kernels as kernels  # pylint: disable=import-outside-toplevel
   events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
             {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}}]
   for step in range(2):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import ml_collections
 import pytest
@@ -129,6 +131,18 @@ def test_a_bad_variant_is_one_sentence():
     config_lib.load_config("configs/nope.py")
 
 
+@pytest.mark.parametrize("command,spec", [("train", "nosuch"), ("prepare", "nosuch.py:arg")])
+def test_a_missing_config_is_one_line_listing_the_shipped_ones(command, spec, tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", f"flax_albert_code.{command}", "--config", spec,
+                         "--workdir", str(tmp_path / "w")], cwd=repo, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 1 and proc.stderr.splitlines() == [
+      f"error: --config {spec}: no such config file; give a path or a shipped config (albert, "
+      "base, default, large, quality, tiny)."], proc.stderr
+  assert not (tmp_path / "w").exists()
+
+
 def test_parse_arg():
   spec = dict(size="base", steps=10, lr=1e-3, runlocal=False)
   assert common.parse_arg(None, **spec).to_dict() == spec
@@ -166,6 +180,42 @@ def test_shares_out_of_range_are_refused_naming_the_field(field):
   config_lib.validate(config)
   config[section][name] = 1.0
   with pytest.raises(ValueError, match=f"config.{field}=1.0 is a share.*\\[0, 1\\)"):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("field,bad,want", [
+    ("train.learning_rate", -1.0, "positive"), ("train.learning_rate", 0.0, "positive"),
+    ("train.warmup_steps", -1, "at least 0"), ("train.weight_decay", -0.01, "at least 0"),
+    ("model.hidden_dropout_prob", 1.0, "in [0, 1)"), ("train.label_smoothing", -0.1, "in [0, 1)"),
+    ("train.batch_size", 0, "at least 1"), ("train.microbatches", 0, "at least 1"),
+    ("data.max_desc_len", 0, "at least 1"), ("retrieval.max_ctx_len", 0, "at least 1"),
+    ("train.init_temperature", 0.0, "positive"), ("sample.temperature", -1.0, "positive"),
+    ("sample.top_p", 0.0, "in (0, 1]"), ("train.end_lr_fraction", 1.5, "in [0, 1]"),
+    ("train.log_every", 0, "at least 1"), ("sample.repetition_penalty", 0.5, "at least 1")])
+def test_numbers_out_of_range_are_refused_naming_the_field(field, bad, want):
+  config = config_lib.get_config("tiny")
+  section, name = field.split(".")
+  config_lib.validate(config)   # the default is in range
+  config[section][name] = bad
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(config)
+  assert str(e.value) == f"config.{field}={bad} must be {want}."
+
+
+def test_every_ranged_field_exists_and_every_shipped_value_is_in_range():
+  schema = config_lib.get_config()
+  for path in config_lib.RANGES:
+    section, name = path.split(".")
+    assert name in schema[section], path   # a renamed field is not left unchecked
+  for name in config_lib.shipped_names():
+    config_lib.validate(config_lib.load_config(name))
+  config = config_lib.get_config("tiny")
+  config.mesh.fsdp = 0
+  with pytest.raises(ValueError, match=r"config.mesh.fsdp=0 must be a number of devices, or -1"):
+    config_lib.validate(config)
+  config = config_lib.get_config("tiny")
+  config.data.update(valid_fraction=0.5, test_fraction=0.5)
+  with pytest.raises(ValueError, match="leaves no train split"):
     config_lib.validate(config)
 
 

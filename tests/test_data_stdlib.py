@@ -1,5 +1,7 @@
 """The real standard library: counts, no split leakage, determinism, exact tokenizer round trip."""
 import ast
+import os
+import sysconfig
 
 import pytest
 
@@ -17,12 +19,17 @@ def stdlib():
 def test_counts_are_sane(stdlib):
   sizes = {s: len(p) for s, p in stdlib.splits.items()}
   total = sum(sizes.values())
-  assert 5_000 < total < 20_000, sizes  # ~7,800 on CPython 3.11
+  # ~7,800 pairs from 1,790 files on CPython 3.11; 5,405 from 668 files on Debian's python3.11,
+  # which leaves the test suite (test/, python3-test) out of the standard library: a venv of it.
+  assert 5_000 < total < 20_000, sizes
   assert total == len(stdlib.pairs)
   assert 0.04 < sizes["valid"] / total < 0.06 and 0.04 < sizes["test"] / total < 0.06, sizes
-  assert stdlib.units_read == stdlib.units_total > 1_000
+  assert stdlib.units_read == stdlib.units_total > 500
   assert stdlib.skipped["pair: duplicate code"] > 0
-  assert stdlib.skipped["file: syntax error"] > 0  # lib2to3 test data and friends
+  # Files that do not parse (lib2to3's test data and friends) are counted; Debian's python3.11
+  # leaves them out.
+  if os.path.isdir(os.path.join(sysconfig.get_paths()["stdlib"], "lib2to3", "tests", "data")):
+    assert stdlib.skipped["file: syntax error"] > 0
   assert all(len(p.description.split()) >= 3 and len(p.code) <= 4000 for p in stdlib.pairs)
   sample = stdlib.pairs[::50]
   assert all(ast.parse(p.code) for p in sample)
@@ -60,7 +67,7 @@ def test_tokenizer_round_trips_every_test_code_sample(stdlib, tmp_path):
                                       str(tmp_path / "spm.model"), vocab_size=2000)
   codes = [p.code for p in stdlib.splits["test"]]
   descs = [p.description for p in stdlib.splits["test"]]
-  assert len(codes) > 300
+  assert len(codes) > 200   # 263 on Debian's python3.11
   failures = [c for ids, c in zip(tok.encode_batch(codes), codes) if tok.decode(ids) != c]
   failures += [d for ids, d in zip(tok.encode_batch(descs), descs) if tok.decode(ids) != d]
   assert failures == []

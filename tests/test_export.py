@@ -234,11 +234,16 @@ def test_export_command_refuses_bad_options_before_reading_the_checkpoint(
 
 def test_export_command_is_quiet_and_writes_files_readable_like_a_build(run, tmp_path, capfd):
   out = tmp_path / "sub" / "exp"
+  out.mkdir(parents=True)   # an earlier export there, which a server may be running from
+  (out / "manifest.json").write_text(json.dumps({"step": 3, "created": "2026-12-01T10:00:00"}))
   assert export_cmd.main(["--checkpoint", run[0], "--out", str(out), "--buckets", "1",
                           "--strategies", "greedy"]) == 0
   captured = capfd.readouterr()
   assert "WARNING" not in captured.err and "absl" not in captured.err, captured.err
   assert "4 programs" in captured.out
+  assert captured.out.splitlines()[-1] == (
+      "It replaced the export that was there (step 3, made 2026-12-01T10:00:00); a server "
+      "running from it keeps serving what it loaded until it is restarted.")
   umask = os.umask(0)
   os.umask(umask)
   for d, _, names in os.walk(out):

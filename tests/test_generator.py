@@ -15,6 +15,8 @@ from flax_albert_code import generate
 from flax_albert_code import search as search_cmd
 from flax_albert_code.utils import cli as cli_lib
 from flax_albert_code import config as config_lib
+from flax_albert_code.inference import memory
+from flax_albert_code.inference import options as options_lib
 from flax_albert_code.inference import model_decoding
 from flax_albert_code.inference import index as search
 from flax_albert_code.model import sharding
@@ -255,6 +257,9 @@ def test_search_index_is_built_once_and_reused(gen, tmp_path):
 def cli(gen, monkeypatch):
   gen.checkpoint_path = "/nonexistent/run/checkpoints/5"
   monkeypatch.setattr(cli_lib, "load_generator", lambda path: gen)
+  monkeypatch.setattr(cli_lib, "check_decoding",   # the fake checkpoint's config is gen's
+                      lambda path, strategies, **decode: [
+                          memory.check(gen.config, strategy=s, **decode) for s in strategies])
   return gen
 
 
@@ -300,6 +305,7 @@ def test_generate_command_missing_checkpoint(capsys, tmp_path):
 def test_search_command(cli, capsys, tmp_path, monkeypatch):
   monkeypatch.setattr(search, "corpus", lambda spec, prepared, progress=False: (
       _corpus(), f"fake:{spec}", collections.Counter()))
+  monkeypatch.setattr(search, "check_corpus", lambda spec: None)   # "fake" is no source kind
   argv = ["--checkpoint", "x", "--corpus", "fake", "--index-dir", str(tmp_path), "--top-k", "2"]
   assert search_cmd.main([*argv, "--json", "reverse a string"]) == 0
   out = capsys.readouterr()
@@ -347,3 +353,59 @@ def test_generate_command_missing_input_and_a_file_for_a_checkpoint(capsys, tmp_
     assert generate.main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith(words) and len(err.splitlines()) == 1, err
+
+
+def test_a_missing_corpus_path_names_the_flag_before_the_model_loads(capsys, tmp_path,
+                                                                     monkeypatch):
+  from flax_albert_code import evaluate, export  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(cli_lib, "load_generator",
+                      lambda path: pytest.fail("loaded the model before checking --corpus"))
+  monkeypatch.setattr(CodeGenerator, "from_checkpoint",
+                      lambda *a, **k: pytest.fail("loaded the model before checking --corpus"))
+  missing = tmp_path / "nope"
+  corpus = ["--checkpoint", str(tmp_path), "--corpus", f"dir:{missing}"]
+  out = ["--out", str(tmp_path / "e")]
+  for main, argv in ((generate.main, [*corpus, "q"]), (search_cmd.main, [*corpus, "q"]),
+                     (evaluate.main, corpus), (export.main, [*corpus, *out])):
+    assert main(argv) == 1
+    assert capsys.readouterr().err == (f"error: Data source 'dir:{missing}': {missing} does not "
+                                       "exist; fix the path in --corpus.\n"), main
+
+
+def test_decoding_that_cannot_fit_is_refused_before_the_model_loads(tmp_path_factory, capsys,
+                                                                    monkeypatch):
+  """--num-samples 100000 ran out of memory (69 GB) after the model had loaded; now the flag is
+  refused first, with the number that fits, and --max-new-tokens by the model's positions."""
+  import re  # pylint: disable=import-outside-toplevel
+  from export_util import shared_export  # pylint: disable=import-outside-toplevel
+  from flax_albert_code import evaluate  # pylint: disable=import-outside-toplevel
+  workdir = shared_export(tmp_path_factory)[0]
+  monkeypatch.setattr(cli_lib, "load_generator", lambda path: pytest.fail("loaded the model"))
+  monkeypatch.setattr(CodeGenerator, "from_checkpoint",
+                      lambda *a, **k: pytest.fail("loaded the model"))
+  huge = ["--strategy", "sample", "--num-samples", str(10 ** 9)]
+  for main, argv in ((generate.main, [*huge, "add two numbers"]),
+                     (evaluate.main, ["--strategies", "greedy,sample", *huge[2:]])):
+    assert main(["--checkpoint", workdir, *argv]) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"error: --num-samples {10 ** 9} needs at least [\d.]+ GB to decode, "
+                        r"more than the [\d.]+ GB free here; ask for at most \d+\.\n", err), err
+  assert generate.main(["--checkpoint", workdir, "--max-new-tokens", "1000", "add"]) == 1
+  assert capsys.readouterr().err == ("error: --max-new-tokens must be at most 128 (the model's "
+                                     "positions), got 1000.\n")
+
+
+def test_the_memory_bound_says_how_many_candidates_fit():
+  config = config_lib.get_config("tiny")
+  row = memory.bytes_per_row(config, 100)
+  assert row == 2 * config.model.decoder_layers * 100 * config.model.hidden_size * 4 + \
+      8 * config.model.vocab_size
+  assert memory.rows(config, 3, 5) == 8 * 5    # 3 descriptions: the bucket of 8, 5 beams each
+  free = 8 * 7 * row                            # room for 7 candidates of 8 rows
+  memory.check(config, num_texts=3, strategy="beam", num_beams=7, max_new_tokens=100, free=free)
+  with pytest.raises(options_lib.OptionError, match="num_beams 8 needs at least .* at most 7"):
+    memory.check(config, num_texts=3, strategy="beam", num_beams=8, max_new_tokens=100,
+                 free=free)
+  with pytest.raises(options_lib.OptionError, match="max_new_tokens 100 needs .* lower "
+                                                    "max_new_tokens"):
+    memory.check(config, num_texts=3, strategy="greedy", max_new_tokens=100, free=row)

@@ -3,8 +3,9 @@ from a directory outside the repository and finds its shipped configs (the defau
 `--config configs/tiny.py` / `--config tiny`).
 
 Nothing is downloaded: the wheel is built with the installed setuptools (`--no-build-isolation`)
-and installed with `--no-deps --no-index`; the venv sees the dependencies through
-`--system-site-packages`. Its interpreter runs with `-I` (no PYTHONPATH, no script directory on
+and installed with `--no-deps --no-index`; the venv sees the dependencies where this interpreter
+has them (`venv_util.make`: `--system-site-packages`, and the site-packages of the virtualenv the
+tests run in, if any). Its interpreter runs with `-I` (no PYTHONPATH, no script directory on
 sys.path), and the test checks that `flax_albert_code` comes from the venv, not from this checkout
 or an editable install.
 """
@@ -20,8 +21,11 @@ import sys
 
 import pytest
 
+import venv_util
+
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(REPO, "tests")
 # configs/tiny.py's model on the default config, 40 functions, one code bucket, 2 steps.
 TINY_MODEL = {
     "model.embedding_size": 16, "model.hidden_size": 32, "model.num_attention_heads": 4,
@@ -64,6 +68,27 @@ def _write_sources(root) -> None:
         for g in range(4)))
 
 
+def test_a_venv_made_inside_a_virtualenv_sees_its_packages(tmp_path):
+  """What the wheel's venv below relies on, from inside a virtualenv holding a package the base
+  Python lacks (a README install in `python3 -m venv v`): a plain `--system-site-packages` venv
+  made there would not see it."""
+  import venv as venv_lib  # pylint: disable=import-outside-toplevel
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  venv_lib.create(tmp_path / "outer", with_pip=False)   # its own site-packages only
+  outer = str(tmp_path / "outer" / "bin" / "python")
+  purelib = _run([outer, "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                 tmp_path, env).stdout.strip()
+  with open(os.path.join(purelib, "only_in_the_outer_venv.py"), "w", encoding="utf-8") as f:
+    f.write("WHERE = 'outer-venv'\n")
+  make = (f"import sys; sys.path.insert(0, {TESTS!r}); import venv_util; "
+          f"print(venv_util.make({str(tmp_path / 'inner')!r}))")
+  inner = _run([outer, "-I", "-c", make], tmp_path, env).stdout.strip()
+  assert inner == str(tmp_path / "inner" / "bin" / "python")
+  probe = "import only_in_the_outer_venv as m, sys; print(m.WHERE, sys.prefix)"
+  where, prefix = _run([inner, "-I", "-c", probe], tmp_path, env).stdout.split()
+  assert where == "outer-venv" and prefix == str(tmp_path / "inner")
+
+
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory):
   """(venv python, environment, a directory outside the repository) with the wheel installed."""
@@ -81,10 +106,8 @@ def venv(tmp_path_factory):
         "-w", str(tmp / "dist"), str(src)], tmp, env)
   wheels = glob.glob(str(tmp / "dist" / "flax_albert_code-*.whl"))
   assert len(wheels) == 1, wheels
-  _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
-        str(tmp / "venv")], tmp, env)
-  python = str(tmp / "venv" / "bin" / "python")
-  # The system's pip, run by the venv's interpreter, installs into the venv.
+  python = venv_util.make(str(tmp / "venv"), env)
+  # The pip this interpreter sees, run by the venv's interpreter, installs into the venv.
   _run([python, "-I", "-m", "pip", "install", "--no-deps", "--no-index", wheels[0]], tmp, env)
   outside = tmp / "elsewhere"
   outside.mkdir()

@@ -66,6 +66,11 @@ def test_reuse_is_keyed_by_inputs(tree, tmp_path):
   assert not other.reused and other.data_dir != first.data_dir
   assert prepared_lib.load_prepared(work).data_dir == other.data_dir  # CURRENT = latest
   assert prepared_lib.load_prepared(first.data_dir).data_dir == first.data_dir
+  # A run's own data (its checkpoint's config.data), wherever CURRENT points: a data dir shared
+  # by runs of several configs gives each its own tokenizer.
+  assert prepared_lib.load_prepared(work, config_for(tree).data).data_dir == first.data_dir
+  assert prepared_lib.load_prepared(work, config_for(tree, min_desc_words=8).data).data_dir == \
+      other.data_dir
   (tree / "m0.py").write_text((tree / "m0.py").read_text() + "\n# edited\n")
   edited = prepared_lib.prepare(config_for(tree), work)
   assert not edited.reused and edited.data_dir != first.data_dir

@@ -3,7 +3,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+# Appended, after the installed packages, so that nothing in benchmarks/ can hide one of them.
+sys.path.append(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import quality_curve  # noqa: E402
 
 

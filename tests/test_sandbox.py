@@ -4,6 +4,7 @@ Every containment case runs with namespaces (when `unshare` works here) and with
 not allow them. Limits are tight so that the whole file takes a few seconds.
 """
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -84,9 +85,21 @@ def test_memory_hog_is_stopped(run):
   assert not r.passed and "MemoryError" in r.detail
 
 
-def test_writing_outside_the_temp_dir_is_refused(run, tmp_path):
+@pytest.fixture
+def open_dir():
+  """A directory (with a file) that anyone may write, so that what refuses a sandboxed program's
+  write there is the sandbox, not the file permissions that bind a program run as `nobody`."""
+  root = tempfile.mkdtemp(prefix="outside-")
+  os.chmod(root, 0o777)
+  yield pathlib.Path(root)
+  shutil.rmtree(root, ignore_errors=True)
+
+
+def test_writing_outside_the_temp_dir_is_refused(run, open_dir):
+  tmp_path = open_dir
   target, victim = tmp_path / "pwned", tmp_path / "victim"
   victim.write_text("keep me")
+  victim.chmod(0o666)
   for program in [f"open({str(target)!r}, 'w').write('x')",
                   f"import os\nos.open({str(target)!r}, os.O_CREAT | os.O_WRONLY)",
                   f"import os\nos.remove({str(victim)!r})",
@@ -144,16 +157,19 @@ def test_environment_is_stripped_and_signals_refused(run, monkeypatch):
 
 
 def test_timeout_kills_the_whole_process_group():
-  # The mechanism behind "killed with its children": children and grandchildren share the group.
+  # The mechanism behind "killed with its children": children and grandchildren share the group,
+  # and _kill_group returns once they are dead (not merely signalled), however loaded the
+  # machine: the sandbox directory they work in is removed next.
   proc = subprocess.Popen(["sh", "-c", "sleep 60 & (sleep 60 &) ; sleep 60"],
                           start_new_session=True)
-  time.sleep(0.3)
-  members = [p for p in _pids() if _pgid(p) == proc.pid]
-  assert len(members) >= 3
+  deadline = time.monotonic() + 30
+  while len(members := [p for p in _pids() if _pgid(p) == proc.pid]) < 3:
+    assert time.monotonic() < deadline, members   # the shell starts its sleeps
+    time.sleep(0.05)
   sandbox._kill_group(proc.pid)
-  proc.wait()
-  time.sleep(0.2)
   assert not [p for p in members if _alive(p)]
+  assert not sandbox._group_alive(proc.pid)
+  proc.wait()
 
 
 def test_run_many_keeps_order_and_the_evaluator_survives(own_tmp):
@@ -215,3 +231,25 @@ def test_root_drops_to_nobody_when_the_interpreter_allows(monkeypatch, tmp_path)
     assert r.passed, r.detail
   finally:
     sandbox._can_drop_privileges.cache_clear()
+
+
+@pytest.mark.parametrize("code, status, reason", [
+    ("def f(a, b):\n    return a + b\n", "passed", ""),
+    ("def f(a, b):\n    return a - b\n", "failed", "failed: f(2, 3) returned -1"),
+    ("def f(a, b):\n    return x\n", "error", "NameError at line 2: name 'x' is not defined"),
+    ("def f(a, b:\n    return a\n", "error", "SyntaxError at line 1: "),
+    ("defdefdefdef\n", "error", "no top-level function to call"),
+    ("def f(a, b):\n    while True:\n        pass\n", "timeout", "timeout"),
+    ("import os\ndef f(a, b):\n    os.system('ls')\n", "error",
+     "PermissionError at line 3: sandbox: os.system is not allowed"),
+])
+def test_the_design_example_says_which_error(code, status, reason):
+  """The source design's example reports what went wrong, not just "error"."""
+  from flax_albert_code.evaluation import design_example  # pylint: disable=import-outside-toplevel
+  result = design_example.check(code, sandbox.Limits(timeout_s=1.5, cpu_s=1))
+  assert result.status == status and sandbox.describe(result).startswith(reason), result
+  line = design_example.format_results([{"strategy": "greedy", "code": code, "neighbours": [],
+                                         "passed": result.passed, "status": result.status,
+                                         "reason": sandbox.describe(result)}]).splitlines()[1]
+  assert line == "## greedy: f(2, 3) == 5 " + (
+      "passes" if status == "passed" else f"does not pass ({sandbox.describe(result)})")

@@ -109,6 +109,8 @@ BAD = [
     (b'{"descriptions": "add", "num_samples": 9}', {}, 422, "num_samples"),
     (b'{"descriptions": "add", "num_samples": 2}', {}, 422, "Greedy decoding gives one"),
     (b'{"descriptions": "add", "strategy": "beam", "num_samples": 3}', {}, 422, "2 beams"),
+    (b'{"descriptions": "add", "strategy": "beam", "num_beams": 3}', {}, 422,
+     "keeps 2 beams (fixed when it was exported), so num_beams must be 2 or left out, got 3."),
     (b'{"descriptions": "add", "strategy": "nucleus"}', {}, 422, "strategy"),
     (b'{"descriptions": "   "}', {}, 422, "is empty"),
     (b'{"descriptions": []}', {}, 422, "descriptions"),
@@ -192,9 +194,9 @@ def test_a_seeded_sample_gets_the_same_candidates_alone_and_batched(server):
 
 
 def test_cut_candidates_have_a_score_and_every_candidate_a_finish_reason(server):
-  status, data, _ = request(f"{server.url}/v1/generate", {
+  status, data, _ = request(f"{server.url}/v1/generate", {   # num_beams: the README's field
       "descriptions": ["add two numbers", "reverse a string"], "max_new_tokens": 2,
-      "strategy": "beam", "num_samples": 2})
+      "strategy": "beam", "num_beams": 2, "num_samples": 2})
   cands = [c for r in json.loads(data)["results"] for c in r["candidates"]]
   assert status == 200 and len(cands) == 4
   assert all(isinstance(c["score"], float) for c in cands)

@@ -7,10 +7,12 @@ most of a short run's time on CPU.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -227,6 +229,40 @@ def test_other_config_refuses_to_resume(shared, tmp_path):
   assert checkpoint.Checkpointer(str(tmp_path), read_only=True).latest_step() == 1
 
 
+def tree_state(root) -> dict[str, tuple]:
+  """Every path under `root`: a file's size, mtime and sha256, a directory's presence."""
+  out = {}
+  for d, dirs, names in os.walk(root):
+    for name in dirs:
+      out[os.path.relpath(os.path.join(d, name), root)] = ("dir",)
+    for name in names:
+      path = os.path.join(d, name)
+      with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+      out[os.path.relpath(path, root)] = (os.path.getsize(path), os.stat(path).st_mtime_ns,
+                                          digest)
+  return out
+
+
+def test_a_refused_command_changes_nothing_in_the_workdir(shared, tmp_path):
+  """train and prepare with other data, into a trained workdir holding its own data (the default
+  layout): one error line, before anything is prepared, cached or pointed at (CURRENT): the
+  workdir is byte-identical, and its checkpoint still finds its own tokenizer."""
+  workdir = tmp_path / "w"
+  shutil.copytree(shared[0], workdir / "data")   # the run's data (reused, not mined again)
+  run(make_config("", **{"train.steps": 1}), workdir)
+  before = tree_state(workdir)
+  other = cli_flags("", **{"data.max_examples": 150, "train.steps": 2})
+  for command in ("train", "prepare"):
+    proc = subprocess.run([sys.executable, "-m", f"flax_albert_code.{command}", "--config",
+                           "configs/tiny.py", "--workdir", str(workdir), *other],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        f"error: The workdir {workdir} holds checkpoints of another config (config.data differs "
+        "in ['max_examples']); use a new --workdir or the same config."], proc.stderr
+    assert tree_state(workdir) == before, command
+
+
 def test_overfits_a_tiny_set(shared, tmp_path):
   # 8 examples (one batch), same tokenizer, so the same compiled step as the 1-device run above.
   config = make_config(tmp_path / "data", mesh=MESH_1, **{
@@ -277,6 +313,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(shared, tmp_path):
   finally:
     proc.kill()
   assert proc.returncode == 0, out
+  # Not a terminal: no bar, whose carriage returns would land between the log's lines, but a
+  # line every config.train.log_every (1) steps.
+  assert "\r" not in out and re.search(r"step 3/100000: loss \d+\.\d{4}\n", out), out
   saved = int(re.search(r"Received SIGTERM at step (\d+): checkpoint saved", out).group(1))
   assert 3 <= saved < 100000
   ckpt_dir = checkpoint.checkpoint_dir(str(workdir))
@@ -321,15 +360,38 @@ def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(shared, tm
   config = make_config(shared[0], mesh=MESH_1, **{
       "train.learning_rate": 1e30, "train.steps": 6, "train.checkpoint_every": 1,
       "train.log_every": 100})
-  with pytest.raises(trainer.TrainingError, match=r"Non-finite .* at step (\d+); the last good "
-                                                  r"checkpoint is intact") as err:
+  ckpt_dir = checkpoint.checkpoint_dir(str(tmp_path))
+  with pytest.raises(trainer.TrainingError, match=r"Training diverged at step (\d+) \(non-finite "
+                     rf"param_norm (nan|inf)\); the last good checkpoint is {ckpt_dir}/1, where "
+                     r"the next run resumes; lower config.train.learning_rate \(now 1e\+30\)") as err:
     run(config, tmp_path)
   bad_step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
   assert bad_step == 2
-  ckpt_dir = checkpoint.checkpoint_dir(str(tmp_path))
   assert sorted(p.name for p in ckpt_dir.iterdir()) == ["1"]    # complete, no tmp dir left
   _, params, step = checkpoint.load_for_inference(str(tmp_path))
   assert step == 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_a_diverging_run_stops_and_the_next_resumes_from_the_last_good_checkpoint(shared, tmp_path):
+  # Learning rate 1 (optax's schedule gives 0 to step 1): step 2's update takes the loss from ~6
+  # to ~650, finite, at step 3; the state checkpointed at step 2 is that diverged one.
+  config = make_config(shared[0], mesh=MESH_1, **{
+      "train.learning_rate": 1.0, "train.steps": 6, "train.checkpoint_every": 1,
+      "train.log_every": 100})
+  with pytest.raises(trainer.TrainingError) as err:
+    run(config, tmp_path)
+  ckpt_dir = checkpoint.checkpoint_dir(str(tmp_path))
+  assert re.fullmatch(
+      r"Training diverged at step 3 \(loss [\d.]+, over 10x its start [\d.]+\); the last good "
+      rf"checkpoint is {ckpt_dir}/1, where the next run resumes \(step 2 moved to "
+      rf"{tmp_path}/checkpoints_diverged\); lower config.train.learning_rate \(now 1\) or check "
+      r"the data\.", str(err.value)), str(err.value)
+  assert sorted(p.name for p in ckpt_dir.iterdir()) == ["1"]   # never a diverged state
+  # The next start (a sane learning rate) resumes from step 1 and trains on.
+  resumed, _ = run(make_config(shared[0], mesh=MESH_1, **{"train.steps": 3}), tmp_path)
+  assert [h["step"] for h in resumed.history] == [2, 3]
+  assert all(h["loss"] < 10 for h in resumed.history), resumed.history
+  assert checkpoint.Checkpointer(str(tmp_path), read_only=True).latest_step() == 3
 
 
 def test_checkpoint_policy_keeps_last_k_and_the_best(tmp_path):

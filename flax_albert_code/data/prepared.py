@@ -280,8 +280,12 @@ def _set_current(root: str, key: str) -> None:
     f.write(key + "\n")
 
 
-def load_prepared(path: str) -> Prepared:
-  """Opens a preparation: its own directory, a data dir (uses CURRENT), or a workdir (data/)."""
+def load_prepared(path: str, data: ml_collections.ConfigDict | None = None) -> Prepared:
+  """Opens a preparation: its own directory, a data dir (uses CURRENT), or a workdir (data/).
+
+  With `data` (a run's config.data), a data dir's preparation made with its options: CURRENT's
+  when it is one, else the newest that is (CURRENT names the latest preparation, which may be
+  another config's: a data dir shared by runs), else CURRENT's."""
   path = os.path.abspath(os.path.expanduser(path))
   for candidate in (path, os.path.join(path, "data")):
     if os.path.isfile(os.path.join(candidate, "COMPLETE")):
@@ -291,6 +295,8 @@ def load_prepared(path: str) -> Prepared:
     if os.path.isfile(current):
       with open(current) as f:
         prep_dir = os.path.join(candidate, f.read().strip())
+      if data is not None:
+        prep_dir = _made_with(candidate, options(data)) or prep_dir
       if os.path.isfile(os.path.join(prep_dir, "COMPLETE")):
         break
   else:
@@ -305,6 +311,28 @@ def load_prepared(path: str) -> Prepared:
   spm_path = os.path.join(prep_dir, "spm.model")
   return Prepared(prep_dir, spm_path, meta["split_sizes"], tokenizer_lib.Tokenizer.load(spm_path),
                   meta)
+
+
+def _made_with(root: str, opts: dict[str, Any]) -> str | None:
+  """The newest complete preparation under data dir `root` whose options are `opts`, or None
+  (CURRENT's first when it is one)."""
+  want = json.loads(json.dumps(opts))
+  try:
+    with open(os.path.join(root, "CURRENT")) as f:
+      current = f.read().strip()
+    dirs = [d for d in os.listdir(root) if _complete(os.path.join(root, d))]
+  except OSError:
+    return None
+  dirs.sort(key=lambda d: (d == current, os.path.getmtime(os.path.join(root, d, "COMPLETE"))),
+            reverse=True)
+  for d in dirs:
+    try:
+      with open(os.path.join(root, d, "meta.json")) as f:
+        if json.load(f).get("options") == want:
+          return os.path.join(root, d)
+    except (OSError, ValueError):
+      continue
+  return None
 
 
 def bucket_of(code_len: Any, buckets: tuple[int, ...]):

@@ -55,20 +55,47 @@ def _stamp(filename: str) -> str:
   return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def parse_specs(sources: str) -> list[str]:
+# Where a user gave the sources, named in the errors: a config field or a command's flag.
+CONFIG_FIELD = "config.data.sources"
+
+
+def parse_specs(sources: str, where: str = CONFIG_FIELD) -> list[str]:
+  """The comma-separated specs of `sources`, checked; `where` they were given (a flag such as
+  --corpus, or the config field) is what an error names."""
   specs = [s.strip() for s in sources.split(",") if s.strip()]
   if not specs:
-    raise DataError("config.data.sources is empty; name at least one source, e.g. 'stdlib'.")
+    raise DataError(f"{where} is empty; name at least one source, e.g. 'stdlib'.")
   for spec in specs:
     kind, _, arg = spec.partition(":")
     if kind not in KINDS or (kind in ("dir", "csn", "jsonl", "tfds")) != bool(arg):
-      raise DataError(f"Unknown data source {spec!r}; use stdlib, site-packages, dir:PATH, "
-                      "csn:PATH, jsonl:PATH or tfds:NAME, comma-separated.")
+      raise DataError(f"Unknown data source {spec!r} in {where}; use stdlib, site-packages, "
+                      "dir:PATH, csn:PATH, jsonl:PATH or tfds:NAME, comma-separated.")
   return specs
 
 
-def units(spec: str) -> list[Unit]:
-  """The units of one source spec, in a deterministic order."""
+def check(sources: str, where: str = CONFIG_FIELD) -> list[str]:
+  """`parse_specs`, and a DataError for a path that does not exist: what can be found wrong
+  without reading anything (a command checks its flags before loading a model)."""
+  specs = parse_specs(sources, where)
+  for spec in specs:
+    local_path(spec, where)
+  return specs
+
+
+def local_path(spec: str, where: str = CONFIG_FIELD) -> str | None:
+  """The path a dir:, csn: or jsonl: spec names, absolute (None for the other kinds); DataError
+  naming `where` the spec was given if it does not exist."""
+  kind, _, arg = spec.partition(":")
+  if kind not in ("dir", "csn", "jsonl"):
+    return None
+  path = os.path.abspath(os.path.expanduser(arg))
+  if not os.path.exists(path):
+    raise DataError(f"Data source {spec!r}: {path} does not exist; fix the path in {where}.")
+  return path
+
+
+def units(spec: str, where: str = CONFIG_FIELD) -> list[Unit]:
+  """The units of one source spec, in a deterministic order; errors name `where` it was given."""
   kind, _, arg = spec.partition(":")
   if kind == "stdlib":
     return _py_units(spec, "stdlib", sysconfig.get_paths()["stdlib"])
@@ -77,10 +104,7 @@ def units(spec: str) -> list[Unit]:
     return [u for r in roots if os.path.isdir(r) for u in _py_units(spec, "site-packages", r)]
   if kind == "tfds":
     return _tfds_units(spec, arg)
-  path = os.path.abspath(os.path.expanduser(arg))
-  if not os.path.exists(path):
-    raise DataError(f"Data source {spec!r}: {path} does not exist; fix the path in "
-                    "config.data.sources.")
+  path = local_path(spec, where)
   if kind == "dir":
     return _py_units(spec, os.path.basename(path.rstrip(os.sep)) or "root", path)
   suffixes = (".jsonl.gz", ".jsonl", ".json.gz") if kind == "jsonl" else (".jsonl.gz", ".jsonl")

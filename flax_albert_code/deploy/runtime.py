@@ -334,20 +334,27 @@ class Export:
                      top_p: float = 1.0, max_new_tokens: int | None = None,
                      length_penalty: float = 1.0, repetition_penalty: float = 1.0,
                      seed: int = 0, max_samples: int | None = None,
-                     retrieve: bool | None = None) -> list[str]:
+                     retrieve: bool | None = None, num_beams: int | None = None) -> list[str]:
     """The descriptions as strings; ValueError (one sentence; `options.OptionError` for an
-    option) for what this export cannot do. `max_samples`: a caller's (the server's) limit."""
+    option) for what this export cannot do. `max_samples`: a caller's (the server's) limit;
+    `num_beams`: None or this export's beam width (its programs are built for it)."""
     texts = postprocess.check_texts(descriptions, "Description")
     self.retrieves(retrieve)
     if strategy in decoding.STRATEGIES and strategy not in self.strategies:
       raise ValueError(f"This export has no {strategy!r} programs; use one of "
                        f"{', '.join(self.strategies)}.")
+    beams = self.num_beams if num_beams is None else num_beams
     options.check(strategies=self.strategies, strategy=strategy, max_new_tokens=max_new_tokens,
-                  num_samples=num_samples, num_beams=self.num_beams, temperature=temperature,
+                  num_samples=num_samples, num_beams=beams, temperature=temperature,
                   top_k=top_k, top_p=top_p, length_penalty=length_penalty,
                   repetition_penalty=repetition_penalty, seed=seed,
                   max_tokens=self.lengths[-1], max_tokens_why="this export's longest program",
                   vocab_size=self.vocab_size, max_samples=max_samples, beams_fixed=True)
+    if beams != self.num_beams:
+      raise options.OptionError(
+          lambda n: f"This export's beam search keeps {self.num_beams} beams (fixed when it was "
+                    f"exported), so {n('num_beams')} must be {self.num_beams} or left out, got "
+                    f"{beams}.")
     return texts
 
   def retrieves(self, retrieve: bool | None = None) -> bool:
@@ -385,7 +392,8 @@ class Export:
                length_penalty: float = 1.0, repetition_penalty: float = 1.0,
                drop_unparsable: bool = False,
                seeds: Sequence[tuple[int, int]] | None = None,
-               retrieve: bool | None = None) -> list[list[dict[str, Any]]]:
+               retrieve: bool | None = None,
+               num_beams: int | None = None) -> list[list[dict[str, Any]]]:
     """Per description, candidates best first: {"code", "score", "align", "parses",
     "finish_reason"} (and "neighbours" with retrieval); as `CodeGenerator.generate` (the beam
     width is fixed by the export). `seeds`: per description (seed, its index in its request),
@@ -394,7 +402,7 @@ class Export:
     export ships or the one it was loaded with), False never."""
     texts = self.check_generate(descriptions, strategy, num_samples, temperature, top_k, top_p,
                                 max_new_tokens, length_penalty, repetition_penalty, seed,
-                                retrieve=retrieve)
+                                retrieve=retrieve, num_beams=num_beams)
     if not texts:
       return []
     used = self.retrieves(retrieve)

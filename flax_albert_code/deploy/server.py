@@ -198,6 +198,10 @@ def _models(exp, limits: Limits) -> dict[str, type[pydantic.BaseModel]]:
     max_new_tokens: Optional[int] = _option(None, "max_new_tokens", minimum=1,
                                             maximum=exp.lengths[-1])
     num_samples: int = _option(1, "num_samples", minimum=1, maximum=limits.max_samples)
+    num_beams: Optional[int] = _option(
+        None, "num_beams", "beam: the export's beam width, fixed when it was exported (null: "
+        "that width).", minimum=getattr(exp, "num_beams", None),
+        maximum=getattr(exp, "num_beams", None))
     temperature: float = _option(1.0, "temperature")
     top_k: int = _option(0, "top_k", "sample: draw from the k likeliest tokens (0: off).",
                          minimum=0, maximum=getattr(exp, "vocab_size", None))
@@ -497,7 +501,7 @@ def create_app(exp, limits: Limits | None = None, *, docs: bool = False) -> Fast
                 repetition_penalty=req.repetition_penalty)
     try:
       exp.check_generate(texts, **opts, seed=req.seed, max_samples=limits.max_samples,
-                         retrieve=req.retrieve)
+                         retrieve=req.retrieve, num_beams=req.num_beams)
       opts["retrieve"] = exp.retrieves(req.retrieve)   # resolved: one batching key for both
     except ValueError as e:
       raise ApiError(422, str(e)) from None

@@ -80,6 +80,8 @@ def export(checkpoint_path: str, out_dir: str, dtype: str = "float32",
   check_options(dtype=dtype, buckets=buckets, **{k: kwargs[k] for k in (
       "lengths", "strategies", "platforms") if k in kwargs})
   _check_out(out_dir)
+  if kwargs.get("corpus"):
+    index_lib.check_corpus(kwargs["corpus"])
   gen = generator.CodeGenerator.from_checkpoint(checkpoint_path)
   params = None
   if jnp.dtype(gen.config.model.dtype) != jnp.dtype(_dtype(dtype)):

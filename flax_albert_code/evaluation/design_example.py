@@ -25,18 +25,28 @@ def first_function(code: str) -> str | None:
 
 
 def check(code: str, limits: sandbox.Limits = sandbox.Limits(timeout_s=5.0)) -> sandbox.Result:
-  """Runs `code` and asserts its first function adds: passed, failed, timeout or error."""
+  """Runs `code` and asserts its first function adds: passed, failed, timeout or error (what
+  went wrong in the detail, as the sandbox's stderr: `sandbox.describe` words it)."""
+  try:
+    compile(code, "program.py", "exec", dont_inherit=True)
+  except SyntaxError as e:   # as the sandbox would report it, without starting one
+    return sandbox.Result(False, "error", f'  File "program.py", line {e.lineno}\n'
+                                          f"{type(e).__name__}: {e.msg}\n")
+  except (ValueError, RecursionError, MemoryError) as e:
+    return sandbox.Result(False, "error", f"{type(e).__name__}: {e}\n")
   name = first_function(code)
   if name is None:
-    return sandbox.Result(False, "error", "no top-level function to call")
-  asserts = "\n".join(f"assert {name}({a}, {b}) == {c}" for a, b, c in CHECKS)
+    return sandbox.Result(False, "error", "no top-level function to call\n")
+  asserts = "\n".join(f"assert {name}({a}, {b}) == {c}, "
+                      f"'{name}({a}, {b}) returned %r' % ({name}({a}, {b}),)" for a, b, c in CHECKS)
   return sandbox.run(f"{code}\n\n{asserts}\n", limits)
 
 
 def run(generator, strategies: Sequence[str] = ("greedy", "beam"), num_beams: int = 4,
         **generate_kw) -> list[dict[str, Any]]:
   """Generates the example with each strategy and checks it: [{"strategy", "code",
-  "neighbours", "passed", "status"}]. `generate_kw` go to `generator.generate`."""
+  "neighbours", "passed", "status", "reason"}] ("reason": `sandbox.describe`'s words, "" for a
+  pass). `generate_kw` go to `generator.generate`."""
   out = []
   for strategy in strategies:
     cand = generator.generate([DESCRIPTION], strategy=strategy, num_beams=num_beams,
@@ -44,14 +54,14 @@ def run(generator, strategies: Sequence[str] = ("greedy", "beam"), num_beams: in
     result = check(cand["code"])
     out.append({"strategy": strategy, "code": cand["code"],
                 "neighbours": cand.get("neighbours", []), "passed": result.passed,
-                "status": result.status})
+                "status": result.status, "reason": sandbox.describe(result)})
   return out
 
 
 def format_results(results: Sequence[dict[str, Any]]) -> str:
   lines = [f"# {DESCRIPTION}"]
   for r in results:
-    verdict = "passes" if r["passed"] else f"does not pass ({r['status']})"
+    verdict = "passes" if r["passed"] else f"does not pass ({r.get('reason') or r['status']})"
     lines.append(f"## {r['strategy']}: f(2, 3) == 5 {verdict}")
     for i, n in enumerate(r["neighbours"]):
       lines.append(f"# neighbour {i + 1}: {n['path']}:{n['lineno']} {n['name']} "

@@ -8,21 +8,28 @@ so tests use a fake):
       -> per description, candidates best first: dicts with "code", "score", "align", "parses"
   embed(texts, kind="desc"|"code") -> [N, D] L2-normalised vectors
 
-Both return a results dict (`rows`, `examples`, `settings`) that `report.write` turns into
-report.json and report.md. Every number for a method is computed on the same examples, baselines
-included. Scores are percentages except MRR (0-1).
+Both return a results dict (`rows`, `examples`, `settings`, `truncated`) that `report.write`
+turns into report.json and report.md. Every number for a method is computed on the same examples,
+baselines included. Scores are percentages except MRR (0-1). Descriptions longer than the model
+reads are one warning for the whole set (their numbers, from 1, under "truncated"), not one per
+description and call. `progress`: True draws bars on stderr (a terminal), "lines" writes a line
+now and then (a log), False nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import random
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from flax_albert_code.evaluation import bm25, humaneval, metrics, sandbox
 from flax_albert_code.inference import decoding
+from flax_albert_code.utils import progress as progress_lib
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,17 +61,33 @@ def method_name(strategy: str, rerank: bool) -> str:
   return f"{strategy} + align rerank" if rerank else strategy
 
 
-def _bar(total: int, desc: str, unit: str, progress: bool) -> tqdm:
-  """A progress bar on stderr (gone when done), or a silent one."""
-  return tqdm(total=total, desc=desc, unit=unit, disable=not progress, leave=False,
-              dynamic_ncols=True)
+@contextlib.contextmanager
+def summarised_truncation(generator, descriptions: Sequence[str]) -> Iterator[dict[str, Any]]:
+  """While evaluating `descriptions`: one warning for those the model cuts (`generator.
+  long_descriptions`; their numbers from 1 in the record yielded, for the report) instead of
+  the generator's warning per description and call."""
+  find = getattr(generator, "long_descriptions", None)
+  cut = [i + 1 for i in find(list(descriptions))] if find else []
+  limit = getattr(generator, "max_desc_len", 2) - 2
+  if cut:
+    log.warning("%d of %d descriptions are longer than the model reads (%d tokens) and were cut; "
+                "report.json lists them (truncated).", len(cut), len(descriptions), limit)
+  warned = getattr(generator, "warn_long", None)
+  if warned is not None:
+    generator.warn_long = False
+  try:
+    yield {"descriptions": cut, "max_tokens": limit} if cut else {}
+  finally:
+    if warned is not None:
+      generator.warn_long = warned
 
 
 def _generate(generator, descriptions: Sequence[str], strategy: str, rerank: bool,
-              d: DecodeSettings, progress: bool = False,
-              retrieve: bool | None = None) -> list[list[dict]]:
+              d: DecodeSettings, progress: bool | str = False,
+              retrieve: bool | None = None, name: str = "") -> list[list[dict]]:
   out: list[list[dict]] = []
-  bar = _bar(len(descriptions), method_name(strategy, rerank), "desc", progress)
+  bar = progress_lib.bar(len(descriptions), name or method_name(strategy, rerank), "desc",
+                         progress)
   for i in range(0, len(descriptions), d.batch_size):
     batch = list(descriptions[i:i + d.batch_size])
     cands = generator.generate(
@@ -85,9 +108,9 @@ def _generate(generator, descriptions: Sequence[str], strategy: str, rerank: boo
 
 
 def _embed(generator, texts: Sequence[str], kind: str, batch_size: int,
-           progress: bool = False) -> np.ndarray:
+           progress: bool | str = False) -> np.ndarray:
   parts = []
-  with _bar(len(texts), f"embed {kind}", "text", progress) as bar:
+  with progress_lib.bar(len(texts), f"embed {kind}", "text", progress) as bar:
     for i in range(0, len(texts), batch_size):
       parts.append(np.asarray(generator.embed(list(texts[i:i + batch_size]), kind=kind),
                               np.float32))
@@ -151,7 +174,7 @@ def evaluate(generator, examples: Sequence[dict], train_examples: Sequence[dict]
              strategies: Sequence[str] = ("greedy",), rerank: bool = False,
              decode: DecodeSettings = DecodeSettings(), retrieval: bool = True,
              max_candidates: int = 1000, num_show: int = 3, num_random: int = 0,
-             seed: int = 0, progress: bool = False, retrieve: bool | None = None,
+             seed: int = 0, progress: bool | str = False, retrieve: bool | None = None,
              plain: bool = True, corpus: str | None = None) -> dict[str, Any]:
   """Generation and retrieval metrics of `generator` on `examples` ("description", "code").
 
@@ -173,38 +196,40 @@ def evaluate(generator, examples: Sequence[dict], train_examples: Sequence[dict]
     arms = [(True, k)] + ([(False, 0)] if plain else [])
   else:
     arms = [(False if k else None, 0)]
-  for strategy, rr in methods(strategies, rerank):
-    for arm, arm_k in arms:
-      name = method_name(strategy, rr) + (", no retrieval" if arm is False else "")
-      cands = _generate(generator, descs, strategy, rr, decode, progress,
-                        **({"retrieve": arm} if arm is not None else {}))
-      outputs[name] = [c[0]["code"] for c in cands]
-      finished = [c[0].get("finish_reason", "eos") == "eos" for c in cands]
-      rows.append(_generation_row(name, outputs[name], refs, finished, arm_k))
-  if uses:
-    for how in ("dense", "hybrid"):
-      top = generator.retrieve(descs, corpus, k=1, method=how)
-      name = f"{how} nearest neighbour"
-      outputs[name] = [t[0]["code"] if t else "" for t in top]
-      rows.append(_generation_row(name, outputs[name], refs, k=1))
-  if train_examples:
-    nn = bm25.nearest_neighbour(descs, [t["description"] for t in train_examples])
-    outputs["BM25 nearest neighbour"] = [train_examples[i]["code"] for i in nn]
-    rows.append(_generation_row("BM25 nearest neighbour", outputs["BM25 nearest neighbour"], refs))
-  if retrieval:
-    chunks = retrieval_chunks(len(examples), max_candidates)
-    d_emb = _embed(generator, descs, "desc", decode.batch_size, progress)
-    c_emb = _embed(generator, refs, "code", decode.batch_size, progress)
-    align = [(d_emb[i] @ c_emb[i].T, c_emb[i] @ d_emb[i].T) for i in chunks]
-    lexical = [(bm25.retrieval_scores([descs[j] for j in i], [refs[j] for j in i]),
-                bm25.retrieval_scores([refs[j] for j in i], [descs[j] for j in i]))
-               for i in chunks]
-    rows += _retrieval_rows("alignment", align)
-    rows += _retrieval_rows("BM25", lexical)
-    rows += _retrieval_rows("alignment + BM25", [(fuse(ad, ld), fuse(ac, lc))
-                                                 for (ad, ac), (ld, lc) in zip(align, lexical)])
+  with summarised_truncation(generator, descs) as truncated:
+    for strategy, rr in methods(strategies, rerank):
+      for arm, arm_k in arms:
+        name = method_name(strategy, rr) + (", no retrieval" if arm is False else "")
+        cands = _generate(generator, descs, strategy, rr, decode, progress, name=name,
+                          **({"retrieve": arm} if arm is not None else {}))
+        outputs[name] = [c[0]["code"] for c in cands]
+        finished = [c[0].get("finish_reason", "eos") == "eos" for c in cands]
+        rows.append(_generation_row(name, outputs[name], refs, finished, arm_k))
+    if uses:
+      for how in ("dense", "hybrid"):
+        top = generator.retrieve(descs, corpus, k=1, method=how)
+        name = f"{how} nearest neighbour"
+        outputs[name] = [t[0]["code"] if t else "" for t in top]
+        rows.append(_generation_row(name, outputs[name], refs, k=1))
+    if train_examples:
+      nn = bm25.nearest_neighbour(descs, [t["description"] for t in train_examples])
+      outputs["BM25 nearest neighbour"] = [train_examples[i]["code"] for i in nn]
+      rows.append(_generation_row("BM25 nearest neighbour", outputs["BM25 nearest neighbour"],
+                                  refs))
+    if retrieval:
+      chunks = retrieval_chunks(len(examples), max_candidates)
+      d_emb = _embed(generator, descs, "desc", decode.batch_size, progress)
+      c_emb = _embed(generator, refs, "code", decode.batch_size, progress)
+      align = [(d_emb[i] @ c_emb[i].T, c_emb[i] @ d_emb[i].T) for i in chunks]
+      lexical = [(bm25.retrieval_scores([descs[j] for j in i], [refs[j] for j in i]),
+                  bm25.retrieval_scores([refs[j] for j in i], [descs[j] for j in i]))
+                 for i in chunks]
+      rows += _retrieval_rows("alignment", align)
+      rows += _retrieval_rows("BM25", lexical)
+      rows += _retrieval_rows("alignment + BM25", [(fuse(ad, ld), fuse(ac, lc))
+                                                   for (ad, ac), (ld, lc) in zip(align, lexical)])
   return {"task": "generation", "num_examples": len(examples),
-          "num_train_examples": len(train_examples), "rows": rows,
+          "num_train_examples": len(train_examples), "rows": rows, "truncated": truncated,
           "examples": show_examples(examples, outputs, num_show, num_random, seed),
           "settings": dict(strategies=list(strategies), rerank=rerank,
                            decode=dataclasses.asdict(decode), max_candidates=max_candidates)}
@@ -237,7 +262,7 @@ def evaluate_humaneval(generator, problems: Sequence[dict] | None = None,
                        decode: DecodeSettings = DecodeSettings(), train_examples: Sequence[dict] = (),
                        limits: sandbox.Limits = humaneval.DEFAULT_LIMITS,
                        workers: int | None = None, num_show: int = 3,
-                       progress: bool = False) -> dict[str, Any]:
+                       progress: bool | str = False) -> dict[str, Any]:
   """pass@1/10 on HumanEval (all 164 problems by default), every candidate run in the sandbox.
 
   Unreranked sampling gives independent samples: pass@k is the unbiased estimator over all
@@ -248,25 +273,26 @@ def evaluate_humaneval(generator, problems: Sequence[dict] | None = None,
   descs = [humaneval.description(p) for p in problems]
   rows: list[dict] = []
   outputs: dict[str, list[str]] = {}
-  for strategy, rr in methods(strategies, rerank):
-    name = method_name(strategy, rr)
-    cands = [[c["code"] for c in cs]
-             for cs in _generate(generator, descs, strategy, rr, decode, progress)]
-    results = humaneval.execute(problems, cands, limits, workers, progress=progress)
-    outputs[name] = [c[0] for c in cands]
-    rows.append(_humaneval_row(name, results, outputs[name], ranked=rr or strategy != "sample"))
+  with summarised_truncation(generator, descs) as truncated:
+    for strategy, rr in methods(strategies, rerank):
+      name = method_name(strategy, rr)
+      cands = [[c["code"] for c in cs]
+               for cs in _generate(generator, descs, strategy, rr, decode, progress)]
+      results = humaneval.execute(problems, cands, limits, workers, progress=progress is True)
+      outputs[name] = [c[0] for c in cands]
+      rows.append(_humaneval_row(name, results, outputs[name], ranked=rr or strategy != "sample"))
   if train_examples:
     nn = bm25.nearest_neighbour(descs, [t["description"] for t in train_examples])
     cands = [[train_examples[i]["code"]] for i in nn]
     outputs["BM25 nearest neighbour"] = [c[0] for c in cands]
     rows.append(_humaneval_row("BM25 nearest neighbour",
                                humaneval.execute(problems, cands, limits, workers,
-                                                 progress=progress),
+                                                 progress=progress is True),
                                outputs["BM25 nearest neighbour"], ranked=True))
   examples = [{"description": d, "code": p["prompt"] + p["canonical_solution"],
                "task_id": p["task_id"]} for d, p in zip(descs, problems)]
   return {"task": "humaneval", "num_examples": len(problems),
-          "num_train_examples": len(train_examples), "rows": rows,
+          "num_train_examples": len(train_examples), "rows": rows, "truncated": truncated,
           "examples": show_examples(examples, outputs, num_show),
           "sandbox": sandbox.capabilities(),
           "settings": dict(strategies=list(strategies), rerank=rerank,

@@ -59,6 +59,12 @@ def markdown(results: dict[str, Any]) -> str:
            f"{results['num_examples']} examples"
            + (f"; BM25 baselines over {results['num_train_examples']} training examples"
               if results.get("num_train_examples") else "") + ".", ""]
+  cut = (results.get("truncated") or {}).get("descriptions")
+  if cut:
+    shown = ", ".join(map(str, cut[:20])) + (", ..." if len(cut) > 20 else "")
+    lines += [f"{len(cut)} descriptions were longer than the model reads "
+              f"({results['truncated']['max_tokens']} tokens) and were cut: examples {shown} "
+              "(numbered from 1; all of them in report.json, `truncated`).", ""]
   if any(r.get("kind") == "retrieval" for r in results["rows"]):
     lines += ["Retrieval follows CodeSearchNet: each query is ranked against its own target and "
               "the other examples of its chunk as distractors; `candidates` is the chunk size "
@@ -77,6 +83,23 @@ def markdown(results: dict[str, Any]) -> str:
     lines += _cases(f"Random examples (random.Random({ex.get('random_seed', 0)}), not chosen by "
                     "score)", ex["random"])
   return "\n".join(lines).rstrip() + "\n"
+
+
+def keep_earlier(out_dir: str) -> list[str]:
+  """Renames an earlier evaluation's report.json/.md in `out_dir` to report.N.json/.md (the
+  first N free), so that writing the next one loses nothing; the new paths."""
+  old = [os.path.join(out_dir, f"report.{ext}") for ext in ("json", "md")]
+  old = [p for p in old if os.path.isfile(p)]
+  if not old:
+    return []
+  n = 1
+  while any(os.path.exists(os.path.join(out_dir, f"report.{n}.{ext}")) for ext in ("json", "md")):
+    n += 1
+  kept = []
+  for path in old:
+    kept.append(os.path.join(out_dir, f"report.{n}.{path.rpartition('.')[2]}"))
+    os.replace(path, kept[-1])
+  return kept
 
 
 def write(results: dict[str, Any], out_dir: str) -> tuple[str, str]:

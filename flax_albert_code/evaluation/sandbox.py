@@ -40,6 +40,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -222,17 +223,64 @@ def run_many(programs: Sequence[str], limits: Limits = Limits(),
                      dynamic_ncols=True))
 
 
+_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)):? ?(.*)$")
+_PROGRAM_LINE = re.compile(r'File "program\.py", line (\d+)')
+
+
+def describe(result: Result, width: int = 120) -> str:
+  """What went wrong, in a few words, from the program's stderr: "" for a pass, "timeout",
+  "failed: <the assertion's message>", or "<Exception> at line N: <message>" (N of the program)."""
+  if result.passed:
+    return ""
+  if result.status == "timeout":
+    return "timeout"
+  lines = [line for line in result.detail.splitlines() if not line.startswith("blocked: ")]
+  error = next((m for m in map(_ERROR_LINE.match, reversed(lines)) if m), None)
+  if result.status == "failed":
+    text = "failed" + (f": {error.group(2)}" if error and error.group(2) else "")
+  elif error is None:
+    text = next((line.strip() for line in lines if line.strip()), result.status)
+  else:
+    where = _PROGRAM_LINE.findall(result.detail)
+    text = error.group(1) + (f" at line {where[-1]}" if where else "") + (
+        f": {error.group(2)}" if error.group(2) else "")
+  return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def _tail(path: str, n: int = 2000) -> str:
   with open(path, "rb") as f:
     f.seek(max(0, os.path.getsize(path) - n))
     return f.read().decode("utf-8", "replace")
 
 
-def _kill_group(pid: int) -> None:
+def _kill_group(pgid: int, wait_s: float = 5.0) -> None:
+  """SIGKILL to process group `pgid`, then wait (at most `wait_s`) until none of its processes
+  is alive: a killed process runs on for a moment before it is a zombie (longer on a loaded
+  machine), and its sandbox directory is removed next."""
   try:
-    os.killpg(pid, signal.SIGKILL)
+    os.killpg(pgid, signal.SIGKILL)
   except (ProcessLookupError, PermissionError):
-    pass
+    return
+  deadline = time.monotonic() + wait_s
+  while _group_alive(pgid) and time.monotonic() < deadline:
+    time.sleep(0.005)
+
+
+def _group_alive(pgid: int) -> bool:
+  """Whether a process of group `pgid` is alive (not a zombie); False without Linux's /proc."""
+  try:
+    pids = [p for p in os.listdir("/proc") if p.isdigit()]
+  except OSError:
+    return False
+  for pid in pids:
+    try:
+      with open(f"/proc/{pid}/stat", "rb") as f:
+        state, _, group = f.read().rpartition(b")")[2].split()[:3]
+    except (OSError, ValueError):
+      continue
+    if int(group) == pgid and state not in (b"Z", b"X"):
+      return True
+  return False
 
 
 def _run(program: str, limits: Limits, drop: bool, prefix: Sequence[str]) -> Result:
@@ -249,6 +297,9 @@ def _run(program: str, limits: Limits, drop: bool, prefix: Sequence[str]) -> Res
     if drop:
       os.chown(work, NOBODY, NOBODY)
       os.chmod(os.path.join(work, "program.py"), 0o644)
+      # `nobody` must pass through to its working directory by name (TMPDIR, tempfile, absolute
+      # paths), not list what is beside it.
+      os.chmod(outer, 0o711)
     env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
     args = [str(write_fd), str(cpu), str(limits.memory_bytes), str(limits.file_bytes),
             str(limits.extra_processes), str(int(drop))]

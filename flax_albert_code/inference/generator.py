@@ -28,6 +28,7 @@ from flax_albert_code.config import EOS_ID
 from flax_albert_code.data import prepared as prepared_lib
 from flax_albert_code.inference import decoding
 from flax_albert_code.inference import index as index_lib
+from flax_albert_code.inference import memory
 from flax_albert_code.inference import model_decoding
 from flax_albert_code.inference import options
 from flax_albert_code.inference import postprocess
@@ -102,6 +103,9 @@ class CodeGenerator:
     self.retrieval_k = int(self.config.retrieval.k)
     self.max_ctx_len = int(self.config.retrieval.max_ctx_len)
     self._corpus: tuple[str, Any] | None = None   # (spec, Retriever over its index)
+    # A warning for each description cut to max_desc_len; off where a caller summarises them
+    # (evaluation: one line for a split, `long_descriptions`).
+    self.warn_long = True
 
   @classmethod
   def from_checkpoint(cls, path: str, *, mesh: jax.sharding.Mesh | None = None) -> CodeGenerator:
@@ -167,6 +171,9 @@ class CodeGenerator:
                   max_tokens=self.cfg.max_position_embeddings, vocab_size=self.cfg.vocab_size,
                   no_repeat_ngram_size=no_repeat_ngram_size)
     max_new = int(max_new)
+    memory.check(self.config, num_texts=len(texts), strategy=strategy, num_samples=num_samples,
+                 num_beams=num_beams, max_new_tokens=max_new,
+                 divisor=sharding.batch_divisor(self.mesh) if self.mesh is not None else 1)
     if not texts:
       return []
     used = self._retrieves(retrieve)
@@ -302,9 +309,15 @@ class CodeGenerator:
     return frame_context(self.tokenizer.encode(text), neighbour_tokens, self.max_desc_len,
                          self.max_ctx_len)
 
+  def long_descriptions(self, texts: Sequence[str]) -> list[int]:
+    """Indices of the `texts` longer than the model reads (max_desc_len - 2 tokens), which it
+    cuts."""
+    return [i for i, t in enumerate(texts)
+            if len(self.tokenizer.encode(t)) > self.max_desc_len - 2]
+
   def _description_ids(self, text: str, i: int) -> list[int]:
     n = len(self.tokenizer.encode(text))
-    if n > self.max_desc_len - 2:
+    if n > self.max_desc_len - 2 and self.warn_long:
       log.warning("Description %d is %d tokens long; the model reads at most %d, so it was "
                   "truncated.", i + 1, n, self.max_desc_len - 2)
     return self.tokenizer.encode_description(text, self.max_desc_len)
@@ -335,7 +348,7 @@ def _find_prepared(config, workdir: str):
     if not path:
       continue
     try:
-      return prepared_lib.load_prepared(path)
+      return prepared_lib.load_prepared(path, config.data)
     except (prepared_lib.DataError, OSError, ValueError):
       continue
   return None

@@ -83,6 +83,13 @@ def write(directory: str, vectors: np.ndarray, items: Sequence[dict],
   return [VECTORS, ITEMS, META]
 
 
+def check_corpus(spec: str) -> None:
+  """DataError (one sentence naming --corpus) for a corpus spec that names no kind of source or
+  a path that does not exist: checked before a command loads its model."""
+  if spec != "prepared" and not spec.startswith("prepared:"):
+    sources.check(spec, "--corpus")
+
+
 def corpus(spec: str, prepared=None,
            progress: bool = False) -> tuple[list[dict], str, collections.Counter]:
   """The (description, code, where) examples of a corpus spec, a fingerprint of its files and
@@ -95,8 +102,8 @@ def corpus(spec: str, prepared=None,
     examples = [{k: e[k] for k in ITEM_FIELDS} for e in prepared.source(split)]
     return (examples, f"prepared:{prepared.meta.get('key', prepared.data_dir)}:{split}",
             collections.Counter())
-  specs = sources.parse_specs(spec)
-  units = [u for s in specs for u in sources.units(s)]
+  specs = sources.parse_specs(spec, "--corpus")
+  units = [u for s in specs for u in sources.units(s, "--corpus")]
   skipped: collections.Counter = collections.Counter()
   every = mining.Filters(every_function=True)
   examples = [{k: getattr(p, k) for k in ITEM_FIELDS}

@@ -31,7 +31,7 @@ import errno
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import grain
 import jax
@@ -45,7 +45,10 @@ from flax_albert_code.utils import files
 
 # A resumed run must train the same model on the same data: these sections must match.
 MUST_MATCH = ("model", "data")
+# Set by training from the prepared data (the tokenizer's size): not compared before it is.
+DERIVED = ("model.vocab_size",)
 MANIFEST = "sha256_manifest.json"
+DIVERGED_DIR = "checkpoints_diverged"   # where a diverged run's checkpoints go (set_aside)
 _UNHASHED = ("_CHECKPOINT_METADATA",)   # orbax rewrites its step metadata at the commit
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"   # orbax's uncommitted step directories: <step><suffix>[-*]
 
@@ -189,12 +192,26 @@ class Checkpointer:
         + "; delete the bad step directories to start from an earlier one, or use a new "
         "--workdir.")
 
-  def _move_aside(self, step: int) -> None:
-    """Move a corrupt step out of orbax's sight, so that training can save that step again."""
+  def set_aside(self, first: int) -> list[int]:
+    """Moves every step from `first` on (a diverged run's states) to `<workdir>/
+    checkpoints_diverged/`, after the save in flight, so that the next run resumes before them;
+    the steps moved."""
+    self.wait()
+    self.manager.reload()
+    moved = [s for s in sorted(self.manager.all_steps()) if s >= first]
+    if jax.process_index() == 0:
+      for step in moved:
+        self._move_aside(step, DIVERGED_DIR, "diverged")
+    return moved
+
+  def _move_aside(self, step: int, folder: str = "checkpoints_corrupt",
+                  what: str = "corrupt") -> None:
+    """Move a corrupt (or diverged) step out of orbax's sight, so that training can save that
+    step again."""
     if self.read_only:
       return
     src = self.directory / str(step)
-    dest = self.directory.parent / "checkpoints_corrupt" / str(step)
+    dest = self.directory.parent / folder / str(step)
     n = 1
     while dest.exists():
       dest, n = dest.parent / f"{step}.{n}", n + 1
@@ -202,9 +219,9 @@ class Checkpointer:
       dest.parent.mkdir(parents=True, exist_ok=True)
       src.rename(dest)
     except Exception as e:
-      raise CheckpointError(f"Checkpoint {src} is corrupt and could not be moved aside "
+      raise CheckpointError(f"Checkpoint {src} is {what} and could not be moved aside "
                             f"({type(e).__name__}: {e}); delete it and run again.") from e
-    log.warning("Moved the corrupt checkpoint step %d to %s.", step, dest)
+    log.warning("Moved the %s checkpoint step %d to %s.", what, step, dest)
     self._problems.pop(step, None)
     self.manager.reload()
 
@@ -217,8 +234,10 @@ class Checkpointer:
                             f"({type(e).__name__}).") from e
     return ml_collections.ConfigDict(restored["config"])
 
-  def check_compatible(self, config) -> None:
-    """Refuse to resume a workdir written by another model or data config."""
+  def check_compatible(self, config, sections: Sequence[str] = MUST_MATCH,
+                       ignore: Sequence[str] = ()) -> None:
+    """Refuse to resume a workdir written by another model or data config: CheckpointError
+    naming the fields of `sections` that differ (but those in `ignore`, "section.key")."""
     saved = None
     for step in sorted(self.manager.all_steps(), reverse=True):   # the newest intact config
       if self.verify(step) is None:
@@ -229,10 +248,14 @@ class Checkpointer:
           pass
     if saved is None:
       return      # nothing to compare with: restore() says what is wrong
-    for section in MUST_MATCH:
+    for section in sections:
       a, b = saved.get(section), config.get(section)
       a = a.to_dict() if a is not None else None
       b = _jsonable(b.to_dict()) if b is not None else None
+      for path in ignore:
+        if path.startswith(section + "."):
+          for d in (a, b):
+            (d or {}).pop(path[len(section) + 1:], None)
       if a != b:
         diff = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k))
         raise CheckpointError(
@@ -275,6 +298,21 @@ class Checkpointer:
       error = error or self._failure(self._saving, e)
     if error is not None and not already_reported:
       raise error
+
+
+def check_workdir(workdir: str, config, sections: Sequence[str] = MUST_MATCH) -> None:
+  """Before a command writes anything into `workdir` (prepared data, CURRENT, a cache):
+  CheckpointError if it holds checkpoints of another config, compared in `sections` (but
+  DERIVED). Reads only, so a refused command leaves the workdir as it was."""
+  workdir = str(workdir) if "://" in str(workdir) else os.path.abspath(os.path.expanduser(workdir))
+  if not checkpoint_dir(workdir).is_dir():
+    return
+  with _quiet_orbax():
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+      ckpt.check_compatible(config, sections, ignore=DERIVED)
+    finally:
+      ckpt.manager.close()
 
 
 def verify_step(path: epath.Path) -> str | None:
@@ -333,6 +371,24 @@ def _quiet_orbax():
     yield
   finally:
     absl.removeFilter(drop)
+
+
+def read_config(path: str) -> ml_collections.ConfigDict:
+  """The config saved with the checkpoint `path` names (a workdir or a step directory), without
+  reading its parameters: what a command checks its flags against before loading a model."""
+  directory, step = resolve(path)
+  with _quiet_orbax():
+    manager = ocp.CheckpointManager(directory,
+                                    options=ocp.CheckpointManagerOptions(read_only=True),
+                                    item_names=("state", "data", "config"))
+    try:
+      return ml_collections.ConfigDict(manager.restore(
+          step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+    except Exception as e:
+      raise CheckpointError(f"Checkpoint {directory / str(step)} has no readable config "
+                            f"({type(e).__name__}); pass another checkpoint.") from e
+    finally:
+      manager.close()
 
 
 def load_for_inference(path: str) -> tuple[ml_collections.ConfigDict, Any, int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import signal
 import time
@@ -34,6 +35,10 @@ from flax_albert_code.evaluation import design_example
 from flax_albert_code.inference.generator import CodeGenerator
 
 log = logging.getLogger("flax_albert_code")
+# A training loss above this many times its start (the first step's, or ln(vocabulary) if that is
+# higher: an untrained model's) has diverged: a run with a healthy learning rate never goes back
+# above its start, a diverging one was at 100x-1e8x within steps (learning rate 1 or 100).
+DIVERGED = 10
 
 
 class TrainingError(RuntimeError):
@@ -200,6 +205,7 @@ class Trainer:
     if "://" not in workdir:   # orbax wants absolute paths; users type relative ones
       workdir = os.path.abspath(os.path.expanduser(workdir))
     self.workdir = workdir
+    checkpoint.check_workdir(workdir, config)   # refused before anything is written
     self.prepared = prepare(config, workdir, progress=progress and self.is_main)
     self.startup["prepare"], t = time.perf_counter() - t, time.perf_counter()
     if config.model.vocab_size != self.prepared.tokenizer.vocab_size:
@@ -342,20 +348,43 @@ class Trainer:
       self._pending = None
 
   def _process_metrics(self, step: int, device_metrics) -> None:
-    """Host copy of one step's metrics: a non-finite loss stops training naming the step; kept
-    in the history, written every `log_every` steps."""
+    """Host copy of one step's metrics: a diverged run (a non-finite loss, gradient or
+    parameter norm, or a loss DIVERGED times its start) stops naming the step and the last good
+    checkpoint; kept in the history, written every `log_every` steps."""
     m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    # The parameter norm covers the state about to be checkpointed (the loss is that of the
-    # parameters before this step's update).
-    bad = [f"{k} ({m[k]})" for k in ("loss", "grad_norm", "param_norm")
-           if k in m and not np.isfinite(m[k])]
-    if bad:
-      raise TrainingError(f"Non-finite {', '.join(bad)} at step {step}; the last good checkpoint "
-                          "is intact. Lower config.train.learning_rate or check the data.")
+    # The loss and gradient are those of the parameters before this step's update, the
+    # parameter norm that of the state about to be checkpointed.
+    before = [f"non-finite {k} {m[k]}" for k in ("loss", "grad_norm")
+              if k in m and not np.isfinite(m[k])]
+    start = max(self.history[0]["loss"] if self.history else m.get("loss", 0.0),
+                math.log(max(int(self.config.model.vocab_size), 2)))   # ~ an untrained loss
+    if not before and m.get("loss", 0.0) > DIVERGED * start:
+      before = [f"loss {m['loss']:.4g}, over {DIVERGED}x its start {start:.3g}"]
+    after = ([f"non-finite param_norm {m['param_norm']}"]
+             if "param_norm" in m and not np.isfinite(m["param_norm"]) else [])
+    if before or after:
+      self._diverged(step, ", ".join(before + after), step - 1 if before else step)
     self.history.append({"step": step, **m})
     if step % self.tc.log_every == 0:
       self.writer.write(step, m)
+      if self.bar.disable and self.is_main:   # no bar (stderr is a log or a pipe): a line
+        log.info("step %d/%d: loss %.4f", step, self.tc.steps, m.get("loss", float("nan")))
     self.bar.update(step - self.bar.n)
+
+  def _diverged(self, step: int, what: str, first_bad: int) -> None:
+    """TrainingError naming the last good checkpoint; the checkpoints of states from
+    `first_bad` on are set aside, so that the next run resumes from it."""
+    moved = self.ckpt.set_aside(first_bad)
+    last, where = self.ckpt.latest_step(), checkpoint.checkpoint_dir(self.workdir)
+    kept = (f"the last good checkpoint is {where / str(last)}, where the next run resumes"
+            if last is not None else "no checkpoint before it was kept: the next run starts "
+            "afresh")
+    if moved:
+      kept += (f" (step{'s' * (len(moved) > 1)} {', '.join(map(str, moved))} moved to "
+               f"{where.parent / checkpoint.DIVERGED_DIR})")
+    raise TrainingError(f"Training diverged at step {step} ({what}); {kept}; lower "
+                        f"config.train.learning_rate (now {self.tc.learning_rate:g}) or check "
+                        "the data.")
 
   def _log_throughput(self, step: int) -> None:
     """This step's metrics now, then tokens/s, model TFLOP/s and MFU since the last log."""

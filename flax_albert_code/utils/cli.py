@@ -3,22 +3,51 @@ reading texts, loading a model."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Sequence
 
+from flax_albert_code import config as config_lib
 from flax_albert_code.inference import options
 
 USER_ERRORS: tuple = (ValueError, OSError, RuntimeError)  # CheckpointError is a RuntimeError
 
 
+class _AboveBars(logging.StreamHandler):
+  """Lines written through tqdm, so that a progress bar on the terminal is not broken: the
+  bar is cleared, the line written, the bar drawn again below it."""
+
+  def emit(self, record: logging.LogRecord) -> None:
+    try:
+      from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+      tqdm.write(self.format(record), file=self.stream)
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
+
+
 def quiet_logs() -> None:
-  """Our warnings as `warning: ...` lines; library chatter (orbax, absl) only when it is an error."""
-  handler = logging.StreamHandler()
+  """Our warnings as `warning: ...` lines (above any progress bar); library chatter (orbax,
+  absl) only when it is an error."""
+  handler = _AboveBars()
   handler.setFormatter(logging.Formatter("warning: %(message)s"))
   ours = logging.getLogger("flax_albert_code")
   ours.addHandler(handler)
   ours.propagate = False
   logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def config_argv(argv: Sequence[str]) -> list[str]:
+  """argv with each `--config X` resolved (`config.with_shipped_configs`); one that names no
+  config file exits with one `error:` line listing the shipped configs, not a traceback."""
+  out = config_lib.with_shipped_configs(list(argv))
+  for i, arg in enumerate(out):
+    spec = (arg[len("--config="):] if arg.startswith("--config=") else
+            out[i + 1] if arg == "--config" and i + 1 < len(out) else None)
+    if spec is not None and not os.path.isfile(spec.partition(":")[0]):
+      given = argv[i + 1] if arg == "--config" else argv[i][len("--config="):]
+      sys.exit(f"error: --config {given}: no such config file; give a path or a shipped config "
+               f"({', '.join(config_lib.shipped_names())}).")
+  return out
 
 
 def progress() -> bool:
@@ -62,6 +91,20 @@ def read_texts(args: Sequence[str], input_path: str, what: str = "description") 
   if not texts:
     raise ValueError(f"No {what} given; the input is empty.")
   return texts
+
+
+def check_decoding(path: str, strategies: Sequence[str], **decode) -> None:
+  """Before the model of checkpoint `path` is loaded: OptionError if a decoding call of one of
+  `strategies` with `decode` (num_texts, num_samples, num_beams, max_new_tokens) cannot fit in
+  the memory free here, or asks for more tokens than the model has positions
+  (inference/memory.py)."""
+  # Here, not at the top: orbax would make the commands' `--help` slow.
+  from flax_albert_code.inference import memory  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.inference.generator import full_config  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.training import checkpoint  # pylint: disable=import-outside-toplevel
+  config = full_config(checkpoint.read_config(path))
+  for strategy in strategies:
+    memory.check(config, strategy=strategy, **decode)
 
 
 def load_generator(path: str):

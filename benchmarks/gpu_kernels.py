@@ -1,11 +1,12 @@
 """GPU kernel time from a `jax.profiler` trace (perfetto JSON), by kernel name and by kind.
 
-  totals, counts = kernels.from_trace(DIR)      # ms and launches per kernel name, whole trace
-  kernels.print_table(totals, counts, per=256)  # per decode step / train step
+  totals, counts = gpu_kernels.from_trace(DIR)  # ms and launches per kernel name, whole trace
+  gpu_kernels.print_table(totals, counts, per=256)  # per decode step / train step
 
 Used by bench_model.py (--profile: the train step) and bench_sampling.py (--profile: a decode
 call, per new token), so a profile says how many kernels a step launches and where its time
-goes without opening the trace.
+goes without opening the trace. (Not `kernels.py`: that would hide the PyPI package `kernels`,
+which transformers imports, wherever this directory is on sys.path.)
 """
 from __future__ import annotations
 
