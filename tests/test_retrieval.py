@@ -93,6 +93,18 @@ def test_training_neighbours_never_come_from_the_examples_own_file(rag_run):
   assert result.history[-1]["step"] == 4 and np.isfinite(result.history[-1]["loss"])
 
 
+def test_a_retrieval_run_logs_the_gauge_at_each_validation(rag_run):
+  config, result, workdir = rag_run
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  gauged = [r for r in rows if "input_gap" in r]
+  assert [r["step"] for r in gauged] == [2, 4]
+  for r in gauged:
+    for k in ("input_gap", "copy_gap", "encoder_spread"):
+      assert np.isfinite(r[k]), (k, r)
+    assert 0 < r["encoder_spread"] <= 2
+  assert {"input_gap", "copy_gap", "encoder_spread"} <= set(result.valid)
+
+
 def test_resume_after_a_refresh_reads_the_refreshed_neighbours(rag_run, tmp_path):
   config, full, _ = rag_run
   cut, _ = run(config, tmp_path / "w", max_steps=3)

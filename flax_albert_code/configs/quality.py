@@ -75,8 +75,9 @@ def get_config(arg: str | None = None):
   c.retrieval.max_ctx_len = 320
   c.retrieval.refresh_steps = (900,)
   # Reading the input (issue 30): the copy head (on by default), half of the training rows with
-  # their own code (15% UNK) as first neighbour, and denoising on unlabelled code: half of the
-  # batches for the first 400 steps, then one in five (about 27% of all batches).
+  # their own code (spans cut out) as first neighbour, and denoising on unlabelled code: half
+  # of the batches for the first 400 steps, then one in five (about 27% of all batches). Both
+  # chosen on the valid split of the default run (benchmarks/RESULTS.md, issue 30).
   c.retrieval.self_neighbour_rate = 0.5
   c.data.unlabelled = True
   c.data.max_unlabelled = 100000

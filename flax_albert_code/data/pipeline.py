@@ -18,7 +18,8 @@ A batch is a dict of numpy arrays:
                                      description [SEP] code of each neighbour [SEP]
                                      (`tokenizer.frame_context`), what the decoder attends to;
                                      in training, config.retrieval.self_neighbour_rate of the
-                                     rows have their own code (15% UNK) as first neighbour
+                                     rows have their own code, about 15% of it cut out in
+                                     spans, as first neighbour
   own_ctx_ids int32 [b, max_ctx_len] only with `own_context` (the trainer's reading gauge):
                                      the context with the row's own code, intact, as first
                                      neighbour
@@ -54,7 +55,6 @@ from flax_albert_code.data.sources import DataError
 
 Batch = dict[str, np.ndarray]
 SCHEDULE_FIELD = "config.train.unlabelled_schedule"
-SELF_NEIGHBOUR_NOISE = 0.15   # share of a self-neighbour's tokens made UNK
 DENOISE_RATE, DENOISE_SPAN = 0.15, 3.0   # share of an unlabelled function's tokens cut; mean span
 Schedule = tuple[tuple[fractions.Fraction, int | None], ...]
 
@@ -201,9 +201,10 @@ class BatchPlan(grain.MapDataset):
     return batches[i, self.rows], int(self.buckets[bucket_ids[i]])
 
 
-def corrupt_spans(tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def corrupt_spans(tokens: np.ndarray, rng: np.random.Generator,
+                  marker: bool = True) -> np.ndarray:
   """`tokens` with about DENOISE_RATE of them cut out in spans (lengths geometric, mean
-  DENOISE_SPAN), each span replaced by one UNK (BART's text infilling)."""
+  DENOISE_SPAN), each span replaced by one UNK (BART's text infilling), or by nothing."""
   n = len(tokens)
   if n < 2:
     return np.asarray(tokens, np.int32)
@@ -212,7 +213,7 @@ def corrupt_spans(tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   for start, length in zip(rng.choice(n, size=n_spans, replace=False),
                            rng.geometric(1 / DENOISE_SPAN, size=n_spans)):
     cut[start:start + length] = True
-  first = cut & ~np.concatenate([[False], cut[:-1]])
+  first = cut & ~np.concatenate([[False], cut[:-1]]) & marker
   out = np.where(first, UNK_ID, np.asarray(tokens, np.int32))
   return out[~cut | first]
 
@@ -265,15 +266,16 @@ class Assemble(grain.transforms.Map):
     elif self.neighbours is not None:
       out["ctx_ids"] = self._contexts(idx, filler)
       if self.own_context:
-        out["own_ctx_ids"] = self._contexts(idx, filler, own=~filler, noise=0.0)
+        out["own_ctx_ids"] = self._contexts(idx, filler, own=~filler, noisy=False)
     if self.labelled is not None:
       out["labelled"] = np.full(len(idx), self.labelled)
     return out
 
   def _contexts(self, idx: np.ndarray, filler: np.ndarray, own: np.ndarray | None = None,
-                noise: float = SELF_NEIGHBOUR_NOISE) -> np.ndarray:
+                noisy: bool = True) -> np.ndarray:
     """Description + neighbours; rows where `own` (default: self_neighbour_rate of them) have
-    their own code, a `noise` share of its tokens UNK, as first neighbour."""
+    their own code as first neighbour, with spans cut out when `noisy` (`corrupt_spans`
+    without a marker: a near copy, as a close neighbour is)."""
     ctx = np.zeros((len(idx), self.max_ctx_len), np.int32)
     rng = _rows_rng(idx)   # which rows see their own code, and its UNKs
     if own is None:
@@ -284,7 +286,8 @@ class Assemble(grain.transforms.Map):
       codes = [self.train_store.tokens("code", j) for j in self.neighbours[i] if j >= 0]
       if own[r]:
         code = np.array(self.store.tokens("code", i), np.int32)
-        code[rng.random(len(code)) < noise] = UNK_ID
+        if noisy:
+          code = corrupt_spans(code, rng, marker=False)
         codes = [code.tolist(), *codes[:-1]] if codes else [code.tolist()]
       row = frame_context(desc, [] if fill else codes, self.max_desc_len, self.max_ctx_len)
       ctx[r, :len(row)] = row
