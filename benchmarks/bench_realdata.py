@@ -209,7 +209,7 @@ def run(config, data: str, steps: int, warmup: int, neighbours_dir: str | None,
   with jax.set_mesh(mesh):
     train_fn, _ = train_step.jit_steps(model, tx, config, mesh, shardings)
     t0 = time.perf_counter()
-    compiled = train_step.precompile(train_fn, None, state, config, mesh, B, buckets)
+    compiled = train_step.precompile(train_fn, None, state, config, mesh, buckets)
     compile_s = time.perf_counter() - t0
 
     def step(state, batch):

@@ -48,7 +48,7 @@ def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       intermediate_size=3072, num_hidden_layers=12, num_hidden_groups=1, inner_group_num=1,
       hidden_act="gelu_new", max_position_embeddings=512, type_vocab_size=2,
       layer_norm_eps=1e-12, initializer_range=0.02,
-      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+      hidden_dropout_prob=0.0,
       # Decoder: one shared block (self-attn, cross-attn, FFN) applied `decoder_layers` times.
       decoder_layers=6,
       share_embedding=True,              # decoder reuses the encoder's factorized embedding
@@ -91,12 +91,39 @@ def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
 LEGACY_MODEL_VALUES = {"copy_head": False, "memory_embeddings": False,
                        "context_token_types": False}
 
+# Fields older versions saved that this one no longer has (features removed because they
+# measured no gain, fields nothing read): a saved config's values of them are dropped on load.
+REMOVED_FIELDS = {
+    "model": ("attention_probs_dropout_prob",),
+    "data": ("num_workers",),
+    "train": ("eval_batch_size",),
+}
+
 
 def upgrade_model(values: dict) -> tuple[dict, list[str]]:
-  """A saved `config.model` mapping with every field added since it was written set to its
-  `LEGACY_MODEL_VALUES`, and the names of those fields (for a log line)."""
+  """A saved `config.model` mapping as this version reads it: every field added since it was
+  written set to its `LEGACY_MODEL_VALUES`, every removed one dropped; and the names of the
+  added fields (for a log line)."""
   missing = sorted(k for k in LEGACY_MODEL_VALUES if k not in values)
-  return {**{k: LEGACY_MODEL_VALUES[k] for k in missing}, **values}, missing
+  kept = {k: v for k, v in values.items() if k not in REMOVED_FIELDS["model"]}
+  return {**{k: LEGACY_MODEL_VALUES[k] for k in missing}, **kept}, missing
+
+
+def upgrade(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """A config saved by an older version (a checkpoint's) as this version reads it: model fields
+  added since take `LEGACY_MODEL_VALUES`, fields in `REMOVED_FIELDS` are dropped. Returns it and
+  what changed, as "section.field=value" (added) and "section.field" (dropped) for a log line."""
+  values = config.to_dict()
+  changes = []
+  for section, names in REMOVED_FIELDS.items():
+    for name in names:
+      if name in values.get(section, {}):
+        del values[section][name]
+        changes.append(f"{section}.{name}")
+  if "model" in values:
+    values["model"], added = upgrade_model(values["model"])
+    changes = [f"model.{k}={LEGACY_MODEL_VALUES[k]}" for k in added] + changes
+  return ml_collections.ConfigDict(values), changes
 
 
 def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
@@ -117,7 +144,7 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       tokenizer_type="unigram",
       max_desc_len=64, max_code_len=256,
       code_buckets=(64, 128, 256),  # static batch shapes; each code length goes to the smallest bucket that fits
-      shuffle_seed=0, num_workers=0,
+      shuffle_seed=0,
       # Unlabelled code for pretraining (split "unlabelled", token ids only): every function
       # whole and each module in chunks within max_code_lines/max_code_chars, from files that
       # gave no valid/test pair. max_unlabelled: 0 keeps all, N a fixed sample of N.
@@ -240,12 +267,12 @@ RANGES = {
         "num_hidden_layers", "num_hidden_groups", "inner_group_num", "max_position_embeddings",
         "type_vocab_size", "decoder_layers", "align_dim")},
     "model.layer_norm_eps": _POSITIVE, "model.initializer_range": _POSITIVE,
-    "model.hidden_dropout_prob": _SHARE, "model.attention_probs_dropout_prob": _SHARE,
+    "model.hidden_dropout_prob": _SHARE,
     **{f"data.{k}": _AT_LEAST_1 for k in (
         "max_code_lines", "max_code_chars", "max_file_bytes", "tokenizer_vocab_size",
         "max_desc_len", "max_code_len")},
     **{f"data.{k}": _AT_LEAST_0 for k in (
-        "max_examples", "min_desc_words", "num_workers", "max_unlabelled")},
+        "max_examples", "min_desc_words", "max_unlabelled")},
     "data.valid_fraction": _SHARE, "data.test_fraction": _SHARE,
     **{f"train.{k}": _AT_LEAST_1 for k in (
         "steps", "batch_size", "microbatches", "log_every", "eval_batches", "checkpoint_every",

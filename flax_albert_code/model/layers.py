@@ -50,7 +50,6 @@ class ModelConfig:
   layer_norm_eps: float
   initializer_range: float
   hidden_dropout_prob: float
-  attention_probs_dropout_prob: float
   decoder_layers: int
   share_embedding: bool
   share_encoder_decoder_block: bool
@@ -76,8 +75,8 @@ class ModelConfig:
     """From `config.model` (a ConfigDict or a mapping, e.g. a checkpoint's saved config).
 
     A field it lacks takes its `config.LEGACY_MODEL_VALUES` value, else the schema's default for
-    its `preset` (configs saved before a field existed); a key the schema does not have is
-    refused.
+    its `preset` (configs saved before a field existed); a field of `config.REMOVED_FIELDS` is
+    dropped; any other key the schema does not have is refused.
     """
     values = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
     values, _ = config_lib.upgrade_model(values)

@@ -232,7 +232,7 @@ class Checkpointer:
     except Exception as e:
       raise CheckpointError(f"Checkpoint {self.directory / str(step)} has no readable config "
                             f"({type(e).__name__}).") from e
-    return ml_collections.ConfigDict(restored["config"])
+    return config_lib.upgrade(ml_collections.ConfigDict(restored["config"]))[0]
 
   def check_compatible(self, config, sections: Sequence[str] = MUST_MATCH,
                        ignore: Sequence[str] = ()) -> None:
@@ -382,8 +382,8 @@ def read_config(path: str) -> ml_collections.ConfigDict:
                                     options=ocp.CheckpointManagerOptions(read_only=True),
                                     item_names=("state", "data", "config"))
     try:
-      return ml_collections.ConfigDict(manager.restore(
-          step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+      return config_lib.upgrade(ml_collections.ConfigDict(manager.restore(
+          step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]))[0]
     except Exception as e:
       raise CheckpointError(f"Checkpoint {directory / str(step)} has no readable config "
                             f"({type(e).__name__}); pass another checkpoint.") from e
@@ -422,9 +422,8 @@ def _load_for_inference(path: str) -> tuple[ml_collections.ConfigDict, Any, int]
                           f"({type(e).__name__}: {str(e)[:300]}).") from e
   finally:
     manager.close()
-  _, added = config_lib.upgrade_model(dict(config.get("model", {})))
-  if added:
-    log.info("Checkpoint %s was written before config.model.%s existed: it runs with %s.",
-             directory / str(step), ", ".join(added),
-             ", ".join(f"{k}={config_lib.LEGACY_MODEL_VALUES[k]}" for k in added))
+  config, changes = config_lib.upgrade(config)
+  if changes:
+    log.info("Checkpoint %s was written by an older version: it runs with its config upgraded "
+             "(%s).", directory / str(step), ", ".join(changes))
   return config, state["params"]["model"], step

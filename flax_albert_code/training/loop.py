@@ -244,7 +244,6 @@ class Trainer:
     self.peak = metrics_lib.peak_flops_per_device()
     self.history: list[dict[str, float]] = []
     self.valid: dict[str, float] = {}
-    self.eval_bs = int(tc.get("eval_batch_size", 0) or tc.batch_size)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.packer = packing.Packer.from_config(config, divisor)
     self.unpacked_batches = 0   # batches that did not fit their packing rows
@@ -277,7 +276,7 @@ class Trainer:
         first = train_step.program_key("train", self._first_batch)
         compiled = train_step.precompile_async(
             self.train_fn, self.eval_fn if tc.eval_every else None, self.state, self.config,
-            self.mesh, self.eval_bs, tuple(self.config.data.code_buckets), first=first)
+            self.mesh, tuple(self.config.data.code_buckets), first=first)
         compiled[first].result()   # the others go on compiling while the first steps run
         self.train_fn = _dispatch(compiled, "train", self.train_fn)
         self.eval_fn = _dispatch(compiled, "eval", self.eval_fn)
@@ -412,7 +411,7 @@ class Trainer:
 
   def _evaluate(self, step: int) -> None:
     self.valid = evaluate(self.eval_fn, self.state.params, self.config, self.prepared, self.mesh,
-                          self.eval_bs, self.neighbours, self.gauge_fn)
+                          self.tc.batch_size, self.neighbours, self.gauge_fn)
     if self.valid:
       self.writer.write(step, self.valid)
       log.info("step %d: %s", step, {k: round(v, 4) for k, v in self.valid.items()})

@@ -154,7 +154,7 @@ def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool,
   tc, mc = config.train, model.cfg
   gen, align = objectives(tc)
   mlm_weight = float(tc.get("mlm_weight", 0.0))
-  dropout = train and (mc.hidden_dropout_prob > 0 or mc.attention_probs_dropout_prob > 0)
+  dropout = train and mc.hidden_dropout_prob > 0
   desc, code = batch["desc_ids"], batch["code_ids"]
   labelled = batch.get("labelled")
   word_dropout = float(tc.get("decoder_input_dropout", 0.0)) if train and gen else 0.0
@@ -300,7 +300,7 @@ def program_key(kind: str, batch) -> tuple:
   return kind, batch["code_ids"].shape[1], tuple(sorted(batch))
 
 
-def precompile(train_fn, eval_fn, state: TrainState, config, mesh, eval_batch_size: int,
+def precompile(train_fn, eval_fn, state: TrainState, config, mesh,
                code_lengths) -> dict[tuple, Any]:
   """Compiles the train and eval steps for every code bucket at once, in threads.
 
@@ -310,15 +310,14 @@ def precompile(train_fn, eval_fn, state: TrainState, config, mesh, eval_batch_si
   shardings, the state still donated).
   """
   start = time.perf_counter()
-  futures = precompile_async(train_fn, eval_fn, state, config, mesh, eval_batch_size,
-                             code_lengths)
+  futures = precompile_async(train_fn, eval_fn, state, config, mesh, code_lengths)
   compiled = {k: f.result() for k, f in futures.items()}
   log.info("Compiled %d step programs in %.1f s.", len(compiled), time.perf_counter() - start)
   return compiled
 
 
-def precompile_async(train_fn, eval_fn, state: TrainState, config, mesh, eval_batch_size: int,
-                     code_lengths, first: tuple | None = None
+def precompile_async(train_fn, eval_fn, state: TrainState, config, mesh, code_lengths,
+                     first: tuple | None = None
                      ) -> dict[tuple, concurrent.futures.Future]:
   """`precompile` without waiting: {key: Future of the compiled step}.
 
@@ -356,7 +355,7 @@ def precompile_async(train_fn, eval_fn, state: TrainState, config, mesh, eval_ba
       b = batch(config.train.batch_size, lc, mixed, packed)
       jobs[program_key("train", b)] = (train_fn, (state, b))
     if eval_fn is not None:
-      b = batch(eval_batch_size, lc)
+      b = batch(config.train.batch_size, lc)   # eval batches have the train batch's rows
       jobs[program_key("eval", b)] = (eval_fn, (state.params, b))
   order = sorted(jobs, key=lambda k: (k != first, k[0] != "train", k[1]))
   futures = {k: concurrent.futures.Future() for k in order}
