@@ -96,7 +96,7 @@ LEGACY_MODEL_VALUES = {"copy_head": False, "memory_embeddings": False,
 REMOVED_FIELDS = {
     "model": ("attention_probs_dropout_prob",),
     "data": ("num_workers",),
-    "train": ("eval_batch_size",),
+    "train": ("eval_batch_size", "pack", "pack_rows", "pack_max_segments"),
 }
 
 
@@ -176,13 +176,6 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       # alone predicts less and the decoder has to read its input. 0: off.
       decoder_input_dropout=0.0,
       mlm_weight=0.0,              # ALBERT's masked LM on code, tied embedding (15%, 80/10/10); 0: off
-      # Sequence packing of encoder inputs (data/packing.py): "desc", "ctx" (retrieval contexts)
-      # or "desc,ctx" run several examples to a row with attention kept within each; "" off.
-      # pack_rows: a field's rows as a share of the batch (per data shard and microbatch); a
-      # batch whose examples do not fit runs unpacked (its own program; the log counts them).
-      # On the quality data descriptions needed at most 0.39, contexts 0.94 (RESULTS.md).
-      pack="", pack_rows=ml_collections.ConfigDict(dict(desc=0.4375, ctx=0.9375)),
-      pack_max_segments=8,         # examples in one row at most
       # Compile the train/eval steps of every code bucket at start, side by side in threads
       # (XLA compiles without the GIL): on a GPU the buckets' programs then cost one compile
       # time, not one each. Off by default: small CPU runs may never meet every bucket.
@@ -242,19 +235,6 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
 # String fields with a closed set of values (the first is the default's).
 CHOICES = {("model", "decode_attention"): ("auto", "xla", "pallas", "layer"),
            ("sample", "beam_cache"): ("index", "copy")}
-
-
-PACK_FIELDS = ("desc", "ctx")   # encoder inputs that can be packed (data/packing.py)
-
-
-def pack_fields(text: str) -> tuple[str, ...]:
-  """config.train.pack ("desc,ctx", "") as a tuple of fields, checked."""
-  fields = tuple(f.strip() for f in text.split(",") if f.strip())
-  for f in fields:
-    if f not in PACK_FIELDS:
-      raise ValueError(f"config.train.pack={text!r} names {f!r}; give a comma-separated subset "
-                       f"of {', '.join(PACK_FIELDS)} (or '' for no packing).")
-  return fields
 
 
 # Ranges of the numeric fields that have one: (low, low inclusive, high, high inclusive), None
@@ -350,18 +330,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if value is not None and value not in choices:
       raise ValueError(f"config.{section}.{name}={value!r} is not one of {', '.join(choices)}; "
                        f"set --config.{section}.{name}={choices[0]}.")
-  if "train" in config and config.train.get("pack"):
-    fields = pack_fields(config.train.pack)
-    if "ctx" in fields and not int(config.get("retrieval", {}).get("k", 0) or 0):
-      raise ValueError("config.train.pack names 'ctx' but retrieval is off (config.retrieval.k="
-                       "0): there are no contexts to pack; drop it or set retrieval.k.")
-    for f in fields:
-      share = config.train.pack_rows.get(f)
-      if not isinstance(share, (int, float)) or not 0 < share <= 1:
-        raise ValueError(f"config.train.pack_rows.{f}={share!r} is a share of the batch's rows; "
-                         "give a value in (0, 1].")
-    if int(config.train.get("pack_max_segments", 0)) < 1:
-      raise ValueError("config.train.pack_max_segments must be at least 1.")
   for section, name in (("train", "decoder_input_dropout"), ("retrieval", "self_neighbour_rate")):
     value = config[section].get(name) if section in config else None
     if isinstance(value, (int, float)) and not 0 <= value < 1:

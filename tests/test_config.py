@@ -254,20 +254,3 @@ def test_closed_choices_are_refused_naming_the_field_and_the_values(field, good,
   config[section][name] = bad
   with pytest.raises(ValueError, match=f"config.{field}='{bad}' is not one of"):
     config_lib.validate(config)
-
-
-def test_packing_settings_are_checked_naming_the_field():
-  config = config_lib.get_config("tiny")
-  config.train.pack = "desc"
-  config_lib.validate(config)
-  config.train.pack = "desc,code"
-  with pytest.raises(ValueError, match="config.train.pack='desc,code' names 'code'"):
-    config_lib.validate(config)
-  config.train.pack = "desc,ctx"    # the tiny preset has no retrieval: no contexts
-  with pytest.raises(ValueError, match="retrieval is off"):
-    config_lib.validate(config)
-  config.retrieval.k = 2
-  config_lib.validate(config)
-  config.train.pack_rows.ctx = 1.5
-  with pytest.raises(ValueError, match=r"config.train.pack_rows.ctx=1.5 .*\(0, 1\]"):
-    config_lib.validate(config)

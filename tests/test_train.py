@@ -31,7 +31,6 @@ from flax_albert_code.training import optim
 from flax_albert_code.model import sharding
 from flax_albert_code.training import step as train_step
 from flax_albert_code.training import loop as trainer
-from flax_albert_code.data import packing
 from flax_albert_code.data import pipeline
 from flax_albert_code.data.prepared import prepare
 
@@ -165,29 +164,6 @@ def test_precompiled_steps_equal_the_jitted_ones(shared, tmp_path):
   assert first[0] == "train" and all(f.result(timeout=300) for f in futures.values())
   assert eager.history == lazy.history and eager.valid == lazy.valid and eager.valid
   assert tree_equal(eager.state, lazy.state)
-
-
-def test_packed_descriptions_train_as_unpacked(shared, tmp_path):
-  """train.pack="desc" on 8 devices (4 packing groups of 2 examples): the same losses as
-  unpacked, whether the batches fit their rows (2 a group: packed) or not (1 a group: the tiny
-  descriptions fill their 32 tokens, so every batch runs unpacked, through the plain program)."""
-  config = dict(data_dir=shared[0], **{"train.steps": 3})
-  fitted, real = [], packing.Packer.__call__
-
-  def recording(self, batch):
-    fitted.append(real(self, batch))
-    return fitted[-1]
-  plain, plain_batches = run(make_config(**config), tmp_path / "plain")
-  for share, fit in ((1.0, True), (0.5, False)):
-    fitted.clear()
-    with mock.patch.object(packing.Packer, "__call__", recording):
-      packed, packed_batches = run(make_config(**config, **{
-          "train.pack": "desc", "train.pack_rows": {"desc": share}}), tmp_path / f"packed{share}")
-    np.testing.assert_array_equal(np.stack(plain_batches), np.stack(packed_batches))
-    assert fitted == [fit] * 3
-    for k in ("loss", "gen_loss", "infonce_loss", "grad_norm"):
-      np.testing.assert_allclose([h[k] for h in packed.history], [h[k] for h in plain.history],
-                                 rtol=1e-4, err_msg=k)
 
 
 def test_resume_equals_uninterrupted_bitwise(shared, tmp_path):

@@ -26,7 +26,6 @@ from flax_albert_code.model import copy_head as copy_lib
 from flax_albert_code.model import fused_decode
 from flax_albert_code.model import layers
 from flax_albert_code.model import one_query
-from flax_albert_code.model import packing
 from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID
 from flax_albert_code.model.layers import ModelConfig
 
@@ -131,23 +130,15 @@ class AlbertEncoder(nn.Module):
                    for group in self.albert_layer_groups]
 
   def __call__(self, x_BxLxH: Array, mask_BxL: Array, *, deterministic: bool = True,
-               attention_mask: Array | None = None,
-               packed: packing.Packed | None = None) -> EncoderOutput:
-    """`packed`: the layers run over the plan's rows (several examples a row, attention within
-    each), and their states are gathered back to [B, L, H] before the final norm and pooling."""
+               attention_mask: Array | None = None) -> EncoderOutput:
     cfg = self.cfg
     # Right padding (what our data makes) is passed as lengths, which cuDNN handles natively;
     # an arbitrary mask (HF parity tests) goes through `attention_mask`.
     lengths = None if attention_mask is not None else mask_BxL.sum(-1)
     mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
     embedded_BxLxH = x_BxLxH
-    if packed is not None:
-      x_BxLxH, lengths = packing.pack(x_BxLxH, packed), packed.segments()
     for det_stack, drop_stack in self.stacks:
       x_BxLxH, _ = (det_stack if deterministic else drop_stack)(x_BxLxH, lengths, mask)
-    if packed is not None:
-      x_BxLxH = layers.constrain(packing.unpack(x_BxLxH, packed),
-                                 ("batch", "length", "act_embed"))
     if cfg.pre_norm:
       x_BxLxH = self.final_layer_norm(x_BxLxH)
     if cfg.pooling == "cls":
@@ -373,15 +364,13 @@ class CodeModel(nn.Module):
 
   def encode(self, ids_BxL: Array, *, deterministic: bool = True,
              attention_mask: Array | None = None,
-             token_type_ids: Array | None = None,
-             packed: packing.Packed | None = None) -> EncoderOutput:
+             token_type_ids: Array | None = None) -> EncoderOutput:
     mask = ids_BxL != PAD_ID if attention_mask is None else attention_mask.astype(bool)
     if token_type_ids is None and self.cfg.context_token_types:
       token_type_ids = context_token_types(ids_BxL)
     x = self.shared_embedding(ids_BxL, token_types_BxL=token_type_ids,
                               deterministic=deterministic)
-    enc = self.encoder(x, mask, deterministic=deterministic, attention_mask=attention_mask,
-                       packed=packed)
+    enc = self.encoder(x, mask, deterministic=deterministic, attention_mask=attention_mask)
     return enc._replace(ids_BxL=ids_BxL)
 
   def _memory(self, enc: EncoderOutput) -> tuple[Array, Array]:
@@ -405,9 +394,7 @@ class CodeModel(nn.Module):
   def __call__(self, desc_ids_BxL: Array, code_ids_BxT: Array, *, deterministic: bool = True,
                encode_code: bool = True, decode: bool = True,
                ctx_ids_BxC: Array | None = None,
-               dec_in_BxT: Array | None = None,
-               desc_packed: packing.Packed | None = None,
-               ctx_packed: packing.Packed | None = None) -> dict[str, Any]:
+               dec_in_BxT: Array | None = None) -> dict[str, Any]:
     """Training forward pass. `code_ids` are targets (code tokens, EOS, padding).
 
     Returns the description's EncoderOutput ("desc"), the decoder's last hidden states
@@ -416,14 +403,13 @@ class CodeModel(nn.Module):
     With `ctx_ids` (retrieval: description + neighbours' code), the decoder attends to their
     encoding instead of the description's; alignment still reads the description alone.
     `dec_in` replaces the decoder's inputs (default: BOS + `code_ids` shifted right).
-    `desc_packed`/`ctx_packed`: those encoder passes run packed (`model/packing.py`).
     """
-    enc_d = self.encode(desc_ids_BxL, deterministic=deterministic, packed=desc_packed)
+    enc_d = self.encode(desc_ids_BxL, deterministic=deterministic)
     out = {"desc": enc_d}
     if decode or self.is_initializing():
       dec_in = shift_right(code_ids_BxT, BOS_ID) if dec_in_BxT is None else dec_in_BxT
-      memory = enc_d if ctx_ids_BxC is None else self.encode(
-          ctx_ids_BxC, deterministic=deterministic, packed=ctx_packed)
+      memory = enc_d if ctx_ids_BxC is None else self.encode(ctx_ids_BxC,
+                                                             deterministic=deterministic)
       out["hidden"] = self.decoder_hidden(memory, dec_in, deterministic=deterministic)
       if self.cfg.copy_head:
         out["copy"], _ = self.decoder.copy(out["hidden"], dec_in, self.decoder.copy_keys(memory),

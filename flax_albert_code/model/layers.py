@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 
 from flax_albert_code import config as config_lib
-from flax_albert_code.model import packing
 
 Array = jax.Array
 DType = Any
@@ -327,10 +326,7 @@ def attention(q_BxTxNxD: Array, k_BxSxNxD: Array, v_BxSxNxD: Array, *, impl: str
 
   Padding is given either as `kv_lengths_B` (right padding: what our data produces; cuDNN
   takes it natively) or as a boolean `mask` broadcastable to [B, N, T, S] (any pattern, XLA).
-  Packed rows pass their `packing.Segments` as `kv_lengths_B`.
   """
-  if isinstance(kv_lengths_B, packing.Segments):   # packed rows (model/packing.py)
-    return packing.attention(q_BxTxNxD, k_BxSxNxD, v_BxSxNxD, kv_lengths_B, impl=impl)
   use_cudnn = (impl == "cudnn" and mask is None and q_BxTxNxD.dtype in (jnp.bfloat16, jnp.float16)
                and jax.default_backend() == "gpu")
   if kv_lengths_B is not None:

@@ -28,7 +28,6 @@ from flax_albert_code.training import optim
 from flax_albert_code.model import sharding
 from flax_albert_code.training import step as train_step
 from flax_albert_code.data import neighbours as neighbours_lib
-from flax_albert_code.data import packing
 from flax_albert_code.data import pipeline
 from flax_albert_code.data.prepared import prepare
 from flax_albert_code.evaluation import design_example
@@ -245,8 +244,6 @@ class Trainer:
     self.history: list[dict[str, float]] = []
     self.valid: dict[str, float] = {}
     self.batch_sharding = sharding.batch_sharding(self.mesh)
-    self.packer = packing.Packer.from_config(config, divisor)
-    self.unpacked_batches = 0   # batches that did not fit their packing rows
     self.train_fn = self.eval_fn = self.gauge_fn = self.bar = None   # made by train()
     self._gauge_warned = False
     # The last step's metrics on the device, not yet checked; throughput since the last log.
@@ -324,11 +321,8 @@ class Trainer:
     self._pending = (step, metrics)
 
   def _model_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The fields the step reads, with config.train.pack's plans where the batch fits them."""
-    out = _model_fields(batch)
-    if self.packer is not None:
-      self.unpacked_batches += not self.packer(out)
-    return out
+    """The fields of a training batch the step reads (tests record the batches here)."""
+    return _model_fields(batch)
 
   def _log_startup(self, step: int) -> None:
     """Time to the first step, by phase (a restart after preemption is judged by it)."""
@@ -392,8 +386,6 @@ class Trainer:
     rate = {"tokens_per_s": self._tokens_since / dt, "model_tflops": self._flops_since / dt / 1e12}
     if self.peak:
       rate["mfu"] = self._flops_since / dt / (self.peak * self.mesh.devices.size)
-    if self.packer is not None:   # batches so far that did not fit their rows (ran unpacked)
-      rate["unpacked_batches"] = self.unpacked_batches
     self.writer.write(step, rate)
     shown = dict(loss=f"{self.history[-1]['loss']:.3f}", tok_s=f"{rate['tokens_per_s']:.0f}")
     if "input_gap" in self.valid:   # the reading gauge at the last validation

@@ -67,23 +67,14 @@ def batch_flops(mc, batch: Mapping[str, Any], *, generation: bool = True, align:
                 mlm: bool = False) -> float:
   """Model FLOPs of one training step on `batch` (only its shapes are read): the description
   encoder; with a retrieval context (generation) the context encoder and a decoder attending
-  to it; the code encoder. Encoder passes packed into fewer rows (`data/packing.py`) count
-  their rows."""
+  to it; the code encoder."""
   b, ld = batch["desc_ids"].shape
   lc = batch["code_ids"].shape[1]
-  encoder = lambda n: train_flops_per_example(mc, n, 0, generation=False, align=False)
-
-  def unpacked_rows(field: str) -> int:   # rows a packed field does not compute
-    src = batch.get(f"{field}_pack_src")
-    return 0 if src is None else b - src.shape[0] * src.shape[1]
-
   if generation and "ctx_ids" in batch:
     lx = batch["ctx_ids"].shape[1]
-    flops = (b * (train_flops_per_example(mc, lx, lc, align=align, mlm=mlm) + encoder(ld))
-             - unpacked_rows("ctx") * encoder(lx))
-  else:
-    flops = b * train_flops_per_example(mc, ld, lc, generation=generation, align=align, mlm=mlm)
-  return flops - unpacked_rows("desc") * encoder(ld)
+    encoder = train_flops_per_example(mc, ld, 0, generation=False, align=False)
+    return b * (train_flops_per_example(mc, lx, lc, align=align, mlm=mlm) + encoder)
+  return b * train_flops_per_example(mc, ld, lc, generation=generation, align=align, mlm=mlm)
 
 
 def decode_step_flops(mc, batch: int, desc_len: int, cache_len: int) -> float:

@@ -19,9 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flax_albert_code.data import packing as data_packing
 from flax_albert_code.training import losses
-from flax_albert_code.model import packing
 from flax_albert_code.model import sharding
 from flax_albert_code.config import BOS_ID, CLS_ID, PAD_ID, UNK_ID
 from flax_albert_code.model.albert import CodeModel, code_encoder_input, shift_right
@@ -162,8 +160,7 @@ def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool,
                               word_dropout, UNK_ID) if word_dropout else None)
   out = model.apply({"params": params["model"]}, desc, code, deterministic=not dropout,
                     encode_code=bool(align), decode=gen, ctx_ids_BxC=batch.get("ctx_ids"),
-                    dec_in_BxT=dec_in, desc_packed=packing.Packed.from_batch(batch, "desc"),
-                    ctx_packed=packing.Packed.from_batch(batch, "ctx"), rngs={"dropout": rng})
+                    dec_in_BxT=dec_in, rngs={"dropout": rng})
   metrics, total = {}, 0.0
   ce_options = dict(chunk=tc.get("loss_chunk", 128), logits_dtype=tc.get("logits_dtype", "float32"))
   if gen:
@@ -295,8 +292,7 @@ def jit_steps(model, tx, config, mesh, state_shardings):
 
 
 def program_key(kind: str, batch) -> tuple:
-  """What picks a step's compiled program: train or eval, the code bucket, the batch's fields
-  (a packed batch and one that did not fit its rows run different programs)."""
+  """What picks a step's compiled program: train or eval, the code bucket, the batch's fields."""
   return kind, batch["code_ids"].shape[1], tuple(sorted(batch))
 
 
@@ -329,19 +325,13 @@ def precompile_async(train_fn, eval_fn, state: TrainState, config, mesh, code_le
   """
   batch_sh = sharding.batch_sharding(mesh)
 
-  packer = data_packing.Packer.from_config(config, sharding.batch_divisor(mesh)
-                                           * max(int(config.train.microbatches), 1))
-
-  def batch(b, lc, labelled=False, packed=False):
+  def batch(b, lc, labelled=False):
     shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=batch_sh)
     out = {"desc_ids": shape(b, config.data.max_desc_len), "code_ids": shape(b, lc)}
     if retrieval_k(config):
       out["ctx_ids"] = shape(b, int(config.retrieval.max_ctx_len))
     if labelled:   # training batches with an unlabelled schedule; eval batches never
       out["labelled"] = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=batch_sh)
-    if packed:     # training batches with config.train.pack (those that fit); eval never
-      widths = {k: v.shape[1] for k, v in out.items()}
-      out.update({k: shape(*s) for k, s in packer.shapes(b, widths).items()})
     return out
 
   # Shapes only: the live state may be donated by training steps while this runs.
@@ -350,10 +340,8 @@ def precompile_async(train_fn, eval_fn, state: TrainState, config, mesh, code_le
   mixed = bool(config.train.get("unlabelled_schedule", ""))
   jobs = {}
   for lc in code_lengths:
-    # With packing, also the program of a batch that does not fit its rows.
-    for packed in (False, True) if packer is not None else (False,):
-      b = batch(config.train.batch_size, lc, mixed, packed)
-      jobs[program_key("train", b)] = (train_fn, (state, b))
+    b = batch(config.train.batch_size, lc, mixed)
+    jobs[program_key("train", b)] = (train_fn, (state, b))
     if eval_fn is not None:
       b = batch(config.train.batch_size, lc)   # eval batches have the train batch's rows
       jobs[program_key("eval", b)] = (eval_fn, (state.params, b))
