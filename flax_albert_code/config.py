@@ -96,7 +96,8 @@ LEGACY_MODEL_VALUES = {"copy_head": False, "memory_embeddings": False,
 REMOVED_FIELDS = {
     "model": ("attention_probs_dropout_prob",),
     "data": ("num_workers",),
-    "train": ("eval_batch_size", "pack", "pack_rows", "pack_max_segments"),
+    "train": ("eval_batch_size", "pack", "pack_rows", "pack_max_segments", "queue_size",
+              "queue_start"),
 }
 
 
@@ -160,10 +161,6 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       weight_decay=0.01, b1=0.9, b2=0.98, eps=1e-8, grad_clip=1.0,
       align_losses="infonce",      # comma-separated subset of {l2, infonce}; "" disables alignment
       l2_weight=1.0, infonce_weight=0.1, gen_weight=1.0, init_temperature=0.07,
-      # Memory queue (MoCo, CoCoSoDa): the last queue_size (description, code) vector pairs are
-      # extra InfoNCE negatives, both ways, from step queue_start on (entries come from the
-      # encoder of a few steps back: no momentum encoder). 0: off; a multiple of batch_size.
-      queue_size=0, queue_start=0,
       label_smoothing=0.0, z_loss=0.0,
       loss_chunk=128,              # sequence chunk of the tied-logit CE (recomputed in backward); 0: one pass
       logits_dtype="float32",      # CE logits: "float32" (upcast) | "bfloat16" (fp32 sums, fused bf16 gradient)
@@ -259,7 +256,7 @@ RANGES = {
         "keep_checkpoints")},
     **{f"train.{k}": _AT_LEAST_0 for k in (
         "warmup_steps", "weight_decay", "grad_clip", "l2_weight", "infonce_weight", "gen_weight",
-        "queue_size", "queue_start", "z_loss", "loss_chunk", "mlm_weight", "eval_every",
+        "z_loss", "loss_chunk", "mlm_weight", "eval_every",
         "samples_at_end")},
     **{f"train.{k}": _POSITIVE for k in ("learning_rate", "eps", "init_temperature")},
     "train.end_lr_fraction": _FRACTION, "train.decay_fraction": _FRACTION,

@@ -226,57 +226,20 @@ def _only_pairs(sim_BxB: Array, rows_B: Array | None) -> Array:
 
 
 def infonce(v_d_BxA: Array, v_c_BxA: Array, log_inv_temp: Array,
-            rows_B: Array | None = None, queue: dict[str, Array] | None = None) -> Array:
+            rows_B: Array | None = None) -> Array:
   """Symmetric in-batch contrastive loss with a learned temperature (CLIP); with `rows_B`,
   over those rows only (labelled pairs), the others neither anchors nor negatives.
 
   Under jit over a sharded batch, the similarity matrix spans the global batch, so every
-  device's examples are negatives for every other's. With a `queue` (`queue_init`), its valid
-  code vectors are extra negatives of each description and its valid description vectors of
-  each code (MoCo, CoCoSoDa); they carry no gradient. A queue with no valid entry gives the
-  in-batch loss.
+  device's examples are negatives for every other's.
   """
   scale = jnp.exp(jnp.clip(log_inv_temp, 0.0, jnp.log(100.0)))
   logits_BxB = similarity(v_d_BxA, v_c_BxA) * scale
   d2c, c2d = _only_pairs(logits_BxB, rows_B), _only_pairs(logits_BxB.T, rows_B)
-  if queue is not None:
-    valid_1xQ = queue["valid_Q"][None, :]
-    past = lambda v, bank: jnp.where(
-        valid_1xQ, similarity(v, jax.lax.stop_gradient(bank).astype(v.dtype)) * scale, -jnp.inf)
-    d2c = jnp.concatenate([d2c, past(v_d_BxA, queue["code_QxA"])], axis=-1)
-    c2d = jnp.concatenate([c2d, past(v_c_BxA, queue["desc_QxA"])], axis=-1)
   labels = jnp.arange(logits_BxB.shape[0])
   nll = lambda logits: -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), labels[:, None],
                                             -1)[:, 0]
   return 0.5 * (_row_mean(nll(d2c), rows_B) + _row_mean(nll(c2d), rows_B))
-
-
-def queue_init(size: int, dim: int) -> dict[str, Array]:
-  """An empty memory queue of `size` past (description, code) vector pairs for `infonce`."""
-  return {"desc_QxA": jnp.zeros((size, dim), jnp.float32),
-          "code_QxA": jnp.zeros((size, dim), jnp.float32),
-          "valid_Q": jnp.zeros((size,), bool),
-          "ptr": jnp.zeros((), jnp.int32)}
-
-
-def queue_push(queue: dict[str, Array], v_d_BxA: Array, v_c_BxA: Array,
-               keep_B: Array | None = None) -> dict[str, Array]:
-  """FIFO: the batch's B pairs replace the oldest B entries, at `ptr`; no gradient flows.
-
-  The queue's size must be a multiple of B (else the write would wrap). Rows with `keep_B`
-  false are written but marked invalid (a batch's padding or unlabelled rows)."""
-  size, b = queue["valid_Q"].shape[0], v_d_BxA.shape[0]
-  if size % b:
-    raise ValueError(f"The InfoNCE queue of {size} vectors is not a multiple of the batch of {b}; "
-                     "set config.train.queue_size to a multiple of config.train.batch_size.")
-  ptr = queue["ptr"]
-  put = lambda buf, rows: jax.lax.dynamic_update_slice_in_dim(
-      buf, jax.lax.stop_gradient(rows).astype(buf.dtype), ptr, axis=0)
-  keep_B = jnp.ones((b,), bool) if keep_B is None else keep_B.astype(bool)
-  return {"desc_QxA": put(queue["desc_QxA"], v_d_BxA),
-          "code_QxA": put(queue["code_QxA"], v_c_BxA),
-          "valid_Q": put(queue["valid_Q"], keep_B),
-          "ptr": (ptr + b) % size}
 
 
 def retrieval_accuracy(v_d_BxA: Array, v_c_BxA: Array, rows_B: Array | None = None) -> Array:

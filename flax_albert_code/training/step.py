@@ -41,18 +41,6 @@ class TrainState:
   rng: Array         # raw uint32[2] key, checkpointable
 
 
-@flax.struct.dataclass
-class QueueTrainState(TrainState):
-  """A TrainState with InfoNCE's memory queue (config.train.queue_size > 0). A class of its
-  own, not a field that is None when off: orbax finds a None field missing from checkpoints
-  written before it, so a run without the queue keeps the state tree (and checkpoints) of old."""
-  queue: Any         # losses.queue_init: past (v_d, v_c) pairs, replicated
-
-
-def queue_of(state: TrainState):
-  return getattr(state, "queue", None)
-
-
 def objectives(train_cfg) -> tuple[bool, tuple[str, ...]]:
   """(generation on?, alignment losses) for the configured stage."""
   if train_cfg.stage not in STAGES:
@@ -72,21 +60,6 @@ def retrieval_k(config) -> int:
   return int(config.retrieval.k) if "retrieval" in config else 0
 
 
-def queue_size(config) -> int:
-  """Past (description, code) pairs kept as extra InfoNCE negatives (0: off; configs saved
-  before the queue have none)."""
-  size = int(config.train.get("queue_size", 0))
-  if not size:
-    return 0
-  if "infonce" not in objectives(config.train)[1]:
-    raise ValueError(f"config.train.queue_size={size} keeps negatives for InfoNCE, which "
-                     "config.train.align_losses does not include; add infonce or set it to 0.")
-  if size < 0 or size % config.train.batch_size:
-    raise ValueError(f"config.train.queue_size={size} must be a multiple of "
-                     f"config.train.batch_size={config.train.batch_size} (or 0: off).")
-  return size
-
-
 def example_batch(config, batch_size: int) -> dict[str, np.ndarray]:
   return {"desc_ids": np.full((batch_size, config.data.max_desc_len), 7, np.int32),
           "code_ids": np.full((batch_size, config.data.max_code_len), 7, np.int32)}
@@ -94,17 +67,13 @@ def example_batch(config, batch_size: int) -> dict[str, np.ndarray]:
 
 def make_init(model: CodeModel, tx: optax.GradientTransformation, config) -> Callable:
   batch = example_batch(config, 2)
-  size = queue_size(config)
 
   def init(rng: Array) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
     params = {"model": model.init(init_rng, batch["desc_ids"], batch["code_ids"])["params"],
               "log_inv_temp": jnp.log(1.0 / config.train.init_temperature).astype(jnp.float32)}
-    fields = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                  rng=state_rng)
-    if size:
-      return QueueTrainState(**fields, queue=losses.queue_init(size, config.model.align_dim))
-    return TrainState(**fields)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=state_rng)
   return init
 
 
@@ -138,16 +107,14 @@ def _output_weights(model_params, cfg):
           model_params["decoder"]["logits_bias"])
 
 
-def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool, queue=None):
+def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool):
   """Weighted total loss and metrics for one batch.
 
   With a `labelled` field [B] (an unlabelled schedule), the generation loss is the token mean
   over all rows (pairs, and unlabelled code written back from its corrupted copy in the
   context: data/pipeline.py), reported apart as gen_loss/token_accuracy (pairs) and
   denoise_loss/denoise_accuracy (unlabelled code); the alignment losses read the labelled rows
-  only. With a `queue`, InfoNCE also contrasts against
-  its entries, and the metrics carry "queue_rows": the batch's (v_d, v_c), for train_step to
-  push (and pop from the metrics).
+  only.
   """
   tc, mc = config.train, model.cfg
   gen, align = objectives(tc)
@@ -190,11 +157,9 @@ def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool,
       total += tc.l2_weight * l2
       metrics["l2_loss"] = l2
     if "infonce" in align:
-      nce = losses.infonce(v_d, v_c, params["log_inv_temp"], labelled, queue=queue)
+      nce = losses.infonce(v_d, v_c, params["log_inv_temp"], labelled)
       total += tc.infonce_weight * nce
       metrics.update(infonce_loss=nce, temperature=jnp.exp(-params["log_inv_temp"]))
-      if queue is not None:
-        metrics["queue_rows"] = (v_d, v_c)
     metrics["retrieval_accuracy"] = losses.retrieval_accuracy(v_d, v_c, labelled)
   metrics["loss"] = total
   return total, metrics
@@ -223,31 +188,22 @@ def _split_micro(batch, n: int):
 
 def train_step(state: TrainState, batch, *, model: CodeModel, tx, config) -> tuple[TrainState, dict]:
   rng = jax.random.fold_in(state.rng, state.step)
-  queue = queue_of(state)
-  if queue is not None:   # negatives from `queue_start` on; filled from the first step
-    started = state.step >= config.train.get("queue_start", 0)
-    queue = dict(queue, valid_Q=queue["valid_Q"] & started)
   grad_fn = jax.value_and_grad(
-      functools.partial(compute_losses, model=model, config=config, train=True, queue=queue),
-      has_aux=True)
+      functools.partial(compute_losses, model=model, config=config, train=True), has_aux=True)
   n_micro = int(config.train.microbatches)
   if n_micro <= 1:
     (_, metrics), grads = grad_fn(state.params, batch, rng)
-    rows = metrics.pop("queue_rows", None)
   else:
     micro_batches = _split_micro(batch, n_micro)
 
     def micro(carry, mb_i):
       mb, i = mb_i
       (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-      mb_rows = m.pop("queue_rows", None)
-      return jax.tree.map(jnp.add, carry, (g, m)), mb_rows
+      return jax.tree.map(jnp.add, carry, (g, m)), None
     first = jax.tree.map(lambda x: x[0], micro_batches)
     (_, m0), g0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                                jax.eval_shape(grad_fn, state.params, first, rng))
-    m0.pop("queue_rows", None)
-    (g_sum, m_sum), rows = jax.lax.scan(micro, (g0, m0), (micro_batches, jnp.arange(n_micro)))
-    rows = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), rows)   # batch order
+    (g_sum, m_sum), _ = jax.lax.scan(micro, (g0, m0), (micro_batches, jnp.arange(n_micro)))
     grads = jax.tree.map(lambda g: g / n_micro, g_sum)
     metrics = jax.tree.map(lambda m: m / n_micro, m_sum)
     if "code_tokens" in metrics:
@@ -256,12 +212,7 @@ def train_step(state: TrainState, batch, *, model: CodeModel, tx, config) -> tup
   params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["param_norm"] = optax.tree.norm(params)   # the trainer's NaN guard checks it too
-  new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  if queue is not None:
-    metrics["queue_fill"] = jnp.mean(queue["valid_Q"].astype(jnp.float32))
-    # Unlabelled code (an unlabelled schedule) is no one's negative: pushed as invalid.
-    new = new.replace(queue=losses.queue_push(state.queue, *rows, batch.get("labelled")))
-  return new, metrics
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def eval_step(params, batch, *, model: CodeModel, config) -> dict:
