@@ -97,7 +97,7 @@ REMOVED_FIELDS = {
     "model": ("attention_probs_dropout_prob",),
     "data": ("num_workers",),
     "train": ("eval_batch_size", "pack", "pack_rows", "pack_max_segments", "queue_size",
-              "queue_start"),
+              "queue_start", "mlm_weight", "decoder_input_dropout"),
 }
 
 
@@ -164,15 +164,11 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       label_smoothing=0.0, z_loss=0.0,
       loss_chunk=128,              # sequence chunk of the tied-logit CE (recomputed in backward); 0: one pass
       logits_dtype="float32",      # CE logits: "float32" (upcast) | "bfloat16" (fp32 sums, fused bf16 gradient)
-      # Pretraining on unlabelled code (CodeT5): the share of batches that are unlabelled code
-      # (a causal LM under an empty description), by step: "1.0:600,0.25" = all for 600 steps,
-      # then one in four; "" off. Needs the prepared unlabelled split (config.data.unlabelled).
+      # Denoising on unlabelled code: the share of batches that are unlabelled code (the
+      # encoder reads it with spans cut, the decoder writes it whole; data/pipeline.py), by
+      # step: "1.0:600,0.25" = all for 600 steps, then one in four; "" off. Needs the prepared
+      # unlabelled split (config.data.unlabelled).
       unlabelled_schedule="",
-      # Word dropout on the decoder's inputs (Bowman et al. 2016): this share of the code tokens
-      # the decoder reads while training (never BOS or padding) becomes UNK, so the code prefix
-      # alone predicts less and the decoder has to read its input. 0: off.
-      decoder_input_dropout=0.0,
-      mlm_weight=0.0,              # ALBERT's masked LM on code, tied embedding (15%, 80/10/10); 0: off
       # Compile the train/eval steps of every code bucket at start, side by side in threads
       # (XLA compiles without the GIL): on a GPU the buckets' programs then cost one compile
       # time, not one each. Off by default: small CPU runs may never meet every bucket.
@@ -235,7 +231,7 @@ CHOICES = {("model", "decode_attention"): ("auto", "xla", "pallas", "layer"),
 
 
 # Ranges of the numeric fields that have one: (low, low inclusive, high, high inclusive), None
-# unbounded. The mesh axes (-1 or a size) and the shares below (their own messages) aside.
+# unbounded. The mesh axes (-1 or a size) aside.
 _AT_LEAST_1, _AT_LEAST_0 = (1, True, None, None), (0, True, None, None)
 _POSITIVE, _SHARE, _FRACTION = (0, False, None, None), (0, True, 1, False), (0, True, 1, True)
 RANGES = {
@@ -256,7 +252,7 @@ RANGES = {
         "keep_checkpoints")},
     **{f"train.{k}": _AT_LEAST_0 for k in (
         "warmup_steps", "weight_decay", "grad_clip", "l2_weight", "infonce_weight", "gen_weight",
-        "z_loss", "loss_chunk", "mlm_weight", "eval_every",
+        "z_loss", "loss_chunk", "eval_every",
         "samples_at_end")},
     **{f"train.{k}": _POSITIVE for k in ("learning_rate", "eps", "init_temperature")},
     "train.end_lr_fraction": _FRACTION, "train.decay_fraction": _FRACTION,
@@ -267,6 +263,7 @@ RANGES = {
     "sample.temperature": _POSITIVE, "sample.top_p": (0, False, 1, True),
     "sample.repetition_penalty": (1, True, None, None),
     "retrieval.k": _AT_LEAST_0, "retrieval.max_ctx_len": _AT_LEAST_1,
+    "retrieval.self_neighbour_rate": _SHARE,
 }
 
 
@@ -327,11 +324,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if value is not None and value not in choices:
       raise ValueError(f"config.{section}.{name}={value!r} is not one of {', '.join(choices)}; "
                        f"set --config.{section}.{name}={choices[0]}.")
-  for section, name in (("train", "decoder_input_dropout"), ("retrieval", "self_neighbour_rate")):
-    value = config[section].get(name) if section in config else None
-    if isinstance(value, (int, float)) and not 0 <= value < 1:
-      raise ValueError(f"config.{section}.{name}={value} is a share of tokens or rows; give a "
-                       "value in [0, 1).")
 
 
 def config_path(spec: str) -> str:

@@ -393,8 +393,7 @@ class CodeModel(nn.Module):
 
   def __call__(self, desc_ids_BxL: Array, code_ids_BxT: Array, *, deterministic: bool = True,
                encode_code: bool = True, decode: bool = True,
-               ctx_ids_BxC: Array | None = None,
-               dec_in_BxT: Array | None = None) -> dict[str, Any]:
+               ctx_ids_BxC: Array | None = None) -> dict[str, Any]:
     """Training forward pass. `code_ids` are targets (code tokens, EOS, padding).
 
     Returns the description's EncoderOutput ("desc"), the decoder's last hidden states
@@ -402,12 +401,11 @@ class CodeModel(nn.Module):
     `copy_head.CopyTerms` ("copy", with copy_head) and the code's EncoderOutput ("code").
     With `ctx_ids` (retrieval: description + neighbours' code), the decoder attends to their
     encoding instead of the description's; alignment still reads the description alone.
-    `dec_in` replaces the decoder's inputs (default: BOS + `code_ids` shifted right).
     """
     enc_d = self.encode(desc_ids_BxL, deterministic=deterministic)
     out = {"desc": enc_d}
     if decode or self.is_initializing():
-      dec_in = shift_right(code_ids_BxT, BOS_ID) if dec_in_BxT is None else dec_in_BxT
+      dec_in = shift_right(code_ids_BxT, BOS_ID)
       memory = enc_d if ctx_ids_BxC is None else self.encode(ctx_ids_BxC,
                                                              deterministic=deterministic)
       out["hidden"] = self.decoder_hidden(memory, dec_in, deterministic=deterministic)

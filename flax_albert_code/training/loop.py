@@ -315,9 +315,8 @@ class Trainer:
                                         pipeline.to_global(batch, self.batch_sharding))
     self._tokens_since += self.tc.batch_size * (ld + lc)
     self._flush()
-    self._flops_since += metrics_lib.batch_flops(
-        self.model_cfg, batch, generation=self.gen, align=bool(self.align),
-        mlm=bool(self.tc.get("mlm_weight", 0.0)))
+    self._flops_since += metrics_lib.batch_flops(self.model_cfg, batch, generation=self.gen,
+                                                 align=bool(self.align))
     self._pending = (step, metrics)
 
   def _model_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

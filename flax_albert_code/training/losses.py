@@ -1,5 +1,4 @@
-"""Training objectives as pure functions: alignment (l2, InfoNCE), generation (masked CE) and
-ALBERT's masked-LM corruption of code.
+"""Training objectives as pure functions: alignment (l2, InfoNCE) and generation (masked CE).
 
 The generation loss never materialises fp32 logits for the whole batch: the sequence is cut
 into chunks and each chunk's logits are recomputed in the backward pass (`jax.checkpoint`).
@@ -175,29 +174,6 @@ def group_mean(nll_B: Array, correct_B: Array, count_B: Array,
     nll_B, correct_B, count_B = nll_B * w, correct_B * w, count_B * w
   count = jnp.maximum(count_B.sum(), 1.0)
   return nll_B.sum() / count, correct_B.sum() / count, count
-
-
-def drop_words(rng: Array, dec_in_BxT: Array, rate: float, unk_id: int) -> Array:
-  """Decoder inputs with a `rate` share of their tokens replaced by `unk_id`: every position but
-  the first (BOS) and padding, each independently."""
-  keep_first = jnp.arange(dec_in_BxT.shape[1]) > 0
-  drop = jax.random.bernoulli(rng, rate, dec_in_BxT.shape) & keep_first & (dec_in_BxT != PAD_ID)
-  return jnp.where(drop, unk_id, dec_in_BxT)
-
-
-def mlm_corrupt(rng: Array, ids_BxL: Array, maskable_BxL: Array, vocab_size: int, *,
-                mask_id: int, first_normal_id: int, rate: float = 0.15
-                ) -> tuple[Array, Array]:
-  """BERT's corruption: `rate` of the maskable tokens are chosen; of those 80% become `mask_id`,
-  10% a random ordinary token (ids >= `first_normal_id`), 10% stay. Returns (corrupted ids,
-  chosen [B, L] bool: the positions whose originals are predicted)."""
-  pick, how, rand = jax.random.split(rng, 3)
-  chosen = jax.random.bernoulli(pick, rate, ids_BxL.shape) & maskable_BxL
-  u = jax.random.uniform(how, ids_BxL.shape)
-  random_ids = jax.random.randint(rand, ids_BxL.shape, first_normal_id, vocab_size, ids_BxL.dtype)
-  out = jnp.where(chosen & (u < 0.8), mask_id, ids_BxL)
-  out = jnp.where(chosen & (u >= 0.8) & (u < 0.9), random_ids, out)
-  return out, chosen
 
 
 def _row_mean(x_B: Array, rows_B: Array | None) -> Array:

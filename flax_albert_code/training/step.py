@@ -21,12 +21,8 @@ import optax
 
 from flax_albert_code.training import losses
 from flax_albert_code.model import sharding
-from flax_albert_code.config import BOS_ID, CLS_ID, PAD_ID, UNK_ID
-from flax_albert_code.model.albert import CodeModel, code_encoder_input, shift_right
-
-# ALBERT's masked LM on code: the tokenizer has no [MASK] and never emits UNK (byte fallback),
-# so UNK stands in for it; random replacements are drawn from the ordinary ids.
-MLM_MASK_ID, MLM_FIRST_NORMAL_ID, MLM_RATE = UNK_ID, 6, 0.15
+from flax_albert_code.config import PAD_ID
+from flax_albert_code.model.albert import CodeModel
 
 log = logging.getLogger("flax_albert_code")
 Array = jax.Array
@@ -118,16 +114,12 @@ def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool)
   """
   tc, mc = config.train, model.cfg
   gen, align = objectives(tc)
-  mlm_weight = float(tc.get("mlm_weight", 0.0))
   dropout = train and mc.hidden_dropout_prob > 0
   desc, code = batch["desc_ids"], batch["code_ids"]
   labelled = batch.get("labelled")
-  word_dropout = float(tc.get("decoder_input_dropout", 0.0)) if train and gen else 0.0
-  dec_in = (losses.drop_words(jax.random.fold_in(rng, 2), shift_right(code, BOS_ID),
-                              word_dropout, UNK_ID) if word_dropout else None)
   out = model.apply({"params": params["model"]}, desc, code, deterministic=not dropout,
                     encode_code=bool(align), decode=gen, ctx_ids_BxC=batch.get("ctx_ids"),
-                    dec_in_BxT=dec_in, rngs={"dropout": rng})
+                    rngs={"dropout": rng})
   metrics, total = {}, 0.0
   ce_options = dict(chunk=tc.get("loss_chunk", 128), logits_dtype=tc.get("logits_dtype", "float32"))
   if gen:
@@ -145,11 +137,6 @@ def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool)
       dn_ce, dn_acc, _ = losses.group_mean(*sums, ~labelled)
       metrics.update(gen_loss=pair_ce, token_accuracy=pair_acc, denoise_loss=dn_ce,
                      denoise_accuracy=dn_acc, code_tokens=count)
-  if mlm_weight:
-    mlm, mlm_acc = _masked_lm(params["model"], code, jax.random.fold_in(rng, 1), model=model,
-                              deterministic=not dropout, ce_options=ce_options)
-    total += mlm_weight * mlm
-    metrics.update(mlm_loss=mlm, mlm_accuracy=mlm_acc)
   if align:
     v_d, v_c = out["desc"].vector_BxA, out["code"].vector_BxA
     if "l2" in align:
@@ -163,23 +150,6 @@ def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool)
     metrics["retrieval_accuracy"] = losses.retrieval_accuracy(v_d, v_c, labelled)
   metrics["loss"] = total
   return total, metrics
-
-
-def _masked_lm(model_params, code_BxT, rng, *, model: CodeModel, deterministic: bool,
-               ce_options) -> tuple[Array, Array]:
-  """ALBERT's masked LM on code: the encoder reads the code as for alignment ([CLS] + code)
-  with 15% of its tokens corrupted (80% mask, 10% random, 10% kept) and predicts the originals
-  there through the tied embedding (the decoder's output weights). (loss, accuracy)."""
-  ids = code_encoder_input(code_BxT)
-  corrupt_rng, dropout_rng = jax.random.split(rng)
-  corrupted, chosen = losses.mlm_corrupt(
-      corrupt_rng, ids, (ids != PAD_ID) & (ids != CLS_ID), model.cfg.vocab_size,
-      mask_id=MLM_MASK_ID, first_normal_id=MLM_FIRST_NORMAL_ID, rate=MLM_RATE)
-  enc = model.apply({"params": model_params}, corrupted, deterministic=deterministic,
-                    method=CodeModel.encode, rngs={"dropout": dropout_rng})
-  ce, acc, _ = losses.generation_loss(enc.states_BxLxH, ids, chosen,
-                                      *_output_weights(model_params, model.cfg), **ce_options)
-  return ce, acc
 
 
 def _split_micro(batch, n: int):
