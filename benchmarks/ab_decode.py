@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import functools
 import hashlib
 import importlib
 import json
@@ -46,7 +45,6 @@ class Arm:
   decode_phase: int | None = None     # None: config.sample.decode_phase
   strategies: tuple[str, ...] = ("greedy", "beam")
   dtype: str = ""                     # config.model.dtype ("": the base config's bfloat16)
-  two_stage_topk: bool = True         # beam candidates by decoding.top_k_flat (False: one top-k)
   timed: bool = True                  # False: tokens only (an exactness twin too slow to time)
   patch: tuple = ()                   # (module, attribute, value): a kernel tuning constant
 
@@ -105,10 +103,6 @@ ARMS = {a.name: a for a in (
         "greedy +0 to +0.02 ms: fewer programs than SMs", beam_cache="index",
         decode_attention="layer",
         patch=(("flax_albert_code.model.fused_decode", "MIN_PROGRAMS", 48),)),
-    Arm("defaults_flat_topk", "the defaults with the beam's candidates taken by one top-k over "
-        "[B, K * V] (before 2026-11-30's fifth session) instead of decoding.top_k_flat",
-        "beam 0.84 ms (the fourth session's defaults)", beam_cache="index",
-        decode_attention="auto", strategies=("beam",), two_stage_topk=False),
     Arm("cmdbuf_while", f"XLA flag {CMDBUF_WHILE}: the decode while-loops (and their "
         "conditions) inside CUDA graphs, no host round trip for the loop predicate",
         "greedy -0.02 to -0.05 ms, beam the same absolute; no change if 0.11.2 already "
@@ -181,9 +175,6 @@ def worker(args) -> None:
   n = args.new_tokens
   for module, name, value in arm.patch:
     setattr(importlib.import_module(module), name, value)
-  if not arm.two_stage_topk:
-    from flax_albert_code.inference import decoding
-    decoding.beam_search = functools.partial(decoding.beam_search, two_stage_topk=False)
 
   def run(strategy, limit):
     return model_decoding.generate(

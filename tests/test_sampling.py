@@ -202,21 +202,6 @@ def test_toy_a_traced_top_k_filters_as_a_static_one():
           traced(k, p), sampling.filter_logits(logits, top_k=k, top_p=p, nucleus=True))
 
 
-def test_two_stage_top_k_equals_one_top_k_over_all_beams_ties_included():
-  rng = np.random.RandomState(0)
-  # Few distinct values (many ties, across and within beams) and a beam at -inf, as at the
-  # first step of a search.
-  x = rng.randint(0, 4, (3, 4, 50)).astype(np.float32)
-  x[:, 1:2] = sampling.NEG_INF
-  x[2] = 1.0                                      # a row of one value: order by index only
-  x = jnp.asarray(x)
-  for n in (1, 5, 8):
-    want = jax.lax.top_k(x.reshape(3, -1), n)
-    got = jax.jit(sampling.top_k_flat, static_argnums=1)(x, n)
-    np.testing.assert_array_equal(got[0], want[0])
-    np.testing.assert_array_equal(got[1], want[1])
-
-
 def test_toy_top_k_and_top_p_filters():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   keep = lambda **kw: np.isfinite(np.asarray(sampling.filter_logits(logits, **kw)))[0].tolist()
