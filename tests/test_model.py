@@ -15,6 +15,7 @@ from flax_albert_code import config as config_lib
 from flax_albert_code.model import sharding
 from flax_albert_code.model import albert as model_lib
 from flax_albert_code.model import one_query
+from flax_albert_code.inference import model_decoding
 from flax_albert_code.config import EOS_ID, PAD_ID
 
 B, L, T = 2, 6, 7  # batch, description length, code length (tiny shapes keep compiles short)
@@ -168,6 +169,48 @@ def test_cached_decoding_equals_teacher_forcing(memory, share_block, share_emb, 
     got.append(logits)
   assert int(cache.index) == T
   _assert_close(jnp.concatenate(got, axis=1), want, 1e-5, "cached vs teacher-forced logits")
+
+
+@pytest.mark.parametrize("beams", [1, 2], ids=["greedy", "beam"])
+@pytest.mark.parametrize("decode", ["xla", "layer", "pallas"])
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "unrolled"])
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_decode_matrix_cached_steps_equal_teacher_forced_xla(norm, scan, decode, beams):
+  """Every way a one-token step can run: LayerNorm position x scanned or unrolled depth x XLA
+  attention or the Pallas kernels (Pallas' interpreter on CPU) x one row per description or
+  beams reading the cache through their index (reordered halfway). Each step's output equals
+  the teacher-forced XLA logits of the row's prefix at that step."""
+  model = _model(norm_position=norm, scan_layers=scan, decode_attention=decode,
+                 decoder_layers=3)
+  desc, _ = _batch(3)
+  variables = {"params": random_params(model)}
+  n, steps, cut = B * beams, 5, 2
+  rs = np.random.RandomState(4)
+  before = rs.randint(6, 512, (n, steps)).astype(np.int32)
+  before[:, 0] = config_lib.BOS_ID
+  # Halfway, beam k of each description continues beam parent[k] (one dropped, one doubled).
+  parent = np.array([[1, 1]] * B if beams > 1 else [[0]] * B)
+  rows = (np.arange(B)[:, None] * beams + parent).reshape(-1)
+  after = np.concatenate([before[rows, :cut], rs.randint(6, 512, (n, steps - cut))], axis=1)
+  after = after.astype(np.int32)
+
+  @_jit
+  def reference(desc, before, after):
+    enc = model.apply(variables, desc, method="encode")
+    tiled = jax.tree.map(lambda x: jnp.repeat(x, beams, axis=0), enc)
+    logits = [model.apply(variables, tiled, ids, method="decode_logits")
+              for ids in (before, after)]
+    cache = model.apply(variables, enc, steps, beams, beams > 1, method="init_cache")
+    return logits, cache
+
+  (want_before, want_after), cache = reference(desc, before, after)
+  step = _jit(lambda ids, c: model.apply(variables, ids, c, method="decode_step"))
+  for t in range(steps):
+    if t == cut and beams > 1:
+      cache = model_decoding.reorder_decode_cache(cache, jnp.asarray(parent))
+    ids, want = (before, want_before) if t < cut else (after, want_after)
+    got, cache = step(ids[:, t:t + 1], cache)
+    _assert_close(got[:, 0], want[:, t], 1e-5, f"step {t}")
 
 
 def test_pre_norm_layout():

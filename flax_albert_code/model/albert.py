@@ -203,7 +203,7 @@ class _DecoderBody(nn.Module):
           keys, values = (_read_beams(c, beam_src[:, :, :s]) for c in (keys, values))
         x = self.self_attention.attend(x, q, keys, values, mask=mask, deterministic=det)
       if pallas:
-        ctx = one_query.cross_attention(self.cross_attention.query(x)[:, 0], *cross_kv,
+        ctx = one_query.cross_attention(self.cross_attention.project_query(x)[:, 0], *cross_kv,
                                         memory_lengths)
         x = self.cross_attention.residual(x, ctx[:, None], det)
       else:

@@ -389,7 +389,9 @@ class AlbertAttention(nn.Module):
   def qkv(self, x_BxTxH: Array) -> tuple[Array, Array, Array]:
     return self._project(self._in(x_BxTxH), ("query", "key", "value"))
 
-  def query(self, x_BxTxH: Array) -> Array:
+  def project_query(self, x_BxTxH: Array) -> Array:
+    """The queries of x, [B, T, N, D]. (Not named `query`: that is the Dense set in `setup`,
+    which would hide a method of the name and skip the pre-norm LayerNorm.)"""
     return self._project(self._in(x_BxTxH), ("query",))[0]
 
   def __call__(self, x_BxTxH: Array, kv: tuple[Array, Array] | None = None, *,
@@ -398,7 +400,7 @@ class AlbertAttention(nn.Module):
     if kv is None:
       q, k, v = self.qkv(x_BxTxH)
     else:
-      (q,), (k, v) = self._project(self._in(x_BxTxH), ("query",)), kv
+      q, (k, v) = self.project_query(x_BxTxH), kv
     return self.attend(x_BxTxH, q, k, v, is_causal=is_causal, kv_lengths_B=kv_lengths_B,
                        mask=mask, deterministic=deterministic)
 
