@@ -69,7 +69,9 @@ def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       scan_layers=True,                  # loop over depth with nn.scan (compile time flat in depth)
       embedding_grad="scatter",          # word-embedding backward: "scatter" | "onehot" (a matmul)
       fused_qkv=True,                    # Q|K|V (and a memory's K|V) as one matmul; same parameters
-      decode_attention="auto",           # one-token decode steps: "auto" (layer on one GPU, else xla) | "xla" | "pallas" (attention kernels, model/one_query.py) | "layer" (the whole layer in Pallas kernels, model/fused_decode.py)
+      # One-token decode steps: "layer" runs the whole decoder layer as Pallas kernels
+      # (model/fused_decode.py), "xla" as XLA ops; "auto": layer on one GPU, else xla.
+      decode_attention="auto",
       # "post": ALBERT's LN(x + f(x)) (HF weights); "pre": x + f(LN(x)) and a final LN per stack,
       # which trains at higher learning rates (not HF-compatible).
       norm_position="post",
@@ -98,15 +100,19 @@ REMOVED_FIELDS = {
     "data": ("num_workers",),
     "train": ("eval_batch_size", "pack", "pack_rows", "pack_max_segments", "queue_size",
               "queue_start", "mlm_weight", "decoder_input_dropout"),
+    "sample": ("beam_cache",),
 }
+# Model values older versions saved that this one no longer has, and what stands for them.
+REMOVED_MODEL_VALUES = {"decode_attention": {"pallas": "auto"}}
 
 
 def upgrade_model(values: dict) -> tuple[dict, list[str]]:
   """A saved `config.model` mapping as this version reads it: every field added since it was
-  written set to its `LEGACY_MODEL_VALUES`, every removed one dropped; and the names of the
-  added fields (for a log line)."""
+  written set to its `LEGACY_MODEL_VALUES`, every removed one dropped, every removed value
+  replaced (`REMOVED_MODEL_VALUES`); and the names of the added fields (for a log line)."""
   missing = sorted(k for k in LEGACY_MODEL_VALUES if k not in values)
-  kept = {k: v for k, v in values.items() if k not in REMOVED_FIELDS["model"]}
+  kept = {k: REMOVED_MODEL_VALUES.get(k, {}).get(v, v) for k, v in values.items()
+          if k not in REMOVED_FIELDS["model"]}
   return {**{k: LEGACY_MODEL_VALUES[k] for k in missing}, **kept}, missing
 
 
@@ -206,7 +212,6 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       strategy="greedy", max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
       num_beams=4, length_penalty=1.0, num_samples=1, batch_buckets=(1, 8, 32),
       decode_phase=64,             # decode in phases of N steps that read only the cache written so far; 0: off
-      beam_cache="index",          # beam search: "index" reads the KV cache through beam indices, "copy" reorders it
       repetition_penalty=1.0,      # CTRL penalty of tokens already emitted (1.0: off)
       no_repeat_ngram_size=0,      # never repeat an n-gram of the output (0: off)
   ))
@@ -226,8 +231,7 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
 
 
 # String fields with a closed set of values (the first is the default's).
-CHOICES = {("model", "decode_attention"): ("auto", "xla", "pallas", "layer"),
-           ("sample", "beam_cache"): ("index", "copy")}
+CHOICES = {("model", "decode_attention"): ("auto", "xla", "layer")}
 
 
 # Ranges of the numeric fields that have one: (low, low inclusive, high, high inclusive), None

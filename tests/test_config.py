@@ -36,10 +36,16 @@ def test_default_is_the_schema_preset(preset):
 def test_layer_kernels_refuse_sizes_that_do_not_tile_at_config_time():
   cfg = ModelConfig.default("tiny")
   dataclasses.replace(cfg, decode_attention="layer")   # 32 / 64: fine
-  with pytest.raises(ValueError, match="'layer' needs hidden_size and intermediate_size"):
+  with pytest.raises(ValueError, match="'layer' needs a power-of-two head size .* and "
+                                       "hidden_size and intermediate_size multiples of 16"):
     dataclasses.replace(cfg, decode_attention="layer", intermediate_size=72)
-  # "auto" falls back to the attention kernels instead of failing.
+  with pytest.raises(ValueError, match="'layer' needs a power-of-two head size"):
+    dataclasses.replace(cfg, decode_attention="layer", hidden_size=48, num_attention_heads=2)
+  # "auto" falls back to XLA instead of failing.
   assert not dataclasses.replace(cfg, intermediate_size=72).decode_layer_kernels
+  # A config saved when decode_attention could be "pallas" (the attention kernels alone).
+  assert ModelConfig.from_config({**dataclasses.asdict(cfg), "decode_attention": "pallas"}
+                                 ).decode_attention == "auto"
 
 
 def test_pooling_default_is_the_schemas():
@@ -234,8 +240,7 @@ def test_every_ranged_field_exists_and_every_shipped_value_is_in_range():
     config_lib.validate(config)
 
 
-@pytest.mark.parametrize("field,good,bad", [("model.decode_attention", "xla", "triton"),
-                                            ("sample.beam_cache", "copy", "moved")])
+@pytest.mark.parametrize("field,good,bad", [("model.decode_attention", "layer", "pallas")])
 def test_closed_choices_are_refused_naming_the_field_and_the_values(field, good, bad):
   config = config_lib.get_config("tiny")
   section, name = field.split(".")

@@ -14,7 +14,7 @@ import pytest
 from flax_albert_code import config as config_lib
 from flax_albert_code.model import sharding
 from flax_albert_code.model import albert as model_lib
-from flax_albert_code.model import one_query
+from flax_albert_code.model import fused_decode
 from flax_albert_code.inference import model_decoding
 from flax_albert_code.config import EOS_ID, PAD_ID
 
@@ -142,7 +142,7 @@ def test_decoder_is_causal(tiny):
 def test_cached_decoding_equals_teacher_forcing(memory, share_block, share_emb, norm, decode,
                                                 monkeypatch):
   if decode.endswith("/2"):
-    monkeypatch.setattr(one_query, "_BLOCK", 2)
+    monkeypatch.setattr(fused_decode, "_BLOCK", 2)
   model = _model(decoder_memory=memory, share_encoder_decoder_block=share_block,
                  share_embedding=share_emb, norm_position=norm,
                  decode_attention=decode.split("/")[0])
@@ -172,14 +172,14 @@ def test_cached_decoding_equals_teacher_forcing(memory, share_block, share_emb, 
 
 
 @pytest.mark.parametrize("beams", [1, 2], ids=["greedy", "beam"])
-@pytest.mark.parametrize("decode", ["xla", "layer", "pallas"])
+@pytest.mark.parametrize("decode", ["xla", "layer"])
 @pytest.mark.parametrize("scan", [True, False], ids=["scan", "unrolled"])
 @pytest.mark.parametrize("norm", ["post", "pre"])
 def test_decode_matrix_cached_steps_equal_teacher_forced_xla(norm, scan, decode, beams):
   """Every way a one-token step can run: LayerNorm position x scanned or unrolled depth x XLA
-  attention or the Pallas kernels (Pallas' interpreter on CPU) x one row per description or
-  beams reading the cache through their index (reordered halfway). Each step's output equals
-  the teacher-forced XLA logits of the row's prefix at that step."""
+  or the layer kernels (Pallas' interpreter on CPU) x one row per description or beams reading
+  the cache through their index (reordered halfway). Each step's output equals the
+  teacher-forced XLA logits of the row's prefix at that step."""
   model = _model(norm_position=norm, scan_layers=scan, decode_attention=decode,
                  decoder_layers=3)
   desc, _ = _batch(3)
@@ -399,23 +399,3 @@ def test_a_vocabulary_the_mesh_does_not_divide_is_sharded_over_what_divides_it()
     # Dimensions that divide keep their axes.
     ffn = shardings["encoder"]["albert_layer_groups_0"]["albert_layers_0"]["ffn"]
     assert ffn["ffn"]["kernel"].spec == P("fsdp", "tensor")
-
-
-def test_one_query_pallas_kernels_equal_dot_product_attention():
-  """model/one_query.py (Pallas' interpreter on CPU) against jax.nn.dot_product_attention: the
-  self kernel reads layer 1 of the whole cache up to the decode index, the cross kernel stops at
-  each row's memory length (a row of length 1, one of the full 8)."""
-  rs = np.random.RandomState(0)
-  cache_k, cache_v = (jnp.asarray(rs.standard_normal((2, 3, 8, 2, 4)), jnp.float32)
-                      for _ in range(2))
-  q = jnp.asarray(rs.standard_normal((3, 2, 4)), jnp.float32)
-  out = one_query.self_attention(q, cache_k, cache_v, 1, 4, 6)
-  ref = jax.nn.dot_product_attention(q[:, None], cache_k[1, :, :5], cache_v[1, :, :5])[:, 0]
-  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
-  lengths = jnp.array([3, 8, 1])
-  out = one_query.cross_attention(q, cache_k[0], cache_v[0], lengths)
-  ref = jax.nn.dot_product_attention(q[:, None], cache_k[0], cache_v[0],
-                                     key_value_seq_lengths=lengths)[:, 0]
-  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="power-of-two"):
-    one_query.cross_attention(q, cache_k[0, :, :6], cache_v[0, :, :6], lengths)

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 from flax_albert_code.model import copy_head as copy_lib
 from flax_albert_code.model import fused_decode
 from flax_albert_code.model import layers
-from flax_albert_code.model import one_query
 from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID
 from flax_albert_code.model.layers import ModelConfig
 
@@ -165,10 +164,9 @@ class _DecoderBody(nn.Module):
   are written in place (a scanned cache would be copied whole every step); queries attend to
   positions <= their own among the first `attend_len` (a static int <= S; None: all S) of the
   cache, so a decoding phase that knows `index < attend_len` reads only that much of it.
-  With `decode_attention="pallas"` a one-token step's self- and cross-attention are one kernel
-  each (model/one_query.py), beams reading the cache through `beam_src` inside the kernel; with
-  "layer" (and "auto" on a GPU) `AlbertDecoder.step` runs the whole one-token stack as
-  model/fused_decode.py's kernels instead of this body.
+  Beams read each position from the beam that wrote it (`beam_src`). With
+  `decode_attention="layer"` (and "auto" on a GPU) `AlbertDecoder.step` runs the one-token
+  stack as model/fused_decode.py's kernels instead of this body.
   """
   self_attention: nn.Module
   cross_attention: nn.Module
@@ -188,26 +186,13 @@ class _DecoderBody(nn.Module):
       cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
       cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), at)
       t, s = x.shape[1], attend_len or cache_k.shape[2]
-      pallas = self.self_attention.cfg.pallas_decode and t == 1
-      if pallas:
-        ctx = (one_query.self_attention(q[:, 0], cache_k, cache_v, layer, index, s)
-               if beam_src is None else
-               one_query.beam_self_attention(q[:, 0], cache_k, cache_v, layer, index, s,
-                                             beam_src))
-        x = self.self_attention.residual(x, ctx[:, None], det)
-      else:
-        q_pos = index + jnp.arange(t)
-        mask = (jnp.arange(s)[None, :] <= q_pos[:, None])[None, None]
-        keys, values = cache_k[layer, :, :s], cache_v[layer, :, :s]
-        if beam_src is not None:
-          keys, values = (_read_beams(c, beam_src[:, :, :s]) for c in (keys, values))
-        x = self.self_attention.attend(x, q, keys, values, mask=mask, deterministic=det)
-      if pallas:
-        ctx = one_query.cross_attention(self.cross_attention.project_query(x)[:, 0], *cross_kv,
-                                        memory_lengths)
-        x = self.cross_attention.residual(x, ctx[:, None], det)
-      else:
-        x = self.cross_attention(x, cross_kv, kv_lengths_B=memory_lengths, deterministic=det)
+      q_pos = index + jnp.arange(t)
+      mask = (jnp.arange(s)[None, :] <= q_pos[:, None])[None, None]
+      keys, values = cache_k[layer, :, :s], cache_v[layer, :, :s]
+      if beam_src is not None:
+        keys, values = (_read_beams(c, beam_src[:, :, :s]) for c in (keys, values))
+      x = self.self_attention.attend(x, q, keys, values, mask=mask, deterministic=det)
+      x = self.cross_attention(x, cross_kv, kv_lengths_B=memory_lengths, deterministic=det)
     x = self.ffn(x, deterministic=det)
     if self.mode == "train":
       return x, None
@@ -424,9 +409,9 @@ class CodeModel(nn.Module):
                  beam_index: bool = False) -> DecodeCache:
     """A zeroed KV cache for `max_len` tokens, and the cross-attention KV of `enc`.
 
-    `batch_repeat` tiles each description (beams, samples) next to itself. `beam_index`: beam
-    search leaves the cache in place and reorders only `beam_src_BxKxS` (which beam wrote each
-    position), and attention reads each position from that beam.
+    `batch_repeat` tiles each description (beams, samples) next to itself. `beam_index` (beam
+    search): the cache stays in place and only `beam_src_BxKxS` (which beam wrote each
+    position) is reordered with the beams; attention reads each position from that beam.
     """
     cfg = self.cfg
     memory, lengths = self._memory(enc)
@@ -434,9 +419,9 @@ class CodeModel(nn.Module):
     if batch_repeat > 1:
       ck, cv, lengths = (jnp.repeat(t, batch_repeat, axis=0) for t in (ck, cv, lengths))
     b, cache_len = ck.shape[0], max_len
-    if cfg.pallas_decode:   # Triton tiles: powers of two, the padding masked
-      cache_len = one_query.pow2(max_len)
-      pad = [(0, 0), (0, one_query.pow2(ck.shape[1]) - ck.shape[1]), (0, 0), (0, 0)]
+    if cfg.decode_layer_kernels:   # Triton tiles: powers of two, the padding masked
+      cache_len = fused_decode.pow2(max_len)
+      pad = [(0, 0), (0, fused_decode.pow2(ck.shape[1]) - ck.shape[1]), (0, 0), (0, 0)]
       ck, cv = jnp.pad(ck, pad), jnp.pad(cv, pad)
     shape = (cfg.decoder_layers, b, cache_len, cfg.num_attention_heads, cfg.head_dim)
     zeros = jnp.zeros(shape, cfg.compute_dtype)

@@ -116,14 +116,10 @@ class ModelConfig:
         (self.decode_attention in config_lib.CHOICES[("model", "decode_attention")],
          f"decode_attention {self.decode_attention!r} must be one of "
          f"{', '.join(config_lib.CHOICES[('model', 'decode_attention')])}"),
-        (self.decode_attention not in ("pallas", "layer")
-         or self.head_dim & (self.head_dim - 1) == 0,
-         f"decode_attention {self.decode_attention!r} needs a power-of-two head size "
-         "(hidden_size / heads)"),
-        (self.decode_attention != "layer"
-         or (self.hidden_size % 16 == 0 and self.intermediate_size % 16 == 0),
-         "decode_attention 'layer' needs hidden_size and intermediate_size multiples of 16 "
-         "(Triton tiles); use 'pallas' or 'auto'"),
+        (self.decode_attention != "layer" or self.layer_kernels_fit,
+         "decode_attention 'layer' needs a power-of-two head size (hidden_size / heads) and "
+         "hidden_size and intermediate_size multiples of 16 (Triton tiles); use 'xla' or "
+         "'auto'"),
         (self.norm_position in ("post", "pre"),
          f"norm_position {self.norm_position!r} must be 'post' (ALBERT) or 'pre'"),
     ]
@@ -132,23 +128,19 @@ class ModelConfig:
         raise ValueError(f"Bad model config: {msg}; fix config.model.")
 
   @property
-  def pallas_decode(self) -> bool:
-    """One-token decode steps through Pallas kernels (model/one_query.py's, and with
-    `decode_layer_kernels` model/fused_decode.py's): "pallas", "layer", or "auto" on a GPU when
-    the head size is a power of two (Triton tiles); the cache is then padded to a power of two.
-    Read at trace time."""
-    if self.decode_attention == "auto":
-      return jax.default_backend() == "gpu" and self.head_dim & (self.head_dim - 1) == 0
-    return self.decode_attention in ("pallas", "layer")
+  def layer_kernels_fit(self) -> bool:
+    """Whether model/fused_decode.py's Triton tiles fit: a power-of-two head size, hidden and
+    FFN sizes multiples of 16."""
+    return (self.head_dim & (self.head_dim - 1) == 0 and self.hidden_size % 16 == 0
+            and self.intermediate_size % 16 == 0)
 
   @property
   def decode_layer_kernels(self) -> bool:
-    """One-token decode steps run the whole decoder layer as model/fused_decode.py's kernels:
-    "layer", or "auto" on a GPU when the sizes tile (the head size a power of two, the hidden
-    and FFN sizes multiples of 16). Read at trace time."""
+    """One-token decode steps run the whole decoder layer as model/fused_decode.py's kernels
+    (the cache and memory then padded to powers of two): "layer", or "auto" on a GPU when
+    the tiles fit. Read at trace time."""
     if self.decode_attention == "auto":
-      return (self.pallas_decode and self.hidden_size % 16 == 0
-              and self.intermediate_size % 16 == 0)
+      return jax.default_backend() == "gpu" and self.layer_kernels_fit
     return self.decode_attention == "layer"
 
   @property
