@@ -180,8 +180,7 @@ def test_decode_matrix_cached_steps_equal_teacher_forced_xla(norm, scan, decode,
   or the layer kernels (Pallas' interpreter on CPU) x one row per description or beams reading
   the cache through their index (reordered halfway). Each step's output equals the
   teacher-forced XLA logits of the row's prefix at that step."""
-  model = _model(norm_position=norm, scan_layers=scan, decode_attention=decode,
-                 decoder_layers=3)
+  model = _model(norm_position=norm, scan_layers=scan, decode_attention=decode)
   desc, _ = _batch(3)
   variables = {"params": random_params(model)}
   n, steps, cut = B * beams, 5, 2
