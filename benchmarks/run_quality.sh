@@ -71,7 +71,18 @@ if [[ $stages == *" eval "* ]]; then
       --random-examples 0 --no-repeat-ngram-size "$n" --out "$out/valid_ngram$n" 2>&1 \
       | grep -v "truncated" | grep "^|" | tee -a "$out/valid_sweep.txt"
   done
-  best=$(python3 "$here/pick_decoding.py" "$out" "${ngrams[@]}")
+  # The best valid BLEU among the settings with at most 2% degenerate outputs (else the least
+  # degenerate).
+  best=$(python3 - "$out" "${ngrams[@]}" <<'PY'
+import json, sys
+out, values = sys.argv[1], sys.argv[2:]
+rows = {v: [r for r in json.load(open(f"{out}/valid_ngram{v}/report.json"))["rows"]
+            if r["kind"] == "generation"][0] for v in values}
+ok = [v for v, r in rows.items() if r["degenerate_rate"] <= 2.0]
+print(max(ok, key=lambda v: rows[v]["bleu"]) if ok
+      else min(rows, key=lambda v: rows[v]["degenerate_rate"]))
+PY
+)
   stamp "chosen on valid: no_repeat_ngram_size $best"
   stamp "evaluate: test split"
   python3 -m flax_albert_code.evaluate --checkpoint "$work" --split test \

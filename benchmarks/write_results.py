@@ -1,9 +1,13 @@
-"""Writes benchmarks/RESULTS.md from one run of the peer and ours (run_gpu.sh calls it)."""
+"""Writes the BENCH-A section of benchmarks/RESULTS.md from one run of the peer and ours
+(run_gpu.sh calls it)."""
 from __future__ import annotations
 
 import argparse
 import json
-import re
+
+from bench_serving import replace_section   # this directory
+
+HEADING = "## BENCH-A against the peer (issue 21, one H200)"
 
 
 def main() -> None:
@@ -40,7 +44,7 @@ def main() -> None:
   mb = ours.get("max_batch", {})
   fits = [int(b) for b, r in mb.items() if r.get("ok")]
   lines = [
-      "# Benchmark results",
+      HEADING,
       "",
       f"BENCH-A (../shared/BENCH.md), one run of `bash benchmarks/run_gpu.sh` on {a.gpu or v['device']}, "
       f"{v['date']}. Ours: jax {v['jax']}, flax {v['flax']}, optax {v['optax']}. "
@@ -63,15 +67,7 @@ def main() -> None:
       "per step, a BERT decoder of 6 unshared layers).",
   ]
   text = "\n".join(lines) + "\n"
-  try:
-    old = open(a.out).read()
-  except OSError:
-    old = ""
-  # Keep other sections (pipeline, quality, scaling) that live below the speed section.
-  keep = re.split(r"\n(?=## )", old, maxsplit=1)
-  if len(keep) == 2 and keep[0].startswith("# Benchmark results"):
-    text += "\n" + keep[1]
-  open(a.out, "w").write(text)
+  replace_section(a.out, HEADING, text)
   print(text)
 
 
