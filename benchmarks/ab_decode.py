@@ -328,7 +328,8 @@ def _write_results(args, workers, table: str, wall_s: float, log_dir: str) -> No
     versions = f"jax {info.get('jax', '?')}"
   now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   flags = "; ".join(f"{w.arm.name}: `{w.arm.xla_flags or '(none)'}`" for w in workers)
-  heading = SECTION if args.batch == 64 else SECTION.replace(" (issue", f" at batch {args.batch} (issue")
+  heading = (SECTION if args.batch == 64
+             else SECTION.replace(" (issue", f" at batch {args.batch} (issue"))
   lines = [f"### Run of {now}", "",
            f"`python benchmarks/ab_decode.py{' --small' if args.small else ''} --arms {args.arms}` "
            f"in one device call, {now}, commit `{commit}`, {wall_s:.0f} s in all. Card: "

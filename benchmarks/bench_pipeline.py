@@ -97,7 +97,8 @@ def main() -> None:
       f"{cpu_name()}, {os.cpu_count()} cores; Python {platform.python_version()}, {versions}.",
       "",
       f"Data: the full stdlib corpus, configs/default.py (prepared in {prepared.meta['seconds']} s"
-      f"{f', reused in {prep_s:.1f} s' if prepared.reused else ''}). BENCH-A shapes: descriptions padded to 64, "
+      f"{f', reused in {prep_s:.1f} s' if prepared.reused else ''}). BENCH-A shapes: "
+      "descriptions padded to 64, "
       "code to its bucket (at most 256). Throughput is the steady state of `make_iterator` "
       "(one prefetch thread): numpy batches on the host, before any device transfer.",
       "",

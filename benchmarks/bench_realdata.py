@@ -71,8 +71,9 @@ def _define_flags() -> None:
 
 def neighbours_for(config, prepared, rows: np.ndarray, workdir: str | None):
   """The newest neighbours saved under `workdir`, else BM25 ones mined for train `rows`."""
-  from flax_albert_code.data import neighbours as neighbours_lib  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.inference import retrieval  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.data import neighbours as neighbours_lib
+  from flax_albert_code.inference import retrieval
   k = int(config.retrieval.k)
   if workdir:
     nb = neighbours_lib.load(workdir, 10**9, prepared, k)
@@ -97,14 +98,15 @@ def neighbours_for(config, prepared, rows: np.ndarray, workdir: str | None):
 
 def run(config, data: str, steps: int, warmup: int, neighbours_dir: str | None) -> dict:
   """The timed run and its figures."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.data import pipeline  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.data.prepared import load_prepared  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.model import albert as model_lib  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.model import sharding  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.training import metrics  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.training import optim  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.training import step as train_step  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from flax_albert_code.data import pipeline
+  from flax_albert_code.data.prepared import load_prepared
+  from flax_albert_code.model import albert as model_lib
+  from flax_albert_code.model import sharding
+  from flax_albert_code.training import metrics
+  from flax_albert_code.training import optim
+  from flax_albert_code.training import step as train_step
 
   t_start = time.perf_counter()
   prepared = load_prepared(data)

@@ -46,7 +46,8 @@ def main() -> None:
   lines = [
       HEADING,
       "",
-      f"BENCH-A (../shared/BENCH.md), one run of `bash benchmarks/run_gpu.sh` on {a.gpu or v['device']}, "
+      f"BENCH-A (../shared/BENCH.md), one run of `bash benchmarks/run_gpu.sh` on "
+      f"{a.gpu or v['device']}, "
       f"{v['date']}. Ours: jax {v['jax']}, flax {v['flax']}, optax {v['optax']}. "
       f"Peer: torch {peer.get('torch')}, transformers {peer.get('transformers')}.",
       "",
@@ -55,7 +56,8 @@ def main() -> None:
       *rows,
       "",
       f"Ceilings measured in the same run (peer script): bf16 matmul "
-      f"{peer.get('matmul_bf16_tflops', 0):.0f} TFLOP/s, device copy {peer.get('copy_TBps', 0):.2f} TB/s.",
+      f"{peer.get('matmul_bf16_tflops', 0):.0f} TFLOP/s, device copy "
+      f"{peer.get('copy_TBps', 0):.2f} TB/s.",
       f"Compile time of the base train step: {tg['compile_s']:.1f} s (generation step), "
       f"{tf['compile_s']:.1f} s (full step). Peak device memory at batch 64: "
       f"{(tf['peak_bytes'] or 0) / 2**30:.1f} GiB.",
@@ -63,7 +65,8 @@ def main() -> None:
       f"({', '.join(f'{b}: ' + ('ok' if r.get('ok') else 'OOM') for b, r in mb.items())}).",
       f"Model FLOPs are counted by formula (flax_albert_code/metrics.py): "
       f"{tg['flops_per_step'] / 1e12:.2f} TFLOP per generation step; the peer counts its own with "
-      f"torch's FlopCounterMode ({(p_comp or peer['train_eager'])['flops_per_step'] / 1e12:.2f} TFLOP "
+      "torch's FlopCounterMode ("
+      f"{(p_comp or peer['train_eager'])['flops_per_step'] / 1e12:.2f} TFLOP "
       "per step, a BERT decoder of 6 unshared layers).",
   ]
   text = "\n".join(lines) + "\n"

@@ -1,7 +1,8 @@
 """The config schema: every field a run can set, with its default.
 
-Config files in `flax_albert_code/configs/` (shipped in the package) call `get_config(preset)` and override what they need; every field is
-overridable from the command line (`--config.train.steps=100`). Model presets follow ALBERT's
+Config files in `flax_albert_code/configs/` (shipped in the package) call `get_config(preset)`
+and override what they need; every field is overridable from the command line
+(`--config.train.steps=100`). Model presets follow ALBERT's
 published sizes; `tiny` exists for tests.
 """
 from __future__ import annotations
@@ -54,12 +55,10 @@ def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       share_embedding=True,              # decoder reuses the encoder's factorized embedding
       share_encoder_decoder_block=False,  # decoder reuses encoder self-attn + FFN weights
       decoder_memory="states",           # "states": all encoder states; "vector": only v_d
-      # Sentence vector and alignment head.
       # Sentence vector: "mean" (masked mean of the last states), "first_last" (masked mean of
-      # the embedded input and the last states, averaged) or "cls" (ALBERT's tanh pooler
-      # over [CLS], the source design; HF imports). With "cls" InfoNCE did not move from ln(B) in
-      # 300 steps on a real stdlib batch nor in 900 steps of the GPU quality run (the [CLS] state
-      # barely depends on the input at init); "mean" reached 0.004 on the same batch.
+      # the embedded input and the last states, averaged) or "cls" (ALBERT's tanh pooler over
+      # [CLS], the source design; HF imports). Not "cls" by default: the [CLS] state barely
+      # depends on the input at init, and InfoNCE did not learn through it (RESULTS.md).
       pooling="mean",
       align_dim=256, align_normalize=True,
       # Numerics and compilation.
@@ -139,18 +138,20 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = model_config(preset)
   c.data = ml_collections.ConfigDict(dict(
-      sources="stdlib",            # comma-separated: stdlib, site-packages, dir:PATH, csn:PATH, jsonl:PATH, tfds:NAME
+      # Comma-separated: stdlib, site-packages, dir:PATH, csn:PATH, jsonl:PATH, tfds:NAME.
+      sources="stdlib",
       data_dir="",                 # prepared data lives here; "" -> <workdir>/data
-      max_examples=0,              # 0: all mined pairs; N: keep the first N after dedupe (tests, smoke runs)
+      max_examples=0,              # 0: all mined pairs; N: the first N after dedupe (smoke runs)
       min_desc_words=3, max_code_lines=80, max_code_chars=4000,
       max_file_bytes=1 << 20,      # larger source files are skipped (generated code, data tables)
       valid_fraction=0.05, test_fraction=0.05, split_seed=0,
       tokenizer_vocab_size=8000, tokenizer_path="",  # "" -> train on the prepared train split
       # "unigram" | "bpe": BPE joins the space to the word after it ("▁name"); unigram often
-      # leaves it alone ("▁", "name": 5.4% of stdlib code tokens at 4,000 pieces, BPE 0.15%).
+      # leaves it alone ("▁", "name"; RESULTS.md counts them).
       tokenizer_type="unigram",
       max_desc_len=64, max_code_len=256,
-      code_buckets=(64, 128, 256),  # static batch shapes; each code length goes to the smallest bucket that fits
+      # Static batch shapes: each code length goes to the smallest bucket that fits.
+      code_buckets=(64, 128, 256),
       shuffle_seed=0,
       # Unlabelled code for pretraining (split "unlabelled", token ids only): every function
       # whole and each module in chunks within max_code_lines/max_code_chars, from files that
@@ -158,7 +159,8 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       unlabelled=False, max_unlabelled=0,
   ))
   c.train = ml_collections.ConfigDict(dict(
-      stage="joint",               # "pretrain" (alignment only) | "finetune" (generation [+alignment]) | "joint"
+      # "pretrain" (alignment only) | "finetune" (generation [+ alignment]) | "joint".
+      stage="joint",
       init_from="",                # finetune start: a pretrain checkpoint dir or an HF ALBERT dir
       steps=3000, batch_size=32, microbatches=1,
       optimizer="adamw",           # "adamw" | "lamb"
@@ -168,8 +170,10 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       align_losses="infonce",      # comma-separated subset of {l2, infonce}; "" disables alignment
       l2_weight=1.0, infonce_weight=0.1, gen_weight=1.0, init_temperature=0.07,
       label_smoothing=0.0, z_loss=0.0,
-      loss_chunk=128,              # sequence chunk of the tied-logit CE (recomputed in backward); 0: one pass
-      logits_dtype="float32",      # CE logits: "float32" (upcast) | "bfloat16" (fp32 sums, fused bf16 gradient)
+      # Sequence chunk of the tied-logit CE (recomputed in the backward pass); 0: one pass.
+      loss_chunk=128,
+      # CE logits: "float32" (upcast) | "bfloat16" (fp32 sums, a fused bf16 gradient).
+      logits_dtype="float32",
       # Denoising on unlabelled code: the share of batches that are unlabelled code (the
       # encoder reads it with spans cut, the decoder writes it whole; data/pipeline.py), by
       # step: "1.0:600,0.25" = all for 600 steps, then one in four; "" off. Needs the prepared
@@ -211,7 +215,8 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict(dict(
       strategy="greedy", max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
       num_beams=4, length_penalty=1.0, num_samples=1, batch_buckets=(1, 8, 32),
-      decode_phase=64,             # decode in phases of N steps that read only the cache written so far; 0: off
+      # Decode in phases of N steps that read only the cache written so far; 0: off.
+      decode_phase=64,
       repetition_penalty=1.0,      # CTRL penalty of tokens already emitted (1.0: off)
       no_repeat_ngram_size=0,      # never repeat an n-gram of the output (0: off)
   ))
@@ -221,7 +226,7 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       k=0,                         # neighbours per description; 0: the plain model
       method="hybrid",             # "dense" (aligned vectors) | "bm25" | "hybrid" (both, z-scored)
       max_ctx_len=256,             # encoder tokens for the description + neighbours
-      refresh_steps=(),            # steps after which the model's own encoder re-mines all neighbours
+      refresh_steps=(),            # steps after which the model's own encoder re-mines them
       # Training only: this share of rows gets its own code, 15% of its tokens UNK, as the first
       # neighbour (the rest move down one), so copying from the context pays from the first
       # steps and the decoder learns to read it. 0: off.

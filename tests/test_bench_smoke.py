@@ -34,7 +34,8 @@ def test_bench_model_tiny_writes_positive_rates(tmp_path):
   # test: the rates only have to exist, not be fast).
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1 "
-                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+                       "--xla_backend_optimization_level=0 "
+                       "--xla_llvm_disable_expensive_passes=true")
   proc = subprocess.run([sys.executable, "benchmarks/bench_model.py", "--workload", "tiny",
                          "--mode", "all", "--out", str(out)],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -59,7 +60,8 @@ def test_bench_realdata_tiny_with_retrieval_writes_its_figures(tmp_path):
   out, results = tmp_path / "realdata.json", tmp_path / "RESULTS.md"
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1 "
-                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+                       "--xla_backend_optimization_level=0 "
+                       "--xla_llvm_disable_expensive_passes=true")
   proc = subprocess.run(
       [sys.executable, "benchmarks/bench_realdata.py", "--config", "configs/tiny.py",
        "--data", str(tmp_path / "run"), "--steps", "3", "--warmup", "1", "--out", str(out),

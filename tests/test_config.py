@@ -112,7 +112,8 @@ def _leaves(tree, path=()):
 @pytest.mark.parametrize("name,specs", [
     ("default", ["default", "configs/default.py"]),
     ("tiny", ["tiny", "configs/tiny.py"]),
-    ("base", ["base", "configs/base.py", "configs/albert.py:base", "albert", "albert.py:size=base"]),
+    ("base", ["base", "configs/base.py", "configs/albert.py:base", "albert",
+              "albert.py:size=base"]),
     ("large", ["large", "configs/large.py", "configs/albert.py:large", "albert:size=large"]),
     ("quality", ["quality", "configs/quality.py"]),
 ])

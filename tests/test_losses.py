@@ -144,11 +144,12 @@ def test_infonce_is_the_symmetric_in_batch_softmax_loss():
 def test_microbatches_accumulate_the_gradient_of_the_whole_batch():
   """train.microbatches=2 on a batch without padding (equal token counts): the same generation
   loss, gradient norm and update as one pass, and the token count of the whole batch."""
-  from flax_albert_code import config as config_lib   # pylint: disable=import-outside-toplevel
-  from flax_albert_code.model import albert as model_lib   # pylint: disable=import-outside-toplevel
-  from flax_albert_code.model import sharding   # pylint: disable=import-outside-toplevel
-  from flax_albert_code.training import optim   # pylint: disable=import-outside-toplevel
-  from flax_albert_code.training import step as train_step   # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from flax_albert_code import config as config_lib
+  from flax_albert_code.model import albert as model_lib
+  from flax_albert_code.model import sharding
+  from flax_albert_code.training import optim
+  from flax_albert_code.training import step as train_step
   config = config_lib.load_config("tiny")
   config.train.align_losses = ""   # in-batch negatives would differ between the two
   model, _ = model_lib.build(config)

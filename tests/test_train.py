@@ -38,9 +38,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH_8 = (2, 2, 2)   # (data, fsdp, tensor)
 MESH_1 = (1, 1, 1)
 # configs/tiny.py with one code bucket (one compiled shape), batch 8 and a constant LR without
-# warmup, so `steps` does not enter the compiled program (the tests' runs share compiles). The tiny preset's H=32 with 4 heads of 8 sits on
-# the unigram plateau (loss ~4.1) for over 150 steps at any LR we tried; H=64 with 2 heads
-# leaves it within ~30 steps, which the overfitting test needs.
+# warmup, so `steps` does not enter the compiled program (the tests' runs share compiles). The
+# tiny preset's H=32 with 4 heads of 8 sits on the unigram plateau (loss ~4.1) for over 150
+# steps at any LR we tried; H=64 with 2 heads leaves it within ~30 steps, which the overfitting
+# test needs.
 OVERRIDES = {
     "model.hidden_size": 64, "model.intermediate_size": 128, "model.embedding_size": 32,
     "model.num_attention_heads": 2,
@@ -53,8 +54,8 @@ OVERRIDES = {
 
 
 def tiny_config():
-  spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(REPO, "flax_albert_code", "configs",
-                                                                            "tiny.py"))
+  spec = importlib.util.spec_from_file_location(
+      "tiny_config", os.path.join(REPO, "flax_albert_code", "configs", "tiny.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
@@ -339,7 +340,8 @@ def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(shared, tm
   ckpt_dir = checkpoint.checkpoint_dir(str(tmp_path))
   with pytest.raises(trainer.TrainingError, match=r"Training diverged at step (\d+) \(non-finite "
                      rf"param_norm (nan|inf)\); the last good checkpoint is {ckpt_dir}/1, where "
-                     r"the next run resumes; lower config.train.learning_rate \(now 1e\+30\)") as err:
+                     r"the next run resumes; lower config.train.learning_rate "
+                     r"\(now 1e\+30\)") as err:
     run(config, tmp_path)
   bad_step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
   assert bad_step == 2
@@ -378,4 +380,5 @@ def test_checkpoint_policy_keeps_last_k_and_the_best(tmp_path):
               metrics=None if loss is None else {"valid_loss": loss})
   ckpt.close()
   # The last two (5, 6) and the lowest validation loss (2).
-  assert sorted(int(p.name) for p in checkpoint.checkpoint_dir(str(tmp_path)).iterdir()) == [2, 5, 6]
+  kept = checkpoint.checkpoint_dir(str(tmp_path)).iterdir()
+  assert sorted(int(p.name) for p in kept) == [2, 5, 6]

@@ -25,7 +25,8 @@ C = config.retrieval.max_ctx_len (`tokenizer.frame_context`), and the manifest's
 "inference" -> "retrieval" records k, method, max_desc_len, max_ctx_len and the shipped index
 (None with `--no-retrieval-index`: the export then retrieves only from an index it is loaded
 with). "params_fingerprint" and "source_params_fingerprint" (index.params_fingerprint of the
-export's parameters and of its checkpoint's) say which search indexes this model built. `sample` programs draw one candidate per row with the row's key
+export's parameters and of its checkpoint's) say which search indexes this model built.
+`sample` programs draw one candidate per row with the row's key
 (serving tiles a description num_samples times); `beam` programs keep `config.sample.num_beams`
 beams. Programs are lowered for CPU and CUDA at once where `jax.export` can (the manifest's
 `platforms` says which).

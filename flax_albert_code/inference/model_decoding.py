@@ -3,8 +3,9 @@
 `generate` runs the encoder once; `CodeModel.init_cache` computes the cross-attention keys and
 values once and a zeroed self-attention cache of static shape; `decoding.sample_loop` or
 `decoding.beam_search` then decode with `CodeModel.decode_step` as `tokens_to_logits`, and beam
-search reorders the beams' indices into the cache with `reorder_decode_cache`. All of it is one jitted program per
-(shapes, strategy, options), sharded over a mesh when one is given (`mesh_context`).
+search reorders the beams' indices into the cache with `reorder_decode_cache`. All of it is one
+jitted program per (shapes, strategy, options), sharded over a mesh when one is given
+(`mesh_context`).
 """
 from __future__ import annotations
 

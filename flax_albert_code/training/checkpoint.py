@@ -257,7 +257,8 @@ class Checkpointer:
           for d in (a, b):
             (d or {}).pop(path[len(section) + 1:], None)
       if a != b:
-        diff = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k))
+        a, b = a or {}, b or {}
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         raise CheckpointError(
             f"The workdir {self.directory.parent} holds checkpoints of another config "
             f"(config.{section} differs in {diff}); use a new --workdir or the same config.")
@@ -409,10 +410,9 @@ def _load_for_inference(path: str) -> tuple[ml_collections.ConfigDict, Any, int]
     config = ml_collections.ConfigDict(
         manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
     meta = manager.item_metadata(step)["state"]
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
-                                       sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-        meta)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            meta)
     state = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))["state"]
   except CheckpointError:

@@ -41,7 +41,8 @@ DIVERGED = 10
 
 
 class TrainingError(RuntimeError):
-  """Training cannot go on (non-finite loss, bad warm start); the message says why and what to do."""
+  """Training cannot go on (non-finite loss, bad warm start); the message says why and what to
+  do."""
 
 
 @dataclasses.dataclass

@@ -156,7 +156,8 @@ def _split_micro(batch, n: int):
   return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
-def train_step(state: TrainState, batch, *, model: CodeModel, tx, config) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch, *, model: CodeModel, tx,
+               config) -> tuple[TrainState, dict]:
   rng = jax.random.fold_in(state.rng, state.step)
   grad_fn = jax.value_and_grad(
       functools.partial(compute_losses, model=model, config=config, train=True), has_aux=True)
@@ -241,8 +242,7 @@ def precompile_async(train_fn, eval_fn, state: TrainState, config, mesh, code_le
   One background thread traces and lowers the programs one after another (tracing holds the
   GIL: threads would not overlap it), `first` first, then the other train programs, then eval;
   each lowered program compiles in its own thread (XLA releases the GIL). A restart whose
-  programs come from the persistent cache then waits for one program's tracing, not six:
-  on an H200 the quality recipe's six took 35.8 s to trace and load.
+  programs come from the persistent cache then waits for one program's tracing, not all.
   """
   batch_sh = sharding.batch_sharding(mesh)
 
