@@ -48,9 +48,9 @@ class DecodeCache(NamedTuple):
   cross_v_BxMxNxD: Array
   memory_lengths_B: Array
   index: Array            # scalar int32: the position the next token is written at
-  # Beam search without moving the cache (`init_cache(beam_index=True)`): row (b, k) reads
-  # position s from beam src[b, k, s] of its description, the beam that wrote it. None: every
-  # row reads its own (the cache is reordered instead).
+  # Beam search (`init_cache(beam_index=True)`): row (b, k) reads position s from beam
+  # src[b, k, s] of its description, the beam that wrote it; the cache never moves. None
+  # (greedy, sampling): every row reads its own.
   beam_src_BxKxS: Array | None = None
   # The copy head's keys and the context's ids (copy_head=True), computed once like cross_k,
   # and the pointer's scores of the last steps (copy_head.HISTORY), per row like the tokens.

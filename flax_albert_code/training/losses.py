@@ -13,7 +13,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from flax_albert_code.config import PAD_ID
 from flax_albert_code.model.copy_head import LOG_ZERO, CopyTerms
 from flax_albert_code.model.layers import tied_logits
 
