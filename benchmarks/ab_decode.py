@@ -2,7 +2,7 @@
 
   python benchmarks/ab_decode.py                       # the default arms; RESULTS.md gets the
                                                        # run first under its section's heading
-  python benchmarks/ab_decode.py --arms baseline,pallas  # some arms (baseline always)
+  python benchmarks/ab_decode.py --arms baseline,layer   # some arms (baseline always)
   python benchmarks/ab_decode.py --small --results ''  # tiny model, CPU smoke run, no file
 
 XLA flags are per process, so each arm is a worker subprocess with its own XLA_FLAGS and code
@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import functools
 import hashlib
-import importlib
 import json
 import os
 import queue
@@ -41,74 +39,48 @@ class Arm:
   what: str
   prediction: str
   xla_flags: str = ""
-  beam_cache: str = "copy"
   decode_attention: str = "xla"       # config.model.decode_attention
   decode_phase: int | None = None     # None: config.sample.decode_phase
   strategies: tuple[str, ...] = ("greedy", "beam")
   dtype: str = ""                     # config.model.dtype ("": the base config's bfloat16)
-  two_stage_topk: bool = True         # beam candidates by decoding.top_k_flat (False: one top-k)
   timed: bool = True                  # False: tokens only (an exactness twin too slow to time)
-  patch: tuple = ()                   # (module, attribute, value): a kernel tuning constant
+  patch: tuple = ()                   # (attribute of model/fused_decode.py, value): tuning
 
 
 ARMS = {a.name: a for a in (
-    Arm("baseline", "decode_attention='xla', beam_cache='copy': the defaults before "
-        "2026-11-30's fourth session, no XLA flags",
-        "greedy 0.51, beam 2.2 ms (the issue's figures)"),
-    Arm("defaults", "the defaults now: decode_attention='auto' (on one GPU the one-token layer "
-        "as model/fused_decode.py's kernels, as arm layer) and beam_cache='index'",
-        "as layer (batch 1: greedy 0.30-0.33, beam 0.33-0.37 ms, from 0.34 / 0.37 with "
-        "pallas_index; rows padded 1 -> 16 cost little in latency-bound kernels)",
-        beam_cache="index", decode_attention="auto"),
-    Arm("pallas_index", "the defaults of 2026-11-30's fourth session: decode_attention="
-        "'pallas' (one-query attention kernels, XLA for the rest of the layer) and "
-        "beam_cache='index' (beams read through their index inside the Pallas kernel)",
-        "greedy 0.40, beam 0.83 ms", beam_cache="index", decode_attention="pallas"),
+    Arm("baseline", "decode_attention='xla': XLA ops a step, beams reading the cache through "
+        "their index (what exports and a batch sharded over devices run)",
+        "greedy 0.46, beam 1.18 ms (RESULTS.md)"),
+    Arm("defaults", "the defaults: decode_attention='auto' (on one GPU the one-token layer as "
+        "model/fused_decode.py's kernels, as arm layer)", "greedy 0.36, beam 0.76 ms",
+        decode_attention="auto"),
     Arm("defaults_fp32", "the defaults in float32, tokens only", "the fp32 reference's tokens",
-        beam_cache="index", decode_attention="auto", dtype="float32", timed=False),
+        decode_attention="auto", dtype="float32", timed=False),
     Arm("layer", "decode_attention='layer': the one-token decoder layer as twelve Pallas "
         "kernels (model/fused_decode.py: five split-K GEMMs; an epilogue a row for bias, "
         "activation, residual and LayerNorm; Q|K|V and the cross query summed inside the "
-        "attention kernels, which write the new K/V into the cache), beam_index",
-        "greedy 0.41 -> 0.30-0.36 ms (~25 kernels a layer -> 12: GEMMs as fast as XLA's "
-        "split-K ones, epilogues 2-3 us); beam 0.82 -> 0.65-0.75 ms", beam_cache="index",
-        decode_attention="layer"),
+        "attention kernels, which write the new K/V into the cache)",
+        "greedy 0.36, beam 0.76 ms", decode_attention="layer"),
     Arm("layer_fp32", "layer in float32, tokens only (Triton's exact float32 dot is slow)",
-        "the fp32 reference's tokens", beam_cache="index", decode_attention="layer",
-        dtype="float32", timed=False),
+        "the fp32 reference's tokens", decode_attention="layer", dtype="float32", timed=False),
     # Tuning constants of the layer kernels, each against arm layer.
-    Arm("layer_block32", "layer, the write kernel's online softmax over blocks of 32 cache "
+    Arm("layer_block32", "layer, the self-attention's online softmax over blocks of 32 cache "
         "positions (64 by default)", "greedy within +-0.01 ms of layer",
-        beam_cache="index", decode_attention="layer",
-        patch=(("flax_albert_code.model.one_query", "_BLOCK", 32),)),
+        decode_attention="layer", patch=(("_BLOCK", 32),)),
     Arm("layer_block128", "layer, blocks of 128 cache positions",
-        "greedy within +-0.01 ms of layer", beam_cache="index", decode_attention="layer",
-        patch=(("flax_albert_code.model.one_query", "_BLOCK", 128),)),
+        "greedy within +-0.01 ms of layer", decode_attention="layer", patch=(("_BLOCK", 128),)),
     Arm("layer_warps2", "layer, 2 warps a program in the attention kernels (4 by default)",
-        "attention -10% to +10%: a [64, 64] tile over 64 threads, more programs resident",
-        beam_cache="index", decode_attention="layer",
-        patch=(("flax_albert_code.model.one_query", "_WARPS", 2),)),
+        "beam -2.5%, greedy the same", decode_attention="layer", patch=(("_WARPS", 2),)),
     Arm("layer_stages2", "layer, 2 Triton pipeline stages in the attention kernels (1 by "
-        "default): the next block of cache positions loads while this one is summed",
-        "greedy -0.01 to -0.02 ms (self-attention 13 -> 10-11 us a layer); beam likewise",
-        beam_cache="index", decode_attention="layer",
-        patch=(("flax_albert_code.model.one_query", "_STAGES", 2),)),
+        "default)", "no change", decode_attention="layer", patch=(("_STAGES", 2),)),
     Arm("layer_epilogue8", "layer, 8 warps an epilogue program (4 by default)",
-        "greedy within +-0.01 ms (a LayerNorm epilogue reads 8 x 768 partials a row: 3.4 us, "
-        "latency-bound)", beam_cache="index", decode_attention="layer",
-        patch=(("flax_albert_code.model.fused_decode", "EPILOGUE_WARPS", 8),)),
+        "greedy within +-0.01 ms", decode_attention="layer",
+        patch=(("EPILOGUE_WARPS", 8),)),
     Arm("layer_splits192", "layer, K split until a GEMM has 192 programs (96 by default)",
-        "greedy within +-0.01 ms: GEMMs a little faster, twice the partials to sum",
-        beam_cache="index", decode_attention="layer",
-        patch=(("flax_albert_code.model.fused_decode", "MIN_PROGRAMS", 192),)),
+        "greedy +7%", decode_attention="layer", patch=(("MIN_PROGRAMS", 192),)),
     Arm("layer_splits48", "layer, K split until a GEMM has 48 programs",
-        "greedy +0 to +0.02 ms: fewer programs than SMs", beam_cache="index",
-        decode_attention="layer",
-        patch=(("flax_albert_code.model.fused_decode", "MIN_PROGRAMS", 48),)),
-    Arm("defaults_flat_topk", "the defaults with the beam's candidates taken by one top-k over "
-        "[B, K * V] (before 2026-11-30's fifth session) instead of decoding.top_k_flat",
-        "beam 0.84 ms (the fourth session's defaults)", beam_cache="index",
-        decode_attention="auto", strategies=("beam",), two_stage_topk=False),
+        "greedy +0 to +0.02 ms: fewer programs than SMs", decode_attention="layer",
+        patch=(("MIN_PROGRAMS", 48),)),
     Arm("cmdbuf_while", f"XLA flag {CMDBUF_WHILE}: the decode while-loops (and their "
         "conditions) inside CUDA graphs, no host round trip for the loop predicate",
         "greedy -0.02 to -0.05 ms, beam the same absolute; no change if 0.11.2 already "
@@ -116,39 +88,18 @@ ARMS = {a.name: a for a in (
     Arm("cmdbuf_while_min1", "as cmdbuf_while plus --xla_gpu_graph_min_graph_size=1 (every "
         "region becomes a graph, however small)", "as cmdbuf_while, within 0.01 ms",
         xla_flags=CMDBUF_WHILE + " --xla_gpu_graph_min_graph_size=1"),
-    Arm("beam_index", "beam_cache='index': the self-attention cache never moves; beams "
-        "reorder a [B, K, T] table of which beam wrote each position and attention reads "
-        "through it", "beam 2.2 -> 1.4-1.9 ms (no gather + copy back of the cache prefix, "
-        "~0.75 GB a step; 1.4 if XLA fuses the gather into the attention); same tokens",
-        beam_cache="index", strategies=("beam",)),
-    Arm("beam_index_while", "beam_index + cmdbuf_while", "beam_index minus cmdbuf_while's gain",
-        xla_flags=CMDBUF_WHILE, beam_cache="index", strategies=("beam",)),
-    Arm("pallas", "model.decode_attention='pallas': the one-token self-attention (over the "
-        "cache, read in place) and cross-attention are one Pallas/Triton kernel each a layer "
-        "(model/one_query.py)", "greedy 0.51 -> 0.42-0.47 ms (per layer ~4 XLA kernels and a "
-        "~10 us cuDNN call become two kernels); beam -0.1 to -0.2 ms (the cache copy stays); bf16 "
-        "tokens may differ in a few rows (weights not rounded to bf16 before the weighted sum)",
-        decode_attention="pallas"),
-    Arm("all", "pallas + beam_index + cmdbuf_while", "greedy 0.40-0.46, beam 1.3-1.8 ms: "
-        "neither target (0.25 / 0.8) is reached by these alone",
-        xla_flags=CMDBUF_WHILE, beam_cache="index", decode_attention="pallas"),
     # Exactness: the same programs in float32 (compute and weights). The bf16 arms are compared
     # with "fp32" row by row: an arm that agrees with it as often as the bf16 baseline does
     # differs from the baseline by rounding, not by a fault.
     Arm("fp32", "the baseline in float32 (compute and weights): the reference for exactness",
         "greedy ~1.5-2x slower than bf16 (twice the bytes)", dtype="float32"),
-    Arm("pallas_fp32", "pallas in float32", "the fp32 reference's tokens (same arithmetic up "
-        "to summation order)", decode_attention="pallas", dtype="float32"),
-    Arm("beam_index_fp32", "beam_index in float32", "the fp32 reference's beams",
-        beam_cache="index", strategies=("beam",), dtype="float32"),
     Arm("triton_gemm_any", "XLA flag --xla_gpu_triton_gemm_any=true (Triton GEMMs may fuse "
         "bias, residual and LayerNorm producers)", "greedy -0.03 to +0.05 ms (uncertain)",
         xla_flags="--xla_gpu_triton_gemm_any=true"),
     Arm("phase32", "sample.decode_phase=32 instead of 64 (8 loops, each reads a shorter prefix)",
-        "greedy within +-0.02 ms (latency-bound); beam -0.1 ms (less prefix to move)",
-        decode_phase=32),
+        "greedy within +-0.02 ms (latency-bound)", decode_phase=32),
 )}
-DEFAULT_ARMS = "baseline,pallas_index,defaults,defaults_fp32,fp32"
+DEFAULT_ARMS = "baseline,defaults,defaults_fp32,fp32"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +119,7 @@ def worker(args) -> None:
   import numpy as np
   from flax_albert_code import config as config_lib
   from flax_albert_code.inference import model_decoding
+  from flax_albert_code.model import fused_decode
   import bench_sampling   # this directory: the random-weights set-up of the speed benchmarks
 
   arm = ARMS[args.arm]
@@ -179,17 +131,13 @@ def worker(args) -> None:
     config.model.dtype = arm.dtype
   model, cfg, desc, variables = bench_sampling.random_model(config, args.batch, args.desc_len)
   n = args.new_tokens
-  for module, name, value in arm.patch:
-    setattr(importlib.import_module(module), name, value)
-  if not arm.two_stage_topk:
-    from flax_albert_code.inference import decoding
-    decoding.beam_search = functools.partial(decoding.beam_search, two_stage_topk=False)
+  for name, value in arm.patch:
+    setattr(fused_decode, name, value)
 
   def run(strategy, limit):
     return model_decoding.generate(
         model, variables, desc, strategy=strategy, max_new_tokens=n, num_beams=args.num_beams,
-        num_samples=1, top_p=1.0, decode_phase=config.sample.decode_phase, limit=limit,
-        beam_cache=arm.beam_cache)
+        num_samples=1, top_p=1.0, decode_phase=config.sample.decode_phase, limit=limit)
 
   info = {"arm": arm.name, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
           "xla_flags": os.environ.get("XLA_FLAGS", ""), "tokens": {}, "compile_s": {}}
@@ -380,7 +328,8 @@ def _write_results(args, workers, table: str, wall_s: float, log_dir: str) -> No
     versions = f"jax {info.get('jax', '?')}"
   now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   flags = "; ".join(f"{w.arm.name}: `{w.arm.xla_flags or '(none)'}`" for w in workers)
-  heading = SECTION if args.batch == 64 else SECTION.replace(" (issue", f" at batch {args.batch} (issue")
+  heading = (SECTION if args.batch == 64
+             else SECTION.replace(" (issue", f" at batch {args.batch} (issue"))
   lines = [f"### Run of {now}", "",
            f"`python benchmarks/ab_decode.py{' --small' if args.small else ''} --arms {args.arms}` "
            f"in one device call, {now}, commit `{commit}`, {wall_s:.0f} s in all. Card: "

@@ -21,6 +21,7 @@ from importlib import metadata
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench_serving import replace_section  # noqa: E402  (this directory)
 from flax_albert_code.configs import default  # noqa: E402
 from flax_albert_code.data import pipeline, prepared as prepared_lib  # noqa: E402
 
@@ -96,7 +97,8 @@ def main() -> None:
       f"{cpu_name()}, {os.cpu_count()} cores; Python {platform.python_version()}, {versions}.",
       "",
       f"Data: the full stdlib corpus, configs/default.py (prepared in {prepared.meta['seconds']} s"
-      f"{f', reused in {prep_s:.1f} s' if prepared.reused else ''}). BENCH-A shapes: descriptions padded to 64, "
+      f"{f', reused in {prep_s:.1f} s' if prepared.reused else ''}). BENCH-A shapes: "
+      "descriptions padded to 64, "
       "code to its bucket (at most 256). Throughput is the steady state of `make_iterator` "
       "(one prefetch thread): numpy batches on the host, before any device transfer.",
       "",
@@ -113,21 +115,8 @@ def main() -> None:
       summary.replace(prepared.data_dir, "<workdir>/data/<key>"),
       "```",
       ""])
-  _replace_section(args.out, "## Input pipeline", text)
+  replace_section(args.out, "## Input pipeline", text)
   print(f"wrote the pipeline section of {args.out}")
-
-
-def _replace_section(path: str, heading: str, text: str) -> None:
-  """Replaces the section starting with `heading` (up to the next '## ') or appends it."""
-  old = open(path).read() if os.path.exists(path) else ""
-  start = old.find(heading)
-  if start < 0:
-    new = old.rstrip("\n") + "\n\n" + text
-  else:
-    end = old.find("\n## ", start + len(heading))
-    new = old[:start] + text.rstrip("\n") + "\n" + (old[end:] if end >= 0 else "")
-  with open(path, "w") as f:
-    f.write(new)
 
 
 if __name__ == "__main__":

@@ -23,25 +23,11 @@ with FLOPs counted by formula (training/metrics.py; XLA's cost analysis counts a
 once): encoder over descriptions, encoder over the context, decoder attending to it, and the
 code encoder when the config aligns.
 
---pack runs arms one after another on the same batches, each a config.train.pack value (none,
-desc, ctx, desc+ctx: the encoder passes over descriptions and retrieval contexts packed several
-examples to a row, `data/packing.py`), and writes them side by side in the section
-"## Sequence packing of the encoder's inputs (issue 21)" instead; the first loss of each arm is
-the same batch on the same initial weights, so it checks that packing computes the same thing.
-
-The packing rows of a single run are an ESTIMATE of what ideal packing could save on the same
-examples: first-fit decreasing (longest code first) of the examples into rows of the
-full widths (max_desc_len, the largest code bucket, max_ctx_len), an example placed in the
-first row where all its fields still fit (segment-aware attention keeps them apart), and as a
-lower bound each field packed on its own, and the FLOPs (by formula) of the examples at their own
-lengths against those fed: the ceiling of what packing can gain at the same MFU.
-
 Prints a table, writes JSON (--out) and the "## Real-data training throughput (issue 21)"
 section of --results (default benchmarks/RESULTS.md; '' for none).
 """
 from __future__ import annotations
 
-import copy
 import datetime
 import json
 import os
@@ -64,7 +50,7 @@ FIELDS = ("desc_ids", "code_ids", "ctx_ids")
 def _define_flags() -> None:
   """The command's flags, defined when it runs (not on import: a test imports this module next to
   the package's commands, which define --config too)."""
-  global _CONFIG, _DATA, _NEIGHBOURS, _STEPS, _WARMUP, _OUT, _RESULTS, _PACK, _PREDICT
+  global _CONFIG, _DATA, _NEIGHBOURS, _STEPS, _WARMUP, _OUT, _RESULTS
   _CONFIG = config_flags.DEFINE_config_file(
       "config", os.path.join(config_lib.CONFIG_DIR, "quality.py"),
       "Config file, or the name of a shipped one (quality, default, tiny, ...).", lock_config=False)
@@ -75,57 +61,8 @@ def _define_flags() -> None:
   _STEPS = flags.DEFINE_integer("steps", 50, "timed steps")
   _WARMUP = flags.DEFINE_integer("warmup", 3, "untimed steps after compiling")
   _OUT = flags.DEFINE_string("out", "", "write the results as JSON here")
-  _PACK = flags.DEFINE_list(
-      "pack", ["none"], "arms run one after another in this process on the same batches, each a "
-      "config.train.pack value: none, desc, ctx, desc+ctx ('+' joins fields)")
-  _PREDICT = flags.DEFINE_multi_string("predict", [], "ARM=the prediction written before the run")
   _RESULTS = flags.DEFINE_string("results", os.path.join(REPO, "benchmarks", "RESULTS.md"),
                                  "RESULTS.md whose section to write ('' for none)")
-
-
-# ---------------------------------------------------------------------------------------------
-# Packing estimate.
-
-
-def first_fit_rows(lengths_NxF: np.ndarray, caps_F: np.ndarray) -> int:
-  """Rows that first-fit decreasing (by the first field with a nonzero spread, else the first)
-  needs for examples of `lengths_NxF` tokens per field into rows of `caps_F` per field."""
-  lengths_NxF = np.minimum(np.asarray(lengths_NxF, np.int64), caps_F)
-  n, f = lengths_NxF.shape
-  if n == 0:
-    return 0
-  key = lengths_NxF[:, min(1, f - 1)]
-  left = np.empty((n, f), np.int64)
-  rows = 0
-  for i in np.argsort(-key, kind="stable"):
-    need = lengths_NxF[i]
-    fits = np.flatnonzero((left[:rows] >= need).all(axis=1)) if rows else []
-    if len(fits):
-      left[fits[0]] -= need
-    else:
-      left[rows] = caps_F - need
-      rows += 1
-  return rows
-
-
-def packing_estimate(lengths: dict[str, np.ndarray], caps: dict[str, int], fed: int) -> dict:
-  """Padding under ideal packing of the same examples (see the module docstring)."""
-  names = [k for k in FIELDS if k in lengths]
-  L = np.stack([lengths[k] for k in names], axis=1)
-  c = np.array([caps[k] for k in names], np.int64)
-  useful = L.sum(axis=0)
-  rows = first_fit_rows(L, c)
-  joint = {"rows": rows, "tokens_fed": int(rows * c.sum()),
-           "padding": 1 - float(useful.sum()) / (rows * c.sum()),
-           "padding_per_field": {k: 1 - float(u) / (rows * cap)
-                                 for k, u, cap in zip(names, useful, c)}}
-  joint["tokens_fed_vs_bucketed"] = joint["tokens_fed"] / fed
-  alone = {}
-  for j, k in enumerate(names):
-    r = first_fit_rows(L[:, j:j + 1], c[j:j + 1])
-    alone[k] = {"rows": r, "padding": 1 - float(useful[j]) / (r * c[j])}
-  return {"widths": {k: int(x) for k, x in zip(names, c)}, "examples": int(len(L)),
-          "joint": joint, "each_field_alone": alone}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,8 +71,9 @@ def packing_estimate(lengths: dict[str, np.ndarray], caps: dict[str, int], fed: 
 
 def neighbours_for(config, prepared, rows: np.ndarray, workdir: str | None):
   """The newest neighbours saved under `workdir`, else BM25 ones mined for train `rows`."""
-  from flax_albert_code.data import neighbours as neighbours_lib  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.inference import retrieval  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.data import neighbours as neighbours_lib
+  from flax_albert_code.inference import retrieval
   k = int(config.retrieval.k)
   if workdir:
     nb = neighbours_lib.load(workdir, 10**9, prepared, k)
@@ -158,24 +96,20 @@ def neighbours_for(config, prepared, rows: np.ndarray, workdir: str | None):
 # The run.
 
 
-def run(config, data: str, steps: int, warmup: int, neighbours_dir: str | None,
-        cache: dict | None = None) -> dict:
-  """One arm. `cache` (a dict) keeps the prepared data and neighbours for the next arm."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.data import pipeline  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.data.prepared import load_prepared  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.model import albert as model_lib  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.model import sharding  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.training import metrics  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.training import optim  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.training import step as train_step  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.data import packing  # pylint: disable=import-outside-toplevel
+def run(config, data: str, steps: int, warmup: int, neighbours_dir: str | None) -> dict:
+  """The timed run and its figures."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from flax_albert_code.data import pipeline
+  from flax_albert_code.data.prepared import load_prepared
+  from flax_albert_code.model import albert as model_lib
+  from flax_albert_code.model import sharding
+  from flax_albert_code.training import metrics
+  from flax_albert_code.training import optim
+  from flax_albert_code.training import step as train_step
 
-  cache = {} if cache is None else cache
   t_start = time.perf_counter()
-  if "prepared" not in cache:
-    cache["prepared"] = load_prepared(data)
-  prepared = cache["prepared"]
+  prepared = load_prepared(data)
   config.model.vocab_size = prepared.tokenizer.vocab_size      # as the Trainer sets it
   config_lib.validate(config)
   tc, d = config.train, config.data
@@ -185,13 +119,10 @@ def run(config, data: str, steps: int, warmup: int, neighbours_dir: str | None,
   buckets = tuple(sorted(b for b in d.code_buckets if b <= d.max_code_len)) or (d.max_code_len,)
   total = warmup + steps
   nb, nb_note = None, "none (the config has no retrieval)"
-  if k and "neighbours" in cache:
-    nb, nb_note = cache["neighbours"]
-  elif k:
+  if k:
     plain = pipeline.make_dataset(config, prepared, "train", B, shuffle=True, num_epochs=None)
     rows = np.unique(np.concatenate([plain[i]["index"] for i in range(total)]))
-    nb, nb_note = cache["neighbours"] = neighbours_for(config, prepared, rows[rows >= 0],
-                                                       neighbours_dir or data)
+    nb, nb_note = neighbours_for(config, prepared, rows[rows >= 0], neighbours_dir or data)
   it = pipeline.make_iterator(config, prepared, "train", B, shuffle=True, num_epochs=None,
                               neighbours=nb)
 
@@ -201,15 +132,13 @@ def run(config, data: str, steps: int, warmup: int, neighbours_dir: str | None,
   state, shardings = train_step.create_state(model, tx, config, mesh,
                                              jax.random.PRNGKey(config.seed))
   batch_sharding = sharding.batch_sharding(mesh)
-  packer = packing.Packer.from_config(config, sharding.batch_divisor(mesh)
-                                      * max(int(tc.microbatches), 1))
   widths = {"desc_ids": int(d.max_desc_len), "code_ids": int(buckets[-1]),
             "ctx_ids": int(config.retrieval.max_ctx_len)}
   setup_s = time.perf_counter() - t_start
   with jax.set_mesh(mesh):
     train_fn, _ = train_step.jit_steps(model, tx, config, mesh, shardings)
     t0 = time.perf_counter()
-    compiled = train_step.precompile(train_fn, None, state, config, mesh, B, buckets)
+    compiled = train_step.precompile(train_fn, None, state, config, mesh, buckets)
     compile_s = time.perf_counter() - t0
 
     def step(state, batch):
@@ -220,8 +149,6 @@ def run(config, data: str, steps: int, warmup: int, neighbours_dir: str | None,
       t = time.perf_counter()
       batch = next(it)
       model_batch = {f: batch[f] for f in FIELDS if f in batch}
-      if packer is not None:
-        packer(model_batch)
       return model_batch, pipeline.to_global(model_batch, batch_sharding), time.perf_counter() - t
 
     for _ in range(warmup):
@@ -229,12 +156,7 @@ def run(config, data: str, steps: int, warmup: int, neighbours_dir: str | None,
     jax.block_until_ready(state)
 
     lengths = {f: [] for f in FIELDS}
-    rows = {f: [] for f in FIELDS}   # rows each field ran in: its examples, or its packed rows
-    # The share of a group's examples first fit would need as rows (what pack_rows must hold).
-    needed = {f: [] for f in packing.FIELDS.values()}
-    groups = B // packer.group_size if packer else sharding.batch_divisor(mesh)
-    max_segments = int(tc.pack_max_segments)
-    per_step, pending, wait_s, plans, step_flops = [], None, 0.0, [], []
+    per_step, pending, wait_s, step_flops = [], None, 0.0, []
     t_first = time.perf_counter()
     last_done = t_first
     for i in range(steps):
@@ -244,14 +166,6 @@ def run(config, data: str, steps: int, warmup: int, neighbours_dir: str | None,
       for f in FIELDS:
         if f in host:
           lengths[f].append((host[f] != 0).sum(axis=1))
-          src = host.get(f"{f.split('_')[0]}_pack_src")
-          rows[f].append(B if src is None else src.shape[0] * src.shape[1])
-        if f in needed and f in host:
-          per = B // groups
-          lens = lengths[f][-1]
-          needed[f].append(max(packing.rows_needed(lens[g * per:(g + 1) * per], widths[f],
-                                                   max_segments) for g in range(groups)) / per)
-      plans.append(any(k.endswith("_pack_src") for k in host))
       step_flops.append(metrics.batch_flops(mc, host, generation=gen, align=bool(align)))
       width = host["code_ids"].shape[1]
       if pending is not None:
@@ -269,24 +183,9 @@ def run(config, data: str, steps: int, warmup: int, neighbours_dir: str | None,
   fed = {f: 0 for f in lengths}
   for i, (w, _, _) in enumerate(per_step):
     for f in fed:
-      fed[f] += rows[f][i] * (w if f == "code_ids" else widths[f])
-  packed_steps = sum(plans)
+      fed[f] += B * (w if f == "code_ids" else widths[f])
   useful = {f: int(v.sum()) for f, v in lengths.items()}
   flops = sum(step_flops)
-  # The same examples at their own lengths (each field's real tokens, attention within the
-  # example): what perfect packing would compute, so flops / own_flops bounds its gain.
-  n = len(lengths["code_ids"])
-  own_flops = 0.0
-  for i in range(n):
-    lc = int(lengths["code_ids"][i])
-    if k:
-      own_flops += (metrics.train_flops_per_example(mc, int(lengths["ctx_ids"][i]), lc,
-                                                    generation=gen, align=bool(align))
-                    + metrics.train_flops_per_example(mc, int(lengths["desc_ids"][i]), 0,
-                                                      generation=False, align=False))
-    else:
-      own_flops += metrics.train_flops_per_example(mc, int(lengths["desc_ids"][i]), lc,
-                                                   generation=gen, align=bool(align))
   by_bucket = {}
   for w in buckets:
     times = [t for bw, t, _ in per_step if bw == w]
@@ -297,11 +196,6 @@ def run(config, data: str, steps: int, warmup: int, neighbours_dir: str | None,
   fed_total, useful_total = sum(fed.values()), sum(useful.values())
   return {
       "config": config.get("name", ""), "data": prepared.data_dir,
-      "pack": str(tc.get("pack", "")), "packed_steps": packed_steps,
-      "rows_needed": {f: {"mean": float(np.mean(v)), "p90": float(np.quantile(v, 0.9)),
-                          "max": float(np.max(v))} for f, v in needed.items() if v},
-      "pack_rows": {f: packing.rows_for(packer.group_size, packer.rows[f])
-                    for f in packer.fields} if packer else {},
       "train_examples": int(prepared.split_sizes.get("train", 0)), "batch_size": B,
       "devices": jax.device_count(), "code_buckets": list(buckets), "widths": widths,
       "retrieval_k": k, "neighbours": nb_note, "objectives": {"generation": bool(gen),
@@ -317,11 +211,9 @@ def run(config, data: str, steps: int, warmup: int, neighbours_dir: str | None,
       "padding": 1 - useful_total / fed_total,
       "step_ms_by_bucket": by_bucket,
       "steps_per_bucket": {str(w): sum(1 for bw, _, _ in per_step if bw == w) for w in buckets},
-      "model_tflops": flops / wall / 1e12, "flops": flops, "own_length_flops": own_flops,
-      "packing_ceiling": flops / own_flops if own_flops else None,
+      "model_tflops": flops / wall / 1e12, "flops": flops,
       "mfu": flops / wall / (peak * jax.device_count()) if peak else None,
       "loss_first_last": [per_step[0][2], per_step[-1][2]],
-      "packing_estimate": packing_estimate(lengths, widths, fed_total),
   }
 
 
@@ -334,7 +226,7 @@ def _pct(x: float) -> str:
 
 
 def markdown(res: dict) -> str:
-  v, p = res["versions"], res["packing_estimate"]
+  v = res["versions"]
   names = {"desc_ids": "description", "code_ids": "code", "ctx_ids": "context"}
   fields = list(res["tokens_fed"])
   lines = [
@@ -366,59 +258,7 @@ def markdown(res: dict) -> str:
       "",
       "| code bucket | steps | median step ms | mean step ms |", "| ---: | ---: | ---: | ---: |",
       *[f"| {w} | {b['steps']} | {b['median_ms']:.1f} | {b['mean_ms']:.1f} |"
-        for w, b in res["step_ms_by_bucket"].items()], "",
-      "**Ideal packing (an estimate; `--pack` measures the implemented one):** the same "
-      f"{p['examples']:,} examples first-fit (longest code first) into rows of {p['widths']}, "
-      "all fields of an example in "
-      f"one row: {p['joint']['rows']:,} rows, padding {_pct(p['joint']['padding'])} ("
-      + ", ".join(f"{names[f]} {_pct(x)}" for f, x in p["joint"]["padding_per_field"].items())
-      + f"), {p['joint']['tokens_fed_vs_bucketed']:.2f}x the tokens the bucketed batches fed. "
-      "Each field packed alone (a lower bound): "
-      + ", ".join(f"{names[f]} {_pct(x['padding'])}" for f, x in p["each_field_alone"].items())
-      + f". FLOPs (by formula) of the same examples at their own lengths: "
-      f"{_pct(res['own_length_flops'] / res['flops'])} of those fed, so perfect packing at the "
-      f"same MFU would raise useful tokens/s at most {res['packing_ceiling']:.2f}x.", ""]
-  return "\n".join(lines)
-
-
-PACK_HEADING = "## Sequence packing of the encoder's inputs (issue 21)"
-
-
-def markdown_arms(results: list[dict], predictions: dict[str, str]) -> str:
-  """The packing arms side by side (one call, the same batches)."""
-  base, v = results[0], results[0]["versions"]
-  names = {"desc_ids": "descriptions", "ctx_ids": "contexts"}
-  arms = ",".join(r["pack"].replace(",", "+") or "none" for r in results)
-  lines = [
-      PACK_HEADING, "",
-      f"`python3 benchmarks/bench_realdata.py --config {base['config_arg']} --data DIR --steps "
-      f"{base['steps']} --pack {arms}` on {base['card']}, {base['date']}; jax {v['jax']}, "
-      f"flax {v['flax']}. Batch {base['batch_size']} on {base['devices']} device(s), code "
-      f"buckets {base['code_buckets']}, descriptions {base['widths']['desc_ids']} tokens"
-      + (f", contexts {base['widths']['ctx_ids']}" if base["retrieval_k"] else "")
-      + f"; the arms run one after another in one process on the same {base['steps']} batches "
-      f"(after {base['warmup']} untimed), each with its programs compiled ahead.", "",
-      "| arm | prediction | useful tokens/s | vs unpacked | mean step ms | rows (desc / ctx) "
-      "| packed steps | padding fed | model TFLOP/s | first loss | last loss |",
-      "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
-  for r in results:
-    arm = r["pack"].replace(",", "+") or "none"
-    rows = " / ".join(str(r["pack_rows"].get(f, r["batch_size"])) for f in ("desc", "ctx")
-                      if f == "desc" or r["retrieval_k"])
-    lines.append(
-        f"| {arm} | {predictions.get(arm, '')} | {r['tokens_useful_per_s']:,.0f} | "
-        f"{r['tokens_useful_per_s'] / base['tokens_useful_per_s']:.3f}x | "
-        f"{r['step_ms_mean']:.1f} | {rows} | {r['packed_steps']} of {r['steps']} | "
-        f"{_pct(r['padding'])} | {r['model_tflops']:.1f} | {r['loss_first_last'][0]:.4f} | "
-        f"{r['loss_first_last'][1]:.4f} |")
-  lines += ["", "Rows: each field's encoder rows per batch (the batch size when not packed). "
-            "Packed steps: the timed steps whose batches fit their rows (the others ran "
-            "unpacked). Padding fed: of all tokens the step computed on (description + code + "
-            "context rows). TFLOP/s by formula, packed encoder passes counted at their rows.",
-            "", "Rows first fit needs, as a share of the batch (what `config.train.pack_rows` "
-            "must hold for a batch to run packed), over these batches: "
-            + "; ".join(f"{names[f]} mean {x['mean']:.3f}, p90 {x['p90']:.3f}, max "
-                        f"{x['max']:.3f}" for f, x in base["rows_needed"].items()) + ".", ""]
+        for w, b in res["step_ms_by_bucket"].items()], ""]
   return "\n".join(lines)
 
 
@@ -431,31 +271,22 @@ def main(argv) -> None:
   if not _DATA.value:
     sys.exit("error: pass --data, prepared data (python -m flax_albert_code.prepare --config "
              "CONFIG --workdir DIR) or a training workdir.")
-  predictions = dict(p.split("=", 1) for p in _PREDICT.value)
-  results, cache = [], {}
-  for arm in _PACK.value:
-    config = copy.deepcopy(_CONFIG.value)
-    config.train.pack = "" if arm == "none" else arm.replace("+", ",")
-    try:
-      res = run(config, _DATA.value, _STEPS.value, _WARMUP.value, _NEIGHBOURS.value, cache)
-    except (DataError, ValueError, FileNotFoundError) as e:
-      sys.exit(f"error: {e}")
-    res.update(card=card(), versions=versions(), config_arg=next(
-        (a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")),
-        sys.argv[sys.argv.index("--config") + 1] if "--config" in sys.argv else "quality"),
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-    results.append(res)
-    print(markdown(res))
+  try:
+    res = run(_CONFIG.value, _DATA.value, _STEPS.value, _WARMUP.value, _NEIGHBOURS.value)
+  except (DataError, ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  res.update(card=card(), versions=versions(), config_arg=next(
+      (a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")),
+      sys.argv[sys.argv.index("--config") + 1] if "--config" in sys.argv else "quality"),
+      date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+  text = markdown(res)
+  print(text)
   if _OUT.value:
     with open(_OUT.value, "w", encoding="utf-8") as f:
-      json.dump(results if len(results) > 1 else results[0], f, indent=1)
-  heading, text = HEADING, markdown(results[0])
-  if len(results) > 1:
-    heading, text = PACK_HEADING, markdown_arms(results, predictions)
-    print(text)
+      json.dump(res, f, indent=1)
   if _RESULTS.value:
-    replace_section(_RESULTS.value, heading, text)
-    print(f"wrote the section {heading!r} of {_RESULTS.value}")
+    replace_section(_RESULTS.value, HEADING, text)
+    print(f"wrote the section {HEADING!r} of {_RESULTS.value}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ KINDS = ("gemm", "attention", "reduction fusion", "elementwise fusion", "copy", 
 
 def kind(name: str) -> str:
   """A kernel's kind from its name: cuBLAS (nvjet) and XLA/Triton GEMMs, cuDNN attention and
-  our Pallas kernels (model/one_query.py names them *_kernel), XLA's fusions."""
+  our Pallas kernels (model/fused_decode.py names them *_kernel), XLA's fusions."""
   low = name.lower()
   if low.startswith("nvjet") or "gemm" in low or "cublas" in low or "cutlass" in low:
     return "gemm"

@@ -29,16 +29,23 @@ start=$(date +%s)
 # Every process after training compiles the same sampling programs: share them on disk.
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-${work}_jax_cache}"
 stamp() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$out/timeline.txt"; }
-python3 -c "import jax, flax, optax, orbax.checkpoint, grain, sentencepiece; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', orbax.checkpoint.__version__, 'sentencepiece', sentencepiece.__version__, jax.device_count(), 'x', jax.devices()[0].device_kind)" \
-  | tee "$out/versions.txt"
+python3 - <<'PY' | tee "$out/versions.txt"
+import flax, grain, jax, optax, orbax.checkpoint, sentencepiece
+print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, "orbax",
+      orbax.checkpoint.__version__, "sentencepiece", sentencepiece.__version__,
+      jax.device_count(), "x", jax.devices()[0].device_kind)
+PY
 if [[ $stages == *" train "* ]]; then
   stamp "train (prepares the data first)"
   guard=()
-  [[ -n "${QUALITY_TRAIN_SECONDS:-}" ]] && guard=(timeout --preserve-status -s TERM "$QUALITY_TRAIN_SECONDS")
+  [[ -n "${QUALITY_TRAIN_SECONDS:-}" ]] \
+    && guard=(timeout --preserve-status -s TERM "$QUALITY_TRAIN_SECONDS")
   "${guard[@]}" python3 -m flax_albert_code.train --config "$config" \
-    --workdir "$work" "${@:2}" > "$out/train_full.log" 2>&1 || { tail -30 "$out/train_full.log"; exit 1; }
-  tr '\r' '\n' < "$out/train_full.log" | grep -v -i "warn" \
-    | grep -E "^(Training|Prepared|pairs|  |step|final|checkpoint|#|def |error)|step [0-9]+: \{|[Mm]ined|Compiled|done .* after the process|Received|Resumed" \
+    --workdir "$work" "${@:2}" > "$out/train_full.log" 2>&1 \
+    || { tail -30 "$out/train_full.log"; exit 1; }
+  shown="^(Training|Prepared|pairs|  |step|final|checkpoint|#|def |error)|step [0-9]+: \{"
+  shown+="|[Mm]ined|Compiled|done .* after the process|Received|Resumed"
+  tr '\r' '\n' < "$out/train_full.log" | grep -v -i "warn" | grep -E "$shown" \
     | tail -60 | tee "$out/train.log"
   cp "$work/metrics.jsonl" "$out/"
   stamp "trained"
@@ -71,11 +78,23 @@ if [[ $stages == *" eval "* ]]; then
       --random-examples 0 --no-repeat-ngram-size "$n" --out "$out/valid_ngram$n" 2>&1 \
       | grep -v "truncated" | grep "^|" | tee -a "$out/valid_sweep.txt"
   done
-  best=$(python3 "$here/pick_decoding.py" "$out" "${ngrams[@]}")
+  # The best valid BLEU among the settings with at most 2% degenerate outputs (else the least
+  # degenerate).
+  best=$(python3 - "$out" "${ngrams[@]}" <<'PY'
+import json, sys
+out, values = sys.argv[1], sys.argv[2:]
+rows = {v: [r for r in json.load(open(f"{out}/valid_ngram{v}/report.json"))["rows"]
+            if r["kind"] == "generation"][0] for v in values}
+ok = [v for v, r in rows.items() if r["degenerate_rate"] <= 2.0]
+print(max(ok, key=lambda v: rows[v]["bleu"]) if ok
+      else min(rows, key=lambda v: rows[v]["degenerate_rate"]))
+PY
+)
   stamp "chosen on valid: no_repeat_ngram_size $best"
   stamp "evaluate: test split"
   python3 -m flax_albert_code.evaluate --checkpoint "$work" --split test \
-    --max-examples "${QUALITY_EVAL_EXAMPLES:-500}" --strategies "${QUALITY_TEST_STRATEGIES:-greedy,beam}" \
+    --max-examples "${QUALITY_EVAL_EXAMPLES:-500}" \
+    --strategies "${QUALITY_TEST_STRATEGIES:-greedy,beam}" \
     --no-repeat-ngram-size "$best" --random-examples 5 --seed 0 --out "$out/test" 2>&1 \
     | grep -v "truncated" | tail -24
   if [[ -n "${QUALITY_HELDOUT:-}" ]]; then

@@ -1,9 +1,13 @@
-"""Writes benchmarks/RESULTS.md from one run of the peer and ours (run_gpu.sh calls it)."""
+"""Writes the BENCH-A section of benchmarks/RESULTS.md from one run of the peer and ours
+(run_gpu.sh calls it)."""
 from __future__ import annotations
 
 import argparse
 import json
-import re
+
+from bench_serving import replace_section   # this directory
+
+HEADING = "## BENCH-A against the peer (issue 21, one H200)"
 
 
 def main() -> None:
@@ -40,9 +44,10 @@ def main() -> None:
   mb = ours.get("max_batch", {})
   fits = [int(b) for b, r in mb.items() if r.get("ok")]
   lines = [
-      "# Benchmark results",
+      HEADING,
       "",
-      f"BENCH-A (../shared/BENCH.md), one run of `bash benchmarks/run_gpu.sh` on {a.gpu or v['device']}, "
+      f"BENCH-A (../shared/BENCH.md), one run of `bash benchmarks/run_gpu.sh` on "
+      f"{a.gpu or v['device']}, "
       f"{v['date']}. Ours: jax {v['jax']}, flax {v['flax']}, optax {v['optax']}. "
       f"Peer: torch {peer.get('torch')}, transformers {peer.get('transformers')}.",
       "",
@@ -51,7 +56,8 @@ def main() -> None:
       *rows,
       "",
       f"Ceilings measured in the same run (peer script): bf16 matmul "
-      f"{peer.get('matmul_bf16_tflops', 0):.0f} TFLOP/s, device copy {peer.get('copy_TBps', 0):.2f} TB/s.",
+      f"{peer.get('matmul_bf16_tflops', 0):.0f} TFLOP/s, device copy "
+      f"{peer.get('copy_TBps', 0):.2f} TB/s.",
       f"Compile time of the base train step: {tg['compile_s']:.1f} s (generation step), "
       f"{tf['compile_s']:.1f} s (full step). Peak device memory at batch 64: "
       f"{(tf['peak_bytes'] or 0) / 2**30:.1f} GiB.",
@@ -59,19 +65,12 @@ def main() -> None:
       f"({', '.join(f'{b}: ' + ('ok' if r.get('ok') else 'OOM') for b, r in mb.items())}).",
       f"Model FLOPs are counted by formula (flax_albert_code/metrics.py): "
       f"{tg['flops_per_step'] / 1e12:.2f} TFLOP per generation step; the peer counts its own with "
-      f"torch's FlopCounterMode ({(p_comp or peer['train_eager'])['flops_per_step'] / 1e12:.2f} TFLOP "
+      "torch's FlopCounterMode ("
+      f"{(p_comp or peer['train_eager'])['flops_per_step'] / 1e12:.2f} TFLOP "
       "per step, a BERT decoder of 6 unshared layers).",
   ]
   text = "\n".join(lines) + "\n"
-  try:
-    old = open(a.out).read()
-  except OSError:
-    old = ""
-  # Keep other sections (pipeline, quality, scaling) that live below the speed section.
-  keep = re.split(r"\n(?=## )", old, maxsplit=1)
-  if len(keep) == 2 and keep[0].startswith("# Benchmark results"):
-    text += "\n" + keep[1]
-  open(a.out, "w").write(text)
+  replace_section(a.out, HEADING, text)
   print(text)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+
+from bench_serving import replace_section   # this directory
 
 HEADER = "## Multi-GPU scaling (issue 10)"
 WORKLOAD = {"bench-a": "BENCH-A: configs/base.py,", "tiny": "the tiny workload:"}
@@ -229,23 +230,6 @@ def markdown(res: dict, gpu: str = "") -> str:
   return "\n".join(lines) + "\n"
 
 
-def replace_section(path: str, text: str) -> None:
-  """Replace the section under HEADER (up to the next `## `) or append it."""
-  try:
-    old = open(path).read()
-  except OSError:
-    old = ""
-  at = old.find(HEADER)
-  if at < 0:
-    new = old.rstrip("\n") + "\n\n" + text if old else text
-  else:
-    rest = re.search(r"\n## ", old[at + len(HEADER):])
-    end = at + len(HEADER) + rest.start() + 1 if rest else len(old)
-    new = old[:at] + text + ("\n" + old[end:] if rest else "")
-  with open(path, "w") as f:
-    f.write(new)
-
-
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("json", help="bench_scaling.py --out")
@@ -255,7 +239,7 @@ def main() -> None:
   with open(a.json) as f:
     text = markdown(json.load(f), a.gpu)
   if a.out:
-    replace_section(a.out, text)
+    replace_section(a.out, HEADER, text)
   print(text)
 
 

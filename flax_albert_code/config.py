@@ -1,7 +1,8 @@
 """The config schema: every field a run can set, with its default.
 
-Config files in `flax_albert_code/configs/` (shipped in the package) call `get_config(preset)` and override what they need; every field is
-overridable from the command line (`--config.train.steps=100`). Model presets follow ALBERT's
+Config files in `flax_albert_code/configs/` (shipped in the package) call `get_config(preset)`
+and override what they need; every field is overridable from the command line
+(`--config.train.steps=100`). Model presets follow ALBERT's
 published sizes; `tiny` exists for tests.
 """
 from __future__ import annotations
@@ -48,18 +49,16 @@ def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       intermediate_size=3072, num_hidden_layers=12, num_hidden_groups=1, inner_group_num=1,
       hidden_act="gelu_new", max_position_embeddings=512, type_vocab_size=2,
       layer_norm_eps=1e-12, initializer_range=0.02,
-      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+      hidden_dropout_prob=0.0,
       # Decoder: one shared block (self-attn, cross-attn, FFN) applied `decoder_layers` times.
       decoder_layers=6,
       share_embedding=True,              # decoder reuses the encoder's factorized embedding
       share_encoder_decoder_block=False,  # decoder reuses encoder self-attn + FFN weights
       decoder_memory="states",           # "states": all encoder states; "vector": only v_d
-      # Sentence vector and alignment head.
       # Sentence vector: "mean" (masked mean of the last states), "first_last" (masked mean of
-      # the embedded input and the last states, averaged) or "cls" (ALBERT's tanh pooler
-      # over [CLS], the source design; HF imports). With "cls" InfoNCE did not move from ln(B) in
-      # 300 steps on a real stdlib batch nor in 900 steps of the GPU quality run (the [CLS] state
-      # barely depends on the input at init); "mean" reached 0.004 on the same batch.
+      # the embedded input and the last states, averaged) or "cls" (ALBERT's tanh pooler over
+      # [CLS], the source design; HF imports). Not "cls" by default: the [CLS] state barely
+      # depends on the input at init, and InfoNCE did not learn through it (RESULTS.md).
       pooling="mean",
       align_dim=256, align_normalize=True,
       # Numerics and compilation.
@@ -69,7 +68,9 @@ def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       scan_layers=True,                  # loop over depth with nn.scan (compile time flat in depth)
       embedding_grad="scatter",          # word-embedding backward: "scatter" | "onehot" (a matmul)
       fused_qkv=True,                    # Q|K|V (and a memory's K|V) as one matmul; same parameters
-      decode_attention="auto",           # one-token decode steps: "auto" (layer on one GPU, else xla) | "xla" | "pallas" (attention kernels, model/one_query.py) | "layer" (the whole layer in Pallas kernels, model/fused_decode.py)
+      # One-token decode steps: "layer" runs the whole decoder layer as Pallas kernels
+      # (model/fused_decode.py), "xla" as XLA ops; "auto": layer on one GPU, else xla.
+      decode_attention="auto",
       # "post": ALBERT's LN(x + f(x)) (HF weights); "pre": x + f(LN(x)) and a final LN per stack,
       # which trains at higher learning rates (not HF-compatible).
       norm_position="post",
@@ -91,12 +92,44 @@ def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
 LEGACY_MODEL_VALUES = {"copy_head": False, "memory_embeddings": False,
                        "context_token_types": False}
 
+# Fields older versions saved that this one no longer has (features removed because they
+# measured no gain, fields nothing read): a saved config's values of them are dropped on load.
+REMOVED_FIELDS = {
+    "model": ("attention_probs_dropout_prob",),
+    "data": ("num_workers",),
+    "train": ("eval_batch_size", "pack", "pack_rows", "pack_max_segments", "queue_size",
+              "queue_start", "mlm_weight", "decoder_input_dropout"),
+    "sample": ("beam_cache",),
+}
+# Model values older versions saved that this one no longer has, and what stands for them.
+REMOVED_MODEL_VALUES = {"decode_attention": {"pallas": "auto"}}
+
 
 def upgrade_model(values: dict) -> tuple[dict, list[str]]:
-  """A saved `config.model` mapping with every field added since it was written set to its
-  `LEGACY_MODEL_VALUES`, and the names of those fields (for a log line)."""
+  """A saved `config.model` mapping as this version reads it: every field added since it was
+  written set to its `LEGACY_MODEL_VALUES`, every removed one dropped, every removed value
+  replaced (`REMOVED_MODEL_VALUES`); and the names of the added fields (for a log line)."""
   missing = sorted(k for k in LEGACY_MODEL_VALUES if k not in values)
-  return {**{k: LEGACY_MODEL_VALUES[k] for k in missing}, **values}, missing
+  kept = {k: REMOVED_MODEL_VALUES.get(k, {}).get(v, v) for k, v in values.items()
+          if k not in REMOVED_FIELDS["model"]}
+  return {**{k: LEGACY_MODEL_VALUES[k] for k in missing}, **kept}, missing
+
+
+def upgrade(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """A config saved by an older version (a checkpoint's) as this version reads it: model fields
+  added since take `LEGACY_MODEL_VALUES`, fields in `REMOVED_FIELDS` are dropped. Returns it and
+  what changed, as "section.field=value" (added) and "section.field" (dropped) for a log line."""
+  values = config.to_dict()
+  changes = []
+  for section, names in REMOVED_FIELDS.items():
+    for name in names:
+      if name in values.get(section, {}):
+        del values[section][name]
+        changes.append(f"{section}.{name}")
+  if "model" in values:
+    values["model"], added = upgrade_model(values["model"])
+    changes = [f"model.{k}={LEGACY_MODEL_VALUES[k]}" for k in added] + changes
+  return ml_collections.ConfigDict(values), changes
 
 
 def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
@@ -105,26 +138,29 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = model_config(preset)
   c.data = ml_collections.ConfigDict(dict(
-      sources="stdlib",            # comma-separated: stdlib, site-packages, dir:PATH, csn:PATH, jsonl:PATH, tfds:NAME
+      # Comma-separated: stdlib, site-packages, dir:PATH, csn:PATH, jsonl:PATH, tfds:NAME.
+      sources="stdlib",
       data_dir="",                 # prepared data lives here; "" -> <workdir>/data
-      max_examples=0,              # 0: all mined pairs; N: keep the first N after dedupe (tests, smoke runs)
+      max_examples=0,              # 0: all mined pairs; N: the first N after dedupe (smoke runs)
       min_desc_words=3, max_code_lines=80, max_code_chars=4000,
       max_file_bytes=1 << 20,      # larger source files are skipped (generated code, data tables)
       valid_fraction=0.05, test_fraction=0.05, split_seed=0,
       tokenizer_vocab_size=8000, tokenizer_path="",  # "" -> train on the prepared train split
       # "unigram" | "bpe": BPE joins the space to the word after it ("▁name"); unigram often
-      # leaves it alone ("▁", "name": 5.4% of stdlib code tokens at 4,000 pieces, BPE 0.15%).
+      # leaves it alone ("▁", "name"; RESULTS.md counts them).
       tokenizer_type="unigram",
       max_desc_len=64, max_code_len=256,
-      code_buckets=(64, 128, 256),  # static batch shapes; each code length goes to the smallest bucket that fits
-      shuffle_seed=0, num_workers=0,
+      # Static batch shapes: each code length goes to the smallest bucket that fits.
+      code_buckets=(64, 128, 256),
+      shuffle_seed=0,
       # Unlabelled code for pretraining (split "unlabelled", token ids only): every function
       # whole and each module in chunks within max_code_lines/max_code_chars, from files that
       # gave no valid/test pair. max_unlabelled: 0 keeps all, N a fixed sample of N.
       unlabelled=False, max_unlabelled=0,
   ))
   c.train = ml_collections.ConfigDict(dict(
-      stage="joint",               # "pretrain" (alignment only) | "finetune" (generation [+alignment]) | "joint"
+      # "pretrain" (alignment only) | "finetune" (generation [+ alignment]) | "joint".
+      stage="joint",
       init_from="",                # finetune start: a pretrain checkpoint dir or an HF ALBERT dir
       steps=3000, batch_size=32, microbatches=1,
       optimizer="adamw",           # "adamw" | "lamb"
@@ -133,29 +169,16 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       weight_decay=0.01, b1=0.9, b2=0.98, eps=1e-8, grad_clip=1.0,
       align_losses="infonce",      # comma-separated subset of {l2, infonce}; "" disables alignment
       l2_weight=1.0, infonce_weight=0.1, gen_weight=1.0, init_temperature=0.07,
-      # Memory queue (MoCo, CoCoSoDa): the last queue_size (description, code) vector pairs are
-      # extra InfoNCE negatives, both ways, from step queue_start on (entries come from the
-      # encoder of a few steps back: no momentum encoder). 0: off; a multiple of batch_size.
-      queue_size=0, queue_start=0,
       label_smoothing=0.0, z_loss=0.0,
-      loss_chunk=128,              # sequence chunk of the tied-logit CE (recomputed in backward); 0: one pass
-      logits_dtype="float32",      # CE logits: "float32" (upcast) | "bfloat16" (fp32 sums, fused bf16 gradient)
-      # Pretraining on unlabelled code (CodeT5): the share of batches that are unlabelled code
-      # (a causal LM under an empty description), by step: "1.0:600,0.25" = all for 600 steps,
-      # then one in four; "" off. Needs the prepared unlabelled split (config.data.unlabelled).
+      # Sequence chunk of the tied-logit CE (recomputed in the backward pass); 0: one pass.
+      loss_chunk=128,
+      # CE logits: "float32" (upcast) | "bfloat16" (fp32 sums, a fused bf16 gradient).
+      logits_dtype="float32",
+      # Denoising on unlabelled code: the share of batches that are unlabelled code (the
+      # encoder reads it with spans cut, the decoder writes it whole; data/pipeline.py), by
+      # step: "1.0:600,0.25" = all for 600 steps, then one in four; "" off. Needs the prepared
+      # unlabelled split (config.data.unlabelled).
       unlabelled_schedule="",
-      # Word dropout on the decoder's inputs (Bowman et al. 2016): this share of the code tokens
-      # the decoder reads while training (never BOS or padding) becomes UNK, so the code prefix
-      # alone predicts less and the decoder has to read its input. 0: off.
-      decoder_input_dropout=0.0,
-      mlm_weight=0.0,              # ALBERT's masked LM on code, tied embedding (15%, 80/10/10); 0: off
-      # Sequence packing of encoder inputs (data/packing.py): "desc", "ctx" (retrieval contexts)
-      # or "desc,ctx" run several examples to a row with attention kept within each; "" off.
-      # pack_rows: a field's rows as a share of the batch (per data shard and microbatch); a
-      # batch whose examples do not fit runs unpacked (its own program; the log counts them).
-      # On the quality data descriptions needed at most 0.39, contexts 0.94 (RESULTS.md).
-      pack="", pack_rows=ml_collections.ConfigDict(dict(desc=0.4375, ctx=0.9375)),
-      pack_max_segments=8,         # examples in one row at most
       # Compile the train/eval steps of every code bucket at start, side by side in threads
       # (XLA compiles without the GIL): on a GPU the buckets' programs then cost one compile
       # time, not one each. Off by default: small CPU runs may never meet every bucket.
@@ -192,8 +215,8 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict(dict(
       strategy="greedy", max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
       num_beams=4, length_penalty=1.0, num_samples=1, batch_buckets=(1, 8, 32),
-      decode_phase=64,             # decode in phases of N steps that read only the cache written so far; 0: off
-      beam_cache="index",          # beam search: "index" reads the KV cache through beam indices, "copy" reorders it
+      # Decode in phases of N steps that read only the cache written so far; 0: off.
+      decode_phase=64,
       repetition_penalty=1.0,      # CTRL penalty of tokens already emitted (1.0: off)
       no_repeat_ngram_size=0,      # never repeat an n-gram of the output (0: off)
   ))
@@ -213,25 +236,11 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
 
 
 # String fields with a closed set of values (the first is the default's).
-CHOICES = {("model", "decode_attention"): ("auto", "xla", "pallas", "layer"),
-           ("sample", "beam_cache"): ("index", "copy")}
-
-
-PACK_FIELDS = ("desc", "ctx")   # encoder inputs that can be packed (data/packing.py)
-
-
-def pack_fields(text: str) -> tuple[str, ...]:
-  """config.train.pack ("desc,ctx", "") as a tuple of fields, checked."""
-  fields = tuple(f.strip() for f in text.split(",") if f.strip())
-  for f in fields:
-    if f not in PACK_FIELDS:
-      raise ValueError(f"config.train.pack={text!r} names {f!r}; give a comma-separated subset "
-                       f"of {', '.join(PACK_FIELDS)} (or '' for no packing).")
-  return fields
+CHOICES = {("model", "decode_attention"): ("auto", "xla", "layer")}
 
 
 # Ranges of the numeric fields that have one: (low, low inclusive, high, high inclusive), None
-# unbounded. The mesh axes (-1 or a size) and the shares below (their own messages) aside.
+# unbounded. The mesh axes (-1 or a size) aside.
 _AT_LEAST_1, _AT_LEAST_0 = (1, True, None, None), (0, True, None, None)
 _POSITIVE, _SHARE, _FRACTION = (0, False, None, None), (0, True, 1, False), (0, True, 1, True)
 RANGES = {
@@ -240,19 +249,19 @@ RANGES = {
         "num_hidden_layers", "num_hidden_groups", "inner_group_num", "max_position_embeddings",
         "type_vocab_size", "decoder_layers", "align_dim")},
     "model.layer_norm_eps": _POSITIVE, "model.initializer_range": _POSITIVE,
-    "model.hidden_dropout_prob": _SHARE, "model.attention_probs_dropout_prob": _SHARE,
+    "model.hidden_dropout_prob": _SHARE,
     **{f"data.{k}": _AT_LEAST_1 for k in (
         "max_code_lines", "max_code_chars", "max_file_bytes", "tokenizer_vocab_size",
         "max_desc_len", "max_code_len")},
     **{f"data.{k}": _AT_LEAST_0 for k in (
-        "max_examples", "min_desc_words", "num_workers", "max_unlabelled")},
+        "max_examples", "min_desc_words", "max_unlabelled")},
     "data.valid_fraction": _SHARE, "data.test_fraction": _SHARE,
     **{f"train.{k}": _AT_LEAST_1 for k in (
         "steps", "batch_size", "microbatches", "log_every", "eval_batches", "checkpoint_every",
         "keep_checkpoints")},
     **{f"train.{k}": _AT_LEAST_0 for k in (
         "warmup_steps", "weight_decay", "grad_clip", "l2_weight", "infonce_weight", "gen_weight",
-        "queue_size", "queue_start", "z_loss", "loss_chunk", "mlm_weight", "eval_every",
+        "z_loss", "loss_chunk", "eval_every",
         "samples_at_end")},
     **{f"train.{k}": _POSITIVE for k in ("learning_rate", "eps", "init_temperature")},
     "train.end_lr_fraction": _FRACTION, "train.decay_fraction": _FRACTION,
@@ -263,6 +272,7 @@ RANGES = {
     "sample.temperature": _POSITIVE, "sample.top_p": (0, False, 1, True),
     "sample.repetition_penalty": (1, True, None, None),
     "retrieval.k": _AT_LEAST_0, "retrieval.max_ctx_len": _AT_LEAST_1,
+    "retrieval.self_neighbour_rate": _SHARE,
 }
 
 
@@ -323,23 +333,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if value is not None and value not in choices:
       raise ValueError(f"config.{section}.{name}={value!r} is not one of {', '.join(choices)}; "
                        f"set --config.{section}.{name}={choices[0]}.")
-  if "train" in config and config.train.get("pack"):
-    fields = pack_fields(config.train.pack)
-    if "ctx" in fields and not int(config.get("retrieval", {}).get("k", 0) or 0):
-      raise ValueError("config.train.pack names 'ctx' but retrieval is off (config.retrieval.k="
-                       "0): there are no contexts to pack; drop it or set retrieval.k.")
-    for f in fields:
-      share = config.train.pack_rows.get(f)
-      if not isinstance(share, (int, float)) or not 0 < share <= 1:
-        raise ValueError(f"config.train.pack_rows.{f}={share!r} is a share of the batch's rows; "
-                         "give a value in (0, 1].")
-    if int(config.train.get("pack_max_segments", 0)) < 1:
-      raise ValueError("config.train.pack_max_segments must be at least 1.")
-  for section, name in (("train", "decoder_input_dropout"), ("retrieval", "self_neighbour_rate")):
-    value = config[section].get(name) if section in config else None
-    if isinstance(value, (int, float)) and not 0 <= value < 1:
-      raise ValueError(f"config.{section}.{name}={value} is a share of tokens or rows; give a "
-                       "value in [0, 1).")
 
 
 def config_path(spec: str) -> str:

@@ -5,6 +5,7 @@ do, since the export format changed to 2 (README, Layout)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -46,9 +47,15 @@ def test_fixture_is_small():
   assert total < 1 << 20, total
 
 
-def test_old_checkpoint_loads_and_generates_as_before(old_run):
+def test_old_checkpoint_loads_and_generates_as_before(old_run, caplog):
+  """Its saved config holds fields removed since (model.attention_probs_dropout_prob,
+  data.num_workers) and lacks some added since: one log line says so."""
   root, want = old_run
-  gen = CodeGenerator.from_checkpoint(str(root / "run"))
+  with caplog.at_level(logging.INFO, logger="flax_albert_code"):
+    gen = CodeGenerator.from_checkpoint(str(root / "run"))
+  upgraded = [r.getMessage() for r in caplog.records if "older version" in r.getMessage()]
+  assert len(upgraded) == 1 and "data.num_workers" in upgraded[0], upgraded
+  assert "num_workers" not in gen.config.data
   assert gen.step == want["step"] == 3
   assert gen.cfg.hidden_size == 16 and gen.cfg.pooling == "mean"   # from the saved config
   _assert_generates_as_before(gen.generate(want["descriptions"], strategy="greedy"),

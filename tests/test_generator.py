@@ -113,20 +113,6 @@ def test_batch_padding_and_chunks_do_not_change_outputs(gen):
     np.testing.assert_allclose([c["score"] for c in a], [c["score"] for c in b], rtol=1e-5)
 
 
-def test_beam_cache_copy_from_the_config_gives_the_same_beams(gen):
-  """config.sample.beam_cache="copy" (beams reorder the cache instead of reading it through
-  beam indices, the default) reaches the decoding loop and returns the same candidates, on a
-  second generator of the same weights."""
-  config = _config()
-  config.sample.beam_cache = "copy"
-  copying = CodeGenerator(config, gen.variables["params"], ByteTokenizer())
-  assert copying.beam_cache == "copy" and gen.beam_cache == "index"
-  for a, b in zip(gen.generate(DESCS, strategy="beam", num_beams=2, num_samples=2),
-                  copying.generate(DESCS, strategy="beam", num_beams=2, num_samples=2)):
-    assert [c["code"] for c in a] == [c["code"] for c in b]
-    np.testing.assert_allclose([c["score"] for c in a], [c["score"] for c in b], rtol=1e-5)
-
-
 def test_a_seeded_description_samples_the_same_alone_and_batched(gen):
   """Sample j of description i is drawn with its own key (seed, i, j): the other descriptions
   of the call, and the batch bucket they make, do not change it."""

@@ -1,12 +1,11 @@
 """The chunked generation loss: bf16 logits with fp32 sums and a fused gradient
 (`logits_dtype="bfloat16"`) against the upcast float32 path, on bf16 activations as in training.
-InfoNCE's memory queue: FIFO pushes, validity, the loss against a direct formula, no gradient
-into the queue. Word dropout on the decoder's inputs, and the train step reading it."""
+InfoNCE against a direct formula, and over labelled rows only. The train step over
+microbatches."""
 from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,85 +115,13 @@ def test_alignment_ignores_unlabelled_rows():
   assert not jax.grad(losses.infonce)(v_d, v_c, t, none).any()
 
 
-def test_mlm_corruption_is_berts_15_percent_80_10_10():
-  ids = jnp.asarray(np.random.RandomState(0).randint(6, 300, (64, 256)), jnp.int32)
-  maskable = jnp.arange(256)[None, :] < 200   # padding, [CLS]: never chosen
-  out, chosen = losses.mlm_corrupt(jax.random.PRNGKey(0), ids, maskable, 300, mask_id=1,
-                                   first_normal_id=6)
-  out, chosen, ids = np.asarray(out), np.asarray(chosen), np.asarray(ids)
-  assert not chosen[:, 200:].any() and (out[:, 200:] == ids[:, 200:]).all()
-  assert (out[~chosen] == ids[~chosen]).all()
-  assert abs(chosen[:, :200].mean() - 0.15) < 0.01
-  masked, kept = (out[chosen] == 1).mean(), (out[chosen] == ids[chosen]).mean()
-  assert abs(masked - 0.8) < 0.02 and 0.09 < kept < 0.12   # 10% kept, and random hits by chance
-  assert out.max() < 300 and not np.isin(out[chosen], [0, 2, 3, 4, 5]).any()   # mask: 1
-
-
-def test_word_dropout_replaces_its_share_of_decoder_inputs_never_bos_or_padding():
-  dec_in = np.random.RandomState(0).randint(6, 300, (64, 256)).astype(np.int32)
-  dec_in[:, 0], dec_in[:, 200:] = 2, 0          # BOS first, padding after 200
-  out = np.asarray(losses.drop_words(jax.random.PRNGKey(0), jnp.asarray(dec_in), 0.3, 1))
-  dropped = out != dec_in
-  assert (out[dropped] == 1).all() and not dropped[:, 0].any() and not dropped[:, 200:].any()
-  assert abs(dropped[:, 1:200].mean() - 0.3) < 0.01
-  same = losses.drop_words(jax.random.PRNGKey(0), jnp.asarray(dec_in), 0.0, 1)
-  assert (np.asarray(same) == dec_in).all()
-
-
-def test_the_train_step_drops_decoder_inputs_only_while_training():
-  from flax_albert_code import config as config_lib   # pylint: disable=import-outside-toplevel
-  from flax_albert_code.model import albert as model_lib   # pylint: disable=import-outside-toplevel
-  from flax_albert_code.training import step as train_step   # pylint: disable=import-outside-toplevel
-  config = config_lib.get_config("tiny")   # no dropout: train=True is otherwise deterministic
-  config.train.align_losses = ""
-  model, _ = model_lib.build(config)
-  rs = np.random.RandomState(0)
-  batch = {"desc_ids": jnp.asarray(rs.randint(6, 500, (4, 8)), jnp.int32),
-           "code_ids": jnp.asarray(rs.randint(6, 500, (4, 16)), jnp.int32)}
-  variables = nn.unbox(model.init(jax.random.PRNGKey(0), batch["desc_ids"], batch["code_ids"]))
-  params = {"model": variables["params"], "log_inv_temp": jnp.zeros(())}
-
-  def gen_loss(rate, train):
-    config.train.decoder_input_dropout = rate
-    fn = jax.jit(functools.partial(train_step.compute_losses, model=model, config=config,
-                                   train=train))
-    return float(fn(params, batch, jax.random.PRNGKey(1))[1]["gen_loss"])
-  reference = gen_loss(0.0, True)
-  assert gen_loss(0.5, False) == pytest.approx(reference, rel=1e-6)
-  assert gen_loss(0.5, True) != reference   # an untrained model: a small but real change
-
-
 def _unit(rs, n, a=8):
   v = rs.standard_normal((n, a)).astype(np.float32)
   return jnp.asarray(v / np.linalg.norm(v, axis=-1, keepdims=True))
 
 
-def test_queue_push_is_fifo_and_marks_what_it_wrote_valid():
-  rs = np.random.RandomState(0)
-  queue = losses.queue_init(6, 8)
-  batches = [(_unit(rs, 2), _unit(rs, 2)) for _ in range(4)]
-  queue = losses.queue_push(queue, *batches[0])
-  np.testing.assert_array_equal(queue["valid_Q"], [1, 1, 0, 0, 0, 0])
-  assert int(queue["ptr"]) == 2
-  for d, c in batches[1:3]:
-    queue = losses.queue_push(queue, d, c)
-  assert int(queue["ptr"]) == 0 and bool(queue["valid_Q"].all())
-  np.testing.assert_array_equal(queue["desc_QxA"], np.concatenate([d for d, _ in batches[:3]]))
-  np.testing.assert_array_equal(queue["code_QxA"], np.concatenate([c for _, c in batches[:3]]))
-  # The fourth batch replaces the oldest (the first); rows not kept are written but invalid.
-  d, c = batches[3]
-  queue = losses.queue_push(queue, d, c, keep_B=jnp.array([True, False]))
-  np.testing.assert_array_equal(queue["code_QxA"][:2], c)
-  np.testing.assert_array_equal(queue["code_QxA"][2:], np.concatenate([batches[1][1],
-                                                                       batches[2][1]]))
-  np.testing.assert_array_equal(queue["valid_Q"], [1, 0, 1, 1, 1, 1])
-  assert int(queue["ptr"]) == 2
-  with pytest.raises(ValueError, match="multiple of config.train.batch_size"):
-    losses.queue_push(losses.queue_init(5, 8), d, c)
-
-
-def _infonce_reference(v_d, v_c, log_inv_temp, extra_code, extra_desc):
-  """Each direction's softmax over the batch then the extra negatives, in numpy float64."""
+def _infonce_reference(v_d, v_c, log_inv_temp):
+  """Each direction's softmax over the batch, in numpy float64."""
   v_d, v_c = np.asarray(v_d, np.float64), np.asarray(v_c, np.float64)
   scale = np.exp(log_inv_temp)
 
@@ -203,59 +130,43 @@ def _infonce_reference(v_d, v_c, log_inv_temp, extra_code, extra_desc):
     logits -= logits.max(-1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     return -np.mean(np.diag(logp[:, :len(q)]))
-  return 0.5 * (nll(v_d, np.concatenate([v_c, extra_code])) +
-                nll(v_c, np.concatenate([v_d, extra_desc])))
+  return 0.5 * (nll(v_d, v_c) + nll(v_c, v_d))
 
 
-def test_infonce_with_a_queue_contrasts_against_its_valid_entries_only():
+def test_infonce_is_the_symmetric_in_batch_softmax_loss():
   rs = np.random.RandomState(1)
   v_d, v_c, temp = _unit(rs, 4), _unit(rs, 4), jnp.float32(np.log(10.0))
-  queue = losses.queue_init(8, 8)
-  queue = losses.queue_push(queue, _unit(rs, 4), _unit(rs, 4))     # half full
-  plain = losses.infonce(v_d, v_c, temp)
-  # An empty queue (or one whose entries are all invalid) gives the in-batch loss exactly.
-  assert losses.infonce(v_d, v_c, temp, queue=losses.queue_init(8, 8)) == plain
-  garbage = dict(queue, valid_Q=jnp.zeros(8, bool))
-  assert losses.infonce(v_d, v_c, temp, queue=garbage) == plain
-  np.testing.assert_allclose(plain, _infonce_reference(v_d, v_c, np.log(10.0), np.zeros((0, 8)),
-                                                       np.zeros((0, 8))), rtol=1e-5)
-  with_queue = losses.infonce(v_d, v_c, temp, queue=queue)
-  want = _infonce_reference(v_d, v_c, np.log(10.0), np.asarray(queue["code_QxA"][:4]),
-                            np.asarray(queue["desc_QxA"][:4]))
-  np.testing.assert_allclose(with_queue, want, rtol=1e-5)
-  assert with_queue > plain   # more negatives, a harder task
+  np.testing.assert_allclose(losses.infonce(v_d, v_c, temp),
+                             _infonce_reference(v_d, v_c, np.log(10.0)), rtol=1e-5)
 
 
-def test_no_gradient_flows_into_the_queue():
-  rs = np.random.RandomState(2)
-  v_d, v_c, temp = _unit(rs, 4), _unit(rs, 4), jnp.float32(np.log(10.0))
-  queue = losses.queue_push(losses.queue_init(8, 8), _unit(rs, 4), _unit(rs, 4))
-  banks = {"desc_QxA": queue["desc_QxA"], "code_QxA": queue["code_QxA"]}
-
-  def loss(banks, v_d, v_c):
-    return losses.infonce(v_d, v_c, temp, queue=dict(queue, **banks))
-  g_banks, g_d, g_c = jax.grad(loss, argnums=(0, 1, 2))(banks, v_d, v_c)
-  assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(g_banks))
-  assert np.any(np.asarray(g_d)) and np.any(np.asarray(g_c))   # the batch still learns
-  # Nor through a push: the pushed rows (valid, in the loss) are constants for the next step.
-  g_push = jax.grad(lambda d: losses.infonce(v_d, v_c, temp,
-                                             queue=losses.queue_push(queue, d, v_c)))(v_d)
-  assert not np.any(np.asarray(g_push))
-
-
-def test_queue_and_unlabelled_rows_together():
-  """An empty queue with `rows_B` gives the labelled-rows loss; queue entries are negatives of
-  the labelled rows only, the unlabelled rows still neither anchors nor negatives."""
-  v_d, v_c = _vectors()
-  rows = jnp.array([True, False, True, True, False, True])
-  t = jnp.log(1 / 0.07)
-  empty = losses.queue_init(6, 8)
-  np.testing.assert_allclose(losses.infonce(v_d, v_c, t, rows, queue=empty),
-                             losses.infonce(v_d, v_c, t, rows), rtol=1e-6)
-  full = losses.queue_push(empty, *_vectors(seed=2))
-  with_queue = losses.infonce(v_d, v_c, t, rows, queue=full)
-  assert with_queue > losses.infonce(v_d, v_c, t, rows)
-  grads = jax.grad(lambda d: losses.infonce(d, v_c, t, rows, queue=full))(v_d)
-  assert not np.asarray(grads)[~np.asarray(rows)].any()
-  pushed = losses.queue_push(losses.queue_init(6, 8), v_d, v_c, rows)
-  np.testing.assert_array_equal(pushed["valid_Q"], np.asarray(rows))
+def test_microbatches_accumulate_the_gradient_of_the_whole_batch():
+  """train.microbatches=2 on a batch without padding (equal token counts): the same generation
+  loss, gradient norm and update as one pass, and the token count of the whole batch."""
+  # pylint: disable=import-outside-toplevel
+  from flax_albert_code import config as config_lib
+  from flax_albert_code.model import albert as model_lib
+  from flax_albert_code.model import sharding
+  from flax_albert_code.training import optim
+  from flax_albert_code.training import step as train_step
+  config = config_lib.load_config("tiny")
+  config.train.align_losses = ""   # in-batch negatives would differ between the two
+  model, _ = model_lib.build(config)
+  rs = np.random.RandomState(0)
+  batch = {"desc_ids": jnp.asarray(rs.randint(6, 500, (4, 8)), jnp.int32),
+           "code_ids": jnp.asarray(rs.randint(6, 500, (4, 16)), jnp.int32)}
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  tx = optim.make(config.train)
+  state, _ = train_step.create_state(model, tx, config, mesh, jax.random.PRNGKey(0))
+  out = {}
+  for n in (1, 2):
+    config.train.microbatches = n
+    step = jax.jit(functools.partial(train_step.train_step, model=model, tx=tx, config=config))
+    with jax.set_mesh(mesh):
+      out[n] = jax.device_get(step(state, batch))
+  (one, m1), (two, m2) = out[1], out[2]
+  assert m1["code_tokens"] == m2["code_tokens"] == 4 * 16
+  for k in ("gen_loss", "grad_norm"):
+    np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, err_msg=k)
+  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

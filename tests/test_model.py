@@ -14,7 +14,8 @@ import pytest
 from flax_albert_code import config as config_lib
 from flax_albert_code.model import sharding
 from flax_albert_code.model import albert as model_lib
-from flax_albert_code.model import one_query
+from flax_albert_code.model import fused_decode
+from flax_albert_code.inference import model_decoding
 from flax_albert_code.config import EOS_ID, PAD_ID
 
 B, L, T = 2, 6, 7  # batch, description length, code length (tiny shapes keep compiles short)
@@ -141,7 +142,7 @@ def test_decoder_is_causal(tiny):
 def test_cached_decoding_equals_teacher_forcing(memory, share_block, share_emb, norm, decode,
                                                 monkeypatch):
   if decode.endswith("/2"):
-    monkeypatch.setattr(one_query, "_BLOCK", 2)
+    monkeypatch.setattr(fused_decode, "_BLOCK", 2)
   model = _model(decoder_memory=memory, share_encoder_decoder_block=share_block,
                  share_embedding=share_emb, norm_position=norm,
                  decode_attention=decode.split("/")[0])
@@ -168,6 +169,47 @@ def test_cached_decoding_equals_teacher_forcing(memory, share_block, share_emb, 
     got.append(logits)
   assert int(cache.index) == T
   _assert_close(jnp.concatenate(got, axis=1), want, 1e-5, "cached vs teacher-forced logits")
+
+
+@pytest.mark.parametrize("beams", [1, 2], ids=["greedy", "beam"])
+@pytest.mark.parametrize("decode", ["xla", "layer"])
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "unrolled"])
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_decode_matrix_cached_steps_equal_teacher_forced_xla(norm, scan, decode, beams):
+  """Every way a one-token step can run: LayerNorm position x scanned or unrolled depth x XLA
+  or the layer kernels (Pallas' interpreter on CPU) x one row per description or beams reading
+  the cache through their index (reordered halfway). Each step's output equals the
+  teacher-forced XLA logits of the row's prefix at that step."""
+  model = _model(norm_position=norm, scan_layers=scan, decode_attention=decode)
+  desc, _ = _batch(3)
+  variables = {"params": random_params(model)}
+  n, steps, cut = B * beams, 5, 2
+  rs = np.random.RandomState(4)
+  before = rs.randint(6, 512, (n, steps)).astype(np.int32)
+  before[:, 0] = config_lib.BOS_ID
+  # Halfway, beam k of each description continues beam parent[k] (one dropped, one doubled).
+  parent = np.array([[1, 1]] * B if beams > 1 else [[0]] * B)
+  rows = (np.arange(B)[:, None] * beams + parent).reshape(-1)
+  after = np.concatenate([before[rows, :cut], rs.randint(6, 512, (n, steps - cut))], axis=1)
+  after = after.astype(np.int32)
+
+  @_jit
+  def reference(desc, before, after):
+    enc = model.apply(variables, desc, method="encode")
+    tiled = jax.tree.map(lambda x: jnp.repeat(x, beams, axis=0), enc)
+    logits = [model.apply(variables, tiled, ids, method="decode_logits")
+              for ids in (before, after)]
+    cache = model.apply(variables, enc, steps, beams, beams > 1, method="init_cache")
+    return logits, cache
+
+  (want_before, want_after), cache = reference(desc, before, after)
+  step = _jit(lambda ids, c: model.apply(variables, ids, c, method="decode_step"))
+  for t in range(steps):
+    if t == cut and beams > 1:
+      cache = model_decoding.reorder_decode_cache(cache, jnp.asarray(parent))
+    ids, want = (before, want_before) if t < cut else (after, want_after)
+    got, cache = step(ids[:, t:t + 1], cache)
+    _assert_close(got[:, 0], want[:, t], 1e-5, f"step {t}")
 
 
 def test_pre_norm_layout():
@@ -356,23 +398,3 @@ def test_a_vocabulary_the_mesh_does_not_divide_is_sharded_over_what_divides_it()
     # Dimensions that divide keep their axes.
     ffn = shardings["encoder"]["albert_layer_groups_0"]["albert_layers_0"]["ffn"]
     assert ffn["ffn"]["kernel"].spec == P("fsdp", "tensor")
-
-
-def test_one_query_pallas_kernels_equal_dot_product_attention():
-  """model/one_query.py (Pallas' interpreter on CPU) against jax.nn.dot_product_attention: the
-  self kernel reads layer 1 of the whole cache up to the decode index, the cross kernel stops at
-  each row's memory length (a row of length 1, one of the full 8)."""
-  rs = np.random.RandomState(0)
-  cache_k, cache_v = (jnp.asarray(rs.standard_normal((2, 3, 8, 2, 4)), jnp.float32)
-                      for _ in range(2))
-  q = jnp.asarray(rs.standard_normal((3, 2, 4)), jnp.float32)
-  out = one_query.self_attention(q, cache_k, cache_v, 1, 4, 6)
-  ref = jax.nn.dot_product_attention(q[:, None], cache_k[1, :, :5], cache_v[1, :, :5])[:, 0]
-  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
-  lengths = jnp.array([3, 8, 1])
-  out = one_query.cross_attention(q, cache_k[0], cache_v[0], lengths)
-  ref = jax.nn.dot_product_attention(q[:, None], cache_k[0], cache_v[0],
-                                     key_value_seq_lengths=lengths)[:, 0]
-  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="power-of-two"):
-    one_query.cross_attention(q, cache_k[0, :, :6], cache_v[0, :, :6], lengths)

@@ -141,20 +141,22 @@ def test_toy_phases_stop_at_eos_like_one_loop():
   assert int(steps) == 2
 
 
-def test_reorder_with_a_phase_end_moves_only_the_written_prefix():
+def test_reorder_moves_the_beam_index_and_the_copy_history_not_the_cache():
   rs = np.random.RandomState(0)
   shape = (2, 2 * 3, 5, 2, 4)   # [L, B*K, S, N, D]: 2 descriptions, 3 beams, 5 positions
   k, v = (jnp.asarray(rs.standard_normal(shape), jnp.float32) for _ in range(2))
+  src = jnp.asarray(rs.randint(0, 3, (2, 3, 5)), jnp.int32)
+  history = jnp.asarray(rs.standard_normal((6, 2, 7)), jnp.float32)
   cache = model_lib.DecodeCache(k, v, jnp.zeros((6, 1, 2, 4)), jnp.zeros((6, 1, 2, 4)),
-                                jnp.ones((6,), jnp.int32), jnp.zeros((), jnp.int32))
+                                jnp.ones((6,), jnp.int32), jnp.zeros((), jnp.int32), src,
+                                copy_history_BxLxC=history)
   parent = jnp.array([[2, 2, 0], [1, 0, 1]])
-  full = model_decoding.reorder_decode_cache(cache, parent)
-  part = jax.jit(model_decoding.reorder_decode_cache, static_argnums=2)(cache, parent, 3)
-  for moved, kept, old in ((part.k_LxBxSxNxD, full.k_LxBxSxNxD, k),
-                           (part.v_LxBxSxNxD, full.v_LxBxSxNxD, v)):
-    np.testing.assert_array_equal(moved[:, :, :3], kept[:, :, :3])
-    np.testing.assert_array_equal(moved[:, :, 3:], old[:, :, 3:])
-  np.testing.assert_array_equal(full.k_LxBxSxNxD[:, 0], k[:, 2])   # beam 0 of row 0 <- beam 2
+  out = jax.jit(model_decoding.reorder_decode_cache, static_argnums=2)(cache, parent, 3)
+  assert out.k_LxBxSxNxD is not None and (out.k_LxBxSxNxD == k).all()
+  assert (out.v_LxBxSxNxD == v).all()
+  np.testing.assert_array_equal(out.beam_src_BxKxS[0], src[0, [2, 2, 0]])
+  np.testing.assert_array_equal(out.beam_src_BxKxS[1], src[1, [1, 0, 1]])
+  np.testing.assert_array_equal(out.copy_history_BxLxC, history[np.array([2, 2, 0, 4, 3, 4])])
 
 
 def test_toy_a_row_key_decides_its_draws_whatever_the_batch():
@@ -200,21 +202,6 @@ def test_toy_a_traced_top_k_filters_as_a_static_one():
     for p in (0.5, 1.0):
       np.testing.assert_array_equal(
           traced(k, p), sampling.filter_logits(logits, top_k=k, top_p=p, nucleus=True))
-
-
-def test_two_stage_top_k_equals_one_top_k_over_all_beams_ties_included():
-  rng = np.random.RandomState(0)
-  # Few distinct values (many ties, across and within beams) and a beam at -inf, as at the
-  # first step of a search.
-  x = rng.randint(0, 4, (3, 4, 50)).astype(np.float32)
-  x[:, 1:2] = sampling.NEG_INF
-  x[2] = 1.0                                      # a row of one value: order by index only
-  x = jnp.asarray(x)
-  for n in (1, 5, 8):
-    want = jax.lax.top_k(x.reshape(3, -1), n)
-    got = jax.jit(sampling.top_k_flat, static_argnums=1)(x, n)
-    np.testing.assert_array_equal(got[0], want[0])
-    np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_toy_top_k_and_top_p_filters():
@@ -440,69 +427,77 @@ def test_phased_decoding_gives_the_tokens_of_one_loop(tiny):
     assert lengths.max() == 32 and len(set((lengths - 1) // 6)) > 1, (kw, lengths)
 
 
-def test_beam_search_through_beam_indices_gives_the_tokens_of_moving_the_cache(tiny):
-  # beam_cache="index" leaves the cache in place and reads each position from the beam that
-  # wrote it; a wrong index (e.g. a beam reading its own row after a reorder) changes tokens.
+def _teacher_forced_scores(tiny, tokens_BxKxT, alpha=1.0):
+  """Each candidate's summed log-probability (special tokens banned, as decoding does) under
+  the teacher-forced model, over the length penalty: what its score must be."""
+  _, model, variables, desc = tiny
+  b, k, t = tokens_BxKxT.shape
+  enc = model.apply(variables, desc, method=model_lib.CodeModel.encode)
+  enc = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), enc)
+  flat = tokens_BxKxT.reshape(b * k, t)
+  dec_in = model_lib.shift_right(jnp.asarray(flat), BOS_ID)
+  logp = np.asarray(jax.nn.log_softmax(sampling.ban_special(
+      model.apply(variables, enc, dec_in, method=model_lib.CodeModel.decode_logits))))
+  n = _lengths(flat)
+  return np.array([logp[i, np.arange(m), flat[i, :m]].sum() / ((5 + m) / 6) ** alpha
+                   for i, m in enumerate(n)]).reshape(b, k)
+
+
+def test_beam_scores_are_the_teacher_forced_log_probs_of_the_beams(tiny):
+  # Beams never move the KV cache: each reads every position through the index of the beam
+  # that wrote it. Reading the wrong beam's positions (the index not reordered with the beams)
+  # scores the beams as other prefixes would.
   config, model, variables, desc = tiny
   variables = jax.tree.map(lambda x: x, variables)
   bias = variables["params"]["decoder"]["logits_bias"]
   variables["params"]["decoder"]["logits_bias"] = bias.at[EOS_ID].set(0.8)
+  tiny = (config, model, variables, desc)
   run = lambda **kw: (np.asarray(x) for x in model_decoding.generate(
       model, variables, desc, strategy="beam", num_beams=3, max_new_tokens=32, **kw))
   for phase in (0, 6):
-    copied, copied_scores = run(decode_phase=phase, beam_cache="copy")
-    indexed, indexed_scores = run(decode_phase=phase)   # the default
-    np.testing.assert_array_equal(indexed, copied)
-    np.testing.assert_allclose(indexed_scores, copied_scores, rtol=1e-5, atol=1e-6)
-  # The reorder mattered: reading every position from the beam's own row decodes otherwise.
+    tokens, scores = run(decode_phase=phase)
+    np.testing.assert_allclose(scores, _teacher_forced_scores(tiny, tokens), rtol=1e-4,
+                               atol=1e-5)
   own = model_decoding.reorder_decode_cache
   try:
-    model_decoding.reorder_decode_cache = lambda cache, parent, end=None: (
-        own(cache, parent, end) if cache.beam_src_BxKxS is None else cache)
+    model_decoding.reorder_decode_cache = lambda cache, parent, end=None: cache
     model_decoding._generate.clear_cache()  # pylint: disable=protected-access
-    stale, _ = run(decode_phase=0, beam_cache="index")
+    stale, stale_scores = run(decode_phase=0)
   finally:
     model_decoding.reorder_decode_cache = own
     model_decoding._generate.clear_cache()  # pylint: disable=protected-access
-  assert (stale != copied).any()
-  with pytest.raises(ValueError, match="beam_cache"):
-    run(beam_cache="moved")
+  assert not np.allclose(stale_scores, _teacher_forced_scores(tiny, stale), rtol=1e-3)
 
 
-@pytest.mark.parametrize("kernels", ["pallas", "layer"])
-def test_pallas_decode_attention_gives_the_tokens_of_xla(tiny, kernels):
-  # model.decode_attention="pallas": one kernel per one-token self-/cross-attention (Pallas'
-  # interpreter on CPU), over a cache and a memory (12 -> 16) padded to powers of two;
-  # "layer": the whole one-token layer in model/fused_decode.py's kernels, rows padded 4 -> 16.
+def test_layer_kernels_give_the_tokens_of_xla(tiny):
+  # model.decode_attention="layer": the one-token layer in model/fused_decode.py's kernels
+  # (Pallas' interpreter on CPU), rows padded 4 -> 16, over a cache and a memory (12 -> 16)
+  # padded to powers of two.
   config, model, variables, desc = tiny
   config = _config()
-  config.model.decode_attention = kernels
-  pallas = model_lib.build(config)[0]
+  config.model.decode_attention = "layer"
+  kernels = model_lib.build(config)[0]
   for kw in (dict(strategy="greedy", max_new_tokens=12, decode_phase=0),
              dict(strategy="greedy", max_new_tokens=12, decode_phase=5),
-             dict(strategy="beam", num_beams=3, max_new_tokens=12, decode_phase=5,
-                  beam_cache="copy"),
              dict(strategy="beam", num_beams=3, max_new_tokens=12, decode_phase=5),
              dict(strategy="beam", num_beams=3, max_new_tokens=12)):
-    ref, ref_scores = (np.asarray(x) for x in model_decoding.generate(
-        model, variables, desc, **{**kw, "beam_cache": "copy"}))
-    out, scores = (np.asarray(x) for x in model_decoding.generate(pallas, variables, desc, **kw))
+    ref, ref_scores = (np.asarray(x) for x in model_decoding.generate(model, variables, desc,
+                                                                      **kw))
+    out, scores = (np.asarray(x) for x in model_decoding.generate(kernels, variables, desc,
+                                                                  **kw))
     np.testing.assert_array_equal(out, ref, err_msg=str(kw))
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-5)
-  cache = pallas.apply(variables, pallas.apply(variables, desc, method="encode"), 12,
-                       method="init_cache")
+  cache = kernels.apply(variables, kernels.apply(variables, desc, method="encode"), 12,
+                        method="init_cache")
   assert cache.k_LxBxSxNxD.shape[2] == 16 and cache.cross_k_BxMxNxD.shape[1] == 16
 
 
 def test_decode_attention_auto_is_the_layer_kernels_only_on_a_gpu():
   cfg = layers.ModelConfig.default("tiny")
   assert cfg.decode_attention == "auto"
-  assert cfg.pallas_decode == (jax.default_backend() == "gpu")
   assert cfg.decode_layer_kernels == (jax.default_backend() == "gpu")
-  assert dataclasses.replace(cfg, decode_attention="pallas").pallas_decode
-  assert not dataclasses.replace(cfg, decode_attention="pallas").decode_layer_kernels
   assert dataclasses.replace(cfg, decode_attention="layer").decode_layer_kernels
-  assert not dataclasses.replace(cfg, decode_attention="xla").pallas_decode
+  assert not dataclasses.replace(cfg, decode_attention="xla").decode_layer_kernels
 
 
 def test_sharded_generation_on_8_devices_equals_single_device(tiny):
@@ -516,8 +511,7 @@ def test_sharded_generation_on_8_devices_equals_single_device(tiny):
   sharded = jax.device_put(variables, sharding.logical_shardings(abstract, mesh, rules))
   d = jax.device_put(desc, sharding.batch_sharding(mesh))
   # The programs of the tests above, so only the sharded ones compile here.
-  for kw in (dict(strategy="greedy"), dict(strategy="beam", num_beams=3, beam_cache="copy"),
-             dict(strategy="beam", num_beams=3),
+  for kw in (dict(strategy="greedy"), dict(strategy="beam", num_beams=3),
              dict(strategy="sample", num_samples=3, temperature=1.5, top_p=0.9, rng=7)):
     ref, ref_scores = _gen(tiny, **kw)
     out = model_decoding.generate(model, sharded, d, max_new_tokens=T, mesh=mesh, axis_rules=rules,

@@ -35,8 +35,8 @@ def get_config(arg: str | None = None):
     # recomputed) -> 25.15 ms (one pass) a BENCH-A step on an H200, peak 6.0 -> 7.1 GiB.
     c.train.loss_chunk = 0
     c.train.precompile = True   # every bucket's steps compiled at once, in threads
-    # 5e-4 kept the post-LayerNorm stack at the unigram solution in benchmarks/sweep_quality.sh
-    # (configs/quality.py, 400 steps, warmup 150); 2e-4 learnt.
+    # 5e-4 kept the post-LayerNorm stack at the unigram solution in the 400-step sweep of
+    # benchmarks/RESULTS.md (configs/quality.py, warmup 150); 2e-4 learnt.
     c.train.learning_rate = 2e-4
     c.train.steps = 20000
     c.train.warmup_steps = 1000

@@ -17,7 +17,7 @@ the same command again to go on; the compilation cache in the workdir makes the 
 
 Choices, each measured on the VALID split, never on test (benchmarks/RESULTS.md has the tables):
 - LayerNorm before each sublayer (`model.norm_position="pre"`) at peak lr 1e-3, warmup 150:
-  after 400 steps (`benchmarks/sweep_quality.sh`, 50,000 pairs) valid gen_loss 4.15 vs 4.84
+  after 400 steps (the sweep in benchmarks/RESULTS.md, 50,000 pairs) valid gen_loss 4.15 vs 4.84
   for ALBERT's post-norm at its best lr 2e-4 (post-norm at 5e-4 never left the unigram
   solution; at 1e-4 it learnt slower).
 - pooling "first_last" (mean of the embedded input and the last states): with plain mean

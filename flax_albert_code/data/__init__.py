@@ -7,5 +7,4 @@
   token_store.py  flat token ids per split, what the pipeline gathers batches from
   prepared.py     prepare()/load_prepared(): the on-disk preparation, keyed by a hash
   pipeline.py     make_iterator(): bucketed, resumable, per-host batches; to_global()
-  packing.py      Packer: each batch's plan for packing encoder inputs several to a row
 """

@@ -25,7 +25,8 @@ C = config.retrieval.max_ctx_len (`tokenizer.frame_context`), and the manifest's
 "inference" -> "retrieval" records k, method, max_desc_len, max_ctx_len and the shipped index
 (None with `--no-retrieval-index`: the export then retrieves only from an index it is loaded
 with). "params_fingerprint" and "source_params_fingerprint" (index.params_fingerprint of the
-export's parameters and of its checkpoint's) say which search indexes this model built. `sample` programs draw one candidate per row with the row's key
+export's parameters and of its checkpoint's) say which search indexes this model built.
+`sample` programs draw one candidate per row with the row's key
 (serving tiles a description num_samples times); `beam` programs keep `config.sample.num_beams`
 beams. Programs are lowered for CPU and CUDA at once where `jax.export` can (the manifest's
 `platforms` says which).
@@ -255,7 +256,7 @@ def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str]
       k = decoding.num_candidates(strategy, int(gen.config.sample.num_beams), 1)
       for t in lengths:
         fn = functools.partial(_generate, gen.model, strategy=strategy, max_new_tokens=t, k=k,
-                               decode_phase=gen.decode_phase, beam_cache=gen.beam_cache,
+                               decode_phase=gen.decode_phase,
                                no_repeat_ngram_size=no_repeat_ngram_size(gen.config))
         for width in dict.fromkeys(widths or [gen.max_desc_len]):
           specs.append(({"name": generate_program(strategy, b, t, width, gen.max_desc_len),
@@ -288,14 +289,14 @@ def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str]
 
 def _generate(model, variables, desc_ids, keys, limit, temperature, top_k, top_p,
               length_penalty, repetition_penalty, *, strategy: str, max_new_tokens: int, k: int,
-              decode_phase: int, no_repeat_ngram_size: int = 0, beam_cache: str = "index"):
+              decode_phase: int, no_repeat_ngram_size: int = 0):
   """One generate program: GENERATE_INPUTS, every option traced but the strategy and the
   n-gram ban (config.sample.no_repeat_ngram_size, built in: it shapes the program)."""
   return model_decoding.generate(model, variables, desc_ids, strategy=strategy,
                                  max_new_tokens=max_new_tokens, rng=keys[:, None, :],
                                  temperature=temperature, top_k=top_k, top_p=top_p, num_beams=k,
                                  length_penalty=length_penalty, num_samples=1,
-                                 decode_phase=decode_phase, limit=limit, beam_cache=beam_cache,
+                                 decode_phase=decode_phase, limit=limit,
                                  repetition_penalty=repetition_penalty,
                                  no_repeat_ngram_size=no_repeat_ngram_size)
 

@@ -245,19 +245,6 @@ def gather_beams(x_BxKx: Array, idx_BxJ: Array) -> Array:
                              axis=1)
 
 
-def top_k_flat(x_BxKxV: Array, n: int) -> tuple[Array, Array]:
-  """`lax.top_k(x.reshape(B, K * V), n)` in two stages: each beam's top n, then the top n of
-  those K * n. The same values and indices, ties included (lax.top_k puts the lower index
-  first, and the candidates stay in flat-index order), but the long pass runs over B * K rows
-  of V instead of B rows of K * V: K times the parallelism for GPU top-k, which gives each row
-  to one thread block."""
-  b, k, v = x_BxKxV.shape
-  lp_BxKxN, idx_BxKxN = lax.top_k(x_BxKxV, n)
-  flat_idx = (idx_BxKxN + v * jnp.arange(k, dtype=idx_BxKxN.dtype)[None, :, None])
-  top_lp, pick = lax.top_k(lp_BxKxN.reshape(b, k * n), n)
-  return top_lp, jnp.take_along_axis(flat_idx.reshape(b, k * n), pick, axis=1)
-
-
 def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int, beam_size: int,
                 max_new_tokens: int, length_penalty: Array | float = 1.0,
                 active_B: Array | None = None,
@@ -265,8 +252,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
                 phase_ends: Sequence[int] | None = None,
                 repetition_penalty: Array | None = None,
                 no_repeat_ngram_size: int = 0,
-                limit: Array | None = None,
-                two_stage_topk: bool = True) -> tuple[Array, Array]:
+                limit: Array | None = None) -> tuple[Array, Array]:
   """Beam search over a cache holding `batch_size * beam_size` rows (beams of a row adjacent).
 
   `reorder_cache(cache, parent_BxK)` makes each beam take over its parent's cache (default:
@@ -278,8 +264,6 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
   (see the module docstring). `no_repeat_ngram_size` n > 0: no beam repeats an n-gram;
   `repetition_penalty` (None: off): `penalize_repeats` of the logits by the beam's own tokens.
   A traced `limit` <= max_new_tokens ends the search there, as if it were `max_new_tokens`.
-  `two_stage_topk`: candidates by `top_k_flat` (the same result, faster on GPU); False: one
-  top-k over [B, K * V] (benchmarks compare the two).
   """
   b, k, t = batch_size, beam_size, max_new_tokens
   last = t if limit is None else jnp.minimum(limit, t)
@@ -320,8 +304,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
       banned = ban_repeated_ngrams(s.live_seqs_BxKxT.reshape(b * k, t), s.step,
                                    no_repeat_ngram_size, v)
       logprob_BxKxV = jnp.where(banned.reshape(b, k, v), NEG_INF, logprob_BxKxV)
-    top_lp, top_idx = (top_k_flat(logprob_BxKxV, 2 * k) if two_stage_topk
-                       else lax.top_k(logprob_BxKxV.reshape(b, k * v), 2 * k))   # [B, 2K]
+    top_lp, top_idx = lax.top_k(logprob_BxKxV.reshape(b, k * v), 2 * k)   # [B, 2K]
     parent, ids = top_idx // v, (top_idx % v).astype(jnp.int32)
     seqs = gather_beams(s.live_seqs_BxKxT, parent)
     seqs = lax.dynamic_update_slice(seqs, ids[:, :, None], (0, 0, s.step))

@@ -92,7 +92,6 @@ class CodeGenerator:
     self.default_max_new_tokens = min(int(self.config.sample.max_new_tokens), limit)
     # Configs saved before the field existed decode with the default.
     self.decode_phase = int(self.config.sample.get("decode_phase", 64))
-    self.beam_cache = str(self.config.sample.get("beam_cache", "index"))
     divisor = sharding.batch_divisor(mesh) if mesh is not None else 1
     self.batch_buckets = sorted({-(-int(b) // divisor) * divisor
                                  for b in self.config.sample.batch_buckets})
@@ -197,7 +196,7 @@ class CodeGenerator:
           self.model, self.variables, self._put(batch), strategy=strategy,
           max_new_tokens=max_new, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
           num_beams=num_beams, length_penalty=length_penalty, num_samples=num_samples,
-          decode_phase=self.decode_phase, beam_cache=self.beam_cache, mesh=self.mesh,
+          decode_phase=self.decode_phase, mesh=self.mesh,
           axis_rules=self.axis_rules, repetition_penalty=repetition_penalty,
           no_repeat_ngram_size=no_repeat_ngram_size)
       tokens.append(np.asarray(jax.device_get(t))[:size])

@@ -3,8 +3,9 @@
 `generate` runs the encoder once; `CodeModel.init_cache` computes the cross-attention keys and
 values once and a zeroed self-attention cache of static shape; `decoding.sample_loop` or
 `decoding.beam_search` then decode with `CodeModel.decode_step` as `tokens_to_logits`, and beam
-search moves the cache with `reorder_decode_cache`. All of it is one jitted program per
-(shapes, strategy, options), sharded over a mesh when one is given (`mesh_context`).
+search reorders the beams' indices into the cache with `reorder_decode_cache`. All of it is one
+jitted program per (shapes, strategy, options), sharded over a mesh when one is given
+(`mesh_context`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_albert_code.config import CHOICES, PAD_ID
+from flax_albert_code.config import PAD_ID
 from flax_albert_code.inference import decoding
 from flax_albert_code.model.albert import CodeModel, DecodeCache
 
@@ -28,38 +29,22 @@ Array = jax.Array
 
 def reorder_decode_cache(cache: DecodeCache, parent_BxK: Array,
                          end: int | None = None) -> DecodeCache:
-  """Beam `k` of description `b` takes over the self-attention KV of beam `parent[b, k]`.
+  """Beam `k` of description `b` continues beam `parent[b, k]`.
 
-  Only the self-attention cache moves: the cross-attention KV is the same for all beams of a
-  description. The gather is batched over descriptions, so it stays local to each shard. With
-  `end` (static; the decoding phase's end) only the first `end` positions move, the only ones
-  written so far, and they are written back into the cache as a static slice update, which XLA
-  does in place: the rest of the cache is neither gathered nor copied into the loop's carry.
-  A cache with `beam_src_BxKxS` (`beam_cache="index"`) does not move at all: only the beam
-  indices do, and the attention reads through them. The copy head's score history is a beam's
-  own state either way and moves with it.
+  The KV cache does not move: only `beam_src_BxKxS` (which beam wrote each position, read by
+  the attention) is reordered, batched over descriptions so it stays local to each shard. The
+  copy head's score history is a beam's own state and moves with it. `end` (the decoding
+  phase's end) is unused: the index table is small.
   """
+  del end
   b, k = parent_BxK.shape
   if cache.copy_history_BxLxC is not None:
     hist = cache.copy_history_BxLxC
     hist = jnp.take_along_axis(hist.reshape(b, k, *hist.shape[1:]),
                                parent_BxK[:, :, None, None], axis=1).reshape(hist.shape)
     cache = cache._replace(copy_history_BxLxC=hist)
-  if cache.beam_src_BxKxS is not None:
-    src = jnp.take_along_axis(cache.beam_src_BxKxS, parent_BxK[:, :, None], axis=1)
-    return cache._replace(beam_src_BxKxS=src)
-
-  def gather(x_LxNxSxHxD):
-    x = x_LxNxSxHxD if end is None else x_LxNxSxHxD[:, :, :end]
-    shape = x.shape
-    x = x.reshape(shape[0], b, k, *shape[2:])
-    x = jnp.take_along_axis(x, parent_BxK.reshape(1, b, k, 1, 1, 1), axis=2).reshape(shape)
-    if end is None:
-      return x
-    return lax.dynamic_update_slice(x_LxNxSxHxD, x, (0,) * x.ndim)
-
-  return cache._replace(k_LxBxSxNxD=gather(cache.k_LxBxSxNxD),
-                        v_LxBxSxNxD=gather(cache.v_LxBxSxNxD))
+  src = jnp.take_along_axis(cache.beam_src_BxKxS, parent_BxK[:, :, None], axis=1)
+  return cache._replace(beam_src_BxKxS=src)
 
 
 def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: str = "greedy",
@@ -67,8 +52,8 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
              top_k: int | Array = 0, top_p=1.0, num_beams: int = 4, length_penalty=1.0,
              num_samples: int = 1, decode_phase: int = 64, mesh: jax.sharding.Mesh | None = None,
              axis_rules: tuple | None = None, repetition_penalty=1.0,
-             no_repeat_ngram_size: int = 0, limit: Array | int | None = None,
-             beam_cache: str = "index") -> tuple[Array, Array]:
+             no_repeat_ngram_size: int = 0,
+             limit: Array | int | None = None) -> tuple[Array, Array]:
   """Decodes code for each description: tokens [B, K, T] int32 (PAD after EOS), scores [B, K].
 
   K is 1 (greedy), `num_samples` (sample) or `num_beams` (beam); candidates best first. Rows of
@@ -87,15 +72,9 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
   (`options.candidate_keys`), which make each candidate independent of the rest of the batch.
   `limit` (traced, <= max_new_tokens) stops decoding there; the outputs keep length
   max_new_tokens (PAD after).
-  `beam_cache` (beam search, config.sample.beam_cache): "index" leaves the cache in place and
-  moves only a [B, K, T] table of which beam wrote each position, which the attention reads
-  through; "copy" moves each beam's self-attention cache to the beams that continue it at every
-  step (`reorder_decode_cache`). The tokens are the same (in float32; bf16 rounds differently,
-  as much as bf16 differs from float32 either way: RESULTS.md "Decoding A/B").
+  Beam search leaves the KV cache in place and moves only a [B, K, T] table of which beam wrote
+  each position, which the attention reads through (`reorder_decode_cache`).
   """
-  if beam_cache not in CHOICES[("sample", "beam_cache")]:
-    raise ValueError(f"beam_cache {beam_cache!r} must be one of "
-                     f"{', '.join(CHOICES[('sample', 'beam_cache')])}.")
   cfg = model.cfg
   decoding.check_options(strategy, max_new_tokens=max_new_tokens, num_beams=num_beams,
                          num_samples=num_samples, top_k=top_k, top_p=top_p,
@@ -124,8 +103,7 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
                    penalize=not (isinstance(repetition_penalty, numbers.Real)
                                  and repetition_penalty == 1.0),
                    no_repeat_ngram_size=int(no_repeat_ngram_size),
-                   axis_rules=None if axis_rules is None else _hashable(axis_rules),
-                   beam_index=strategy == "beam" and beam_cache == "index")
+                   axis_rules=None if axis_rules is None else _hashable(axis_rules))
 
 
 def _hashable(rules) -> tuple:
@@ -144,19 +122,18 @@ def mesh_context(mesh: jax.sharding.Mesh | None, axis_rules: tuple | None):
 
 @functools.partial(jax.jit, static_argnames=("model", "strategy", "max_new_tokens", "k", "top_k",
                                              "nucleus", "phases", "mesh", "axis_rules",
-                                             "penalize", "no_repeat_ngram_size",
-                                             "beam_index"))
+                                             "penalize", "no_repeat_ngram_size"))
 def _generate(model: CodeModel, params, desc_ids_BxL, rng, temperature, top_p, length_penalty,
               repetition_penalty, limit, top_k_value, *, strategy: str, max_new_tokens: int,
               k: int, top_k: int | None, nucleus: bool, mesh, axis_rules,
               phases: tuple[int, ...] | None = None, penalize: bool = False,
-              no_repeat_ngram_size: int = 0, beam_index: bool = False):
+              no_repeat_ngram_size: int = 0):
   # top_k None: the traced `top_k_value` (0: off).
   with mesh_context(mesh, axis_rules):
     b = desc_ids_BxL.shape[0]
     active_B = desc_ids_BxL[:, 0] != PAD_ID
     enc = model.apply(params, desc_ids_BxL, method=CodeModel.encode)
-    cache = model.apply(params, enc, max_new_tokens, k, beam_index,
+    cache = model.apply(params, enc, max_new_tokens, k, strategy == "beam",
                         method=CodeModel.init_cache)
 
     def tokens_to_logits(ids_Nx1, cache, attend_len=None):

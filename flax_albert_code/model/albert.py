@@ -25,8 +25,6 @@ import jax.numpy as jnp
 from flax_albert_code.model import copy_head as copy_lib
 from flax_albert_code.model import fused_decode
 from flax_albert_code.model import layers
-from flax_albert_code.model import one_query
-from flax_albert_code.model import packing
 from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID
 from flax_albert_code.model.layers import ModelConfig
 
@@ -50,9 +48,9 @@ class DecodeCache(NamedTuple):
   cross_v_BxMxNxD: Array
   memory_lengths_B: Array
   index: Array            # scalar int32: the position the next token is written at
-  # Beam search without moving the cache (`init_cache(beam_index=True)`): row (b, k) reads
-  # position s from beam src[b, k, s] of its description, the beam that wrote it. None: every
-  # row reads its own (the cache is reordered instead).
+  # Beam search (`init_cache(beam_index=True)`): row (b, k) reads position s from beam
+  # src[b, k, s] of its description, the beam that wrote it; the cache never moves. None
+  # (greedy, sampling): every row reads its own.
   beam_src_BxKxS: Array | None = None
   # The copy head's keys and the context's ids (copy_head=True), computed once like cross_k,
   # and the pointer's scores of the last steps (copy_head.HISTORY), per row like the tokens.
@@ -131,23 +129,15 @@ class AlbertEncoder(nn.Module):
                    for group in self.albert_layer_groups]
 
   def __call__(self, x_BxLxH: Array, mask_BxL: Array, *, deterministic: bool = True,
-               attention_mask: Array | None = None,
-               packed: packing.Packed | None = None) -> EncoderOutput:
-    """`packed`: the layers run over the plan's rows (several examples a row, attention within
-    each), and their states are gathered back to [B, L, H] before the final norm and pooling."""
+               attention_mask: Array | None = None) -> EncoderOutput:
     cfg = self.cfg
     # Right padding (what our data makes) is passed as lengths, which cuDNN handles natively;
     # an arbitrary mask (HF parity tests) goes through `attention_mask`.
     lengths = None if attention_mask is not None else mask_BxL.sum(-1)
     mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
     embedded_BxLxH = x_BxLxH
-    if packed is not None:
-      x_BxLxH, lengths = packing.pack(x_BxLxH, packed), packed.segments()
     for det_stack, drop_stack in self.stacks:
       x_BxLxH, _ = (det_stack if deterministic else drop_stack)(x_BxLxH, lengths, mask)
-    if packed is not None:
-      x_BxLxH = layers.constrain(packing.unpack(x_BxLxH, packed),
-                                 ("batch", "length", "act_embed"))
     if cfg.pre_norm:
       x_BxLxH = self.final_layer_norm(x_BxLxH)
     if cfg.pooling == "cls":
@@ -174,10 +164,9 @@ class _DecoderBody(nn.Module):
   are written in place (a scanned cache would be copied whole every step); queries attend to
   positions <= their own among the first `attend_len` (a static int <= S; None: all S) of the
   cache, so a decoding phase that knows `index < attend_len` reads only that much of it.
-  With `decode_attention="pallas"` a one-token step's self- and cross-attention are one kernel
-  each (model/one_query.py), beams reading the cache through `beam_src` inside the kernel; with
-  "layer" (and "auto" on a GPU) `AlbertDecoder.step` runs the whole one-token stack as
-  model/fused_decode.py's kernels instead of this body.
+  Beams read each position from the beam that wrote it (`beam_src`). With
+  `decode_attention="layer"` (and "auto" on a GPU) `AlbertDecoder.step` runs the one-token
+  stack as model/fused_decode.py's kernels instead of this body.
   """
   self_attention: nn.Module
   cross_attention: nn.Module
@@ -197,26 +186,13 @@ class _DecoderBody(nn.Module):
       cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
       cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), at)
       t, s = x.shape[1], attend_len or cache_k.shape[2]
-      pallas = self.self_attention.cfg.pallas_decode and t == 1
-      if pallas:
-        ctx = (one_query.self_attention(q[:, 0], cache_k, cache_v, layer, index, s)
-               if beam_src is None else
-               one_query.beam_self_attention(q[:, 0], cache_k, cache_v, layer, index, s,
-                                             beam_src))
-        x = self.self_attention.residual(x, ctx[:, None], det)
-      else:
-        q_pos = index + jnp.arange(t)
-        mask = (jnp.arange(s)[None, :] <= q_pos[:, None])[None, None]
-        keys, values = cache_k[layer, :, :s], cache_v[layer, :, :s]
-        if beam_src is not None:
-          keys, values = (_read_beams(c, beam_src[:, :, :s]) for c in (keys, values))
-        x = self.self_attention.attend(x, q, keys, values, mask=mask, deterministic=det)
-      if pallas:
-        ctx = one_query.cross_attention(self.cross_attention.query(x)[:, 0], *cross_kv,
-                                        memory_lengths)
-        x = self.cross_attention.residual(x, ctx[:, None], det)
-      else:
-        x = self.cross_attention(x, cross_kv, kv_lengths_B=memory_lengths, deterministic=det)
+      q_pos = index + jnp.arange(t)
+      mask = (jnp.arange(s)[None, :] <= q_pos[:, None])[None, None]
+      keys, values = cache_k[layer, :, :s], cache_v[layer, :, :s]
+      if beam_src is not None:
+        keys, values = (_read_beams(c, beam_src[:, :, :s]) for c in (keys, values))
+      x = self.self_attention.attend(x, q, keys, values, mask=mask, deterministic=det)
+      x = self.cross_attention(x, cross_kv, kv_lengths_B=memory_lengths, deterministic=det)
     x = self.ffn(x, deterministic=det)
     if self.mode == "train":
       return x, None
@@ -373,15 +349,13 @@ class CodeModel(nn.Module):
 
   def encode(self, ids_BxL: Array, *, deterministic: bool = True,
              attention_mask: Array | None = None,
-             token_type_ids: Array | None = None,
-             packed: packing.Packed | None = None) -> EncoderOutput:
+             token_type_ids: Array | None = None) -> EncoderOutput:
     mask = ids_BxL != PAD_ID if attention_mask is None else attention_mask.astype(bool)
     if token_type_ids is None and self.cfg.context_token_types:
       token_type_ids = context_token_types(ids_BxL)
     x = self.shared_embedding(ids_BxL, token_types_BxL=token_type_ids,
                               deterministic=deterministic)
-    enc = self.encoder(x, mask, deterministic=deterministic, attention_mask=attention_mask,
-                       packed=packed)
+    enc = self.encoder(x, mask, deterministic=deterministic, attention_mask=attention_mask)
     return enc._replace(ids_BxL=ids_BxL)
 
   def _memory(self, enc: EncoderOutput) -> tuple[Array, Array]:
@@ -404,10 +378,7 @@ class CodeModel(nn.Module):
 
   def __call__(self, desc_ids_BxL: Array, code_ids_BxT: Array, *, deterministic: bool = True,
                encode_code: bool = True, decode: bool = True,
-               ctx_ids_BxC: Array | None = None,
-               dec_in_BxT: Array | None = None,
-               desc_packed: packing.Packed | None = None,
-               ctx_packed: packing.Packed | None = None) -> dict[str, Any]:
+               ctx_ids_BxC: Array | None = None) -> dict[str, Any]:
     """Training forward pass. `code_ids` are targets (code tokens, EOS, padding).
 
     Returns the description's EncoderOutput ("desc"), the decoder's last hidden states
@@ -415,15 +386,13 @@ class CodeModel(nn.Module):
     `copy_head.CopyTerms` ("copy", with copy_head) and the code's EncoderOutput ("code").
     With `ctx_ids` (retrieval: description + neighbours' code), the decoder attends to their
     encoding instead of the description's; alignment still reads the description alone.
-    `dec_in` replaces the decoder's inputs (default: BOS + `code_ids` shifted right).
-    `desc_packed`/`ctx_packed`: those encoder passes run packed (`model/packing.py`).
     """
-    enc_d = self.encode(desc_ids_BxL, deterministic=deterministic, packed=desc_packed)
+    enc_d = self.encode(desc_ids_BxL, deterministic=deterministic)
     out = {"desc": enc_d}
     if decode or self.is_initializing():
-      dec_in = shift_right(code_ids_BxT, BOS_ID) if dec_in_BxT is None else dec_in_BxT
-      memory = enc_d if ctx_ids_BxC is None else self.encode(
-          ctx_ids_BxC, deterministic=deterministic, packed=ctx_packed)
+      dec_in = shift_right(code_ids_BxT, BOS_ID)
+      memory = enc_d if ctx_ids_BxC is None else self.encode(ctx_ids_BxC,
+                                                             deterministic=deterministic)
       out["hidden"] = self.decoder_hidden(memory, dec_in, deterministic=deterministic)
       if self.cfg.copy_head:
         out["copy"], _ = self.decoder.copy(out["hidden"], dec_in, self.decoder.copy_keys(memory),
@@ -440,9 +409,9 @@ class CodeModel(nn.Module):
                  beam_index: bool = False) -> DecodeCache:
     """A zeroed KV cache for `max_len` tokens, and the cross-attention KV of `enc`.
 
-    `batch_repeat` tiles each description (beams, samples) next to itself. `beam_index`: beam
-    search leaves the cache in place and reorders only `beam_src_BxKxS` (which beam wrote each
-    position), and attention reads each position from that beam.
+    `batch_repeat` tiles each description (beams, samples) next to itself. `beam_index` (beam
+    search): the cache stays in place and only `beam_src_BxKxS` (which beam wrote each
+    position) is reordered with the beams; attention reads each position from that beam.
     """
     cfg = self.cfg
     memory, lengths = self._memory(enc)
@@ -450,9 +419,9 @@ class CodeModel(nn.Module):
     if batch_repeat > 1:
       ck, cv, lengths = (jnp.repeat(t, batch_repeat, axis=0) for t in (ck, cv, lengths))
     b, cache_len = ck.shape[0], max_len
-    if cfg.pallas_decode:   # Triton tiles: powers of two, the padding masked
-      cache_len = one_query.pow2(max_len)
-      pad = [(0, 0), (0, one_query.pow2(ck.shape[1]) - ck.shape[1]), (0, 0), (0, 0)]
+    if cfg.decode_layer_kernels:   # Triton tiles: powers of two, the padding masked
+      cache_len = fused_decode.pow2(max_len)
+      pad = [(0, 0), (0, fused_decode.pow2(ck.shape[1]) - ck.shape[1]), (0, 0), (0, 0)]
       ck, cv = jnp.pad(ck, pad), jnp.pad(cv, pad)
     shape = (cfg.decoder_layers, b, cache_len, cfg.num_attention_heads, cfg.head_dim)
     zeros = jnp.zeros(shape, cfg.compute_dtype)

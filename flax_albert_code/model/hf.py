@@ -294,8 +294,8 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
   """config.json for our encoder: AlbertConfig fields (the rest take AlbertConfig defaults)."""
   d = {"architectures": ["AlbertModel"], "model_type": "albert"}
   d.update({name: getattr(cfg, name) for name in HF_CONFIG_FIELDS})
-  d.update(hidden_dropout_prob=cfg.hidden_dropout_prob,
-           attention_probs_dropout_prob=cfg.attention_probs_dropout_prob,
+  # Our attention applies no dropout to its probabilities (HF's attention_probs_dropout_prob).
+  d.update(hidden_dropout_prob=cfg.hidden_dropout_prob, attention_probs_dropout_prob=0.0,
            pad_token_id=config_lib.PAD_ID, bos_token_id=config_lib.BOS_ID,
            eos_token_id=config_lib.EOS_ID, dtype="float32")
   return d

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 
 from flax_albert_code import config as config_lib
-from flax_albert_code.model import packing
 
 Array = jax.Array
 DType = Any
@@ -50,7 +49,6 @@ class ModelConfig:
   layer_norm_eps: float
   initializer_range: float
   hidden_dropout_prob: float
-  attention_probs_dropout_prob: float
   decoder_layers: int
   share_embedding: bool
   share_encoder_decoder_block: bool
@@ -76,8 +74,8 @@ class ModelConfig:
     """From `config.model` (a ConfigDict or a mapping, e.g. a checkpoint's saved config).
 
     A field it lacks takes its `config.LEGACY_MODEL_VALUES` value, else the schema's default for
-    its `preset` (configs saved before a field existed); a key the schema does not have is
-    refused.
+    its `preset` (configs saved before a field existed); a field of `config.REMOVED_FIELDS` is
+    dropped; any other key the schema does not have is refused.
     """
     values = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
     values, _ = config_lib.upgrade_model(values)
@@ -118,14 +116,10 @@ class ModelConfig:
         (self.decode_attention in config_lib.CHOICES[("model", "decode_attention")],
          f"decode_attention {self.decode_attention!r} must be one of "
          f"{', '.join(config_lib.CHOICES[('model', 'decode_attention')])}"),
-        (self.decode_attention not in ("pallas", "layer")
-         or self.head_dim & (self.head_dim - 1) == 0,
-         f"decode_attention {self.decode_attention!r} needs a power-of-two head size "
-         "(hidden_size / heads)"),
-        (self.decode_attention != "layer"
-         or (self.hidden_size % 16 == 0 and self.intermediate_size % 16 == 0),
-         "decode_attention 'layer' needs hidden_size and intermediate_size multiples of 16 "
-         "(Triton tiles); use 'pallas' or 'auto'"),
+        (self.decode_attention != "layer" or self.layer_kernels_fit,
+         "decode_attention 'layer' needs a power-of-two head size (hidden_size / heads) and "
+         "hidden_size and intermediate_size multiples of 16 (Triton tiles); use 'xla' or "
+         "'auto'"),
         (self.norm_position in ("post", "pre"),
          f"norm_position {self.norm_position!r} must be 'post' (ALBERT) or 'pre'"),
     ]
@@ -134,23 +128,19 @@ class ModelConfig:
         raise ValueError(f"Bad model config: {msg}; fix config.model.")
 
   @property
-  def pallas_decode(self) -> bool:
-    """One-token decode steps through Pallas kernels (model/one_query.py's, and with
-    `decode_layer_kernels` model/fused_decode.py's): "pallas", "layer", or "auto" on a GPU when
-    the head size is a power of two (Triton tiles); the cache is then padded to a power of two.
-    Read at trace time."""
-    if self.decode_attention == "auto":
-      return jax.default_backend() == "gpu" and self.head_dim & (self.head_dim - 1) == 0
-    return self.decode_attention in ("pallas", "layer")
+  def layer_kernels_fit(self) -> bool:
+    """Whether model/fused_decode.py's Triton tiles fit: a power-of-two head size, hidden and
+    FFN sizes multiples of 16."""
+    return (self.head_dim & (self.head_dim - 1) == 0 and self.hidden_size % 16 == 0
+            and self.intermediate_size % 16 == 0)
 
   @property
   def decode_layer_kernels(self) -> bool:
-    """One-token decode steps run the whole decoder layer as model/fused_decode.py's kernels:
-    "layer", or "auto" on a GPU when the sizes tile (the head size a power of two, the hidden
-    and FFN sizes multiples of 16). Read at trace time."""
+    """One-token decode steps run the whole decoder layer as model/fused_decode.py's kernels
+    (the cache and memory then padded to powers of two): "layer", or "auto" on a GPU when
+    the tiles fit. Read at trace time."""
     if self.decode_attention == "auto":
-      return (self.pallas_decode and self.hidden_size % 16 == 0
-              and self.intermediate_size % 16 == 0)
+      return jax.default_backend() == "gpu" and self.layer_kernels_fit
     return self.decode_attention == "layer"
 
   @property
@@ -328,10 +318,7 @@ def attention(q_BxTxNxD: Array, k_BxSxNxD: Array, v_BxSxNxD: Array, *, impl: str
 
   Padding is given either as `kv_lengths_B` (right padding: what our data produces; cuDNN
   takes it natively) or as a boolean `mask` broadcastable to [B, N, T, S] (any pattern, XLA).
-  Packed rows pass their `packing.Segments` as `kv_lengths_B`.
   """
-  if isinstance(kv_lengths_B, packing.Segments):   # packed rows (model/packing.py)
-    return packing.attention(q_BxTxNxD, k_BxSxNxD, v_BxSxNxD, kv_lengths_B, impl=impl)
   use_cudnn = (impl == "cudnn" and mask is None and q_BxTxNxD.dtype in (jnp.bfloat16, jnp.float16)
                and jax.default_backend() == "gpu")
   if kv_lengths_B is not None:
@@ -394,7 +381,9 @@ class AlbertAttention(nn.Module):
   def qkv(self, x_BxTxH: Array) -> tuple[Array, Array, Array]:
     return self._project(self._in(x_BxTxH), ("query", "key", "value"))
 
-  def query(self, x_BxTxH: Array) -> Array:
+  def project_query(self, x_BxTxH: Array) -> Array:
+    """The queries of x, [B, T, N, D]. (Not named `query`: that is the Dense set in `setup`,
+    which would hide a method of the name and skip the pre-norm LayerNorm.)"""
     return self._project(self._in(x_BxTxH), ("query",))[0]
 
   def __call__(self, x_BxTxH: Array, kv: tuple[Array, Array] | None = None, *,
@@ -403,7 +392,7 @@ class AlbertAttention(nn.Module):
     if kv is None:
       q, k, v = self.qkv(x_BxTxH)
     else:
-      (q,), (k, v) = self._project(self._in(x_BxTxH), ("query",)), kv
+      q, (k, v) = self.project_query(x_BxTxH), kv
     return self.attend(x_BxTxH, q, k, v, is_causal=is_causal, kv_lengths_B=kv_lengths_B,
                        mask=mask, deterministic=deterministic)
 

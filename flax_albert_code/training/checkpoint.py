@@ -232,7 +232,7 @@ class Checkpointer:
     except Exception as e:
       raise CheckpointError(f"Checkpoint {self.directory / str(step)} has no readable config "
                             f"({type(e).__name__}).") from e
-    return ml_collections.ConfigDict(restored["config"])
+    return config_lib.upgrade(ml_collections.ConfigDict(restored["config"]))[0]
 
   def check_compatible(self, config, sections: Sequence[str] = MUST_MATCH,
                        ignore: Sequence[str] = ()) -> None:
@@ -257,7 +257,8 @@ class Checkpointer:
           for d in (a, b):
             (d or {}).pop(path[len(section) + 1:], None)
       if a != b:
-        diff = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k))
+        a, b = a or {}, b or {}
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         raise CheckpointError(
             f"The workdir {self.directory.parent} holds checkpoints of another config "
             f"(config.{section} differs in {diff}); use a new --workdir or the same config.")
@@ -382,8 +383,8 @@ def read_config(path: str) -> ml_collections.ConfigDict:
                                     options=ocp.CheckpointManagerOptions(read_only=True),
                                     item_names=("state", "data", "config"))
     try:
-      return ml_collections.ConfigDict(manager.restore(
-          step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+      return config_lib.upgrade(ml_collections.ConfigDict(manager.restore(
+          step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]))[0]
     except Exception as e:
       raise CheckpointError(f"Checkpoint {directory / str(step)} has no readable config "
                             f"({type(e).__name__}); pass another checkpoint.") from e
@@ -409,10 +410,9 @@ def _load_for_inference(path: str) -> tuple[ml_collections.ConfigDict, Any, int]
     config = ml_collections.ConfigDict(
         manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
     meta = manager.item_metadata(step)["state"]
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
-                                       sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-        meta)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            meta)
     state = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))["state"]
   except CheckpointError:
@@ -422,9 +422,8 @@ def _load_for_inference(path: str) -> tuple[ml_collections.ConfigDict, Any, int]
                           f"({type(e).__name__}: {str(e)[:300]}).") from e
   finally:
     manager.close()
-  _, added = config_lib.upgrade_model(dict(config.get("model", {})))
-  if added:
-    log.info("Checkpoint %s was written before config.model.%s existed: it runs with %s.",
-             directory / str(step), ", ".join(added),
-             ", ".join(f"{k}={config_lib.LEGACY_MODEL_VALUES[k]}" for k in added))
+  config, changes = config_lib.upgrade(config)
+  if changes:
+    log.info("Checkpoint %s was written by an older version: it runs with its config upgraded "
+             "(%s).", directory / str(step), ", ".join(changes))
   return config, state["params"]["model"], step

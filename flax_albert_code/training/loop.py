@@ -28,7 +28,6 @@ from flax_albert_code.training import optim
 from flax_albert_code.model import sharding
 from flax_albert_code.training import step as train_step
 from flax_albert_code.data import neighbours as neighbours_lib
-from flax_albert_code.data import packing
 from flax_albert_code.data import pipeline
 from flax_albert_code.data.prepared import prepare
 from flax_albert_code.evaluation import design_example
@@ -42,7 +41,8 @@ DIVERGED = 10
 
 
 class TrainingError(RuntimeError):
-  """Training cannot go on (non-finite loss, bad warm start); the message says why and what to do."""
+  """Training cannot go on (non-finite loss, bad warm start); the message says why and what to
+  do."""
 
 
 @dataclasses.dataclass
@@ -244,10 +244,7 @@ class Trainer:
     self.peak = metrics_lib.peak_flops_per_device()
     self.history: list[dict[str, float]] = []
     self.valid: dict[str, float] = {}
-    self.eval_bs = int(tc.get("eval_batch_size", 0) or tc.batch_size)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
-    self.packer = packing.Packer.from_config(config, divisor)
-    self.unpacked_batches = 0   # batches that did not fit their packing rows
     self.train_fn = self.eval_fn = self.gauge_fn = self.bar = None   # made by train()
     self._gauge_warned = False
     # The last step's metrics on the device, not yet checked; throughput since the last log.
@@ -277,7 +274,7 @@ class Trainer:
         first = train_step.program_key("train", self._first_batch)
         compiled = train_step.precompile_async(
             self.train_fn, self.eval_fn if tc.eval_every else None, self.state, self.config,
-            self.mesh, self.eval_bs, tuple(self.config.data.code_buckets), first=first)
+            self.mesh, tuple(self.config.data.code_buckets), first=first)
         compiled[first].result()   # the others go on compiling while the first steps run
         self.train_fn = _dispatch(compiled, "train", self.train_fn)
         self.eval_fn = _dispatch(compiled, "eval", self.eval_fn)
@@ -319,17 +316,13 @@ class Trainer:
                                         pipeline.to_global(batch, self.batch_sharding))
     self._tokens_since += self.tc.batch_size * (ld + lc)
     self._flush()
-    self._flops_since += metrics_lib.batch_flops(
-        self.model_cfg, batch, generation=self.gen, align=bool(self.align),
-        mlm=bool(self.tc.get("mlm_weight", 0.0)))
+    self._flops_since += metrics_lib.batch_flops(self.model_cfg, batch, generation=self.gen,
+                                                 align=bool(self.align))
     self._pending = (step, metrics)
 
   def _model_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The fields the step reads, with config.train.pack's plans where the batch fits them."""
-    out = _model_fields(batch)
-    if self.packer is not None:
-      self.unpacked_batches += not self.packer(out)
-    return out
+    """The fields of a training batch the step reads (tests record the batches here)."""
+    return _model_fields(batch)
 
   def _log_startup(self, step: int) -> None:
     """Time to the first step, by phase (a restart after preemption is judged by it)."""
@@ -393,8 +386,6 @@ class Trainer:
     rate = {"tokens_per_s": self._tokens_since / dt, "model_tflops": self._flops_since / dt / 1e12}
     if self.peak:
       rate["mfu"] = self._flops_since / dt / (self.peak * self.mesh.devices.size)
-    if self.packer is not None:   # batches so far that did not fit their rows (ran unpacked)
-      rate["unpacked_batches"] = self.unpacked_batches
     self.writer.write(step, rate)
     shown = dict(loss=f"{self.history[-1]['loss']:.3f}", tok_s=f"{rate['tokens_per_s']:.0f}")
     if "input_gap" in self.valid:   # the reading gauge at the last validation
@@ -412,7 +403,7 @@ class Trainer:
 
   def _evaluate(self, step: int) -> None:
     self.valid = evaluate(self.eval_fn, self.state.params, self.config, self.prepared, self.mesh,
-                          self.eval_bs, self.neighbours, self.gauge_fn)
+                          self.tc.batch_size, self.neighbours, self.gauge_fn)
     if self.valid:
       self.writer.write(step, self.valid)
       log.info("step %d: %s", step, {k: round(v, 4) for k, v in self.valid.items()})

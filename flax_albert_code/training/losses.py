@@ -1,5 +1,4 @@
-"""Training objectives as pure functions: alignment (l2, InfoNCE), generation (masked CE) and
-ALBERT's masked-LM corruption of code.
+"""Training objectives as pure functions: alignment (l2, InfoNCE) and generation (masked CE).
 
 The generation loss never materialises fp32 logits for the whole batch: the sequence is cut
 into chunks and each chunk's logits are recomputed in the backward pass (`jax.checkpoint`).
@@ -14,7 +13,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from flax_albert_code.config import PAD_ID
 from flax_albert_code.model.copy_head import LOG_ZERO, CopyTerms
 from flax_albert_code.model.layers import tied_logits
 
@@ -177,29 +175,6 @@ def group_mean(nll_B: Array, correct_B: Array, count_B: Array,
   return nll_B.sum() / count, correct_B.sum() / count, count
 
 
-def drop_words(rng: Array, dec_in_BxT: Array, rate: float, unk_id: int) -> Array:
-  """Decoder inputs with a `rate` share of their tokens replaced by `unk_id`: every position but
-  the first (BOS) and padding, each independently."""
-  keep_first = jnp.arange(dec_in_BxT.shape[1]) > 0
-  drop = jax.random.bernoulli(rng, rate, dec_in_BxT.shape) & keep_first & (dec_in_BxT != PAD_ID)
-  return jnp.where(drop, unk_id, dec_in_BxT)
-
-
-def mlm_corrupt(rng: Array, ids_BxL: Array, maskable_BxL: Array, vocab_size: int, *,
-                mask_id: int, first_normal_id: int, rate: float = 0.15
-                ) -> tuple[Array, Array]:
-  """BERT's corruption: `rate` of the maskable tokens are chosen; of those 80% become `mask_id`,
-  10% a random ordinary token (ids >= `first_normal_id`), 10% stay. Returns (corrupted ids,
-  chosen [B, L] bool: the positions whose originals are predicted)."""
-  pick, how, rand = jax.random.split(rng, 3)
-  chosen = jax.random.bernoulli(pick, rate, ids_BxL.shape) & maskable_BxL
-  u = jax.random.uniform(how, ids_BxL.shape)
-  random_ids = jax.random.randint(rand, ids_BxL.shape, first_normal_id, vocab_size, ids_BxL.dtype)
-  out = jnp.where(chosen & (u < 0.8), mask_id, ids_BxL)
-  out = jnp.where(chosen & (u >= 0.8) & (u < 0.9), random_ids, out)
-  return out, chosen
-
-
 def _row_mean(x_B: Array, rows_B: Array | None) -> Array:
   """Mean over the rows where `rows_B` (all when None; 0 when none is)."""
   if rows_B is None:
@@ -226,57 +201,20 @@ def _only_pairs(sim_BxB: Array, rows_B: Array | None) -> Array:
 
 
 def infonce(v_d_BxA: Array, v_c_BxA: Array, log_inv_temp: Array,
-            rows_B: Array | None = None, queue: dict[str, Array] | None = None) -> Array:
+            rows_B: Array | None = None) -> Array:
   """Symmetric in-batch contrastive loss with a learned temperature (CLIP); with `rows_B`,
   over those rows only (labelled pairs), the others neither anchors nor negatives.
 
   Under jit over a sharded batch, the similarity matrix spans the global batch, so every
-  device's examples are negatives for every other's. With a `queue` (`queue_init`), its valid
-  code vectors are extra negatives of each description and its valid description vectors of
-  each code (MoCo, CoCoSoDa); they carry no gradient. A queue with no valid entry gives the
-  in-batch loss.
+  device's examples are negatives for every other's.
   """
   scale = jnp.exp(jnp.clip(log_inv_temp, 0.0, jnp.log(100.0)))
   logits_BxB = similarity(v_d_BxA, v_c_BxA) * scale
   d2c, c2d = _only_pairs(logits_BxB, rows_B), _only_pairs(logits_BxB.T, rows_B)
-  if queue is not None:
-    valid_1xQ = queue["valid_Q"][None, :]
-    past = lambda v, bank: jnp.where(
-        valid_1xQ, similarity(v, jax.lax.stop_gradient(bank).astype(v.dtype)) * scale, -jnp.inf)
-    d2c = jnp.concatenate([d2c, past(v_d_BxA, queue["code_QxA"])], axis=-1)
-    c2d = jnp.concatenate([c2d, past(v_c_BxA, queue["desc_QxA"])], axis=-1)
   labels = jnp.arange(logits_BxB.shape[0])
   nll = lambda logits: -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), labels[:, None],
                                             -1)[:, 0]
   return 0.5 * (_row_mean(nll(d2c), rows_B) + _row_mean(nll(c2d), rows_B))
-
-
-def queue_init(size: int, dim: int) -> dict[str, Array]:
-  """An empty memory queue of `size` past (description, code) vector pairs for `infonce`."""
-  return {"desc_QxA": jnp.zeros((size, dim), jnp.float32),
-          "code_QxA": jnp.zeros((size, dim), jnp.float32),
-          "valid_Q": jnp.zeros((size,), bool),
-          "ptr": jnp.zeros((), jnp.int32)}
-
-
-def queue_push(queue: dict[str, Array], v_d_BxA: Array, v_c_BxA: Array,
-               keep_B: Array | None = None) -> dict[str, Array]:
-  """FIFO: the batch's B pairs replace the oldest B entries, at `ptr`; no gradient flows.
-
-  The queue's size must be a multiple of B (else the write would wrap). Rows with `keep_B`
-  false are written but marked invalid (a batch's padding or unlabelled rows)."""
-  size, b = queue["valid_Q"].shape[0], v_d_BxA.shape[0]
-  if size % b:
-    raise ValueError(f"The InfoNCE queue of {size} vectors is not a multiple of the batch of {b}; "
-                     "set config.train.queue_size to a multiple of config.train.batch_size.")
-  ptr = queue["ptr"]
-  put = lambda buf, rows: jax.lax.dynamic_update_slice_in_dim(
-      buf, jax.lax.stop_gradient(rows).astype(buf.dtype), ptr, axis=0)
-  keep_B = jnp.ones((b,), bool) if keep_B is None else keep_B.astype(bool)
-  return {"desc_QxA": put(queue["desc_QxA"], v_d_BxA),
-          "code_QxA": put(queue["code_QxA"], v_c_BxA),
-          "valid_Q": put(queue["valid_Q"], keep_B),
-          "ptr": (ptr + b) % size}
 
 
 def retrieval_accuracy(v_d_BxA: Array, v_c_BxA: Array, rows_B: Array | None = None) -> Array:

@@ -46,9 +46,8 @@ def _decoder_flops(mc, desc_len: int, code_len: int) -> float:
 
 
 def train_flops_per_example(mc, desc_len: int, code_len: int, *, generation: bool = True,
-                            align: bool = True, mlm: bool = False) -> float:
-  """Model FLOPs of one training example (forward + backward = 3x forward); `mlm`: the masked-LM
-  encoder pass over the code and its tied logits.
+                            align: bool = True) -> float:
+  """Model FLOPs of one training example (forward + backward = 3x forward).
 
   Attention scores are counted in full (not halved for the causal mask), as is customary.
   """
@@ -57,33 +56,21 @@ def train_flops_per_example(mc, desc_len: int, code_len: int, *, generation: boo
     fwd += _decoder_flops(mc, desc_len, code_len)
   if align:
     fwd += _encoder_flops(mc, code_len)
-  if mlm:
-    fwd += _encoder_flops(mc, code_len) + code_len * (2 * mc.hidden_size * mc.embedding_size
-                                                      + 2 * mc.embedding_size * mc.vocab_size)
   return 3.0 * fwd
 
 
-def batch_flops(mc, batch: Mapping[str, Any], *, generation: bool = True, align: bool = True,
-                mlm: bool = False) -> float:
+def batch_flops(mc, batch: Mapping[str, Any], *, generation: bool = True,
+                align: bool = True) -> float:
   """Model FLOPs of one training step on `batch` (only its shapes are read): the description
   encoder; with a retrieval context (generation) the context encoder and a decoder attending
-  to it; the code encoder. Encoder passes packed into fewer rows (`data/packing.py`) count
-  their rows."""
+  to it; the code encoder."""
   b, ld = batch["desc_ids"].shape
   lc = batch["code_ids"].shape[1]
-  encoder = lambda n: train_flops_per_example(mc, n, 0, generation=False, align=False)
-
-  def unpacked_rows(field: str) -> int:   # rows a packed field does not compute
-    src = batch.get(f"{field}_pack_src")
-    return 0 if src is None else b - src.shape[0] * src.shape[1]
-
   if generation and "ctx_ids" in batch:
     lx = batch["ctx_ids"].shape[1]
-    flops = (b * (train_flops_per_example(mc, lx, lc, align=align, mlm=mlm) + encoder(ld))
-             - unpacked_rows("ctx") * encoder(lx))
-  else:
-    flops = b * train_flops_per_example(mc, ld, lc, generation=generation, align=align, mlm=mlm)
-  return flops - unpacked_rows("desc") * encoder(ld)
+    encoder = train_flops_per_example(mc, ld, 0, generation=False, align=False)
+    return b * (train_flops_per_example(mc, lx, lc, align=align) + encoder)
+  return b * train_flops_per_example(mc, ld, lc, generation=generation, align=align)
 
 
 def decode_step_flops(mc, batch: int, desc_len: int, cache_len: int) -> float:

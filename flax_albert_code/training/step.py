@@ -19,16 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flax_albert_code.data import packing as data_packing
 from flax_albert_code.training import losses
-from flax_albert_code.model import packing
 from flax_albert_code.model import sharding
-from flax_albert_code.config import BOS_ID, CLS_ID, PAD_ID, UNK_ID
-from flax_albert_code.model.albert import CodeModel, code_encoder_input, shift_right
-
-# ALBERT's masked LM on code: the tokenizer has no [MASK] and never emits UNK (byte fallback),
-# so UNK stands in for it; random replacements are drawn from the ordinary ids.
-MLM_MASK_ID, MLM_FIRST_NORMAL_ID, MLM_RATE = UNK_ID, 6, 0.15
+from flax_albert_code.config import PAD_ID
+from flax_albert_code.model.albert import CodeModel
 
 log = logging.getLogger("flax_albert_code")
 Array = jax.Array
@@ -41,18 +35,6 @@ class TrainState:
   params: Any        # {"model": CodeModel params, "log_inv_temp": InfoNCE temperature}
   opt_state: Any
   rng: Array         # raw uint32[2] key, checkpointable
-
-
-@flax.struct.dataclass
-class QueueTrainState(TrainState):
-  """A TrainState with InfoNCE's memory queue (config.train.queue_size > 0). A class of its
-  own, not a field that is None when off: orbax finds a None field missing from checkpoints
-  written before it, so a run without the queue keeps the state tree (and checkpoints) of old."""
-  queue: Any         # losses.queue_init: past (v_d, v_c) pairs, replicated
-
-
-def queue_of(state: TrainState):
-  return getattr(state, "queue", None)
 
 
 def objectives(train_cfg) -> tuple[bool, tuple[str, ...]]:
@@ -74,21 +56,6 @@ def retrieval_k(config) -> int:
   return int(config.retrieval.k) if "retrieval" in config else 0
 
 
-def queue_size(config) -> int:
-  """Past (description, code) pairs kept as extra InfoNCE negatives (0: off; configs saved
-  before the queue have none)."""
-  size = int(config.train.get("queue_size", 0))
-  if not size:
-    return 0
-  if "infonce" not in objectives(config.train)[1]:
-    raise ValueError(f"config.train.queue_size={size} keeps negatives for InfoNCE, which "
-                     "config.train.align_losses does not include; add infonce or set it to 0.")
-  if size < 0 or size % config.train.batch_size:
-    raise ValueError(f"config.train.queue_size={size} must be a multiple of "
-                     f"config.train.batch_size={config.train.batch_size} (or 0: off).")
-  return size
-
-
 def example_batch(config, batch_size: int) -> dict[str, np.ndarray]:
   return {"desc_ids": np.full((batch_size, config.data.max_desc_len), 7, np.int32),
           "code_ids": np.full((batch_size, config.data.max_code_len), 7, np.int32)}
@@ -96,17 +63,13 @@ def example_batch(config, batch_size: int) -> dict[str, np.ndarray]:
 
 def make_init(model: CodeModel, tx: optax.GradientTransformation, config) -> Callable:
   batch = example_batch(config, 2)
-  size = queue_size(config)
 
   def init(rng: Array) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
     params = {"model": model.init(init_rng, batch["desc_ids"], batch["code_ids"])["params"],
               "log_inv_temp": jnp.log(1.0 / config.train.init_temperature).astype(jnp.float32)}
-    fields = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                  rng=state_rng)
-    if size:
-      return QueueTrainState(**fields, queue=losses.queue_init(size, config.model.align_dim))
-    return TrainState(**fields)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=state_rng)
   return init
 
 
@@ -140,30 +103,23 @@ def _output_weights(model_params, cfg):
           model_params["decoder"]["logits_bias"])
 
 
-def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool, queue=None):
+def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool):
   """Weighted total loss and metrics for one batch.
 
   With a `labelled` field [B] (an unlabelled schedule), the generation loss is the token mean
   over all rows (pairs, and unlabelled code written back from its corrupted copy in the
   context: data/pipeline.py), reported apart as gen_loss/token_accuracy (pairs) and
   denoise_loss/denoise_accuracy (unlabelled code); the alignment losses read the labelled rows
-  only. With a `queue`, InfoNCE also contrasts against
-  its entries, and the metrics carry "queue_rows": the batch's (v_d, v_c), for train_step to
-  push (and pop from the metrics).
+  only.
   """
   tc, mc = config.train, model.cfg
   gen, align = objectives(tc)
-  mlm_weight = float(tc.get("mlm_weight", 0.0))
-  dropout = train and (mc.hidden_dropout_prob > 0 or mc.attention_probs_dropout_prob > 0)
+  dropout = train and mc.hidden_dropout_prob > 0
   desc, code = batch["desc_ids"], batch["code_ids"]
   labelled = batch.get("labelled")
-  word_dropout = float(tc.get("decoder_input_dropout", 0.0)) if train and gen else 0.0
-  dec_in = (losses.drop_words(jax.random.fold_in(rng, 2), shift_right(code, BOS_ID),
-                              word_dropout, UNK_ID) if word_dropout else None)
   out = model.apply({"params": params["model"]}, desc, code, deterministic=not dropout,
                     encode_code=bool(align), decode=gen, ctx_ids_BxC=batch.get("ctx_ids"),
-                    dec_in_BxT=dec_in, desc_packed=packing.Packed.from_batch(batch, "desc"),
-                    ctx_packed=packing.Packed.from_batch(batch, "ctx"), rngs={"dropout": rng})
+                    rngs={"dropout": rng})
   metrics, total = {}, 0.0
   ce_options = dict(chunk=tc.get("loss_chunk", 128), logits_dtype=tc.get("logits_dtype", "float32"))
   if gen:
@@ -181,11 +137,6 @@ def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool,
       dn_ce, dn_acc, _ = losses.group_mean(*sums, ~labelled)
       metrics.update(gen_loss=pair_ce, token_accuracy=pair_acc, denoise_loss=dn_ce,
                      denoise_accuracy=dn_acc, code_tokens=count)
-  if mlm_weight:
-    mlm, mlm_acc = _masked_lm(params["model"], code, jax.random.fold_in(rng, 1), model=model,
-                              deterministic=not dropout, ce_options=ce_options)
-    total += mlm_weight * mlm
-    metrics.update(mlm_loss=mlm, mlm_accuracy=mlm_acc)
   if align:
     v_d, v_c = out["desc"].vector_BxA, out["code"].vector_BxA
     if "l2" in align:
@@ -193,64 +144,37 @@ def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool,
       total += tc.l2_weight * l2
       metrics["l2_loss"] = l2
     if "infonce" in align:
-      nce = losses.infonce(v_d, v_c, params["log_inv_temp"], labelled, queue=queue)
+      nce = losses.infonce(v_d, v_c, params["log_inv_temp"], labelled)
       total += tc.infonce_weight * nce
       metrics.update(infonce_loss=nce, temperature=jnp.exp(-params["log_inv_temp"]))
-      if queue is not None:
-        metrics["queue_rows"] = (v_d, v_c)
     metrics["retrieval_accuracy"] = losses.retrieval_accuracy(v_d, v_c, labelled)
   metrics["loss"] = total
   return total, metrics
-
-
-def _masked_lm(model_params, code_BxT, rng, *, model: CodeModel, deterministic: bool,
-               ce_options) -> tuple[Array, Array]:
-  """ALBERT's masked LM on code: the encoder reads the code as for alignment ([CLS] + code)
-  with 15% of its tokens corrupted (80% mask, 10% random, 10% kept) and predicts the originals
-  there through the tied embedding (the decoder's output weights). (loss, accuracy)."""
-  ids = code_encoder_input(code_BxT)
-  corrupt_rng, dropout_rng = jax.random.split(rng)
-  corrupted, chosen = losses.mlm_corrupt(
-      corrupt_rng, ids, (ids != PAD_ID) & (ids != CLS_ID), model.cfg.vocab_size,
-      mask_id=MLM_MASK_ID, first_normal_id=MLM_FIRST_NORMAL_ID, rate=MLM_RATE)
-  enc = model.apply({"params": model_params}, corrupted, deterministic=deterministic,
-                    method=CodeModel.encode, rngs={"dropout": dropout_rng})
-  ce, acc, _ = losses.generation_loss(enc.states_BxLxH, ids, chosen,
-                                      *_output_weights(model_params, model.cfg), **ce_options)
-  return ce, acc
 
 
 def _split_micro(batch, n: int):
   return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
-def train_step(state: TrainState, batch, *, model: CodeModel, tx, config) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch, *, model: CodeModel, tx,
+               config) -> tuple[TrainState, dict]:
   rng = jax.random.fold_in(state.rng, state.step)
-  queue = queue_of(state)
-  if queue is not None:   # negatives from `queue_start` on; filled from the first step
-    started = state.step >= config.train.get("queue_start", 0)
-    queue = dict(queue, valid_Q=queue["valid_Q"] & started)
   grad_fn = jax.value_and_grad(
-      functools.partial(compute_losses, model=model, config=config, train=True, queue=queue),
-      has_aux=True)
+      functools.partial(compute_losses, model=model, config=config, train=True), has_aux=True)
   n_micro = int(config.train.microbatches)
   if n_micro <= 1:
     (_, metrics), grads = grad_fn(state.params, batch, rng)
-    rows = metrics.pop("queue_rows", None)
   else:
     micro_batches = _split_micro(batch, n_micro)
 
     def micro(carry, mb_i):
       mb, i = mb_i
       (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-      mb_rows = m.pop("queue_rows", None)
-      return jax.tree.map(jnp.add, carry, (g, m)), mb_rows
+      return jax.tree.map(jnp.add, carry, (g, m)), None
     first = jax.tree.map(lambda x: x[0], micro_batches)
     (_, m0), g0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                                jax.eval_shape(grad_fn, state.params, first, rng))
-    m0.pop("queue_rows", None)
-    (g_sum, m_sum), rows = jax.lax.scan(micro, (g0, m0), (micro_batches, jnp.arange(n_micro)))
-    rows = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), rows)   # batch order
+    (g_sum, m_sum), _ = jax.lax.scan(micro, (g0, m0), (micro_batches, jnp.arange(n_micro)))
     grads = jax.tree.map(lambda g: g / n_micro, g_sum)
     metrics = jax.tree.map(lambda m: m / n_micro, m_sum)
     if "code_tokens" in metrics:
@@ -259,12 +183,7 @@ def train_step(state: TrainState, batch, *, model: CodeModel, tx, config) -> tup
   params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["param_norm"] = optax.tree.norm(params)   # the trainer's NaN guard checks it too
-  new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  if queue is not None:
-    metrics["queue_fill"] = jnp.mean(queue["valid_Q"].astype(jnp.float32))
-    # Unlabelled code (an unlabelled schedule) is no one's negative: pushed as invalid.
-    new = new.replace(queue=losses.queue_push(state.queue, *rows, batch.get("labelled")))
-  return new, metrics
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def eval_step(params, batch, *, model: CodeModel, config) -> dict:
@@ -295,12 +214,11 @@ def jit_steps(model, tx, config, mesh, state_shardings):
 
 
 def program_key(kind: str, batch) -> tuple:
-  """What picks a step's compiled program: train or eval, the code bucket, the batch's fields
-  (a packed batch and one that did not fit its rows run different programs)."""
+  """What picks a step's compiled program: train or eval, the code bucket, the batch's fields."""
   return kind, batch["code_ids"].shape[1], tuple(sorted(batch))
 
 
-def precompile(train_fn, eval_fn, state: TrainState, config, mesh, eval_batch_size: int,
+def precompile(train_fn, eval_fn, state: TrainState, config, mesh,
                code_lengths) -> dict[tuple, Any]:
   """Compiles the train and eval steps for every code bucket at once, in threads.
 
@@ -310,39 +228,31 @@ def precompile(train_fn, eval_fn, state: TrainState, config, mesh, eval_batch_si
   shardings, the state still donated).
   """
   start = time.perf_counter()
-  futures = precompile_async(train_fn, eval_fn, state, config, mesh, eval_batch_size,
-                             code_lengths)
+  futures = precompile_async(train_fn, eval_fn, state, config, mesh, code_lengths)
   compiled = {k: f.result() for k, f in futures.items()}
   log.info("Compiled %d step programs in %.1f s.", len(compiled), time.perf_counter() - start)
   return compiled
 
 
-def precompile_async(train_fn, eval_fn, state: TrainState, config, mesh, eval_batch_size: int,
-                     code_lengths, first: tuple | None = None
+def precompile_async(train_fn, eval_fn, state: TrainState, config, mesh, code_lengths,
+                     first: tuple | None = None
                      ) -> dict[tuple, concurrent.futures.Future]:
   """`precompile` without waiting: {key: Future of the compiled step}.
 
   One background thread traces and lowers the programs one after another (tracing holds the
   GIL: threads would not overlap it), `first` first, then the other train programs, then eval;
   each lowered program compiles in its own thread (XLA releases the GIL). A restart whose
-  programs come from the persistent cache then waits for one program's tracing, not six:
-  on an H200 the quality recipe's six took 35.8 s to trace and load.
+  programs come from the persistent cache then waits for one program's tracing, not all.
   """
   batch_sh = sharding.batch_sharding(mesh)
 
-  packer = data_packing.Packer.from_config(config, sharding.batch_divisor(mesh)
-                                           * max(int(config.train.microbatches), 1))
-
-  def batch(b, lc, labelled=False, packed=False):
+  def batch(b, lc, labelled=False):
     shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=batch_sh)
     out = {"desc_ids": shape(b, config.data.max_desc_len), "code_ids": shape(b, lc)}
     if retrieval_k(config):
       out["ctx_ids"] = shape(b, int(config.retrieval.max_ctx_len))
     if labelled:   # training batches with an unlabelled schedule; eval batches never
       out["labelled"] = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=batch_sh)
-    if packed:     # training batches with config.train.pack (those that fit); eval never
-      widths = {k: v.shape[1] for k, v in out.items()}
-      out.update({k: shape(*s) for k, s in packer.shapes(b, widths).items()})
     return out
 
   # Shapes only: the live state may be donated by training steps while this runs.
@@ -351,12 +261,10 @@ def precompile_async(train_fn, eval_fn, state: TrainState, config, mesh, eval_ba
   mixed = bool(config.train.get("unlabelled_schedule", ""))
   jobs = {}
   for lc in code_lengths:
-    # With packing, also the program of a batch that does not fit its rows.
-    for packed in (False, True) if packer is not None else (False,):
-      b = batch(config.train.batch_size, lc, mixed, packed)
-      jobs[program_key("train", b)] = (train_fn, (state, b))
+    b = batch(config.train.batch_size, lc, mixed)
+    jobs[program_key("train", b)] = (train_fn, (state, b))
     if eval_fn is not None:
-      b = batch(eval_batch_size, lc)
+      b = batch(config.train.batch_size, lc)   # eval batches have the train batch's rows
       jobs[program_key("eval", b)] = (eval_fn, (state.params, b))
   order = sorted(jobs, key=lambda k: (k != first, k[0] != "train", k[1]))
   futures = {k: concurrent.futures.Future() for k in order}
