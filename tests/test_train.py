@@ -250,9 +250,11 @@ def test_overfits_a_tiny_set(shared, tmp_path):
   first, last = result.history[0], result.history[-1]
   tail = {k: np.mean([h[k] for h in result.history[-20:]])
           for k in ("infonce_loss", "retrieval_accuracy")}
-  # Measured at step 200: gen_loss 6.24 -> 0.25 (the unigram plateau is ~4.1), token accuracy
-  # 0.97; over the last 20 steps infonce 0.014 (ln 8 = 2.08 at the start), retrieval 1.0.
-  assert first["gen_loss"] > 6.0
+  # Measured at step 200 before the copy head: gen_loss 6.24 -> 0.25 (the unigram plateau is
+  # ~4.1), token accuracy 0.97; over the last 20 steps infonce 0.014 (ln 8 = 2.08 at the start),
+  # retrieval 1.0. The copy head starts at 5.88 (ln 512 = 6.24): its mass on the description's
+  # own tokens.
+  assert first["gen_loss"] > 5.5
   assert last["gen_loss"] < 1.0, [round(h["gen_loss"], 2) for h in result.history[::10]]
   assert last["token_accuracy"] > 0.8
   assert tail["infonce_loss"] < 0.25 and tail["retrieval_accuracy"] >= 0.9, tail
