@@ -221,7 +221,7 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       no_repeat_ngram_size=0,      # never repeat an n-gram of the output (0: off)
   ))
   # Retrieval-augmented generation: the decoder attends to the description followed by the code
-  # of k train functions retrieved for it (data/neighbours.py, inference/retrieval.py).
+  # of k train functions retrieved for it (retrieval/neighbours.py, retrieval/retriever.py).
   c.retrieval = ml_collections.ConfigDict(dict(
       k=0,                         # neighbours per description; 0: the plain model
       method="hybrid",             # "dense" (aligned vectors) | "bm25" | "hybrid" (both, z-scored)

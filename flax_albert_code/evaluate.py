@@ -112,7 +112,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
   if not args.timeout > 0:
     raise ValueError(f"--timeout must be positive, got {args.timeout:g}.")
   if args.corpus:
-    from flax_albert_code.inference import index  # pylint: disable=import-outside-toplevel
+    from flax_albert_code.retrieval import index  # pylint: disable=import-outside-toplevel
     index.check_corpus(args.corpus)
   if args.data != "humaneval":
     from flax_albert_code.data import splits  # pylint: disable=import-outside-toplevel

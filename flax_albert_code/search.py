@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Sequence
 
-from flax_albert_code.inference import index as index_lib
+from flax_albert_code.retrieval import index as index_lib
 from flax_albert_code.utils import cli
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from flax_albert_code.evaluation import harness
-from flax_albert_code.evaluation import bm25, metrics, report
+from flax_albert_code.evaluation import metrics, report
+from flax_albert_code.retrieval import bm25
 
 CODE = '''def area(radius: float) -> float:
     """Circle area."""

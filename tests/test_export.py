@@ -14,7 +14,7 @@ from export_util import CODES, DESCRIPTIONS, shared_export, subprocess_env
 from flax_albert_code import export as export_cmd
 from flax_albert_code.inference import postprocess as batching
 
-from flax_albert_code.inference import index as index_lib
+from flax_albert_code.retrieval import index as index_lib
 from flax_albert_code.inference import model_decoding
 from flax_albert_code.deploy import runtime as serving
 from flax_albert_code.inference.generator import CodeGenerator

@@ -257,7 +257,7 @@ def test_overfits_a_tiny_set(shared, tmp_path):
   assert last["token_accuracy"] > 0.8
   assert tail["infonce_loss"] < 0.25 and tail["retrieval_accuracy"] >= 0.9, tail
   # Search after this short training run: each description finds its own function first.
-  from flax_albert_code.inference import index as search
+  from flax_albert_code.retrieval import index as search
   from flax_albert_code.inference.generator import CodeGenerator
   gen = CodeGenerator(config, jax.device_get(result.state.params["model"]),
                       result.prepared.tokenizer, prepared=result.prepared)

@@ -25,8 +25,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from flax_albert_code.evaluation import bm25, humaneval, metrics, sandbox
+from flax_albert_code.evaluation import humaneval, metrics, sandbox
 from flax_albert_code.inference import decoding
+from flax_albert_code.retrieval import bm25
 from flax_albert_code.utils import progress as progress_lib
 
 log = logging.getLogger(__name__)

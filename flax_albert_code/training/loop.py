@@ -27,7 +27,7 @@ from flax_albert_code.model import hf
 from flax_albert_code.training import optim
 from flax_albert_code.model import sharding
 from flax_albert_code.training import step as train_step
-from flax_albert_code.data import neighbours as neighbours_lib
+from flax_albert_code.retrieval import neighbours as neighbours_lib
 from flax_albert_code.data import pipeline
 from flax_albert_code.data.prepared import prepare
 from flax_albert_code.evaluation import design_example
