@@ -82,7 +82,8 @@ def update_results(path: str, row: list[str]) -> None:
       HEADING,
       "",
       "`python benchmarks/bench_prepare.py --sources S --max_examples N`: `prepare` into a fresh "
-      "directory with configs/default.py (its tokenizer vocabulary: 4000) and the unlabelled code set, seconds per "
+      "directory with configs/default.py (its tokenizer vocabulary: 4000) and the unlabelled "
+      "code set, seconds per "
       "phase from meta.json: mining (worker processes), tokenizer training (a fixed 3 M-char "
       "sample of the train texts + 1 M of unlabelled code), encoding (sentencepiece threads), "
       "writing the token store and waiting for the TFDS dataset (written in a thread from the "

@@ -266,7 +266,7 @@ def main(argv) -> None:
   del argv
   import flax  # pylint: disable=import-outside-toplevel,unused-import
   from flax_albert_code.data.prepared import DataError  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.utils import cli  # pylint: disable=import-outside-toplevel
+  from flax_albert_code import cli  # pylint: disable=import-outside-toplevel
   cli.quiet_logs()
   if not _DATA.value:
     sys.exit("error: pass --data, prepared data (python -m flax_albert_code.prepare --config "

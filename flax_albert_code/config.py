@@ -226,7 +226,7 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       k=0,                         # neighbours per description; 0: the plain model
       method="hybrid",             # "dense" (aligned vectors) | "bm25" | "hybrid" (both, z-scored)
       max_ctx_len=256,             # encoder tokens for the description + neighbours
-      refresh_steps=(),            # steps after which the model's own encoder re-mines all neighbours
+      refresh_steps=(),            # steps after which the model's own encoder re-mines neighbours
       # Training only: this share of rows gets its own code, about 15% of it cut out in spans,
       # as the first neighbour (the rest move down one): a near copy, as a close neighbour is,
       # so copying from the context pays from the first steps. 0: off.

@@ -17,7 +17,7 @@ import sys
 from typing import Sequence
 
 from flax_albert_code.inference import options
-from flax_albert_code.utils import cli
+from flax_albert_code import cli
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -13,7 +13,7 @@ import pytest
 
 from flax_albert_code import generate
 from flax_albert_code import search as search_cmd
-from flax_albert_code.utils import cli as cli_lib
+from flax_albert_code import cli as cli_lib
 from flax_albert_code import config as config_lib
 from flax_albert_code.inference import memory
 from flax_albert_code.inference import options as options_lib

@@ -34,10 +34,10 @@ from flax_albert_code.inference import options
 from flax_albert_code.inference import postprocess
 from flax_albert_code.retrieval import retriever as retriever_lib
 from flax_albert_code.model import albert as model_lib
+from flax_albert_code.model import checkpoint_io
 from flax_albert_code.model import sharding
 from flax_albert_code.model.layers import ModelConfig
 from flax_albert_code.tokenizer import Tokenizer, frame_context
-from flax_albert_code.training import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ class CodeGenerator:
   def from_checkpoint(cls, path: str, *, mesh: jax.sharding.Mesh | None = None) -> CodeGenerator:
     """From a training workdir (its latest checkpoint) or one checkpoint step directory; the
     tokenizer comes from the run's prepared data (or `config.data.tokenizer_path`)."""
-    config, params, step = checkpoint.load_for_inference(path)
-    directory, _ = checkpoint.resolve(path)
+    config, params, step = checkpoint_io.load_for_inference(path)
+    directory, _ = checkpoint_io.resolve(path)
     prepared = _find_prepared(config, os.fspath(directory.parent))
     if prepared is not None:
       tokenizer = prepared.tokenizer
