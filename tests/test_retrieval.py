@@ -24,6 +24,7 @@ from flax_albert_code.inference import model_decoding
 from flax_albert_code.retrieval import retriever as retriever_lib
 from flax_albert_code.inference.generator import CodeGenerator
 from flax_albert_code.model import albert as model_lib
+from flax_albert_code.training import loop as trainer
 from flax_albert_code.training import step as train_step
 from flax_albert_code.tokenizer import frame_context
 
@@ -66,6 +67,15 @@ def test_frame_context_shares_the_room_between_neighbours():
   assert frame_context([10, 11], [], 8, 24) == [CLS_ID, 10, 11, SEP_ID]
   # A context shorter than the descriptions' limit cuts the description to fit it.
   assert len(frame_context(list(range(10, 40)), [[20] * 5], max_desc_len=32, max_len=8)) <= 8
+
+
+def test_training_that_mines_with_its_encoder_refuses_to_start_without_an_embedder(tmp_path):
+  """Training imports no inference: the model's encoder for re-mining neighbours comes from the
+  caller (the train command passes cli.embedder); without one a run says so before any work."""
+  config = make_config(tmp_path / "data", MESH_1, **RAG)
+  with pytest.raises(trainer.TrainingError, match="no embedder was given"):
+    trainer.Trainer(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
 
 
 @pytest.fixture(scope="module")
