@@ -6,7 +6,7 @@ and the unlabelled set on a 16-core host).
 
 Prepares into a fresh temporary directory (never reused), with configs/default.py and the given
 sources, unlabelled code on (`--unlabelled false` for pairs only); then mines k BM25 neighbours
-of every train/valid/test example (`data.neighbours.mine`, as training does). Prints a table of
+of every train/valid/test example (`retrieval.neighbours.mine`, as training does). Prints a table of
 the phase seconds (meta.json "timing") and adds or replaces this host's row (same CPU count,
 sources, max_examples, unlabelled) in the "## Prepare time" section of benchmarks/RESULTS.md.
 """
@@ -28,7 +28,8 @@ sys.path.insert(0, REPO)
 
 from bench_pipeline import cpu_name  # noqa: E402  (this directory)
 from flax_albert_code.configs import default  # noqa: E402
-from flax_albert_code.data import neighbours, prepared as prepared_lib  # noqa: E402
+from flax_albert_code.data import prepared as prepared_lib  # noqa: E402
+from flax_albert_code.retrieval import neighbours  # noqa: E402
 
 HEADING = "## Prepare time"
 PHASES = ("mine", "tokenizer", "encode", "write", "total")
@@ -81,12 +82,13 @@ def update_results(path: str, row: list[str]) -> None:
       HEADING,
       "",
       "`python benchmarks/bench_prepare.py --sources S --max_examples N`: `prepare` into a fresh "
-      "directory with configs/default.py (its tokenizer vocabulary: 4000) and the unlabelled code set, seconds per "
+      "directory with configs/default.py (its tokenizer vocabulary: 4000) and the unlabelled "
+      "code set, seconds per "
       "phase from meta.json: mining (worker processes), tokenizer training (a fixed 3 M-char "
       "sample of the train texts + 1 M of unlabelled code), encoding (sentencepiece threads), "
       "writing the token store and waiting for the TFDS dataset (written in a thread from the "
       "end of mining on; its own seconds in the next column). Neighbours: BM25 top-2 of every "
-      "train/valid/test example among the train split (`data.neighbours.mine`), own file "
+      "train/valid/test example among the train split (`retrieval.neighbours.mine`), own file "
       "excluded. Target (issue 20): total <= 60 s for ~100k pairs on a 16-core host.",
       "",
       "| " + " | ".join(COLUMNS) + " |",

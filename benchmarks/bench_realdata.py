@@ -72,8 +72,8 @@ def _define_flags() -> None:
 def neighbours_for(config, prepared, rows: np.ndarray, workdir: str | None):
   """The newest neighbours saved under `workdir`, else BM25 ones mined for train `rows`."""
   # pylint: disable=import-outside-toplevel
-  from flax_albert_code.data import neighbours as neighbours_lib
-  from flax_albert_code.inference import retrieval
+  from flax_albert_code.retrieval import neighbours as neighbours_lib
+  from flax_albert_code.retrieval import retriever as retriever_lib
   k = int(config.retrieval.k)
   if workdir:
     nb = neighbours_lib.load(workdir, 10**9, prepared, k)
@@ -81,8 +81,8 @@ def neighbours_for(config, prepared, rows: np.ndarray, workdir: str | None):
       return nb, f"saved ({nb.method}, step {nb.step}) in {neighbours_lib.directory(workdir)}"
   t0 = time.perf_counter()
   descs, codes, paths = neighbours_lib.texts(prepared, "train")
-  retriever = retrieval.Retriever(codes, None, groups=paths,
-                                  keys=[retrieval.key_text(d, c) for d, c in zip(descs, codes)])
+  retriever = retriever_lib.Retriever(codes, None, groups=paths,
+                                  keys=[retriever_lib.key_text(d, c) for d, c in zip(descs, codes)])
   ids = np.full((len(codes), k), -1, np.int64)
   scores = np.full((len(codes), k), -np.inf, np.float32)
   ids[rows], scores[rows] = retriever.search([descs[i] for i in rows], k, method="bm25",
@@ -266,7 +266,7 @@ def main(argv) -> None:
   del argv
   import flax  # pylint: disable=import-outside-toplevel,unused-import
   from flax_albert_code.data.prepared import DataError  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.utils import cli  # pylint: disable=import-outside-toplevel
+  from flax_albert_code import cli  # pylint: disable=import-outside-toplevel
   cli.quiet_logs()
   if not _DATA.value:
     sys.exit("error: pass --data, prepared data (python -m flax_albert_code.prepare --config "

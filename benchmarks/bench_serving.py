@@ -151,7 +151,8 @@ def parity(exp, descs: list[str], new_tokens: int) -> dict:
   """The export's greedy outputs vs CodeGenerator's on the export's weights, config and
   tokenizer (retrieval off in both): code (its tokens decoded), finish reason, score."""
   import ml_collections  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.inference.generator import (  # pylint: disable=import-outside-toplevel
+      CodeGenerator)
   with open(os.path.join(exp.path, "config.json"), encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
   gen = CodeGenerator(config, exp.variables, exp.tokenizer)
@@ -371,7 +372,7 @@ def main(argv=None) -> int:
   import jax  # pylint: disable=import-outside-toplevel
   from flax_albert_code.deploy import runtime, server  # pylint: disable=import-outside-toplevel
   from flax_albert_code.deploy.limits import Limits  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.utils import cli  # pylint: disable=import-outside-toplevel
+  from flax_albert_code import cli  # pylint: disable=import-outside-toplevel
   cli.quiet_logs()
   clients = [int(x) for x in args.clients.split(",") if x.strip()]
   t_start = time.perf_counter()

@@ -221,12 +221,12 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       no_repeat_ngram_size=0,      # never repeat an n-gram of the output (0: off)
   ))
   # Retrieval-augmented generation: the decoder attends to the description followed by the code
-  # of k train functions retrieved for it (data/neighbours.py, inference/retrieval.py).
+  # of k train functions retrieved for it (retrieval/neighbours.py, retrieval/retriever.py).
   c.retrieval = ml_collections.ConfigDict(dict(
       k=0,                         # neighbours per description; 0: the plain model
       method="hybrid",             # "dense" (aligned vectors) | "bm25" | "hybrid" (both, z-scored)
       max_ctx_len=256,             # encoder tokens for the description + neighbours
-      refresh_steps=(),            # steps after which the model's own encoder re-mines all neighbours
+      refresh_steps=(),            # steps after which the model's own encoder re-mines neighbours
       # Training only: this share of rows gets its own code, about 15% of it cut out in spans,
       # as the first neighbour (the rest move down one): a near copy, as a close neighbour is,
       # so copying from the context pays from the first steps. 0: off.

@@ -1,4 +1,5 @@
-"""Evaluates a checkpoint: generation, retrieval and baselines, or HumanEval; writes report.json/.md.
+"""Evaluates a checkpoint: generation, retrieval and baselines, or HumanEval; writes
+report.json/.md.
 
   python -m flax_albert_code.evaluate --checkpoint DIR [--data SOURCE] [--split test] \\
       [--strategies greedy,beam,sample] [--rerank] [--max-examples N] [--out DIR]
@@ -24,7 +25,7 @@ from flax_albert_code.data import mining, sources, splits
 from flax_albert_code.evaluation import harness
 from flax_albert_code.evaluation import humaneval, report, sandbox
 from flax_albert_code.inference import decoding, options
-from flax_albert_code.utils import cli
+from flax_albert_code import cli
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -107,12 +108,12 @@ def check_args(args: argparse.Namespace) -> list[str]:
                            ("--workers", args.workers, 0), ("--show", args.show, 0),
                            ("--random-examples", args.random_examples, 0)):
     if value < low:
-      raise ValueError(f"{flag} must be at least {low}{' (0: all)' if flag == '--max-examples' else ''}, "
-                       f"got {value}.")
+      all_ = " (0: all)" if flag == "--max-examples" else ""
+      raise ValueError(f"{flag} must be at least {low}{all_}, got {value}.")
   if not args.timeout > 0:
     raise ValueError(f"--timeout must be positive, got {args.timeout:g}.")
   if args.corpus:
-    from flax_albert_code.inference import index  # pylint: disable=import-outside-toplevel
+    from flax_albert_code.retrieval import index  # pylint: disable=import-outside-toplevel
     index.check_corpus(args.corpus)
   if args.data != "humaneval":
     from flax_albert_code.data import splits  # pylint: disable=import-outside-toplevel
@@ -142,8 +143,8 @@ def main(argv: Sequence[str] | None = None) -> dict | int:
                        num_samples=args.num_samples, num_beams=args.num_beams,
                        max_new_tokens=args.max_new_tokens)
     # Here, not at the top: flax and orbax would make `--help` take 2.6 s, not 1.1 s.
-    from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
-    gen = CodeGenerator.from_checkpoint(args.checkpoint)
+    from flax_albert_code.inference import generator  # pylint: disable=import-outside-toplevel
+    gen = generator.CodeGenerator.from_checkpoint(args.checkpoint)
     decode = harness.DecodeSettings(
         num_samples=args.num_samples, num_beams=args.num_beams, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,

@@ -21,7 +21,7 @@ from typing import Sequence
 from flax_albert_code.deploy.runtime import MANIFEST
 from flax_albert_code.deploy.writer import KNOWN_PLATFORMS, PLATFORMS, export
 from flax_albert_code.inference.decoding import STRATEGIES
-from flax_albert_code.utils import cli
+from flax_albert_code import cli
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

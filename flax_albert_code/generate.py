@@ -17,7 +17,7 @@ import sys
 from typing import Sequence
 
 from flax_albert_code.inference import options
-from flax_albert_code.utils import cli
+from flax_albert_code import cli
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   no_repeat_ngram_size=args.no_repeat_ngram_size or 0)
     texts = cli.read_texts(args.descriptions, args.input)
     if args.corpus:
-      from flax_albert_code.inference import index  # pylint: disable=import-outside-toplevel
+      from flax_albert_code.retrieval import index  # pylint: disable=import-outside-toplevel
       index.check_corpus(args.corpus)
     cli.check_decoding(args.checkpoint, [args.strategy], num_texts=len(texts),
                        num_samples=args.num_samples, num_beams=args.num_beams,

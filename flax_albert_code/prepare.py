@@ -17,7 +17,7 @@ from ml_collections import config_flags
 from flax_albert_code import config as config_lib
 from flax_albert_code.data.prepared import (DataError, Prepared, load_prepared,  # noqa: F401
                                             prepare, summary)
-from flax_albert_code.utils import cli
+from flax_albert_code import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(config_lib.CONFIG_DIR, "default.py"),

@@ -17,8 +17,8 @@ import json
 import sys
 from typing import Sequence
 
-from flax_albert_code.inference import index as index_lib
-from flax_albert_code.utils import cli
+from flax_albert_code.retrieval import index as index_lib
+from flax_albert_code import cli
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -42,12 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     queries = cli.read_texts(args.queries, "", "query")
     index_lib.check_corpus(args.corpus)
     gen = cli.load_generator(args.checkpoint)
-    examples, fingerprint, skipped = index_lib.corpus(args.corpus, gen.prepared, progress=cli.progress())
+    examples, fingerprint, skipped = index_lib.corpus(args.corpus, gen.prepared,
+                                                      progress=cli.progress())
     if not examples:
       raise ValueError(f"The corpus {args.corpus} holds no functions to index (skipped: "
                        f"{index_lib.describe_skipped(skipped)}).")
     index = index_lib.load_or_build(gen, examples, fingerprint,
-                                    args.index_dir or index_lib.default_root(gen), progress=cli.progress())
+                                    args.index_dir or index_lib.default_root(gen),
+                                    progress=cli.progress())
     results = index_lib.query(gen, index, queries, args.top_k)
   except cli.USER_ERRORS as e:
     return cli.fail(e)

@@ -21,14 +21,15 @@ import sys
 from typing import Sequence
 
 from flax_albert_code.deploy.limits import Limits
-from flax_albert_code.utils import cli
+from flax_albert_code import cli
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   d = Limits()
   p = argparse.ArgumentParser(prog="python -m flax_albert_code.serve",
                               description=__doc__.split("\n\n")[0],
-                              epilog="Needs the [serve] extra: pip install 'flax_albert_code[serve]'.")
+                              epilog="Needs the [serve] extra: "
+                                     "pip install 'flax_albert_code[serve]'.")
   arg = p.add_argument
   arg("--export", required=True, help="export directory (python -m flax_albert_code.export)")
   arg("--host", default="127.0.0.1")

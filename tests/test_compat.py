@@ -17,6 +17,7 @@ import flax_albert_code
 from flax_albert_code.inference.generator import CodeGenerator
 from flax_albert_code.model import albert as model_lib
 from flax_albert_code.model import sharding
+from flax_albert_code.model import checkpoint_io
 from flax_albert_code.training import checkpoint
 from flax_albert_code.training import optim
 from flax_albert_code.training import step as train_step
@@ -87,7 +88,7 @@ def test_old_checkpoint_restores_for_training(old_run):
   abstract, _ = train_step.abstract_state(model, optim.make(config.train), config, mesh)
   state, step = ckpt.restore(abstract)
   ckpt.close()
-  _, params, _ = checkpoint.load_for_inference(str(root / "run"))
+  _, params, _ = checkpoint_io.load_for_inference(str(root / "run"))
   assert step == 3
   for a, b in zip(jax.tree.leaves(jax.device_get(state.params["model"])), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from flax_albert_code.evaluation import harness
-from flax_albert_code.evaluation import bm25, metrics, report
+from flax_albert_code.evaluation import metrics, report
+from flax_albert_code.retrieval import bm25
 
 CODE = '''def area(radius: float) -> float:
     """Circle area."""
@@ -270,7 +271,7 @@ def test_evaluate_cli_writes_reports(tmp_path, monkeypatch, capsys):
       return gen
   monkeypatch.setitem(sys.modules, "flax_albert_code.inference.generator",
                       types.SimpleNamespace(CodeGenerator=FakeCheckpointGenerator))
-  from flax_albert_code.utils import cli as cli_utils  # pylint: disable=import-outside-toplevel
+  from flax_albert_code import cli as cli_utils  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(cli_utils, "check_decoding", lambda *a, **decode: None)   # no config
   ckpt = tmp_path / "ckpt"
   ckpt.mkdir()

@@ -14,7 +14,7 @@ from export_util import CODES, DESCRIPTIONS, shared_export, subprocess_env
 from flax_albert_code import export as export_cmd
 from flax_albert_code.inference import postprocess as batching
 
-from flax_albert_code.inference import index as index_lib
+from flax_albert_code.retrieval import index as index_lib
 from flax_albert_code.inference import model_decoding
 from flax_albert_code.deploy import runtime as serving
 from flax_albert_code.inference.generator import CodeGenerator
@@ -259,4 +259,5 @@ def test_export_command_refuses_a_file_for_out_before_reading_the_checkpoint(
   (tmp_path / "f").write_text("x")
   assert export_cmd.main(["--checkpoint", run[0], "--out", str(tmp_path / "f")]) == 1
   err = capsys.readouterr().err
-  assert err == f"error: {tmp_path / 'f'} exists and is not an export; choose another --out or empty it.\n"
+  assert err == (f"error: {tmp_path / 'f'} exists and is not an export; choose another --out "
+                 "or empty it.\n")

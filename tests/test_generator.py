@@ -13,12 +13,12 @@ import pytest
 
 from flax_albert_code import generate
 from flax_albert_code import search as search_cmd
-from flax_albert_code.utils import cli as cli_lib
+from flax_albert_code import cli as cli_lib
 from flax_albert_code import config as config_lib
 from flax_albert_code.inference import memory
 from flax_albert_code.inference import options as options_lib
 from flax_albert_code.inference import model_decoding
-from flax_albert_code.inference import index as search
+from flax_albert_code.retrieval import index as search
 from flax_albert_code.model import sharding
 from flax_albert_code.model import albert as model_lib
 from flax_albert_code.config import CLS_ID, EOS_ID, PAD_ID, SEP_ID

@@ -6,7 +6,7 @@ import sys
 
 from tqdm import tqdm
 
-from flax_albert_code.utils import cli
+from flax_albert_code import cli
 from flax_albert_code.utils import progress
 
 

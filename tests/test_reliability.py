@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import pytest
 
+from flax_albert_code.model import checkpoint_io
 from flax_albert_code.training import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +101,7 @@ def step_losses(workdir) -> dict[int, list[float]]:
 
 
 def params(workdir):
-  _, p, step = checkpoint.load_for_inference(str(workdir))
+  _, p, step = checkpoint_io.load_for_inference(str(workdir))
   return step, jax.device_get(p)
 
 
@@ -306,8 +307,8 @@ def _small_checkpoints(workdir, steps=(1, 2, 3), async_save=True):
 
 def _restore(workdir):
   ckpt = checkpoint.Checkpointer(str(workdir))
-  abstract = {"w": jax.ShapeDtypeStruct((1000,), np.float32,
-                                        sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = {"w": jax.ShapeDtypeStruct((1000,), np.float32, sharding=one_device)}
   try:
     state, step = ckpt.restore(abstract)
   finally:
@@ -351,7 +352,7 @@ def test_every_step_damaged_is_one_error_and_nothing_moves(tmp_path):
   assert sorted(p.name for p in ckpt_dir.iterdir()) == ["1", "2"]
   with pytest.raises(checkpoint.CheckpointError, match=r"is corrupt \(.*sha256.*\); pass an "
                      r"earlier step directory\."):
-    checkpoint.load_for_inference(str(tmp_path))
+    checkpoint_io.load_for_inference(str(tmp_path))
 
 # ---- Fuzzing: nothing a user can feed in ends in a traceback. ----
 

@@ -16,14 +16,15 @@ from flax_albert_code import config as config_lib
 from flax_albert_code import export as export_cmd
 from flax_albert_code import generate as generate_cli
 from flax_albert_code.config import CLS_ID, EOS_ID, SEP_ID
-from flax_albert_code.data import neighbours as neighbours_lib
+from flax_albert_code.retrieval import neighbours as neighbours_lib
 from flax_albert_code.data.sources import DataError
 from flax_albert_code.deploy import runtime
 from flax_albert_code.deploy import writer
 from flax_albert_code.inference import model_decoding
-from flax_albert_code.inference import retrieval
+from flax_albert_code.retrieval import retriever as retriever_lib
 from flax_albert_code.inference.generator import CodeGenerator
 from flax_albert_code.model import albert as model_lib
+from flax_albert_code.training import loop as trainer
 from flax_albert_code.training import step as train_step
 from flax_albert_code.tokenizer import frame_context
 
@@ -39,7 +40,7 @@ def test_retriever_methods_rank_and_exclude_the_querys_own_file():
            "def add(a, b): return a + b",
            "def read_lines(path): return open(path).readlines()"]
   vectors = np.eye(3, dtype=np.float32)
-  r = retrieval.Retriever(codes, vectors, groups=["a.py", "b.py", "c.py"])
+  r = retriever_lib.Retriever(codes, vectors, groups=["a.py", "b.py", "c.py"])
   idx, _ = r.search(["read file path"], 3, method="bm25")
   assert idx[0, 0] in (0, 2) and idx[0, 2] == 1
   idx, scores = r.search(["q"], 2, method="dense", query_vectors_QxA=np.array([[0, 1, 0]], "f"))
@@ -49,7 +50,7 @@ def test_retriever_methods_rank_and_exclude_the_querys_own_file():
                     exclude=["a.py"])
   assert 0 not in idx[0, :2] and idx[0, 2] == -1
   with pytest.raises(ValueError, match="needs the model's vectors"):
-    retrieval.Retriever(codes).search(["x"], 1, method="dense")
+    retriever_lib.Retriever(codes).search(["x"], 1, method="dense")
   with pytest.raises(ValueError, match="Unknown retrieval method"):
     r.search(["x"], 1, method="colbert")
 
@@ -66,6 +67,15 @@ def test_frame_context_shares_the_room_between_neighbours():
   assert frame_context([10, 11], [], 8, 24) == [CLS_ID, 10, 11, SEP_ID]
   # A context shorter than the descriptions' limit cuts the description to fit it.
   assert len(frame_context(list(range(10, 40)), [[20] * 5], max_desc_len=32, max_len=8)) <= 8
+
+
+def test_training_that_mines_with_its_encoder_refuses_to_start_without_an_embedder(tmp_path):
+  """Training imports no inference: the model's encoder for re-mining neighbours comes from the
+  caller (the train command passes cli.embedder); without one a run says so before any work."""
+  config = make_config(tmp_path / "data", MESH_1, **RAG)
+  with pytest.raises(trainer.TrainingError, match="no embedder was given"):
+    trainer.Trainer(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
+from flax_albert_code import cli
+from flax_albert_code.model import checkpoint_io
 from flax_albert_code.training import checkpoint
 from flax_albert_code.model import albert as model_lib
 from flax_albert_code.training import optim
@@ -83,8 +85,10 @@ def devices_for(mesh):
 
 
 def run(config, workdir, **kw):
-  """trainer.run that also records each training batch's example indices (the data order)."""
+  """trainer.run as the train command runs it (its embedder mines neighbours with the model),
+  recording each training batch's example indices (the data order)."""
   seen, real = [], trainer.Trainer._model_batch
+  kw.setdefault("embedder", cli.embedder)
 
   def recording(self, batch):
     seen.append(batch["index"].copy())
@@ -259,7 +263,7 @@ def test_overfits_a_tiny_set(shared, tmp_path):
   assert last["token_accuracy"] > 0.8
   assert tail["infonce_loss"] < 0.25 and tail["retrieval_accuracy"] >= 0.9, tail
   # Search after this short training run: each description finds its own function first.
-  from flax_albert_code.inference import index as search
+  from flax_albert_code.retrieval import index as search
   from flax_albert_code.inference.generator import CodeGenerator
   gen = CodeGenerator(config, jax.device_get(result.state.params["model"]),
                       result.prepared.tokenizer, prepared=result.prepared)
@@ -348,7 +352,7 @@ def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(shared, tm
   bad_step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
   assert bad_step == 2
   assert sorted(p.name for p in ckpt_dir.iterdir()) == ["1"]    # complete, no tmp dir left
-  _, params, step = checkpoint.load_for_inference(str(tmp_path))
+  _, params, step = checkpoint_io.load_for_inference(str(tmp_path))
   assert step == 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 

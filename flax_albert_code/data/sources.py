@@ -262,7 +262,7 @@ def _read_records(spec: str, filename: str, filters: mining.Filters,
 
 def _tfds_units(spec: str, name: str) -> list[Unit]:
   # Optional here: only tfds: sources need TensorFlow Datasets, a heavy import that the stdlib
-  # sources and the export runtime (through inference/index.py) must not pay.
+  # sources and the export runtime (through retrieval/index.py) must not pay.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     path = os.path.expanduser(name)

@@ -18,7 +18,7 @@ is drawn with its own key, `options.candidate_keys(seed, [i], ...)`, whatever el
 with it.
 
 An export of a retrieval model (manifest "inference" -> "retrieval" -> k > 0) retrieves by
-default as `CodeGenerator` does, with the same `retrieval.Retriever` and the same encoder input
+default as `CodeGenerator` does, with the same `retriever_lib.Retriever` and the same encoder input
 (`tokenizer.frame_context`): the k functions of its index nearest to each description (the
 query vector from the export's encode program) join the description in the programs of width
 max_ctx_len, and every candidate lists them under "neighbours". The index is the one shipped in
@@ -43,9 +43,9 @@ from safetensors.numpy import load_file
 from flax_albert_code.inference import decoding
 from flax_albert_code.inference import options
 from flax_albert_code.config import EOS_ID
-from flax_albert_code.inference import index as index_lib
+from flax_albert_code.retrieval import index as index_lib
 from flax_albert_code.inference import postprocess
-from flax_albert_code.inference import retrieval
+from flax_albert_code.retrieval import retriever as retriever_lib
 from flax_albert_code.tokenizer import Tokenizer, TokenizerError, frame_context
 from flax_albert_code.utils import files
 
@@ -150,7 +150,7 @@ class Export:
     self.vocab_size = int(info["vocab_size"])
     rag = info.get("retrieval") or {}      # absent in exports written before retrieval
     self.retrieval_k = int(rag.get("k", 0))
-    self.retrieval_method = retrieval.check_method(str(rag.get("method", "hybrid")))
+    self.retrieval_method = retriever_lib.check_method(str(rag.get("method", "hybrid")))
     self.ctx_len = int(rag.get("max_ctx_len", self.desc_len))
     self.frame_desc_len = int(rag.get("max_desc_len", self.desc_len))
     self.shipped_index: str | None = rag.get("index") or None
@@ -176,7 +176,7 @@ class Export:
     self._compiled: dict[str, Any] = {}
     self._lock = threading.Lock()
     self.index: index_lib.Index | None = None
-    self._retriever: retrieval.Retriever | None = None    # over self.index, for generation
+    self._retriever: retriever_lib.Retriever | None = None    # over self.index, for generation
 
   # -------------------------------------------------------------------------------------------
   # Loading.
@@ -261,7 +261,7 @@ class Export:
         raise ExportError(f"Search index {idx.directory or 'given'} holds no functions, so "
                           "this retrieval model has no neighbours to draw on; pass another "
                           "index (serve --index) or generate with retrieve=False.")
-      retriever = retrieval.over_items(idx.items, idx.vectors)
+      retriever = retriever_lib.over_items(idx.items, idx.vectors)
     with self._lock:
       self.index, self._retriever = idx, retriever
     return idx
@@ -380,9 +380,9 @@ class Export:
       index, retriever = self.index, self._retriever
     if index is None or retriever is None:
       raise ValueError("No retrieval index is loaded; pass index= to load_export.")
-    method = retrieval.check_method(method or self.retrieval_method)
+    method = retriever_lib.check_method(method or self.retrieval_method)
     qv = None if method == "bm25" else self.embed(list(texts), kind="desc")
-    return retrieval.neighbours(retriever, index.items, texts,
+    return retriever_lib.neighbours(retriever, index.items, texts,
                                 self.retrieval_k if k is None else int(k), method, qv,
                                 self.tokenizer.encode)
 
@@ -426,7 +426,7 @@ class Export:
                       "parses": postprocess.parses(code),
                       "finish_reason": "eos" if EOS_ID in seq else "length"})
         if neighbours is not None:
-          cands[-1]["neighbours"] = retrieval.listed(neighbours[i])
+          cands[-1]["neighbours"] = retriever_lib.listed(neighbours[i])
       results.append(cands)
     if rerank:
       desc_vecs = self.embed(texts, kind="desc")

@@ -10,7 +10,7 @@ Layout of an export directory (every file's sha256 and size are in the manifest)
   params.safetensors      the inference variables, keys "params/encoder/..." (no pickle anywhere)
   programs/*.jaxexport    `jax.export.Exported.serialize()`: StableHLO plus calling convention
   hf_encoder/             the encoder as a Hugging Face ALBERT directory (hf.save_hf_encoder)
-  retrieval_index/        a retrieval model's corpus as a search index (inference/index.py:
+  retrieval_index/        a retrieval model's corpus as a search index (retrieval/index.py:
                           vectors.npy, items.json, index.json), by default the run's train split
 
 Programs take the variables as their first argument: `encode_b{B}_w{W}(variables, ids[B, W])`
@@ -55,10 +55,10 @@ from flax_albert_code.deploy.runtime import (FORMAT, GENERATE_INPUTS, MANIFEST, 
                                              generate_program)
 from flax_albert_code.inference import decoding
 from flax_albert_code.inference import generator
-from flax_albert_code.inference import index as index_lib
 from flax_albert_code.inference import model_decoding
+from flax_albert_code.model import checkpoint_io
 from flax_albert_code.model import hf
-from flax_albert_code.training import checkpoint
+from flax_albert_code.retrieval import index as index_lib
 from flax_albert_code.utils import files
 
 log = logging.getLogger("flax_albert_code")
@@ -86,8 +86,8 @@ def export(checkpoint_path: str, out_dir: str, dtype: str = "float32",
   gen = generator.CodeGenerator.from_checkpoint(checkpoint_path)
   params = None
   if jnp.dtype(gen.config.model.dtype) != jnp.dtype(_dtype(dtype)):
-    params = checkpoint.load_for_inference(checkpoint_path)[1]   # the unrounded weights
-  directory, _ = checkpoint.resolve(checkpoint_path)
+    params = checkpoint_io.load_for_inference(checkpoint_path)[1]   # the unrounded weights
+  directory, _ = checkpoint_io.resolve(checkpoint_path)
   info = {"checkpoint": os.path.abspath(gen.checkpoint_path), "step": gen.step,
           "valid_metrics": validation_metrics(os.fspath(directory.parent), gen.step)}
   return export_generator(gen, out_dir, dtype=dtype, buckets=buckets, params=params, info=info,

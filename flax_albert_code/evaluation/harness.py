@@ -25,8 +25,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from flax_albert_code.evaluation import bm25, humaneval, metrics, sandbox
+from flax_albert_code.evaluation import humaneval, metrics, sandbox
 from flax_albert_code.inference import decoding
+from flax_albert_code.retrieval import bm25
 from flax_albert_code.utils import progress as progress_lib
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSettings:
-  num_samples: int = 10      # candidates drawn by "sample" (rerank picks among them; pass@k uses all)
+  num_samples: int = 10      # candidates drawn by "sample" (rerank picks among them; pass@k: all)
   num_beams: int = 4
   temperature: float = 0.8
   top_k: int = 0
@@ -253,13 +254,15 @@ def show_examples(examples: Sequence[dict], outputs: dict[str, list[str]], num_s
             **{k: examples[i][k] for k in ("path", "name", "task_id") if k in examples[i]}}
   n = max(0, min(num_show, len(order)))
   drawn = random.Random(seed).sample(range(len(examples)), min(num_random, len(examples)))
-  return {"best": [case(int(i)) for i in order[::-1][:n]], "worst": [case(int(i)) for i in order[:n]],
+  return {"best": [case(int(i)) for i in order[::-1][:n]],
+          "worst": [case(int(i)) for i in order[:n]],
           "random": [dict(case(i), index=i) for i in drawn], "random_seed": seed}
 
 
 def evaluate_humaneval(generator, problems: Sequence[dict] | None = None,
                        strategies: Sequence[str] = ("greedy",), rerank: bool = False,
-                       decode: DecodeSettings = DecodeSettings(), train_examples: Sequence[dict] = (),
+                       decode: DecodeSettings = DecodeSettings(),
+                       train_examples: Sequence[dict] = (),
                        limits: sandbox.Limits = humaneval.DEFAULT_LIMITS,
                        workers: int | None = None, num_show: int = 3,
                        progress: bool | str = False) -> dict[str, Any]:

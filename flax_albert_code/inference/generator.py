@@ -27,17 +27,17 @@ from flax_albert_code import config as config_lib
 from flax_albert_code.config import EOS_ID
 from flax_albert_code.data import prepared as prepared_lib
 from flax_albert_code.inference import decoding
-from flax_albert_code.inference import index as index_lib
+from flax_albert_code.retrieval import index as index_lib
 from flax_albert_code.inference import memory
 from flax_albert_code.inference import model_decoding
 from flax_albert_code.inference import options
 from flax_albert_code.inference import postprocess
-from flax_albert_code.inference import retrieval
+from flax_albert_code.retrieval import retriever as retriever_lib
 from flax_albert_code.model import albert as model_lib
+from flax_albert_code.model import checkpoint_io
 from flax_albert_code.model import sharding
 from flax_albert_code.model.layers import ModelConfig
 from flax_albert_code.tokenizer import Tokenizer, frame_context
-from flax_albert_code.training import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ class CodeGenerator:
   def from_checkpoint(cls, path: str, *, mesh: jax.sharding.Mesh | None = None) -> CodeGenerator:
     """From a training workdir (its latest checkpoint) or one checkpoint step directory; the
     tokenizer comes from the run's prepared data (or `config.data.tokenizer_path`)."""
-    config, params, step = checkpoint.load_for_inference(path)
-    directory, _ = checkpoint.resolve(path)
+    config, params, step = checkpoint_io.load_for_inference(path)
+    directory, _ = checkpoint_io.resolve(path)
     prepared = _find_prepared(config, os.fspath(directory.parent))
     if prepared is not None:
       tokenizer = prepared.tokenizer
@@ -213,7 +213,7 @@ class CodeGenerator:
       for cand in cands:
         cand["parses"] = postprocess.parses(cand["code"])
         if used:
-          cand["neighbours"] = retrieval.listed(nbs)
+          cand["neighbours"] = retriever_lib.listed(nbs)
     if rerank:
       self._add_alignment(texts, results)
     keep = num_samples
@@ -251,7 +251,7 @@ class CodeGenerator:
     k = self.retrieval_k if k is None else int(k)
     method = method or self.config.retrieval.method
     qv = None if method == "bm25" else self.embed(list(texts), kind="desc")
-    return retrieval.neighbours(retriever, items, texts, k, method, qv, self.tokenizer.encode)
+    return retriever_lib.neighbours(retriever, items, texts, k, method, qv, self.tokenizer.encode)
 
   def retriever(self, corpus: str | None = None):
     """(Retriever, items) over `corpus`'s index (built once with this model, saved under the
@@ -268,7 +268,7 @@ class CodeGenerator:
         vectors, items = index.vectors, index.items
       else:
         vectors, items = index_lib.build_index(self, examples), examples
-      self._corpus = (spec, (retrieval.over_items(items, vectors), items))
+      self._corpus = (spec, (retriever_lib.over_items(items, vectors), items))
     return self._corpus[1]
 
   # -------------------------------------------------------------------------------------------

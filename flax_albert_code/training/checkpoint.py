@@ -17,15 +17,14 @@ the latest step and, when a file is missing, truncated or altered (or orbax cann
 back to the previous step, says which step and file in a warning, and moves the bad step aside to
 `<workdir>/checkpoints_corrupt/` (only once an earlier step has restored, so a bug that fails every
 restore never moves a checkpoint) so that later saves of those step numbers are possible.
-`load_for_inference` refuses a step that fails its manifest. Hashing reads each step once more
-after it is written and once before it is restored.
+Reading a checkpoint for its model (model/checkpoint_io.py) refuses a step that fails its
+manifest. Hashing reads each step once more after it is written and once before it is restored.
 
 A save that fails (disk full, permissions) raises CheckpointError at the next save or at
 close(), naming the step and the earlier steps that are intact.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import json
@@ -41,22 +40,18 @@ from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from flax_albert_code import config as config_lib
+from flax_albert_code.model.checkpoint_io import MANIFEST, CheckpointError, quiet_orbax, verify_step
 from flax_albert_code.utils import files
 
 # A resumed run must train the same model on the same data: these sections must match.
 MUST_MATCH = ("model", "data")
 # Set by training from the prepared data (the tokenizer's size): not compared before it is.
 DERIVED = ("model.vocab_size",)
-MANIFEST = "sha256_manifest.json"
 DIVERGED_DIR = "checkpoints_diverged"   # where a diverged run's checkpoints go (set_aside)
 _UNHASHED = ("_CHECKPOINT_METADATA",)   # orbax rewrites its step metadata at the commit
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"   # orbax's uncommitted step directories: <step><suffix>[-*]
 
 log = logging.getLogger("flax_albert_code")
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint is missing, incomplete, corrupt or belongs to another config."""
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -308,7 +303,7 @@ def check_workdir(workdir: str, config, sections: Sequence[str] = MUST_MATCH) ->
   workdir = str(workdir) if "://" in str(workdir) else os.path.abspath(os.path.expanduser(workdir))
   if not checkpoint_dir(workdir).is_dir():
     return
-  with _quiet_orbax():
+  with quiet_orbax():
     ckpt = Checkpointer(workdir, read_only=True)
     try:
       ckpt.check_compatible(config, sections, ignore=DERIVED)
@@ -316,114 +311,5 @@ def check_workdir(workdir: str, config, sections: Sequence[str] = MUST_MATCH) ->
       ckpt.manager.close()
 
 
-def verify_step(path: epath.Path) -> str | None:
-  """None if the files of step directory `path` match its manifest or it has none; else which
-  file is missing, truncated or altered."""
-  manifest = path / MANIFEST
-  if not manifest.exists():
-    return None
-  try:
-    listed = json.loads(manifest.read_text())["files"]
-  except Exception as e:
-    return f"its manifest {manifest} is unreadable ({type(e).__name__})"
-  bad = files.check(path, listed)
-  if bad is None:
-    return None
-  return {"missing": f"{bad.path} is missing",
-          "size": f"{bad.path} has {bad.size} bytes instead of {bad.want} (truncated?)",
-          "sha256": f"{bad.path} does not match its sha256 (altered on disk)"}[bad.kind]
-
-
 def _jsonable(d):
   return json.loads(json.dumps(d))
-
-
-def resolve(path: str) -> tuple[epath.Path, int]:
-  """A training workdir (-> its latest checkpoint) or one checkpoint step directory, as an
-  absolute path (orbax refuses relative ones; `runs/small` means the one under this directory)."""
-  path = os.path.expanduser(os.fspath(path))
-  p = epath.Path(path if "://" in path else os.path.abspath(path))
-  if not p.exists():
-    raise CheckpointError(f"Checkpoint path {p} does not exist; pass a training workdir or a "
-                          "checkpoint step directory.")
-  if not p.is_dir():
-    raise CheckpointError(f"Checkpoint path {p} is a file; pass a training workdir or a "
-                          "checkpoint step directory.")
-  if (p / "checkpoints").is_dir():
-    p = p / "checkpoints"
-  if (p / "state").is_dir() and p.name.isdigit():
-    return p.parent, int(p.name)
-  steps = sorted(int(c.name) for c in p.iterdir() if c.name.isdigit() and (c / "state").is_dir())
-  if not steps:
-    raise CheckpointError(f"{p} holds no flax_albert_code checkpoint (no <step>/state); pass a "
-                          "training workdir or a checkpoint step directory.")
-  return p, steps[-1]
-
-
-@contextlib.contextmanager
-def _quiet_orbax():
-  """Without orbax's warnings about reading a checkpoint read-only and restoring only some of
-  its items (absl WARNING lines a reader can do nothing about); its errors still show."""
-  def drop(record: logging.LogRecord) -> bool:
-    return record.levelno > logging.WARNING
-  absl = logging.getLogger("absl")
-  absl.addFilter(drop)
-  try:
-    yield
-  finally:
-    absl.removeFilter(drop)
-
-
-def read_config(path: str) -> ml_collections.ConfigDict:
-  """The config saved with the checkpoint `path` names (a workdir or a step directory), without
-  reading its parameters: what a command checks its flags against before loading a model."""
-  directory, step = resolve(path)
-  with _quiet_orbax():
-    manager = ocp.CheckpointManager(directory,
-                                    options=ocp.CheckpointManagerOptions(read_only=True),
-                                    item_names=("state", "data", "config"))
-    try:
-      return config_lib.upgrade(ml_collections.ConfigDict(manager.restore(
-          step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]))[0]
-    except Exception as e:
-      raise CheckpointError(f"Checkpoint {directory / str(step)} has no readable config "
-                            f"({type(e).__name__}); pass another checkpoint.") from e
-    finally:
-      manager.close()
-
-
-def load_for_inference(path: str) -> tuple[ml_collections.ConfigDict, Any, int]:
-  """(config, model params, step) from a workdir or checkpoint dir, on the default device."""
-  with _quiet_orbax():
-    return _load_for_inference(path)
-
-
-def _load_for_inference(path: str) -> tuple[ml_collections.ConfigDict, Any, int]:
-  directory, step = resolve(path)
-  problem = verify_step(directory / str(step))
-  if problem:
-    raise CheckpointError(f"Checkpoint {directory / str(step)} is corrupt ({problem}); pass an "
-                          "earlier step directory.")
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_names=("state", "data", "config"))
-  try:
-    config = ml_collections.ConfigDict(
-        manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
-    meta = manager.item_metadata(step)["state"]
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            meta)
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
-  except CheckpointError:
-    raise
-  except Exception as e:
-    raise CheckpointError(f"Checkpoint {directory / str(step)} could not be read "
-                          f"({type(e).__name__}: {str(e)[:300]}).") from e
-  finally:
-    manager.close()
-  config, changes = config_lib.upgrade(config)
-  if changes:
-    log.info("Checkpoint %s was written by an older version: it runs with its config upgraded "
-             "(%s).", directory / str(step), ", ".join(changes))
-  return config, state["params"]["model"], step

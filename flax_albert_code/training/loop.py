@@ -12,7 +12,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,21 +23,26 @@ from flax_albert_code.training import checkpoint
 from flax_albert_code.training import gauge as gauge_lib
 from flax_albert_code.training import metrics as metrics_lib
 from flax_albert_code.model import albert as model_lib
+from flax_albert_code.model import checkpoint_io
 from flax_albert_code.model import hf
 from flax_albert_code.training import optim
 from flax_albert_code.model import sharding
 from flax_albert_code.training import step as train_step
-from flax_albert_code.data import neighbours as neighbours_lib
+from flax_albert_code.retrieval import neighbours as neighbours_lib
 from flax_albert_code.data import pipeline
 from flax_albert_code.data.prepared import prepare
-from flax_albert_code.evaluation import design_example
-from flax_albert_code.inference.generator import CodeGenerator
 
 log = logging.getLogger("flax_albert_code")
 # A training loss above this many times its start (the first step's, or ln(vocabulary) if that is
 # higher: an untrained model's) has diverged: a run with a healthy learning rate never goes back
 # above its start, a diverging one was at 100x-1e8x within steps (learning rate 1 or 100).
 DIVERGED = 10
+
+
+# (config, params, prepared, mesh) -> the model's aligned vectors of texts (`neighbours.Embed`), for
+# mining neighbours with its own encoder. Given by the caller (the train command passes
+# CodeGenerator's), so that training imports no inference.
+Embedder = Callable[[Any, Any, Any, Any], neighbours_lib.Embed]
 
 
 class TrainingError(RuntimeError):
@@ -88,7 +93,7 @@ def _warm_start(state, config, model_cfg):
     params, _ = hf.load_hf_encoder(path, params=jax.device_get(state.params["model"]))
     loaded = params
   else:
-    _, loaded, _ = checkpoint.load_for_inference(path)
+    _, loaded, _ = checkpoint_io.load_for_inference(path)
   current = state.params["model"]
   flat_cur = dict(_flatten(current))
   flat_new = dict(_flatten(loaded))
@@ -117,22 +122,15 @@ def _model_fields(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: batch[k] for k in ("desc_ids", "code_ids", "ctx_ids", "labelled") if k in batch}
 
 
-def _embedder(config, params, prepared, mesh):
-  """(texts, kind) -> the model's aligned vectors, for mining neighbours with its own encoder."""
-  embed = CodeGenerator(config, params, prepared.tokenizer, prepared=prepared, mesh=mesh).embed
-
-  def quiet(texts, kind):   # long descriptions are cut as training cuts them: no warning each
-    logger = logging.getLogger("flax_albert_code.inference.generator")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-      return embed(texts, kind)
-    finally:
-      logger.setLevel(level)
-  return quiet
+def _mines_with_model(config) -> bool:
+  """Whether this run mines neighbours with the model's encoder: at a refresh step, or before
+  training from a warm-started model (config.retrieval.method other than bm25)."""
+  k, rc = train_step.retrieval_k(config), config.retrieval
+  return bool(k) and rc.method != "bm25" and bool(rc.refresh_steps or config.train.init_from)
 
 
-def _neighbours(config, prepared, workdir: str, step: int, params, mesh, *, refresh: bool):
+def _neighbours(config, prepared, workdir: str, step: int, params, mesh, *, refresh: bool,
+                embedder: Embedder | None):
   """This run's retrieval neighbours at `step`: loaded when saved (a resumed run), else mined
   (before training with BM25, or the warm-started model's vectors; at a refresh step with the
   model's own encoder) and saved. None for a model without retrieval."""
@@ -142,7 +140,7 @@ def _neighbours(config, prepared, workdir: str, step: int, params, mesh, *, refr
   nb = None if refresh else neighbours_lib.load(workdir, step, prepared, k)
   if nb is None:
     method = config.retrieval.method if (refresh or config.train.init_from) else "bm25"
-    embed = None if method == "bm25" else _embedder(config, params, prepared, mesh)
+    embed = None if method == "bm25" else embedder(config, params, prepared, mesh)
     start = time.perf_counter()
     nb = neighbours_lib.mine(prepared, k, method, embed, step=step)
     if jax.process_index() == 0:
@@ -182,10 +180,12 @@ def evaluate(eval_fn, params, config, prepared, mesh, batch_size: int,
 
 
 def run(config, workdir: str, *, progress: bool = True, max_steps: int | None = None,
-        devices: Sequence[Any] | None = None) -> Result:
+        devices: Sequence[Any] | None = None, embedder: Embedder | None = None) -> Result:
   """Train `config` in `workdir`; `max_steps` stops early (tests of resume) without saving;
-  `devices` (default all) are the mesh's devices."""
-  return Trainer(config, workdir, progress=progress, devices=devices).train(max_steps)
+  `devices` (default all) are the mesh's devices; `embedder` mines neighbours with the model
+  (needed when the config does, see `Embedder`)."""
+  return Trainer(config, workdir, progress=progress, devices=devices,
+                 embedder=embedder).train(max_steps)
 
 
 class Trainer:
@@ -194,9 +194,14 @@ class Trainer:
   while the next step runs (`_process_metrics(step - 1, ...)`): the device never waits."""
 
   def __init__(self, config, workdir: str, *, progress: bool = True,
-               devices: Sequence[Any] | None = None):
+               devices: Sequence[Any] | None = None, embedder: Embedder | None = None):
     tc = self.tc = config.train
     self.config = config
+    if embedder is None and _mines_with_model(config):
+      raise TrainingError(f"config.retrieval.method={config.retrieval.method!r} mines neighbours "
+                          "with the model's encoder, and no embedder was given; pass one "
+                          "(python -m flax_albert_code.train does) or use method 'bm25'.")
+    self.embedder = embedder
     self.startup = {"before_trainer": process_seconds()}   # seconds, logged at the first step
     t = time.perf_counter()
     self.is_main = jax.process_index() == 0
@@ -236,7 +241,8 @@ class Trainer:
       self.start = 0
     self.startup["state"], t = time.perf_counter() - t, time.perf_counter()
     self.neighbours = _neighbours(config, self.prepared, workdir, self.start,
-                                  self.state.params["model"], self.mesh, refresh=False)
+                                  self.state.params["model"], self.mesh, refresh=False,
+                                  embedder=embedder)
     self.startup["neighbours"] = time.perf_counter() - t
     if self.neighbours is not None:
       self.train_iter = _with_neighbours(self.train_iter, config, self.prepared, self.neighbours)
@@ -397,7 +403,8 @@ class Trainer:
     """Re-mines every split's neighbours with the model's own encoder; the train iterator
     continues where it was, reading them."""
     self.neighbours = _neighbours(self.config, self.prepared, self.workdir, step,
-                                  self.state.params["model"], self.mesh, refresh=True)
+                                  self.state.params["model"], self.mesh, refresh=True,
+                                  embedder=self.embedder)
     self.train_iter = _with_neighbours(self.train_iter, self.config, self.prepared,
                                        self.neighbours)
 
@@ -442,53 +449,6 @@ def _dispatch(compiled, kind: str, fallback):
       fn = fn.result()
     return fn(state_or_params, batch)
   return step
-
-
-def report(result: Result, config) -> None:
-  """What the user sees at the end: losses, a few generated samples, where the checkpoint is."""
-  if jax.process_index() != 0:
-    return
-  if result.history:
-    first, last = result.history[0], result.history[-1]
-    print(f"step {last['step']}: train loss {first['loss']:.3f} -> {last['loss']:.3f}")
-  if result.valid:
-    shown = {k[6:]: v for k, v in result.valid.items()
-             if k.endswith(("loss", "accuracy"))}
-    print("final validation: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
-    read = {k: result.valid[k] for k in ("input_gap", "copy_gap", "encoder_spread")
-            if k in result.valid}
-    if read:
-      print("reading gauge: " + ", ".join(f"{k} {v:.4f}" for k, v in read.items()))
-  n = int(config.train.samples_at_end)
-  if n and train_step.objectives(config.train)[0] and result.state is not None:
-    _print_samples(result, config, n)
-  where = str(checkpoint.checkpoint_dir(result.workdir))
-  print(f"checkpoint: {where if '://' in where else os.path.abspath(where)}"
-        f"/{result.step}")
-
-
-def _print_samples(result: Result, config, n: int) -> None:
-  split = "valid" if result.prepared.split_sizes.get("valid") else "train"
-  source = result.prepared.source(split)
-  examples = [source[i] for i in range(min(n, len(source)))]
-  params = jax.device_get(result.state.params["model"])
-  gen = CodeGenerator(config, params, result.prepared.tokenizer, prepared=result.prepared)
-  strategy = config.sample.strategy if config.sample.strategy in ("greedy", "beam") else "greedy"
-  outs = gen.generate([e["description"] for e in examples], strategy=strategy,
-                      num_beams=config.sample.num_beams,
-                      max_new_tokens=config.sample.max_new_tokens)
-  how = f"beam {config.sample.num_beams}" if strategy == "beam" else "greedy"
-  print(f"\nGenerated for {len(examples)} {split} descriptions ({how}, config.sample.strategy):")
-  for e, cands in zip(examples, outs):
-    print(f"\n# {e['description']}")
-    for i, nb in enumerate(cands[0].get("neighbours", [])):
-      print(f"# neighbour {i + 1}: {nb['path']}:{nb['lineno']} {nb['name']} "
-            f"(score {nb['score']:.2f})")
-    print(cands[0]["code"])
-  print("\nThe source design's example, run in the sandbox:")
-  print(design_example.format_results(design_example.run(gen, (strategy,),
-                                                         config.sample.num_beams)))
-  print()
 
 
 def process_seconds() -> float:

@@ -2,7 +2,7 @@
 
 A retrieval-augmented model (config.retrieval.k > 0) reads, for generation, its description
 followed by the code of k train functions retrieved for it (`tokenizer.frame_context`). Which
-ones is decided here, once per split, by `inference.retrieval.Retriever` over the train split:
+ones is decided here, once per split, by `retrieval.retriever.Retriever` over the train split:
 - leakage: a query never retrieves a function of its own source file (the target itself, and its
   siblings), in every split; valid/test files are disjoint from train anyway (split by file);
 - the store: `<workdir>/retrieval/neighbours_<step>.npz`, written to a temporary name and
@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from flax_albert_code.data.sources import DataError
-from flax_albert_code.inference import retrieval
+from flax_albert_code.retrieval import retriever as retriever_lib
 
 log = logging.getLogger("flax_albert_code")
 SPLITS = ("train", "valid", "test")
@@ -56,14 +56,14 @@ def texts(prepared, split: str) -> tuple[list[str], list[str], list[str]]:
 
 def mine(prepared, k: int, method: str, embed: Embed | None = None, step: int = 0) -> Neighbours:
   """Top-k train neighbours of every example of every split, its own file excluded."""
-  retrieval.check_method(method)
+  retriever_lib.check_method(method)
   if method != "bm25" and embed is None:
     raise ValueError(f"Retrieval method {method!r} needs the model's vectors; mine with 'bm25'.")
   train = texts(prepared, "train")
   descs, codes, paths = train
   vectors = embed(codes, "code") if method != "bm25" else None
-  retriever = retrieval.Retriever(codes, vectors, groups=paths,
-                                  keys=[retrieval.key_text(d, c) for d, c in zip(descs, codes)])
+  retriever = retriever_lib.Retriever(codes, vectors, groups=paths,
+                                  keys=[retriever_lib.key_text(d, c) for d, c in zip(descs, codes)])
   ids, scores = {}, {}
   for split in SPLITS:
     descs, _, split_paths = train if split == "train" else texts(prepared, split)

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from flax_albert_code import config as config_lib
-from flax_albert_code.data import neighbours, prepared as prepared_lib
-from flax_albert_code.evaluation import bm25 as bm25_lib
-from flax_albert_code.inference import retrieval
+from flax_albert_code.data import prepared as prepared_lib
+from flax_albert_code.retrieval import neighbours
+from flax_albert_code.retrieval import bm25 as bm25_lib
+from flax_albert_code.retrieval import retriever as retriever_lib
 
 WORDS = ["read", "file", "path", "add", "sum", "list", "sort", "key", "open", "line"]
 
@@ -37,7 +38,7 @@ def test_bm25_top_k_equals_a_brute_force_ranking(k, chunk):
   docs, queries, groups = corpus(40, seed=k)
   exclude = [groups[(7 * q) % len(groups)] for q in range(len(queries))]
   want, index = brute_force(docs, queries, groups, exclude, k)
-  r = retrieval.Retriever(docs, groups=groups)
+  r = retriever_lib.Retriever(docs, groups=groups)
   got, scores = r.search(queries, k, method="bm25", exclude=exclude, chunk=chunk)
   for q in range(len(queries)):
     s = index.scores(bm25_lib.words(queries[q]))
@@ -61,7 +62,7 @@ def test_bm25_float32_score_matrix_matches_float64():
 def test_top_k_marks_missing_with_minus_one():
   s = np.array([[1.0, -np.inf, 2.0, 2.0], [-np.inf] * 4], np.float32)
   for k in (3, 9):
-    ids, scores = retrieval.top_k(s.copy(), k)
+    ids, scores = retriever_lib.top_k(s.copy(), k)
     assert ids[0, :3].tolist() == [2, 3, 0] and ids[1, :3].tolist() == [-1] * 3
     assert scores[0, :3].tolist() == [2.0, 2.0, 1.0]
 

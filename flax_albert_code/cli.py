@@ -1,5 +1,6 @@
 """What every command shares: one-line errors, quiet library logs, progress bars on a terminal,
-reading texts, loading a model."""
+reading texts, loading a model. Not a command: a layer of its own under the commands (the
+import-linter contract in pyproject.toml), so that no command imports another."""
 from __future__ import annotations
 
 import logging
@@ -99,10 +100,10 @@ def check_decoding(path: str, strategies: Sequence[str], **decode) -> None:
   the memory free here, or asks for more tokens than the model has positions
   (inference/memory.py)."""
   # Here, not at the top: orbax would make the commands' `--help` slow.
+  from flax_albert_code.inference import generator  # pylint: disable=import-outside-toplevel
   from flax_albert_code.inference import memory  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.inference.generator import full_config  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.training import checkpoint  # pylint: disable=import-outside-toplevel
-  config = full_config(checkpoint.read_config(path))
+  from flax_albert_code.model import checkpoint_io  # pylint: disable=import-outside-toplevel
+  config = generator.full_config(checkpoint_io.read_config(path))
   for strategy in strategies:
     memory.check(config, strategy=strategy, **decode)
 
@@ -112,8 +113,17 @@ def load_generator(path: str):
   # Here, not at the top: flax and orbax would make the commands' `--help` take 1.5 s, not 0.1 s.
   import jax  # pylint: disable=import-outside-toplevel
   from flax_albert_code.model import sharding  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.inference.generator import CodeGenerator  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.inference import generator  # pylint: disable=import-outside-toplevel
   mesh = None
   if jax.device_count() > 1:
     mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
-  return CodeGenerator.from_checkpoint(path, mesh=mesh)
+  return generator.CodeGenerator.from_checkpoint(path, mesh=mesh)
+
+
+def embedder(config, params, prepared, mesh):
+  """The model's aligned vectors of texts, `(texts, kind) -> [N, A]`, through CodeGenerator: how
+  training mines neighbours with its own encoder (`training.loop.Embedder`)."""
+  from flax_albert_code.inference import generator  # pylint: disable=import-outside-toplevel
+  gen = generator.CodeGenerator(config, params, prepared.tokenizer, prepared=prepared, mesh=mesh)
+  gen.warn_long = False   # long descriptions are cut as training cuts them: no warning each
+  return gen.embed

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from flax_albert_code.evaluation import bm25 as bm25_lib
+from flax_albert_code.retrieval import bm25 as bm25_lib
 
 METHODS = ("dense", "bm25", "hybrid")
 NEIGHBOUR_FIELDS = ("path", "name", "lineno", "score")   # what a candidate lists per neighbour
@@ -141,7 +141,7 @@ def key_text(description: str, code: str) -> str:
 
 
 def over_items(items: Sequence[dict[str, Any]], vectors_NxA: np.ndarray | None) -> Retriever:
-  """A Retriever over search-index items (inference/index.py): their code, BM25 keyed by
+  """A Retriever over search-index items (retrieval/index.py): their code, BM25 keyed by
   `key_text`, and their code vectors."""
   return Retriever([it["code"] for it in items], vectors_NxA,
                    keys=[key_text(it.get("description", ""), it["code"]) for it in items])
