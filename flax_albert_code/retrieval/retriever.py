@@ -165,3 +165,9 @@ def listed(nbs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   """What a candidate lists under "neighbours": each one's path, name, lineno and score."""
   return [{f: n[f] for f in NEIGHBOUR_FIELDS} for n in nbs]
 
+
+def neighbour_lines(nbs: Sequence[dict[str, Any]]) -> list[str]:
+  """The retrieved functions a candidate was written from, as the commands print them above
+  its code: `# neighbour 1: stdlib/codecs.py:609 StreamReader.readlines (score 6.86)`."""
+  return [f"# neighbour {i + 1}: {n['path']}:{n['lineno']} {n['name']} (score {n['score']:.2f})"
+          for i, n in enumerate(nbs)]
