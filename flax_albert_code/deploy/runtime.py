@@ -59,7 +59,6 @@ SPOT_COSINE = 0.9        # ... whose stored vectors must be this close to the mo
 # The inputs of a generate program after the variables (scalars but the first two).
 GENERATE_INPUTS = ("desc_ids", "keys", "max_new_tokens", "temperature", "top_k", "top_p",
                    "length_penalty", "repetition_penalty")
-KINDS = ("desc", "code")
 
 
 log = logging.getLogger("flax_albert_code")
@@ -469,16 +468,8 @@ class Export:
 
   def embed(self, texts: Sequence[str], kind: str = "desc") -> np.ndarray:
     """L2-normalised alignment vectors [N, align_dim] of descriptions or code."""
-    if kind not in KINDS:
-      raise ValueError(f"Unknown embedding kind {kind!r}; use 'desc' or 'code'.")
-    texts = postprocess.check_texts(texts, "Description" if kind == "desc" else "Code",
-                                    allow_blank=kind == "code")
-    if kind == "desc":
-      ids = [self.tokenizer.encode_description(x, self.desc_len) for x in texts]
-      widths = [self.desc_len]
-    else:   # what training encodes: [CLS] + code tokens, in the code's bucket
-      ids = [postprocess.code_ids(self.tokenizer.encode(x), self.code_widths[-1]) for x in texts]
-      widths = self.code_widths
+    ids, widths = postprocess.embed_ids(texts, kind, self.tokenizer, self.desc_len,
+                                        self.code_widths)
 
     def encode(batch, bucket, width):
       return jax.device_get(self._fn(f"encode_b{bucket}_w{width}")(self.variables, batch))

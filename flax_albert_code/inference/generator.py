@@ -243,21 +243,9 @@ class CodeGenerator:
 
   def embed(self, texts: Sequence[str], kind: str = "desc") -> np.ndarray:
     """L2-normalised alignment vectors [N, align_dim] of descriptions or code."""
-    if kind not in ("desc", "code"):
-      raise ValueError(f"Unknown embedding kind {kind!r}; use 'desc' or 'code'.")
-    what = "Description" if kind == "desc" else "Code"
-    texts = postprocess.check_texts(texts, what, allow_blank=kind == "code")
-    if kind == "code":
-      return self._code_vectors(texts)
-    ids = [self._description_ids(t, i) for i, t in enumerate(texts)]
-    return self._vectors_by_width(ids, [self.max_desc_len])
+    ids, widths = postprocess.embed_ids(texts, kind, self.tokenizer, self.max_desc_len,
+                                        self.code_buckets, self._description_ids)
 
-  def _code_vectors(self, codes: list[str]) -> np.ndarray:
-    # What training encodes: [CLS] + code tokens, EOS read as padding, in the code's bucket.
-    ids = [postprocess.code_ids(self.tokenizer.encode(c), self.code_buckets[-1]) for c in codes]
-    return self._vectors_by_width(ids, self.code_buckets)
-
-  def _vectors_by_width(self, ids: list[list[int]], widths: list[int]) -> np.ndarray:
     def encode(batch, bucket, width):
       del bucket, width
       return jax.device_get(_vectors(self.model, self.variables, self._put(batch),
@@ -287,8 +275,6 @@ class CodeGenerator:
       log.warning("Description %d is %d tokens long; the model reads at most %d, so it was "
                   "truncated.", i + 1, n, self.max_desc_len - 2)
     return self.tokenizer.encode_description(text, self.max_desc_len)
-
-
 
   def _put(self, batch: np.ndarray) -> jax.Array:
     if self.mesh is None:

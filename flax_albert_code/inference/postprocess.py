@@ -1,7 +1,7 @@
-"""What CodeGenerator and the export runtime share around the model: text checks, batch-bucket
-padding, the retrieve decision, result assembly and ranking (`candidates`, `rank`), and
-`parses`, the one meaning of "this candidate is code" (generation's "parses" field,
-`drop_unparsable` and the evaluation parse rate all use it).
+"""What CodeGenerator and the export runtime share around the model: text checks, embedding
+inputs, batch-bucket padding, the retrieve decision, result assembly and ranking (`candidates`,
+`rank`), and `parses`, the one meaning of "this candidate is code" (generation's "parses"
+field, `drop_unparsable` and the evaluation parse rate all use it).
 
 Kept free of flax/orbax so that `load_export` stays light.
 """
@@ -54,6 +54,22 @@ def chunks(n: int, buckets: Sequence[int]) -> list[tuple[int, int, int]]:
 def code_ids(tokens: Sequence[int], max_width: int) -> list[int]:
   """What training encodes for a code's vector: [CLS] + code tokens, at most `max_width`."""
   return [CLS_ID, *tokens[:max_width - 1]]
+
+
+def embed_ids(texts, kind: str, tokenizer, desc_len: int, code_widths: Sequence[int],
+              description_ids: Callable[[str, int], list[int]] | None = None
+              ) -> tuple[list[list[int]], list[int]]:
+  """The encoder inputs of `embed(texts, kind)` and the widths to encode them at: descriptions
+  framed to `desc_len` (`description_ids(text, i)`, default `tokenizer.encode_description`), or
+  what training encodes for code, [CLS] + code tokens, in the code's bucket."""
+  if kind not in ("desc", "code"):
+    raise ValueError(f"Unknown embedding kind {kind!r}; use 'desc' or 'code'.")
+  texts = check_texts(texts, "Description" if kind == "desc" else "Code",
+                      allow_blank=kind == "code")
+  if kind == "code":
+    return [code_ids(tokenizer.encode(x), code_widths[-1]) for x in texts], list(code_widths)
+  describe = description_ids or (lambda x, _: tokenizer.encode_description(x, desc_len))
+  return [describe(x, i) for i, x in enumerate(texts)], [desc_len]
 
 
 def vectors_by_width(ids: Sequence[Sequence[int]], widths: Sequence[int],
