@@ -53,8 +53,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _print_neighbours(cands: list[dict]) -> None:
   """The retrieved functions the candidates were written from, as comment lines."""
-  for i, n in enumerate(cands[0].get("neighbours", []) if cands else []):
-    print(f"# neighbour {i + 1}: {n['path']}:{n['lineno']} {n['name']} (score {n['score']:.2f})")
+  # Here, not at the top: scipy (BM25) would slow `--help`.
+  from flax_albert_code.retrieval import retriever  # pylint: disable=import-outside-toplevel
+  for line in retriever.neighbour_lines(cands[0].get("neighbours", []) if cands else []):
+    print(line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

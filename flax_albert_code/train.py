@@ -150,6 +150,7 @@ def _print_samples(result, config, n: int) -> None:
   import jax
   from flax_albert_code.evaluation import design_example
   from flax_albert_code.inference.generator import CodeGenerator
+  from flax_albert_code.retrieval import retriever
   split = "valid" if result.prepared.split_sizes.get("valid") else "train"
   source = result.prepared.source(split)
   examples = [source[i] for i in range(min(n, len(source)))]
@@ -163,9 +164,8 @@ def _print_samples(result, config, n: int) -> None:
   print(f"\nGenerated for {len(examples)} {split} descriptions ({how}, config.sample.strategy):")
   for e, cands in zip(examples, outs):
     print(f"\n# {e['description']}")
-    for i, nb in enumerate(cands[0].get("neighbours", [])):
-      print(f"# neighbour {i + 1}: {nb['path']}:{nb['lineno']} {nb['name']} "
-            f"(score {nb['score']:.2f})")
+    for line in retriever.neighbour_lines(cands[0].get("neighbours", [])):
+      print(line)
     print(cands[0]["code"])
   print("\nThe source design's example, run in the sandbox:")
   print(design_example.format_results(design_example.run(gen, (strategy,),

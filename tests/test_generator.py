@@ -23,6 +23,7 @@ from flax_albert_code.model import sharding
 from flax_albert_code.model import albert as model_lib
 from flax_albert_code.config import CLS_ID, EOS_ID, PAD_ID, SEP_ID
 from flax_albert_code.inference.generator import CodeGenerator
+from flax_albert_code.inference import postprocess
 from flax_albert_code.inference.postprocess import parses
 from flax_albert_code.tokenizer import frame_code, frame_description
 from test_sampling import random_variables
@@ -75,6 +76,35 @@ def gen():
 
 
 DESCS = ["add two numbers", "reverse a string", "read a file and count its lines"]
+
+
+def test_candidates_and_rank_are_the_one_result_assembly_of_generator_and_export():
+  """Rows cut to max_new_tokens, ordered by score on request, neighbours listed; rank drops
+  unparsable candidates unless none parses, reranks stably by alignment and keeps the first."""
+  tokens = np.array([[[5, 6, PAD_ID], [7, EOS_ID, PAD_ID], [8, 9, EOS_ID]]])
+  decoded = {(5, 6): "x = (", (7, EOS_ID): "y = 1", (8, 9): "z = 2"}
+  nbs = [[{"path": "a.py", "name": "f", "lineno": 3, "code": "...", "score": 1.5, "tokens": [1]}]]
+  cands = postprocess.candidates(lambda seq: decoded[tuple(seq)], tokens,
+                                 np.array([[-3.0, -1.0, -2.0]]), nbs, max_new_tokens=2,
+                                 by_score=True)[0]
+  assert [c["code"] for c in cands] == ["y = 1", "z = 2", "x = ("]
+  assert [c["finish_reason"] for c in cands] == ["eos", "length", "length"]   # EOS cut off
+  assert [c["parses"] for c in cands] == [True, True, False] and cands[0]["align"] is None
+  assert cands[0]["neighbours"] == [{"path": "a.py", "name": "f", "lineno": 3, "score": 1.5}]
+  vectors = {"d": [1.0, 0.0], "y = 1": [0.0, 1.0], "z = 2": [1.0, 0.0], "x = (": [1.0, 0.0]}
+
+  def embed(texts, kind):
+    del kind
+    return np.array([vectors[t] for t in texts])
+  kept = postprocess.rank([list(cands)], ["d"], embed, rerank=True, drop_unparsable=True,
+                          keep=2)[0]
+  assert [c["code"] for c in kept] == ["z = 2", "y = 1"] and kept[0]["align"] == 1.0
+  bad = [dict(cands[2])]
+  assert postprocess.rank([bad], ["d"], embed, rerank=False, drop_unparsable=True,
+                          keep=1) == [bad]
+  with pytest.raises(ValueError, match="trained without retrieval"):
+    postprocess.retrieves(True, 0, "drop retrieve.")
+  assert postprocess.retrieves(None, 2, "") and not postprocess.retrieves(None, 0, "")
 
 
 def test_generate_returns_ranked_candidates(gen):

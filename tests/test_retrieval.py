@@ -20,6 +20,7 @@ from flax_albert_code.retrieval import neighbours as neighbours_lib
 from flax_albert_code.data.sources import DataError
 from flax_albert_code.deploy import runtime
 from flax_albert_code.deploy import writer
+from flax_albert_code.evaluation import design_example
 from flax_albert_code.inference import model_decoding
 from flax_albert_code.retrieval import retriever as retriever_lib
 from flax_albert_code.inference.generator import CodeGenerator
@@ -53,6 +54,17 @@ def test_retriever_methods_rank_and_exclude_the_querys_own_file():
     retriever_lib.Retriever(codes).search(["x"], 1, method="dense")
   with pytest.raises(ValueError, match="Unknown retrieval method"):
     r.search(["x"], 1, method="colbert")
+
+
+def test_neighbour_lines_are_what_generate_train_and_the_design_example_print():
+  nbs = [{"path": "stdlib/codecs.py", "lineno": 609, "name": "StreamReader.readlines",
+          "score": 6.857}]
+  line = "# neighbour 1: stdlib/codecs.py:609 StreamReader.readlines (score 6.86)"   # README
+  assert retriever_lib.neighbour_lines(nbs) == [line]
+  assert retriever_lib.neighbour_lines([]) == []
+  text = design_example.format_results([{"strategy": "greedy", "code": "x = 1\n",
+                                         "neighbours": nbs, "passed": True, "status": "ok"}])
+  assert text.splitlines()[2:] == [line, "x = 1"]
 
 
 def test_frame_context_shares_the_room_between_neighbours():

@@ -42,7 +42,6 @@ from safetensors.numpy import load_file
 
 from flax_albert_code.inference import decoding
 from flax_albert_code.inference import options
-from flax_albert_code.config import EOS_ID
 from flax_albert_code.retrieval import index as index_lib
 from flax_albert_code.inference import postprocess
 from flax_albert_code.retrieval import retriever as retriever_lib
@@ -60,7 +59,6 @@ SPOT_COSINE = 0.9        # ... whose stored vectors must be this close to the mo
 # The inputs of a generate program after the variables (scalars but the first two).
 GENERATE_INPUTS = ("desc_ids", "keys", "max_new_tokens", "temperature", "top_k", "top_p",
                    "length_penalty", "repetition_penalty")
-KINDS = ("desc", "code")
 
 
 log = logging.getLogger("flax_albert_code")
@@ -360,11 +358,8 @@ class Export:
   def retrieves(self, retrieve: bool | None = None) -> bool:
     """Whether a request with `retrieve` (None: this export's default) draws on neighbours;
     ValueError for retrieval this export cannot do."""
-    if retrieve and not self.retrieval_k:
-      raise ValueError("This model was trained without retrieval (config.retrieval.k = 0), so "
-                       "it cannot use neighbours; drop retrieve or export a model trained with "
-                       "--config.retrieval.k=2.")
-    used = bool(self.retrieval_k) if retrieve is None else bool(retrieve)
+    used = postprocess.retrieves(retrieve, self.retrieval_k, "drop retrieve or export a model "
+                                 "trained with --config.retrieval.k=2.")
     if used and self.index is None:
       raise ValueError("This export retrieves neighbours but has no index (exported with "
                        "--no-retrieval-index); load it with index= (serve --index) or pass "
@@ -381,10 +376,9 @@ class Export:
     if index is None or retriever is None:
       raise ValueError("No retrieval index is loaded; pass index= to load_export.")
     method = retriever_lib.check_method(method or self.retrieval_method)
-    qv = None if method == "bm25" else self.embed(list(texts), kind="desc")
     return retriever_lib.neighbours(retriever, index.items, texts,
-                                self.retrieval_k if k is None else int(k), method, qv,
-                                self.tokenizer.encode)
+                                    self.retrieval_k if k is None else int(k), method,
+                                    self.embed, self.tokenizer.encode)
 
   def generate(self, descriptions: Sequence[str], strategy: str = "greedy", num_samples: int = 1,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -414,33 +408,11 @@ class Export:
         length_penalty=length_penalty, repetition_penalty=repetition_penalty, seeds=seeds,
         neighbour_tokens=None if neighbours is None else [[n["tokens"] for n in nbs]
                                                           for nbs in neighbours])
-    several = strategy == "sample" and num_samples > 1
-    results = []
-    for i, (row_tokens, row_scores) in enumerate(zip(tokens_NxKxT, scores_NxK)):
-      order = np.argsort(-row_scores, kind="stable") if several else range(len(row_scores))
-      cands = []
-      for j in order:
-        seq = row_tokens[j][:want].tolist()
-        code = self.tokenizer.decode(seq)
-        cands.append({"code": code, "score": float(row_scores[j]), "align": None,
-                      "parses": postprocess.parses(code),
-                      "finish_reason": "eos" if EOS_ID in seq else "length"})
-        if neighbours is not None:
-          cands[-1]["neighbours"] = retriever_lib.listed(neighbours[i])
-      results.append(cands)
-    if rerank:
-      desc_vecs = self.embed(texts, kind="desc")
-      flat = [(i, c) for i, cands in enumerate(results) for c in cands]
-      code_vecs = self.embed([c["code"] for _, c in flat], kind="code")
-      for (i, cand), vec in zip(flat, code_vecs):
-        cand["align"] = float(np.dot(desc_vecs[i], vec))
-    for i, cands in enumerate(results):
-      if drop_unparsable and any(c["parses"] for c in cands):
-        cands = [c for c in cands if c["parses"]]
-      if rerank:
-        cands = sorted(cands, key=lambda c: -c["align"])
-      results[i] = cands[:num_samples]
-    return results
+    results = postprocess.candidates(
+        self.tokenizer.decode, tokens_NxKxT, scores_NxK, neighbours, max_new_tokens=want,
+        by_score=strategy == "sample" and num_samples > 1)
+    return postprocess.rank(results, texts, self.embed, rerank=rerank,
+                            drop_unparsable=drop_unparsable, keep=num_samples)
 
   def generate_tokens(self, texts: Sequence[str], *, strategy: str = "greedy",
                       num_samples: int = 1, temperature: float = 1.0, top_k: int = 0,
@@ -496,16 +468,8 @@ class Export:
 
   def embed(self, texts: Sequence[str], kind: str = "desc") -> np.ndarray:
     """L2-normalised alignment vectors [N, align_dim] of descriptions or code."""
-    if kind not in KINDS:
-      raise ValueError(f"Unknown embedding kind {kind!r}; use 'desc' or 'code'.")
-    texts = postprocess.check_texts(texts, "Description" if kind == "desc" else "Code",
-                                    allow_blank=kind == "code")
-    if kind == "desc":
-      ids = [self.tokenizer.encode_description(x, self.desc_len) for x in texts]
-      widths = [self.desc_len]
-    else:   # what training encodes: [CLS] + code tokens, in the code's bucket
-      ids = [postprocess.code_ids(self.tokenizer.encode(x), self.code_widths[-1]) for x in texts]
-      widths = self.code_widths
+    ids, widths = postprocess.embed_ids(texts, kind, self.tokenizer, self.desc_len,
+                                        self.code_widths)
 
     def encode(batch, bucket, width):
       return jax.device_get(self._fn(f"encode_b{bucket}_w{width}")(self.variables, batch))

@@ -9,6 +9,7 @@ import ast
 from typing import Any, Sequence
 
 from flax_albert_code.evaluation import sandbox
+from flax_albert_code.retrieval import retriever
 
 DESCRIPTION = "create a function that takes two integers and returns their sum"
 CHECKS = ((2, 3, 5), (-4, 10, 6))
@@ -63,8 +64,6 @@ def format_results(results: Sequence[dict[str, Any]]) -> str:
   for r in results:
     verdict = "passes" if r["passed"] else f"does not pass ({r.get('reason') or r['status']})"
     lines.append(f"## {r['strategy']}: f(2, 3) == 5 {verdict}")
-    for i, n in enumerate(r["neighbours"]):
-      lines.append(f"# neighbour {i + 1}: {n['path']}:{n['lineno']} {n['name']} "
-                   f"(score {n['score']:.2f})")
+    lines.extend(retriever.neighbour_lines(r["neighbours"]))
     lines.append(r["code"].rstrip("\n"))
   return "\n".join(lines)

@@ -24,7 +24,6 @@ import ml_collections
 import numpy as np
 
 from flax_albert_code import config as config_lib
-from flax_albert_code.config import EOS_ID
 from flax_albert_code.data import prepared as prepared_lib
 from flax_albert_code.inference import decoding
 from flax_albert_code.retrieval import index as index_lib
@@ -175,7 +174,8 @@ class CodeGenerator:
                  divisor=sharding.batch_divisor(self.mesh) if self.mesh is not None else 1)
     if not texts:
       return []
-    used = self._retrieves(retrieve)
+    used = postprocess.retrieves(retrieve, self.retrieval_k, "drop retrieve/--corpus or train "
+                                 "with --config.retrieval.k=2.")
     neighbours = self.retrieve(texts, corpus) if used else [[] for _ in texts]
     width = self.max_ctx_len if used else self.max_desc_len
     ids = np.array([postprocess.pad(self._input_ids(t, i, [n["tokens"] for n in neighbours[i]]),
@@ -201,46 +201,13 @@ class CodeGenerator:
           no_repeat_ngram_size=no_repeat_ngram_size)
       tokens.append(np.asarray(jax.device_get(t))[:size])
       scores.append(np.asarray(jax.device_get(s))[:size])
-    tokens_NxKxT, scores_NxK = np.concatenate(tokens), np.concatenate(scores)
-
-    results = []
-    for row_tokens, row_scores in zip(tokens_NxKxT, scores_NxK):
-      results.append([{"code": self.tokenizer.decode(seq.tolist()), "score": float(score),
-                       "align": None, "parses": False,
-                       "finish_reason": "eos" if (seq == EOS_ID).any() else "length"}
-                      for seq, score in zip(row_tokens, row_scores)])
-    for cands, nbs in zip(results, neighbours):
-      for cand in cands:
-        cand["parses"] = postprocess.parses(cand["code"])
-        if used:
-          cand["neighbours"] = retriever_lib.listed(nbs)
-    if rerank:
-      self._add_alignment(texts, results)
-    keep = num_samples
-    for i, cands in enumerate(results):
-      if drop_unparsable and any(c["parses"] for c in cands):
-        cands = [c for c in cands if c["parses"]]
-      if rerank:
-        cands = sorted(cands, key=lambda c: -c["align"])   # stable: ties keep score order
-      results[i] = cands[:keep]
-    return results
-
-  def _add_alignment(self, texts: list[str], results: list[list[dict]]) -> None:
-    desc_vecs = self.embed(texts, kind="desc")
-    flat = [(i, c) for i, cands in enumerate(results) for c in cands]
-    code_vecs = self._code_vectors([c["code"] for _, c in flat])
-    for (i, cand), vec in zip(flat, code_vecs):
-      cand["align"] = float(np.dot(desc_vecs[i], vec))
+    results = postprocess.candidates(self.tokenizer.decode, np.concatenate(tokens),
+                                     np.concatenate(scores), neighbours if used else None)
+    return postprocess.rank(results, texts, self.embed, rerank=rerank,
+                            drop_unparsable=drop_unparsable, keep=num_samples)
 
   # -------------------------------------------------------------------------------------------
   # Retrieval.
-
-  def _retrieves(self, retrieve: bool | None) -> bool:
-    if retrieve and not self.retrieval_k:
-      raise ValueError("This model was trained without retrieval (config.retrieval.k = 0), so "
-                       "it cannot use neighbours; drop retrieve/--corpus or train with "
-                       "--config.retrieval.k=2.")
-    return bool(self.retrieval_k) if retrieve is None else bool(retrieve)
 
   def retrieve(self, texts: Sequence[str], corpus: str | None = None, k: int | None = None,
                method: str | None = None) -> list[list[dict[str, Any]]]:
@@ -250,8 +217,8 @@ class CodeGenerator:
     retriever, items = self.retriever(corpus)
     k = self.retrieval_k if k is None else int(k)
     method = method or self.config.retrieval.method
-    qv = None if method == "bm25" else self.embed(list(texts), kind="desc")
-    return retriever_lib.neighbours(retriever, items, texts, k, method, qv, self.tokenizer.encode)
+    return retriever_lib.neighbours(retriever, items, texts, k, method, self.embed,
+                                    self.tokenizer.encode)
 
   def retriever(self, corpus: str | None = None):
     """(Retriever, items) over `corpus`'s index (built once with this model, saved under the
@@ -276,21 +243,9 @@ class CodeGenerator:
 
   def embed(self, texts: Sequence[str], kind: str = "desc") -> np.ndarray:
     """L2-normalised alignment vectors [N, align_dim] of descriptions or code."""
-    if kind not in ("desc", "code"):
-      raise ValueError(f"Unknown embedding kind {kind!r}; use 'desc' or 'code'.")
-    what = "Description" if kind == "desc" else "Code"
-    texts = postprocess.check_texts(texts, what, allow_blank=kind == "code")
-    if kind == "code":
-      return self._code_vectors(texts)
-    ids = [self._description_ids(t, i) for i, t in enumerate(texts)]
-    return self._vectors_by_width(ids, [self.max_desc_len])
+    ids, widths = postprocess.embed_ids(texts, kind, self.tokenizer, self.max_desc_len,
+                                        self.code_buckets, self._description_ids)
 
-  def _code_vectors(self, codes: list[str]) -> np.ndarray:
-    # What training encodes: [CLS] + code tokens, EOS read as padding, in the code's bucket.
-    ids = [postprocess.code_ids(self.tokenizer.encode(c), self.code_buckets[-1]) for c in codes]
-    return self._vectors_by_width(ids, self.code_buckets)
-
-  def _vectors_by_width(self, ids: list[list[int]], widths: list[int]) -> np.ndarray:
     def encode(batch, bucket, width):
       del bucket, width
       return jax.device_get(_vectors(self.model, self.variables, self._put(batch),
@@ -320,8 +275,6 @@ class CodeGenerator:
       log.warning("Description %d is %d tokens long; the model reads at most %d, so it was "
                   "truncated.", i + 1, n, self.max_desc_len - 2)
     return self.tokenizer.encode_description(text, self.max_desc_len)
-
-
 
   def _put(self, batch: np.ndarray) -> jax.Array:
     if self.mesh is None:

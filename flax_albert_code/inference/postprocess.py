@@ -1,5 +1,6 @@
-"""What CodeGenerator and the export runtime share around the model: text checks, batch-bucket
-padding, and `parses`, the one meaning of "this candidate is code" (generation's "parses"
+"""What CodeGenerator and the export runtime share around the model: text checks, embedding
+inputs, batch-bucket padding, the retrieve decision, result assembly and ranking (`candidates`,
+`rank`), and `parses`, the one meaning of "this candidate is code" (generation's "parses"
 field, `drop_unparsable` and the evaluation parse rate all use it).
 
 Kept free of flax/orbax so that `load_export` stays light.
@@ -8,11 +9,12 @@ from __future__ import annotations
 
 import ast
 import warnings
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from flax_albert_code.config import CLS_ID, PAD_ID
+from flax_albert_code.config import CLS_ID, EOS_ID, PAD_ID
+from flax_albert_code.retrieval import retriever as retriever_lib
 
 
 def check_texts(texts, what: str, allow_blank: bool = False) -> list[str]:
@@ -54,6 +56,22 @@ def code_ids(tokens: Sequence[int], max_width: int) -> list[int]:
   return [CLS_ID, *tokens[:max_width - 1]]
 
 
+def embed_ids(texts, kind: str, tokenizer, desc_len: int, code_widths: Sequence[int],
+              description_ids: Callable[[str, int], list[int]] | None = None
+              ) -> tuple[list[list[int]], list[int]]:
+  """The encoder inputs of `embed(texts, kind)` and the widths to encode them at: descriptions
+  framed to `desc_len` (`description_ids(text, i)`, default `tokenizer.encode_description`), or
+  what training encodes for code, [CLS] + code tokens, in the code's bucket."""
+  if kind not in ("desc", "code"):
+    raise ValueError(f"Unknown embedding kind {kind!r}; use 'desc' or 'code'.")
+  texts = check_texts(texts, "Description" if kind == "desc" else "Code",
+                      allow_blank=kind == "code")
+  if kind == "code":
+    return [code_ids(tokenizer.encode(x), code_widths[-1]) for x in texts], list(code_widths)
+  describe = description_ids or (lambda x, _: tokenizer.encode_description(x, desc_len))
+  return [describe(x, i) for i, x in enumerate(texts)], [desc_len]
+
+
 def vectors_by_width(ids: Sequence[Sequence[int]], widths: Sequence[int],
                      batch_buckets: Sequence[int], dim: int,
                      encode: Callable[[np.ndarray, int, int], np.ndarray]) -> np.ndarray:
@@ -84,3 +102,59 @@ def parses(code: str) -> bool:
     return False
   return any(not (isinstance(n, ast.Expr) and isinstance(n.value, (ast.Name, ast.Constant)))
              for n in body)
+
+
+def retrieves(retrieve: bool | None, k: int, fix: str) -> bool:
+  """Whether a call with `retrieve` (None: when the model was trained with retrieval, `k` > 0)
+  draws on neighbours; ValueError ending with `fix` when it asks for them and k is 0."""
+  if retrieve and not k:
+    raise ValueError("This model was trained without retrieval (config.retrieval.k = 0), so "
+                     f"it cannot use neighbours; {fix}")
+  return bool(k) if retrieve is None else bool(retrieve)
+
+
+def candidates(decode: Callable[[list[int]], str], tokens_NxKxT: np.ndarray,
+               scores_NxK: np.ndarray, neighbours: Sequence[Sequence[dict]] | None = None, *,
+               max_new_tokens: int | None = None,
+               by_score: bool = False) -> list[list[dict[str, Any]]]:
+  """Per text, its K candidates {"code", "score", "align" (None), "parses", "finish_reason"}
+  and, when `neighbours` (per text, what it retrieved) is given, "neighbours"
+  (`retriever.listed`). Each sequence is cut to `max_new_tokens`; `by_score` orders a row best
+  first (stable), for samples drawn in rows of their own."""
+  results = []
+  for i, (row_tokens, row_scores) in enumerate(zip(tokens_NxKxT, scores_NxK)):
+    order = np.argsort(-row_scores, kind="stable") if by_score else range(len(row_scores))
+    cands = []
+    for j in order:
+      seq = row_tokens[j][:max_new_tokens].tolist()
+      code = decode(seq)
+      cands.append({"code": code, "score": float(row_scores[j]), "align": None,
+                    "parses": parses(code),
+                    "finish_reason": "eos" if EOS_ID in seq else "length"})
+      if neighbours is not None:
+        cands[-1]["neighbours"] = retriever_lib.listed(neighbours[i])
+    results.append(cands)
+  return results
+
+
+def rank(results: list[list[dict[str, Any]]], texts: Sequence[str],
+         embed: Callable[..., np.ndarray], *, rerank: bool, drop_unparsable: bool,
+         keep: int) -> list[list[dict[str, Any]]]:
+  """The first `keep` of each text's `candidates`: with `drop_unparsable` those that parse
+  (all when none does); with `rerank` "align" set to the cosine of the description's and the
+  code's vectors (`embed(texts, kind=...)`) and the candidates ordered by it (stable: ties keep
+  score order)."""
+  if rerank:
+    desc_vecs = embed(list(texts), kind="desc")
+    flat = [(i, c) for i, cands in enumerate(results) for c in cands]
+    code_vecs = embed([c["code"] for _, c in flat], kind="code")
+    for (i, cand), vec in zip(flat, code_vecs):
+      cand["align"] = float(np.dot(desc_vecs[i], vec))
+  out = []
+  for cands in results:
+    if drop_unparsable and any(c["parses"] for c in cands):
+      cands = [c for c in cands if c["parses"]]
+    if rerank:
+      cands = sorted(cands, key=lambda c: -c["align"])
+    out.append(cands[:keep])
+  return out

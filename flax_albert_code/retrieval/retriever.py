@@ -148,12 +148,13 @@ def over_items(items: Sequence[dict[str, Any]], vectors_NxA: np.ndarray | None) 
 
 
 def neighbours(retriever: Retriever, items: Sequence[dict[str, Any]], texts: Sequence[str],
-               k: int, method: str, query_vectors_QxA: np.ndarray | None,
+               k: int, method: str, embed: Callable[..., np.ndarray],
                encode: Callable[[str], list[int]]) -> list[list[dict[str, Any]]]:
   """Per description, its `k` nearest items best first: {"path", "name", "lineno", "code",
-  "score", "tokens"} (`encode(code)`, what `tokenizer.frame_context` frames)."""
-  idx, scores = retriever.search(list(texts), k, method=method,
-                                 query_vectors_QxA=query_vectors_QxA)
+  "score", "tokens"} (`encode(code)`, what `tokenizer.frame_context` frames). `embed(texts,
+  kind="desc")` gives the model's vectors of the descriptions (not called for bm25)."""
+  qv = None if method == "bm25" else embed(list(texts), kind="desc")
+  idx, scores = retriever.search(list(texts), k, method=method, query_vectors_QxA=qv)
   return [[{**{f: items[j][f] for f in ("path", "name", "lineno", "code")},
             "score": float(sc), "tokens": encode(items[j]["code"])}
            for j, sc in zip(row, row_scores) if j >= 0]
@@ -163,3 +164,10 @@ def neighbours(retriever: Retriever, items: Sequence[dict[str, Any]], texts: Seq
 def listed(nbs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   """What a candidate lists under "neighbours": each one's path, name, lineno and score."""
   return [{f: n[f] for f in NEIGHBOUR_FIELDS} for n in nbs]
+
+
+def neighbour_lines(nbs: Sequence[dict[str, Any]]) -> list[str]:
+  """The retrieved functions a candidate was written from, as the commands print them above
+  its code: `# neighbour 1: stdlib/codecs.py:609 StreamReader.readlines (score 6.86)`."""
+  return [f"# neighbour {i + 1}: {n['path']}:{n['lineno']} {n['name']} (score {n['score']:.2f})"
+          for i, n in enumerate(nbs)]
