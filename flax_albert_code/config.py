@@ -39,8 +39,8 @@ MODEL_PRESETS = {
 
 
 def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
-  """Every model hyper-parameter with its default, at the sizes of `preset`; the one source of
-  `model.layers.ModelConfig`'s values."""
+  """Every model hyper-parameter with its default, at the sizes of `preset`: the one declaration
+  of `model.layers.ModelConfig`'s fields (a new field is written here only) and their values."""
   if preset not in MODEL_PRESETS:
     raise ValueError(f"Unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}.")
   m = ml_collections.ConfigDict(dict(
@@ -87,8 +87,9 @@ def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
   return m
 
 
-# Model fields added after checkpoints were written, with the value a saved config without the
-# field stands for (what the code did before it existed), not today's default.
+# Fields added after checkpoints were written, with the value a saved config without the field
+# stands for (what the code did before it existed) where that is not today's default; any other
+# field a saved config lacks takes the schema's default (of its model preset).
 LEGACY_MODEL_VALUES = {"copy_head": False, "memory_embeddings": False,
                        "context_token_types": False}
 
@@ -105,31 +106,36 @@ REMOVED_FIELDS = {
 REMOVED_MODEL_VALUES = {"decode_attention": {"pallas": "auto"}}
 
 
-def upgrade_model(values: dict) -> tuple[dict, list[str]]:
-  """A saved `config.model` mapping as this version reads it: every field added since it was
-  written set to its `LEGACY_MODEL_VALUES`, every removed one dropped, every removed value
-  replaced (`REMOVED_MODEL_VALUES`); and the names of the added fields (for a log line)."""
-  missing = sorted(k for k in LEGACY_MODEL_VALUES if k not in values)
-  kept = {k: REMOVED_MODEL_VALUES.get(k, {}).get(v, v) for k, v in values.items()
-          if k not in REMOVED_FIELDS["model"]}
-  return {**{k: LEGACY_MODEL_VALUES[k] for k in missing}, **kept}, missing
-
-
-def upgrade(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, list[str]]:
-  """A config saved by an older version (a checkpoint's) as this version reads it: model fields
-  added since take `LEGACY_MODEL_VALUES`, fields in `REMOVED_FIELDS` are dropped. Returns it and
-  what changed, as "section.field=value" (added) and "section.field" (dropped) for a log line."""
-  values = config.to_dict()
+def upgrade(config) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """A config saved by an older version (a checkpoint's, or a mapping) as this version reads it,
+  the one place old configs are read: fields in `REMOVED_FIELDS` are dropped, values in
+  `REMOVED_MODEL_VALUES` replaced, and every field the schema has and a present section lacks
+  added (`LEGACY_MODEL_VALUES`, else the schema's default). Returns it and what changed, as
+  "section.field=value" (added with a legacy value) and "section.field" (dropped), for a log
+  line. Keys the schema does not know are kept (`ModelConfig.from_config` refuses them)."""
+  values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  preset = (values.get("model") or {}).get("preset", DEFAULT_PRESET)
+  schema = get_config(preset if preset in MODEL_PRESETS else DEFAULT_PRESET).to_dict()
   changes = []
   for section, names in REMOVED_FIELDS.items():
     for name in names:
       if name in values.get(section, {}):
         del values[section][name]
         changes.append(f"{section}.{name}")
-  if "model" in values:
-    values["model"], added = upgrade_model(values["model"])
-    changes = [f"model.{k}={LEGACY_MODEL_VALUES[k]}" for k in added] + changes
-  return ml_collections.ConfigDict(values), changes
+  added = []
+  for section, fields in schema.items():
+    if not isinstance(fields, dict) or not isinstance(values.get(section), dict):
+      continue
+    saved = values[section]
+    if section == "model":
+      for name, replaced in REMOVED_MODEL_VALUES.items():
+        if name in saved:
+          saved[name] = replaced.get(saved[name], saved[name])
+      added += [f"model.{k}={LEGACY_MODEL_VALUES[k]}" for k in sorted(LEGACY_MODEL_VALUES)
+                if k not in saved]
+      saved.update({k: v for k, v in LEGACY_MODEL_VALUES.items() if k not in saved})
+    values[section] = {**fields, **saved}
+  return ml_collections.ConfigDict(values), added + changes
 
 
 def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:

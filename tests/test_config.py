@@ -19,10 +19,24 @@ from flax_albert_code.model.layers import ModelConfig
 
 
 def test_model_config_fields_are_the_schema_model_section():
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  assert fields == set(config_lib.model_config().keys()) - {"preset"}
+  """ModelConfig's fields are made from the schema's model section: a field is declared once."""
+  fields = [f.name for f in dataclasses.fields(ModelConfig)]
+  assert fields == [k for k in config_lib.model_config().keys() if k != "preset"]
   # No defaults of its own that could drift from the schema.
   assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(ModelConfig))
+  cfg = ModelConfig.default("tiny")
+  assert hash(cfg) == hash(ModelConfig.default("tiny")) and ModelConfig.__module__ == (
+      "flax_albert_code.model.layers")
+
+
+def test_a_loaded_config_has_every_field_of_the_schema():
+  """config.upgrade is the one place a saved config's missing fields are filled, so loading code
+  reads fields directly instead of `.get(name, default)`."""
+  saved = config_lib.get_config("tiny").to_dict()
+  del saved["train"]["loss_chunk"], saved["retrieval"]["self_neighbour_rate"]
+  config, changes = config_lib.upgrade(ml_collections.ConfigDict(saved))
+  assert config.train.loss_chunk == 128 and config.retrieval.self_neighbour_rate == 0.0
+  assert changes == []
 
 
 @pytest.mark.parametrize("preset", sorted(config_lib.MODEL_PRESETS))

@@ -348,7 +348,7 @@ def make_dataset(config: ml_collections.ConfigDict, prepared, split: str, batch_
   if neighbours is None:
     ds = plan(store, split).map(Assemble(store, d.max_desc_len, labelled=labelled))
   else:
-    own = (float(config.retrieval.get("self_neighbour_rate", 0.0))
+    own = (float(config.retrieval.self_neighbour_rate)
            if split == "train" and shuffle else 0.0)
     ds = plan(store, split).map(Assemble(store, d.max_desc_len, neighbours.ids[split],
                                          prepared.tokens("train"),
@@ -356,7 +356,7 @@ def make_dataset(config: ml_collections.ConfigDict, prepared, split: str, batch_
                                          self_neighbour_rate=own, own_context=own_context))
   if not schedule:
     return ds
-  if not int(config.retrieval.get("k", 0)):
+  if not int(config.retrieval.k):
     raise ValueError(f"{SCHEDULE_FIELD} denoises unlabelled code, which the decoder reads as its "
                      "context, but retrieval is off (config.retrieval.k=0); set "
                      "--config.retrieval.k=2 or the schedule to ''.")

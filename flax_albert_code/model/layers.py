@@ -31,60 +31,22 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Hashable model hyper-parameters: the fields of `config.model` (the schema in config.py holds
-  their meaning and every default; this class holds none). Build it with `from_config`."""
-  vocab_size: int
-  embedding_size: int
-  hidden_size: int
-  num_attention_heads: int
-  intermediate_size: int
-  num_hidden_layers: int
-  num_hidden_groups: int
-  inner_group_num: int
-  hidden_act: str
-  max_position_embeddings: int
-  type_vocab_size: int
-  layer_norm_eps: float
-  initializer_range: float
-  hidden_dropout_prob: float
-  decoder_layers: int
-  share_embedding: bool
-  share_encoder_decoder_block: bool
-  decoder_memory: str
-  pooling: str
-  align_dim: int
-  align_normalize: bool
-  dtype: str
-  param_dtype: str
-  attention_impl: str
-  remat: str
-  scan_layers: bool
-  embedding_grad: str
-  fused_qkv: bool
-  norm_position: str
-  decode_attention: str
-  copy_head: bool
-  memory_embeddings: bool
-  context_token_types: bool
+class _ModelConfigMethods:
+  """What `ModelConfig` does beyond holding its fields."""
 
   @classmethod
   def from_config(cls, cfg) -> ModelConfig:
-    """From `config.model` (a ConfigDict or a mapping, e.g. a checkpoint's saved config).
-
-    A field it lacks takes its `config.LEGACY_MODEL_VALUES` value, else the schema's default for
-    its `preset` (configs saved before a field existed); a field of `config.REMOVED_FIELDS` is
-    dropped; any other key the schema does not have is refused.
+    """From `config.model` (a ConfigDict or a mapping, e.g. a checkpoint's saved config),
+    upgraded by `config.upgrade` (fields added since take their legacy value or the schema's
+    default for its `preset`, removed ones are dropped); any key the schema lacks is refused.
     """
     values = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
-    values, _ = config_lib.upgrade_model(values)
+    values = config_lib.upgrade({"model": values})[0].model.to_dict()
     schema = config_lib.model_config(values.get("preset", config_lib.DEFAULT_PRESET))
     unknown = sorted(k for k in values if k not in schema)
     if unknown:
       raise ValueError(f"config.model has no field {unknown[0]!r}; its fields are "
                        f"{', '.join(sorted(schema.keys()))}.")
-    values = {**schema.to_dict(), **values}
     return cls(**{f.name: (tuple(v) if isinstance(v := values[f.name], list) else v)
                   for f in dataclasses.fields(cls)})
 
@@ -158,6 +120,15 @@ class ModelConfig:
   @property
   def weight_dtype(self) -> DType:
     return jnp.dtype(self.param_dtype)
+
+
+# Hashable model hyper-parameters, a jit static argument: one field per key of `config.model`
+# but `preset`, so the schema (config.py's `model_config`) declares each field, its meaning and
+# its default once. Build it with `from_config` or `default`.
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig", [(k, type(v)) for k, v in config_lib.model_config().items() if k != "preset"],
+    bases=(_ModelConfigMethods,), frozen=True)
+ModelConfig.__module__ = __name__
 
 
 def _init(cfg: ModelConfig, names: tuple[str | None, ...], std: float | None = None):

@@ -274,7 +274,7 @@ class Trainer:
       if self.gen:
         self.gauge_fn = gauge_lib.jit_gauge(self.model, self.config, self.mesh,
                                             self.shardings.params)
-      if tc.get("precompile", False) and step < end:
+      if tc.precompile and step < end:
         # The first batch's program is traced first; the others follow in the background.
         self._first_batch = self._model_batch(next(self.train_iter))
         first = train_step.program_key("train", self._first_batch)
@@ -430,7 +430,7 @@ def _train_iterator(config, prepared, nb=None):
   """The endless, shuffled train iterator (with unlabelled code by its schedule)."""
   return pipeline.make_iterator(config, prepared, "train", config.train.batch_size, shuffle=True,
                                 num_epochs=None, neighbours=nb,
-                                unlabelled_schedule=config.train.get("unlabelled_schedule", ""))
+                                unlabelled_schedule=config.train.unlabelled_schedule)
 
 
 def _with_neighbours(train_iter, config, prepared, nb):

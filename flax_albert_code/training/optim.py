@@ -25,7 +25,7 @@ def schedule(train_cfg) -> optax.Schedule:
   if train_cfg.schedule == "wsd":
     # Warmup, stable, decay: the peak until the last `decay_fraction` of the steps. A long run
     # continued with more steps (`--config.train.steps`) only moves the decay, not the past.
-    decay = min(max(int(steps * train_cfg.get("decay_fraction", 0.2)), 1), steps - max(warmup, 1))
+    decay = min(max(int(steps * train_cfg.decay_fraction), 1), steps - max(warmup, 1))
     return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
                                  optax.constant_schedule(peak),
                                  optax.linear_schedule(peak, end, max(decay, 1))],

@@ -121,7 +121,7 @@ def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool)
                     encode_code=bool(align), decode=gen, ctx_ids_BxC=batch.get("ctx_ids"),
                     rngs={"dropout": rng})
   metrics, total = {}, 0.0
-  ce_options = dict(chunk=tc.get("loss_chunk", 128), logits_dtype=tc.get("logits_dtype", "float32"))
+  ce_options = dict(chunk=tc.loss_chunk, logits_dtype=tc.logits_dtype)
   if gen:
     weights = code != PAD_ID
     sums = losses.generation_row_sums(
@@ -258,7 +258,7 @@ def precompile_async(train_fn, eval_fn, state: TrainState, config, mesh, code_le
   # Shapes only: the live state may be donated by training steps while this runs.
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                        state)
-  mixed = bool(config.train.get("unlabelled_schedule", ""))
+  mixed = bool(config.train.unlabelled_schedule)
   jobs = {}
   for lc in code_lengths:
     b = batch(config.train.batch_size, lc, mixed)
