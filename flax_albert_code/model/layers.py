@@ -71,8 +71,6 @@ class _ModelConfigMethods:
          f"pooling {self.pooling!r} must be 'cls', 'mean' or 'first_last'"),
         (self.attention_impl in ("xla", "cudnn"),
          f"attention_impl {self.attention_impl!r} must be 'xla' or 'cudnn'"),
-        (self.embedding_grad in ("scatter", "onehot"),
-         f"embedding_grad {self.embedding_grad!r} must be 'scatter' or 'onehot'"),
         (self.remat in ("none", "full", "dots"),
          f"remat {self.remat!r} must be 'none', 'full' or 'dots'"),
         (self.decode_attention in config_lib.CHOICES[("model", "decode_attention")],
@@ -119,7 +117,8 @@ class _ModelConfigMethods:
 
   @property
   def weight_dtype(self) -> DType:
-    return jnp.dtype(self.param_dtype)
+    """Parameters (and the optimizer state) stay float32 whatever the compute dtype."""
+    return jnp.dtype(jnp.float32)
 
 
 # Hashable model hyper-parameters, a jit static argument: one field per key of `config.model`
@@ -217,8 +216,7 @@ class FactorizedEmbedding(nn.Module):
     """
     dt = self.cfg.compute_dtype
     length = ids_BxL.shape[-1]
-    x = embed_lookup(self.word_embeddings.embedding.astype(dt), ids_BxL,
-                     self.cfg.embedding_grad == "onehot")
+    x = embed_lookup(self.word_embeddings.embedding.astype(dt), ids_BxL)
     pos_table = self.position_embeddings.embedding.astype(dt)
     if isinstance(position_offset, int):
       pos_LxE = pos_table[position_offset:position_offset + length]
@@ -237,8 +235,7 @@ class FactorizedEmbedding(nn.Module):
 
   def words(self, ids_BxL: Array) -> Array:
     """The tokens' word vectors [B, L, E] alone (no position, type or norm): their identity."""
-    return embed_lookup(self.word_embeddings.embedding.astype(self.cfg.compute_dtype), ids_BxL,
-                        self.cfg.embedding_grad == "onehot")
+    return embed_lookup(self.word_embeddings.embedding.astype(self.cfg.compute_dtype), ids_BxL)
 
   def attend(self, h_BxLxH: Array, bias_V: Array) -> Array:
     """Tied output projection to vocabulary logits (compute dtype; the loss upcasts)."""
@@ -248,27 +245,22 @@ class FactorizedEmbedding(nn.Module):
     return constrain(logits, ("batch", "length", "act_vocab"))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def embed_lookup(table_VxE: Array, ids: Array, onehot_grad: bool) -> Array:
-  """Row gather; with `onehot_grad` its backward is one_hot(ids)^T @ g (a matmul) instead of a
-  scatter-add, which is slow where many rows collide (frequent tokens)."""
+@jax.custom_vjp
+def embed_lookup(table_VxE: Array, ids: Array) -> Array:
+  """Row gather whose backward scatter-adds in float32 whatever the table's dtype."""
   return jnp.take(table_VxE, ids, axis=0)
 
 
-def _embed_fwd(table, ids, onehot_grad):
+def _embed_fwd(table, ids):
   return jnp.take(table, ids, axis=0), (ids, table)   # the table is alive anyway (a parameter)
 
 
-def _embed_bwd(onehot_grad, res, g):
+def _embed_bwd(res, g):
   ids, table = res
   vocab, dtype = table.shape[0], table.dtype
   flat_ids, flat_g = ids.reshape(-1), g.reshape(-1, g.shape[-1])
-  if onehot_grad:
-    onehot = jax.nn.one_hot(flat_ids, vocab, dtype=g.dtype)
-    grad = jnp.einsum("nv,ne->ve", onehot, flat_g, preferred_element_type=jnp.float32)
-  else:
-    grad = jnp.zeros((vocab, g.shape[-1]), jnp.float32).at[flat_ids].add(
-        flat_g.astype(jnp.float32))
+  grad = jnp.zeros((vocab, g.shape[-1]), jnp.float32).at[flat_ids].add(
+      flat_g.astype(jnp.float32))
   return grad.astype(dtype), None
 
 

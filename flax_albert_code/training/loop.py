@@ -225,8 +225,7 @@ class Trainer:
                        f"{divisor} (data x fsdp mesh axes x microbatches).")
     self.model, self.model_cfg = model_lib.build(config)
     self.tx = optim.make(tc)
-    self.ckpt = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints,
-                                        async_save=tc.async_checkpointing)
+    self.ckpt = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=True)
     self.ckpt.check_compatible(config)
     self.train_iter = _train_iterator(config, self.prepared)
     abstract, self.shardings = train_step.abstract_state(self.model, self.tx, config, self.mesh)
