@@ -98,7 +98,9 @@ REMOVED_FIELDS = {
     # Constants since no shipped config changed them: float32 parameters, a float32 scatter-add
     # embedding backward, unit-length sentence vectors.
     "model": ("attention_probs_dropout_prob", "param_dtype", "embedding_grad", "align_normalize"),
-    "data": ("num_workers",),
+    # Mining filters and seeds: constants of data/mining.py, data/prepared.py, data/pipeline.py.
+    "data": ("num_workers", "min_desc_words", "max_code_lines", "max_code_chars",
+             "max_file_bytes", "split_seed", "shuffle_seed"),
     "train": ("eval_batch_size", "pack", "pack_rows", "pack_max_segments", "queue_size",
               "queue_start", "mlm_weight", "decoder_input_dropout",
               # Module constants since no shipped config changed them (training/optim.py,
@@ -154,9 +156,9 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       sources="stdlib",
       data_dir="",                 # prepared data lives here; "" -> <workdir>/data
       max_examples=0,              # 0: all mined pairs; N: the first N after dedupe (smoke runs)
-      min_desc_words=3, max_code_lines=80, max_code_chars=4000,
-      max_file_bytes=1 << 20,      # larger source files are skipped (generated code, data tables)
-      valid_fraction=0.05, test_fraction=0.05, split_seed=0,
+      # Which functions make pairs (description words, code lines and characters, file size):
+      # data/mining.py's Filters.
+      valid_fraction=0.05, test_fraction=0.05,
       tokenizer_vocab_size=8000, tokenizer_path="",  # "" -> train on the prepared train split
       # "unigram" | "bpe": BPE joins the space to the word after it ("▁name"); unigram often
       # leaves it alone ("▁", "name"; RESULTS.md counts them).
@@ -164,7 +166,6 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       max_desc_len=64, max_code_len=256,
       # Static batch shapes: each code length goes to the smallest bucket that fits.
       code_buckets=(64, 128, 256),
-      shuffle_seed=0,
       # Unlabelled code for pretraining (split "unlabelled", token ids only): every function
       # whole and each module in chunks within max_code_lines/max_code_chars, from files that
       # gave no valid/test pair. max_unlabelled: 0 keeps all, N a fixed sample of N.
@@ -260,11 +261,8 @@ RANGES = {
         "type_vocab_size", "decoder_layers", "align_dim")},
     "model.layer_norm_eps": _POSITIVE, "model.initializer_range": _POSITIVE,
     "model.hidden_dropout_prob": _SHARE,
-    **{f"data.{k}": _AT_LEAST_1 for k in (
-        "max_code_lines", "max_code_chars", "max_file_bytes", "tokenizer_vocab_size",
-        "max_desc_len", "max_code_len")},
-    **{f"data.{k}": _AT_LEAST_0 for k in (
-        "max_examples", "min_desc_words", "max_unlabelled")},
+    **{f"data.{k}": _AT_LEAST_1 for k in ("tokenizer_vocab_size", "max_desc_len", "max_code_len")},
+    **{f"data.{k}": _AT_LEAST_0 for k in ("max_examples", "max_unlabelled")},
     "data.valid_fraction": _SHARE, "data.test_fraction": _SHARE,
     **{f"train.{k}": _AT_LEAST_1 for k in (
         "steps", "batch_size", "microbatches", "log_every", "eval_batches", "checkpoint_every",
