@@ -14,8 +14,8 @@ leaves its data. The parts, in this order:
               memory estimate of the step, and the device's peak so far (FSDP runs first, so
               its peak is its own; the peak is process-wide, hence also XLA's estimate)
   throughput  data parallel at a fixed per-device batch: 64 on one device vs 64N on N
-  checkpoint  the FSDP state saved on N devices (checkpoint.py, as training/loop.py saves), restored on
-              one device by a fresh process that sees one device: bitwise equal
+  checkpoint  the FSDP state saved on N devices (checkpoint.py, as training/loop.py saves),
+              restored on one device by a fresh process that sees one device: bitwise equal
   large       ALBERT-large sizes with configs/base.py's settings (bf16, cuDNN, no remat; depth
               scanned): batches doubled on one device until one runs out of memory, then that
               batch on N devices with FSDP (skipped with under 90 s of the budget left)
@@ -205,7 +205,7 @@ def save_checkpoint(state, c, workdir: str) -> dict:
   """Save as training/loop.py does (no data iterator here) and keep the state's hashes beside it."""
   from flax_albert_code.training import checkpoint   # orbax and grain: only this part needs them
   t0 = time.perf_counter()
-  ckpt = checkpoint.Checkpointer(workdir, keep=1, async_save=c.train.async_checkpointing)
+  ckpt = checkpoint.Checkpointer(workdir, keep=1, async_save=True)
   step = int(state.step)
   ckpt.save(step, state, None, c, force=True)
   ckpt.close()

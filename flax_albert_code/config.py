@@ -39,8 +39,8 @@ MODEL_PRESETS = {
 
 
 def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
-  """Every model hyper-parameter with its default, at the sizes of `preset`; the one source of
-  `model.layers.ModelConfig`'s values."""
+  """Every model hyper-parameter with its default, at the sizes of `preset`: the one declaration
+  of `model.layers.ModelConfig`'s fields (a new field is written here only) and their values."""
   if preset not in MODEL_PRESETS:
     raise ValueError(f"Unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}.")
   m = ml_collections.ConfigDict(dict(
@@ -60,13 +60,12 @@ def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       # [CLS], the source design; HF imports). Not "cls" by default: the [CLS] state barely
       # depends on the input at init, and InfoNCE did not learn through it (RESULTS.md).
       pooling="mean",
-      align_dim=256, align_normalize=True,
+      align_dim=256,                     # sentence vectors of unit length in this many dims
       # Numerics and compilation.
-      dtype="float32", param_dtype="float32",
+      dtype="float32",                   # compute; parameters stay float32
       attention_impl="xla",              # "xla" | "cudnn" (jax.nn.dot_product_attention)
       remat="none",                      # "none" | "full" | "dots": rematerialise the shared block
       scan_layers=True,                  # loop over depth with nn.scan (compile time flat in depth)
-      embedding_grad="scatter",          # word-embedding backward: "scatter" | "onehot" (a matmul)
       fused_qkv=True,                    # Q|K|V (and a memory's K|V) as one matmul; same parameters
       # One-token decode steps: "layer" runs the whole decoder layer as Pallas kernels
       # (model/fused_decode.py), "xla" as XLA ops; "auto": layer on one GPU, else xla.
@@ -87,49 +86,64 @@ def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
   return m
 
 
-# Model fields added after checkpoints were written, with the value a saved config without the
-# field stands for (what the code did before it existed), not today's default.
+# Fields added after checkpoints were written, with the value a saved config without the field
+# stands for (what the code did before it existed) where that is not today's default; any other
+# field a saved config lacks takes the schema's default (of its model preset).
 LEGACY_MODEL_VALUES = {"copy_head": False, "memory_embeddings": False,
                        "context_token_types": False}
 
 # Fields older versions saved that this one no longer has (features removed because they
 # measured no gain, fields nothing read): a saved config's values of them are dropped on load.
 REMOVED_FIELDS = {
-    "model": ("attention_probs_dropout_prob",),
-    "data": ("num_workers",),
+    # Constants since no shipped config changed them: float32 parameters, a float32 scatter-add
+    # embedding backward, unit-length sentence vectors.
+    "model": ("attention_probs_dropout_prob", "param_dtype", "embedding_grad", "align_normalize"),
+    # Mining filters and seeds: constants of data/mining.py, data/prepared.py, data/pipeline.py.
+    "data": ("num_workers", "min_desc_words", "max_code_lines", "max_code_chars",
+             "max_file_bytes", "split_seed", "shuffle_seed"),
     "train": ("eval_batch_size", "pack", "pack_rows", "pack_max_segments", "queue_size",
-              "queue_start", "mlm_weight", "decoder_input_dropout"),
+              "queue_start", "mlm_weight", "decoder_input_dropout",
+              # Module constants since no shipped config changed them (training/optim.py,
+              # training/step.py); checkpoints save asynchronously.
+              "b1", "b2", "eps", "weight_decay", "grad_clip", "end_lr_fraction", "gen_weight",
+              "init_temperature", "label_smoothing", "z_loss", "async_checkpointing",
+              "decay_fraction"),
     "sample": ("beam_cache",),
 }
 # Model values older versions saved that this one no longer has, and what stands for them.
 REMOVED_MODEL_VALUES = {"decode_attention": {"pallas": "auto"}}
 
 
-def upgrade_model(values: dict) -> tuple[dict, list[str]]:
-  """A saved `config.model` mapping as this version reads it: every field added since it was
-  written set to its `LEGACY_MODEL_VALUES`, every removed one dropped, every removed value
-  replaced (`REMOVED_MODEL_VALUES`); and the names of the added fields (for a log line)."""
-  missing = sorted(k for k in LEGACY_MODEL_VALUES if k not in values)
-  kept = {k: REMOVED_MODEL_VALUES.get(k, {}).get(v, v) for k, v in values.items()
-          if k not in REMOVED_FIELDS["model"]}
-  return {**{k: LEGACY_MODEL_VALUES[k] for k in missing}, **kept}, missing
-
-
-def upgrade(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, list[str]]:
-  """A config saved by an older version (a checkpoint's) as this version reads it: model fields
-  added since take `LEGACY_MODEL_VALUES`, fields in `REMOVED_FIELDS` are dropped. Returns it and
-  what changed, as "section.field=value" (added) and "section.field" (dropped) for a log line."""
-  values = config.to_dict()
+def upgrade(config) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """A config saved by an older version (a checkpoint's, or a mapping) as this version reads it,
+  the one place old configs are read: fields in `REMOVED_FIELDS` are dropped, values in
+  `REMOVED_MODEL_VALUES` replaced, and every field the schema has and a present section lacks
+  added (`LEGACY_MODEL_VALUES`, else the schema's default). Returns it and what changed, as
+  "section.field=value" (added with a legacy value) and "section.field" (dropped), for a log
+  line. Keys the schema does not know are kept (`ModelConfig.from_config` refuses them)."""
+  values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  preset = (values.get("model") or {}).get("preset", DEFAULT_PRESET)
+  schema = get_config(preset if preset in MODEL_PRESETS else DEFAULT_PRESET).to_dict()
   changes = []
   for section, names in REMOVED_FIELDS.items():
     for name in names:
       if name in values.get(section, {}):
         del values[section][name]
         changes.append(f"{section}.{name}")
-  if "model" in values:
-    values["model"], added = upgrade_model(values["model"])
-    changes = [f"model.{k}={LEGACY_MODEL_VALUES[k]}" for k in added] + changes
-  return ml_collections.ConfigDict(values), changes
+  added = []
+  for section, fields in schema.items():
+    if not isinstance(fields, dict) or not isinstance(values.get(section), dict):
+      continue
+    saved = values[section]
+    if section == "model":
+      for name, replaced in REMOVED_MODEL_VALUES.items():
+        if name in saved:
+          saved[name] = replaced.get(saved[name], saved[name])
+      added += [f"model.{k}={LEGACY_MODEL_VALUES[k]}" for k in sorted(LEGACY_MODEL_VALUES)
+                if k not in saved]
+      saved.update({k: v for k, v in LEGACY_MODEL_VALUES.items() if k not in saved})
+    values[section] = {**fields, **saved}
+  return ml_collections.ConfigDict(values), added + changes
 
 
 def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
@@ -142,9 +156,9 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       sources="stdlib",
       data_dir="",                 # prepared data lives here; "" -> <workdir>/data
       max_examples=0,              # 0: all mined pairs; N: the first N after dedupe (smoke runs)
-      min_desc_words=3, max_code_lines=80, max_code_chars=4000,
-      max_file_bytes=1 << 20,      # larger source files are skipped (generated code, data tables)
-      valid_fraction=0.05, test_fraction=0.05, split_seed=0,
+      # Which functions make pairs (description words, code lines and characters, file size):
+      # data/mining.py's Filters.
+      valid_fraction=0.05, test_fraction=0.05,
       tokenizer_vocab_size=8000, tokenizer_path="",  # "" -> train on the prepared train split
       # "unigram" | "bpe": BPE joins the space to the word after it ("▁name"); unigram often
       # leaves it alone ("▁", "name"; RESULTS.md counts them).
@@ -152,7 +166,6 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       max_desc_len=64, max_code_len=256,
       # Static batch shapes: each code length goes to the smallest bucket that fits.
       code_buckets=(64, 128, 256),
-      shuffle_seed=0,
       # Unlabelled code for pretraining (split "unlabelled", token ids only): every function
       # whole and each module in chunks within max_code_lines/max_code_chars, from files that
       # gave no valid/test pair. max_unlabelled: 0 keeps all, N a fixed sample of N.
@@ -164,12 +177,10 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       init_from="",                # finetune start: a pretrain checkpoint dir or an HF ALBERT dir
       steps=3000, batch_size=32, microbatches=1,
       optimizer="adamw",           # "adamw" | "lamb"
-      learning_rate=1e-3, warmup_steps=200, schedule="cosine", end_lr_fraction=0.1,
-      decay_fraction=0.2,          # "wsd" only: the last fraction of the steps decays linearly
-      weight_decay=0.01, b1=0.9, b2=0.98, eps=1e-8, grad_clip=1.0,
+      # "cosine" | "linear" | "constant" | "wsd" (the peak, then the last 20% of steps decay).
+      learning_rate=1e-3, warmup_steps=200, schedule="cosine",
       align_losses="infonce",      # comma-separated subset of {l2, infonce}; "" disables alignment
-      l2_weight=1.0, infonce_weight=0.1, gen_weight=1.0, init_temperature=0.07,
-      label_smoothing=0.0, z_loss=0.0,
+      l2_weight=1.0, infonce_weight=0.1,
       # Sequence chunk of the tied-logit CE (recomputed in the backward pass); 0: one pass.
       loss_chunk=128,
       # CE logits: "float32" (upcast) | "bfloat16" (fp32 sums, a fused bf16 gradient).
@@ -187,7 +198,7 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       # A resumed run loads its programs from it instead of compiling them again.
       compilation_cache="auto",
       log_every=50, eval_every=500, eval_batches=8,
-      checkpoint_every=500, keep_checkpoints=3, async_checkpointing=True,
+      checkpoint_every=500, keep_checkpoints=3,
       samples_at_end=4,
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -242,7 +253,7 @@ CHOICES = {("model", "decode_attention"): ("auto", "xla", "layer")}
 # Ranges of the numeric fields that have one: (low, low inclusive, high, high inclusive), None
 # unbounded. The mesh axes (-1 or a size) aside.
 _AT_LEAST_1, _AT_LEAST_0 = (1, True, None, None), (0, True, None, None)
-_POSITIVE, _SHARE, _FRACTION = (0, False, None, None), (0, True, 1, False), (0, True, 1, True)
+_POSITIVE, _SHARE = (0, False, None, None), (0, True, 1, False)
 RANGES = {
     **{f"model.{k}": _AT_LEAST_1 for k in (
         "vocab_size", "embedding_size", "hidden_size", "num_attention_heads", "intermediate_size",
@@ -250,22 +261,16 @@ RANGES = {
         "type_vocab_size", "decoder_layers", "align_dim")},
     "model.layer_norm_eps": _POSITIVE, "model.initializer_range": _POSITIVE,
     "model.hidden_dropout_prob": _SHARE,
-    **{f"data.{k}": _AT_LEAST_1 for k in (
-        "max_code_lines", "max_code_chars", "max_file_bytes", "tokenizer_vocab_size",
-        "max_desc_len", "max_code_len")},
-    **{f"data.{k}": _AT_LEAST_0 for k in (
-        "max_examples", "min_desc_words", "max_unlabelled")},
+    **{f"data.{k}": _AT_LEAST_1 for k in ("tokenizer_vocab_size", "max_desc_len", "max_code_len")},
+    **{f"data.{k}": _AT_LEAST_0 for k in ("max_examples", "max_unlabelled")},
     "data.valid_fraction": _SHARE, "data.test_fraction": _SHARE,
     **{f"train.{k}": _AT_LEAST_1 for k in (
         "steps", "batch_size", "microbatches", "log_every", "eval_batches", "checkpoint_every",
         "keep_checkpoints")},
     **{f"train.{k}": _AT_LEAST_0 for k in (
-        "warmup_steps", "weight_decay", "grad_clip", "l2_weight", "infonce_weight", "gen_weight",
-        "z_loss", "loss_chunk", "eval_every",
+        "warmup_steps", "l2_weight", "infonce_weight", "loss_chunk", "eval_every",
         "samples_at_end")},
-    **{f"train.{k}": _POSITIVE for k in ("learning_rate", "eps", "init_temperature")},
-    "train.end_lr_fraction": _FRACTION, "train.decay_fraction": _FRACTION,
-    "train.b1": _SHARE, "train.b2": _SHARE, "train.label_smoothing": _SHARE,
+    "train.learning_rate": _POSITIVE,
     **{f"sample.{k}": _AT_LEAST_1 for k in ("max_new_tokens", "num_beams", "num_samples")},
     **{f"sample.{k}": _AT_LEAST_0 for k in (
         "top_k", "length_penalty", "decode_phase", "no_repeat_ngram_size")},

@@ -102,7 +102,7 @@ def main(argv: list[str]) -> None:
     checkpoint.check_workdir(workdir, config)
   except checkpoint.CheckpointError as e:
     sys.exit(f"error: {e}")
-  cache = compile_cache.enable(config.train.get("compilation_cache", "auto"), workdir)
+  cache = compile_cache.enable(config.train.compilation_cache, workdir)
   if jax.process_index() == 0:
     print(f"Training config {config.name!r} on {jax.device_count()} {jax.devices()[0].platform} "
           f"device(s) in {jax.process_count()} process(es) into "

@@ -19,10 +19,24 @@ from flax_albert_code.model.layers import ModelConfig
 
 
 def test_model_config_fields_are_the_schema_model_section():
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  assert fields == set(config_lib.model_config().keys()) - {"preset"}
+  """ModelConfig's fields are made from the schema's model section: a field is declared once."""
+  fields = [f.name for f in dataclasses.fields(ModelConfig)]
+  assert fields == [k for k in config_lib.model_config().keys() if k != "preset"]
   # No defaults of its own that could drift from the schema.
   assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(ModelConfig))
+  cfg = ModelConfig.default("tiny")
+  assert hash(cfg) == hash(ModelConfig.default("tiny")) and ModelConfig.__module__ == (
+      "flax_albert_code.model.layers")
+
+
+def test_a_loaded_config_has_every_field_of_the_schema():
+  """config.upgrade is the one place a saved config's missing fields are filled, so loading code
+  reads fields directly instead of `.get(name, default)`."""
+  saved = config_lib.get_config("tiny").to_dict()
+  del saved["train"]["loss_chunk"], saved["retrieval"]["self_neighbour_rate"]
+  config, changes = config_lib.upgrade(ml_collections.ConfigDict(saved))
+  assert config.train.loss_chunk == 128 and config.retrieval.self_neighbour_rate == 0.0
+  assert changes == []
 
 
 @pytest.mark.parametrize("preset", sorted(config_lib.MODEL_PRESETS))
@@ -66,14 +80,14 @@ def test_unknown_key_is_refused_in_one_sentence():
 
 
 def test_a_saved_config_without_later_fields_takes_the_schema_defaults():
-  """Checkpoints saved before norm_position, fused_qkv and embedding_grad existed (their JSON
-  config lacks them) load with the schema's values, which are what the model did then."""
+  """Checkpoints saved before norm_position and fused_qkv existed (their JSON config lacks them)
+  load with the schema's values, which are what the model did then."""
   saved = config_lib.get_config("tiny").model.to_dict()
-  for later in ("norm_position", "fused_qkv", "embedding_grad"):
+  for later in ("norm_position", "fused_qkv"):
     del saved[later]
   saved["hidden_size"] = 64   # a saved value wins over the preset
   cfg = ModelConfig.from_config(saved)
-  assert (cfg.norm_position, cfg.fused_qkv, cfg.embedding_grad) == ("post", True, "scatter")
+  assert (cfg.norm_position, cfg.fused_qkv) == ("post", True)
   assert cfg.hidden_size == 64 and cfg.vocab_size == config_lib.MODEL_PRESETS["tiny"]["vocab_size"]
 
 
@@ -206,13 +220,13 @@ def test_reading_the_input_options_are_on_only_in_the_quality_recipe():
 
 @pytest.mark.parametrize("field,bad,want", [
     ("train.learning_rate", -1.0, "positive"), ("train.learning_rate", 0.0, "positive"),
-    ("train.warmup_steps", -1, "at least 0"), ("train.weight_decay", -0.01, "at least 0"),
-    ("model.hidden_dropout_prob", 1.0, "in [0, 1)"), ("train.label_smoothing", -0.1, "in [0, 1)"),
+    ("train.warmup_steps", -1, "at least 0"), ("train.l2_weight", -0.01, "at least 0"),
+    ("model.hidden_dropout_prob", 1.0, "in [0, 1)"), ("data.valid_fraction", -0.1, "in [0, 1)"),
     ("train.batch_size", 0, "at least 1"), ("train.microbatches", 0, "at least 1"),
     ("retrieval.self_neighbour_rate", 1.0, "in [0, 1)"),
     ("data.max_desc_len", 0, "at least 1"), ("retrieval.max_ctx_len", 0, "at least 1"),
-    ("train.init_temperature", 0.0, "positive"), ("sample.temperature", -1.0, "positive"),
-    ("sample.top_p", 0.0, "in (0, 1]"), ("train.end_lr_fraction", 1.5, "in [0, 1]"),
+    ("sample.temperature", -1.0, "positive"),
+    ("sample.top_p", 0.0, "in (0, 1]"), ("data.test_fraction", 1.5, "in [0, 1)"),
     ("train.log_every", 0, "at least 1"), ("sample.repetition_penalty", 0.5, "at least 1")])
 def test_numbers_out_of_range_are_refused_naming_the_field(field, bad, want):
   config = config_lib.get_config("tiny")

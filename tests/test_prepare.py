@@ -8,7 +8,7 @@ import pytest
 
 from flax_albert_code import prepare as prepare_cli
 from flax_albert_code import config as config_lib
-from flax_albert_code.data import builder, prepared as prepared_lib
+from flax_albert_code.data import builder, mining, prepared as prepared_lib
 from flax_albert_code.data.sources import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,14 +17,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def write_tree(root, n=30):
   for f in range(n):
     (root / f"m{f}.py").write_text("".join(
-        f'def f{f}_{g}(x):\n    """Scale x by {g} and add {f} to it."""\n    return x * {g} + {f}\n\n'
+        f'def f{f}_{g}(x):\n    """Scale x by {g} and add {f} to it."""\n'
+        f'    return x * {g} + {f}\n\n'
         for g in range(4)))
   (root / "bad.py").write_bytes(b"\xff\xfe garbage")
 
 
 def config_for(tree, **data):
   c = config_lib.get_config("tiny")
-  c.data.update(sources=f"dir:{tree}", max_examples=0, tokenizer_vocab_size=400, **data)
+  c.data.update({"sources": f"dir:{tree}", "max_examples": 0, "tokenizer_vocab_size": 400, **data})
   return c
 
 
@@ -50,7 +51,8 @@ def test_contents_agree_across_tfds_token_store_and_tokenizer(tree, tmp_path):
       assert ex["index"] == i and ex["source"] == f"dir:{tree}"
       assert set(ex) >= {"description", "code", "path", "name", "lineno"}
       np.testing.assert_array_equal(ex["code_tokens"], prep.tokenizer.encode(ex["code"]))
-      np.testing.assert_array_equal(store.tokens("desc", i), prep.tokenizer.encode(ex["description"]))
+      np.testing.assert_array_equal(store.tokens("desc", i),
+                                    prep.tokenizer.encode(ex["description"]))
       assert prep.tokenizer.decode(ex["code_tokens"]) == ex["code"]
   assert prep.source("validation")[0]["code"] == prep.source("valid")[0]["code"]  # alias
   paths = {s: {e["path"] for e in prep.source(s)} for s in ("train", "valid", "test")}
@@ -62,14 +64,14 @@ def test_reuse_is_keyed_by_inputs(tree, tmp_path):
   first = prepared_lib.prepare(config_for(tree), work)
   again = prepared_lib.prepare(config_for(tree), work)
   assert again.reused and not first.reused and again.data_dir == first.data_dir
-  other = prepared_lib.prepare(config_for(tree, min_desc_words=8), work)
+  other = prepared_lib.prepare(config_for(tree, max_examples=60), work)
   assert not other.reused and other.data_dir != first.data_dir
   assert prepared_lib.load_prepared(work).data_dir == other.data_dir  # CURRENT = latest
   assert prepared_lib.load_prepared(first.data_dir).data_dir == first.data_dir
   # A run's own data (its checkpoint's config.data), wherever CURRENT points: a data dir shared
   # by runs of several configs gives each its own tokenizer.
   assert prepared_lib.load_prepared(work, config_for(tree).data).data_dir == first.data_dir
-  assert prepared_lib.load_prepared(work, config_for(tree, min_desc_words=8).data).data_dir == \
+  assert prepared_lib.load_prepared(work, config_for(tree, max_examples=60).data).data_dir == \
       other.data_dir
   (tree / "m0.py").write_text((tree / "m0.py").read_text() + "\n# edited\n")
   edited = prepared_lib.prepare(config_for(tree), work)
@@ -90,7 +92,7 @@ def test_half_written_preparation_is_never_used(tree, tmp_path, monkeypatch):
     raise KeyboardInterrupt  # killed while writing the TFDS dataset
   monkeypatch.setattr(builder, "write", crash)
   with pytest.raises(KeyboardInterrupt):
-    prepared_lib.prepare(config_for(tree, split_seed=7), work)
+    prepared_lib.prepare(config_for(tree, max_examples=50), work)
   assert set(os.listdir(os.path.join(work, "data"))) == {"CURRENT", os.path.basename(prep.data_dir)}
   assert prepared_lib.load_prepared(work).data_dir == rebuilt.data_dir
 
@@ -106,9 +108,11 @@ def test_given_tokenizer_is_used(tree, tmp_path):
                          str(tmp_path / "c"))
 
 
-def test_errors_are_one_sentence(tree, tmp_path):
+def test_errors_are_one_sentence(tree, tmp_path, monkeypatch):
+  monkeypatch.setattr(prepared_lib, "_filters", lambda d: mining.Filters(min_desc_words=50))
   with pytest.raises(DataError, match="No \\(description, code\\) pairs .* after filtering"):
-    prepared_lib.prepare(config_for(tree, min_desc_words=50), str(tmp_path / "w"))
+    prepared_lib.prepare(config_for(tree), str(tmp_path / "w"))
+  monkeypatch.undo()
   with pytest.raises(DataError, match="No complete prepared data under"):
     prepared_lib.load_prepared(str(tmp_path / "nothing"))
   assert not os.listdir(tmp_path / "w" / "data")  # the failed build left nothing

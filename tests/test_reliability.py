@@ -465,7 +465,7 @@ BAD_OVERRIDES = [
     ("train.learning_rate=fast", "--config.train.learning_rate=fast: could not convert"),
     ("train.learning_rate=1e400", "config.train.learning_rate=inf is not a finite number"),
     ("train.learning_rate=-1", "config.train.learning_rate=-1.0 must be positive."),
-    ("train.async_checkpointing=maybe", "--config.train.async_checkpointing=maybe: "),
+    ("train.precompile=maybe", "--config.train.precompile=maybe: "),
     ("data.code_buckets=abc", "config.data.code_buckets=('abc',) is not a tuple of positive ints"),
     ("data.code_buckets=(64,-1)", "config.data.code_buckets=(64, -1) is not a tuple of positive"),
     ("data.code_buckets=(1,", "--config.data.code_buckets=(1,: "),

@@ -103,7 +103,6 @@ def _long(c, gpus: int) -> None:
   c.train.steps = -(-7000 // gpus)
   c.train.warmup_steps = -(-300 // gpus)
   c.train.schedule = "wsd"         # the peak until the last 20%: a run continued keeps its past
-  c.train.decay_fraction = 0.2
   c.train.checkpoint_every = -(-500 // gpus)
   c.train.keep_checkpoints = 100
   c.train.eval_every = -(-500 // gpus)

@@ -55,6 +55,7 @@ from flax_albert_code.data.sources import DataError
 
 Batch = dict[str, np.ndarray]
 SCHEDULE_FIELD = "config.train.unlabelled_schedule"
+SHUFFLE_SEED = 0   # the batch order of every epoch follows from it and the epoch
 DENOISE_RATE, DENOISE_SPAN = 0.15, 3.0   # share of an unlabelled function's tokens cut; mean span
 Schedule = tuple[tuple[fractions.Fraction, int | None], ...]
 
@@ -333,7 +334,7 @@ def make_dataset(config: ml_collections.ConfigDict, prepared, split: str, batch_
 
   def plan(store, name):
     code_lens = np.minimum(store.lengths["code"] + 1, buckets[-1])
-    p = BatchPlan(code_lens, buckets, batch_size, shuffle=shuffle, seed=d.shuffle_seed,
+    p = BatchPlan(code_lens, buckets, batch_size, shuffle=shuffle, seed=SHUFFLE_SEED,
                   num_epochs=None if schedule else num_epochs, process_index=process_index,
                   process_count=process_count,
                   drop_remainder=shuffle if drop_remainder is None else drop_remainder)
@@ -348,7 +349,7 @@ def make_dataset(config: ml_collections.ConfigDict, prepared, split: str, batch_
   if neighbours is None:
     ds = plan(store, split).map(Assemble(store, d.max_desc_len, labelled=labelled))
   else:
-    own = (float(config.retrieval.get("self_neighbour_rate", 0.0))
+    own = (float(config.retrieval.self_neighbour_rate)
            if split == "train" and shuffle else 0.0)
     ds = plan(store, split).map(Assemble(store, d.max_desc_len, neighbours.ids[split],
                                          prepared.tokens("train"),
@@ -356,7 +357,7 @@ def make_dataset(config: ml_collections.ConfigDict, prepared, split: str, batch_
                                          self_neighbour_rate=own, own_context=own_context))
   if not schedule:
     return ds
-  if not int(config.retrieval.get("k", 0)):
+  if not int(config.retrieval.k):
     raise ValueError(f"{SCHEDULE_FIELD} denoises unlabelled code, which the decoder reads as its "
                      "context, but retrieval is off (config.retrieval.k=0); set "
                      "--config.retrieval.k=2 or the schedule to ''.")

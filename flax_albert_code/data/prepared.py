@@ -37,9 +37,17 @@ from flax_albert_code.utils import files
 
 # 2: token ids only in the token store (not in TFDS); the tokenizer trained on a sample.
 FORMAT_VERSION = 2
-KEY_FIELDS = ("sources", "max_examples", "min_desc_words", "max_code_lines", "max_code_chars",
-              "max_file_bytes", "valid_fraction", "test_fraction", "split_seed",
+KEY_FIELDS = ("sources", "max_examples", "valid_fraction", "test_fraction",
               "tokenizer_vocab_size", "tokenizer_path", "unlabelled", "max_unlabelled")
+# The seed of the split and of the tokenizer's sample.
+SPLIT_SEED = 0
+# Key options that were config.data fields: in the key with their values, so data prepared then
+# keeps its key.
+_FILTERS = mining.Filters()
+CONSTANT_KEY_OPTIONS = {"min_desc_words": _FILTERS.min_desc_words,
+                        "max_code_lines": _FILTERS.max_code_lines,
+                        "max_code_chars": _FILTERS.max_code_chars,
+                        "max_file_bytes": _FILTERS.max_file_bytes, "split_seed": SPLIT_SEED}
 # The tokenizer trains on a fixed sample of this many characters of the train split's texts
 # (descriptions and code), plus UNLABELLED_SAMPLE_CHARS of unlabelled code: on 72k stdlib +
 # site-packages texts (23 M chars) a 3 M-char sample trained 10x faster and its vocabulary
@@ -109,17 +117,17 @@ def data_root(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def options(d: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config.data fields that make the prepared data (KEY_FIELDS), with defaults for those a
-  config saved before them lacks, and each of OPTIONAL_KEY_FIELDS that is not its default (data
-  prepared before such a field keeps its key)."""
+  config saved before them lacks, the CONSTANT_KEY_OPTIONS, and each of OPTIONAL_KEY_FIELDS that
+  is not its default (data prepared before such a field keeps its key)."""
   out = {f: d.get(f, _ADDED_FIELDS.get(f)) for f in KEY_FIELDS}
+  out.update(CONSTANT_KEY_OPTIONS)
   out.update({f: d[f] for f, default in OPTIONAL_KEY_FIELDS.items()
               if d.get(f, default) != default})
   return out
 
 
 def _filters(d: ml_collections.ConfigDict) -> mining.Filters:
-  return mining.Filters(d.min_desc_words, d.max_code_lines, d.max_code_chars, d.max_file_bytes,
-                        unlabelled=bool(options(d)["unlabelled"]))
+  return mining.Filters(unlabelled=bool(options(d)["unlabelled"]))
 
 
 def tokenizer_sample(texts: list[str], max_chars: int, seed: int = 0) -> list[str]:
@@ -174,14 +182,14 @@ def _build(d: ml_collections.ConfigDict, specs: list[str], out: str, key: str,
   start = time.time()
   timing = {}
   unlabelled = options(d)["unlabelled"]
-  got = splits.collect(specs, _filters(d), max_examples=d.max_examples, seed=d.split_seed,
+  got = splits.collect(specs, _filters(d), max_examples=d.max_examples, seed=SPLIT_SEED,
                        valid_fraction=d.valid_fraction, test_fraction=d.test_fraction,
                        progress=progress, max_unlabelled=options(d)["max_unlabelled"])
   timing["mine"] = time.time() - start
   skipped = ", ".join(f"{k} {v}" for k, v in sorted(got.skipped.items())) or "nothing"
   if not any(got.splits.values()):
     raise DataError(f"No (description, code) pairs in {d.sources!r} after filtering (skipped: "
-                    f"{skipped}); add sources or loosen config.data.min_desc_words/max_code_*.")
+                    f"{skipped}); add sources with documented functions.")
   if not got.splits["train"]:
     sizes = {s: len(p) for s, p in got.splits.items()}
     raise DataError(f"The train split of {d.sources!r} is empty ({sizes}); "
@@ -202,9 +210,9 @@ def _build(d: ml_collections.ConfigDict, specs: list[str], out: str, key: str,
     else:
       train = got.splits["train"]
       texts = tokenizer_sample([p.description for p in train] + [p.code for p in train],
-                               TOKENIZER_SAMPLE_CHARS, d.split_seed)
+                               TOKENIZER_SAMPLE_CHARS, SPLIT_SEED)
       texts += tokenizer_sample([u.code for u in got.unlabelled], UNLABELLED_SAMPLE_CHARS,
-                                d.split_seed)
+                                SPLIT_SEED)
       tok = tokenizer_lib.train_tokenizer(texts, spm_path, d.tokenizer_vocab_size,
                                           model_type=d.get("tokenizer_type",
                                                            OPTIONAL_KEY_FIELDS["tokenizer_type"]))

@@ -303,7 +303,7 @@ def _generate(model, variables, desc_ids, keys, limit, temperature, top_k, top_p
 
 def no_repeat_ngram_size(config) -> int:
   """The n-gram ban the programs are built with: the checkpoint's config.sample default."""
-  return int(config.sample.get("no_repeat_ngram_size", 0))
+  return int(config.sample.no_repeat_ngram_size)
 
 
 def _write_params(variables, path: str, dtype: str) -> None:

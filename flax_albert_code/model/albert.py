@@ -151,8 +151,7 @@ class AlbertEncoder(nn.Module):
       h = x_BxLxH if cfg.pooling == "mean" else 0.5 * (x_BxLxH + embedded_BxLxH)
       pooled = (h * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
     vec = self.align_head(pooled).astype(jnp.float32)
-    if cfg.align_normalize:
-      vec = vec / jnp.maximum(jnp.linalg.norm(vec, axis=-1, keepdims=True), 1e-6)
+    vec = vec / jnp.maximum(jnp.linalg.norm(vec, axis=-1, keepdims=True), 1e-6)   # unit length
     return EncoderOutput(x_BxLxH, mask_BxL, pooled, vec, embedded_BxLxH)
 
 

@@ -31,60 +31,22 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Hashable model hyper-parameters: the fields of `config.model` (the schema in config.py holds
-  their meaning and every default; this class holds none). Build it with `from_config`."""
-  vocab_size: int
-  embedding_size: int
-  hidden_size: int
-  num_attention_heads: int
-  intermediate_size: int
-  num_hidden_layers: int
-  num_hidden_groups: int
-  inner_group_num: int
-  hidden_act: str
-  max_position_embeddings: int
-  type_vocab_size: int
-  layer_norm_eps: float
-  initializer_range: float
-  hidden_dropout_prob: float
-  decoder_layers: int
-  share_embedding: bool
-  share_encoder_decoder_block: bool
-  decoder_memory: str
-  pooling: str
-  align_dim: int
-  align_normalize: bool
-  dtype: str
-  param_dtype: str
-  attention_impl: str
-  remat: str
-  scan_layers: bool
-  embedding_grad: str
-  fused_qkv: bool
-  norm_position: str
-  decode_attention: str
-  copy_head: bool
-  memory_embeddings: bool
-  context_token_types: bool
+class _ModelConfigMethods:
+  """What `ModelConfig` does beyond holding its fields."""
 
   @classmethod
   def from_config(cls, cfg) -> ModelConfig:
-    """From `config.model` (a ConfigDict or a mapping, e.g. a checkpoint's saved config).
-
-    A field it lacks takes its `config.LEGACY_MODEL_VALUES` value, else the schema's default for
-    its `preset` (configs saved before a field existed); a field of `config.REMOVED_FIELDS` is
-    dropped; any other key the schema does not have is refused.
+    """From `config.model` (a ConfigDict or a mapping, e.g. a checkpoint's saved config),
+    upgraded by `config.upgrade` (fields added since take their legacy value or the schema's
+    default for its `preset`, removed ones are dropped); any key the schema lacks is refused.
     """
     values = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
-    values, _ = config_lib.upgrade_model(values)
+    values = config_lib.upgrade({"model": values})[0].model.to_dict()
     schema = config_lib.model_config(values.get("preset", config_lib.DEFAULT_PRESET))
     unknown = sorted(k for k in values if k not in schema)
     if unknown:
       raise ValueError(f"config.model has no field {unknown[0]!r}; its fields are "
                        f"{', '.join(sorted(schema.keys()))}.")
-    values = {**schema.to_dict(), **values}
     return cls(**{f.name: (tuple(v) if isinstance(v := values[f.name], list) else v)
                   for f in dataclasses.fields(cls)})
 
@@ -109,8 +71,6 @@ class ModelConfig:
          f"pooling {self.pooling!r} must be 'cls', 'mean' or 'first_last'"),
         (self.attention_impl in ("xla", "cudnn"),
          f"attention_impl {self.attention_impl!r} must be 'xla' or 'cudnn'"),
-        (self.embedding_grad in ("scatter", "onehot"),
-         f"embedding_grad {self.embedding_grad!r} must be 'scatter' or 'onehot'"),
         (self.remat in ("none", "full", "dots"),
          f"remat {self.remat!r} must be 'none', 'full' or 'dots'"),
         (self.decode_attention in config_lib.CHOICES[("model", "decode_attention")],
@@ -157,7 +117,17 @@ class ModelConfig:
 
   @property
   def weight_dtype(self) -> DType:
-    return jnp.dtype(self.param_dtype)
+    """Parameters (and the optimizer state) stay float32 whatever the compute dtype."""
+    return jnp.dtype(jnp.float32)
+
+
+# Hashable model hyper-parameters, a jit static argument: one field per key of `config.model`
+# but `preset`, so the schema (config.py's `model_config`) declares each field, its meaning and
+# its default once. Build it with `from_config` or `default`.
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig", [(k, type(v)) for k, v in config_lib.model_config().items() if k != "preset"],
+    bases=(_ModelConfigMethods,), frozen=True)
+ModelConfig.__module__ = __name__
 
 
 def _init(cfg: ModelConfig, names: tuple[str | None, ...], std: float | None = None):
@@ -246,8 +216,7 @@ class FactorizedEmbedding(nn.Module):
     """
     dt = self.cfg.compute_dtype
     length = ids_BxL.shape[-1]
-    x = embed_lookup(self.word_embeddings.embedding.astype(dt), ids_BxL,
-                     self.cfg.embedding_grad == "onehot")
+    x = embed_lookup(self.word_embeddings.embedding.astype(dt), ids_BxL)
     pos_table = self.position_embeddings.embedding.astype(dt)
     if isinstance(position_offset, int):
       pos_LxE = pos_table[position_offset:position_offset + length]
@@ -266,8 +235,7 @@ class FactorizedEmbedding(nn.Module):
 
   def words(self, ids_BxL: Array) -> Array:
     """The tokens' word vectors [B, L, E] alone (no position, type or norm): their identity."""
-    return embed_lookup(self.word_embeddings.embedding.astype(self.cfg.compute_dtype), ids_BxL,
-                        self.cfg.embedding_grad == "onehot")
+    return embed_lookup(self.word_embeddings.embedding.astype(self.cfg.compute_dtype), ids_BxL)
 
   def attend(self, h_BxLxH: Array, bias_V: Array) -> Array:
     """Tied output projection to vocabulary logits (compute dtype; the loss upcasts)."""
@@ -277,27 +245,22 @@ class FactorizedEmbedding(nn.Module):
     return constrain(logits, ("batch", "length", "act_vocab"))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def embed_lookup(table_VxE: Array, ids: Array, onehot_grad: bool) -> Array:
-  """Row gather; with `onehot_grad` its backward is one_hot(ids)^T @ g (a matmul) instead of a
-  scatter-add, which is slow where many rows collide (frequent tokens)."""
+@jax.custom_vjp
+def embed_lookup(table_VxE: Array, ids: Array) -> Array:
+  """Row gather whose backward scatter-adds in float32 whatever the table's dtype."""
   return jnp.take(table_VxE, ids, axis=0)
 
 
-def _embed_fwd(table, ids, onehot_grad):
+def _embed_fwd(table, ids):
   return jnp.take(table, ids, axis=0), (ids, table)   # the table is alive anyway (a parameter)
 
 
-def _embed_bwd(onehot_grad, res, g):
+def _embed_bwd(res, g):
   ids, table = res
   vocab, dtype = table.shape[0], table.dtype
   flat_ids, flat_g = ids.reshape(-1), g.reshape(-1, g.shape[-1])
-  if onehot_grad:
-    onehot = jax.nn.one_hot(flat_ids, vocab, dtype=g.dtype)
-    grad = jnp.einsum("nv,ne->ve", onehot, flat_g, preferred_element_type=jnp.float32)
-  else:
-    grad = jnp.zeros((vocab, g.shape[-1]), jnp.float32).at[flat_ids].add(
-        flat_g.astype(jnp.float32))
+  grad = jnp.zeros((vocab, g.shape[-1]), jnp.float32).at[flat_ids].add(
+      flat_g.astype(jnp.float32))
   return grad.astype(dtype), None
 
 

@@ -42,8 +42,8 @@ def _nll_sum(params, model, config, desc, code, ctx) -> tuple[Array, Array]:
   out = model.apply({"params": params}, desc, code, encode_code=False, ctx_ids_BxC=ctx)
   nll, _, count = losses.generation_row_sums(
       out["hidden"], code, code != PAD_ID, *train_step._output_weights(params, model.cfg),
-      copy=out.get("copy"), chunk=config.train.get("loss_chunk", 128),
-      logits_dtype=config.train.get("logits_dtype", "float32"))
+      copy=out.get("copy"), chunk=config.train.loss_chunk,
+      logits_dtype=config.train.logits_dtype)
   return nll.sum(), count.sum()
 
 

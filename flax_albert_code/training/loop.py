@@ -225,8 +225,7 @@ class Trainer:
                        f"{divisor} (data x fsdp mesh axes x microbatches).")
     self.model, self.model_cfg = model_lib.build(config)
     self.tx = optim.make(tc)
-    self.ckpt = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints,
-                                        async_save=tc.async_checkpointing)
+    self.ckpt = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=True)
     self.ckpt.check_compatible(config)
     self.train_iter = _train_iterator(config, self.prepared)
     abstract, self.shardings = train_step.abstract_state(self.model, self.tx, config, self.mesh)
@@ -274,7 +273,7 @@ class Trainer:
       if self.gen:
         self.gauge_fn = gauge_lib.jit_gauge(self.model, self.config, self.mesh,
                                             self.shardings.params)
-      if tc.get("precompile", False) and step < end:
+      if tc.precompile and step < end:
         # The first batch's program is traced first; the others follow in the background.
         self._first_batch = self._model_batch(next(self.train_iter))
         first = train_step.program_key("train", self._first_batch)
@@ -430,7 +429,7 @@ def _train_iterator(config, prepared, nb=None):
   """The endless, shuffled train iterator (with unlabelled code by its schedule)."""
   return pipeline.make_iterator(config, prepared, "train", config.train.batch_size, shuffle=True,
                                 num_epochs=None, neighbours=nb,
-                                unlabelled_schedule=config.train.get("unlabelled_schedule", ""))
+                                unlabelled_schedule=config.train.unlabelled_schedule)
 
 
 def _with_neighbours(train_iter, config, prepared, nb):

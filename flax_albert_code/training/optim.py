@@ -8,11 +8,19 @@ from __future__ import annotations
 import jax
 import optax
 
+# AdamW/LAMB moments, epsilon and weight decay; the global-norm clip; the learning rate a decay
+# ends at, as a fraction of the peak. No shipped config ever changed them.
+B1, B2, EPS, WEIGHT_DECAY = 0.9, 0.98, 1e-8, 0.01
+GRAD_CLIP = 1.0
+END_LR_FRACTION = 0.1
+# The "wsd" schedule decays over the last this fraction of the steps.
+DECAY_FRACTION = 0.2
+
 
 def schedule(train_cfg) -> optax.Schedule:
   peak, steps = train_cfg.learning_rate, max(int(train_cfg.steps), 1)
   warmup = min(int(train_cfg.warmup_steps), steps - 1) if steps > 1 else 0
-  end = peak * train_cfg.end_lr_fraction
+  end = peak * END_LR_FRACTION
   if train_cfg.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1), steps, end)
   if train_cfg.schedule == "linear":
@@ -23,9 +31,9 @@ def schedule(train_cfg) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
                                  optax.constant_schedule(peak)], [max(warmup, 1)])
   if train_cfg.schedule == "wsd":
-    # Warmup, stable, decay: the peak until the last `decay_fraction` of the steps. A long run
+    # Warmup, stable, decay: the peak until the last `DECAY_FRACTION` of the steps. A long run
     # continued with more steps (`--config.train.steps`) only moves the decay, not the past.
-    decay = min(max(int(steps * train_cfg.get("decay_fraction", 0.2)), 1), steps - max(warmup, 1))
+    decay = min(max(int(steps * DECAY_FRACTION), 1), steps - max(warmup, 1))
     return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
                                  optax.constant_schedule(peak),
                                  optax.linear_schedule(peak, end, max(decay, 1))],
@@ -41,12 +49,9 @@ def _decay_mask(params):
 def make(train_cfg) -> optax.GradientTransformation:
   lr = schedule(train_cfg)
   if train_cfg.optimizer == "adamw":
-    opt = optax.adamw(lr, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
-                      weight_decay=train_cfg.weight_decay, mask=_decay_mask)
+    opt = optax.adamw(lr, b1=B1, b2=B2, eps=EPS, weight_decay=WEIGHT_DECAY, mask=_decay_mask)
   elif train_cfg.optimizer == "lamb":
-    opt = optax.lamb(lr, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
-                     weight_decay=train_cfg.weight_decay, mask=_decay_mask)
+    opt = optax.lamb(lr, b1=B1, b2=B2, eps=EPS, weight_decay=WEIGHT_DECAY, mask=_decay_mask)
   else:
     raise ValueError(f"config.train.optimizer={train_cfg.optimizer!r} is not 'adamw' or 'lamb'.")
-  chain = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip else []
-  return optax.chain(*chain, opt)
+  return optax.chain(optax.clip_by_global_norm(GRAD_CLIP), opt)

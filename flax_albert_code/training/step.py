@@ -27,6 +27,8 @@ from flax_albert_code.model.albert import CodeModel
 log = logging.getLogger("flax_albert_code")
 Array = jax.Array
 STAGES = ("pretrain", "finetune", "joint")
+# The InfoNCE temperature at init (CLIP's); training learns its log inverse.
+INIT_TEMPERATURE = 0.07
 
 
 @flax.struct.dataclass
@@ -67,7 +69,7 @@ def make_init(model: CodeModel, tx: optax.GradientTransformation, config) -> Cal
   def init(rng: Array) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
     params = {"model": model.init(init_rng, batch["desc_ids"], batch["code_ids"])["params"],
-              "log_inv_temp": jnp.log(1.0 / config.train.init_temperature).astype(jnp.float32)}
+              "log_inv_temp": jnp.log(1.0 / INIT_TEMPERATURE).astype(jnp.float32)}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=state_rng)
   return init
@@ -121,15 +123,14 @@ def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool)
                     encode_code=bool(align), decode=gen, ctx_ids_BxC=batch.get("ctx_ids"),
                     rngs={"dropout": rng})
   metrics, total = {}, 0.0
-  ce_options = dict(chunk=tc.get("loss_chunk", 128), logits_dtype=tc.get("logits_dtype", "float32"))
+  ce_options = dict(chunk=tc.loss_chunk, logits_dtype=tc.logits_dtype)
   if gen:
     weights = code != PAD_ID
     sums = losses.generation_row_sums(
         out["hidden"], code, weights, *_output_weights(params["model"], mc),
-        copy=out.get("copy"), label_smoothing=tc.label_smoothing, z_loss=tc.z_loss,
-        **ce_options)
+        copy=out.get("copy"), **ce_options)
     ce, acc, count = losses.group_mean(*sums)
-    total += tc.gen_weight * ce
+    total += ce
     if labelled is None:
       metrics.update(gen_loss=ce, token_accuracy=acc, code_tokens=count)
     else:   # 0 for a kind the batch has no rows of
@@ -258,7 +259,7 @@ def precompile_async(train_fn, eval_fn, state: TrainState, config, mesh, code_le
   # Shapes only: the live state may be donated by training steps while this runs.
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                        state)
-  mixed = bool(config.train.get("unlabelled_schedule", ""))
+  mixed = bool(config.train.unlabelled_schedule)
   jobs = {}
   for lc in code_lengths:
     b = batch(config.train.batch_size, lc, mixed)
