@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from flax_albert_code import config as config_lib
-from flax_albert_code.config import BOS_ID, CLS_ID, PAD_ID, SEP_ID, UNK_ID
+from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID, UNK_ID
 from flax_albert_code.model import albert as model_lib
 from flax_albert_code.model import copy_head
 from flax_albert_code.model.layers import ModelConfig
@@ -111,12 +111,20 @@ def test_special_tokens_are_never_copied_and_an_empty_context_generates(tiny):
   config, model, cfg, params, ctx, code = tiny
   out = model.apply({"params": params}, ctx[:, :8], code, ctx_ids_BxC=ctx, encode_code=False)
   attn = np.asarray(out["copy"].attn_BxTxC)
-  special = ~np.asarray(copy_head.copyable(ctx))
+  special = ~np.asarray(copy_head.copyable(copy_head.copy_ids(ctx)))
   assert special.sum() > 5 and (attn[np.broadcast_to(special[:, None, :], attn.shape)] == 0).all()
   np.testing.assert_allclose(attn.sum(-1), 1.0, rtol=1e-5)
-  # Nothing copyable ([CLS] [SEP] and padding, as with --no-retrieve on an empty description):
+  # The [SEP] that ends a neighbour copies as EOS; the description's [SEP] is never copied.
+  ids = np.asarray(copy_head.copy_ids(ctx))
+  sep = np.asarray(ctx) == SEP_ID
+  first = sep & (np.cumsum(sep, -1) == 1)
+  assert (ids[first] == SEP_ID).all() and (ids[sep & ~first] == EOS_ID).all()
+  ends = np.broadcast_to((sep & ~first)[:, None, :], attn.shape)
+  assert (sep & ~first).any() and (attn[ends] > 0).all()
+  # Nothing copyable ([CLS] [SEP] and padding, as with --no-retrieve on an empty description, or
+  # an empty neighbour's [SEP] [SEP]: an EOS alone is no copy):
   # every position's distribution is the vocabulary's.
-  empty = jnp.zeros_like(ctx).at[:, 0].set(CLS_ID).at[:, 1].set(SEP_ID)
+  empty = jnp.zeros_like(ctx).at[:, 0].set(CLS_ID).at[:, 1].set(SEP_ID).at[:, 2].set(SEP_ID)
   enc = model.apply({"params": params}, empty, method="encode")
   dec_in = model_lib.shift_right(code, BOS_ID)
   mixed = model.apply({"params": params}, enc, dec_in, method="decode_logits")

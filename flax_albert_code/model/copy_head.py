@@ -22,8 +22,10 @@ s[t, j] = b[t, j] + sum_l w_l b[t - l, j - l]: a run of matches (an n-gram) outs
 match, and the pointer follows the copied span. Training computes it from the whole score
 matrix (a shifted diagonal); decoding keeps the last steps' scores in the cache.
 
-Special tokens (PAD, UNK, BOS, EOS, [CLS], [SEP]) are never copied; a row with nothing to copy
-puts all its mass on the vocabulary (p_gen = 1).
+Special tokens (PAD, UNK, BOS, [CLS], [SEP]) are never copied as themselves; a row with nothing
+to copy puts all its mass on the vocabulary (p_gen = 1). The [SEP] that ends a neighbour (every
+[SEP] after the description's) copies as EOS: a copy that reaches the end of the function it
+follows ends the output there, as the generator would have to learn to do alone.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from flax_albert_code.model import layers
 from flax_albert_code.model.layers import ModelConfig
 
 Array = jax.Array
-NOT_COPIED = (PAD_ID, UNK_ID, BOS_ID, EOS_ID, CLS_ID, SEP_ID)
+NOT_COPIED = (PAD_ID, UNK_ID, BOS_ID, CLS_ID, SEP_ID)   # of `copy_ids`: EOS only from a [SEP]
 NO_COPY_GATE = 30.0   # the gate logit of a row with nothing to copy: p_gen = 1 - 1e-13
 LOG_ZERO = -1e30      # log of an empty copy mass: finite, so gradients stay finite
 HISTORY = 2           # steps of score history the pointer adds (the module docstring)
@@ -49,6 +51,14 @@ class CopyTerms(NamedTuple):
   attn_BxTxC: Array    # float32 pointer weights over the context; 0 at tokens never copied
   gate_BxT: Array      # float32 logit of p_gen
   ids_BxC: Array       # the context's token ids
+
+
+def copy_ids(ids_BxC: Array) -> Array:
+  """The token each context position copies as: its own id, but EOS for the [SEP] that ends a
+  neighbour (each [SEP] after the first)."""
+  sep = ids_BxC == SEP_ID
+  after_first = jnp.cumsum(sep, axis=-1) > 1
+  return jnp.where(sep & after_first, EOS_ID, ids_BxC)
 
 
 def copyable(ids_BxC: Array) -> Array:
@@ -109,11 +119,12 @@ class CopyHead(nn.Module):
     for lag in range(1, HISTORY + 1):
       past = full[:, HISTORY - lag:HISTORY - lag + t, :c - lag]   # rows t - lag, columns j - lag
       scores = scores + weights[lag - 1] * jnp.pad(past, ((0, 0), (0, 0), (lag, 0)))
+    ids_BxC = copy_ids(ids_BxC)
     ok_BxC = copyable(ids_BxC)
-    any_B = ok_BxC.any(-1)
+    any_B = (ok_BxC & (ids_BxC != EOS_ID)).any(-1)
     scores = jnp.where(ok_BxC[:, None, :], scores, -jnp.inf)
     attn = jax.nn.softmax(jnp.where(any_B[:, None, None], scores, 0.0), axis=-1)
-    attn = jnp.where(ok_BxC[:, None, :], attn, 0.0)
+    attn = jnp.where(ok_BxC[:, None, :] & any_B[:, None, None], attn, 0.0)
     gate = self.gate(h_BxTxH)[..., 0].astype(jnp.float32)
     gate = jnp.where(any_B[:, None], gate, NO_COPY_GATE)
     return CopyTerms(attn, gate, ids_BxC), full[:, -HISTORY:]
