@@ -207,15 +207,15 @@ def test_parse_arg():
     common.parse_arg("large,size=base", **spec)
 
 
-def test_reading_the_input_options_are_on_only_in_the_quality_recipe():
-  """Fields added after the pins: denoising on unlabelled code (train.unlabelled_schedule) and
-  self-neighbours (retrieval.self_neighbour_rate) are opt-in; configs/quality.py turns both on
-  (issue 30), so the other shipped runs and their checkpoints are unchanged."""
+def test_reading_the_input_options_are_on_where_chosen():
+  """Fields added after the pins: denoising on unlabelled code (train.unlabelled_schedule) is on
+  only in configs/quality.py, self-neighbours (retrieval.self_neighbour_rate) also in the default
+  CPU run (issue 30: both chosen on the valid split), so the other shipped runs and their
+  checkpoints are unchanged."""
   for name in config_lib.shipped_names():
     config = config_lib.load_config(name)
-    on = name == "quality"
-    assert bool(config.train.unlabelled_schedule) == on, name
-    assert (config.retrieval.self_neighbour_rate > 0) == on, name
+    assert bool(config.train.unlabelled_schedule) == (name == "quality"), name
+    assert (config.retrieval.self_neighbour_rate > 0) == (name in ("quality", "default")), name
 
 
 @pytest.mark.parametrize("field,bad,want", [
