@@ -201,7 +201,8 @@ def versions() -> dict:
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--mode", default="all", choices=["all", "train", "gen_step", "generate", "maxbatch"])
+  ap.add_argument("--mode", default="all",
+                  choices=["all", "train", "gen_step", "generate", "maxbatch"])
   ap.add_argument("--workload", default="bench-a", choices=sorted(WORKLOADS))
   ap.add_argument("--out", default=None, help="write the results as JSON here")
   ap.add_argument("--profile", default=None, metavar="DIR",

@@ -264,7 +264,6 @@ def markdown(res: dict) -> str:
 
 def main(argv) -> None:
   del argv
-  import flax  # pylint: disable=import-outside-toplevel,unused-import
   from flax_albert_code.data.prepared import DataError  # pylint: disable=import-outside-toplevel
   from flax_albert_code import cli  # pylint: disable=import-outside-toplevel
   cli.quiet_logs()

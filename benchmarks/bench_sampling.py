@@ -22,7 +22,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flax_albert_code.model import albert as model_lib  # noqa: E402
-from flax_albert_code.inference import decoding  # noqa: E402
 from flax_albert_code.inference import model_decoding  # noqa: E402
 from flax_albert_code.inference.generator import inference_params  # noqa: E402
 from flax_albert_code import config as config_lib  # noqa: E402

@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices so sharding code runs in every CI run (flax's run_all_tests.sh)."""
+"""Test setup: 8 fake CPU devices so sharding code runs in every CI run (flax's
+run_all_tests.sh)."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")

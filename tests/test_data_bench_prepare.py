@@ -20,4 +20,5 @@ def test_rows_are_replaced_per_host_and_settings_and_other_sections_kept(tmp_pat
   section = text.split(bench_prepare.HEADING)[1]
   rows = [line for line in section.splitlines() if line.startswith("| cpu")]
   assert len(rows) == 2 and "| 30 |" in rows[1] and "| 20 |" in rows[0]
-  assert sum(line.startswith("| --- ") for line in section.splitlines()) == 1 and text.count(bench_prepare.HEADING) == 1
+  assert sum(line.startswith("| --- ") for line in section.splitlines()) == 1
+  assert text.count(bench_prepare.HEADING) == 1

@@ -87,7 +87,8 @@ def test_filters_count_reasons():
 
 def test_form_feed_and_non_ascii_keep_line_numbers_right():
   # \x0c is not a line break for ast; byte offsets of non-ASCII text must not shift the cut.
-  text = 'x = 1\x0c\n\ndef f():\n    "\u00e9\u00e9 docstring with words"  # note\n    return "\u00e9"\n'
+  text = ('x = 1\x0c\n\ndef f():\n    "\u00e9\u00e9 docstring with words"  # note\n'
+          '    return "\u00e9"\n')
   pairs, _ = mine(text)
   assert pairs["f"].code == 'def f():\n    return "\u00e9"\n'
   assert pairs["f"].lineno == 3
@@ -100,7 +101,8 @@ def test_syntax_error_is_counted_not_raised():
 
 def test_first_paragraph_and_normalised_key():
   assert mining.first_paragraph("  One\ttwo\n   three.\n\n  Rest.") == "One two three."
-  assert mining.code_key("def f():\n    return 1   \n\n") == mining.code_key("def f():\n    return 1")
+  assert (mining.code_key("def f():\n    return 1   \n\n")
+          == mining.code_key("def f():\n    return 1"))
   assert mining.code_key("def f():\n    return 1") != mining.code_key("def f():\n    return 2")
 
 

@@ -325,7 +325,6 @@ def test_self_neighbours_put_a_training_rows_own_code_first_repeatably(setup):
   for b in batches:
     for row, i in enumerate(b["index"]):
       first = _first_neighbour(b["ctx_ids"][row])
-      code = tok.tokens("code", i)[:len(first)].tolist()
       other = tok.tokens("code", (i + 1) % n)[:len(first)].tolist()
       if first == other:
         continue

@@ -22,7 +22,8 @@ def nasty_tree(tmp_path):
   (root / "pkg").mkdir(parents=True)
   (root / "pkg" / "good.py").write_text(GOOD.format(name="f", n=1) + GOOD.format(name="g", n=2))
   (root / "pkg" / "latin1_declared.py").write_bytes(
-      b"# -*- coding: latin-1 -*-\n" + GOOD.format(name="h", n=3).encode().replace(b"caller", b"caf\xe9"))
+      b"# -*- coding: latin-1 -*-\n"
+      + GOOD.format(name="h", n=3).encode().replace(b"caller", b"caf\xe9"))
   (root / "binary.py").write_bytes(b"\x00\x01\x02def f(): pass\n")
   (root / "not_utf8.py").write_bytes(GOOD.format(name="k", n=4).encode() + b"# \xff\xfe\n")
   (root / "syntax.py").write_text("def broken(:\n    '''A broken function here.'''\n")
@@ -101,14 +102,17 @@ def test_codesearchnet_layout_keeps_partition(tmp_path):
 
 def test_jsonl_bad_lines_are_counted(tmp_path):
   f = tmp_path / "pairs.jsonl"
-  lines = [json.dumps({"description": "Return the answer to everything.", "code": "def a():\n    return 42\n"}),
-           json.dumps({"docstring": "Return one more than x.\n\nMore.", "code": "def b(x):\n    return x + 1\n",
+  lines = [json.dumps({"description": "Return the answer to everything.",
+                       "code": "def a():\n    return 42\n"}),
+           json.dumps({"docstring": "Return one more than x.\n\nMore.",
+                       "code": "def b(x):\n    return x + 1\n",
                        "path": "lib/b.py", "partition": "test"}),
            "{not json", "", json.dumps([1, 2]), json.dumps({"description": "no code here at all"}),
            json.dumps({"description": "Too short", "code": "x = 1"})]
   f.write_text("\n".join(lines) + "\n")
   pairs, skipped = read_all(f"jsonl:{f}")
-  assert [p.description for p in pairs] == ["Return the answer to everything.", "Return one more than x."]
+  assert [p.description for p in pairs] == ["Return the answer to everything.",
+                                             "Return one more than x."]
   assert [p.path for p in pairs] == ["pairs.jsonl:1", "lib/b.py"]
   assert [p.partition for p in pairs] == ["", "test"]
   assert skipped == {"row: not JSON": 1, "row: not a JSON object": 1,

@@ -16,7 +16,8 @@ FILTERS = mining.Filters(unlabelled=True)
 def write_tree(root):
   for f in range(24):
     (root / f"m{f}.py").write_text("import os\n\nLIMIT = 3\n\n" + "".join(
-        f'def f{f}_{g}(x):\n    """Scale x by {g} and add {f} to it."""\n    return x * {g} + {f}\n\n'
+        f'def f{f}_{g}(x):\n    """Scale x by {g} and add {f} to it."""\n'
+        f'    return x * {g} + {f}\n\n'
         for g in range(4)))
   for f in range(4):   # no docstrings: no pairs, only unlabelled code
     (root / f"u{f}.py").write_text("".join(f"def u{f}_{g}(y):\n    return y - {g} * {f}\n\n"

@@ -64,7 +64,8 @@ def _write_sources(root) -> None:
   root.mkdir()
   for f in range(10):
     (root / f"m{f}.py").write_text("".join(
-        f'def f{f}_{g}(x):\n    """Scale x by {g} and add {f} to it."""\n    return x * {g} + {f}\n\n'
+        f'def f{f}_{g}(x):\n    """Scale x by {g} and add {f} to it."""\n'
+        f'    return x * {g} + {f}\n\n'
         for g in range(4)))
 
 

