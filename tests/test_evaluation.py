@@ -269,8 +269,12 @@ def test_evaluate_cli_writes_reports(tmp_path, monkeypatch, capsys):
       gen = cls(test)
       gen.prepared = _Prepared({"train": train, "test": test})
       return gen
-  monkeypatch.setitem(sys.modules, "flax_albert_code.inference.generator",
-                      types.SimpleNamespace(CodeGenerator=FakeCheckpointGenerator))
+  # Both the module table and the package attribute: `from flax_albert_code.inference import
+  # generator` reads the attribute once another test has imported the real module.
+  import flax_albert_code.inference as inference_pkg
+  fake = types.SimpleNamespace(CodeGenerator=FakeCheckpointGenerator)
+  monkeypatch.setitem(sys.modules, "flax_albert_code.inference.generator", fake)
+  monkeypatch.setattr(inference_pkg, "generator", fake, raising=False)
   from flax_albert_code import cli as cli_utils  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(cli_utils, "check_decoding", lambda *a, **decode: None)   # no config
   ckpt = tmp_path / "ckpt"
