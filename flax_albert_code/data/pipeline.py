@@ -278,7 +278,7 @@ class Assemble(grain.transforms.Map):
     their own code as first neighbour, with spans cut out when `noisy` (`corrupt_spans`
     without a marker: a near copy, as a close neighbour is)."""
     ctx = np.zeros((len(idx), self.max_ctx_len), np.int32)
-    rng = _rows_rng(idx)   # which rows see their own code, and its UNKs
+    rng = _rows_rng(idx)   # which rows see their own code, and its cut spans
     if own is None:
       own = (rng.random(len(idx)) < self.self_neighbour_rate if self.self_neighbour_rate
              else np.zeros(len(idx), bool))

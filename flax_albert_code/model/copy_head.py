@@ -138,6 +138,13 @@ def mix_log_probs(logits_BxTxV: Array, copy: CopyTerms) -> Array:
   rows, cols = jnp.arange(b)[:, None, None], jnp.arange(t)[None, :, None]
   mass = jnp.zeros(logp.shape, jnp.float32).at[rows, cols, copy.ids_BxC[:, None, :]].add(
       copy.attn_BxTxC)
-  log_mass = jnp.where(mass > 0, jnp.log(jnp.where(mass > 0, mass, 1.0)), LOG_ZERO)
-  gate = copy.gate_BxT[..., None]
-  return jnp.logaddexp(jax.nn.log_sigmoid(gate) + logp, jax.nn.log_sigmoid(-gate) + log_mass)
+  return log_mixture(logp, mass, copy.gate_BxT[..., None])
+
+
+def log_mixture(logp_vocab: Array, copy_mass: Array, gate: Array) -> Array:
+  """log(p_gen p_vocab + (1 - p_gen) copy_mass), p_gen = sigmoid(gate); an empty copy mass is
+  LOG_ZERO, not -inf, so gradients stay finite."""
+  log_mass = jnp.where(copy_mass > 0, jnp.log(jnp.where(copy_mass > 0, copy_mass, 1.0)),
+                       LOG_ZERO)
+  return jnp.logaddexp(jax.nn.log_sigmoid(gate) + logp_vocab,
+                       jax.nn.log_sigmoid(-gate) + log_mass)

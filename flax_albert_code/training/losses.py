@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from flax_albert_code.model.copy_head import LOG_ZERO, CopyTerms
+from flax_albert_code.model.copy_head import CopyTerms, log_mixture
 from flax_albert_code.model.layers import tied_logits
 
 Array = jax.Array
@@ -71,9 +71,7 @@ def _logit_stats(logits, targets, logits_dtype: str, with_mean: bool):
 def _copy_log_prob(logp_vocab_BxT: Array, targets_BxT: Array, copy: CopyTerms) -> Array:
   """log p(target) of the copy head's mixture: p_gen p_vocab + (1 - p_gen) copy mass."""
   mass = (copy.attn_BxTxC * (copy.ids_BxC[:, None, :] == targets_BxT[..., None])).sum(-1)
-  log_copy = jnp.where(mass > 0, jax.nn.log_sigmoid(-copy.gate_BxT)
-                       + jnp.log(jnp.where(mass > 0, mass, 1.0)), LOG_ZERO)
-  return jnp.logaddexp(jax.nn.log_sigmoid(copy.gate_BxT) + logp_vocab_BxT, log_copy)
+  return log_mixture(logp_vocab_BxT, mass, copy.gate_BxT)
 
 
 def _copy_correct(logits_BxTxV, lse, max_logit, logp_BxT, copy: CopyTerms) -> Array:
