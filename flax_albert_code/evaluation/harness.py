@@ -1,22 +1,13 @@
 """Evaluation: generation (BLEU, exact match, parse rate), retrieval (MRR, R@k), HumanEval pass@k.
 
-`evaluate` and `evaluate_humaneval` take any object with the generator's interface (duck typed,
-so tests use a fake):
-
-  generate(descriptions, strategy="greedy"|"beam"|"sample", num_samples=1, num_beams=4,
-           temperature=1.0, top_k=0, top_p=1.0, rerank=False, max_new_tokens=None, seed=0)
-      -> per description, candidates best first: dicts with "code", "score", "align", "parses"
-  embed(texts, kind="desc"|"code") -> [N, D] L2-normalised vectors
-
-Both return a results dict (`rows`, `examples`, `settings`, `truncated`) that `report.write`
-turns into report.json and report.md. Every number for a method is computed on the same examples,
-baselines included. Scores are percentages except MRR (0-1). Descriptions longer than the model
-reads are one warning for the whole set (their numbers, from 1, under "truncated"), not one per
-description and call. `progress`: True draws bars on stderr (a terminal), "lines" writes a line
-now and then (a log), False nothing.
+`generator` is duck typed (tests use a fake): `generate(descriptions, strategy, num_samples, ...)`
+gives per description candidates best first (dicts with "code", "score", "align", "parses") and
+`embed(texts, kind="desc"|"code")` L2-normalised vectors. Every method is scored on the same
+examples; percentages except MRR (0-1). `progress`: True bars, "lines" a line now and then.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -52,10 +43,8 @@ def methods(strategies: Sequence[str], rerank: bool) -> list[tuple[str, bool]]:
   for s in strategies:
     if s not in decoding.STRATEGIES:
       raise ValueError(f"Unknown decoding strategy {s!r}; use {', '.join(decoding.STRATEGIES)}.")
-  out = [(s, False) for s in strategies]
-  if rerank:
-    out += [(s, True) for s in strategies if s != "greedy"]
-  return out
+  return [(s, False) for s in strategies] + [(s, True) for s in strategies
+                                             if rerank and s != "greedy"]
 
 
 def method_name(strategy: str, rerank: bool) -> str:
@@ -64,9 +53,8 @@ def method_name(strategy: str, rerank: bool) -> str:
 
 @contextlib.contextmanager
 def summarised_truncation(generator, descriptions: Sequence[str]) -> Iterator[dict[str, Any]]:
-  """While evaluating `descriptions`: one warning for those the model cuts (`generator.
-  long_descriptions`; their numbers from 1 in the record yielded, for the report) instead of
-  the generator's warning per description and call."""
+  """One warning for the descriptions the model cuts (their numbers from 1 in the record
+  yielded) instead of the generator's warning per description and call."""
   find = getattr(generator, "long_descriptions", None)
   cut = [i + 1 for i in find(list(descriptions))] if find else []
   limit = getattr(generator, "max_desc_len", 2) - 2
@@ -84,19 +72,16 @@ def summarised_truncation(generator, descriptions: Sequence[str]) -> Iterator[di
 
 
 def _generate(generator, descriptions: Sequence[str], strategy: str, rerank: bool,
-              d: DecodeSettings, progress: bool | str = False,
-              retrieve: bool | None = None, name: str = "") -> list[list[dict]]:
+              d: DecodeSettings, progress: bool | str, name: str, **retrieve) -> list[list[dict]]:
   out: list[list[dict]] = []
-  bar = progress_lib.bar(len(descriptions), name or method_name(strategy, rerank), "desc",
-                         progress)
+  bar = progress_lib.bar(len(descriptions), name, "desc", progress)
   for i in range(0, len(descriptions), d.batch_size):
     batch = list(descriptions[i:i + d.batch_size])
     cands = generator.generate(
         batch, strategy=strategy,
         num_samples=decoding.num_candidates(strategy, d.num_beams, d.num_samples),
         num_beams=d.num_beams, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p,
-        rerank=rerank, max_new_tokens=d.max_new_tokens, seed=d.seed + i,
-        **({} if retrieve is None else {"retrieve": retrieve}),
+        rerank=rerank, max_new_tokens=d.max_new_tokens, seed=d.seed + i, **retrieve,
         **{name: getattr(d, name) for name in ("repetition_penalty", "no_repeat_ngram_size")
            if getattr(d, name) is not None})
     if len(cands) != len(batch) or any(not c for c in cands):
@@ -129,19 +114,14 @@ def retrieval_chunks(n: int, max_candidates: int = 1000) -> list[np.ndarray]:
 
 def _retrieval_rows(name: str, scores: list[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
   """`scores`: per chunk, ([n, n] desc->code scores, [n, n] code->desc scores)."""
-  ranks: dict[str, list[np.ndarray]] = {"desc→code": [], "code→desc": []}
-  for d2c, c2d in scores:
-    ranks["desc→code"].append(metrics.ranks(d2c))
-    ranks["code→desc"].append(metrics.ranks(c2d))
-  sizes = [len(d2c) for d2c, _ in scores]
+  lo, hi = min(len(d2c) for d2c, _ in scores), max(len(d2c) for d2c, _ in scores)
+  span = str(lo) if lo == hi else f"{lo}-{hi}"
   rows = []
-  for direction, rs in ranks.items():
-    r = np.concatenate(rs)
-    row = {"method": f"{name} {direction}", "kind": "retrieval", "examples": int(len(r)),
-           "mrr": float(np.mean(1.0 / r)), "candidates": _span(sizes)}
-    for k in (1, 5, 10):
-      row[f"r@{k}"] = 100.0 * float(np.mean(r <= k))
-    rows.append(row)
+  for j, direction in enumerate(("desc→code", "code→desc")):
+    r = np.concatenate([metrics.ranks(chunk[j]) for chunk in scores])
+    rows.append({"method": f"{name} {direction}", "kind": "retrieval", "examples": int(len(r)),
+                 "mrr": float(np.mean(1.0 / r)), "candidates": span,
+                 **{f"r@{k}": 100.0 * float(np.mean(r <= k)) for k in (1, 5, 10)}})
   return rows
 
 
@@ -154,21 +134,26 @@ def fuse(*scores_QxC: np.ndarray) -> np.ndarray:
   return sum(z(s) for s in scores_QxC)
 
 
-def _span(sizes: Sequence[int]) -> str:
-  lo, hi = min(sizes), max(sizes)
-  return str(lo) if lo == hi else f"{lo}-{hi}"
-
-
 def _generation_row(name: str, outputs: Sequence[str], refs: Sequence[str],
                     finished: Sequence[bool] | None = None, k: int | None = None) -> dict:
-  row = {"method": name, "kind": "generation", "examples": len(outputs),
-         "bleu": metrics.bleu(outputs, refs),
-         "exact_match": metrics.exact_match_rate(outputs, refs),
-         "parse_rate": metrics.parse_rate(outputs),
-         "degenerate_rate": metrics.degenerate_rate(outputs, finished)}
-  if k is not None:
-    row["k"] = k
-  return row
+  return {"method": name, "kind": "generation", "examples": len(outputs),
+          "bleu": metrics.bleu(outputs, refs),
+          "exact_match": metrics.exact_match_rate(outputs, refs),
+          "parse_rate": metrics.parse_rate(outputs),
+          "degenerate_rate": metrics.degenerate_rate(outputs, finished),
+          **({} if k is None else {"k": k})}
+
+
+def _nearest_codes(descs: Sequence[str], train_examples: Sequence[dict]) -> list[str]:
+  """The BM25 baseline: the code of the training example whose description is closest."""
+  nn = bm25.nearest_neighbour(descs, [t["description"] for t in train_examples])
+  return [train_examples[i]["code"] for i in nn]
+
+
+def _results(task: str, n: int, train_examples: Sequence[dict], rows: list[dict],
+             truncated: dict, examples: dict, **extra) -> dict[str, Any]:
+  return {"task": task, "num_examples": n, "num_train_examples": len(train_examples),
+          "rows": rows, "truncated": truncated, "examples": examples, **extra}
 
 
 def evaluate(generator, examples: Sequence[dict], train_examples: Sequence[dict] = (),
@@ -177,14 +162,9 @@ def evaluate(generator, examples: Sequence[dict], train_examples: Sequence[dict]
              max_candidates: int = 1000, num_show: int = 3, num_random: int = 0,
              seed: int = 0, progress: bool | str = False, retrieve: bool | None = None,
              plain: bool = True, corpus: str | None = None) -> dict[str, Any]:
-  """Generation and retrieval metrics of `generator` on `examples` ("description", "code").
-
-  Baselines on the same examples: BM25 nearest neighbour over `train_examples` (the training
-  function whose description is closest answers), and BM25 retrieval. For a model trained with
-  retrieval, each strategy runs with its k neighbours (column k) and, with `plain`, also without
-  them ("no retrieval", k 0); "dense/hybrid nearest neighbour" rows answer with the code of the
-  top function its retriever finds in the run's train split (retrieval alone, no generation).
-  """
+  """Generation and retrieval metrics on `examples` ("description", "code"), with BM25
+  baselines. A retrieval model's strategies run with their k neighbours and, with `plain`, without
+  ("no retrieval"); "dense/hybrid nearest neighbour" rows answer with its retriever's top code."""
   if not examples:
     raise ValueError("No examples to evaluate; check --data and --split.")
   descs = [e["description"] for e in examples]
@@ -201,7 +181,7 @@ def evaluate(generator, examples: Sequence[dict], train_examples: Sequence[dict]
     for strategy, rr in methods(strategies, rerank):
       for arm, arm_k in arms:
         name = method_name(strategy, rr) + (", no retrieval" if arm is False else "")
-        cands = _generate(generator, descs, strategy, rr, decode, progress, name=name,
+        cands = _generate(generator, descs, strategy, rr, decode, progress, name,
                           **({"retrieve": arm} if arm is not None else {}))
         outputs[name] = [c[0]["code"] for c in cands]
         finished = [c[0].get("finish_reason", "eos") == "eos" for c in cands]
@@ -213,8 +193,7 @@ def evaluate(generator, examples: Sequence[dict], train_examples: Sequence[dict]
         outputs[name] = [t[0]["code"] if t else "" for t in top]
         rows.append(_generation_row(name, outputs[name], refs, k=1))
     if train_examples:
-      nn = bm25.nearest_neighbour(descs, [t["description"] for t in train_examples])
-      outputs["BM25 nearest neighbour"] = [train_examples[i]["code"] for i in nn]
+      outputs["BM25 nearest neighbour"] = _nearest_codes(descs, train_examples)
       rows.append(_generation_row("BM25 nearest neighbour", outputs["BM25 nearest neighbour"],
                                   refs))
     if retrieval:
@@ -229,18 +208,16 @@ def evaluate(generator, examples: Sequence[dict], train_examples: Sequence[dict]
       rows += _retrieval_rows("BM25", lexical)
       rows += _retrieval_rows("alignment + BM25", [(fuse(ad, ld), fuse(ac, lc))
                                                    for (ad, ac), (ld, lc) in zip(align, lexical)])
-  return {"task": "generation", "num_examples": len(examples),
-          "num_train_examples": len(train_examples), "rows": rows, "truncated": truncated,
-          "examples": show_examples(examples, outputs, num_show, num_random, seed),
-          "settings": dict(strategies=list(strategies), rerank=rerank,
-                           decode=dataclasses.asdict(decode), max_candidates=max_candidates)}
+  return _results("generation", len(examples), train_examples, rows, truncated,
+                  show_examples(examples, outputs, num_show, num_random, seed),
+                  settings=dict(strategies=list(strategies), rerank=rerank,
+                                decode=dataclasses.asdict(decode), max_candidates=max_candidates))
 
 
 def show_examples(examples: Sequence[dict], outputs: dict[str, list[str]], num_show: int,
                   num_random: int = 0, seed: int = 0) -> dict[str, Any]:
   """The `num_show` best and worst examples of the first method by sentence BLEU, and
-  `num_random` examples drawn with `random.Random(seed)` (not chosen by score), with every
-  method's output side by side."""
+  `num_random` drawn with `random.Random(seed)`, with every method's output side by side."""
   if not outputs or (num_show <= 0 and num_random <= 0):
     return {"best": [], "worst": [], "random": []}
   first = next(iter(outputs))
@@ -266,49 +243,33 @@ def evaluate_humaneval(generator, problems: Sequence[dict] | None = None,
                        limits: sandbox.Limits = humaneval.DEFAULT_LIMITS,
                        workers: int | None = None, num_show: int = 3,
                        progress: bool | str = False) -> dict[str, Any]:
-  """pass@1/10 on HumanEval (all 164 problems by default), every candidate run in the sandbox.
-
-  Unreranked sampling gives independent samples: pass@k is the unbiased estimator over all
-  `num_samples`. Greedy, beam and reranked lists are ranked: pass@k = one of the first k passes.
-  With `train_examples`, the BM25 nearest neighbour's training function is run as a baseline.
-  """
+  """pass@1/10 on HumanEval (all 164 problems by default), every candidate run in the sandbox;
+  unreranked sampling is scored as independent samples, other lists as ranked (`pass_at`)."""
   problems = humaneval.load_problems() if problems is None else list(problems)
   descs = [humaneval.description(p) for p in problems]
   rows: list[dict] = []
   outputs: dict[str, list[str]] = {}
+
+  def score(name, cands, ranked):
+    results = humaneval.execute(problems, cands, limits, workers, progress=progress is True)
+    outputs[name] = [c[0] for c in cands]
+    statuses = dict(collections.Counter(r.status for rs in results for r in rs))
+    rows.append({"method": name, "kind": "humaneval", "examples": len(results),
+                 "samples": "-".join(str(x) for x in sorted({len(r) for r in results})),
+                 "parse_rate": metrics.parse_rate(outputs[name]),
+                 **humaneval.pass_at(results, (1, 10), ranked=ranked), "statuses": statuses})
   with summarised_truncation(generator, descs) as truncated:
     for strategy, rr in methods(strategies, rerank):
       name = method_name(strategy, rr)
-      cands = [[c["code"] for c in cs]
-               for cs in _generate(generator, descs, strategy, rr, decode, progress)]
-      results = humaneval.execute(problems, cands, limits, workers, progress=progress is True)
-      outputs[name] = [c[0] for c in cands]
-      rows.append(_humaneval_row(name, results, outputs[name], ranked=rr or strategy != "sample"))
+      score(name, [[c["code"] for c in cs] for cs in
+                   _generate(generator, descs, strategy, rr, decode, progress, name)],
+            ranked=rr or strategy != "sample")
   if train_examples:
-    nn = bm25.nearest_neighbour(descs, [t["description"] for t in train_examples])
-    cands = [[train_examples[i]["code"]] for i in nn]
-    outputs["BM25 nearest neighbour"] = [c[0] for c in cands]
-    rows.append(_humaneval_row("BM25 nearest neighbour",
-                               humaneval.execute(problems, cands, limits, workers,
-                                                 progress=progress is True),
-                               outputs["BM25 nearest neighbour"], ranked=True))
+    score("BM25 nearest neighbour", [[c] for c in _nearest_codes(descs, train_examples)], True)
   examples = [{"description": d, "code": p["prompt"] + p["canonical_solution"],
                "task_id": p["task_id"]} for d, p in zip(descs, problems)]
-  return {"task": "humaneval", "num_examples": len(problems),
-          "num_train_examples": len(train_examples), "rows": rows, "truncated": truncated,
-          "examples": show_examples(examples, outputs, num_show),
-          "sandbox": sandbox.capabilities(),
-          "settings": dict(strategies=list(strategies), rerank=rerank,
-                           decode=dataclasses.asdict(decode), limits=dataclasses.asdict(limits))}
-
-
-def _humaneval_row(name: str, results: list[list[sandbox.Result]], top: Sequence[str],
-                   ranked: bool) -> dict:
-  n = {len(r) for r in results}
-  statuses: dict[str, int] = {}
-  for rs in results:
-    for r in rs:
-      statuses[r.status] = statuses.get(r.status, 0) + 1
-  return {"method": name, "kind": "humaneval", "examples": len(results),
-          "samples": "-".join(str(x) for x in sorted(n)), "parse_rate": metrics.parse_rate(top),
-          **humaneval.pass_at(results, (1, 10), ranked=ranked), "statuses": statuses}
+  return _results("humaneval", len(problems), train_examples, rows, truncated,
+                  show_examples(examples, outputs, num_show), sandbox=sandbox.capabilities(),
+                  settings=dict(strategies=list(strategies), rerank=rerank,
+                                decode=dataclasses.asdict(decode),
+                                limits=dataclasses.asdict(limits)))
