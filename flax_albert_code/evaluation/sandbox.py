@@ -1,39 +1,25 @@
 """Runs untrusted generated code in a separate, limited process; never in the evaluating process.
 
-Each program runs in a fresh `python -I -B -S` interpreter (isolated mode: no user site, no PYTHON*
-variables, no bytecode written, no site-packages, so only the standard library) started in its own
-session, inside a fresh temporary working directory that is removed afterwards, with an empty
-environment (PATH, HOME, TMPDIR, LANG only), stdout/stderr to files. A bootstrap run by that
-interpreter, before the program:
-  * lowers its resource limits (soft == hard): RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_FSIZE
-    (file size), RLIMIT_CORE = 0, and unless root RLIMIT_NPROC (no process beyond those the user
-    already has, plus `Limits.extra_processes`); the limits are set in the child, not through
-    `preexec_fn`, which is unsafe with the thread pool that `run_many` uses;
-  * when we are root and the interpreter is readable by `nobody`, drops to uid/gid 65534 (then
-    RLIMIT_NPROC binds and file permissions protect the rest of the machine);
-  * installs an audit hook (PEP 578) that refuses: creating processes (fork, exec, spawn, system,
-    subprocess), sending signals, sockets and network clients, ctypes, `_posixsubprocess` and
-    C dbm imports, changing resource limits, GC introspection, and opening for writing, creating,
-    deleting, renaming, linking, changing the mode/owner of, or opening as a directory (a
-    `dir_fd`), any path outside the working directory (sqlite databases included).
-When `unshare` works (root or user namespaces allowed), the interpreter also runs in new network
-and PID namespaces: no network interface but a down loopback, no other process visible, and every
-process it could start dies with it. Without `unshare` (a CI container without the capability)
-the hook is the only network barrier. On timeout the whole process group is killed (SIGKILL) and
-the PID namespace with it. Output goes to files capped by RLIMIT_FSIZE, never into our memory.
+Each program runs in a fresh `python -I -B -S` interpreter (standard library only, no PYTHON*
+variables) in its own session and a fresh temporary working directory (removed afterwards), with
+only PATH, HOME, TMPDIR and LANG set and stdout/stderr to files. Before the program, a bootstrap
+in the child (not `preexec_fn`, unsafe with `run_many`'s threads):
+  * sets soft == hard RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_CORE = 0 and, unless root,
+    RLIMIT_NPROC (the user's processes plus `Limits.extra_processes`);
+  * as root, when `nobody` can run the interpreter, drops to uid/gid 65534;
+  * installs an audit hook (PEP 578) refusing: process creation, signals, sockets and network
+    clients, ctypes, `_posixsubprocess` and C dbm imports, resource limits, GC introspection, and
+    writing, creating, deleting, renaming, linking, chmod/chown or opening as a directory any
+    path outside the working directory (sqlite databases included).
+Where `unshare` works, it also runs in new network and PID namespaces (only a down loopback; every
+process it starts dies with it); elsewhere the hook is the only network barrier. On timeout the
+process group is killed (SIGKILL). Output goes to files capped by RLIMIT_FSIZE, never our memory.
 
-What it does NOT protect against (it contains accidents of generated code, not an attacker):
-  * reading any file the user can read (with root and no privilege drop: every file on the disk),
-    and writing to devices or files through descriptors it inherits (it inherits only stdio and
-    one report pipe);
-  * a determined adversary escaping the audit hook (audit hooks are not a security boundary):
-    e.g. races between the path check and the open, tricks through objects reachable from the
-    program, or faking a pass by reaching the bootstrap's frame through a traceback;
-  * without `unshare`: network access by means the hook does not see, and (as root, where
-    RLIMIT_NPROC does not bind) a fork bomb that gets past the hook (processes that call setsid
-    escape the process-group kill);
-  * kernel exploits, and starving the machine within the limits (e.g. many workers each using
-    the full memory limit); there is no cgroup.
+It contains accidents of generated code, not an attacker: it does not stop reading files the user
+can read, writing through inherited descriptors (only stdio and one report pipe), escapes from the
+audit hook (not a security boundary: path-check races, reaching the bootstrap's frame), network
+access or (as root) fork bombs the hook misses without `unshare` (setsid escapes the group kill),
+kernel exploits, or starving the machine within the limits (there is no cgroup).
 """
 from __future__ import annotations
 
@@ -118,10 +104,7 @@ def _boot():
                  "shutil.move": 2, "shutil.copyfile": 2, "shutil.copytree": 2,
                  "sqlite3.connect": 1}
   def inside(p):
-    if isinstance(p, int):
-      return False
-    p = real(os.fsdecode(p))
-    return (p + os.sep).startswith(work)
+    return not isinstance(p, int) and (real(os.fsdecode(p)) + os.sep).startswith(work)
   def refuse(event):
     os.write(report_fd, ("blocked: %%s\n" %% event).encode())
     raise PermissionError("sandbox: %%s is not allowed" %% event)
@@ -170,10 +153,6 @@ _boot()
 _WORDS = {"cpu", "syntax", "assert", "exit", "exception"}
 
 
-def _python() -> list[str]:
-  return [PYTHON, "-I", "-B", "-S", "-c", _BOOTSTRAP]
-
-
 @functools.lru_cache(maxsize=None)
 def _unshare_prefix() -> tuple[str, ...]:
   """New network + PID namespaces when `unshare` works here, else nothing."""
@@ -197,8 +176,7 @@ def _can_drop_privileges() -> bool:
   if os.getuid() != 0:
     return False
   probe = "import json, math, re, typing, collections, itertools, functools, heapq, string"
-  r = _run(probe, Limits(timeout_s=10), drop=True, prefix=())
-  return r.passed
+  return _run(probe, Limits(timeout_s=10), drop=True, prefix=()).passed
 
 
 def capabilities() -> dict:
@@ -214,8 +192,7 @@ def run(program: str, limits: Limits = Limits()) -> Result:
 
 def run_many(programs: Sequence[str], limits: Limits = Limits(),
              workers: int | None = None, progress: bool = False) -> list[Result]:
-  """`run` over many programs, `workers` (default: CPU count) at a time; results in order;
-  `progress`: a bar on stderr."""
+  """`run` over many programs, `workers` (default: CPU count) at a time; results in order."""
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   workers = workers or os.cpu_count() or 1
   capabilities()  # probe once, outside the pool
@@ -256,9 +233,8 @@ def _tail(path: str, n: int = 2000) -> str:
 
 
 def _kill_group(pgid: int, wait_s: float = 5.0) -> None:
-  """SIGKILL to process group `pgid`, then wait (at most `wait_s`) until none of its processes
-  is alive: a killed process runs on for a moment before it is a zombie (longer on a loaded
-  machine), and its sandbox directory is removed next."""
+  """SIGKILL to process group `pgid`, then wait (at most `wait_s`) until none is alive: a killed
+  process runs on a moment before it is a zombie, and its sandbox directory is removed next."""
   try:
     os.killpg(pgid, signal.SIGKILL)
   except (ProcessLookupError, PermissionError):
@@ -307,8 +283,8 @@ def _run(program: str, limits: Limits, drop: bool, prefix: Sequence[str]) -> Res
             str(limits.extra_processes), str(int(drop))]
     with open(os.path.join(outer, "stdout"), "wb") as out, \
          open(os.path.join(outer, "stderr"), "wb") as err:
-      proc = subprocess.Popen(list(prefix) + _python() + args, cwd=work, env=env,
-                              stdin=subprocess.PIPE, stdout=out, stderr=err,
+      proc = subprocess.Popen([*prefix, PYTHON, "-I", "-B", "-S", "-c", _BOOTSTRAP, *args],
+                              cwd=work, env=env, stdin=subprocess.PIPE, stdout=out, stderr=err,
                               pass_fds=(write_fd,), start_new_session=True)
       os.close(write_fd)
       write_fd = -1
