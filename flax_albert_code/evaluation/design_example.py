@@ -1,8 +1,5 @@
-"""The source design's own example, run: does the model's function add two integers?
-
-  "create a function that takes two integers and returns their sum" -> code whose first
-  top-level function `f` passes `f(2, 3) == 5` (and `f(-4, 10) == 6`) in the sandbox.
-"""
+"""The source design's own example, run: does the model's first function `f` pass
+`f(2, 3) == 5` and `f(-4, 10) == 6` in the sandbox?"""
 from __future__ import annotations
 
 import ast
@@ -26,8 +23,7 @@ def first_function(code: str) -> str | None:
 
 
 def check(code: str, limits: sandbox.Limits = sandbox.Limits(timeout_s=5.0)) -> sandbox.Result:
-  """Runs `code` and asserts its first function adds: passed, failed, timeout or error (what
-  went wrong in the detail, as the sandbox's stderr: `sandbox.describe` words it)."""
+  """Runs `code` and asserts its first function adds; the detail as the sandbox's stderr."""
   try:
     compile(code, "program.py", "exec", dont_inherit=True)
   except SyntaxError as e:   # as the sandbox would report it, without starting one
@@ -45,9 +41,8 @@ def check(code: str, limits: sandbox.Limits = sandbox.Limits(timeout_s=5.0)) -> 
 
 def run(generator, strategies: Sequence[str] = ("greedy", "beam"), num_beams: int = 4,
         **generate_kw) -> list[dict[str, Any]]:
-  """Generates the example with each strategy and checks it: [{"strategy", "code",
-  "neighbours", "passed", "status", "reason"}] ("reason": `sandbox.describe`'s words, "" for a
-  pass). `generate_kw` go to `generator.generate`."""
+  """Generates the example with each strategy and checks it; "reason" is `sandbox.describe`'s
+  words ("" for a pass)."""
   out = []
   for strategy in strategies:
     cand = generator.generate([DESCRIPTION], strategy=strategy, num_beams=num_beams,

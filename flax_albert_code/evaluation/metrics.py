@@ -1,7 +1,6 @@
-"""Pure metric functions: code BLEU-4, exact match, parse rate, retrieval MRR/recall@k, pass@k.
+"""Pure metrics: code BLEU-4, exact match, parse rate, retrieval MRR/recall@k, pass@k.
 
-Scores are percentages (0-100) except `pass_at_k`, which is a probability, and MRR (0-1).
-"""
+Scores are percentages (0-100) except `pass_at_k`, a probability, and MRR (0-1)."""
 from __future__ import annotations
 
 import re
@@ -23,8 +22,6 @@ _CODE_TOKEN = re.compile(r"""
   | \*\*=|//=|>>=|<<=|\.\.\.|->|:=|==|!=|<=|>=|\*\*|//|<<|>>|[-+*/%&|^@]=
   | \S
 """, re.VERBOSE)
-
-
 _WS = re.compile(r"\s")
 
 
@@ -102,11 +99,8 @@ def degenerate_rate(codes: Sequence[str], finished: Sequence[bool] | None = None
 
 
 def ranks(scores_QxC: np.ndarray, targets: Sequence[int] | None = None) -> np.ndarray:
-  """1-based rank of each query's target column (default: the diagonal), ties counted against it.
-
-  A candidate scoring equal to the target ranks above it (CodeSearchNet's `scores >= correct`), so
-  a constant scorer gets no credit.
-  """
+  """1-based rank of each query's target column (default: the diagonal); a tie ranks above the
+  target (CodeSearchNet's `scores >= correct`), so a constant scorer gets no credit."""
   scores_QxC = np.asarray(scores_QxC, dtype=np.float64)
   q = scores_QxC.shape[0]
   targets = np.arange(q) if targets is None else np.asarray(targets)
@@ -118,10 +112,7 @@ def retrieval_metrics(scores_QxC: np.ndarray, targets: Sequence[int] | None = No
                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
   """MRR (0-1) and recall@k (percent) of the target among the candidates."""
   r = ranks(scores_QxC, targets)
-  out = {"mrr": float(np.mean(1.0 / r))}
-  for k in ks:
-    out[f"r@{k}"] = 100.0 * float(np.mean(r <= k))
-  return out
+  return {"mrr": float(np.mean(1.0 / r)), **{f"r@{k}": 100.0 * float(np.mean(r <= k)) for k in ks}}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

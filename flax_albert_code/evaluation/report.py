@@ -1,9 +1,5 @@
-"""report.json and report.md from an `evaluate` / `evaluate_humaneval` results dict.
-
-The markdown has one table (rows: each decoding strategy with and without alignment reranking,
-the model's retrieval, and the BM25 baselines; a blank where a metric does not apply) and the
-best and worst examples with every method's output side by side.
-"""
+"""report.json and report.md from an `evaluate` / `evaluate_humaneval` results dict: one table
+(a blank where a metric does not apply), then example outputs of every method side by side."""
 from __future__ import annotations
 
 import json
@@ -75,31 +71,26 @@ def markdown(results: dict[str, Any]) -> str:
               "lists: one of the first k passes.", ""]
   lines += [table(results["rows"]), ""]
   ex = results.get("examples") or {}
-  if ex.get("best"):
-    lines += _cases("Best examples", ex["best"])
-  if ex.get("worst"):
-    lines += _cases("Worst examples", ex["worst"])
-  if ex.get("random"):
-    lines += _cases(f"Random examples (random.Random({ex.get('random_seed', 0)}), not chosen by "
-                    "score)", ex["random"])
+  for key, title in (("best", "Best examples"), ("worst", "Worst examples"),
+                     ("random", f"Random examples (random.Random({ex.get('random_seed', 0)}), "
+                                "not chosen by score)")):
+    if ex.get(key):
+      lines += _cases(title, ex[key])
   return "\n".join(lines).rstrip() + "\n"
 
 
 def keep_earlier(out_dir: str) -> list[str]:
-  """Renames an earlier evaluation's report.json/.md in `out_dir` to report.N.json/.md (the
-  first N free), so that writing the next one loses nothing; the new paths."""
-  old = [os.path.join(out_dir, f"report.{ext}") for ext in ("json", "md")]
-  old = [p for p in old if os.path.isfile(p)]
-  if not old:
-    return []
+  """Renames an earlier report.json/.md in `out_dir` to report.N.json/.md (the first N free);
+  the new paths."""
+  def path(name):
+    return os.path.join(out_dir, name)
+  exts = [ext for ext in ("json", "md") if os.path.isfile(path(f"report.{ext}"))]
   n = 1
-  while any(os.path.exists(os.path.join(out_dir, f"report.{n}.{ext}")) for ext in ("json", "md")):
+  while any(os.path.exists(path(f"report.{n}.{ext}")) for ext in ("json", "md")):
     n += 1
-  kept = []
-  for path in old:
-    kept.append(os.path.join(out_dir, f"report.{n}.{path.rpartition('.')[2]}"))
-    os.replace(path, kept[-1])
-  return kept
+  for ext in exts:
+    os.replace(path(f"report.{ext}"), path(f"report.{n}.{ext}"))
+  return [path(f"report.{n}.{ext}") for ext in exts]
 
 
 def write(results: dict[str, Any], out_dir: str) -> tuple[str, str]:
