@@ -1,21 +1,15 @@
 """Evaluates a checkpoint: generation, retrieval and baselines, or HumanEval; writes
 report.json/.md.
 
-  python -m flax_albert_code.evaluate --checkpoint DIR [--data SOURCE] [--split test] \\
-      [--strategies greedy,beam,sample] [--rerank] [--max-examples N] [--out DIR]
-
-SOURCE: `prepared` (default: the checkpoint's prepared data), any data source spec
-(`jsonl:PATH`, `csn:PATH`, `dir:PATH`, ...; a source with partitions keeps `--split`), or
-`humaneval`. Baselines use the prepared train split. Every flag is checked before the model
-loads (a mistake is one `error:` line); progress goes to stderr: bars on a terminal, else a line
-now and then; descriptions the model cuts are one warning (their numbers in the report). An
-earlier report in the same directory is kept as report.N.json/.md. The logic lives in
-`flax_albert_code.evaluation.harness`; this file only wires it to a checkpoint.
+--data: `prepared` (the checkpoint's prepared data), a data source spec (`jsonl:PATH`, ...; one
+with partitions keeps `--split`), or `humaneval`. Every flag is checked before the model loads;
+an earlier report in the same directory is kept as report.N.json/.md.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import itertools
 import os
 import sys
@@ -85,8 +79,7 @@ def load_examples(spec: str, split: str, prepared, max_examples: int = 0) -> lis
 
 
 def check_args(args: argparse.Namespace) -> list[str]:
-  """The strategies; ValueError (one sentence naming the flag) for any flag out of range, before
-  anything is loaded or computed."""
+  """The strategies; ValueError naming the flag for any flag out of range."""
   strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
   if not strategies:
     raise ValueError("--strategies is empty; give one or more of greedy, beam, sample.")
@@ -95,9 +88,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
                 repetition_penalty=1.0 if args.repetition_penalty is None
                 else args.repetition_penalty,
                 no_repeat_ngram_size=args.no_repeat_ngram_size or 0)
-  # Every decoding flag's range, whichever strategies use it; then the strategies' names (the
-  # harness asks greedy for one candidate and beam search for all its beams, without a
-  # repetition penalty, so no other combination can fail).
+  # Every decoding flag's range, whichever strategies use it, then the strategies' names: greedy
+  # asks for one candidate, beam for all its beams without a repetition penalty; nothing else fails.
   options.check(strategies=("sample",), strategy="sample", num_samples=args.num_samples,
                 **decode)
   for s in strategies:
@@ -116,7 +108,6 @@ def check_args(args: argparse.Namespace) -> list[str]:
     from flax_albert_code.retrieval import index  # pylint: disable=import-outside-toplevel
     index.check_corpus(args.corpus)
   if args.data != "humaneval":
-    from flax_albert_code.data import splits  # pylint: disable=import-outside-toplevel
     splits.canonical_split(args.split)
   out = args.out or args.checkpoint
   if os.path.exists(out) and not os.path.isdir(out):
@@ -142,14 +133,11 @@ def main(argv: Sequence[str] | None = None) -> dict | int:
     cli.check_decoding(args.checkpoint, strategies, num_texts=args.batch_size,
                        num_samples=args.num_samples, num_beams=args.num_beams,
                        max_new_tokens=args.max_new_tokens)
-    # Here, not at the top: flax and orbax would make `--help` take 2.6 s, not 1.1 s.
+    # Here, not at the top: importing flax and orbax would slow `--help`.
     from flax_albert_code.inference import generator  # pylint: disable=import-outside-toplevel
     gen = generator.CodeGenerator.from_checkpoint(args.checkpoint)
-    decode = harness.DecodeSettings(
-        num_samples=args.num_samples, num_beams=args.num_beams, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
-        batch_size=args.batch_size, repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size)
+    decode = harness.DecodeSettings(**{f.name: getattr(args, f.name)
+                                       for f in dataclasses.fields(harness.DecodeSettings)})
     if not args.no_baselines and gen.prepared is None:
       raise ValueError("The baselines need the run's prepared train split, which was not found "
                        "beside the checkpoint; pass --no-baselines.")
