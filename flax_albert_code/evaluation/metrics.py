@@ -3,6 +3,7 @@
 Scores are percentages (0-100) except `pass_at_k`, a probability, and MRR (0-1)."""
 from __future__ import annotations
 
+import itertools
 import re
 import warnings
 from typing import Sequence
@@ -77,18 +78,8 @@ def parse_rate(codes: Sequence[str]) -> float:
 def degenerate(code: str, finished: bool = True, repeats: int = 3) -> bool:
   """A looping output: one non-blank line `repeats`+ times in a row, or (`finished` False) no
   EOS before the token limit."""
-  if not finished:
-    return True
-  run, last = 0, None
-  for line in code.splitlines():
-    line = line.strip()
-    if not line:
-      continue
-    run = run + 1 if line == last else 1
-    last = line
-    if run >= repeats:
-      return True
-  return False
+  lines = [line.strip() for line in code.splitlines() if line.strip()]
+  return not finished or any(len(list(run)) >= repeats for _, run in itertools.groupby(lines))
 
 
 def degenerate_rate(codes: Sequence[str], finished: Sequence[bool] | None = None) -> float:
