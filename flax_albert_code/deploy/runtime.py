@@ -181,14 +181,12 @@ class Export:
       raise ExportError(f"Export file {path} is not a readable safetensors file "
                         f"({type(e).__name__}: {e}).") from None
     some = next(iter(self._programs.values()))
-    n_params = some.in_tree.children()[0].children()[0].num_leaves
-    leaves_avals = some.in_avals[:n_params]
     treedef = some.in_tree.children()[0].children()[0]
     names = ["/".join(str(getattr(k, "key", k)) for k in kp) for kp, _ in
              jax.tree_util.tree_flatten_with_path(
-                 jax.tree_util.tree_unflatten(treedef, range(n_params)))[0]]
+                 jax.tree_util.tree_unflatten(treedef, range(treedef.num_leaves)))[0]]
     leaves = []
-    for name, aval in zip(names, leaves_avals):
+    for name, aval in zip(names, some.in_avals):   # the variables come first
       x = flat.pop(name, None)
       if x is None:
         raise ExportError(f"Export file {path} lacks the tensor {name} that the programs take.")
@@ -211,8 +209,7 @@ class Export:
       try:
         idx = index_lib.read(index)
       except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise ExportError(f"Search index {index} cannot be read ({type(e).__name__}: {e}); "
-                          f"{self._rebuild(index)}") from None
+        raise self._bad_index(index, f"cannot be read ({type(e).__name__}: {e})") from None
     else:
       try:
         with open(index, encoding="utf-8") as f:
@@ -240,24 +237,21 @@ class Export:
 
   def _check_index(self, idx: index_lib.Index, embedded: bool) -> None:
     """ExportError unless `idx` holds this model's vectors of its items' code."""
-    where = idx.directory or "given"
     if idx.vectors.ndim != 2 or idx.vectors.shape[1] != self.align_dim or len(
         idx.items) != len(idx.vectors):
-      raise ExportError(f"Search index {where} holds vectors of shape "
-                        f"{idx.vectors.shape} for {len(idx.items)} items; this model's are "
-                        f"{self.align_dim}-dimensional, one per item; "
-                        f"{self._rebuild(idx.directory)}")
+      raise self._bad_index(idx.directory, f"holds vectors of shape {idx.vectors.shape} for "
+                            f"{len(idx.items)} items; this model's are {self.align_dim}-"
+                            "dimensional, one per item")
     if not np.isfinite(idx.vectors).all():
-      raise ExportError(f"Search index {where} holds vectors that are not finite (damaged); "
-                        f"{self._rebuild(idx.directory)}")
+      raise self._bad_index(idx.directory, "holds vectors that are not finite (damaged)")
     if embedded:
       return
     recorded = idx.meta.get("params_fingerprint")
     if recorded and self.fingerprints:
       if recorded not in self.fingerprints:
-        raise ExportError(f"Search index {where} was built by another model (parameters "
-                          f"{str(recorded)[:12]}, this export's {sorted(self.fingerprints)[0][:12]}"
-                          f"); {self._rebuild(idx.directory)}")
+        raise self._bad_index(idx.directory, f"was built by another model (parameters "
+                              f"{str(recorded)[:12]}, this export's "
+                              f"{sorted(self.fingerprints)[0][:12]})")
       return
     # No fingerprint to compare: re-encode a few items and compare with their stored vectors.
     picks = sorted({int(i) for i in np.linspace(0, len(idx.items) - 1,
@@ -268,17 +262,20 @@ class Export:
     cosine = np.sum(fresh * idx.vectors[picks], axis=1) / np.maximum(
         np.linalg.norm(idx.vectors[picks], axis=1), 1e-6)
     if (cosine < SPOT_COSINE).any():
-      raise ExportError(f"Search index {where} holds vectors that are not this model's "
-                        f"encoding of their code (cosine {float(cosine.min()):.2f} at item "
-                        f"{picks[int(np.argmin(cosine))] + 1}): built by another model or "
-                        f"altered; {self._rebuild(idx.directory)}")
+      raise self._bad_index(idx.directory, "holds vectors that are not this model's encoding "
+                            f"of their code (cosine {float(cosine.min()):.2f} at item "
+                            f"{picks[int(np.argmin(cosine))] + 1}): built by another model or "
+                            "altered")
 
-  def _rebuild(self, directory: str | None) -> str:
+  def _bad_index(self, directory: str | None, why: str) -> ExportError:
+    """`why` and what to do: rebuild the index (or, for the shipped one, export again)."""
     if directory and self.shipped_index and os.path.abspath(directory) == os.path.join(
         self.path, self.shipped_index):
-      return "export again (it is the export's own index)."
-    return ("rebuild it with this model (python -m flax_albert_code.search --checkpoint RUN "
-            "--corpus SOURCE saves one under RUN/search_index/) or pass a JSON-lines corpus.")
+      fix = "export again (it is the export's own index)."
+    else:
+      fix = ("rebuild it with this model (python -m flax_albert_code.search --checkpoint RUN "
+             "--corpus SOURCE saves one under RUN/search_index/) or pass a JSON-lines corpus.")
+    return ExportError(f"Search index {directory or 'given'} {why}; {fix}")
 
   def warmup(self, strategies: Sequence[str] = ("greedy",), embed: bool = False) -> int:
     """Compiles the programs a default request of `strategies` runs (and with `embed` the
@@ -361,8 +358,7 @@ class Export:
                                 retrieve=retrieve, num_beams=num_beams)
     if not texts:
       return []
-    used = self.retrieves(retrieve)
-    neighbours = self.retrieve(texts) if used else None
+    neighbours = self.retrieve(texts) if self.retrieves(retrieve) else None
     want = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
     tokens_NxKxT, scores_NxK = self.generate_tokens(
         texts, strategy=strategy, num_samples=num_samples, temperature=temperature,
@@ -408,12 +404,10 @@ class Export:
     keys = keys.reshape(len(rows), 2)
     tokens, scores = [], []
     for start, size, bucket in postprocess.chunks(len(rows), self.batch_buckets):
-      batch = np.zeros((bucket, width), np.int32)
-      batch[:size] = ids[start:start + size]
-      batch_keys = np.zeros((bucket, 2), np.uint32)
-      batch_keys[:size] = keys[start:start + size]
+      pad = ((0, bucket - size), (0, 0))
       out = self._fn(generate_program(strategy, bucket, t, width, self.desc_len))(
-          self.variables, batch, batch_keys, np.int32(want), np.float32(temperature),
+          self.variables, np.pad(ids[start:start + size], pad),
+          np.pad(keys[start:start + size], pad), np.int32(want), np.float32(temperature),
           np.int32(top_k), np.float32(top_p), np.float32(length_penalty),
           np.float32(repetition_penalty))
       tok, sc = jax.device_get(out)
