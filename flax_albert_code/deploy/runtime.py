@@ -73,15 +73,14 @@ def verify_files(root: str, manifest: dict[str, Any]) -> None:
   if not isinstance(listed, dict) or not listed:
     raise ExportError(f"{os.path.join(root, MANIFEST)} lists no files; export again.")
   bad = files.check(root, listed)
-  if bad is None:
-    return
-  raise ExportError({
-      "missing": f"Export file {bad.path} is missing; copy the whole export directory or "
-                 "export again.",
-      "size": f"Export file {bad.path} is {bad.size} bytes, not the {bad.want} the manifest "
-              "lists (truncated or replaced); export again.",
-      "sha256": f"Export file {bad.path} does not match its sha256 in the manifest (altered or "
-                "corrupted); export again."}[bad.kind])
+  if bad is not None:
+    raise ExportError({
+        "missing": f"Export file {bad.path} is missing; copy the whole export directory or "
+                   "export again.",
+        "size": f"Export file {bad.path} is {bad.size} bytes, not the {bad.want} the manifest "
+                "lists (truncated or replaced); export again.",
+        "sha256": f"Export file {bad.path} does not match its sha256 in the manifest (altered "
+                  "or corrupted); export again."}[bad.kind])
 
 
 class Export:
@@ -331,8 +330,7 @@ class Export:
 
   def retrieve(self, texts: Sequence[str], k: int | None = None,
                method: str | None = None) -> list[list[dict[str, Any]]]:
-    """Per description, the nearest functions of the index, best first, as
-    `CodeGenerator.retrieve`."""
+    """Per description, the index's nearest functions, best first, as `CodeGenerator.retrieve`."""
     with self._lock:
       index, retriever = self.index, self._retriever
     if index is None or retriever is None:
@@ -434,8 +432,7 @@ class Export:
       raise ValueError("No search index is loaded; pass index= to load_export or call "
                        "load_index.")
     single = isinstance(query, str)
-    queries = [query] if single else list(query)
-    hits = index_lib.query(self, index, queries, top_k=k)
+    hits = index_lib.query(self, index, [query] if single else list(query), top_k=k)
     return hits[0] if single else hits
 
   def _fn(self, name: str):

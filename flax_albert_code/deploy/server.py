@@ -343,8 +343,7 @@ class _Count:
 
 
 def _where(loc: tuple) -> str:
-  """A pydantic error location for people: `descriptions item 2` (1-based), without pydantic's
-  union-member tags (`list[constrained-str]`)."""
+  """A pydantic error location for people (`descriptions item 2`), without union-member tags."""
   parts = [f"item {x + 1}" if isinstance(x, int) else str(x) for x in loc
            if x != "body" and not (isinstance(x, str) and ("[" in x or "-" in x))]
   return " ".join(parts) or "body"

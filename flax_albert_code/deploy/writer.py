@@ -217,8 +217,7 @@ def _dtype(name: str) -> str:
 def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str],
                     platforms: Sequence[str], progress: bool = False,
                     widths: Sequence[int] = ()) -> tuple[list[dict], list[str], str]:
-  """Lowers and serialises every program, generate programs for each input width of `widths`;
-  tries all `platforms` at once, else this backend's."""
+  """Lowers and serialises every program; tries all `platforms` at once, else this backend's."""
   os.makedirs(os.path.join(out, "programs"))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), gen.variables)
   ids = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
