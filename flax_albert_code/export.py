@@ -2,13 +2,8 @@
 
   python -m flax_albert_code.export --checkpoint runs/small --out exports/small [--dtype bf16]
 
-The layout of an export and the programs' inputs are described in deploy/writer.py, which
-writes it; `flax_albert_code.load_export` (deploy/runtime.py) runs it with neither flax nor
-orbax. Options are checked before the checkpoint is read; the directory is written beside the
-target and renamed into place when complete, readable like any build output (0755/0644 under the
-usual umask). A progress bar (stderr) counts the programs as they are lowered. A model trained
-with retrieval ships its corpus (--corpus, default the run's train split) as a search index
-that the export retrieves from by default; --no-retrieval-index leaves it out.
+deploy/writer.py writes an export (and describes its layout); `flax_albert_code.load_export`
+(deploy/runtime.py) runs it with neither flax nor orbax.
 """
 from __future__ import annotations
 
@@ -49,9 +44,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _ints(flag: str, text: str) -> list[int] | None:
   """Comma-separated positive whole numbers (None when empty); ValueError naming the flag."""
-  parts = [x.strip() for x in text.split(",") if x.strip()]
   try:
-    values = [int(x) for x in parts]
+    values = [int(x) for x in _names(text)]
   except ValueError:
     raise ValueError(f"{flag} takes comma-separated whole numbers, e.g. 1,8,32; got "
                      f"{text!r}.") from None
@@ -86,8 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   corpus=args.corpus or None)
   except cli.USER_ERRORS as e:
     return cli.fail(e)
-  with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
-    manifest = json.load(f)
+  manifest = _existing(path)
   size = sum(v["size"] for v in manifest["files"].values())
   rag = manifest["inference"].get("retrieval") or {}
   shipped = (f", retrieval index of {rag['corpus']}" if rag.get("index") else

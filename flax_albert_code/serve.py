@@ -5,13 +5,8 @@
   curl -s localhost:8000/v1/generate -H 'Content-Type: application/json' \\
       -d '{"descriptions": "reverse a string", "strategy": "beam", "num_samples": 2}'
 
-INDEX is a search index directory (`python -m flax_albert_code.search` saves them under
-<workdir>/search_index/) or a JSON-lines file of {"code", "name", "path", ...} embedded at start;
-for a model trained with retrieval it is also the corpus /v1/generate draws neighbours from,
-instead of the one the export ships.
-Open http://localhost:8000/ for the playground, /openapi.json for the API (`--docs` adds the
-Swagger page /docs, which loads its scripts from a CDN). The logic lives in
-`flax_albert_code.deploy.server` (the app) and `flax_albert_code.deploy.runtime` (the export).
+INDEX (a search index directory or a JSON-lines corpus) is also the corpus a retrieval model's
+/v1/generate draws neighbours from. The app is `flax_albert_code.deploy.server`.
 """
 from __future__ import annotations
 

@@ -5,28 +5,12 @@
   exp.embed(["def add(a, b):\\n  return a + b"], kind="code")
   exp.search("parse a date string", k=5)
 
-Loading checks the manifest first: a file it lists that is missing, of another size or another
-sha256, or that does not fit the programs, is refused with one sentence naming the file.
-Programs are deserialised with `jax.export.deserialize` and compiled on first use.
-Inputs are batched into the export's batch buckets as `CodeGenerator` batches them, so greedy
-decoding gives the same tokens as the checkpoint it came from, and options are checked by the
-same `options.check`. A request for fewer new tokens than a compiled length runs the program of
-that length with the loop stopped at max_new_tokens, so every candidate's score means what it
-means in `CodeGenerator` (its tokens' length-penalised log-probability) and its finish_reason
-says whether EOS ended it ("eos") or max_new_tokens did ("length"). Sample j of description i
-is drawn with its own key, `options.candidate_keys(seed, [i], ...)`, whatever else is batched
-with it.
-
-An export of a retrieval model (manifest "inference" -> "retrieval" -> k > 0) retrieves by
-default as `CodeGenerator` does, with the same `retriever_lib.Retriever` and the same encoder input
-(`tokenizer.frame_context`): the k functions of its index nearest to each description (the
-query vector from the export's encode program) join the description in the programs of width
-max_ctx_len, and every candidate lists them under "neighbours". The index is the one shipped in
-the export (its run's train split, unless exported with --no-retrieval-index) or the `index=`
-it was loaded with; `retrieve=False` generates from the description alone. An index of another
-model (other vector width, another recorded parameter fingerprint, or vectors that are not this
-model's encoding of their code) or one whose files are damaged is refused with one sentence
-naming it.
+Loading refuses, in one sentence naming the file, a listed file that is missing, resized,
+altered or does not fit the programs. Inputs are batched as `CodeGenerator` batches them and
+options checked by `options.check`, so greedy decoding gives the checkpoint's tokens; sample j
+of description i is drawn with its own key whatever else is batched with it. A retrieval
+model's export retrieves by default, as `CodeGenerator` does, from the index it ships or the
+`index=` it was loaded with; an index of another model or a damaged one is refused.
 """
 from __future__ import annotations
 
@@ -48,10 +32,9 @@ from flax_albert_code.retrieval import retriever as retriever_lib
 from flax_albert_code.tokenizer import Tokenizer, TokenizerError, frame_context
 from flax_albert_code.utils import files
 
-FORMAT = 2    # what this module reads and deploy/writer.py writes; 2: generate programs take
-              # keys, max_new_tokens, top_k and repetition_penalty. Retrieval (the optional
-              # "retrieval" block, programs of width max_ctx_len, retrieval_index/) only adds to
-              # it: a reader that ignores them still runs the description-width programs.
+# What this module reads and deploy/writer.py writes. Retrieval only adds to format 2: a reader
+# that ignores it still runs the description-width programs.
+FORMAT = 2
 MANIFEST = "manifest.json"
 RETRIEVAL_INDEX = "retrieval_index"   # the search index an export of a retrieval model ships
 SPOT_CHECKS = 4          # items of an index without a recorded fingerprint re-encoded at load
@@ -59,7 +42,6 @@ SPOT_COSINE = 0.9        # ... whose stored vectors must be this close to the mo
 # The inputs of a generate program after the variables (scalars but the first two).
 GENERATE_INPUTS = ("desc_ids", "keys", "max_new_tokens", "temperature", "top_k", "top_p",
                    "length_penalty", "repetition_penalty")
-
 
 log = logging.getLogger("flax_albert_code")
 
@@ -69,16 +51,14 @@ class ExportError(ValueError):
 
 
 def generate_program(strategy: str, batch: int, length: int, width: int, desc_len: int) -> str:
-  """A generate program's name: `generate_{strategy}_b{B}_t{T}` for description-width inputs,
-  with `_w{width}` for the retrieval context's (a retrieval model's max_ctx_len)."""
+  """`generate_{strategy}_b{B}_t{T}`, with `_w{width}` for the retrieval context's width."""
   name = f"generate_{strategy}_b{batch}_t{length}"
   return name if width == desc_len else f"{name}_w{width}"
 
 
 def load_export(path: str, *, index: str | index_lib.Index | None = None,
                 verify: bool = True) -> Export:
-  """Opens an export directory; `index` is a search index (see `Export.load_index`), by
-  default the one the export ships (a retrieval model's corpus), if any."""
+  """Opens an export; `index` (see `Export.load_index`) defaults to the one it ships, if any."""
   exp = Export(path, verify=verify)
   if index is not None:
     exp.load_index(index)
@@ -93,15 +73,14 @@ def verify_files(root: str, manifest: dict[str, Any]) -> None:
   if not isinstance(listed, dict) or not listed:
     raise ExportError(f"{os.path.join(root, MANIFEST)} lists no files; export again.")
   bad = files.check(root, listed)
-  if bad is None:
-    return
-  raise ExportError({
-      "missing": f"Export file {bad.path} is missing; copy the whole export directory or "
-                 "export again.",
-      "size": f"Export file {bad.path} is {bad.size} bytes, not the {bad.want} the manifest "
-              "lists (truncated or replaced); export again.",
-      "sha256": f"Export file {bad.path} does not match its sha256 in the manifest (altered or "
-                "corrupted); export again."}[bad.kind])
+  if bad is not None:
+    raise ExportError({
+        "missing": f"Export file {bad.path} is missing; copy the whole export directory or "
+                   "export again.",
+        "size": f"Export file {bad.path} is {bad.size} bytes, not the {bad.want} the manifest "
+                "lists (truncated or replaced); export again.",
+        "sha256": f"Export file {bad.path} does not match its sha256 in the manifest (altered "
+                  "or corrupted); export again."}[bad.kind])
 
 
 class Export:
@@ -137,7 +116,7 @@ class Export:
     self.max_new_tokens = int(info["max_new_tokens"])
     self.strategies = list(info["strategies"])
     self.num_beams = int(info["num_beams"])
-    # Built into the programs (config.sample.no_repeat_ngram_size at export; 0 before it existed).
+    # Built into the programs (0 in exports older than the option).
     self.no_repeat_ngram_size = int(info.get("no_repeat_ngram_size", 0))
     # Built into the programs too; exports written before the copy head decode without one.
     self.copy_head = bool(info.get("copy_head", False))
@@ -161,10 +140,8 @@ class Export:
       self.tokenizer = Tokenizer.load(tok_path)
     except TokenizerError as e:
       raise ExportError(f"Export file {tok_path} is not a usable tokenizer ({e}).") from None
-    self._programs: dict[str, jax.export.Exported] = {}
     self._meta = {p["name"]: p for p in programs}
-    for p in programs:
-      self._programs[p["name"]] = self._deserialize(p)
+    self._programs = {p["name"]: self._deserialize(p) for p in programs}
     self.variables = self._load_params(os.path.join(self.path, info["params"]))
     want = [(x.shape, x.dtype) for x in jax.tree.leaves(self.variables)]
     for name, exp in self._programs.items():
@@ -175,9 +152,6 @@ class Export:
     self._lock = threading.Lock()
     self.index: index_lib.Index | None = None
     self._retriever: retriever_lib.Retriever | None = None    # over self.index, for generation
-
-  # -------------------------------------------------------------------------------------------
-  # Loading.
 
   def _deserialize(self, meta: dict[str, Any]) -> jax.export.Exported:
     path = os.path.join(self.path, meta["file"])
@@ -206,14 +180,12 @@ class Export:
       raise ExportError(f"Export file {path} is not a readable safetensors file "
                         f"({type(e).__name__}: {e}).") from None
     some = next(iter(self._programs.values()))
-    n_params = some.in_tree.children()[0].children()[0].num_leaves
-    leaves_avals = some.in_avals[:n_params]
     treedef = some.in_tree.children()[0].children()[0]
     names = ["/".join(str(getattr(k, "key", k)) for k in kp) for kp, _ in
              jax.tree_util.tree_flatten_with_path(
-                 jax.tree_util.tree_unflatten(treedef, range(n_params)))[0]]
+                 jax.tree_util.tree_unflatten(treedef, range(treedef.num_leaves)))[0]]
     leaves = []
-    for name, aval in zip(names, leaves_avals):
+    for name, aval in zip(names, some.in_avals):   # the variables come first
       x = flat.pop(name, None)
       if x is None:
         raise ExportError(f"Export file {path} lacks the tensor {name} that the programs take.")
@@ -227,9 +199,8 @@ class Export:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
   def load_index(self, index: str | index_lib.Index) -> index_lib.Index:
-    """A search index: an `Index`, a directory with vectors.npy and items.json (as
-    `python -m flax_albert_code.search` saves), or a .jsonl/.json file of items with "code"
-    (embedded now)."""
+    """An `Index`, a directory as `python -m flax_albert_code.search` saves, or a .jsonl/.json
+    file of items with "code" (embedded now)."""
     embedded = False
     if isinstance(index, index_lib.Index):
       idx = index
@@ -237,8 +208,7 @@ class Export:
       try:
         idx = index_lib.read(index)
       except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise ExportError(f"Search index {index} cannot be read ({type(e).__name__}: {e}); "
-                          f"{self._rebuild(index)}") from None
+        raise self._bad_index(index, f"cannot be read ({type(e).__name__}: {e})") from None
     else:
       try:
         with open(index, encoding="utf-8") as f:
@@ -266,24 +236,21 @@ class Export:
 
   def _check_index(self, idx: index_lib.Index, embedded: bool) -> None:
     """ExportError unless `idx` holds this model's vectors of its items' code."""
-    where = idx.directory or "given"
     if idx.vectors.ndim != 2 or idx.vectors.shape[1] != self.align_dim or len(
         idx.items) != len(idx.vectors):
-      raise ExportError(f"Search index {where} holds vectors of shape "
-                        f"{idx.vectors.shape} for {len(idx.items)} items; this model's are "
-                        f"{self.align_dim}-dimensional, one per item; "
-                        f"{self._rebuild(idx.directory)}")
+      raise self._bad_index(idx.directory, f"holds vectors of shape {idx.vectors.shape} for "
+                            f"{len(idx.items)} items; this model's are {self.align_dim}-"
+                            "dimensional, one per item")
     if not np.isfinite(idx.vectors).all():
-      raise ExportError(f"Search index {where} holds vectors that are not finite (damaged); "
-                        f"{self._rebuild(idx.directory)}")
+      raise self._bad_index(idx.directory, "holds vectors that are not finite (damaged)")
     if embedded:
       return
     recorded = idx.meta.get("params_fingerprint")
     if recorded and self.fingerprints:
       if recorded not in self.fingerprints:
-        raise ExportError(f"Search index {where} was built by another model (parameters "
-                          f"{str(recorded)[:12]}, this export's {sorted(self.fingerprints)[0][:12]}"
-                          f"); {self._rebuild(idx.directory)}")
+        raise self._bad_index(idx.directory, f"was built by another model (parameters "
+                              f"{str(recorded)[:12]}, this export's "
+                              f"{sorted(self.fingerprints)[0][:12]})")
       return
     # No fingerprint to compare: re-encode a few items and compare with their stored vectors.
     picks = sorted({int(i) for i in np.linspace(0, len(idx.items) - 1,
@@ -294,24 +261,24 @@ class Export:
     cosine = np.sum(fresh * idx.vectors[picks], axis=1) / np.maximum(
         np.linalg.norm(idx.vectors[picks], axis=1), 1e-6)
     if (cosine < SPOT_COSINE).any():
-      raise ExportError(f"Search index {where} holds vectors that are not this model's "
-                        f"encoding of their code (cosine {float(cosine.min()):.2f} at item "
-                        f"{picks[int(np.argmin(cosine))] + 1}): built by another model or "
-                        f"altered; {self._rebuild(idx.directory)}")
+      raise self._bad_index(idx.directory, "holds vectors that are not this model's encoding "
+                            f"of their code (cosine {float(cosine.min()):.2f} at item "
+                            f"{picks[int(np.argmin(cosine))] + 1}): built by another model or "
+                            "altered")
 
-  def _rebuild(self, directory: str | None) -> str:
-    """What to do about a bad index: rebuild it (or, for the shipped one, export again)."""
+  def _bad_index(self, directory: str | None, why: str) -> ExportError:
+    """`why` and what to do: rebuild the index (or, for the shipped one, export again)."""
     if directory and self.shipped_index and os.path.abspath(directory) == os.path.join(
         self.path, self.shipped_index):
-      return "export again (it is the export's own index)."
-    return ("rebuild it with this model (python -m flax_albert_code.search --checkpoint RUN "
-            "--corpus SOURCE saves one under RUN/search_index/) or pass a JSON-lines corpus.")
+      fix = "export again (it is the export's own index)."
+    else:
+      fix = ("rebuild it with this model (python -m flax_albert_code.search --checkpoint RUN "
+             "--corpus SOURCE saves one under RUN/search_index/) or pass a JSON-lines corpus.")
+    return ExportError(f"Search index {directory or 'given'} {why}; {fix}")
 
   def warmup(self, strategies: Sequence[str] = ("greedy",), embed: bool = False) -> int:
-    """Compiles the generate programs of `strategies` (of the width a request gets by default:
-    the retrieval context's when the export retrieves, with the description encoders its
-    queries need) and with `embed` the encoders now; returns how many. Others compile on first
-    use."""
+    """Compiles the programs a default request of `strategies` runs (and with `embed` the
+    encoders) now; returns how many."""
     width = self.ctx_len if self.retrieval_k and self.index is not None else self.desc_len
     query = width != self.desc_len and self.retrieval_method != "bm25"
     names = [n for n, m in self._meta.items()
@@ -324,18 +291,14 @@ class Export:
       jax.block_until_ready(self._fn(name)(self.variables, *args))
     return len(names)
 
-  # -------------------------------------------------------------------------------------------
-  # Generation.
-
   def check_generate(self, descriptions: Sequence[str], strategy: str = "greedy",
                      num_samples: int = 1, temperature: float = 1.0, top_k: int = 0,
                      top_p: float = 1.0, max_new_tokens: int | None = None,
                      length_penalty: float = 1.0, repetition_penalty: float = 1.0,
                      seed: int = 0, max_samples: int | None = None,
                      retrieve: bool | None = None, num_beams: int | None = None) -> list[str]:
-    """The descriptions as strings; ValueError (one sentence; `options.OptionError` for an
-    option) for what this export cannot do. `max_samples`: a caller's (the server's) limit;
-    `num_beams`: None or this export's beam width (its programs are built for it)."""
+    """The descriptions as strings; ValueError (one sentence) for what this export cannot do.
+    `max_samples`: a caller's (the server's) limit."""
     texts = postprocess.check_texts(descriptions, "Description")
     self.retrieves(retrieve)
     if strategy in decoding.STRATEGIES and strategy not in self.strategies:
@@ -356,8 +319,7 @@ class Export:
     return texts
 
   def retrieves(self, retrieve: bool | None = None) -> bool:
-    """Whether a request with `retrieve` (None: this export's default) draws on neighbours;
-    ValueError for retrieval this export cannot do."""
+    """Whether a request with `retrieve` (None: the export's default) draws on neighbours."""
     used = postprocess.retrieves(retrieve, self.retrieval_k, "drop retrieve or export a model "
                                  "trained with --config.retrieval.k=2.")
     if used and self.index is None:
@@ -368,9 +330,7 @@ class Export:
 
   def retrieve(self, texts: Sequence[str], k: int | None = None,
                method: str | None = None) -> list[list[dict[str, Any]]]:
-    """Per description, the `k` (default the model's) nearest functions of the index by
-    `method` (default the model's), best first: {"path", "name", "lineno", "code", "score",
-    "tokens"}, as `CodeGenerator.retrieve`."""
+    """Per description, the index's nearest functions, best first, as `CodeGenerator.retrieve`."""
     with self._lock:
       index, retriever = self.index, self._retriever
     if index is None or retriever is None:
@@ -388,19 +348,15 @@ class Export:
                seeds: Sequence[tuple[int, int]] | None = None,
                retrieve: bool | None = None,
                num_beams: int | None = None) -> list[list[dict[str, Any]]]:
-    """Per description, candidates best first: {"code", "score", "align", "parses",
-    "finish_reason"} (and "neighbours" with retrieval); as `CodeGenerator.generate` (the beam
-    width is fixed by the export). `seeds`: per description (seed, its index in its request),
-    for callers that batch several requests into one call (the server); default (seed, i).
-    `retrieve`: None retrieves when the model was trained with retrieval (from the index the
-    export ships or the one it was loaded with), False never."""
+    """Per description, candidates best first, as `CodeGenerator.generate`. `seeds`: per
+    description (seed, its index in its request), for callers that batch several requests into
+    one call (the server); default (seed, i)."""
     texts = self.check_generate(descriptions, strategy, num_samples, temperature, top_k, top_p,
                                 max_new_tokens, length_penalty, repetition_penalty, seed,
                                 retrieve=retrieve, num_beams=num_beams)
     if not texts:
       return []
-    used = self.retrieves(retrieve)
-    neighbours = self.retrieve(texts) if used else None
+    neighbours = self.retrieve(texts) if self.retrieves(retrieve) else None
     want = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
     tokens_NxKxT, scores_NxK = self.generate_tokens(
         texts, strategy=strategy, num_samples=num_samples, temperature=temperature,
@@ -421,11 +377,9 @@ class Export:
                       seeds: Sequence[tuple[int, int]] | None = None,
                       neighbour_tokens: Sequence[Sequence[Sequence[int]]] | None = None
                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids [N, K, T] (T the smallest compiled length >= max_new_tokens; PAD after EOS
-    and after max_new_tokens) and scores [N, K] of checked `texts`; K is 1, num_samples
-    (sample) or the export's beams. `neighbour_tokens`: per text, its neighbours' code tokens,
-    framed with it by `tokenizer.frame_context` into the retrieval context (None: the
-    description alone)."""
+    """Token ids [N, K, T] (T the smallest compiled length >= max_new_tokens) and scores [N, K]
+    of checked `texts`. `neighbour_tokens`: per text, its neighbours' code tokens to frame it
+    with (None: the description alone)."""
     want = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
     t = next(x for x in self.lengths if x >= want)
     reps = num_samples if strategy == "sample" else 1      # sample programs draw one per row
@@ -448,12 +402,10 @@ class Export:
     keys = keys.reshape(len(rows), 2)
     tokens, scores = [], []
     for start, size, bucket in postprocess.chunks(len(rows), self.batch_buckets):
-      batch = np.zeros((bucket, width), np.int32)
-      batch[:size] = ids[start:start + size]
-      batch_keys = np.zeros((bucket, 2), np.uint32)
-      batch_keys[:size] = keys[start:start + size]
+      pad = ((0, bucket - size), (0, 0))
       out = self._fn(generate_program(strategy, bucket, t, width, self.desc_len))(
-          self.variables, batch, batch_keys, np.int32(want), np.float32(temperature),
+          self.variables, np.pad(ids[start:start + size], pad),
+          np.pad(keys[start:start + size], pad), np.int32(want), np.float32(temperature),
           np.int32(top_k), np.float32(top_p), np.float32(length_penalty),
           np.float32(repetition_penalty))
       tok, sc = jax.device_get(out)
@@ -462,9 +414,6 @@ class Export:
     k = tokens[0].shape[1] * reps
     return (np.concatenate(tokens).reshape(len(texts), k, t),
             np.concatenate(scores).reshape(len(texts), k))
-
-  # -------------------------------------------------------------------------------------------
-  # Embedding and search.
 
   def embed(self, texts: Sequence[str], kind: str = "desc") -> np.ndarray:
     """L2-normalised alignment vectors [N, align_dim] of descriptions or code."""
@@ -477,19 +426,14 @@ class Export:
 
   def search(self, query: str | Sequence[str], k: int = 10,
              index: index_lib.Index | None = None) -> list[dict] | list[list[dict]]:
-    """The `k` best index items for a query ({**item, "score", "rank"}); a list of queries
-    gives a list per query."""
+    """The `k` best index items ({**item, "score", "rank"}); a list of queries, a list each."""
     index = index or self.index
     if index is None:
       raise ValueError("No search index is loaded; pass index= to load_export or call "
                        "load_index.")
     single = isinstance(query, str)
-    queries = [query] if single else list(query)
-    hits = index_lib.query(self, index, queries, top_k=k)
+    hits = index_lib.query(self, index, [query] if single else list(query), top_k=k)
     return hits[0] if single else hits
-
-  # -------------------------------------------------------------------------------------------
-  # Helpers.
 
   def _fn(self, name: str):
     fn = self._compiled.get(name)

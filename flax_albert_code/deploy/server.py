@@ -3,29 +3,16 @@
   app = create_app(load_export("exports/small"), Limits(max_wait_ms=10))
   uvicorn.run(app, host="127.0.0.1", port=8000)      # what `python -m flax_albert_code.serve` does
 
-Routes: POST /v1/generate, /v1/embed, /v1/search; GET /healthz, /metrics (Prometheus text),
-/openapi.json and / (the playground page, static/playground.html); /docs (Swagger UI, from a
-CDN) only with `create_app(..., docs=True)`.
-
-Dynamic batching: each request's texts are queued; one background task takes the first waiting
-request, then whatever else arrives within `max_wait_ms` (or until the largest batch bucket is
-full), merges requests with the same options into calls of the export (which pads them into
-its compiled batch buckets) of at most the largest bucket each, and runs them on one worker
-thread, so the event loop keeps accepting requests while the model runs. A request that timed
-out is dropped between calls, so the requests behind it do not wait for its work. The seed is
-not part of the options that must match: each description's samples are drawn with keys of its
-own request's seed and its index there, so they are the same alone or batched.
-
-Every limit is refused with a 4xx JSON error {"detail": "..."}: body size (413), another
-content type (415), malformed JSON or non-UTF-8 bodies (400), unknown fields, wrong types and
-options out of range (422, with `options.check`'s message), a full queue (429), a request that
-waits too long (408). `fac_requests_total` counts every response by route and status, refusals
-before routing included.
+Requests with the same options that arrive within `max_wait_ms` share model calls, run on one
+worker thread so the event loop keeps accepting requests; each text's samples are drawn with
+keys of its own request's seed, so they are the same alone or batched. Every limit is refused
+with a 4xx JSON error {"detail": "..."}.
 """
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations, which name
 # models built inside create_app.
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import importlib.resources
 import logging
@@ -40,7 +27,7 @@ import pydantic
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.exceptions import HTTPException
 
 from flax_albert_code.deploy.limits import Limits
 from flax_albert_code.inference import options
@@ -48,15 +35,6 @@ from flax_albert_code.inference import options
 log = logging.getLogger(__name__)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
-
-class ApiError(Exception):
-  def __init__(self, status: int, detail: str):
-    super().__init__(detail)
-    self.status, self.detail = status, detail
-
-
-# ---------------------------------------------------------------------------------------------
-# Dynamic batching.
 
 
 @dataclasses.dataclass
@@ -68,14 +46,9 @@ class _Pending:
 
 
 class Batcher:
-  """Merges concurrent requests with the same key into `run(key, texts)` calls.
-
-  `run(key, texts) -> per-text results` runs on a single worker thread, at most `max_texts`
-  texts a call: a larger batch (or one large request) runs in several calls, and a request whose
-  client gave up (timed out, disconnected) between them is dropped, so the model stops working
-  for it after the call it is in and the requests behind it do not wait for it. A text may be
-  any object `run` understands (the server sends (description, seed, index) for generate).
-  """
+  """Merges concurrent requests with the same key into `run(key, texts)` calls on one worker
+  thread, at most `max_texts` texts a call; a request whose client gave up is dropped between
+  calls, so the requests behind it do not wait for its work."""
 
   def __init__(self, run: Callable[[tuple, list[str]], list[Any]], *, max_texts: int,
                max_wait_s: float, max_queue: int, observe: Callable[[str, int, int], None]):
@@ -92,16 +65,14 @@ class Batcher:
   async def stop(self) -> None:
     if self.task is not None:
       self.task.cancel()
-      try:
+      with contextlib.suppress(asyncio.CancelledError):
         await self.task
-      except asyncio.CancelledError:
-        pass
     self.executor.shutdown(wait=False, cancel_futures=True)
 
   async def submit(self, key: tuple, texts: list[str]) -> list[Any]:
     if self.waiting + len(texts) > self.max_queue:
-      raise ApiError(429, f"The server has {self.waiting} texts waiting for the model; "
-                          "retry later.")
+      raise HTTPException(429, f"The server has {self.waiting} texts waiting for the model; "
+                               "retry later.")
     fut = asyncio.get_running_loop().create_future()
     self.waiting += len(texts)
     await self.queue.put(_Pending(key, texts, fut))
@@ -138,8 +109,6 @@ class Batcher:
         await self._run_group(loop, key, items)
 
   async def _run_group(self, loop, key: tuple, items: list[_Pending]) -> None:
-    """Runs the texts of `items` in calls of at most `max_texts`, in order, skipping requests
-    whose future is done (their client gave up) before each call."""
     while True:
       live = [p for p in items if not p.future.done()]
       if not live:
@@ -168,10 +137,8 @@ class Batcher:
           p.future.set_result(p.results)
 
 
-# ---------------------------------------------------------------------------------------------
-# Request and response models. Pydantic checks the shape and types; the decoding options' ranges
-# are `options.check`'s (the same as the commands' and the Python API's, with the same
-# messages), stated in the OpenAPI schema from the same numbers.
+# Pydantic checks the requests' shape and types; the decoding options' ranges are
+# `options.check`'s (with its messages), stated in the OpenAPI schema from the same numbers.
 
 
 def _option(default: Any, name: str, description: str = "", **bounds: Any) -> Any:
@@ -288,10 +255,6 @@ def _models(exp, limits: Limits) -> dict[str, type[pydantic.BaseModel]]:
   return {k: v for k, v in locals().items() if isinstance(v, type)}
 
 
-# ---------------------------------------------------------------------------------------------
-# The app.
-
-
 def _clean(x: Any) -> Any:
   """JSON-safe: lone surrogates (which UTF-8 cannot hold) -> U+FFFD, non-finite floats -> None."""
   if isinstance(x, str):
@@ -306,8 +269,8 @@ def _clean(x: Any) -> Any:
 
 
 class _BodyLimit:
-  """ASGI middleware, before any parsing: bodies over `limit` bytes get 413, non-JSON content
-  types 415, non-UTF-8 bodies 400."""
+  """ASGI middleware, before any parsing: bodies over `limit` bytes get 413, non-JSON 415,
+  non-UTF-8 400."""
 
   def __init__(self, app, limit: int):
     self.app, self.limit = app, limit
@@ -315,21 +278,22 @@ class _BodyLimit:
   async def __call__(self, scope, receive, send):
     if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
       return await self.app(scope, receive, send)
+
+    def refuse(status: int, detail: str):
+      return JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
     headers = dict(scope.get("headers", ()))
     media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
     if scope["method"] == "POST" and media != b"application/json" and not media.endswith(
         b"+json"):
-      return await _send_error(send, 415, "Send a JSON body with Content-Type: "
-                                          "application/json.")
-    for name, value in headers.items():
-      if name == b"content-length":
-        try:
-          declared = int(value)
-        except ValueError:
-          return await _send_error(send, 400, "The Content-Length header is not a number.")
-        if declared > self.limit:
-          return await _send_error(send, 413, f"The request body is {declared} bytes; the "
-                                              f"limit is {self.limit}.")
+      return await refuse(415, "Send a JSON body with Content-Type: application/json.")
+    if b"content-length" in headers:
+      try:
+        declared = int(headers[b"content-length"])
+      except ValueError:
+        return await refuse(400, "The Content-Length header is not a number.")
+      if declared > self.limit:
+        return await refuse(413, f"The request body is {declared} bytes; the limit is "
+                                 f"{self.limit}.")
     chunks, size = [], 0
     while True:
       message = await receive()
@@ -338,8 +302,7 @@ class _BodyLimit:
       chunk = message.get("body", b"")
       size += len(chunk)
       if size > self.limit:
-        return await _send_error(send, 413, f"The request body is over the {self.limit} byte "
-                                            "limit.")
+        return await refuse(413, f"The request body is over the {self.limit} byte limit.")
       chunks.append(chunk)
       if not message.get("more_body"):
         break
@@ -347,24 +310,17 @@ class _BodyLimit:
     try:
       body.decode("utf-8")
     except UnicodeDecodeError as e:
-      return await _send_error(send, 400, f"The request body is not valid UTF-8 (byte "
-                                          f"{e.start}).")
-    sent = False
+      return await refuse(400, f"The request body is not valid UTF-8 (byte {e.start}).")
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
 
     async def replay():
-      nonlocal sent
-      if not sent:
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-      return await receive()
+      return pending.pop() if pending else await receive()
     return await self.app(scope, replay, send)
 
 
 class _Count:
-  """ASGI middleware around the app's routes and _BodyLimit: `observe(path, status, seconds)`
-  for every response, _BodyLimit's refusals (413, 415, 400) included; "500" when the app
-  raised (Starlette's outermost middleware answers it), "disconnected" when the client left
-  before any answer."""
+  """ASGI middleware outside _BodyLimit: `observe(path, status, seconds)` for every response,
+  refusals included; "500" when the app raised, "disconnected" when it never answered."""
 
   def __init__(self, app, observe: Callable[[str, str, float], None]):
     self.app, self.observe = app, observe
@@ -386,17 +342,8 @@ class _Count:
       self.observe(scope.get("path", ""), status.get("code", "500"), time.perf_counter() - start)
 
 
-async def _send_error(send, status: int, detail: str) -> None:
-  response = JSONResponse({"detail": detail}, status_code=status)
-  await send({"type": "http.response.start", "status": status,
-              "headers": [(k.encode("latin-1"), v.encode("latin-1"))
-                          for k, v in response.headers.items()]})
-  await send({"type": "http.response.body", "body": response.body})
-
-
 def _where(loc: tuple) -> str:
-  """A pydantic error location for people: `descriptions item 2` (1-based, as every message
-  numbers texts), without pydantic's union-member tags (`list[constrained-str]`)."""
+  """A pydantic error location for people (`descriptions item 2`), without union-member tags."""
   parts = [f"item {x + 1}" if isinstance(x, int) else str(x) for x in loc
            if x != "body" and not (isinstance(x, str) and ("[" in x or "-" in x))]
   return " ".join(parts) or "body"
@@ -420,9 +367,8 @@ def _validation_detail(exc: RequestValidationError) -> tuple[int, str]:
 
 
 def create_app(exp, limits: Limits | None = None, *, docs: bool = False) -> FastAPI:
-  """The API over a loaded export (serving.Export), its search index if it has one. `docs`
-  serves /docs (Swagger UI, whose scripts the browser loads from a CDN: off by default, so that
-  nothing the server offers needs the internet; /openapi.json is always there)."""
+  """The API over a loaded export. `docs` serves /docs (Swagger UI, whose scripts load from a
+  CDN: off by default, so that nothing the server offers needs the internet)."""
   limits = limits or Limits()
   m = _models(exp, limits)
   registry = prometheus_client.CollectorRegistry()
@@ -475,24 +421,18 @@ def create_app(exp, limits: Limits | None = None, *, docs: bool = False) -> Fast
     try:
       return await asyncio.wait_for(batcher.submit(key, texts), limits.request_timeout_s)
     except asyncio.TimeoutError:
-      raise ApiError(408, f"The request took over {limits.request_timeout_s:g} s; send fewer "
-                          "texts or fewer tokens.") from None
+      raise HTTPException(408, f"The request took over {limits.request_timeout_s:g} s; send "
+                               "fewer texts or fewer tokens.") from None
     except ValueError as e:      # the export's one-sentence checks
-      raise ApiError(422, str(e)) from None
+      raise HTTPException(422, str(e)) from None
 
-  @app.exception_handler(ApiError)
-  async def api_error(_request: Request, exc: ApiError):
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status)
-
-  @app.exception_handler(RequestValidationError)
-  async def invalid(_request: Request, exc: RequestValidationError):
-    status, detail = _validation_detail(exc)
-    return JSONResponse({"detail": detail}, status_code=status)
-
-  @app.exception_handler(StarletteHTTPException)
-  async def http_error(_request: Request, exc: StarletteHTTPException):
-    return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code,
+  async def error(_request: Request, exc: Exception):
+    status, detail = (_validation_detail(exc) if isinstance(exc, RequestValidationError)
+                      else (exc.status_code, str(exc.detail)))
+    return JSONResponse({"detail": detail}, status_code=status,
                         headers=getattr(exc, "headers", None))
+  for cls in (RequestValidationError, HTTPException):
+    app.add_exception_handler(cls, error)
 
   # exclude_unset: a candidate lists "neighbours" only when its request retrieved.
   @app.post("/v1/generate", response_model=m["GenerateResponse"], responses=errors,
@@ -508,7 +448,7 @@ def create_app(exp, limits: Limits | None = None, *, docs: bool = False) -> Fast
                          retrieve=req.retrieve, num_beams=req.num_beams)
       opts["retrieve"] = exp.retrieves(req.retrieve)   # resolved: one batching key for both
     except ValueError as e:
-      raise ApiError(422, str(e)) from None
+      raise HTTPException(422, str(e)) from None
     # The seed travels with each text, not in the batching key: requests with other seeds
     # share model calls, and each text's candidates are drawn with keys of its own request.
     results = await submit("generate", [(t, req.seed, i) for i, t in enumerate(texts)],
@@ -518,7 +458,7 @@ def create_app(exp, limits: Limits | None = None, *, docs: bool = False) -> Fast
   @app.post("/v1/embed", response_model=m["EmbedResponse"], responses=errors)
   async def embed(req: EmbedRequest):  # type: ignore[valid-type]
     if req.kind == "desc" and any(not t.strip() for t in req.texts):
-      raise ApiError(422, "Descriptions to embed must not be empty.")
+      raise HTTPException(422, "Descriptions to embed must not be empty.")
     vectors = await submit("embed", list(req.texts), kind=req.kind)
     return {"vectors": [np.asarray(v, np.float64).tolist() for v in vectors],
             "dim": exp.align_dim}
@@ -526,10 +466,10 @@ def create_app(exp, limits: Limits | None = None, *, docs: bool = False) -> Fast
   @app.post("/v1/search", response_model=m["SearchResponse"], responses=errors)
   async def search(req: SearchRequest):  # type: ignore[valid-type]
     if exp.index is None:
-      raise ApiError(400, "This server has no search index; start it with --index.")
+      raise HTTPException(400, "This server has no search index; start it with --index.")
     queries = [req.query] if isinstance(req.query, str) else list(req.query)
     if any(not q.strip() for q in queries):
-      raise ApiError(422, "Queries must not be empty.")
+      raise HTTPException(422, "Queries must not be empty.")
     hits = await submit("search", queries, k=req.k)
     return _clean({"results": [{"hits": h} for h in hits]})
 

@@ -10,31 +10,16 @@ Layout of an export directory (every file's sha256 and size are in the manifest)
   params.safetensors      the inference variables, keys "params/encoder/..." (no pickle anywhere)
   programs/*.jaxexport    `jax.export.Exported.serialize()`: StableHLO plus calling convention
   hf_encoder/             the encoder as a Hugging Face ALBERT directory (hf.save_hf_encoder)
-  retrieval_index/        a retrieval model's corpus as a search index (retrieval/index.py:
-                          vectors.npy, items.json, index.json), by default the run's train split
+  retrieval_index/        a retrieval model's corpus as a search index (retrieval/index.py)
 
-Programs take the variables as their first argument: `encode_b{B}_w{W}(variables, ids[B, W])`
-gives L2-normalised alignment vectors; `generate_{strategy}_b{B}_t{T}(variables, desc_ids[B, L],
-keys[B, 2], max_new_tokens, temperature, top_k, top_p, length_penalty, repetition_penalty)`
-(GENERATE_INPUTS) gives (tokens [B, K, T], scores [B, K]), for every batch bucket B of
-`config.sample.batch_buckets`, code width W (the code buckets and the description length) and
-length T (the code buckets up to `config.sample.max_new_tokens`); a program of length T decodes
-any max_new_tokens up to T. A model trained with retrieval (config.retrieval.k > 0) also gets
-`generate_{strategy}_b{B}_t{T}_w{C}` programs whose input is the retrieval context of width
-C = config.retrieval.max_ctx_len (`tokenizer.frame_context`), and the manifest's
-"inference" -> "retrieval" records k, method, max_desc_len, max_ctx_len and the shipped index
-(None with `--no-retrieval-index`: the export then retrieves only from an index it is loaded
-with). "params_fingerprint" and "source_params_fingerprint" (index.params_fingerprint of the
-export's parameters and of its checkpoint's) say which search indexes this model built.
-`sample` programs draw one candidate per row with the row's key
-(serving tiles a description num_samples times); `beam` programs keep `config.sample.num_beams`
-beams. Programs are lowered for CPU and CUDA at once where `jax.export` can (the manifest's
-`platforms` says which).
-The directory is written beside the target and renamed into place when complete.
-`flax_albert_code.load_export` (deploy/runtime.py) runs it with neither flax nor orbax.
+Programs take the variables first: `encode_b{B}_w{W}(variables, ids[B, W])` gives alignment
+vectors; `generate_{strategy}_b{B}_t{T}(variables, *GENERATE_INPUTS)` gives (tokens [B, K, T],
+scores [B, K]) for any max_new_tokens up to T, with `_w{C}` for a retrieval model's context of
+width C. `sample` programs draw one candidate per row with the row's key.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import importlib.metadata
@@ -73,11 +58,9 @@ KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")    # what jax.export lowers for
 
 def export(checkpoint_path: str, out_dir: str, dtype: str = "float32",
            buckets: Sequence[int] | None = None, **kwargs) -> str:
-  """Exports a training workdir's latest checkpoint (or one checkpoint directory) to `out_dir`.
-
-  `buckets` overrides `config.sample.batch_buckets`; other keyword arguments go to
-  `export_generator`. Returns the export's absolute path.
-  """
+  """Exports a workdir's latest checkpoint (or a checkpoint directory); returns the export's
+  absolute path. `buckets` overrides `config.sample.batch_buckets`; other keyword arguments
+  go to `export_generator`."""
   check_options(dtype=dtype, buckets=buckets, **{k: kwargs[k] for k in (
       "lengths", "strategies", "platforms") if k in kwargs})
   _check_out(out_dir)
@@ -101,12 +84,8 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
                      params: Any = None, info: dict[str, Any] | None = None,
                      progress: bool = False, retrieval_index: bool = True,
                      corpus: str | None = None) -> str:
-  """Exports a `CodeGenerator`'s model (or `params` with its config) and tokenizer; `progress`:
-  a bar on stderr while the corpus is indexed and the programs are lowered. Files and
-  directories get the permissions of ordinary new files (0666 and 0777 less the umask), not the
-  temporary directory's 0700. A retrieval model's export ships the search index of `corpus`
-  (a data source spec or `prepared:SPLIT`; default the run's train split, what
-  `CodeGenerator.retriever()` uses), encoded with the exported weights, unless
+  """Exports a `CodeGenerator`'s model (or `params` with its config) and tokenizer. A retrieval
+  model's export ships the search index of `corpus` (default `prepared:train`) unless
   `retrieval_index` is False."""
   check_options(dtype=dtype, buckets=buckets, lengths=lengths, strategies=strategies,
                 platforms=platforms)
@@ -173,7 +152,7 @@ def export_generator(gen, out_dir: str, *, dtype: str = "float32",
             "code_widths": list(xgen.code_buckets), "lengths": lengths,
             "max_new_tokens": xgen.default_max_new_tokens, "strategies": list(strategies),
             "num_beams": int(config.sample.num_beams), "generate_inputs": list(GENERATE_INPUTS),
-            "no_repeat_ngram_size": no_repeat_ngram_size(config),
+            "no_repeat_ngram_size": int(config.sample.no_repeat_ngram_size),
             "align_dim": xgen.cfg.align_dim, "vocab_size": xgen.cfg.vocab_size,
             "copy_head": xgen.cfg.copy_head,
             "tokenizer": TOKENIZER, "params": PARAMS,
@@ -220,8 +199,7 @@ def _check_out(out_dir: str) -> str:
 
 
 def _ordinary_permissions(root: str) -> None:
-  """What a build leaves: directories 0777 and files 0666 less the umask (some writers make
-  files 0600)."""
+  """What a build leaves, not the temporary directory's 0700: 0777 and 0666 less the umask."""
   umask = os.umask(0)
   os.umask(umask)
   for d, _, names in os.walk(root):
@@ -239,25 +217,24 @@ def _dtype(name: str) -> str:
 def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str],
                     platforms: Sequence[str], progress: bool = False,
                     widths: Sequence[int] = ()) -> tuple[list[dict], list[str], str]:
-  """Lowers and serialises every program, generate programs for each input width of `widths`
-  (default the description's); tries all `platforms` at once, else this backend's."""
+  """Lowers and serialises every program; tries all `platforms` at once, else this backend's."""
   os.makedirs(os.path.join(out, "programs"))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), gen.variables)
   ids = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
   real, whole = jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32)
+  encode = functools.partial(generator._vectors, gen.model,  # pylint: disable=protected-access
+                             mesh=None, axis_rules=None)
   specs = []
   for b in gen.batch_buckets:
     for w in sorted({gen.max_desc_len, *gen.code_buckets}):
-      fn = functools.partial(generator._vectors, gen.model,  # pylint: disable=protected-access
-                             mesh=None, axis_rules=None)
       specs.append(({"name": f"encode_b{b}_w{w}", "kind": "encode", "batch": b, "width": w},
-                    fn, (abstract, ids((b, w)))))
+                    encode, (abstract, ids((b, w)))))
     for strategy in strategies:
       k = decoding.num_candidates(strategy, int(gen.config.sample.num_beams), 1)
       for t in lengths:
         fn = functools.partial(_generate, gen.model, strategy=strategy, max_new_tokens=t, k=k,
                                decode_phase=gen.decode_phase,
-                               no_repeat_ngram_size=no_repeat_ngram_size(gen.config))
+                               no_repeat_ngram_size=int(gen.config.sample.no_repeat_ngram_size))
         for width in dict.fromkeys(widths or [gen.max_desc_len]):
           specs.append(({"name": generate_program(strategy, b, t, width, gen.max_desc_len),
                          "kind": "generate", "batch": b, "width": width, "strategy": strategy,
@@ -290,8 +267,8 @@ def _write_programs(gen, out: str, lengths: list[int], strategies: Sequence[str]
 def _generate(model, variables, desc_ids, keys, limit, temperature, top_k, top_p,
               length_penalty, repetition_penalty, *, strategy: str, max_new_tokens: int, k: int,
               decode_phase: int, no_repeat_ngram_size: int = 0):
-  """One generate program: GENERATE_INPUTS, every option traced but the strategy and the
-  n-gram ban (config.sample.no_repeat_ngram_size, built in: it shapes the program)."""
+  """One generate program: every option traced but the strategy and the n-gram ban (it shapes
+  the program)."""
   return model_decoding.generate(model, variables, desc_ids, strategy=strategy,
                                  max_new_tokens=max_new_tokens, rng=keys[:, None, :],
                                  temperature=temperature, top_k=top_k, top_p=top_p, num_beams=k,
@@ -299,11 +276,6 @@ def _generate(model, variables, desc_ids, keys, limit, temperature, top_k, top_p
                                  decode_phase=decode_phase, limit=limit,
                                  repetition_penalty=repetition_penalty,
                                  no_repeat_ngram_size=no_repeat_ngram_size)
-
-
-def no_repeat_ngram_size(config) -> int:
-  """The n-gram ban the programs are built with: the checkpoint's config.sample default."""
-  return int(config.sample.no_repeat_ngram_size)
 
 
 def _write_params(variables, path: str, dtype: str) -> None:
@@ -316,10 +288,8 @@ def versions() -> dict[str, str]:
   out = {"python": platform.python_version()}
   for dist in ("flax_albert_code", "jax", "jaxlib", "flax", "numpy", "sentencepiece",
                "safetensors"):
-    try:
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
       out[dist] = importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-      pass
   return out
 
 
