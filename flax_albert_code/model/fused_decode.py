@@ -1,28 +1,12 @@
 """The one-token decoder layer in twelve Pallas kernels (`model.decode_attention="layer"`, and
-"auto" on one GPU).
+"auto" on one GPU): XLA runs it as ~25 tiny kernels, so a step is bound by kernel count.
 
-XLA runs a one-token layer at 64 rows as ~25 kernels of a few microseconds each (split-K GEMMs
-and their reductions, LayerNorm as a reduction plus elementwise fusions, bias and residual adds,
-slices of Q|K|V, two cache writes), so a step is bound by kernel count, not bytes. Here:
-
-  Q|K|V partials = x Wqkv            -> self-attention: sums them, writes the new K/V, attends
-  partials = ctx Wo                  -> epilogue: r1 = LN(sum + bo + x)          (post-norm)
-  partials = r1 Wq                   -> cross-attention: sums them, attends over the memory
-  partials = ctx Wo'                 -> epilogue: r2 = LN(sum + bo' + r1)
-  partials = r2 W1                   -> epilogue: h = act(sum + b1)
-  partials = h W2                    -> epilogue: r3 = LN(sum + b2 + r2)
-
-`splitk_dot` splits K so that 64 rows still occupy the GPU (as XLA's own GEMMs do) and leaves
-the sum to its consumer; `epilogue` takes a whole row per program, so the residual block's
-LayerNorm costs no kernel of its own. Pre-norm (x + f(LN(x))) has the epilogues write both the
-stream and its next LayerNorm. Rows are padded to the row tile once per step (`rows_block`).
-
-The self-attention kernel reads the layer out of the whole [L, B, S, N, D] cache (the layer and
-the decode index are kernel inputs) and writes the new token's K/V into it, so no slice of the
-cache is copied; beams gather each position from the beam that wrote it, so the cache never
-moves. Triton tiles must be powers of two: the head size must be one, and
-`CodeModel.init_cache` pads the cache and the memory to one (the padding is masked out).
-On CPU the kernels run in Pallas' interpreter (tests).
+Each matmul is `splitk_dot` (K split so that 64 rows still occupy the GPU; the sum left to its
+consumer), then an `epilogue` (bias, activation, residual and LayerNorm in one kernel: a whole
+row per program) or an attention kernel that sums the Q partials itself. Self-attention reads
+its layer out of the whole [L, B, S, N, D] cache and writes the new K/V into it in place; beams
+gather each position from the beam that wrote it. Triton tiles are powers of two, so
+`CodeModel.init_cache` pads the cache and memory (masked). On CPU: Pallas' interpreter.
 """
 from __future__ import annotations
 
@@ -48,8 +32,7 @@ def pow2(n: int) -> int:
 
 
 def backend(num_stages: int | None = None, num_warps: int | None = None) -> dict:
-  """pallas_call's arguments: Triton on a GPU (None: `_STAGES`, `_WARPS`), the interpreter
-  elsewhere."""
+  """pallas_call's arguments: Triton on a GPU, the interpreter elsewhere."""
   interpret = jax.default_backend() != "gpu"
   params = None
   if not interpret:   # Triton named explicitly: on GPU pallas_call may otherwise pick Mosaic GPU
@@ -132,10 +115,8 @@ def _splitk_kernel(x_ref, w_ref, o_ref, *, bm: int, bn: int, bk: int, steps: int
 
 
 def splitk_dot(x_MxK: Array, w_KxN: Array, *, dtype, min_programs: int | None = None) -> Array:
-  """x @ w as float32 partial sums over S slices of K, [S, M, N] (sum them for the product):
-  at 64 rows the output alone has too few tiles to occupy the GPU (XLA splits K likewise).
-  S is the fewest (a power of two: Triton tiles) that gives `min_programs` (default
-  `MIN_PROGRAMS`) programs. M must be a multiple of `rows_block(M)`."""
+  """x @ w as float32 partial sums over S slices of K, [S, M, N]: S is the fewest power of two
+  giving `min_programs` (default `MIN_PROGRAMS`) programs. M: a multiple of `rows_block(M)`."""
   (m, k), n = x_MxK.shape, w_KxN.shape[1]
   bm = rows_block(m)
   if m % bm:
@@ -172,8 +153,7 @@ def _epilogue_kernel(*refs, cw: int, eps: float, act, residual: bool, norm: bool
   norm_refs = (rest.pop(0), rest.pop(0)) if norm else None
   outs = rest
   row = pl.program_id(0)
-  # Without a LayerNorm each program takes one chunk of the row (more programs); with one,
-  # the whole row.
+  # Without a LayerNorm each program takes one chunk of the row (more programs).
   first = 0 if norm else pl.program_id(1)
   chunks = []
   for i in range(b_ref.shape[0] // cw if norm else 1):
@@ -198,8 +178,7 @@ def epilogue(partials_SxMxN: Array, b_N: Array, *, dtype, eps: float = 0.0,
              act: Callable | None = None, residual: Array | None = None,
              norm: Norm | None = None, raw: bool = True) -> list[Array]:
   """y = act(sum of the partial products + b) + residual: [y] and/or [LN(y)] (`raw`, `norm`),
-  in `dtype`. With `norm` a program takes a whole row, so the LayerNorm of a residual block
-  costs no kernel of its own; without, a chunk of a row."""
+  in `dtype`."""
   _, m, n = partials_SxMxN.shape
   cw = _block(n, 256, "the hidden and FFN sizes")
   args = [partials_SxMxN, b_N]
@@ -214,10 +193,6 @@ def epilogue(partials_SxMxN: Array, b_N: Array, *, dtype, eps: float = 0.0,
   return pl.pallas_call(kernel, out_shape=[out] * (int(raw) + int(norm is not None)),
                         grid=grid, name="epilogue",
                         **backend(1, num_warps=EPILOGUE_WARPS))(*args)
-
-
-# ---------------------------------------------------------------------------------------------
-# Attention over the cache and the memory.
 
 
 def _softmax_weighted_sum(q_D, k_PxD, v_PxD, valid_P, scale: float):
@@ -237,18 +212,15 @@ def _beam_positions(src_ref, n: Array, beams: int, start, size: int, cache_len: 
 
 
 def _summed(p_ref, b_ref, n, start, size: int, dtype):
-  """Row n, columns [start, start + size) of (the sum of partial products + bias), rounded to
-  `dtype` as a projection's output is (`splitk_dot`'s partials)."""
+  """Row n, columns [start, start + size) of the sum of partial products + bias, in `dtype`."""
   cols = pl.ds(start, size)
   return (jnp.sum(p_ref[:, n, cols], axis=0) + b_ref[cols].astype(jnp.float32)).astype(dtype)
 
 
 def _write_kernel(at_ref, p_ref, b_ref, *refs, span: int, heads: int, scale: float,
                   beams: int = 0, cache_len: int = 0):
-  """Self-attention of row n, head h over the cache, after writing the row's new K/V at
-  `index` of `layer` (the cache is aliased in and out: nothing else of it moves). Positions
-  are read in blocks of `_BLOCK` up to `index` only (an online softmax that starts from the
-  new token's own key and value, held in registers)."""
+  """Row n, head h: writes its K/V at `index` of `layer` (the cache aliased in and out), then
+  an online softmax from the new K/V over blocks of `_BLOCK` positions up to `index`."""
   if beams:
     src_ref, k_ref, v_ref, o_ref, k_out, v_out = refs
   else:
@@ -286,11 +258,9 @@ def self_attention_write(qkv_SxMxP: Array, qkv_bias_P: Array, cache_k_LxBxSxNxD:
                          cache_v_LxBxSxNxD: Array, layer: Array, index: Array,
                          attend_len: int, rows: int,
                          src_BxKxS: Array | None = None) -> tuple[Array, Array, Array]:
-  """Q|K|V are the sum of partial products [S, M, 3 * N * D] + bias (rows >= `rows` are
-  padding): writes each row's K/V at `index` of `layer` and attends over positions <= `index`
-  (< attend_len), reading the cache in blocks only up to `index`; with `src_BxKxS` row (b, k)
-  reads position s from beam src[b, k, s], gathered in the kernel from the flattened cache.
-  Returns (context [M, N, D], cache k, cache v): the caches are updated in place."""
+  """Q|K|V as partial products [S, M, 3 * N * D] + bias (rows >= `rows`: padding): writes each
+  row's K/V at `index` of `layer`, attends over positions <= `index` (from beam src[b, k, s]
+  with `src_BxKxS`). Returns (context [M, N, D], cache k, cache v), the caches in place."""
   l, b, s, heads, d = cache_k_LxBxSxNxD.shape
   span = pow2(attend_len)
   if span > s or pow2(d) != d or qkv_SxMxP.shape[2] != 3 * heads * d:
@@ -328,9 +298,8 @@ def _cross_partials_kernel(len_ref, p_ref, b_ref, k_ref, v_ref, o_ref, *, scale:
 def cross_attention_partials(q_SxMxH: Array, q_bias_H: Array, k_BxMxNxD: Array,
                              v_BxMxNxD: Array, lengths_B: Array, rows: int,
                              heads: int) -> Array:
-  """Attention of one query per row over the first `lengths[b]` positions of the memory
-  (padded to a power of two); the queries are partial products [S, M, N * D] + bias (rows >=
-  `rows` padding). Context [M, N, D] in the memory's dtype."""
+  """One query per row (partial products [S, M, N * D] + bias; rows >= `rows` padding) over
+  the first `lengths[b]` memory positions. Context [M, N, D] in the memory's dtype."""
   d, m = k_BxMxNxD.shape[-1], k_BxMxNxD.shape[1]
   if pow2(m) != m or pow2(d) != d:
     raise ValueError(f"Pallas decode attention needs power-of-two memory length and head size "
@@ -360,14 +329,8 @@ class DecodeAt(NamedTuple):
 def decoder_layer(w: LayerWeights, x_MxH: Array, x_ln_MxH: Array, at: DecodeAt, *,
                   pre_norm: bool, eps: float, act: Callable, dtype,
                   num_heads: int) -> tuple[Array, Array, Array, Array]:
-  """One application of the shared decoder block to the one-token stream, twelve kernels:
-  returns (stream, the LayerNorm the next layer reads it through, cache k, cache v).
-
-  Post-norm: the stream is normalised already (LN(x + f(x)), each epilogue's LayerNorm) and
-  `x_ln` is `x`. Pre-norm: the stream is the residual and `x_ln` its self-attention LayerNorm,
-  which the previous layer's last epilogue wrote (the decoder writes the first, and applies its
-  final LayerNorm after the last layer).
-  """
+  """The shared decoder block on the one-token stream: (stream, its LayerNorm that the next
+  layer reads, cache k, cache v). Post-norm: `x_ln` is `x`; pre-norm: the stream's LayerNorm."""
   m, h = x_MxH.shape
   dot = functools.partial(splitk_dot, dtype=dtype)
   out = functools.partial(epilogue, dtype=dtype, eps=eps)
