@@ -1,7 +1,9 @@
 """CodeModel: an ALBERT encoder for descriptions and code, and an ALBERT-style decoder for code.
 
-Each stack applies one shared block (HF ALBERT layout in the encoder) `depth` times, as an
-`nn.scan` (compile time flat in depth) or a loop; `remat` rematerialises it in the backward pass.
+Parameters: shared_embedding/, encoder/albert_layer_groups_{g}/albert_layers_{k}/ (HF ALBERT
+layout), encoder/{pooler,align_head}, decoder/{self_attention,ffn (unless shared with the
+encoder),cross_attention,logits_bias,copy_head}. Each stack applies its shared block `depth` times
+as an `nn.scan` (compile time flat in depth) or a loop; `remat` rematerialises it.
 """
 from __future__ import annotations
 
@@ -63,8 +65,7 @@ class _Unrolled(nn.Module):
 
 
 def _repeat(body_cls, cfg: ModelConfig, length: int, in_axes: tuple, **attrs) -> nn.Module:
-  """`body_cls(**attrs)` applied `length` times, as a scan or a Python loop; the body owns no
-  parameters (it calls shared modules passed in)."""
+  """`body_cls(**attrs)` `length` times (scan or loop); the body calls shared modules."""
   if cfg.remat != "none":
     policy = (jax.checkpoint_policies.nothing_saveable if cfg.remat == "full"
               else jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)
@@ -172,8 +173,7 @@ class _DecoderBody(nn.Module):
 
 
 def _read_beams(cache_NxSxHxD: Array, src_BxKxS: Array) -> Array:
-  """Row (b, k) at position s reads beam src[b, k, s] of description b (a gather local to each
-  shard, which XLA can fuse into the attention)."""
+  """Row (b, k) at position s reads beam src[b, k, s] of description b (a fusable gather)."""
   b, k, s = src_BxKxS.shape
   c = cache_NxSxHxD.reshape(b, k, *cache_NxSxHxD.shape[1:])
   c = jnp.take_along_axis(c, src_BxKxS[:, :, :, None, None], axis=1)
@@ -413,8 +413,7 @@ def build(config) -> tuple[CodeModel, ModelConfig]:
 
 
 def check_params(model: CodeModel, params) -> None:
-  """A ValueError in one sentence when `params` lack a module `model` builds or hold one it
-  does not (the copy head above all)."""
+  """A one-sentence ValueError when `params` and the modules `model` builds differ."""
   ids = jnp.zeros((1, 4), jnp.int32)
   want = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), ids, ids)["params"])
   have = params.get("params", params) if hasattr(params, "get") else params

@@ -28,8 +28,7 @@ class CheckpointError(RuntimeError):
 
 
 def verify_step(path: epath.Path) -> str | None:
-  """None if the files of step directory `path` match its manifest or it has none; else which
-  file is missing, truncated or altered."""
+  """None if step directory `path` matches its manifest (or has none), else what is wrong."""
   manifest = path / MANIFEST
   if not manifest.exists():
     return None
@@ -46,8 +45,7 @@ def verify_step(path: epath.Path) -> str | None:
 
 
 def resolve(path: str) -> tuple[epath.Path, int]:
-  """(directory, step) of a training workdir's latest checkpoint or of a step directory,
-  absolute (orbax refuses relative paths)."""
+  """(absolute directory, step) of a workdir's latest checkpoint or of a step directory."""
   path = os.path.expanduser(os.fspath(path))
   p = epath.Path(path if "://" in path else os.path.abspath(path))
   if not p.exists():
@@ -92,8 +90,7 @@ def _saved_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.C
 
 @quiet_orbax()
 def read_config(path: str) -> ml_collections.ConfigDict:
-  """The config saved with checkpoint `path` (a workdir or step directory), without reading
-  its parameters."""
+  """The config saved with checkpoint `path`, without reading its parameters."""
   directory, step = resolve(path)
   manager = _manager(directory)
   try:

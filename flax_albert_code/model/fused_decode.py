@@ -10,6 +10,7 @@ gather each position from the beam that wrote it. Triton tiles are powers of two
 """
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Callable, NamedTuple
 
@@ -47,23 +48,10 @@ class Norm(NamedTuple):
   bias: Array
 
 
-class LayerWeights(NamedTuple):
-  """The shared decoder block's parameters as 2-D matrices: Q|K|V stacked [H, 3H]."""
-  qkv_w: Array
-  qkv_b: Array
-  out_w: Array
-  out_b: Array
-  self_norm: Norm
-  cross_q_w: Array
-  cross_q_b: Array
-  cross_out_w: Array
-  cross_out_b: Array
-  cross_norm: Norm
-  ffn_w: Array
-  ffn_b: Array
-  ffn_out_w: Array
-  ffn_out_b: Array
-  ffn_norm: Norm
+# The shared decoder block's parameters: 2-D matrices (Q|K|V stacked [H, 3H]), biases, Norms.
+LayerWeights = collections.namedtuple("LayerWeights", (
+    "qkv_w qkv_b out_w out_b self_norm cross_q_w cross_q_b cross_out_w cross_out_b cross_norm "
+    "ffn_w ffn_b ffn_out_w ffn_out_b ffn_norm"))
 
 
 def layer_weights(self_p: dict, cross_p: dict, ffn_p: dict) -> LayerWeights:
@@ -86,14 +74,11 @@ def layer_weights(self_p: dict, cross_p: dict, ffn_p: dict) -> LayerWeights:
       ffn_p["ffn_output"]["bias"], norm(ffn_p["full_layer_layer_norm"]))
 
 
-def _block(n: int, cap: int, what: str) -> int:
-  """The largest power of two <= cap dividing n (Triton tiles); at least 16 (tensor cores)."""
+def _block(n: int, cap: int) -> int:
+  """The largest power of two <= cap dividing n, at least 16 (n is one: `layer_kernels_fit`)."""
   b = cap
   while b > 16 and n % b:
     b //= 2
-  if n % b:
-    raise ValueError(f"decode_attention='layer' needs {what} to be a multiple of 16 (got {n}); "
-                     "use decode_attention='xla' for this model.")
   return b
 
 
@@ -119,14 +104,12 @@ def splitk_dot(x_MxK: Array, w_KxN: Array, *, dtype, min_programs: int | None = 
   giving `min_programs` (default `MIN_PROGRAMS`) programs. M: a multiple of `rows_block(M)`."""
   (m, k), n = x_MxK.shape, w_KxN.shape[1]
   bm = rows_block(m)
-  if m % bm:
-    raise ValueError(f"splitk_dot needs the rows ({m}) padded to a multiple of {bm}.")
-  bn = _block(n, 64, "the hidden and FFN sizes")
+  bn = _block(n, 64)
   tiles, splits = (m // bm) * (n // bn), 1
   min_programs = MIN_PROGRAMS if min_programs is None else min_programs
   while tiles * splits < min_programs and k % (4 * splits) == 0 and (k // (2 * splits)) % 16 == 0:
     splits *= 2
-  bk = _block(k // splits, 128, "the hidden and FFN sizes")
+  bk = _block(k // splits, 128)
   precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
   kernel = functools.partial(_splitk_kernel, bm=bm, bn=bn, bk=bk, steps=k // splits // bk,
                              dtype=dtype, precision=precision)
@@ -177,10 +160,9 @@ def _epilogue_kernel(*refs, cw: int, eps: float, act, residual: bool, norm: bool
 def epilogue(partials_SxMxN: Array, b_N: Array, *, dtype, eps: float = 0.0,
              act: Callable | None = None, residual: Array | None = None,
              norm: Norm | None = None, raw: bool = True) -> list[Array]:
-  """y = act(sum of the partial products + b) + residual: [y] and/or [LN(y)] (`raw`, `norm`),
-  in `dtype`."""
+  """y = act(sum of the partials + b) + residual, as [y] and/or [LN(y)] (`raw`, `norm`)."""
   _, m, n = partials_SxMxN.shape
-  cw = _block(n, 256, "the hidden and FFN sizes")
+  cw = _block(n, 256)
   args = [partials_SxMxN, b_N]
   if residual is not None:
     args.append(residual)
@@ -205,8 +187,7 @@ def _softmax_weighted_sum(q_D, k_PxD, v_PxD, valid_P, scale: float):
 
 
 def _beam_positions(src_ref, n: Array, beams: int, start, size: int, cache_len: int) -> Array:
-  """Rows of the flattened [B*K*S] cache that row n = (description b, beam k) reads for
-  positions [start, start + size): each from the beam that wrote it (src[b, k, s])."""
+  """Flat cache rows that row n = (b, k) reads for [start, start + size): src[b, k, s]'s."""
   rows = (n // beams) * beams + src_ref[n // beams, n % beams, pl.ds(start, size)]
   return rows * cache_len + start + jnp.arange(size)
 
@@ -221,10 +202,8 @@ def _write_kernel(at_ref, p_ref, b_ref, *refs, span: int, heads: int, scale: flo
                   beams: int = 0, cache_len: int = 0):
   """Row n, head h: writes its K/V at `index` of `layer` (the cache aliased in and out), then
   an online softmax from the new K/V over blocks of `_BLOCK` positions up to `index`."""
-  if beams:
-    src_ref, k_ref, v_ref, o_ref, k_out, v_out = refs
-  else:
-    k_ref, v_ref, o_ref, k_out, v_out = refs
+  src_ref = refs[0] if beams else None
+  k_ref, v_ref, o_ref, k_out, v_out = refs[-5:]
   n, h = pl.program_id(0), pl.program_id(1)
   layer, index = at_ref[0], at_ref[1]
   d, dt = o_ref.shape[-1], k_out.dtype
@@ -262,20 +241,15 @@ def self_attention_write(qkv_SxMxP: Array, qkv_bias_P: Array, cache_k_LxBxSxNxD:
   row's K/V at `index` of `layer`, attends over positions <= `index` (from beam src[b, k, s]
   with `src_BxKxS`). Returns (context [M, N, D], cache k, cache v), the caches in place."""
   l, b, s, heads, d = cache_k_LxBxSxNxD.shape
-  span = pow2(attend_len)
-  if span > s or pow2(d) != d or qkv_SxMxP.shape[2] != 3 * heads * d:
-    raise ValueError(f"Pallas decode attention needs a power-of-two head size (got {d}), a "
-                     "cache padded to a power of two and Q|K|V stacked [S, M, 3 * N * D].")
   at = jnp.stack([jnp.asarray(layer, jnp.int32), jnp.asarray(index, jnp.int32)])
-  kw = dict(span=span, heads=heads, scale=d ** -0.5)
+  kw = dict(span=pow2(attend_len), heads=heads, scale=d ** -0.5)
   caches = [cache_k_LxBxSxNxD, cache_v_LxBxSxNxD]
   args = [at, qkv_SxMxP, qkv_bias_P]
   if src_BxKxS is not None:
     kw.update(beams=src_BxKxS.shape[1], cache_len=s)
     caches = [c.reshape(l, b * s, heads, d) for c in caches]   # free: contiguous
     args.append(src_BxKxS.astype(jnp.int32))
-  dt = cache_k_LxBxSxNxD.dtype
-  out_shape = [jax.ShapeDtypeStruct((qkv_SxMxP.shape[1], heads, d), dt),
+  out_shape = [jax.ShapeDtypeStruct((qkv_SxMxP.shape[1], heads, d), cache_k_LxBxSxNxD.dtype),
                *(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches)]
   first = len(args)
   ctx, ck, cv = pl.pallas_call(
@@ -300,10 +274,7 @@ def cross_attention_partials(q_SxMxH: Array, q_bias_H: Array, k_BxMxNxD: Array,
                              heads: int) -> Array:
   """One query per row (partial products [S, M, N * D] + bias; rows >= `rows` padding) over
   the first `lengths[b]` memory positions. Context [M, N, D] in the memory's dtype."""
-  d, m = k_BxMxNxD.shape[-1], k_BxMxNxD.shape[1]
-  if pow2(m) != m or pow2(d) != d:
-    raise ValueError(f"Pallas decode attention needs power-of-two memory length and head size "
-                     f"(got {m}, {d}); CodeModel.init_cache pads the memory.")
+  d = k_BxMxNxD.shape[-1]
   kernel = functools.partial(_cross_partials_kernel, scale=d ** -0.5)
   out = jax.ShapeDtypeStruct((q_SxMxH.shape[1], heads, d), k_BxMxNxD.dtype)
   return pl.pallas_call(kernel, out_shape=out, grid=(rows, heads), **backend(),
@@ -312,18 +283,11 @@ def cross_attention_partials(q_SxMxH: Array, q_bias_H: Array, k_BxMxNxD: Array,
                             v_BxMxNxD)
 
 
-class DecodeAt(NamedTuple):
-  """Where a one-token step reads and writes: the cache, its layer and position, the memory."""
-  cache_k: Array
-  cache_v: Array
-  layer: Array
-  index: Array
-  attend_len: int
-  cross_k: Array
-  cross_v: Array
-  memory_lengths: Array
-  rows: int                      # the real rows (the stream is padded to a row tile)
-  beam_src: Array | None = None
+# Where a one-token step reads and writes: the cache, its layer and position, the memory; `rows`
+# are the real rows (the stream is padded to a row tile).
+DecodeAt = collections.namedtuple("DecodeAt", (
+    "cache_k cache_v layer index attend_len cross_k cross_v memory_lengths rows beam_src"),
+    defaults=(None,))
 
 
 def decoder_layer(w: LayerWeights, x_MxH: Array, x_ln_MxH: Array, at: DecodeAt, *,
@@ -341,10 +305,9 @@ def decoder_layer(w: LayerWeights, x_MxH: Array, x_ln_MxH: Array, at: DecodeAt, 
     y, = out(partials, bias, residual=residual, norm=post_ln, raw=False)
     return y, y
 
-  qkv = dot(x_ln_MxH, w.qkv_w)
   ctx, cache_k, cache_v = self_attention_write(
-      qkv, w.qkv_b, at.cache_k, at.cache_v, at.layer, at.index, at.attend_len, at.rows,
-      at.beam_src)
+      dot(x_ln_MxH, w.qkv_w), w.qkv_b, at.cache_k, at.cache_v, at.layer, at.index,
+      at.attend_len, at.rows, at.beam_src)
   r1, r1_ln = residual_block(dot(ctx.reshape(m, h), w.out_w), w.out_b, x_MxH, w.self_norm,
                              w.cross_norm)
   ctx = cross_attention_partials(dot(r1_ln, w.cross_q_w), w.cross_q_b, at.cross_k,

@@ -151,8 +151,7 @@ def _read_config(path: str) -> dict[str, Any]:
 
 
 def model_config_from_hf(hf: Mapping[str, Any], config=None) -> ml_collections.ConfigDict:
-  """Our model config: `config` (a model or full config; default the `base` preset) with the
-  encoder-defining HF AlbertConfig fields taken from `hf`."""
+  """`config` (model or full; default the `base` preset) with the encoder fields of `hf`."""
   if config is None:
     m = config_lib.model_config("base")
   else:

@@ -155,9 +155,8 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.cfg
-    in_shape = x.shape[-self.n_in:]
     kernel = self.param("kernel", _init(cfg, self.axes, self.init_std),
-                        in_shape + self.features, cfg.weight_dtype)
+                        x.shape[-self.n_in:] + self.features, cfg.weight_dtype)
     bias = self.param("bias", _zeros(self.axes[self.n_in:]), self.features, cfg.weight_dtype)
     dt = cfg.compute_dtype
     contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
@@ -314,17 +313,13 @@ class AlbertAttention(nn.Module):
   def qkv(self, x_BxTxH: Array) -> tuple[Array, Array, Array]:
     return self._project(self._in(x_BxTxH), ("query", "key", "value"))
 
-  def project_query(self, x_BxTxH: Array) -> Array:
-    """The queries of x (not `query`: that name is the Dense, which skips the pre-norm LN)."""
-    return self._project(self._in(x_BxTxH), ("query",))[0]
-
   def __call__(self, x_BxTxH: Array, kv: tuple[Array, Array] | None = None, *,
                is_causal: bool = False, kv_lengths_B: Array | None = None,
                mask: Array | None = None, deterministic: bool = True) -> Array:
     if kv is None:
       q, k, v = self.qkv(x_BxTxH)
     else:
-      q, (k, v) = self.project_query(x_BxTxH), kv
+      q, (k, v) = self._project(self._in(x_BxTxH), ("query",))[0], kv
     return self.attend(x_BxTxH, q, k, v, is_causal=is_causal, kv_lengths_B=kv_lengths_B,
                        mask=mask, deterministic=deterministic)
 
@@ -336,17 +331,13 @@ class AlbertAttention(nn.Module):
     ctx = attention(q_BxTxNxD, k_BxSxNxD.astype(dt), v_BxSxNxD.astype(dt),
                     impl=self.cfg.attention_impl, is_causal=is_causal,
                     kv_lengths_B=kv_lengths_B, mask=mask)
-    return self.residual(x_BxTxH, ctx, deterministic)
-
-  def residual(self, x_BxTxH: Array, ctx_BxTxNxD: Array, deterministic: bool) -> Array:
-    out = self.dropout(self.dense(ctx_BxTxNxD), deterministic=deterministic)
+    out = self.dropout(self.dense(ctx), deterministic=deterministic)
     y = x_BxTxH + out if self.cfg.pre_norm else self.LayerNorm(x_BxTxH + out)
     return constrain(y, ("batch", "length", "act_embed"))
 
 
 class AlbertFFN(nn.Module):
-  """ALBERT's FFN with post-LayerNorm residual: LN(x + W2 act(W1 x)); pre-norm:
-  x + W2 act(W1 LN(x))."""
+  """ALBERT's FFN block: LN(x + W2 act(W1 x)), or pre-norm x + W2 act(W1 LN(x))."""
   cfg: ModelConfig
 
   def setup(self):
