@@ -1,18 +1,9 @@
 """CodeModel: an ALBERT encoder for descriptions and code, and an ALBERT-style decoder for code.
 
-Parameter tree (one shared block per stack, so the parameter count does not depend on depth):
-
-  shared_embedding/          word, position, token type, LayerNorm, E->H projection (tied logits)
-  encoder/albert_layer_groups_{g}/albert_layers_{k}/{attention,ffn}   (HF ALBERT layout)
-  encoder/{pooler,align_head}
-  decoder/{self_attention,cross_attention,ffn}   self_attention/ffn absent when shared with
-                                                 the encoder (share_encoder_decoder_block)
-  {encoder,decoder}/final_layer_norm             only with norm_position="pre"
-  decoder/logits_bias, decoder/decoder_embedding (only when share_embedding=False)
-  decoder/copy_head/                             the pointer over the input (copy_head=True)
-
-Depth is an `nn.scan` over the shared block (parameters broadcast), so compile time is flat
-in depth; `remat` rematerialises the block in the backward pass.
+Parameters: shared_embedding/, encoder/albert_layer_groups_{g}/albert_layers_{k}/ (HF ALBERT
+layout), encoder/{pooler,align_head}, decoder/{self_attention,ffn (unless shared with the
+encoder),cross_attention,logits_bias,copy_head}. Each stack applies its shared block `depth` times
+as an `nn.scan` (compile time flat in depth) or a loop; `remat` rematerialises it.
 """
 from __future__ import annotations
 
@@ -48,23 +39,13 @@ class DecodeCache(NamedTuple):
   cross_v_BxMxNxD: Array
   memory_lengths_B: Array
   index: Array            # scalar int32: the position the next token is written at
-  # Beam search (`init_cache(beam_index=True)`): row (b, k) reads position s from beam
-  # src[b, k, s] of its description, the beam that wrote it; the cache never moves. None
-  # (greedy, sampling): every row reads its own.
+  # Beam search: row (b, k) reads position s from beam src[b, k, s], the beam that wrote it
+  # (the cache never moves); None: every row reads its own.
   beam_src_BxKxS: Array | None = None
-  # The copy head's keys and the context's ids (copy_head=True), computed once like cross_k,
-  # and the pointer's scores of the last steps (copy_head.HISTORY), per row like the tokens.
+  # With copy_head: its keys and the context's ids (once), and its last steps' scores.
   copy_keys_BxCxD: Array | None = None
   copy_ids_BxC: Array | None = None
   copy_history_BxLxC: Array | None = None
-
-
-def _remat(module_cls, cfg: ModelConfig):
-  if cfg.remat == "none":
-    return module_cls
-  policy = (jax.checkpoint_policies.nothing_saveable if cfg.remat == "full"
-            else jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)
-  return nn.remat(module_cls, policy=policy, prevent_cse=not cfg.scan_layers)
 
 
 class _Unrolled(nn.Module):
@@ -84,9 +65,11 @@ class _Unrolled(nn.Module):
 
 
 def _repeat(body_cls, cfg: ModelConfig, length: int, in_axes: tuple, **attrs) -> nn.Module:
-  """A module applying `body_cls(**attrs)` `length` times: a scan (compile time flat in depth)
-  or a Python loop. The body owns no parameters: it calls shared modules passed in."""
-  body_cls = _remat(body_cls, cfg)
+  """`body_cls(**attrs)` `length` times (scan or loop); the body calls shared modules."""
+  if cfg.remat != "none":
+    policy = (jax.checkpoint_policies.nothing_saveable if cfg.remat == "full"
+              else jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)
+    body_cls = nn.remat(body_cls, policy=policy, prevent_cse=not cfg.scan_layers)
   if cfg.scan_layers:
     return nn.scan(body_cls, variable_broadcast="params", split_rngs={"params": False,
                    "dropout": True}, in_axes=in_axes, length=length)(**attrs)
@@ -124,15 +107,14 @@ class AlbertEncoder(nn.Module):
       self.final_layer_norm = layers.layer_norm(cfg, "embed", "final_layer_norm")
     repeats = cfg.num_hidden_layers // cfg.num_hidden_groups
     # One stack per group and dropout mode (stacks hold no parameters of their own).
-    self.stacks = [[_repeat(_GroupBody, cfg, repeats, (nn.broadcast, nn.broadcast), group=group,
+    self.stacks = [[_repeat(_GroupBody, cfg, repeats, (nn.broadcast,) * 2, group=group,
                             deterministic=det) for det in (True, False)]
                    for group in self.albert_layer_groups]
 
   def __call__(self, x_BxLxH: Array, mask_BxL: Array, *, deterministic: bool = True,
                attention_mask: Array | None = None) -> EncoderOutput:
     cfg = self.cfg
-    # Right padding (what our data makes) is passed as lengths, which cuDNN handles natively;
-    # an arbitrary mask (HF parity tests) goes through `attention_mask`.
+    # Right padding goes as lengths (cuDNN takes them); any other mask as `attention_mask`.
     lengths = None if attention_mask is not None else mask_BxL.sum(-1)
     mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
     embedded_BxLxH = x_BxLxH
@@ -146,8 +128,7 @@ class AlbertEncoder(nn.Module):
       if self.is_initializing():   # the pooler exists either way (HF export, pooling switches)
         self.pooler(x_BxLxH[:, 0])
       w = mask_BxL[..., None].astype(x_BxLxH.dtype)
-      # "first_last": the mean of the embedded input and of the last states, a direct lexical
-      # path next to the contextual one (BERT-flow's first-last average).
+      # "first_last": the mean of the embedded input and the last states (BERT-flow's).
       h = x_BxLxH if cfg.pooling == "mean" else 0.5 * (x_BxLxH + embedded_BxLxH)
       pooled = (h * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
     vec = self.align_head(pooled).astype(jnp.float32)
@@ -158,14 +139,9 @@ class AlbertEncoder(nn.Module):
 class _DecoderBody(nn.Module):
   """One application of the shared decoder block: causal self-attn, cross-attn, FFN.
 
-  mode "train": full sequences, causal mask. mode "decode": the carry is (x, cache_k, cache_v,
-  layer) with the whole [L, B, S, N, D] cache in it, so the new tokens' keys/values at `index`
-  are written in place (a scanned cache would be copied whole every step); queries attend to
-  positions <= their own among the first `attend_len` (a static int <= S; None: all S) of the
-  cache, so a decoding phase that knows `index < attend_len` reads only that much of it.
-  Beams read each position from the beam that wrote it (`beam_src`). With
-  `decode_attention="layer"` (and "auto" on a GPU) `AlbertDecoder.step` runs the one-token
-  stack as model/fused_decode.py's kernels instead of this body.
+  mode "decode": the carry holds the whole [L, B, S, N, D] cache, so the new keys/values are
+  written in place at `index` (a scanned cache would be copied every step); queries read only
+  the first `attend_len` (static; None: all) positions, each from the beam that wrote it.
   """
   self_attention: nn.Module
   cross_attention: nn.Module
@@ -177,7 +153,6 @@ class _DecoderBody(nn.Module):
     det = self.deterministic
     if self.mode == "train":
       x = self.self_attention(x, is_causal=True, deterministic=det)
-      x = self.cross_attention(x, cross_kv, kv_lengths_B=memory_lengths, deterministic=det)
     else:
       (x, cache_k, cache_v, layer), (index, attend_len, beam_src) = x, decode_args
       q, k, v = self.self_attention.qkv(x)
@@ -191,16 +166,14 @@ class _DecoderBody(nn.Module):
       if beam_src is not None:
         keys, values = (_read_beams(c, beam_src[:, :, :s]) for c in (keys, values))
       x = self.self_attention.attend(x, q, keys, values, mask=mask, deterministic=det)
-      x = self.cross_attention(x, cross_kv, kv_lengths_B=memory_lengths, deterministic=det)
+    x = self.cross_attention(x, cross_kv, kv_lengths_B=memory_lengths, deterministic=det)
     x = self.ffn(x, deterministic=det)
-    if self.mode == "train":
-      return x, None
-    return (x, cache_k, cache_v, layer + 1), None
+    carry = x if self.mode == "train" else (x, cache_k, cache_v, layer + 1)
+    return carry, None
 
 
 def _read_beams(cache_NxSxHxD: Array, src_BxKxS: Array) -> Array:
-  """Row (b, k) at position s reads beam src[b, k, s] of description b: a gather batched over
-  descriptions (local to each shard), read-only, which XLA can fuse into the attention."""
+  """Row (b, k) at position s reads beam src[b, k, s] of description b (a fusable gather)."""
   b, k, s = src_BxKxS.shape
   c = cache_NxSxHxD.reshape(b, k, *cache_NxSxHxD.shape[1:])
   c = jnp.take_along_axis(c, src_BxKxS[:, :, :, None, None], axis=1)
@@ -221,9 +194,8 @@ class AlbertDecoder(nn.Module):
     self.cross_attention = layers.AlbertAttention(cfg)
     sa, ffn = self._blocks()
     blocks = dict(self_attention=sa, cross_attention=self.cross_attention, ffn=ffn)
-    self.train_stacks = [_repeat(_DecoderBody, cfg, cfg.decoder_layers,
-                                 (nn.broadcast, nn.broadcast), deterministic=det, **blocks)
-                         for det in (True, False)]
+    self.train_stacks = [_repeat(_DecoderBody, cfg, cfg.decoder_layers, (nn.broadcast,) * 2,
+                                 deterministic=det, **blocks) for det in (True, False)]
     self.decode_stack = _repeat(_DecoderBody, cfg, cfg.decoder_layers,
                                 (nn.broadcast,) * 5, deterministic=True, mode="decode",
                                 **blocks)
@@ -238,9 +210,8 @@ class AlbertDecoder(nn.Module):
     return self.final_layer_norm(x_BxTxH) if self.cfg.pre_norm else x_BxTxH
 
   def _blocks(self):
-    if self.shared_layer is None:
-      return self.self_attention, self.ffn
-    return self.shared_layer.attention, self.shared_layer.ffn
+    shared = self.shared_layer
+    return (self.self_attention, self.ffn) if shared is None else (shared.attention, shared.ffn)
 
   def memory_kv(self, memory_BxMxH: Array) -> tuple[Array, Array]:
     """Cross-attention keys/values: computed once, reused by every layer and decoding step."""
@@ -260,15 +231,13 @@ class AlbertDecoder(nn.Module):
 
   def copy(self, h_BxTxH: Array, dec_in_BxT: Array, keys_BxCxD: Array, ids_BxC: Array,
            history_BxLxC: Array | None = None) -> tuple[copy_lib.CopyTerms, Array]:
-    """The copy head at each position of `h` (the final states after reading `dec_in`), and its
-    score history after the last (`copy_head.CopyHead`)."""
+    """The copy head at each position of `h` (after reading `dec_in`), and its score history."""
     return self.copy_head(h_BxTxH, self.embedding.words(dec_in_BxT), keys_BxCxD, ids_BxC,
                           history_BxLxC)
 
   def output(self, h_BxTxH: Array, dec_in_BxT: Array, cache_or_enc) -> tuple[Array, Any]:
-    """What a decoding step returns: the logits, or with the copy head the log-probabilities of
-    the mixture (which every decoding strategy reads as logits: log_softmax leaves them); and
-    the copy head's score history after the last position (None without the head)."""
+    """The logits, or with the copy head the mixture's log-probabilities (read as logits:
+    log_softmax leaves them); and the copy head's score history (None without it)."""
     logits = self.logits(h_BxTxH)
     if not self.cfg.copy_head:
       return logits, None
@@ -282,12 +251,8 @@ class AlbertDecoder(nn.Module):
 
   def step(self, ids_BxT: Array, cache: DecodeCache,
            attend_len: int | None = None) -> tuple[Array, DecodeCache]:
-    """Incremental decoding: logits for `ids_BxT` at positions cache.index.. and the new cache.
-
-    `attend_len` (static): the new tokens attend only to the first `attend_len` cache positions,
-    which must hold them (cache.index + T <= attend_len; the caller knows this statically, e.g.
-    in a decoding phase); None: the whole cache.
-    """
+    """Logits for `ids_BxT` at positions cache.index.. and the new cache. `attend_len` (static,
+    >= cache.index + T): attend only to that many cache positions; None: all."""
     x = self.embedding(ids_BxT, cache.index)
     src = cache.beam_src_BxKxS
     if src is not None:   # the new tokens are written to (and read from) each beam's own row
@@ -302,9 +267,8 @@ class AlbertDecoder(nn.Module):
           carry, (cache.cross_k_BxMxNxD, cache.cross_v_BxMxNxD), cache.memory_lengths_B,
           cache.index, attend_len, src)
     out, history = self.output(self._final(x), ids_BxT, cache)
-    new = cache._replace(k_LxBxSxNxD=k, v_LxBxSxNxD=v, index=cache.index + ids_BxT.shape[1],
-                         beam_src_BxKxS=src, copy_history_BxLxC=history)
-    return out, new
+    return out, cache._replace(k_LxBxSxNxD=k, v_LxBxSxNxD=v, beam_src_BxKxS=src,
+                               index=cache.index + ids_BxT.shape[1], copy_history_BxLxC=history)
 
   def _layer_kernels(self, x_Bx1xH: Array, cache: DecodeCache, attend_len: int | None,
                      src: Array | None) -> tuple[Array, Array, Array]:
@@ -314,8 +278,7 @@ class AlbertDecoder(nn.Module):
     w = fused_decode.layer_weights(*(nn.meta.unbox(m.variables["params"])
                                      for m in (sa, self.cross_attention, ffn)))
     b, k, v = x_Bx1xH.shape[0], cache.k_LxBxSxNxD, cache.v_LxBxSxNxD
-    pad = -b % fused_decode.rows_block(b)
-    x = jnp.pad(x_Bx1xH[:, 0], ((0, pad), (0, 0)))
+    x = jnp.pad(x_Bx1xH[:, 0], ((0, -b % fused_decode.rows_block(b)), (0, 0)))
     x_ln = sa.LayerNorm(x) if cfg.pre_norm else x
     for layer in range(cfg.decoder_layers):
       at = fused_decode.DecodeAt(k, v, jnp.int32(layer), cache.index,
@@ -329,21 +292,18 @@ class AlbertDecoder(nn.Module):
 
 
 class CodeModel(nn.Module):
-  """Encoder + decoder. `__call__` is the training forward pass; `encode`, `init_cache` and
-  `decode_step` serve inference (call them with `model.apply(..., method=...)`)."""
+  """Encoder + decoder: `__call__` trains; `encode`, `init_cache`, `decode_step` infer."""
   cfg: ModelConfig
 
   def setup(self):
     cfg = self.cfg
     self.shared_embedding = layers.FactorizedEmbedding(cfg)
     self.encoder = AlbertEncoder(cfg)
-    shared_layer = None
-    if cfg.share_encoder_decoder_block:
-      shared_layer = self.encoder.albert_layer_groups[0].albert_layers[0]
-    dec_emb = self.shared_embedding
+    shared_layer = (self.encoder.albert_layer_groups[0].albert_layers[0]
+                    if cfg.share_encoder_decoder_block else None)
     if not cfg.share_embedding:
       self.decoder_embedding = layers.FactorizedEmbedding(cfg)
-      dec_emb = self.decoder_embedding
+    dec_emb = self.shared_embedding if cfg.share_embedding else self.decoder_embedding
     self.decoder = AlbertDecoder(cfg, embedding=dec_emb, shared_layer=shared_layer)
 
   def encode(self, ids_BxL: Array, *, deterministic: bool = True,
@@ -359,8 +319,7 @@ class CodeModel(nn.Module):
 
   def _memory(self, enc: EncoderOutput) -> tuple[Array, Array]:
     if self.cfg.decoder_memory == "vector":
-      b = enc.pooled_BxH.shape[0]
-      return enc.pooled_BxH[:, None, :], jnp.ones((b,), jnp.int32)
+      return enc.pooled_BxH[:, None, :], jnp.ones(enc.pooled_BxH.shape[:1], jnp.int32)
     states = enc.states_BxLxH
     if self.cfg.memory_embeddings:
       states = 0.5 * (states + enc.embedded_BxLxH.astype(states.dtype))
@@ -378,14 +337,9 @@ class CodeModel(nn.Module):
   def __call__(self, desc_ids_BxL: Array, code_ids_BxT: Array, *, deterministic: bool = True,
                encode_code: bool = True, decode: bool = True,
                ctx_ids_BxC: Array | None = None) -> dict[str, Any]:
-    """Training forward pass. `code_ids` are targets (code tokens, EOS, padding).
-
-    Returns the description's EncoderOutput ("desc"), the decoder's last hidden states
-    ("hidden"; logits come from `logits` or the chunked loss), the copy head's
-    `copy_head.CopyTerms` ("copy", with copy_head) and the code's EncoderOutput ("code").
-    With `ctx_ids` (retrieval: description + neighbours' code), the decoder attends to their
-    encoding instead of the description's; alignment still reads the description alone.
-    """
+    """Training forward pass over targets `code_ids`: EncoderOutputs "desc" and "code", the
+    decoder's last states "hidden" and the copy head's CopyTerms "copy". With `ctx_ids`
+    (retrieval) the decoder attends to their encoding instead of the description's."""
     enc_d = self.encode(desc_ids_BxL, deterministic=deterministic)
     out = {"desc": enc_d}
     if decode or self.is_initializing():
@@ -397,26 +351,23 @@ class CodeModel(nn.Module):
         out["copy"], _ = self.decoder.copy(out["hidden"], dec_in, self.decoder.copy_keys(memory),
                                            memory.ids_BxL)
     if encode_code or self.is_initializing():
-      # [CLS] + code, kept at length T (the EOS slot holds [CLS]): T+1 would break cuDNN's
-      # flash attention (lengths must tile) and cost a 257th position. EOS is read as padding,
-      # so rows that end in EOS are padding-invariant (EOS is dropped by the shift only in a
-      # full row); a row truncated without EOS loses its last token here.
+      # [CLS] + code kept at length T (T+1 would not tile for cuDNN); EOS is read as padding,
+      # so a row truncated without EOS loses its last token here.
       out["code"] = self.encode(code_encoder_input(code_ids_BxT), deterministic=deterministic)
     return out
 
   def init_cache(self, enc: EncoderOutput, max_len: int, batch_repeat: int = 1,
                  beam_index: bool = False) -> DecodeCache:
-    """A zeroed KV cache for `max_len` tokens, and the cross-attention KV of `enc`.
-
-    `batch_repeat` tiles each description (beams, samples) next to itself. `beam_index` (beam
-    search): the cache stays in place and only `beam_src_BxKxS` (which beam wrote each
-    position) is reordered with the beams; attention reads each position from that beam.
-    """
+    """A zeroed KV cache for `max_len` tokens and the cross-attention KV of `enc`, each row
+    repeated `batch_repeat` times; `beam_index` adds `beam_src_BxKxS`."""
     cfg = self.cfg
     memory, lengths = self._memory(enc)
-    ck, cv = self.decoder.memory_kv(memory)
+    rows = [*self.decoder.memory_kv(memory), lengths]
+    if cfg.copy_head:
+      rows += [self.decoder.copy_keys(enc).astype(cfg.compute_dtype), enc.ids_BxL]
     if batch_repeat > 1:
-      ck, cv, lengths = (jnp.repeat(t, batch_repeat, axis=0) for t in (ck, cv, lengths))
+      rows = [jnp.repeat(t, batch_repeat, axis=0) for t in rows]
+    (ck, cv, lengths), (copy_keys, copy_ids) = rows[:3], rows[3:] or (None, None)
     b, cache_len = ck.shape[0], max_len
     if cfg.decode_layer_kernels:   # Triton tiles: powers of two, the padding masked
       cache_len = fused_decode.pow2(max_len)
@@ -424,14 +375,9 @@ class CodeModel(nn.Module):
       ck, cv = jnp.pad(ck, pad), jnp.pad(cv, pad)
     shape = (cfg.decoder_layers, b, cache_len, cfg.num_attention_heads, cfg.head_dim)
     zeros = jnp.zeros(shape, cfg.compute_dtype)
-    src = None
-    if beam_index:
-      src = jnp.zeros((b // batch_repeat, batch_repeat, cache_len), jnp.int32)
-    copy_keys = copy_ids = history = None
+    src = jnp.zeros((b // batch_repeat, batch_repeat, cache_len), jnp.int32) if beam_index else None
+    history = None
     if cfg.copy_head:
-      copy_keys, copy_ids = self.decoder.copy_keys(enc).astype(cfg.compute_dtype), enc.ids_BxL
-      if batch_repeat > 1:
-        copy_keys, copy_ids = (jnp.repeat(t, batch_repeat, axis=0) for t in (copy_keys, copy_ids))
       history = jnp.zeros((b, copy_lib.HISTORY, copy_ids.shape[1]), jnp.float32)
     return DecodeCache(zeros, zeros, ck, cv, lengths, jnp.zeros((), jnp.int32), src, copy_keys,
                        copy_ids, history)
@@ -441,15 +387,13 @@ class CodeModel(nn.Module):
     return self.decoder.step(ids_BxT, cache, attend_len)
 
   def decode_logits(self, enc: EncoderOutput, dec_in_BxT: Array) -> Array:
-    """Teacher-forced logits, or with the copy head the mixture's log-probabilities: what
-    `decode_step` returns position by position (the reference for the cached path)."""
+    """Teacher-forced `decode_step` outputs (the reference for the cached path)."""
     return self.decoder.output(self.decoder_hidden(enc, dec_in_BxT), dec_in_BxT, enc)[0]
 
 
 def shift_right(ids_BxT: Array, first_id: int) -> Array:
   """[a, b, c] -> [first, a, b]: decoder inputs from targets, [CLS]-led code for the encoder."""
-  first = jnp.full_like(ids_BxT[:, :1], first_id)
-  return jnp.concatenate([first, ids_BxT[:, :-1]], axis=1)
+  return jnp.concatenate([jnp.full_like(ids_BxT[:, :1], first_id), ids_BxT[:, :-1]], axis=1)
 
 
 def context_token_types(ids_BxL: Array) -> Array:
@@ -459,8 +403,7 @@ def context_token_types(ids_BxL: Array) -> Array:
 
 
 def code_encoder_input(code_ids_BxT: Array) -> Array:
-  """What the encoder reads for code targets: [CLS] + code at length T, EOS read as padding
-  (see `CodeModel.__call__`)."""
+  """What the encoder reads for code targets: [CLS] + code at length T, EOS as padding."""
   return shift_right(jnp.where(code_ids_BxT == EOS_ID, PAD_ID, code_ids_BxT), CLS_ID)
 
 
@@ -470,8 +413,7 @@ def build(config) -> tuple[CodeModel, ModelConfig]:
 
 
 def check_params(model: CodeModel, params) -> None:
-  """A ValueError in one sentence when `params` (a checkpoint's) lack a module `model`'s config
-  builds or hold one it does not: the copy head above all (config.model.copy_head)."""
+  """A one-sentence ValueError when `params` and the modules `model` builds differ."""
   ids = jnp.zeros((1, 4), jnp.int32)
   want = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), ids, ids)["params"])
   have = params.get("params", params) if hasattr(params, "get") else params

@@ -1,9 +1,6 @@
-"""A training checkpoint, read only: its path resolved, its files checked against its manifest,
-its config (upgraded to today's fields) and its model parameters on one device.
-
-Below training and inference, so that both read checkpoints through one reader: training to warm
-start from another run, inference and export to load a model. Writing, resuming and integrity on
-save are training/checkpoint.py's.
+"""A training checkpoint, read only (training, inference and export share this reader): its
+path resolved, its files checked, its config upgraded, its model parameters on one device.
+Writing and resuming are training/checkpoint.py's.
 """
 from __future__ import annotations
 
@@ -31,8 +28,7 @@ class CheckpointError(RuntimeError):
 
 
 def verify_step(path: epath.Path) -> str | None:
-  """None if the files of step directory `path` match its manifest or it has none; else which
-  file is missing, truncated or altered."""
+  """None if step directory `path` matches its manifest (or has none), else what is wrong."""
   manifest = path / MANIFEST
   if not manifest.exists():
     return None
@@ -49,8 +45,7 @@ def verify_step(path: epath.Path) -> str | None:
 
 
 def resolve(path: str) -> tuple[epath.Path, int]:
-  """A training workdir (-> its latest checkpoint) or one checkpoint step directory, as an
-  absolute path (orbax refuses relative ones; `runs/small` means the one under this directory)."""
+  """(absolute directory, step) of a workdir's latest checkpoint or of a step directory."""
   path = os.path.expanduser(os.fspath(path))
   p = epath.Path(path if "://" in path else os.path.abspath(path))
   if not p.exists():
@@ -72,8 +67,7 @@ def resolve(path: str) -> tuple[epath.Path, int]:
 
 @contextlib.contextmanager
 def quiet_orbax():
-  """Without orbax's warnings about reading a checkpoint read-only and restoring only some of
-  its items (absl WARNING lines a reader can do nothing about); its errors still show."""
+  """Without orbax's absl warnings about read-only, partial restores; its errors still show."""
   def drop(record: logging.LogRecord) -> bool:
     return record.levelno > logging.WARNING
   absl = logging.getLogger("absl")
@@ -84,41 +78,41 @@ def quiet_orbax():
     absl.removeFilter(drop)
 
 
+def _manager(directory: epath.Path) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_names=("state", "data", "config"))
+
+
+def _saved_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+      manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+
+
+@quiet_orbax()
 def read_config(path: str) -> ml_collections.ConfigDict:
-  """The config saved with the checkpoint `path` names (a workdir or a step directory), without
-  reading its parameters: what a command checks its flags against before loading a model."""
+  """The config saved with checkpoint `path`, without reading its parameters."""
   directory, step = resolve(path)
-  with quiet_orbax():
-    manager = ocp.CheckpointManager(directory,
-                                    options=ocp.CheckpointManagerOptions(read_only=True),
-                                    item_names=("state", "data", "config"))
-    try:
-      return config_lib.upgrade(ml_collections.ConfigDict(manager.restore(
-          step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]))[0]
-    except Exception as e:
-      raise CheckpointError(f"Checkpoint {directory / str(step)} has no readable config "
-                            f"({type(e).__name__}); pass another checkpoint.") from e
-    finally:
-      manager.close()
+  manager = _manager(directory)
+  try:
+    return config_lib.upgrade(_saved_config(manager, step))[0]
+  except Exception as e:
+    raise CheckpointError(f"Checkpoint {directory / str(step)} has no readable config "
+                          f"({type(e).__name__}); pass another checkpoint.") from e
+  finally:
+    manager.close()
 
 
+@quiet_orbax()
 def load_for_inference(path: str) -> tuple[ml_collections.ConfigDict, Any, int]:
   """(config, model params, step) from a workdir or checkpoint dir, on the default device."""
-  with quiet_orbax():
-    return _load_for_inference(path)
-
-
-def _load_for_inference(path: str) -> tuple[ml_collections.ConfigDict, Any, int]:
   directory, step = resolve(path)
   problem = verify_step(directory / str(step))
   if problem:
     raise CheckpointError(f"Checkpoint {directory / str(step)} is corrupt ({problem}); pass an "
                           "earlier step directory.")
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_names=("state", "data", "config"))
+  manager = _manager(directory)
   try:
-    config = ml_collections.ConfigDict(
-        manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+    config = _saved_config(manager, step)
     meta = manager.item_metadata(step)["state"]
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),

@@ -1,31 +1,14 @@
 """The copy head: a pointer from each decoder position over the encoder's input tokens.
 
-Pointer-generator (See et al. 2017): at position t the output distribution is
-
-  p(y) = p_gen * softmax(logits)[y] + (1 - p_gen) * sum_j a_j [ctx_j == y]
-
-where a is one attention of the decoder's final state over the context (the description, and
-with retrieval the neighbours' code) and p_gen = sigmoid(gate). The keys keep each context
-token's identity whatever the encoder's states do: they add projections of the word vectors of
-the token and of the one before it to the token's state. The query adds the word vector of the
-token the decoder has just read, through the same projection as the previous token's key
-(`match`, a Gram kernel that scores a token against itself highest), initialised so that at
-the first step a context position whose previous token is the one just read already scores
-about sqrt(D) above the others: "copy the token after the one I just wrote", the induction
-pattern a plain cross-attention has to discover, is there from the start. Word vectors are
-scaled to unit RMS first, so a rare identifier matches as sharply as a frequent keyword.
-
-Code repeats tokens ("self", ".", "(", indentation), so one token of history points at many
-places. The score of context position j at step t therefore also adds the scores the previous
-`HISTORY` steps gave the positions before j, weighted by learned scalars:
-s[t, j] = b[t, j] + sum_l w_l b[t - l, j - l]: a run of matches (an n-gram) outscores one
-match, and the pointer follows the copied span. Training computes it from the whole score
-matrix (a shifted diagonal); decoding keeps the last steps' scores in the cache.
-
-Special tokens (PAD, UNK, BOS, [CLS], [SEP]) are never copied as themselves; a row with nothing
-to copy puts all its mass on the vocabulary (p_gen = 1). The [SEP] that ends a neighbour (every
-[SEP] after the description's) copies as EOS: a copy that reaches the end of the function it
-follows ends the output there, as the generator would have to learn to do alone.
+Pointer-generator (See et al. 2017): p(y) = p_gen softmax(logits)[y] + (1 - p_gen) sum_j a_j
+[ctx_j == y], where a is an attention of the decoder's final state over the context, p_gen =
+sigmoid(gate). Keys add projections of the unit-RMS word vectors of the token and the one
+before it to the token's state; the query adds the word vector of the token just read through
+the previous token's projection (`match`), so "copy the token after the one I just wrote" (the
+induction pattern) scores highest from the start. The score of position j at step t also adds
+learned multiples of the previous `HISTORY` steps' scores at j - l, so a run of matches
+outscores one. Special tokens are never copied as themselves; a row with nothing to copy has
+p_gen = 1; each [SEP] after the description's (a neighbour's end) copies as EOS.
 """
 from __future__ import annotations
 
@@ -54,19 +37,14 @@ class CopyTerms(NamedTuple):
 
 
 def copy_ids(ids_BxC: Array) -> Array:
-  """The token each context position copies as: its own id, but EOS for the [SEP] that ends a
-  neighbour (each [SEP] after the first)."""
+  """The token each context position copies as: EOS for each [SEP] after the first."""
   sep = ids_BxC == SEP_ID
-  after_first = jnp.cumsum(sep, axis=-1) > 1
-  return jnp.where(sep & after_first, EOS_ID, ids_BxC)
+  return jnp.where(sep & (jnp.cumsum(sep, axis=-1) > 1), EOS_ID, ids_BxC)
 
 
 def copyable(ids_BxC: Array) -> Array:
   """True at context tokens the head may copy."""
-  out = jnp.ones(ids_BxC.shape, bool)
-  for i in NOT_COPIED:
-    out &= ids_BxC != i
-  return out
+  return ~jnp.isin(ids_BxC, jnp.array(NOT_COPIED, ids_BxC.dtype))
 
 
 def unit_rms(x: Array) -> Array:
@@ -103,9 +81,8 @@ class CopyHead(nn.Module):
 
   def __call__(self, h_BxTxH: Array, words_BxTxE: Array, keys_BxCxD: Array, ids_BxC: Array,
                history_BxLxC: Array | None = None) -> tuple[CopyTerms, Array]:
-    """`h`: the decoder's final states; `words`: word vectors of the tokens it read there;
-    `history`: the raw scores of the HISTORY steps before the first of them (None: the start,
-    zeros). Returns the copy terms and the history after the last of them."""
+    """`words`: the word vectors of the tokens read at `h`; `history`: the raw scores of the
+    HISTORY steps before (None: zeros). Returns the copy terms and the history after."""
     q = self.query(h_BxTxH) + self.match(unit_rms(words_BxTxE))
     q = layers.constrain(q, ("batch", "length", "act_mlp"))
     raw = jnp.einsum("btd,bcd->btc", q, keys_BxCxD.astype(q.dtype),
@@ -114,11 +91,10 @@ class CopyHead(nn.Module):
     if history_BxLxC is None:
       history_BxLxC = jnp.zeros((b, HISTORY, c), jnp.float32)
     full = jnp.concatenate([history_BxLxC, raw], axis=1)
-    weights = self.history_weights
     scores = raw
     for lag in range(1, HISTORY + 1):
       past = full[:, HISTORY - lag:HISTORY - lag + t, :c - lag]   # rows t - lag, columns j - lag
-      scores = scores + weights[lag - 1] * jnp.pad(past, ((0, 0), (0, 0), (lag, 0)))
+      scores = scores + self.history_weights[lag - 1] * jnp.pad(past, ((0, 0), (0, 0), (lag, 0)))
     ids_BxC = copy_ids(ids_BxC)
     ok_BxC = copyable(ids_BxC)
     any_B = (ok_BxC & (ids_BxC != EOS_ID)).any(-1)
@@ -131,8 +107,7 @@ class CopyHead(nn.Module):
 
 
 def mix_log_probs(logits_BxTxV: Array, copy: CopyTerms) -> Array:
-  """log p(y) of the whole mixture [B, T, V] in float32 (for decoding and teacher-forced
-  scoring; the training loss never builds it, see `losses.generation_row_sums`)."""
+  """log p(y) of the whole mixture [B, T, V] in float32 (decoding and scoring; not the loss)."""
   b, t, _ = logits_BxTxV.shape
   logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
   rows, cols = jnp.arange(b)[:, None, None], jnp.arange(t)[None, :, None]
@@ -142,8 +117,7 @@ def mix_log_probs(logits_BxTxV: Array, copy: CopyTerms) -> Array:
 
 
 def log_mixture(logp_vocab: Array, copy_mass: Array, gate: Array) -> Array:
-  """log(p_gen p_vocab + (1 - p_gen) copy_mass), p_gen = sigmoid(gate); an empty copy mass is
-  LOG_ZERO, not -inf, so gradients stay finite."""
+  """log(p_gen p_vocab + (1 - p_gen) copy_mass), p_gen = sigmoid(gate)."""
   log_mass = jnp.where(copy_mass > 0, jnp.log(jnp.where(copy_mass > 0, copy_mass, 1.0)),
                        LOG_ZERO)
   return jnp.logaddexp(jax.nn.log_sigmoid(gate) + logp_vocab,

@@ -1,31 +1,16 @@
 """The one-token decoder layer in twelve Pallas kernels (`model.decode_attention="layer"`, and
-"auto" on one GPU).
+"auto" on one GPU): XLA runs it as ~25 tiny kernels, so a step is bound by kernel count.
 
-XLA runs a one-token layer at 64 rows as ~25 kernels of a few microseconds each (split-K GEMMs
-and their reductions, LayerNorm as a reduction plus elementwise fusions, bias and residual adds,
-slices of Q|K|V, two cache writes), so a step is bound by kernel count, not bytes. Here:
-
-  Q|K|V partials = x Wqkv            -> self-attention: sums them, writes the new K/V, attends
-  partials = ctx Wo                  -> epilogue: r1 = LN(sum + bo + x)          (post-norm)
-  partials = r1 Wq                   -> cross-attention: sums them, attends over the memory
-  partials = ctx Wo'                 -> epilogue: r2 = LN(sum + bo' + r1)
-  partials = r2 W1                   -> epilogue: h = act(sum + b1)
-  partials = h W2                    -> epilogue: r3 = LN(sum + b2 + r2)
-
-`splitk_dot` splits K so that 64 rows still occupy the GPU (as XLA's own GEMMs do) and leaves
-the sum to its consumer; `epilogue` takes a whole row per program, so the residual block's
-LayerNorm costs no kernel of its own. Pre-norm (x + f(LN(x))) has the epilogues write both the
-stream and its next LayerNorm. Rows are padded to the row tile once per step (`rows_block`).
-
-The self-attention kernel reads the layer out of the whole [L, B, S, N, D] cache (the layer and
-the decode index are kernel inputs) and writes the new token's K/V into it, so no slice of the
-cache is copied; beams gather each position from the beam that wrote it, so the cache never
-moves. Triton tiles must be powers of two: the head size must be one, and
-`CodeModel.init_cache` pads the cache and the memory to one (the padding is masked out).
-On CPU the kernels run in Pallas' interpreter (tests).
+Each matmul is `splitk_dot` (K split so that 64 rows still occupy the GPU; the sum left to its
+consumer), then an `epilogue` (bias, activation, residual and LayerNorm in one kernel: a whole
+row per program) or an attention kernel that sums the Q partials itself. Self-attention reads
+its layer out of the whole [L, B, S, N, D] cache and writes the new K/V into it in place; beams
+gather each position from the beam that wrote it. Triton tiles are powers of two, so
+`CodeModel.init_cache` pads the cache and memory (masked). On CPU: Pallas' interpreter.
 """
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Callable, NamedTuple
 
@@ -48,8 +33,7 @@ def pow2(n: int) -> int:
 
 
 def backend(num_stages: int | None = None, num_warps: int | None = None) -> dict:
-  """pallas_call's arguments: Triton on a GPU (None: `_STAGES`, `_WARPS`), the interpreter
-  elsewhere."""
+  """pallas_call's arguments: Triton on a GPU, the interpreter elsewhere."""
   interpret = jax.default_backend() != "gpu"
   params = None
   if not interpret:   # Triton named explicitly: on GPU pallas_call may otherwise pick Mosaic GPU
@@ -64,23 +48,10 @@ class Norm(NamedTuple):
   bias: Array
 
 
-class LayerWeights(NamedTuple):
-  """The shared decoder block's parameters as 2-D matrices: Q|K|V stacked [H, 3H]."""
-  qkv_w: Array
-  qkv_b: Array
-  out_w: Array
-  out_b: Array
-  self_norm: Norm
-  cross_q_w: Array
-  cross_q_b: Array
-  cross_out_w: Array
-  cross_out_b: Array
-  cross_norm: Norm
-  ffn_w: Array
-  ffn_b: Array
-  ffn_out_w: Array
-  ffn_out_b: Array
-  ffn_norm: Norm
+# The shared decoder block's parameters: 2-D matrices (Q|K|V stacked [H, 3H]), biases, Norms.
+LayerWeights = collections.namedtuple("LayerWeights", (
+    "qkv_w qkv_b out_w out_b self_norm cross_q_w cross_q_b cross_out_w cross_out_b cross_norm "
+    "ffn_w ffn_b ffn_out_w ffn_out_b ffn_norm"))
 
 
 def layer_weights(self_p: dict, cross_p: dict, ffn_p: dict) -> LayerWeights:
@@ -103,14 +74,11 @@ def layer_weights(self_p: dict, cross_p: dict, ffn_p: dict) -> LayerWeights:
       ffn_p["ffn_output"]["bias"], norm(ffn_p["full_layer_layer_norm"]))
 
 
-def _block(n: int, cap: int, what: str) -> int:
-  """The largest power of two <= cap dividing n (Triton tiles); at least 16 (tensor cores)."""
+def _block(n: int, cap: int) -> int:
+  """The largest power of two <= cap dividing n, at least 16 (n is one: `layer_kernels_fit`)."""
   b = cap
   while b > 16 and n % b:
     b //= 2
-  if n % b:
-    raise ValueError(f"decode_attention='layer' needs {what} to be a multiple of 16 (got {n}); "
-                     "use decode_attention='xla' for this model.")
   return b
 
 
@@ -132,20 +100,16 @@ def _splitk_kernel(x_ref, w_ref, o_ref, *, bm: int, bn: int, bk: int, steps: int
 
 
 def splitk_dot(x_MxK: Array, w_KxN: Array, *, dtype, min_programs: int | None = None) -> Array:
-  """x @ w as float32 partial sums over S slices of K, [S, M, N] (sum them for the product):
-  at 64 rows the output alone has too few tiles to occupy the GPU (XLA splits K likewise).
-  S is the fewest (a power of two: Triton tiles) that gives `min_programs` (default
-  `MIN_PROGRAMS`) programs. M must be a multiple of `rows_block(M)`."""
+  """x @ w as float32 partial sums over S slices of K, [S, M, N]: S is the fewest power of two
+  giving `min_programs` (default `MIN_PROGRAMS`) programs. M: a multiple of `rows_block(M)`."""
   (m, k), n = x_MxK.shape, w_KxN.shape[1]
   bm = rows_block(m)
-  if m % bm:
-    raise ValueError(f"splitk_dot needs the rows ({m}) padded to a multiple of {bm}.")
-  bn = _block(n, 64, "the hidden and FFN sizes")
+  bn = _block(n, 64)
   tiles, splits = (m // bm) * (n // bn), 1
   min_programs = MIN_PROGRAMS if min_programs is None else min_programs
   while tiles * splits < min_programs and k % (4 * splits) == 0 and (k // (2 * splits)) % 16 == 0:
     splits *= 2
-  bk = _block(k // splits, 128, "the hidden and FFN sizes")
+  bk = _block(k // splits, 128)
   precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
   kernel = functools.partial(_splitk_kernel, bm=bm, bn=bn, bk=bk, steps=k // splits // bk,
                              dtype=dtype, precision=precision)
@@ -172,8 +136,7 @@ def _epilogue_kernel(*refs, cw: int, eps: float, act, residual: bool, norm: bool
   norm_refs = (rest.pop(0), rest.pop(0)) if norm else None
   outs = rest
   row = pl.program_id(0)
-  # Without a LayerNorm each program takes one chunk of the row (more programs); with one,
-  # the whole row.
+  # Without a LayerNorm each program takes one chunk of the row (more programs).
   first = 0 if norm else pl.program_id(1)
   chunks = []
   for i in range(b_ref.shape[0] // cw if norm else 1):
@@ -197,11 +160,9 @@ def _epilogue_kernel(*refs, cw: int, eps: float, act, residual: bool, norm: bool
 def epilogue(partials_SxMxN: Array, b_N: Array, *, dtype, eps: float = 0.0,
              act: Callable | None = None, residual: Array | None = None,
              norm: Norm | None = None, raw: bool = True) -> list[Array]:
-  """y = act(sum of the partial products + b) + residual: [y] and/or [LN(y)] (`raw`, `norm`),
-  in `dtype`. With `norm` a program takes a whole row, so the LayerNorm of a residual block
-  costs no kernel of its own; without, a chunk of a row."""
+  """y = act(sum of the partials + b) + residual, as [y] and/or [LN(y)] (`raw`, `norm`)."""
   _, m, n = partials_SxMxN.shape
-  cw = _block(n, 256, "the hidden and FFN sizes")
+  cw = _block(n, 256)
   args = [partials_SxMxN, b_N]
   if residual is not None:
     args.append(residual)
@@ -216,10 +177,6 @@ def epilogue(partials_SxMxN: Array, b_N: Array, *, dtype, eps: float = 0.0,
                         **backend(1, num_warps=EPILOGUE_WARPS))(*args)
 
 
-# ---------------------------------------------------------------------------------------------
-# Attention over the cache and the memory.
-
-
 def _softmax_weighted_sum(q_D, k_PxD, v_PxD, valid_P, scale: float):
   q = q_D.astype(jnp.float32)
   logits = jnp.sum(k_PxD.astype(jnp.float32) * q[None, :], axis=1) * scale
@@ -230,29 +187,23 @@ def _softmax_weighted_sum(q_D, k_PxD, v_PxD, valid_P, scale: float):
 
 
 def _beam_positions(src_ref, n: Array, beams: int, start, size: int, cache_len: int) -> Array:
-  """Rows of the flattened [B*K*S] cache that row n = (description b, beam k) reads for
-  positions [start, start + size): each from the beam that wrote it (src[b, k, s])."""
+  """Flat cache rows that row n = (b, k) reads for [start, start + size): src[b, k, s]'s."""
   rows = (n // beams) * beams + src_ref[n // beams, n % beams, pl.ds(start, size)]
   return rows * cache_len + start + jnp.arange(size)
 
 
 def _summed(p_ref, b_ref, n, start, size: int, dtype):
-  """Row n, columns [start, start + size) of (the sum of partial products + bias), rounded to
-  `dtype` as a projection's output is (`splitk_dot`'s partials)."""
+  """Row n, columns [start, start + size) of the sum of partial products + bias, in `dtype`."""
   cols = pl.ds(start, size)
   return (jnp.sum(p_ref[:, n, cols], axis=0) + b_ref[cols].astype(jnp.float32)).astype(dtype)
 
 
 def _write_kernel(at_ref, p_ref, b_ref, *refs, span: int, heads: int, scale: float,
                   beams: int = 0, cache_len: int = 0):
-  """Self-attention of row n, head h over the cache, after writing the row's new K/V at
-  `index` of `layer` (the cache is aliased in and out: nothing else of it moves). Positions
-  are read in blocks of `_BLOCK` up to `index` only (an online softmax that starts from the
-  new token's own key and value, held in registers)."""
-  if beams:
-    src_ref, k_ref, v_ref, o_ref, k_out, v_out = refs
-  else:
-    k_ref, v_ref, o_ref, k_out, v_out = refs
+  """Row n, head h: writes its K/V at `index` of `layer` (the cache aliased in and out), then
+  an online softmax from the new K/V over blocks of `_BLOCK` positions up to `index`."""
+  src_ref = refs[0] if beams else None
+  k_ref, v_ref, o_ref, k_out, v_out = refs[-5:]
   n, h = pl.program_id(0), pl.program_id(1)
   layer, index = at_ref[0], at_ref[1]
   d, dt = o_ref.shape[-1], k_out.dtype
@@ -286,26 +237,19 @@ def self_attention_write(qkv_SxMxP: Array, qkv_bias_P: Array, cache_k_LxBxSxNxD:
                          cache_v_LxBxSxNxD: Array, layer: Array, index: Array,
                          attend_len: int, rows: int,
                          src_BxKxS: Array | None = None) -> tuple[Array, Array, Array]:
-  """Q|K|V are the sum of partial products [S, M, 3 * N * D] + bias (rows >= `rows` are
-  padding): writes each row's K/V at `index` of `layer` and attends over positions <= `index`
-  (< attend_len), reading the cache in blocks only up to `index`; with `src_BxKxS` row (b, k)
-  reads position s from beam src[b, k, s], gathered in the kernel from the flattened cache.
-  Returns (context [M, N, D], cache k, cache v): the caches are updated in place."""
+  """Q|K|V as partial products [S, M, 3 * N * D] + bias (rows >= `rows`: padding): writes each
+  row's K/V at `index` of `layer`, attends over positions <= `index` (from beam src[b, k, s]
+  with `src_BxKxS`). Returns (context [M, N, D], cache k, cache v), the caches in place."""
   l, b, s, heads, d = cache_k_LxBxSxNxD.shape
-  span = pow2(attend_len)
-  if span > s or pow2(d) != d or qkv_SxMxP.shape[2] != 3 * heads * d:
-    raise ValueError(f"Pallas decode attention needs a power-of-two head size (got {d}), a "
-                     "cache padded to a power of two and Q|K|V stacked [S, M, 3 * N * D].")
   at = jnp.stack([jnp.asarray(layer, jnp.int32), jnp.asarray(index, jnp.int32)])
-  kw = dict(span=span, heads=heads, scale=d ** -0.5)
+  kw = dict(span=pow2(attend_len), heads=heads, scale=d ** -0.5)
   caches = [cache_k_LxBxSxNxD, cache_v_LxBxSxNxD]
   args = [at, qkv_SxMxP, qkv_bias_P]
   if src_BxKxS is not None:
     kw.update(beams=src_BxKxS.shape[1], cache_len=s)
     caches = [c.reshape(l, b * s, heads, d) for c in caches]   # free: contiguous
     args.append(src_BxKxS.astype(jnp.int32))
-  dt = cache_k_LxBxSxNxD.dtype
-  out_shape = [jax.ShapeDtypeStruct((qkv_SxMxP.shape[1], heads, d), dt),
+  out_shape = [jax.ShapeDtypeStruct((qkv_SxMxP.shape[1], heads, d), cache_k_LxBxSxNxD.dtype),
                *(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches)]
   first = len(args)
   ctx, ck, cv = pl.pallas_call(
@@ -328,13 +272,9 @@ def _cross_partials_kernel(len_ref, p_ref, b_ref, k_ref, v_ref, o_ref, *, scale:
 def cross_attention_partials(q_SxMxH: Array, q_bias_H: Array, k_BxMxNxD: Array,
                              v_BxMxNxD: Array, lengths_B: Array, rows: int,
                              heads: int) -> Array:
-  """Attention of one query per row over the first `lengths[b]` positions of the memory
-  (padded to a power of two); the queries are partial products [S, M, N * D] + bias (rows >=
-  `rows` padding). Context [M, N, D] in the memory's dtype."""
-  d, m = k_BxMxNxD.shape[-1], k_BxMxNxD.shape[1]
-  if pow2(m) != m or pow2(d) != d:
-    raise ValueError(f"Pallas decode attention needs power-of-two memory length and head size "
-                     f"(got {m}, {d}); CodeModel.init_cache pads the memory.")
+  """One query per row (partial products [S, M, N * D] + bias; rows >= `rows` padding) over
+  the first `lengths[b]` memory positions. Context [M, N, D] in the memory's dtype."""
+  d = k_BxMxNxD.shape[-1]
   kernel = functools.partial(_cross_partials_kernel, scale=d ** -0.5)
   out = jax.ShapeDtypeStruct((q_SxMxH.shape[1], heads, d), k_BxMxNxD.dtype)
   return pl.pallas_call(kernel, out_shape=out, grid=(rows, heads), **backend(),
@@ -343,31 +283,18 @@ def cross_attention_partials(q_SxMxH: Array, q_bias_H: Array, k_BxMxNxD: Array,
                             v_BxMxNxD)
 
 
-class DecodeAt(NamedTuple):
-  """Where a one-token step reads and writes: the cache, its layer and position, the memory."""
-  cache_k: Array
-  cache_v: Array
-  layer: Array
-  index: Array
-  attend_len: int
-  cross_k: Array
-  cross_v: Array
-  memory_lengths: Array
-  rows: int                      # the real rows (the stream is padded to a row tile)
-  beam_src: Array | None = None
+# Where a one-token step reads and writes: the cache, its layer and position, the memory; `rows`
+# are the real rows (the stream is padded to a row tile).
+DecodeAt = collections.namedtuple("DecodeAt", (
+    "cache_k cache_v layer index attend_len cross_k cross_v memory_lengths rows beam_src"),
+    defaults=(None,))
 
 
 def decoder_layer(w: LayerWeights, x_MxH: Array, x_ln_MxH: Array, at: DecodeAt, *,
                   pre_norm: bool, eps: float, act: Callable, dtype,
                   num_heads: int) -> tuple[Array, Array, Array, Array]:
-  """One application of the shared decoder block to the one-token stream, twelve kernels:
-  returns (stream, the LayerNorm the next layer reads it through, cache k, cache v).
-
-  Post-norm: the stream is normalised already (LN(x + f(x)), each epilogue's LayerNorm) and
-  `x_ln` is `x`. Pre-norm: the stream is the residual and `x_ln` its self-attention LayerNorm,
-  which the previous layer's last epilogue wrote (the decoder writes the first, and applies its
-  final LayerNorm after the last layer).
-  """
+  """The shared decoder block on the one-token stream: (stream, its LayerNorm that the next
+  layer reads, cache k, cache v). Post-norm: `x_ln` is `x`; pre-norm: the stream's LayerNorm."""
   m, h = x_MxH.shape
   dot = functools.partial(splitk_dot, dtype=dtype)
   out = functools.partial(epilogue, dtype=dtype, eps=eps)
@@ -378,10 +305,9 @@ def decoder_layer(w: LayerWeights, x_MxH: Array, x_ln_MxH: Array, at: DecodeAt, 
     y, = out(partials, bias, residual=residual, norm=post_ln, raw=False)
     return y, y
 
-  qkv = dot(x_ln_MxH, w.qkv_w)
   ctx, cache_k, cache_v = self_attention_write(
-      qkv, w.qkv_b, at.cache_k, at.cache_v, at.layer, at.index, at.attend_len, at.rows,
-      at.beam_src)
+      dot(x_ln_MxH, w.qkv_w), w.qkv_b, at.cache_k, at.cache_v, at.layer, at.index,
+      at.attend_len, at.rows, at.beam_src)
   r1, r1_ln = residual_block(dot(ctx.reshape(m, h), w.out_w), w.out_b, x_MxH, w.self_norm,
                              w.cross_norm)
   ctx = cross_attention_partials(dot(r1_ln, w.cross_q_w), w.cross_q_b, at.cross_k,

@@ -1,14 +1,7 @@
-"""Import and export of Hugging Face ALBERT weights: local directories only, no hub access.
+"""Import and export of Hugging Face ALBERT encoder weights (local directories, no hub access).
 
-`load_hf_encoder` reads an HF ALBERT directory (config.json + model.safetensors; a
-pytorch_model.bin only where torch is installed) into our encoder: `shared_embedding/*` and
-`encoder/{albert_layer_groups_*,pooler}`. `save_hf_encoder` writes those leaves back as a
-directory that `transformers.AlbertModel.from_pretrained` loads. The decoder, the alignment
-head and (with share_embedding=False) the decoder embedding have no HF counterpart: they keep
-their initialisation.
-
-Layouts: a torch Linear weight is (out, in); our kernels are (in..., out...), with attention
-heads split out: query/key/value (H, N, D), the attention output `dense` (N, D, H).
+Only `shared_embedding/*` and `encoder/{albert_layer_groups_*,pooler}` have HF counterparts. A
+torch Linear weight is (out, in); our kernels are (in..., out...), attention heads split out.
 """
 from __future__ import annotations
 
@@ -98,13 +91,9 @@ def _to_ours(t: _Tensor, w: np.ndarray) -> np.ndarray:
 
 
 def _to_hf(t: _Tensor, x: np.ndarray) -> np.ndarray:
-  if t.kind == "kernel":
-    return np.ascontiguousarray(x.reshape(_hf_shape(t)[::-1]).T)
-  return np.ascontiguousarray(x.reshape(_hf_shape(t)))
+  y = x.reshape(_hf_shape(t)[::-1]).T if t.kind == "kernel" else x.reshape(_hf_shape(t))
+  return np.ascontiguousarray(y)
 
-
-# ----------------------------------------------------------------------------------------------
-# Reading an HF directory.
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   try:
@@ -116,13 +105,8 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
       n = int.from_bytes(f.read(8), "little")
       header = json.loads(f.read(n))
       data = f.read()
-    out = {}
-    for key, info in header.items():
-      if key == "__metadata__":
-        continue
-      begin, end = info["data_offsets"]
-      out[key] = np.frombuffer(data[begin:end], dtypes[info["dtype"]]).reshape(info["shape"])
-    return out
+    return {k: np.frombuffer(data[slice(*i["data_offsets"])], dtypes[i["dtype"]]).reshape(
+        i["shape"]) for k, i in header.items() if k != "__metadata__"}
 
 
 def _read_weights(path: str) -> dict[str, np.ndarray]:
@@ -167,8 +151,7 @@ def _read_config(path: str) -> dict[str, Any]:
 
 
 def model_config_from_hf(hf: Mapping[str, Any], config=None) -> ml_collections.ConfigDict:
-  """Our model config: `config` (a model or full config; default the `base` preset) with the
-  encoder-defining HF AlbertConfig fields taken from `hf`."""
+  """`config` (model or full; default the `base` preset) with the encoder fields of `hf`."""
   if config is None:
     m = config_lib.model_config("base")
   else:
@@ -177,12 +160,9 @@ def model_config_from_hf(hf: Mapping[str, Any], config=None) -> ml_collections.C
   defaults = {"num_hidden_groups": 1, "inner_group_num": 1, "hidden_act": "gelu_new",
               "type_vocab_size": 2, "layer_norm_eps": 1e-12, "initializer_range": 0.02}
   for name in HF_CONFIG_FIELDS:
-    if name in hf:
-      m[name] = hf[name]
-    elif name in defaults:
-      m[name] = defaults[name]
-    else:
+    if name not in hf and name not in defaults:
       raise ValueError(f"The HF config lacks {name!r}; it is not a complete AlbertConfig.")
+    m[name] = hf.get(name, defaults.get(name))
   m.pooling = "cls"   # an HF ALBERT encoder comes with its [CLS] pooler; use it
   return m
 
@@ -195,11 +175,9 @@ def _params_root(params: Mapping) -> tuple[Mapping, bool]:
 
 
 def _init_params(cfg: ModelConfig, seed: int) -> dict:
-  """A fresh CodeModel init. The rbg PRNG compiles several times faster than threefry here
-  (one generator per parameter), and these values only seed what HF does not provide."""
+  """A fresh CodeModel init (rbg compiles faster than threefry; it seeds what HF lacks)."""
   ids = jnp.zeros((1, 2), jnp.int32)
-  rng = jax.random.key(seed, impl="rbg")
-  variables = jax.jit(model_lib.CodeModel(cfg).init)(rng, ids, ids)
+  variables = jax.jit(model_lib.CodeModel(cfg).init)(jax.random.key(seed, impl="rbg"), ids, ids)
   return nn.meta.unbox(variables["params"])
 
 
@@ -226,15 +204,9 @@ def _replace(tree: Mapping, path: tuple[str, ...], value: np.ndarray, what: str)
 
 def load_hf_encoder(path: str, params: Mapping | None = None, config=None, *,
                     seed: int = 0) -> tuple[dict, ml_collections.ConfigDict]:
-  """Reads a local HF ALBERT directory into our CodeModel's encoder-side parameters.
-
-  Returns (params, model config). The config is `config` (default: the `base` preset) with the
-  HF encoder fields. `params` (a full CodeModel tree, boxed or not, sharded or not, optionally
-  wrapped as {"params": ...}) gets only its encoder leaves replaced; without it, a fresh
-  CodeModel is initialised from `seed` and filled. Keys may carry the `albert.` prefix of
-  AlbertForMaskedLM & co. A checkpoint without a pooler (AlbertForMaskedLM) keeps the pooler's
-  initialisation.
-  """
+  """(params, model config) from a local HF ALBERT directory: `params` (any CodeModel tree;
+  None: a fresh init from `seed`) with its encoder leaves replaced (a missing pooler keeps its
+  init), and `config` (default the `base` preset) with the HF encoder fields."""
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path} is not a directory; give a local Hugging Face ALBERT "
@@ -264,24 +236,10 @@ def load_hf_encoder(path: str, params: Mapping | None = None, config=None, *,
     raise ValueError(f"{path} has encoder tensors its config.json does not describe (e.g. "
                      f"{prefix}{extra[0]}); fix num_hidden_groups/inner_group_num there.")
 
-  if params is None:
-    root, wrapped = _init_params(cfg, seed), False
-  else:
-    root, wrapped = _params_root(params)
+  root, wrapped = (_init_params(cfg, seed), False) if params is None else _params_root(params)
   for t, w in found:
     root = _replace(root, t.path, _to_ours(t, w), f"{prefix}{t.hf_key}")
   return ({**params, "params": root} if wrapped else root), model_cfg
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing an HF directory.
-
-def _as_model_config(model_cfg) -> ModelConfig:
-  if isinstance(model_cfg, ModelConfig):
-    return model_cfg
-  if hasattr(model_cfg, "model"):
-    model_cfg = model_cfg.model
-  return ModelConfig.from_config(model_cfg)
 
 
 def _check_post_norm(cfg: ModelConfig, what: str) -> None:
@@ -313,15 +271,10 @@ def _leaf(root: Mapping, path: tuple[str, ...]) -> np.ndarray:
 
 
 def save_hf_encoder(params: Mapping, model_cfg, out_dir: str) -> str:
-  """Writes our encoder as an HF ALBERT directory (config.json + model.safetensors, float32);
-  needs neither torch nor transformers.
-
-  `transformers.AlbertModel.from_pretrained(out_dir)` loads it with no missing or unexpected
-  keys. The files are written to a temporary directory first, then renamed into place (the
-  directory when new, else file by file, leaving other files there alone). The pooler is
-  ALBERT's tanh-over-[CLS] one even when our config pools by mean. Returns out_dir.
-  """
-  cfg = _as_model_config(model_cfg)
+  """Writes our encoder as an HF ALBERT directory (config.json + model.safetensors, float32)
+  that `AlbertModel.from_pretrained` loads, staged then moved in (other files left alone)."""
+  cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_config(
+      getattr(model_cfg, "model", model_cfg))
   _check_post_norm(cfg, "An HF ALBERT directory holds a post-LayerNorm encoder")
   root, _ = _params_root(params)
   tensors = {t.hf_key: _to_hf(t, _leaf(root, t.path)) for t in _tensors(cfg)}

@@ -1,8 +1,7 @@
 """ALBERT building blocks: factorized embedding, attention (self, cross, cached), FFN.
 
-Every parameter carries logical axis names; activations carry logical sharding constraints.
-Layouts: activations `x_BxLxH`, attention heads `q_BxLxNxD`. Parameter names follow Hugging
-Face's ALBERT so that `hf.py` maps them one to one.
+Parameters carry logical axis names, activations logical sharding constraints; parameter names
+follow Hugging Face's ALBERT so that `hf.py` maps them one to one.
 """
 from __future__ import annotations
 
@@ -36,10 +35,8 @@ class _ModelConfigMethods:
 
   @classmethod
   def from_config(cls, cfg) -> ModelConfig:
-    """From `config.model` (a ConfigDict or a mapping, e.g. a checkpoint's saved config),
-    upgraded by `config.upgrade` (fields added since take their legacy value or the schema's
-    default for its `preset`, removed ones are dropped); any key the schema lacks is refused.
-    """
+    """From `config.model` (a ConfigDict or mapping, e.g. a checkpoint's), upgraded by
+    `config.upgrade`; any key the schema lacks is refused."""
     values = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
     values = config_lib.upgrade({"model": values})[0].model.to_dict()
     schema = config_lib.model_config(values.get("preset", config_lib.DEFAULT_PRESET))
@@ -89,16 +86,14 @@ class _ModelConfigMethods:
 
   @property
   def layer_kernels_fit(self) -> bool:
-    """Whether model/fused_decode.py's Triton tiles fit: a power-of-two head size, hidden and
-    FFN sizes multiples of 16."""
+    """Whether model/fused_decode.py's Triton tiles fit the sizes."""
     return (self.head_dim & (self.head_dim - 1) == 0 and self.hidden_size % 16 == 0
             and self.intermediate_size % 16 == 0)
 
   @property
   def decode_layer_kernels(self) -> bool:
-    """One-token decode steps run the whole decoder layer as model/fused_decode.py's kernels
-    (the cache and memory then padded to powers of two): "layer", or "auto" on a GPU when
-    the tiles fit. Read at trace time."""
+    """One-token decode steps run as model/fused_decode.py's kernels: "layer", or "auto" on a
+    GPU when the tiles fit. Read at trace time."""
     if self.decode_attention == "auto":
       return jax.default_backend() == "gpu" and self.layer_kernels_fit
     return self.decode_attention == "layer"
@@ -121,9 +116,8 @@ class _ModelConfigMethods:
     return jnp.dtype(jnp.float32)
 
 
-# Hashable model hyper-parameters, a jit static argument: one field per key of `config.model`
-# but `preset`, so the schema (config.py's `model_config`) declares each field, its meaning and
-# its default once. Build it with `from_config` or `default`.
+# Hashable model hyper-parameters (a jit static argument): one field per key of `config.model`
+# but `preset`, declared once by the schema (config.py). Build it with `from_config` or `default`.
 ModelConfig = dataclasses.make_dataclass(
     "ModelConfig", [(k, type(v)) for k, v in config_lib.model_config().items() if k != "preset"],
     bases=(_ModelConfigMethods,), frozen=True)
@@ -150,10 +144,8 @@ def layer_norm(cfg: ModelConfig, axis_name: str, name: str) -> nn.LayerNorm:
 
 
 class Dense(nn.Module):
-  """y = x . kernel + bias over the last `n_in` input axes; kernel shape in_shape + features.
-
-  (flax's DenseGeneral initialises multi-axis kernels flat, which breaks logical partitioning.)
-  """
+  """y = x . kernel + bias over the last `n_in` axes (flax's DenseGeneral initialises
+  multi-axis kernels flat, which breaks logical partitioning)."""
   features: tuple[int, ...]
   axes: tuple[str | None, ...]
   n_in: int
@@ -163,9 +155,8 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.cfg
-    in_shape = x.shape[-self.n_in:]
     kernel = self.param("kernel", _init(cfg, self.axes, self.init_std),
-                        in_shape + self.features, cfg.weight_dtype)
+                        x.shape[-self.n_in:] + self.features, cfg.weight_dtype)
     bias = self.param("bias", _zeros(self.axes[self.n_in:]), self.features, cfg.weight_dtype)
     dt = cfg.compute_dtype
     contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
@@ -185,11 +176,8 @@ def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
 
 
 class FactorizedEmbedding(nn.Module):
-  """ALBERT embedding: word (V x E) + position + token type, LayerNorm, dropout, then E -> H.
-
-  `attend` ties the output layer to it: H -> E with the projection transposed, then E -> V
-  with the word matrix transposed.
-  """
+  """ALBERT embedding: word + position + token type, LayerNorm, dropout, then E -> H; `attend`
+  is the output layer tied to it."""
   cfg: ModelConfig
 
   def setup(self):
@@ -208,12 +196,9 @@ class FactorizedEmbedding(nn.Module):
 
   def __call__(self, ids_BxL: Array, position_offset: Array | int = 0,
                token_types_BxL: Array | None = None, deterministic: bool = True) -> Array:
-    """Positions are `position_offset + arange(L)` for every row (one decoding index per batch).
-
-    Positions and token types are read by slicing and by a tiny one-hot product rather than by
-    a gather: the gather's backward is a scatter-add whose rows all collide (every example has
-    position 0 and token type 0), which serialises on GPU atomics.
-    """
+    """Positions are `position_offset + arange(L)` for every row. Positions and token types
+    are read by slicing and a one-hot product, not a gather: its backward scatter-add would
+    have all rows collide (position 0, type 0), serialised on GPU atomics."""
     dt = self.cfg.compute_dtype
     length = ids_BxL.shape[-1]
     x = embed_lookup(self.word_embeddings.embedding.astype(dt), ids_BxL)
@@ -224,14 +209,12 @@ class FactorizedEmbedding(nn.Module):
       pos_LxE = jax.lax.dynamic_slice_in_dim(pos_table, position_offset, length)
     types = self.token_type_embeddings.embedding.astype(dt)
     if token_types_BxL is None:
-      type_E = types[0]
-      x = x + (pos_LxE + type_E)[None]
+      x = x + (pos_LxE + types[0])[None]
     else:
       onehot = jax.nn.one_hot(token_types_BxL, types.shape[0], dtype=dt)
       x = x + pos_LxE[None] + jnp.einsum("blt,te->ble", onehot, types)
     x = self.dropout(self.LayerNorm(x), deterministic=deterministic)
-    x_BxLxH = self.embedding_hidden_mapping_in(x)
-    return constrain(x_BxLxH, ("batch", "length", "act_embed"))
+    return constrain(self.embedding_hidden_mapping_in(x), ("batch", "length", "act_embed"))
 
   def words(self, ids_BxL: Array) -> Array:
     """The tokens' word vectors [B, L, E] alone (no position, type or norm): their identity."""
@@ -257,11 +240,9 @@ def _embed_fwd(table, ids):
 
 def _embed_bwd(res, g):
   ids, table = res
-  vocab, dtype = table.shape[0], table.dtype
-  flat_ids, flat_g = ids.reshape(-1), g.reshape(-1, g.shape[-1])
-  grad = jnp.zeros((vocab, g.shape[-1]), jnp.float32).at[flat_ids].add(
-      flat_g.astype(jnp.float32))
-  return grad.astype(dtype), None
+  grad = jnp.zeros((table.shape[0], g.shape[-1]), jnp.float32).at[ids.reshape(-1)].add(
+      g.reshape(-1, g.shape[-1]).astype(jnp.float32))
+  return grad.astype(table.dtype), None
 
 
 embed_lookup.defvjp(_embed_fwd, _embed_bwd)
@@ -277,34 +258,22 @@ def tied_logits(h_BxTxH: Array, proj_ExH: Array, word_VxE: Array, bias_V: Array)
 def attention(q_BxTxNxD: Array, k_BxSxNxD: Array, v_BxSxNxD: Array, *, impl: str,
               is_causal: bool = False, kv_lengths_B: Array | None = None,
               mask: Array | None = None) -> Array:
-  """jax.nn.dot_product_attention; cuDNN's fused kernel where asked and supported.
-
-  Padding is given either as `kv_lengths_B` (right padding: what our data produces; cuDNN
-  takes it natively) or as a boolean `mask` broadcastable to [B, N, T, S] (any pattern, XLA).
-  """
+  """jax.nn.dot_product_attention, cuDNN's where asked and supported. Padding is right padding
+  as `kv_lengths_B` (cuDNN takes it natively) or any boolean `mask` (XLA)."""
   use_cudnn = (impl == "cudnn" and mask is None and q_BxTxNxD.dtype in (jnp.bfloat16, jnp.float16)
                and jax.default_backend() == "gpu")
-  if kv_lengths_B is not None:
-    kv_lengths_B = kv_lengths_B.astype(jnp.int32)
+  lengths = None if kv_lengths_B is None else kv_lengths_B.astype(jnp.int32)
   return jax.nn.dot_product_attention(
       q_BxTxNxD, k_BxSxNxD, v_BxSxNxD, mask=mask, is_causal=is_causal,
-      key_value_seq_lengths=kv_lengths_B, implementation="cudnn" if use_cudnn else "xla")
+      key_value_seq_lengths=lengths, implementation="cudnn" if use_cudnn else "xla")
 
 
 class AlbertAttention(nn.Module):
-  """Multi-head attention with ALBERT's post-LayerNorm residual: LN(x + dense(attn(x, mem))),
-  or with `norm_position="pre"` x + dense(attn(LN(x), mem)) (the same LayerNorm parameters).
-
-  Self-attention when `memory` is None; cross-attention otherwise. `kv` computes the keys and
-  values of a memory once, so a shared cross-attention block reuses them at every layer and
-  every decoding step.
-
-  With `cfg.fused_qkv` the projections of one input are one matmul against their kernels
-  stacked at compute time (Q|K|V for self-attention, K|V for a memory): the input is read once
-  and one larger GEMM replaces two or three latency-bound ones. The kernels are stacked on a new
-  axis of size 2-3 in front of (heads, head_dim), so the `heads` axis stays where tensor
-  parallelism shards it, and the parameters stay separate (Hugging Face's names, `hf.py`).
-  """
+  """Multi-head attention in a residual block: LN(x + dense(attn(x))) (ALBERT), or with
+  `norm_position="pre"` x + dense(attn(LN(x))). Cross-attention when given `kv` (a memory's,
+  computed once by `kv`). With `cfg.fused_qkv` the projections of one input are one matmul
+  against their kernels stacked at compute time on a new axis before `heads` (where tensor
+  parallelism shards), the parameters staying separate."""
   cfg: ModelConfig
 
   def setup(self):
@@ -344,18 +313,13 @@ class AlbertAttention(nn.Module):
   def qkv(self, x_BxTxH: Array) -> tuple[Array, Array, Array]:
     return self._project(self._in(x_BxTxH), ("query", "key", "value"))
 
-  def project_query(self, x_BxTxH: Array) -> Array:
-    """The queries of x, [B, T, N, D]. (Not named `query`: that is the Dense set in `setup`,
-    which would hide a method of the name and skip the pre-norm LayerNorm.)"""
-    return self._project(self._in(x_BxTxH), ("query",))[0]
-
   def __call__(self, x_BxTxH: Array, kv: tuple[Array, Array] | None = None, *,
                is_causal: bool = False, kv_lengths_B: Array | None = None,
                mask: Array | None = None, deterministic: bool = True) -> Array:
     if kv is None:
       q, k, v = self.qkv(x_BxTxH)
     else:
-      q, (k, v) = self.project_query(x_BxTxH), kv
+      q, (k, v) = self._project(self._in(x_BxTxH), ("query",))[0], kv
     return self.attend(x_BxTxH, q, k, v, is_causal=is_causal, kv_lengths_B=kv_lengths_B,
                        mask=mask, deterministic=deterministic)
 
@@ -363,21 +327,17 @@ class AlbertAttention(nn.Module):
              is_causal: bool = False, kv_lengths_B: Array | None = None,
              mask: Array | None = None, deterministic: bool = True) -> Array:
     """Attention of projected queries over keys/values, then the residual block."""
-    q = q_BxTxNxD
-    ctx = attention(q, k_BxSxNxD.astype(q.dtype), v_BxSxNxD.astype(q.dtype),
+    dt = q_BxTxNxD.dtype
+    ctx = attention(q_BxTxNxD, k_BxSxNxD.astype(dt), v_BxSxNxD.astype(dt),
                     impl=self.cfg.attention_impl, is_causal=is_causal,
                     kv_lengths_B=kv_lengths_B, mask=mask)
-    return self.residual(x_BxTxH, ctx, deterministic)
-
-  def residual(self, x_BxTxH: Array, ctx_BxTxNxD: Array, deterministic: bool) -> Array:
-    out = self.dropout(self.dense(ctx_BxTxNxD), deterministic=deterministic)
+    out = self.dropout(self.dense(ctx), deterministic=deterministic)
     y = x_BxTxH + out if self.cfg.pre_norm else self.LayerNorm(x_BxTxH + out)
     return constrain(y, ("batch", "length", "act_embed"))
 
 
 class AlbertFFN(nn.Module):
-  """ALBERT's FFN with post-LayerNorm residual: LN(x + W2 act(W1 x)); pre-norm:
-  x + W2 act(W1 LN(x))."""
+  """ALBERT's FFN block: LN(x + W2 act(W1 x)), or pre-norm x + W2 act(W1 LN(x))."""
   cfg: ModelConfig
 
   def setup(self):

@@ -1,8 +1,5 @@
-"""Device mesh from the config and logical -> mesh shardings for state and batches.
-
-The mesh has axes (data, fsdp, tensor); a size of -1 takes the remaining devices. Parameters
-carry logical axis names (layers.py); `config.logical_axis_rules` maps them to mesh axes.
-"""
+"""Device mesh (data, fsdp, tensor; -1 takes the remaining devices) from the config, and
+shardings of state (logical axis names mapped by `config.logical_axis_rules`) and batches."""
 from __future__ import annotations
 
 import math
@@ -49,10 +46,8 @@ def rules(config) -> tuple[tuple[str, Any], ...]:
 
 
 def logical_shardings(boxed_tree, mesh: Mesh, axis_rules) -> Any:
-  """NamedShardings for a tree of (abstract) values boxed with logical names.
-
-  A dimension that its mesh axes do not divide (a tokenizer's vocabulary of 7861 over 4
-  devices) keeps only the leading mesh axes that do, down to none (replicated)."""
+  """NamedShardings for a tree of values boxed with logical names; a dimension keeps only the
+  leading mesh axes that divide it (a vocabulary of 7861 over 4 devices: none)."""
   specs = nn.get_partition_spec(boxed_tree)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, axis_rules)
   boxed = lambda x: isinstance(x, nn.Partitioned)
