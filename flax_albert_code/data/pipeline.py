@@ -253,29 +253,32 @@ class Assemble(grain.transforms.Map):
                 noisy: bool = True) -> np.ndarray:
     """Description + neighbours; rows where `own` (default: self_neighbour_rate of them) have
     their own code first, spans cut out without a marker when `noisy` (a near copy)."""
-    ctx = np.zeros((len(idx), self.max_ctx_len), np.int32)
     rng = _rows_rng(idx)   # which rows see their own code, and its cut spans
     if own is None:
       own = (rng.random(len(idx)) < self.self_neighbour_rate if self.self_neighbour_rate
              else np.zeros(len(idx), bool))
+    rows = []
     for r, (i, fill) in enumerate(zip(idx, filler)):
-      desc = [] if fill else self.store.tokens("desc", i)
       codes = [self.train_store.tokens("code", j) for j in self.neighbours[i] if j >= 0]
       if own[r]:
         code = np.array(self.store.tokens("code", i), np.int32)
         if noisy:
           code = corrupt_spans(code, rng, marker=False)
         codes = [code.tolist(), *codes[:-1]] if codes else [code.tolist()]
-      row = frame_context(desc, [] if fill else codes, self.max_desc_len, self.max_ctx_len)
-      ctx[r, :len(row)] = row
-    return ctx
+      rows.append(([], []) if fill else (self.store.tokens("desc", i), codes))
+    return self._framed(rows)
 
   def _denoising_contexts(self, idx: np.ndarray, filler: np.ndarray) -> np.ndarray:
-    ctx = np.zeros((len(idx), self.max_ctx_len), np.int32)
     rng = _rows_rng(idx)
-    for r, (i, fill) in enumerate(zip(idx, filler)):
-      code = [] if fill else [corrupt_spans(np.asarray(self.store.tokens("code", i)), rng)]
-      row = frame_context([], code, self.max_desc_len, self.max_ctx_len)
+    codes = ([] if fill else [corrupt_spans(np.asarray(self.store.tokens("code", i)), rng)]
+             for i, fill in zip(idx, filler))
+    return self._framed([([], c) for c in codes])
+
+  def _framed(self, rows: list[tuple]) -> np.ndarray:
+    """[len(rows), max_ctx_len]: `frame_context` of each (description, codes), zero padded."""
+    ctx = np.zeros((len(rows), self.max_ctx_len), np.int32)
+    for r, (desc, codes) in enumerate(rows):
+      row = frame_context(desc, codes, self.max_desc_len, self.max_ctx_len)
       ctx[r, :len(row)] = row
     return ctx
 
@@ -344,20 +347,15 @@ def make_dataset(config: ml_collections.ConfigDict, prepared, split: str, batch_
 
 
 def make_iterator(config: ml_collections.ConfigDict, prepared, split: str, batch_size: int, *,
-                  shuffle: bool, num_epochs: int | None, drop_remainder: bool | None = None,
-                  process_index: int | None = None, process_count: int | None = None,
-                  prefetch: int = 2, neighbours=None, unlabelled_schedule: str = "",
-                  own_context: bool = False) -> grain.DatasetIterator:
-  """An iterator over this host's part of each global batch (`batch_size` is global).
+                  prefetch: int = 2, **options) -> grain.DatasetIterator:
+  """An iterator over this host's part of each global batch (`batch_size` is global);
+  `options` are make_dataset's (shuffle and num_epochs required).
 
   With `unlabelled_schedule` it never ends (`num_epochs` ignored). `drop_remainder` (default:
   `shuffle`) drops each bucket's last partial batch per epoch, else fills it with index -1 rows.
   Its grain `get_state()`/`set_state()` resume it exactly.
   """
-  ds = make_dataset(config, prepared, split, batch_size, shuffle=shuffle, num_epochs=num_epochs,
-                    drop_remainder=drop_remainder, process_index=process_index,
-                    process_count=process_count, neighbours=neighbours,
-                    unlabelled_schedule=unlabelled_schedule, own_context=own_context)
+  ds = make_dataset(config, prepared, split, batch_size, **options)
   read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
   return iter(ds.to_iter_dataset(read))
 
