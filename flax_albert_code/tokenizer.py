@@ -104,11 +104,9 @@ def frame_description(tokens: Sequence[int], max_len: int) -> list[int]:
 
 def frame_context(desc_tokens: Sequence[int], neighbours: Sequence[Sequence[int]],
                   max_desc_len: int, max_len: int) -> list[int]:
-  """[CLS] description [SEP] code_1 [SEP] ... code_k [SEP], at most `max_len` ids.
-
-  The nearest neighbour may fill the room left but for 1 / (2k) of it kept for each later one, so
-  the code most worth copying is whole as often as it can be; later ones share what is left.
-  """
+  """[CLS] description [SEP] code_1 [SEP] ... code_k [SEP], at most `max_len` ids; the nearest
+  neighbour may fill the room but for 1 / (2k) of it kept for each later one (so the code most
+  worth copying is whole as often as it can be), which share what is left."""
   out = frame_description(desc_tokens, min(max_desc_len, max_len))
   n = len(neighbours)
   kept = (max_len - len(out)) // (2 * n) if n else 0   # room each later neighbour keeps
@@ -130,11 +128,9 @@ def frame_code(tokens: Sequence[int], max_len: int) -> list[int]:
 def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int, *,
                     num_threads: int = 8, input_sentence_size: int = 0,
                     model_type: str = "unigram") -> Tokenizer:
-  """Trains a sentencepiece model ("unigram" or "bpe") on `texts`, written atomically.
-
-  The vocabulary may come out smaller than `vocab_size`; read the result's `.vocab_size`. The
-  thread count is fixed, not the CPU count: hosts of any size get the same tokenizer.
-  """
+  """Trains a sentencepiece model ("unigram" or "bpe") on `texts`, written atomically; its
+  vocabulary may be smaller than `vocab_size`. The thread count is fixed, not the CPU count:
+  hosts of any size get the same tokenizer."""
   out_path = os.fspath(out_path)
   if model_type not in ("unigram", "bpe"):
     raise TokenizerError(f"Unknown tokenizer type {model_type!r}; use 'unigram' or 'bpe' "

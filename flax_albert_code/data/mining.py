@@ -45,8 +45,7 @@ class Filters:
   max_code_lines: int = 80
   max_code_chars: int = 4000
   max_file_bytes: int = 1 << 20  # larger source files are skipped unread (generated code, data)
-  # Code search: every function, documented or not, none filtered out (description "" when
-  # it has no docstring; its whole source when nothing but the docstring can be cut out).
+  # Code search: every function, none filtered out (description "" without a docstring).
   every_function: bool = False
   # Also unlabelled code (`Unlabelled`) from Python files, in the same list as the pairs.
   unlabelled: bool = False
@@ -124,10 +123,8 @@ _BLOCKS = ("body", "orelse", "finalbody", "handlers", "cases")
 
 
 def _walk(node: ast.AST, prefix: str):
-  """Yields (qualified name, function node) for every function, methods and nested ones too.
-
-  Only statement blocks are searched (a def cannot hide in an expression): faster than `ast.walk`.
-  """
+  """(qualified name, node) of every function, nested ones too; searches only statement
+  blocks (a def cannot hide in an expression): faster than `ast.walk`."""
   for field in _BLOCKS:
     for child in getattr(node, field, None) or ():
       if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -149,11 +146,8 @@ def parse(text: str) -> ast.Module | None:
 
 
 def module_chunks(tree: ast.Module, lines: list[str], filters: Filters) -> list[tuple[int, str]]:
-  """(first line, text) of a module cut into chunks within the code length limits.
-
-  Cuts fall between top-level statements (comments and blank lines before a statement go with
-  it); consecutive statements share a chunk while it fits. A statement too long for one chunk is
-  cut between lines; a single line longer than `max_code_chars` is dropped.
+  """(first line, text) of a module in chunks within the code length limits, cut between
+  top-level statements (a statement too long for one, between lines; a too long line dropped).
   """
   starts = sorted({0} | {_first_line(n) - 1 for n in tree.body})
   pieces: list[tuple[int, int]] = []   # (start, end) line ranges that each fit alone
@@ -169,20 +163,16 @@ def module_chunks(tree: ast.Module, lines: list[str], filters: Filters) -> list[
         continue
       pieces.append((a, end))
       a = end
-  chunks, cur, chars = [], None, 0
+  chunks: list[list[int]] = []   # [start, end, chars]: consecutive pieces merged while they fit
   for a, b in pieces:
     n = sum(len(lines[i]) for i in range(a, b))
-    if cur is not None and cur[1] == a and b - cur[0] <= filters.max_code_lines and \
-        chars + n <= filters.max_code_chars:
-      cur, chars = (cur[0], b), chars + n
-      continue
-    if cur is not None:
-      chunks.append(cur)
-    cur, chars = (a, b), n
-  if cur is not None:
-    chunks.append(cur)
+    if chunks and chunks[-1][1] == a and b - chunks[-1][0] <= filters.max_code_lines and \
+        chunks[-1][2] + n <= filters.max_code_chars:
+      chunks[-1][1:] = [b, chunks[-1][2] + n]
+    else:
+      chunks.append([a, b, n])
   out = []
-  for a, b in chunks:
+  for a, b, _ in chunks:
     while a < b and not lines[a].strip():
       a += 1
     if a < b:

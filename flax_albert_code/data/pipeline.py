@@ -46,11 +46,9 @@ Schedule = tuple[tuple[fractions.Fraction, int | None], ...]
 
 
 def parse_schedule(text: str) -> Schedule:
-  """`config.train.unlabelled_schedule` -> ((fraction, until step), ..., (fraction, None)).
-
-  `F:S` items: fraction F of the batches are unlabelled until step S (from 1, included); a last
-  bare `F` holds from there on, else 0 after the last S. "" is off.
-  """
+  """`config.train.unlabelled_schedule` -> ((fraction, until step), ..., (fraction, None)):
+  `F:S` items, F of the batches unlabelled until step S (from 1, included); a last bare `F`
+  holds from there on, else 0 after the last S. "" is off."""
   out, last = [], 0
   items = [item.strip() for item in text.split(",")] if text.strip() else []
   for n, item in enumerate(items):
@@ -349,12 +347,9 @@ def make_dataset(config: ml_collections.ConfigDict, prepared, split: str, batch_
 def make_iterator(config: ml_collections.ConfigDict, prepared, split: str, batch_size: int, *,
                   prefetch: int = 2, **options) -> grain.DatasetIterator:
   """An iterator over this host's part of each global batch (`batch_size` is global);
-  `options` are make_dataset's (shuffle and num_epochs required).
-
-  With `unlabelled_schedule` it never ends (`num_epochs` ignored). `drop_remainder` (default:
-  `shuffle`) drops each bucket's last partial batch per epoch, else fills it with index -1 rows.
-  Its grain `get_state()`/`set_state()` resume it exactly.
-  """
+  `options` are make_dataset's. With `unlabelled_schedule` it never ends. `drop_remainder`
+  (default: `shuffle`) drops each bucket's last partial batch per epoch, else fills it with
+  index -1 rows. Its grain `get_state()`/`set_state()` resume it exactly."""
   ds = make_dataset(config, prepared, split, batch_size, **options)
   read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
   return iter(ds.to_iter_dataset(read))

@@ -37,13 +37,10 @@ KEY_FIELDS = ("sources", "max_examples", "valid_fraction", "test_fraction",
               "tokenizer_vocab_size", "tokenizer_path", "unlabelled", "max_unlabelled")
 # The seed of the split and of the tokenizer's sample.
 SPLIT_SEED = 0
-# Key options that were config.data fields: in the key with their values, so data prepared then
-# keeps its key.
-_FILTERS = mining.Filters()
-CONSTANT_KEY_OPTIONS = {"min_desc_words": _FILTERS.min_desc_words,
-                        "max_code_lines": _FILTERS.max_code_lines,
-                        "max_code_chars": _FILTERS.max_code_chars,
-                        "max_file_bytes": _FILTERS.max_file_bytes, "split_seed": SPLIT_SEED}
+# Key options that were config.data fields: kept in the key so data prepared then keeps it.
+CONSTANT_KEY_OPTIONS = {f: getattr(mining.Filters(), f) for f in (
+    "min_desc_words", "max_code_lines", "max_code_chars", "max_file_bytes")}
+CONSTANT_KEY_OPTIONS["split_seed"] = SPLIT_SEED
 # Fields a config saved before they existed (an old checkpoint's) lacks: their defaults.
 _ADDED_FIELDS = {"unlabelled": False, "max_unlabelled": 0}
 OPTIONAL_KEY_FIELDS = {"tokenizer_type": "unigram"}
@@ -117,6 +114,10 @@ def options(d: ml_collections.ConfigDict) -> dict[str, Any]:
   return out
 
 
+def _filters(d: ml_collections.ConfigDict) -> mining.Filters:
+  return mining.Filters(unlabelled=bool(options(d)["unlabelled"]))
+
+
 def tokenizer_sample(texts: list[str], max_chars: int, seed: int = 0) -> list[str]:
   """A fixed pseudo-random sample of `texts` of about `max_chars` characters, in their order."""
   lengths = np.fromiter(map(len, texts), np.int64, count=len(texts))
@@ -128,8 +129,7 @@ def tokenizer_sample(texts: list[str], max_chars: int, seed: int = 0) -> list[st
 
 
 def _key(d: ml_collections.ConfigDict, units: list[sources.Unit]) -> str:
-  h = hashlib.sha256(json.dumps(
-      [FORMAT_VERSION, options(d)], sort_keys=True).encode())
+  h = hashlib.sha256(json.dumps([FORMAT_VERSION, options(d)], sort_keys=True).encode())
   if d.tokenizer_path:
     h.update(bytes.fromhex(files.sha256(os.path.expanduser(d.tokenizer_path))))
   for u in units:
@@ -169,8 +169,7 @@ def _build(d: ml_collections.ConfigDict, specs: list[str], out: str, key: str,
   timing = {}
   opts = options(d)
   unlabelled = opts["unlabelled"]
-  got = splits.collect(specs, mining.Filters(unlabelled=bool(unlabelled)),
-                       max_examples=d.max_examples, seed=SPLIT_SEED,
+  got = splits.collect(specs, _filters(d), max_examples=d.max_examples, seed=SPLIT_SEED,
                        valid_fraction=d.valid_fraction, test_fraction=d.test_fraction,
                        progress=progress, max_unlabelled=opts["max_unlabelled"])
   timing["mine"] = time.time() - start
@@ -206,8 +205,7 @@ def _build(d: ml_collections.ConfigDict, specs: list[str], out: str, key: str,
                                                            OPTIONAL_KEY_FIELDS["tokenizer_type"]))
     timing["tokenizer"] = time.time() - t
     t = time.time()
-    # Encoded in blocks straight into flat arrays: lists of Python ints for 100k pairs and a few
-    # 100k unlabelled functions would take gigabytes.
+    # Encoded in blocks straight into flat arrays: lists of Python ints would take gigabytes.
     dtype = token_store.dtype_for(tok.vocab_size)
     arrays = {s: {"desc": _encode(tok, [p.description for p in got.splits[s]], dtype),
                   "code": _encode(tok, [p.code for p in got.splits[s]], dtype)}
@@ -273,10 +271,9 @@ def _set_current(root: str, key: str) -> None:
 
 
 def load_prepared(path: str, data: ml_collections.ConfigDict | None = None) -> Prepared:
-  """Opens a preparation: its own directory, a data dir (uses CURRENT), or a workdir (data/).
-
-  With `data` (a run's config.data), the data dir's newest preparation made with its options
-  (CURRENT's first), else CURRENT's: a data dir may be shared by runs of other configs."""
+  """Opens a preparation: its own directory, a data dir (uses CURRENT), or a workdir (data/);
+  with `data` (a run's config.data), the newest made with its options (a data dir may be shared
+  by runs of other configs), else CURRENT's."""
   path = os.path.abspath(os.path.expanduser(path))
   for candidate in (path, os.path.join(path, "data")):
     if os.path.isfile(os.path.join(candidate, "COMPLETE")):
@@ -366,10 +363,9 @@ def summary(prepared: Prepared, data: ml_collections.ConfigDict) -> str:
     cut = f"{np.mean(lens > limit):.1%}" if len(lens) else "-"
     lines.append(f"  {name:<{w}}" + "".join(f"{v:>8}" for v in (*p, lens.max(initial=0), cut)))
   real_code = np.minimum(code + 1, longest)
-  padded_code = np.asarray(buckets)[token_store.bucket_of(real_code, buckets)]
-  real_desc = np.minimum(desc + 2, data.max_desc_len)
-  real = {"code": real_code.sum(), "desc": real_desc.sum()}
-  padded = {"code": padded_code.sum(), "desc": data.max_desc_len * len(desc)}
+  real = {"code": real_code.sum(), "desc": np.minimum(desc + 2, data.max_desc_len).sum()}
+  padded = {"code": np.asarray(buckets)[token_store.bucket_of(real_code, buckets)].sum(),
+            "desc": data.max_desc_len * len(desc)}
   pad = {k: 1 - real[k] / max(padded[k], 1) for k in real}
   pad_all = 1 - sum(real.values()) / max(sum(padded.values()), 1)
   lines.append(
