@@ -1,9 +1,7 @@
 """Input pipeline: grain over the prepared token store, length-bucketed, resumable, per host.
 
-Each epoch is planned up front: examples shuffled (seed, epoch), grouped by code bucket, cut into
-global batches, the batches shuffled. Element i of the grain dataset is global batch i, so the
-iterator state is one integer and a restored iterator yields exactly the batches an uninterrupted
-one would; every host plans the same batches and reads its own rows of each.
+Element i of the grain dataset is global batch i (each epoch planned up front from the code
+lengths), so the iterator state is one integer, a restore is exact and all hosts agree on shapes.
 
 A batch is a dict of numpy arrays:
   desc_ids  int32 [b, max_desc_len]  [CLS] description [SEP], zero padded, cut before SEP
@@ -16,9 +14,8 @@ A batch is a dict of numpy arrays:
   labelled  bool  [b]                with an unlabelled schedule: False for unlabelled code, whose
                                      context is the code with spans cut to one UNK each
 
-With an unlabelled schedule (`parse_schedule`) each global batch is labelled pairs or unlabelled
-code by a pure function of its index (`unlabelled_before`), each kind with its own BatchPlan; the
-decoder writes the whole function from its corrupted copy (BART's text infilling).
+With an unlabelled schedule each global batch is labelled pairs or unlabelled code (to denoise,
+as BART's text infilling) by a pure function of its index (`unlabelled_before`).
 """
 from __future__ import annotations
 
@@ -104,18 +101,13 @@ class Mix(grain.MapDataset):
   def __str__(self) -> str:
     return f"Mix(unlabelled schedule {[(str(f), s) for f, s in self.schedule]})"
 
-  def source(self, index: int) -> tuple[bool, int]:
-    """(unlabelled?, index into that dataset) of global batch `index`."""
-    u = unlabelled_before(self.schedule, index)
-    if unlabelled_before(self.schedule, index + 1) > u:
-      return True, u
-    return False, index - u
-
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    unlabelled, i = self.source(index)
-    return (self.unlabelled if unlabelled else self.labelled)[i]
+    u = unlabelled_before(self.schedule, index)
+    if unlabelled_before(self.schedule, index + 1) > u:
+      return self.unlabelled[u]
+    return self.labelled[index - u]
 
 
 class BatchPlan(grain.MapDataset):
@@ -129,8 +121,8 @@ class BatchPlan(grain.MapDataset):
     self.bucket = token_store.bucket_of(code_lens, buckets)
     self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
     self.drop_remainder = drop_remainder
-    self.per_host = batch_size // process_count
-    self.rows = slice(process_index * self.per_host, (process_index + 1) * self.per_host)
+    per_host = batch_size // process_count
+    self.rows = slice(process_index * per_host, (process_index + 1) * per_host)
     counts = np.bincount(self.bucket, minlength=len(self.buckets))
     self.batches_per_epoch = int(self._batches(counts).sum())
     self.num_epochs = num_epochs
