@@ -129,10 +129,9 @@ def order_key(path: str) -> bytes:
 
 
 def _py_units(spec: str, label: str, root: str) -> list[Unit]:
+  files = _files(root, (".py",))   # one file when root is one
   if os.path.isfile(root):
-    root, files = os.path.dirname(root), [root]
-  else:
-    files = _files(root, (".py",))
+    root = os.path.dirname(root)
   rels = [f"{label}/{os.path.relpath(f, root).replace(os.sep, '/')}" for f in files]
   units_ = [Unit(r, functools.partial(_read_py, spec, f, r), _stamp(f))
             for f, r in zip(files, rels)]
@@ -143,8 +142,7 @@ def read_python_file(filename: str, skipped: collections.Counter,
                      max_bytes: int = 1 << 20) -> str | None:
   """The text of a Python file, or None with the reason counted in `skipped`."""
   try:
-    size = os.path.getsize(filename)
-    if size > max_bytes:
+    if os.path.getsize(filename) > max_bytes:
       skipped["file: too large"] += 1
       return None
     with open(filename, "rb") as f:
