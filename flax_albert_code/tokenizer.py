@@ -20,15 +20,13 @@ USER_SYMBOLS = ("\n", "\t")
 CONTROL_SYMBOLS = ("[CLS]", "[SEP]")  # get ids 4 and 5
 _ESC = "\ue000"  # private use: ESC ESC -> ESC, ESC "_" -> U+2581, ESC "u" + 4 hex -> a surrogate
 _NEEDS_ESCAPE = re.compile("[\ue000\u2581\ud800-\udfff]")
+_ESCAPES = {_ESC: _ESC + _ESC, "\u2581": _ESC + "_"}   # and a surrogate: ESC "u" + 4 hex
 _ESCAPED = re.compile("\ue000(?:(\ue000)|(_)|u([0-9a-f]{4}))")
 _SKIP_ON_DECODE = frozenset((PAD_ID, BOS_ID, CLS_ID, SEP_ID))
 
 
 class TokenizerError(ValueError):
   """A tokenizer file is missing or cannot be trained/loaded; the message says what to do."""
-
-
-_ESCAPES = {_ESC: _ESC + _ESC, "\u2581": _ESC + "_"}
 
 
 def _unescape_match(m: re.Match) -> str:

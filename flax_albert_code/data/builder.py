@@ -38,10 +38,8 @@ class CodePairs(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description="Python (description, code) pairs mined by flax_albert_code.prepare.",
-        features=tfds.features.FeaturesDict({
-            "index": np.int64, "lineno": np.int64,
-            **{f: tfds.features.Text() for f in TEXT_FIELDS},
-        }),
+        features=tfds.features.FeaturesDict({"index": np.int64, "lineno": np.int64,
+                                             **{f: tfds.features.Text() for f in TEXT_FIELDS}}),
         disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
