@@ -3,13 +3,11 @@
 Layout of `config.data.data_dir` (default `<workdir>/data`):
 
   <key>/             one complete preparation; key = hash of sources (+ file sizes and mtimes) and
-    COMPLETE           the options that change the data; written last, inside a temp dir that is
-    meta.json          then renamed, so a half-written preparation is never seen under <key>/
+    COMPLETE           the options that change the data; written last, in a temp dir renamed
+    meta.json          to <key>/, so a half-written preparation is never seen there
     spm.model
     tfds/code_pairs/2.0.0/...    TFDS array_record dataset, splits train/valid/test (text)
-    tokens/<split>.*.npy         token ids, flat, for the input pipeline; with
-                                 config.data.unlabelled also split "unlabelled" (code only, no
-                                 description tokens, not in the TFDS dataset)
+    tokens/<split>.*.npy         token ids, flat; also split "unlabelled" (code only, not in TFDS)
   CURRENT            the key of the latest complete preparation (for `load_prepared`)
 """
 from __future__ import annotations
