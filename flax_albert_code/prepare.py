@@ -3,8 +3,7 @@
   python -m flax_albert_code.prepare --config configs/default.py --workdir runs/small
   python -m flax_albert_code.prepare --workdir /tmp/d --config.data.sources=stdlib,dir:~/src/repo
 
-Re-running with the same sources and options reuses the prepared data. Train calls `prepare`
-itself when the data is missing; the logic lives in `flax_albert_code.data.prepared`.
+Re-running with the same sources and options reuses the prepared data (data/prepared.py).
 """
 from __future__ import annotations
 

@@ -1,14 +1,12 @@
-"""Sentencepiece tokenizer that round-trips code byte for byte.
+"""Sentencepiece tokenizer that round-trips code byte for byte: `decode(encode(x)) == x`.
 
 Ids fixed for the whole library (config_lib): PAD=0, UNK=1, BOS=2, EOS=3, CLS=4, SEP=5, then the
-user-defined pieces "\\n" and "\\t". The trainer options keep every space, tab and newline
-(identity normalisation, no dummy prefix, whitespace-only pieces, byte fallback), so
-`decode(encode(x)) == x` for every string. Sentencepiece writes spaces as U+2581 internally, so a
-literal U+2581 (and a lone surrogate, which UTF-8 cannot hold) is escaped with a private-use
-character first; see `escape`/`unescape`.
+user-defined pieces "\\n" and "\\t". Sentencepiece writes spaces as U+2581, so a literal U+2581
+(and a lone surrogate, which UTF-8 cannot hold) is escaped first; see `escape`/`unescape`.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from typing import Iterable, Sequence
@@ -22,6 +20,7 @@ USER_SYMBOLS = ("\n", "\t")
 CONTROL_SYMBOLS = ("[CLS]", "[SEP]")  # get ids 4 and 5
 _ESC = "\ue000"  # private use: ESC ESC -> ESC, ESC "_" -> U+2581, ESC "u" + 4 hex -> a surrogate
 _NEEDS_ESCAPE = re.compile("[\ue000\u2581\ud800-\udfff]")
+_ESCAPES = {_ESC: _ESC + _ESC, "\u2581": _ESC + "_"}   # and a surrogate: ESC "u" + 4 hex
 _ESCAPED = re.compile("\ue000(?:(\ue000)|(_)|u([0-9a-f]{4}))")
 _SKIP_ON_DECODE = frozenset((PAD_ID, BOS_ID, CLS_ID, SEP_ID))
 
@@ -30,26 +29,15 @@ class TokenizerError(ValueError):
   """A tokenizer file is missing or cannot be trained/loaded; the message says what to do."""
 
 
-def _escape_char(m: re.Match) -> str:
-  c = m.group(0)
-  if c == _ESC:
-    return _ESC + _ESC
-  if c == "\u2581":
-    return _ESC + "_"
-  return f"{_ESC}u{ord(c):04x}"
-
-
 def _unescape_match(m: re.Match) -> str:
-  if m.group(1):
-    return _ESC
-  if m.group(2):
-    return "\u2581"
-  return chr(int(m.group(3), 16))
+  return _ESC if m[1] else "\u2581" if m[2] else chr(int(m[3], 16))
 
 
 def escape(text: str) -> str:
   """Makes `text` safe for sentencepiece; `unescape(escape(x)) == x` for every str."""
-  return _NEEDS_ESCAPE.sub(_escape_char, text) if _NEEDS_ESCAPE.search(text) else text
+  if not _NEEDS_ESCAPE.search(text):
+    return text
+  return _NEEDS_ESCAPE.sub(lambda m: _ESCAPES.get(m[0]) or f"{_ESC}u{ord(m[0]):04x}", text)
 
 
 def unescape(text: str) -> str:
@@ -96,14 +84,8 @@ class Tokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     """Text of `ids` up to the first EOS; PAD, BOS, CLS and SEP are skipped."""
-    kept = []
-    for i in ids:
-      i = int(i)
-      if i == EOS_ID:
-        break
-      if i not in _SKIP_ON_DECODE:
-        kept.append(i)
-    return unescape(self.sp.decode(kept))
+    ids = itertools.takewhile(lambda i: i != EOS_ID, map(int, ids))
+    return unescape(self.sp.decode([i for i in ids if i not in _SKIP_ON_DECODE]))
 
   def encode_description(self, text: str, max_len: int) -> list[int]:
     """[CLS] tokens [SEP]; a long description loses its tail tokens, never CLS or SEP."""
@@ -120,13 +102,9 @@ def frame_description(tokens: Sequence[int], max_len: int) -> list[int]:
 
 def frame_context(desc_tokens: Sequence[int], neighbours: Sequence[Sequence[int]],
                   max_desc_len: int, max_len: int) -> list[int]:
-  """[CLS] description [SEP] code_1 [SEP] ... code_k [SEP]: what a retrieval model's encoder
-  reads for generation. The description is framed as `frame_description` frames it. The nearest
-  neighbour comes first and may fill the room left (max_len minus the description) but for
-  1 / (2k) of it kept for each later neighbour, so the code most worth copying is whole as
-  often as the room allows; each later one takes what is left, shared equally (a short
-  neighbour leaves the rest to the next). A context shorter than max_desc_len cuts the
-  description at max_len."""
+  """[CLS] description [SEP] code_1 [SEP] ... code_k [SEP], at most `max_len` ids; the nearest
+  neighbour may fill the room but for 1 / (2k) of it kept for each later one (so the code most
+  worth copying is whole as often as it can be), which share what is left."""
   out = frame_description(desc_tokens, min(max_desc_len, max_len))
   n = len(neighbours)
   kept = (max_len - len(out)) // (2 * n) if n else 0   # room each later neighbour keeps
@@ -148,14 +126,9 @@ def frame_code(tokens: Sequence[int], max_len: int) -> list[int]:
 def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int, *,
                     num_threads: int = 8, input_sentence_size: int = 0,
                     model_type: str = "unigram") -> Tokenizer:
-  """Trains a sentencepiece model ("unigram" or "bpe") on `texts` and writes it to `out_path`
-  atomically.
-
-  The vocabulary may come out smaller than `vocab_size` when the corpus is small
-  (`hard_vocab_limit=False`); read `.vocab_size` of the result. The model is a deterministic
-  function of (texts, vocab_size, num_threads): the thread count is fixed, not the machine's CPU
-  count, so hosts of any size that prepare the same data get the same tokenizer.
-  """
+  """Trains a sentencepiece model ("unigram" or "bpe") on `texts`, written atomically; its
+  vocabulary may be smaller than `vocab_size`. The thread count is fixed, not the CPU count:
+  hosts of any size get the same tokenizer."""
   out_path = os.fspath(out_path)
   if model_type not in ("unigram", "bpe"):
     raise TokenizerError(f"Unknown tokenizer type {model_type!r}; use 'unigram' or 'bpe' "

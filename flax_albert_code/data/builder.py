@@ -1,10 +1,7 @@
-"""The prepared pairs as a TFDS dataset in array_record format, read back without TensorFlow.
+"""The prepared pairs as a TFDS array_record dataset, read back without TensorFlow.
 
-Writing goes through `tfds.core.GeneratorBasedBuilder(file_format="array_record")`; reading uses
-`tfds.builder_from_directory(...).as_data_source(split)` (random access, no TensorFlow; never
-`as_dataset`, which needs it). Examples keep the generation order (`disable_shuffling`), so the
-record at position i has `index == i`. Token ids live in the token store only (since 2.0.0:
-encoding them here cost as much as the text); `ExampleSource` adds them back from it.
+Read with `as_data_source` (random access; `as_dataset` would need TensorFlow). Records keep
+the generation order, so record i has `index == i`. Token ids live in the token store only.
 """
 from __future__ import annotations
 
@@ -16,7 +13,6 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-NAME = "code_pairs"
 TEXT_FIELDS = ("description", "code", "path", "name", "source")
 
 
@@ -27,8 +23,7 @@ class CodePairs(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "First version.",
                    "2.0.0": "Token ids only in the token store (prepared.py), not here."}
 
-  # TFDS looks for a checksums file next to the builder's code through `importlib_resources`
-  # (not installed, not needed: nothing is downloaded). No code path, no lookup.
+  # No code path: TFDS would look for a checksums file through `importlib_resources`.
   @tfds.core.utils.classproperty
   @classmethod
   def code_path(cls):
@@ -43,10 +38,8 @@ class CodePairs(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description="Python (description, code) pairs mined by flax_albert_code.prepare.",
-        features=tfds.features.FeaturesDict({
-            "index": np.int64, "lineno": np.int64,
-            **{f: tfds.features.Text() for f in TEXT_FIELDS},
-        }),
+        features=tfds.features.FeaturesDict({"index": np.int64, "lineno": np.int64,
+                                             **{f: tfds.features.Text() for f in TEXT_FIELDS}}),
         disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
@@ -73,11 +66,8 @@ def open_splits(dataset_dir: str):
 
 
 class ExampleSource:
-  """Random access to one split's examples as dicts of str, int and int32 arrays.
-
-  `store` (the split's token_store.TokenStore) gives `desc_tokens` and `code_tokens` to records
-  that lack them (all since 2.0.0).
-  """
+  """Random access to one split's examples as dicts of str, int and int32 arrays; `store` (its
+  token_store.TokenStore) gives them `desc_tokens` and `code_tokens`."""
 
   def __init__(self, data_source, store=None):
     self.data_source = data_source  # raw tfds source: text fields come back as bytes

@@ -1,12 +1,8 @@
 """(description, code) pairs from Python source with `ast`.
 
-Description: the first paragraph of a function's docstring, whitespace folded to single spaces.
-Code: the function's source lines (decorators kept) with the docstring lines removed, dedented by
-the indentation of its first line. Filters and normalisation for dedupe live here too.
-
-Unlabelled code (`Filters.unlabelled`, for pretraining a code model): every function and method
-whole (docstring kept), and each module's source in chunks cut at top-level statements
-(`module_chunks`), both within the code length limits.
+Description: a function's first docstring paragraph, whitespace folded. Code: its source lines
+(decorators kept) without the docstring, dedented by its first line. With `Filters.unlabelled`,
+also every function whole and each module in chunks cut at top-level statements.
 """
 from __future__ import annotations
 
@@ -49,8 +45,7 @@ class Filters:
   max_code_lines: int = 80
   max_code_chars: int = 4000
   max_file_bytes: int = 1 << 20  # larger source files are skipped unread (generated code, data)
-  # Code search: every function, documented or not, none filtered out (description "" when
-  # it has no docstring; its whole source when nothing but the docstring can be cut out).
+  # Code search: every function, none filtered out (description "" without a docstring).
   every_function: bool = False
   # Also unlabelled code (`Unlabelled`) from Python files, in the same list as the pairs.
   unlabelled: bool = False
@@ -95,20 +90,25 @@ def _docstring_node(node: ast.AST) -> ast.Expr | None:
   return None
 
 
-def _function_source(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]) -> str:
-  """The whole source of `node` (decorators and docstring kept), dedented by its first line."""
-  start = min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1
-  kept = lines[start:node.end_lineno]
+def _first_line(node: ast.stmt) -> int:
+  """1-based line of the node's first decorator, or of the node itself."""
+  return min([d.lineno for d in getattr(node, "decorator_list", ())] + [node.lineno])
+
+
+def _dedent(kept: list[str]) -> str:
   indent = re.match(r"[ \t]*", kept[0]).group(0)
   return "".join(line[len(indent):] if line.startswith(indent) else line
                  for line in kept).rstrip() + "\n"
 
 
+def _function_source(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]) -> str:
+  """The whole source of `node` (decorators and docstring kept), dedented by its first line."""
+  return _dedent(lines[_first_line(node) - 1:node.end_lineno])
+
+
 def _function_code(node: ast.FunctionDef | ast.AsyncFunctionDef, doc: ast.Expr,
                    lines: list[str]) -> str | None:
   """Source of `node` without its docstring, or None when that cannot be cut out cleanly."""
-  start = min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1
-  end = node.end_lineno
   d0, d1 = doc.lineno - 1, doc.end_lineno - 1
   before = lines[d0].encode("utf-8", "surrogatepass")[:doc.col_offset].strip()  # offsets: bytes
   after = lines[d1].encode("utf-8", "surrogatepass")[doc.end_col_offset:].strip()
@@ -116,21 +116,15 @@ def _function_code(node: ast.FunctionDef | ast.AsyncFunctionDef, doc: ast.Expr,
     return None  # the docstring shares a line with other code
   if len(node.body) == 1:
     return None  # nothing but the docstring: no code to learn
-  kept = lines[start:d0] + lines[d1 + 1:end]
-  indent = re.match(r"[ \t]*", kept[0]).group(0)
-  return "".join(line[len(indent):] if line.startswith(indent) else line
-                 for line in kept).rstrip() + "\n"
+  return _dedent(lines[_first_line(node) - 1:d0] + lines[d1 + 1:node.end_lineno])
 
 
 _BLOCKS = ("body", "orelse", "finalbody", "handlers", "cases")
 
 
 def _walk(node: ast.AST, prefix: str):
-  """Yields (qualified name, function node) for every function, methods and nested ones too.
-
-  Only statement blocks are searched (a def cannot hide in an expression), which is ~3x faster
-  than `ast.walk`.
-  """
+  """(qualified name, node) of every function, nested ones too; searches only statement
+  blocks (a def cannot hide in an expression): faster than `ast.walk`."""
   for field in _BLOCKS:
     for child in getattr(node, field, None) or ():
       if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -151,22 +145,13 @@ def parse(text: str) -> ast.Module | None:
     return None
 
 
-def _fits(code: str, filters: Filters) -> bool:
-  return code.count("\n") + 1 <= filters.max_code_lines and len(code) <= filters.max_code_chars
-
-
 def module_chunks(tree: ast.Module, lines: list[str], filters: Filters) -> list[tuple[int, str]]:
-  """(first line, text) of a module cut into chunks within the code length limits.
-
-  Cuts fall between top-level statements (comments and blank lines before a statement go with
-  it); consecutive statements share a chunk while it fits. A statement too long for one chunk is
-  cut between lines; a single line longer than `max_code_chars` is dropped.
+  """(first line, text) of a module in chunks within the code length limits, cut between
+  top-level statements (a statement too long for one, between lines; a too long line dropped).
   """
-  starts = sorted({0} | {min([d.lineno for d in getattr(n, "decorator_list", ())] + [n.lineno]) - 1
-                         for n in tree.body})
-  segments = [(a, b) for a, b in zip(starts, starts[1:] + [len(lines)]) if a < b]
+  starts = sorted({0} | {_first_line(n) - 1 for n in tree.body})
   pieces: list[tuple[int, int]] = []   # (start, end) line ranges that each fit alone
-  for a, b in segments:
+  for a, b in zip(starts, starts[1:] + [len(lines)]):
     while a < b:
       end, chars = a, 0
       while end < b and end - a < filters.max_code_lines and \
@@ -178,20 +163,16 @@ def module_chunks(tree: ast.Module, lines: list[str], filters: Filters) -> list[
         continue
       pieces.append((a, end))
       a = end
-  chunks, cur, chars = [], None, 0
+  chunks: list[list[int]] = []   # [start, end, chars]: consecutive pieces merged while they fit
   for a, b in pieces:
     n = sum(len(lines[i]) for i in range(a, b))
-    if cur is not None and cur[1] == a and b - cur[0] <= filters.max_code_lines and \
-        chars + n <= filters.max_code_chars:
-      cur, chars = (cur[0], b), chars + n
-      continue
-    if cur is not None:
-      chunks.append(cur)
-    cur, chars = (a, b), n
-  if cur is not None:
-    chunks.append(cur)
+    if chunks and chunks[-1][1] == a and b - chunks[-1][0] <= filters.max_code_lines and \
+        chunks[-1][2] + n <= filters.max_code_chars:
+      chunks[-1][1:] = [b, chunks[-1][2] + n]
+    else:
+      chunks.append([a, b, n])
   out = []
-  for a, b in chunks:
+  for a, b, _ in chunks:
     while a < b and not lines[a].strip():
       a += 1
     if a < b:
@@ -204,14 +185,13 @@ def _unlabelled(tree: ast.Module, lines: list[str], path: str, source: str,
   out = []
   for name, node in _walk(tree, ""):
     code = _function_source(node, lines)
-    if not _fits(code, filters):
+    if code.count("\n") + 1 > filters.max_code_lines or len(code) > filters.max_code_chars:
       skipped["unlabelled: function too long (its module's chunks hold it)"] += 1
       continue
     doc = _docstring_node(node)
     bare = _function_code(node, doc, lines) if doc is not None else None
     keys = (code_key(code),) + ((code_key(bare),) if bare is not None else ())
-    lineno = min([d.lineno for d in node.decorator_list] + [node.lineno])
-    out.append(Unlabelled(code, path, name, lineno, source, keys))
+    out.append(Unlabelled(code, path, name, _first_line(node), source, keys))
   for lineno, code in module_chunks(tree, lines, filters):
     out.append(Unlabelled(code, path, "<module>", lineno, source, (code_key(code),)))
   return out
@@ -219,9 +199,8 @@ def _unlabelled(tree: ast.Module, lines: list[str], path: str, source: str,
 
 def mine_text(text: str, path: str, source: str, filters: Filters,
               skipped: collections.Counter, partition: str = "") -> list[Pair | Unlabelled]:
-  """Pairs of every documented function in `text` (one module), or with
-  `filters.every_function` of every function; skips counted in `skipped`. With
-  `filters.unlabelled` the module's unlabelled code follows the pairs."""
+  """Pairs of the documented functions in `text` (one module; every function with
+  `filters.every_function`), then its unlabelled code with `filters.unlabelled`."""
   tree = parse(text)
   if tree is None:
     skipped["file: syntax error"] += 1
@@ -230,7 +209,7 @@ def mine_text(text: str, path: str, source: str, filters: Filters,
   pairs: list[Pair | Unlabelled] = []
   for name, node in _walk(tree, ""):
     doc = _docstring_node(node)
-    lineno = min([d.lineno for d in node.decorator_list] + [node.lineno])
+    lineno = _first_line(node)
     if doc is None:
       if filters.every_function:
         pairs.append(Pair("", _function_source(node, lines), path, name, lineno, source,
@@ -254,10 +233,8 @@ def mine_text(text: str, path: str, source: str, filters: Filters,
 
 
 def strip_docstring(code: str) -> str | None:
-  """One function's source (as CodeSearchNet stores it) without its docstring; None if unparsable.
-
-  Returns the code unchanged (dedented) when it has no docstring.
-  """
+  """One function's source (as CodeSearchNet stores it) without its docstring (unchanged when
+  it has none); None if unparsable."""
   tree = parse(code)
   if tree is None or not tree.body or not isinstance(
       tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -265,7 +242,4 @@ def strip_docstring(code: str) -> str | None:
   node = tree.body[0]
   lines = split_lines(code)
   doc = _docstring_node(node)
-  if doc is None:
-    return "".join(lines[min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1:
-                         node.end_lineno]).rstrip() + "\n"
-  return _function_code(node, doc, lines)
+  return _function_source(node, lines) if doc is None else _function_code(node, doc, lines)

@@ -1,39 +1,21 @@
 """Input pipeline: grain over the prepared token store, length-bucketed, resumable, per host.
 
-Each epoch is planned up front from the code lengths: examples are shuffled (seed, epoch), grouped
-by bucket (the smallest of `config.data.code_buckets` that holds code + EOS), cut into global
-batches, and the batches shuffled. Element i of the grain dataset is global batch i, so the
-iterator state is one integer and a restored iterator yields exactly the batches an uninterrupted
-one would. Every host plans the same global batches and reads its own rows
-[process_index * b, (process_index + 1) * b), b = batch_size // process_count, so all hosts agree
-on the bucket (the array shape) of every step.
+Element i of the grain dataset is global batch i (each epoch planned up front from the code
+lengths), so the iterator state is one integer, a restore is exact and all hosts agree on shapes.
 
 A batch is a dict of numpy arrays:
-  desc_ids  int32 [b, max_desc_len]  [CLS] description [SEP], zero padded, long ones cut before SEP
-  code_ids  int32 [b, bucket]        code [EOS], zero padded; code longer than the bucket is cut
-                                     and gets no EOS. No BOS: the decoder shifts right itself.
-  index     int32 [b]                the example's index in `prepared.source(split)`; -1 marks a
-                                     filler row (only with drop_remainder=False), all-PAD code
-  ctx_ids   int32 [b, max_ctx_len]   only with retrieval (config.retrieval.k > 0): [CLS]
-                                     description [SEP] code of each neighbour [SEP]
-                                     (`tokenizer.frame_context`), what the decoder attends to;
-                                     in training, config.retrieval.self_neighbour_rate of the
-                                     rows have their own code, about 15% of it cut out in
-                                     spans, as first neighbour
-  own_ctx_ids int32 [b, max_ctx_len] only with `own_context` (the trainer's reading gauge):
-                                     the context with the row's own code, intact, as first
-                                     neighbour
-  labelled  bool  [b]                only with an unlabelled schedule: False for the rows of
-                                     unlabelled code, whose context is the code corrupted
-                                     ([CLS] [SEP] code with spans cut to one UNK [SEP])
+  desc_ids  int32 [b, max_desc_len]  [CLS] description [SEP], zero padded, cut before SEP
+  code_ids  int32 [b, bucket]        code [EOS], zero padded; cut code gets no EOS (no BOS)
+  index     int32 [b]                index in `prepared.source(split)`; -1: a filler row
+  ctx_ids   int32 [b, max_ctx_len]   with retrieval: `tokenizer.frame_context` of the neighbours;
+                                     in training self_neighbour_rate of the rows have their own
+                                     code, spans cut out, as first neighbour
+  own_ctx_ids int32 [b, max_ctx_len] with `own_context`: the row's own code, intact, first
+  labelled  bool  [b]                with an unlabelled schedule: False for unlabelled code, whose
+                                     context is the code with spans cut to one UNK each
 
-Denoising on unlabelled code (config.train.unlabelled_schedule, `parse_schedule`): each global
-batch is either labelled pairs or unlabelled code, chosen by a pure function of the batch index
-(`unlabelled_before`), and each kind has its own bucketed, shuffled BatchPlan; element i is
-still global batch i, so the iterator state stays one integer. An unlabelled row's encoder
-reads its function with about 15% of the tokens cut out in spans (BART's text infilling, each
-span one UNK; `corrupt_spans`) and its decoder writes the whole function: copying what is
-there and filling what is not, from the first step.
+With an unlabelled schedule each global batch is labelled pairs or unlabelled code (to denoise,
+as BART's text infilling) by a pure function of its index (`unlabelled_before`).
 """
 from __future__ import annotations
 
@@ -61,30 +43,23 @@ Schedule = tuple[tuple[fractions.Fraction, int | None], ...]
 
 
 def parse_schedule(text: str) -> Schedule:
-  """`config.train.unlabelled_schedule` -> ((fraction, until step), ..., (fraction, None)).
-
-  Comma-separated `F:S` items: fraction F of the batches are unlabelled code until step S
-  (steps counted from 1, S included); a last bare `F` holds from there on, else the fraction is
-  0 after the last S. "1.0:600,0.25": the first 600 batches unlabelled, then one in four.
-  "" is off. A ValueError names the field and says what to write.
-  """
+  """`config.train.unlabelled_schedule` -> ((fraction, until step), ..., (fraction, None)):
+  `F:S` items, F of the batches unlabelled until step S (from 1, included); a last bare `F`
+  holds from there on, else 0 after the last S. "" is off."""
   out, last = [], 0
   items = [item.strip() for item in text.split(",")] if text.strip() else []
   for n, item in enumerate(items):
-    frac_text, colon, step_text = item.partition(":")
-    problem = None
+    frac_text, colon, step_text = (t.strip() for t in item.partition(":"))
+    problem = f"{frac_text!r} is not a fraction"
     try:
-      frac = fractions.Fraction(frac_text.strip())
+      frac = fractions.Fraction(frac_text)
+      problem = f"{step_text!r} is not a step number"
+      until = int(step_text) if colon else None
+      problem = None
     except (ValueError, ZeroDivisionError):
-      frac, problem = None, f"{frac_text.strip()!r} is not a fraction"
-    until = None
-    if problem is None and colon:
-      try:
-        until = int(step_text.strip())
-      except ValueError:
-        problem = f"{step_text.strip()!r} is not a step number"
+      pass
     if problem is None and not 0 <= frac <= 1:
-      problem = f"fraction {frac_text.strip()} is not between 0 and 1"
+      problem = f"fraction {frac_text} is not between 0 and 1"
     elif problem is None and not colon and n != len(items) - 1:
       problem = f"{item!r} has no ':step' but is not the last item"
     elif problem is None and colon and until <= last:
@@ -99,10 +74,8 @@ def parse_schedule(text: str) -> Schedule:
 
 
 def unlabelled_before(schedule: Schedule, i: int) -> int:
-  """How many of global batches 0..i-1 are unlabelled code; batch i is unlabelled when
-  `unlabelled_before(schedule, i + 1)` is larger. Within an item of fraction F = p/q the
-  unlabelled batches are spread evenly (Bresenham: floor(j p / q)), integers only, so every
-  host and every resumed run agrees."""
+  """How many of global batches 0..i-1 are unlabelled code. Within an item of fraction p/q they
+  are spread evenly (floor(j p / q)), integers only, so every host and resumed run agrees."""
   total, start = 0, 0
   for frac, until in schedule:
     end = i if until is None else min(i, until)
@@ -128,18 +101,13 @@ class Mix(grain.MapDataset):
   def __str__(self) -> str:
     return f"Mix(unlabelled schedule {[(str(f), s) for f, s in self.schedule]})"
 
-  def source(self, index: int) -> tuple[bool, int]:
-    """(unlabelled?, index into that dataset) of global batch `index`."""
-    u = unlabelled_before(self.schedule, index)
-    if unlabelled_before(self.schedule, index + 1) > u:
-      return True, u
-    return False, index - u
-
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    unlabelled, i = self.source(index)
-    return (self.unlabelled if unlabelled else self.labelled)[i]
+    u = unlabelled_before(self.schedule, index)
+    if unlabelled_before(self.schedule, index + 1) > u:
+      return self.unlabelled[u]
+    return self.labelled[index - u]
 
 
 class BatchPlan(grain.MapDataset):
@@ -150,14 +118,13 @@ class BatchPlan(grain.MapDataset):
                process_index: int, process_count: int):
     super().__init__()
     self.buckets = np.asarray(sorted(buckets))
-    self.bucket = np.minimum(np.searchsorted(self.buckets, code_lens), len(self.buckets) - 1)
+    self.bucket = token_store.bucket_of(code_lens, buckets)
     self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
     self.drop_remainder = drop_remainder
-    self.per_host = batch_size // process_count
-    self.rows = slice(process_index * self.per_host, (process_index + 1) * self.per_host)
+    per_host = batch_size // process_count
+    self.rows = slice(process_index * per_host, (process_index + 1) * per_host)
     counts = np.bincount(self.bucket, minlength=len(self.buckets))
-    per_bucket = counts // batch_size if drop_remainder else -(-counts // batch_size)
-    self.batches_per_epoch = int(per_bucket.sum())
+    self.batches_per_epoch = int(self._batches(counts).sum())
     self.num_epochs = num_epochs
     self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     self._length = sys.maxsize if num_epochs is None else self.batches_per_epoch * num_epochs
@@ -168,6 +135,11 @@ class BatchPlan(grain.MapDataset):
   def __str__(self) -> str:
     return (f"BatchPlan({len(self.bucket)} examples, {self.batches_per_epoch} batches/epoch of "
             f"{self.batch_size}, buckets {self.buckets.tolist()})")
+
+  def _batches(self, examples):
+    """Batches of `examples` examples (an int or an array of counts)."""
+    bs = self.batch_size
+    return examples // bs if self.drop_remainder else -(-examples // bs)
 
   def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """([batches, batch_size] example indices, -1 for filler; [batches] bucket id)."""
@@ -182,8 +154,7 @@ class BatchPlan(grain.MapDataset):
     batches, bucket_ids = [], []
     for b in range(len(self.buckets)):
       members = order[self.bucket[order] == b]
-      n = (len(members) // self.batch_size if self.drop_remainder
-           else -(-len(members) // self.batch_size))
+      n = self._batches(len(members))
       members = np.concatenate([members, np.full(max(n * self.batch_size - len(members), 0), -1)])
       batches.append(members[:n * self.batch_size].reshape(n, self.batch_size))
       bucket_ids.append(np.full(n, b))
@@ -204,8 +175,8 @@ class BatchPlan(grain.MapDataset):
 
 def corrupt_spans(tokens: np.ndarray, rng: np.random.Generator,
                   marker: bool = True) -> np.ndarray:
-  """`tokens` with about DENOISE_RATE of them cut out in spans (lengths geometric, mean
-  DENOISE_SPAN), each span replaced by one UNK (BART's text infilling), or by nothing."""
+  """`tokens` with about DENOISE_RATE of them cut out in spans (geometric, mean DENOISE_SPAN),
+  each span replaced by one UNK, or by nothing without `marker`."""
   n = len(tokens)
   if n < 2:
     return np.asarray(tokens, np.int32)
@@ -226,11 +197,7 @@ def _rows_rng(idx: np.ndarray) -> np.random.Generator:
 
 
 class Assemble(grain.transforms.Map):
-  """(indices, width) -> the padded batch dict, gathered from the token store.
-
-  `labelled=False` (unlabelled code): the context is the code corrupted (`corrupt_spans`).
-  `own_context`: also `own_ctx_ids`, each row's context with its own code first.
-  """
+  """(indices, width) -> the padded batch dict, gathered from the token store."""
 
   def __init__(self, store: token_store.TokenStore, max_desc_len: int,
                neighbours: np.ndarray | None = None,
@@ -275,31 +242,33 @@ class Assemble(grain.transforms.Map):
   def _contexts(self, idx: np.ndarray, filler: np.ndarray, own: np.ndarray | None = None,
                 noisy: bool = True) -> np.ndarray:
     """Description + neighbours; rows where `own` (default: self_neighbour_rate of them) have
-    their own code as first neighbour, with spans cut out when `noisy` (`corrupt_spans`
-    without a marker: a near copy, as a close neighbour is)."""
-    ctx = np.zeros((len(idx), self.max_ctx_len), np.int32)
+    their own code first, spans cut out without a marker when `noisy` (a near copy)."""
     rng = _rows_rng(idx)   # which rows see their own code, and its cut spans
     if own is None:
       own = (rng.random(len(idx)) < self.self_neighbour_rate if self.self_neighbour_rate
              else np.zeros(len(idx), bool))
+    rows = []
     for r, (i, fill) in enumerate(zip(idx, filler)):
-      desc = [] if fill else self.store.tokens("desc", i)
       codes = [self.train_store.tokens("code", j) for j in self.neighbours[i] if j >= 0]
       if own[r]:
         code = np.array(self.store.tokens("code", i), np.int32)
         if noisy:
           code = corrupt_spans(code, rng, marker=False)
         codes = [code.tolist(), *codes[:-1]] if codes else [code.tolist()]
-      row = frame_context(desc, [] if fill else codes, self.max_desc_len, self.max_ctx_len)
-      ctx[r, :len(row)] = row
-    return ctx
+      rows.append(([], []) if fill else (self.store.tokens("desc", i), codes))
+    return self._framed(rows)
 
   def _denoising_contexts(self, idx: np.ndarray, filler: np.ndarray) -> np.ndarray:
-    ctx = np.zeros((len(idx), self.max_ctx_len), np.int32)
     rng = _rows_rng(idx)
-    for r, (i, fill) in enumerate(zip(idx, filler)):
-      code = [] if fill else [corrupt_spans(np.asarray(self.store.tokens("code", i)), rng)]
-      row = frame_context([], code, self.max_desc_len, self.max_ctx_len)
+    codes = ([] if fill else [corrupt_spans(np.asarray(self.store.tokens("code", i)), rng)]
+             for i, fill in zip(idx, filler))
+    return self._framed([([], c) for c in codes])
+
+  def _framed(self, rows: list[tuple]) -> np.ndarray:
+    """[len(rows), max_ctx_len]: `frame_context` of each (description, codes), zero padded."""
+    ctx = np.zeros((len(rows), self.max_ctx_len), np.int32)
+    for r, (desc, codes) in enumerate(rows):
+      row = frame_context(desc, codes, self.max_desc_len, self.max_ctx_len)
       ctx[r, :len(row)] = row
     return ctx
 
@@ -368,29 +337,16 @@ def make_dataset(config: ml_collections.ConfigDict, prepared, split: str, batch_
 
 
 def make_iterator(config: ml_collections.ConfigDict, prepared, split: str, batch_size: int, *,
-                  shuffle: bool, num_epochs: int | None, drop_remainder: bool | None = None,
-                  process_index: int | None = None, process_count: int | None = None,
-                  prefetch: int = 2, neighbours=None, unlabelled_schedule: str = "",
-                  own_context: bool = False) -> grain.DatasetIterator:
-  """An iterator over this host's part of each global batch (`batch_size` is global).
-
-  `unlabelled_schedule` (`parse_schedule`; "" off) mixes in batches of unlabelled code to
-  denoise, without end (`num_epochs` then ignored). `own_context` (with neighbours): batches
-  also hold `own_ctx_ids` (the module docstring).
-
-  `drop_remainder` (default: `shuffle`) drops each bucket's last partial batch per epoch;
-  without it the last batch is completed with filler rows (index -1). The iterator's
-  `get_state()`/`set_state()` (grain) resume it exactly; checkpoint it with the train state.
-  """
-  ds = make_dataset(config, prepared, split, batch_size, shuffle=shuffle, num_epochs=num_epochs,
-                    drop_remainder=drop_remainder, process_index=process_index,
-                    process_count=process_count, neighbours=neighbours,
-                    unlabelled_schedule=unlabelled_schedule, own_context=own_context)
+                  prefetch: int = 2, **options) -> grain.DatasetIterator:
+  """An iterator over this host's part of each global batch (`batch_size` is global);
+  `options` are make_dataset's. With `unlabelled_schedule` it never ends. `drop_remainder`
+  (default: `shuffle`) drops each bucket's last partial batch per epoch, else fills it with
+  index -1 rows. Its grain `get_state()`/`set_state()` resume it exactly."""
+  ds = make_dataset(config, prepared, split, batch_size, **options)
   read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
   return iter(ds.to_iter_dataset(read))
 
 
 def to_global(batch: Batch, sharding: jax.sharding.Sharding) -> dict[str, Any]:
-  """Per-host numpy batch -> global jax arrays laid out by `sharding` (e.g. the batch sharding
-  NamedSharding(mesh, P(("data", "fsdp"))))."""
+  """Per-host numpy batch -> global jax arrays laid out by `sharding`."""
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -3,21 +3,16 @@
 Layout of `config.data.data_dir` (default `<workdir>/data`):
 
   <key>/             one complete preparation; key = hash of sources (+ file sizes and mtimes) and
-    COMPLETE           the options that change the data; written last, inside a temp dir that is
-    meta.json          then renamed, so a half-written preparation is never seen under <key>/
+    COMPLETE           the options that change the data; written last, in a temp dir renamed
+    meta.json          to <key>/, so a half-written preparation is never seen there
     spm.model
     tfds/code_pairs/2.0.0/...    TFDS array_record dataset, splits train/valid/test (text)
-    tokens/<split>.*.npy         token ids, flat, for the input pipeline; with
-                                 config.data.unlabelled also split "unlabelled" (code only, no
-                                 description tokens, not in the TFDS dataset)
+    tokens/<split>.*.npy         token ids, flat; also split "unlabelled" (code only, not in TFDS)
   CURRENT            the key of the latest complete preparation (for `load_prepared`)
-
-Timing (meta.json "timing", seconds): mining, tokenizer training (on a fixed sample of the train
-texts, `tokenizer_sample`), encoding (sentencepiece's threads), writing the token store and the
-TFDS dataset (which is written in a thread from the end of mining on, beside the tokenizer).
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import datetime
@@ -35,26 +30,20 @@ from flax_albert_code import tokenizer as tokenizer_lib
 from flax_albert_code.data import builder, mining, sources, splits, token_store
 from flax_albert_code.utils import files
 
-# 2: token ids only in the token store (not in TFDS); the tokenizer trained on a sample.
 FORMAT_VERSION = 2
 KEY_FIELDS = ("sources", "max_examples", "valid_fraction", "test_fraction",
               "tokenizer_vocab_size", "tokenizer_path", "unlabelled", "max_unlabelled")
 # The seed of the split and of the tokenizer's sample.
 SPLIT_SEED = 0
-# Key options that were config.data fields: in the key with their values, so data prepared then
-# keeps its key.
-_FILTERS = mining.Filters()
-CONSTANT_KEY_OPTIONS = {"min_desc_words": _FILTERS.min_desc_words,
-                        "max_code_lines": _FILTERS.max_code_lines,
-                        "max_code_chars": _FILTERS.max_code_chars,
-                        "max_file_bytes": _FILTERS.max_file_bytes, "split_seed": SPLIT_SEED}
-# The tokenizer trains on a fixed sample of this many characters of the train split's texts
-# (descriptions and code), plus UNLABELLED_SAMPLE_CHARS of unlabelled code: on 72k stdlib +
-# site-packages texts (23 M chars) a 3 M-char sample trained 10x faster and its vocabulary
-# encoded all of them in 1.4% more tokens than the one trained on everything.
+# Key options that were config.data fields: kept in the key so data prepared then keeps it.
+CONSTANT_KEY_OPTIONS = {f: getattr(mining.Filters(), f) for f in (
+    "min_desc_words", "max_code_lines", "max_code_chars", "max_file_bytes")}
+CONSTANT_KEY_OPTIONS["split_seed"] = SPLIT_SEED
 # Fields a config saved before they existed (an old checkpoint's) lacks: their defaults.
 _ADDED_FIELDS = {"unlabelled": False, "max_unlabelled": 0}
 OPTIONAL_KEY_FIELDS = {"tokenizer_type": "unigram"}
+# The tokenizer trains on a fixed sample of this many characters of the train split's texts,
+# plus UNLABELLED_SAMPLE_CHARS of unlabelled code: much faster, about as good a vocabulary.
 TOKENIZER_SAMPLE_CHARS = 3_000_000
 UNLABELLED_SAMPLE_CHARS = 1_000_000
 DataError = sources.DataError
@@ -72,8 +61,7 @@ class Prepared:
   _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def source(self, split: str) -> builder.ExampleSource:
-    """Examples as dicts: description, code, path, name, lineno, source, index, desc_tokens,
-    code_tokens (token ids without special tokens, not truncated)."""
+    """Examples as dicts of the TFDS fields and desc_tokens, code_tokens (no special tokens)."""
     if splits.ALIASES.get(split, split) == splits.UNLABELLED:
       raise ValueError("The unlabelled split holds token ids only: read it with "
                        "Prepared.tokens('unlabelled') (tokenizer.decode gives its code back).")
@@ -105,8 +93,7 @@ REMOTE_WORKDIR_DATA = os.path.join("~", ".cache", "flax_albert_code", "data")
 
 def data_root(config: ml_collections.ConfigDict, workdir: str) -> str:
   """config.data.data_dir, else <workdir>/data; local disk only (the token store is memory
-  mapped). With a gs:// workdir each host prepares into REMOTE_WORKDIR_DATA (the preparation is
-  deterministic, so all hosts get the same data from the same sources)."""
+  mapped), so with a gs:// workdir each host prepares (deterministically) REMOTE_WORKDIR_DATA."""
   if "://" in config.data.data_dir:
     raise DataError(f"config.data.data_dir={config.data.data_dir} is not a local path; prepared "
                     "data is memory-mapped from a local disk: set a local directory (or '').")
@@ -116,9 +103,8 @@ def data_root(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def options(d: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The config.data fields that make the prepared data (KEY_FIELDS), with defaults for those a
-  config saved before them lacks, the CONSTANT_KEY_OPTIONS, and each of OPTIONAL_KEY_FIELDS that
-  is not its default (data prepared before such a field keeps its key)."""
+  """The options that make the prepared data: KEY_FIELDS, CONSTANT_KEY_OPTIONS, and those
+  OPTIONAL_KEY_FIELDS not at their default (so data prepared before them keeps its key)."""
   out = {f: d.get(f, _ADDED_FIELDS.get(f)) for f in KEY_FIELDS}
   out.update(CONSTANT_KEY_OPTIONS)
   out.update({f: d[f] for f, default in OPTIONAL_KEY_FIELDS.items()
@@ -131,8 +117,7 @@ def _filters(d: ml_collections.ConfigDict) -> mining.Filters:
 
 
 def tokenizer_sample(texts: list[str], max_chars: int, seed: int = 0) -> list[str]:
-  """A fixed pseudo-random sample of `texts` of about `max_chars` characters (all of them when
-  they are fewer), in their order: the same texts give the same sample."""
+  """A fixed pseudo-random sample of `texts` of about `max_chars` characters, in their order."""
   lengths = np.fromiter(map(len, texts), np.int64, count=len(texts))
   if lengths.sum() <= max_chars:
     return list(texts)
@@ -142,8 +127,7 @@ def tokenizer_sample(texts: list[str], max_chars: int, seed: int = 0) -> list[st
 
 
 def _key(d: ml_collections.ConfigDict, units: list[sources.Unit]) -> str:
-  h = hashlib.sha256(json.dumps(
-      [FORMAT_VERSION, options(d)], sort_keys=True).encode())
+  h = hashlib.sha256(json.dumps([FORMAT_VERSION, options(d)], sort_keys=True).encode())
   if d.tokenizer_path:
     h.update(bytes.fromhex(files.sha256(os.path.expanduser(d.tokenizer_path))))
   for u in units:
@@ -181,10 +165,11 @@ def _build(d: ml_collections.ConfigDict, specs: list[str], out: str, key: str,
            progress: bool) -> None:
   start = time.time()
   timing = {}
-  unlabelled = options(d)["unlabelled"]
+  opts = options(d)
+  unlabelled = opts["unlabelled"]
   got = splits.collect(specs, _filters(d), max_examples=d.max_examples, seed=SPLIT_SEED,
                        valid_fraction=d.valid_fraction, test_fraction=d.test_fraction,
-                       progress=progress, max_unlabelled=options(d)["max_unlabelled"])
+                       progress=progress, max_unlabelled=opts["max_unlabelled"])
   timing["mine"] = time.time() - start
   skipped = ", ".join(f"{k} {v}" for k, v in sorted(got.skipped.items())) or "nothing"
   if not any(got.splits.values()):
@@ -218,8 +203,7 @@ def _build(d: ml_collections.ConfigDict, specs: list[str], out: str, key: str,
                                                            OPTIONAL_KEY_FIELDS["tokenizer_type"]))
     timing["tokenizer"] = time.time() - t
     t = time.time()
-    # Encoded in blocks straight into flat arrays: lists of Python ints for 100k pairs and a few
-    # 100k unlabelled functions would take gigabytes.
+    # Encoded in blocks straight into flat arrays: lists of Python ints would take gigabytes.
     dtype = token_store.dtype_for(tok.vocab_size)
     arrays = {s: {"desc": _encode(tok, [p.description for p in got.splits[s]], dtype),
                   "code": _encode(tok, [p.code for p in got.splits[s]], dtype)}
@@ -235,11 +219,8 @@ def _build(d: ml_collections.ConfigDict, specs: list[str], out: str, key: str,
       token_store.write_arrays(os.path.join(out, "tokens"), split, fields)
     tfds_dir, timing["tfds"] = tfds_job.result()
   timing["write"] = time.time() - t
-  per_source = {}
-  for split, pairs in got.splits.items():
-    per_source[split] = {}
-    for p in pairs:
-      per_source[split][p.source] = per_source[split].get(p.source, 0) + 1
+  per_source = {split: dict(collections.Counter(p.source for p in pairs))
+                for split, pairs in got.splits.items()}
   split_sizes = {s: len(p) for s, p in got.splits.items()}
   extra = {}
   if unlabelled:
@@ -250,8 +231,7 @@ def _build(d: ml_collections.ConfigDict, specs: list[str], out: str, key: str,
   timing["total"] = time.time() - start
   meta = dict(
       format=FORMAT_VERSION, key=key, created=datetime.datetime.now().isoformat(timespec="seconds"),
-      seconds=round(timing["total"], 1), sources=specs,
-      options=options(d),
+      seconds=round(timing["total"], 1), sources=specs, options=opts,
       split_sizes=split_sizes, per_source=per_source,
       skipped=dict(sorted(got.skipped.items())), units_read=got.units_read,
       units_total=got.units_total, vocab_size=tok.vocab_size,
@@ -289,11 +269,9 @@ def _set_current(root: str, key: str) -> None:
 
 
 def load_prepared(path: str, data: ml_collections.ConfigDict | None = None) -> Prepared:
-  """Opens a preparation: its own directory, a data dir (uses CURRENT), or a workdir (data/).
-
-  With `data` (a run's config.data), a data dir's preparation made with its options: CURRENT's
-  when it is one, else the newest that is (CURRENT names the latest preparation, which may be
-  another config's: a data dir shared by runs), else CURRENT's."""
+  """Opens a preparation: its own directory, a data dir (uses CURRENT), or a workdir (data/);
+  with `data` (a run's config.data), the newest made with its options (a data dir may be shared
+  by runs of other configs), else CURRENT's."""
   path = os.path.abspath(os.path.expanduser(path))
   for candidate in (path, os.path.join(path, "data")):
     if os.path.isfile(os.path.join(candidate, "COMPLETE")):
@@ -322,8 +300,7 @@ def load_prepared(path: str, data: ml_collections.ConfigDict | None = None) -> P
 
 
 def _made_with(root: str, opts: dict[str, Any]) -> str | None:
-  """The newest complete preparation under data dir `root` whose options are `opts`, or None
-  (CURRENT's first when it is one)."""
+  """The newest complete preparation under `root` made with `opts` (CURRENT's first), or None."""
   want = json.loads(json.dumps(opts))
   try:
     with open(os.path.join(root, "CURRENT")) as f:
@@ -341,11 +318,6 @@ def _made_with(root: str, opts: dict[str, Any]) -> str | None:
     except (OSError, ValueError):
       continue
   return None
-
-
-def bucket_of(code_len: Any, buckets: tuple[int, ...]):
-  """Index of the smallest bucket that holds `code_len` tokens (the largest if none does)."""
-  return np.minimum(np.searchsorted(np.asarray(sorted(buckets)), code_len), len(buckets) - 1)
 
 
 def summary(prepared: Prepared, data: ml_collections.ConfigDict) -> str:
@@ -389,10 +361,9 @@ def summary(prepared: Prepared, data: ml_collections.ConfigDict) -> str:
     cut = f"{np.mean(lens > limit):.1%}" if len(lens) else "-"
     lines.append(f"  {name:<{w}}" + "".join(f"{v:>8}" for v in (*p, lens.max(initial=0), cut)))
   real_code = np.minimum(code + 1, longest)
-  padded_code = np.asarray(buckets)[bucket_of(real_code, buckets)]
-  real_desc = np.minimum(desc + 2, data.max_desc_len)
-  real = {"code": real_code.sum(), "desc": real_desc.sum()}
-  padded = {"code": padded_code.sum(), "desc": data.max_desc_len * len(desc)}
+  real = {"code": real_code.sum(), "desc": np.minimum(desc + 2, data.max_desc_len).sum()}
+  padded = {"code": np.asarray(buckets)[token_store.bucket_of(real_code, buckets)].sum(),
+            "desc": data.max_desc_len * len(desc)}
   pad = {k: 1 - real[k] / max(padded[k], 1) for k in real}
   pad_all = 1 - sum(real.values()) / max(sum(padded.values()), 1)
   lines.append(

@@ -7,9 +7,8 @@
   jsonl:PATH      JSON lines with `description` (or `docstring`) and `code`; `.jsonl` or `.jsonl.gz`
   tfds:NAME       a TFDS dataset (name, name:version, or its directory) read with `tfds.data_source`
 
-Each source becomes a list of `Unit`s (a file, a jsonl file, a TFDS split) in a fixed order; reading
-a unit returns its pairs and counts what it skipped, by reason. Nothing here raises on bad data
-except `DataError` for a source that cannot be read at all.
+Each source becomes `Unit`s (a file, a TFDS split) in a fixed order; reading one counts what it
+skipped by reason. Only a source that cannot be read at all raises (`DataError`).
 """
 from __future__ import annotations
 
@@ -60,8 +59,7 @@ CONFIG_FIELD = "config.data.sources"
 
 
 def parse_specs(sources: str, where: str = CONFIG_FIELD) -> list[str]:
-  """The comma-separated specs of `sources`, checked; `where` they were given (a flag such as
-  --corpus, or the config field) is what an error names."""
+  """The comma-separated specs of `sources`, checked; errors name `where` they were given."""
   specs = [s.strip() for s in sources.split(",") if s.strip()]
   if not specs:
     raise DataError(f"{where} is empty; name at least one source, e.g. 'stdlib'.")
@@ -74,8 +72,7 @@ def parse_specs(sources: str, where: str = CONFIG_FIELD) -> list[str]:
 
 
 def check(sources: str, where: str = CONFIG_FIELD) -> list[str]:
-  """`parse_specs`, and a DataError for a path that does not exist: what can be found wrong
-  without reading anything (a command checks its flags before loading a model)."""
+  """`parse_specs`, and a DataError for a path that does not exist (checked without reading)."""
   specs = parse_specs(sources, where)
   for spec in specs:
     local_path(spec, where)
@@ -83,8 +80,7 @@ def check(sources: str, where: str = CONFIG_FIELD) -> list[str]:
 
 
 def local_path(spec: str, where: str = CONFIG_FIELD) -> str | None:
-  """The path a dir:, csn: or jsonl: spec names, absolute (None for the other kinds); DataError
-  naming `where` the spec was given if it does not exist."""
+  """The absolute path a dir:, csn: or jsonl: spec names (else None); DataError if missing."""
   kind, _, arg = spec.partition(":")
   if kind not in ("dir", "csn", "jsonl"):
     return None
@@ -112,14 +108,9 @@ def units(spec: str, where: str = CONFIG_FIELD) -> list[Unit]:
   if not files:
     raise DataError(f"Data source {spec!r}: no {' or '.join(suffixes)} files under {path}; "
                     "point it at the files or their directory.")
-  reader = functools.partial(_read_records, csn=kind == "csn")
-  return [Unit(f, _bind(reader, spec, f), _stamp(f)) for f in files]
-
-
-def _bind(fn, *args):
-  """`read(filters, skipped)` = fn(*args, filters, skipped); picklable when `fn` is module-level,
-  so files can be mined in worker processes (splits.collect)."""
-  return functools.partial(fn, *args)
+  # Partials of module-level functions pickle: files can be mined in worker processes.
+  return [Unit(f, functools.partial(_read_records, spec, f, csn=kind == "csn"), _stamp(f))
+          for f in files]
 
 
 def _files(path: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -138,14 +129,12 @@ def order_key(path: str) -> bytes:
 
 
 def _py_units(spec: str, label: str, root: str) -> list[Unit]:
+  files = _files(root, (".py",))   # one file when root is one
   if os.path.isfile(root):
-    root, files = os.path.dirname(root), [root]
-  else:
-    files = _files(root, (".py",))
-  units_ = []
-  for f in files:
-    rel = f"{label}/{os.path.relpath(f, root).replace(os.sep, '/')}"
-    units_.append(Unit(rel, _bind(_read_py, spec, f, rel), _stamp(f)))
+    root = os.path.dirname(root)
+  rels = [f"{label}/{os.path.relpath(f, root).replace(os.sep, '/')}" for f in files]
+  units_ = [Unit(r, functools.partial(_read_py, spec, f, r), _stamp(f))
+            for f, r in zip(files, rels)]
   return sorted(units_, key=lambda u: order_key(u.label))
 
 
@@ -153,8 +142,7 @@ def read_python_file(filename: str, skipped: collections.Counter,
                      max_bytes: int = 1 << 20) -> str | None:
   """The text of a Python file, or None with the reason counted in `skipped`."""
   try:
-    size = os.path.getsize(filename)
-    if size > max_bytes:
+    if os.path.getsize(filename) > max_bytes:
       skipped["file: too large"] += 1
       return None
     with open(filename, "rb") as f:
@@ -206,19 +194,20 @@ def _records(filename: str, skipped: collections.Counter) -> Iterator[tuple[int,
     yield lineno, obj
 
 
+def _str(v):
+  return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+
+
 def _text_field(obj: dict, *names: str) -> str | None:
   for n in names:
-    v = obj.get(n)
-    if isinstance(v, bytes):
-      v = v.decode("utf-8", "replace")
+    v = _str(obj.get(n))
     if isinstance(v, str) and v.strip():
       return v
   return None
 
 
 def _partition(value) -> str:
-  if isinstance(value, bytes):
-    value = value.decode("utf-8", "replace")
+  value = _str(value)
   return _PARTITIONS.get(str(value).lower(), "") if value else ""
 
 
@@ -284,13 +273,10 @@ def _tfds_units(spec: str, name: str) -> list[Unit]:
     except Exception as e:  # not array_record, files missing
       raise DataError(f"Data source {spec!r}: split {split!r} cannot be read with "
                       f"tfds.data_source ({e}); it must be in array_record format.") from None
-    pairs = []
-    for i in range(len(source)):
-      p = _record_pair(dict(source[i]), spec, f"{builder.name}/{split}:{i}", filters, skipped,
-                       csn=False, partition=_partition(split) if len(splits) > 1 else "")
-      if p is not None:
-        pairs.append(p)
-    return pairs
+    part = _partition(split) if len(splits) > 1 else ""
+    pairs = (_record_pair(dict(source[i]), spec, f"{builder.name}/{split}:{i}", filters, skipped,
+                          csn=False, partition=part) for i in range(len(source)))
+    return [p for p in pairs if p is not None]
 
-  return [Unit(f"{name}/{s}", _bind(read, s),
+  return [Unit(f"{name}/{s}", functools.partial(read, s),
                f"{builder.data_dir}:{builder.info.splits[s].num_examples}") for s in splits]

@@ -1,9 +1,6 @@
-"""Collecting pairs from all sources: exact dedupe, `max_examples`, split by source file.
+"""Collecting pairs from all sources: exact dedupe, `max_examples`, whole files per split.
 
-Whole source files go to one split (see `assign_splits`), so no file feeds two splits. Sources
-that fix a partition (CodeSearchNet, jsonl/TFDS with a `partition`) keep it. Unlabelled code
-(`mining.Filters.unlabelled`) is kept only from files that gave no valid/test pair, and never
-with the code of a valid/test pair (`select_unlabelled`).
+Sources that fix a partition (CodeSearchNet, jsonl/TFDS with a `partition`) keep it.
 """
 from __future__ import annotations
 
@@ -43,12 +40,8 @@ def file_order(path: str, seed: int) -> bytes:
 
 def assign_splits(pairs: Iterable[mining.Pair], seed: int, valid_fraction: float,
                   test_fraction: float) -> dict[str, list[mining.Pair]]:
-  """Pairs by split; whole files go to one split, sizes close to the fractions.
-
-  Files are visited in the order of hash(seed, path); each goes to the split furthest below its
-  share of the pairs assigned so far (the first file goes to train). Deterministic, by file, and
-  close to the requested fractions even for a few hundred pairs.
-  """
+  """Pairs by split: files in the order of hash(seed, path), each to the split furthest below
+  its share of the pairs so far; close to the fractions even for a few hundred pairs."""
   by_split: dict[str, list[mining.Pair]] = {s: [] for s in SPLITS}
   files: dict[str, list[mining.Pair]] = collections.defaultdict(list)
   for pair in pairs:
@@ -82,14 +75,9 @@ def collect(specs: Iterable[str], filters: mining.Filters, *, max_examples: int 
             seed: int = 0, valid_fraction: float = 0.05, test_fraction: float = 0.05,
             progress: bool = False, workers: int | None = None,
             max_unlabelled: int = 0) -> Collected:
-  """Reads the sources in order and returns the deduped pairs by split.
-
-  With `max_examples` > 0 reading stops once that many unique pairs are in hand; since units are
-  read in a fixed order and duplicates keep their first occurrence, this equals reading
-  everything and keeping the first `max_examples`. Units are read by `workers` processes
-  (default: one a CPU core, for 256 units or more) and taken in order, so the result does not
-  depend on the number of workers. With `filters.unlabelled` the units' unlabelled code is
-  collected too (see `select_unlabelled`; `max_unlabelled` > 0 caps it).
+  """Reads the sources in order and returns the deduped pairs by split (the first
+  `max_examples` if > 0). Units are read by `workers` processes (default: one a core, for 256
+  units or more) and taken in order, so the result does not depend on their number.
   """
   all_units = [u for spec in specs for u in sources.units(spec)]
   skipped: collections.Counter = collections.Counter()
@@ -124,12 +112,9 @@ def collect(specs: Iterable[str], filters: mining.Filters, *, max_examples: int 
 def select_unlabelled(unlabelled: list[mining.Unlabelled], by_split: dict[str, list[mining.Pair]],
                       skipped: collections.Counter, max_unlabelled: int = 0,
                       seed: int = 0) -> list[mining.Unlabelled]:
-  """The unlabelled code that may be used beside these splits, in reading order.
-
-  Leakage: code of a file that gave a valid or test pair is dropped, and so is code whose
-  `code_key` (or, for a documented function, its key without the docstring) is a valid/test
-  pair's. Exact duplicates keep their first occurrence. With `max_unlabelled` > 0 the kept ones
-  are those of smallest hash(seed, key): a fixed sample spread over all files.
+  """The unlabelled code that may be used beside these splits, in reading order: none from a
+  valid/test pair's file, none with its code (with or without docstring), no duplicates; with
+  `max_unlabelled` > 0 those of smallest hash(seed, key), a fixed sample spread over all files.
   """
   held_out = [p for s in ("valid", "test") for p in by_split[s]]
   held_paths = {p.path for p in held_out}
