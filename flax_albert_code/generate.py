@@ -6,8 +6,7 @@
   echo "reverse a string" | python -m flax_albert_code.generate --checkpoint DIR --strategy beam
 
 Descriptions come from the arguments, else `--input FILE` (one a line; `-` is stdin), else stdin.
-The logic lives in `flax_albert_code.inference.generator`; this file only wires it to the command
-line. Options are checked (`inference/options.py`) before the model loads.
+Options are checked before the model loads.
 """
 from __future__ import annotations
 
@@ -52,7 +51,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _print_neighbours(cands: list[dict]) -> None:
-  """The retrieved functions the candidates were written from, as comment lines."""
   # Here, not at the top: scipy (BM25) would slow `--help`.
   from flax_albert_code.retrieval import retriever  # pylint: disable=import-outside-toplevel
   for line in retriever.neighbour_lines(cands[0].get("neighbours", []) if cands else []):
@@ -63,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   cli.quiet_logs()
   try:
-    # Here, not at the top: jax would make `--help` 0.8 s instead of 0.1 s (measured).
+    # Here, not at the top: jax would make `--help` slow.
     from flax_albert_code.inference import decoding  # pylint: disable=import-outside-toplevel
     options.check(strategies=decoding.STRATEGIES, strategy=args.strategy,
                   max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,

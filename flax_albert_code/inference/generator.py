@@ -4,10 +4,8 @@
   gen.generate(["return the sum of two integers"], strategy="beam", num_samples=4, rerank=True)
   gen.embed(["def add(a, b):\\n  return a + b"], kind="code")
 
-Descriptions are batched into the buckets of `config.sample.batch_buckets` (padding rows are not
-decoded), so repeated calls reuse one compiled program per (bucket, strategy, options).
-`rerank` orders candidates by the cosine similarity between the description's alignment vector
-and the encoder's vector of each candidate (the alignment objective used at inference time).
+Descriptions are batched into `config.sample.batch_buckets`, so repeated calls reuse one compiled
+program per (bucket, strategy, options).
 """
 from __future__ import annotations
 
@@ -50,10 +48,7 @@ def full_config(config) -> ml_collections.ConfigDict:
     c.retrieval = config_lib.get_config().retrieval
     return c
   c = config_lib.get_config()
-  if isinstance(config, ModelConfig):
-    c.model.update(dataclasses.asdict(config))
-  else:
-    c.model.update(dict(config))
+  c.model.update(dataclasses.asdict(config) if isinstance(config, ModelConfig) else dict(config))
   return c
 
 
@@ -101,14 +96,13 @@ class CodeGenerator:
     self.retrieval_k = int(self.config.retrieval.k)
     self.max_ctx_len = int(self.config.retrieval.max_ctx_len)
     self._corpus: tuple[str, Any] | None = None   # (spec, Retriever over its index)
-    # A warning for each description cut to max_desc_len; off where a caller summarises them
-    # (evaluation: one line for a split, `long_descriptions`).
+    # A warning for each description cut to max_desc_len; off where a caller summarises them.
     self.warn_long = True
 
   @classmethod
   def from_checkpoint(cls, path: str, *, mesh: jax.sharding.Mesh | None = None) -> CodeGenerator:
-    """From a training workdir (its latest checkpoint) or one checkpoint step directory; the
-    tokenizer comes from the run's prepared data (or `config.data.tokenizer_path`)."""
+    """From a workdir (its latest checkpoint) or a checkpoint step directory; the tokenizer
+    comes from the run's prepared data (or `config.data.tokenizer_path`)."""
     config, params, step = checkpoint_io.load_for_inference(path)
     directory, _ = checkpoint_io.resolve(path)
     prepared = _find_prepared(config, os.fspath(directory.parent))
@@ -124,9 +118,6 @@ class CodeGenerator:
     gen.step, gen.checkpoint_path = step, os.fspath(directory / str(step))
     return gen
 
-  # -------------------------------------------------------------------------------------------
-  # Generation.
-
   def generate(self, descriptions: Sequence[str], strategy: str = "greedy", num_samples: int = 1,
                num_beams: int = 4, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                rerank: bool = False, max_new_tokens: int | None = None, seed: int = 0,
@@ -135,26 +126,11 @@ class CodeGenerator:
                drop_unparsable: bool = False, retrieve: bool | None = None,
                corpus: str | None = None) -> list[list[dict[str, Any]]]:
     """Per description, candidates best first: {"code", "score", "align", "parses",
-    "finish_reason"} (and "neighbours" with retrieval).
-
-    greedy gives 1 candidate, sample `num_samples`, beam the best `num_samples` of `num_beams`
-    (after reranking when `rerank`). "score" is the length-penalised log-probability of the
-    candidate's tokens (its EOS included when it has one); "finish_reason" is "eos" when the
-    model ended the code and "length" when `max_new_tokens` cut it; "align" the cosine
-    similarity of description and code vectors (None unless `rerank`). With `drop_unparsable`,
-    candidates that are not code (`postprocess.parses`) are dropped unless none is.
-    `repetition_penalty` > 1 makes tokens already emitted less likely
-    (`decoding.penalize_repeats`); `no_repeat_ngram_size` n > 0 never repeats an n-gram; None
-    takes each from config.sample (chosen on the valid split). Sample j of description i is
-    drawn with `options.candidate_keys(seed, [i], ...)`, so it does not depend on the other
-    descriptions of the call. Options out of range raise `options.OptionError` (a ValueError).
-
-    A model trained with retrieval (config.retrieval.k > 0) retrieves by default (`retrieve`
-    None or True): the k functions of `corpus` (a data source spec, `prepared:SPLIT`, or None for
-    the run's train split) nearest to each description join its input, and every candidate
-    lists them under "neighbours" ({"path", "name", "lineno", "score"}, best first).
-    `retrieve=False` generates from the description alone.
-    """
+    "finish_reason"} (and "neighbours" with retrieval). Beam keeps the best `num_samples` of
+    `num_beams`; "align" is None unless `rerank`. Penalties None take config.sample's. Sample j
+    of description i is drawn with `options.candidate_keys(seed, [i], ...)`, independent of the
+    other descriptions. A model trained with retrieval retrieves from `corpus` (None: the run's
+    train split) unless `retrieve=False`."""
     texts = postprocess.check_texts(descriptions, "Description")
     max_new = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
     sc = self.config.sample
@@ -206,13 +182,9 @@ class CodeGenerator:
     return postprocess.rank(results, texts, self.embed, rerank=rerank,
                             drop_unparsable=drop_unparsable, keep=num_samples)
 
-  # -------------------------------------------------------------------------------------------
-  # Retrieval.
-
   def retrieve(self, texts: Sequence[str], corpus: str | None = None, k: int | None = None,
                method: str | None = None) -> list[list[dict[str, Any]]]:
-    """Per description, the `k` (default the model's) nearest functions of `corpus` (see
-    `generate`) by `method` (default config.retrieval.method), best first:
+    """Per description, the `k` nearest functions of `corpus` by `method`, best first:
     {"path", "name", "lineno", "code", "score", "tokens"}."""
     retriever, items = self.retriever(corpus)
     k = self.retrieval_k if k is None else int(k)
@@ -221,8 +193,7 @@ class CodeGenerator:
                                     self.tokenizer.encode)
 
   def retriever(self, corpus: str | None = None):
-    """(Retriever, items) over `corpus`'s index (built once with this model, saved under the
-    run's search_index/ and reused while the parameters and the corpus files are unchanged)."""
+    """(Retriever, items) over `corpus`'s index, built once and saved under search_index/."""
     spec = corpus or "prepared:train"
     if self._corpus is None or self._corpus[0] != spec:
       examples, fingerprint, _ = index_lib.corpus(spec, self.prepared)
@@ -238,9 +209,6 @@ class CodeGenerator:
       self._corpus = (spec, (retriever_lib.over_items(items, vectors), items))
     return self._corpus[1]
 
-  # -------------------------------------------------------------------------------------------
-  # Embedding.
-
   def embed(self, texts: Sequence[str], kind: str = "desc") -> np.ndarray:
     """L2-normalised alignment vectors [N, align_dim] of descriptions or code."""
     ids, widths = postprocess.embed_ids(texts, kind, self.tokenizer, self.max_desc_len,
@@ -252,20 +220,15 @@ class CodeGenerator:
                                      mesh=self.mesh, axis_rules=self.axis_rules))
     return postprocess.vectors_by_width(ids, widths, self.batch_buckets, self.cfg.align_dim, encode)
 
-  # -------------------------------------------------------------------------------------------
-  # Helpers.
-
   def _input_ids(self, text: str, i: int, neighbour_tokens: list[list[int]]) -> list[int]:
-    """The encoder input for generation: the framed description, or with neighbours its
-    retrieval context (`tokenizer.frame_context`, as training builds it)."""
+    """The framed description, or with neighbours its retrieval context (as training's)."""
     if not neighbour_tokens:
       return self._description_ids(text, i)
     return frame_context(self.tokenizer.encode(text), neighbour_tokens, self.max_desc_len,
                          self.max_ctx_len)
 
   def long_descriptions(self, texts: Sequence[str]) -> list[int]:
-    """Indices of the `texts` longer than the model reads (max_desc_len - 2 tokens), which it
-    cuts."""
+    """Indices of the `texts` longer than the model reads (max_desc_len - 2 tokens)."""
     return [i for i, t in enumerate(texts)
             if len(self.tokenizer.encode(t)) > self.max_desc_len - 2]
 
@@ -296,9 +259,7 @@ def _find_prepared(config, workdir: str):
   candidates = [config.data.get("data_dir") or "", workdir]
   if "://" in workdir:  # a gs:// run prepared its data on the local disk (prepared.data_root)
     candidates.append(prepared_lib.REMOTE_WORKDIR_DATA)
-  for path in candidates:
-    if not path:
-      continue
+  for path in filter(None, candidates):
     try:
       return prepared_lib.load_prepared(path, config.data)
     except (prepared_lib.DataError, OSError, ValueError):

@@ -1,12 +1,5 @@
-"""`CodeModel` decoding: `generate` runs the generic loops of decoding.py on the model.
-
-`generate` runs the encoder once; `CodeModel.init_cache` computes the cross-attention keys and
-values once and a zeroed self-attention cache of static shape; `decoding.sample_loop` or
-`decoding.beam_search` then decode with `CodeModel.decode_step` as `tokens_to_logits`, and beam
-search reorders the beams' indices into the cache with `reorder_decode_cache`. All of it is one
-jitted program per (shapes, strategy, options), sharded over a mesh when one is given
-(`mesh_context`).
-"""
+"""`CodeModel` decoding: the loops of decoding.py with `CodeModel.decode_step`, in one jitted
+program per (shapes, strategy, options), sharded over a mesh when one is given."""
 from __future__ import annotations
 
 import contextlib
@@ -29,13 +22,8 @@ Array = jax.Array
 
 def reorder_decode_cache(cache: DecodeCache, parent_BxK: Array,
                          end: int | None = None) -> DecodeCache:
-  """Beam `k` of description `b` continues beam `parent[b, k]`.
-
-  The KV cache does not move: only `beam_src_BxKxS` (which beam wrote each position, read by
-  the attention) is reordered, batched over descriptions so it stays local to each shard. The
-  copy head's score history is a beam's own state and moves with it. `end` (the decoding
-  phase's end) is unused: the index table is small.
-  """
+  """Beam `k` of description `b` continues beam `parent[b, k]`. The KV cache stays in place:
+  only `beam_src_BxKxS` (which beam wrote each position) and the copy head's history move."""
   del end
   b, k = parent_BxK.shape
   if cache.copy_history_BxLxC is not None:
@@ -54,27 +42,11 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
              axis_rules: tuple | None = None, repetition_penalty=1.0,
              no_repeat_ngram_size: int = 0,
              limit: Array | int | None = None) -> tuple[Array, Array]:
-  """Decodes code for each description: tokens [B, K, T] int32 (PAD after EOS), scores [B, K].
-
-  K is 1 (greedy), `num_samples` (sample) or `num_beams` (beam); candidates best first. Rows of
-  `desc_ids` that are all PAD (bucket padding) are not decoded. `params` is the model's
-  variables ({"params": ...}). With `mesh` (and `config.logical_axis_rules` as `axis_rules`) the
-  batch is sharded over (data, fsdp) as in training; B must divide by data * fsdp.
-  `decode_phase` (config.sample.decode_phase): decode in phases of that many steps, each
-  attending to (and, for beams, reordering) only the cache positions it can have written
-  (decoding.py's docstring); 0 attends to the whole cache at every step. Outputs are the same.
-  Compiled once per (shapes, strategy, max_new_tokens, K, top_k, top_p < 1, decode_phase,
-  mesh, repetition_penalty != 1, no_repeat_ngram_size); temperature, top_p, length_penalty
-  and a repetition penalty's value are traced, and so is top_k when it is not a Python int
-  (exported programs). `repetition_penalty` (1.0: off) is `decoding.penalize_repeats`;
-  `no_repeat_ngram_size` (0: off) `decoding.ban_repeated_ngrams`, both in every strategy.
-  `rng` (sample): a seed, one key, or raw keys [B, K, 2], one per candidate
-  (`options.candidate_keys`), which make each candidate independent of the rest of the batch.
-  `limit` (traced, <= max_new_tokens) stops decoding there; the outputs keep length
-  max_new_tokens (PAD after).
-  Beam search leaves the KV cache in place and moves only a [B, K, T] table of which beam wrote
-  each position, which the attention reads through (`reorder_decode_cache`).
-  """
+  """Tokens [B, K, T] int32 (PAD after EOS) and scores [B, K], best first; K is 1 (greedy),
+  `num_samples` or `num_beams`. All-PAD rows of `desc_ids` are not decoded. With `mesh` the batch
+  is sharded over (data, fsdp). Temperature, top_p and the penalties' values are traced (top_k
+  too when not a Python int). `rng` (sample): a seed, a key, or keys [B, K, 2], one a candidate.
+  `limit` (traced, <= max_new_tokens) stops decoding there; outputs keep max_new_tokens."""
   cfg = model.cfg
   decoding.check_options(strategy, max_new_tokens=max_new_tokens, num_beams=num_beams,
                          num_samples=num_samples, top_k=top_k, top_p=top_p,
@@ -112,7 +84,7 @@ def _hashable(rules) -> tuple:
 
 @contextlib.contextmanager
 def mesh_context(mesh: jax.sharding.Mesh | None, axis_rules: tuple | None):
-  """Inside a jitted function: the mesh and logical axis rules the layers' constraints use."""
+  """The mesh and logical axis rules the layers' constraints use, inside a jitted function."""
   if mesh is None:
     yield
     return
@@ -164,7 +136,6 @@ def _generate(model: CodeModel, params, desc_ids_BxL, rng, temperature, top_p, l
         order = jnp.argsort(-scores, axis=1, stable=True)
         tokens, scores = decoding.gather_beams(tokens, order), decoding.gather_beams(scores, order)
     if mesh is not None:
-      spec = jax.sharding.PartitionSpec(("data", "fsdp"))
-      tokens = lax.with_sharding_constraint(tokens, jax.sharding.NamedSharding(mesh, spec))
-      scores = lax.with_sharding_constraint(scores, jax.sharding.NamedSharding(mesh, spec))
+      spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+      tokens, scores = lax.with_sharding_constraint((tokens, scores), spec)
     return tokens, scores

@@ -1,10 +1,6 @@
 """What CodeGenerator and the export runtime share around the model: text checks, embedding
-inputs, batch-bucket padding, the retrieve decision, result assembly and ranking (`candidates`,
-`rank`), and `parses`, the one meaning of "this candidate is code" (generation's "parses"
-field, `drop_unparsable` and the evaluation parse rate all use it).
-
-Kept free of flax/orbax so that `load_export` stays light.
-"""
+inputs, bucket padding, result assembly and ranking, and `parses`, the one meaning of "this
+candidate is code". Free of flax/orbax so that `load_export` stays light."""
 from __future__ import annotations
 
 import ast
@@ -18,8 +14,7 @@ from flax_albert_code.retrieval import retriever as retriever_lib
 
 
 def check_texts(texts, what: str, allow_blank: bool = False) -> list[str]:
-  """A list of str (UTF-8 bytes decoded); one ValueError sentence for anything else, naming the
-  text by its 1-based number."""
+  """A list of str (UTF-8 bytes decoded); one ValueError sentence for anything else."""
   if isinstance(texts, (str, bytes)):
     raise ValueError(f"Pass a list of {what.lower()}s, not a single string.")
   out = []
@@ -60,8 +55,7 @@ def embed_ids(texts, kind: str, tokenizer, desc_len: int, code_widths: Sequence[
               description_ids: Callable[[str, int], list[int]] | None = None
               ) -> tuple[list[list[int]], list[int]]:
   """The encoder inputs of `embed(texts, kind)` and the widths to encode them at: descriptions
-  framed to `desc_len` (`description_ids(text, i)`, default `tokenizer.encode_description`), or
-  what training encodes for code, [CLS] + code tokens, in the code's bucket."""
+  framed to `desc_len` (`description_ids(text, i)`), or [CLS] + code tokens."""
   if kind not in ("desc", "code"):
     raise ValueError(f"Unknown embedding kind {kind!r}; use 'desc' or 'code'.")
   texts = check_texts(texts, "Description" if kind == "desc" else "Code",
@@ -76,8 +70,7 @@ def vectors_by_width(ids: Sequence[Sequence[int]], widths: Sequence[int],
                      batch_buckets: Sequence[int], dim: int,
                      encode: Callable[[np.ndarray, int, int], np.ndarray]) -> np.ndarray:
   """[len(ids), dim] float32: each row encoded at the smallest of `widths` that holds it, in
-  batches padded to `batch_buckets`; `encode(batch[bucket, width] int32, bucket, width)` gives
-  the batch's vectors (a jitted call or an exported program)."""
+  batches padded to `batch_buckets`; `encode(batch, bucket, width)` gives their vectors."""
   out = np.zeros((len(ids), dim), np.float32)
   groups = np.searchsorted(np.asarray(widths), np.array([len(x) for x in ids], int))
   for g, width in enumerate(widths):
@@ -91,9 +84,8 @@ def vectors_by_width(ids: Sequence[Sequence[int]], widths: Sequence[int],
 
 
 def parses(code: str) -> bool:
-  """Whether `ast.parse` accepts `code` and it holds at least one real statement: empty,
-  comment-only and lone-name or lone-constant outputs (`x`, `def______`) parse trivially but
-  are no code. Nothing runs."""
+  """Whether `ast.parse` accepts `code` and it holds a real statement: empty, comment-only and
+  lone-name or lone-constant outputs (`x`, `def______`) parse trivially but are no code."""
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")   # SyntaxWarning for odd escapes in generated strings
@@ -105,8 +97,8 @@ def parses(code: str) -> bool:
 
 
 def retrieves(retrieve: bool | None, k: int, fix: str) -> bool:
-  """Whether a call with `retrieve` (None: when the model was trained with retrieval, `k` > 0)
-  draws on neighbours; ValueError ending with `fix` when it asks for them and k is 0."""
+  """Whether a call with `retrieve` (None: when `k` > 0) draws on neighbours; ValueError ending
+  with `fix` when it asks for them and k is 0."""
   if retrieve and not k:
     raise ValueError("This model was trained without retrieval (config.retrieval.k = 0), so "
                      f"it cannot use neighbours; {fix}")
@@ -117,10 +109,8 @@ def candidates(decode: Callable[[list[int]], str], tokens_NxKxT: np.ndarray,
                scores_NxK: np.ndarray, neighbours: Sequence[Sequence[dict]] | None = None, *,
                max_new_tokens: int | None = None,
                by_score: bool = False) -> list[list[dict[str, Any]]]:
-  """Per text, its K candidates {"code", "score", "align" (None), "parses", "finish_reason"}
-  and, when `neighbours` (per text, what it retrieved) is given, "neighbours"
-  (`retriever.listed`). Each sequence is cut to `max_new_tokens`; `by_score` orders a row best
-  first (stable), for samples drawn in rows of their own."""
+  """Per text, its K candidates {"code", "score", "align" (None), "parses", "finish_reason"},
+  with "neighbours" when `neighbours` is given; `by_score` orders a row best first (stable)."""
   results = []
   for i, (row_tokens, row_scores) in enumerate(zip(tokens_NxKxT, scores_NxK)):
     order = np.argsort(-row_scores, kind="stable") if by_score else range(len(row_scores))
@@ -140,10 +130,8 @@ def candidates(decode: Callable[[list[int]], str], tokens_NxKxT: np.ndarray,
 def rank(results: list[list[dict[str, Any]]], texts: Sequence[str],
          embed: Callable[..., np.ndarray], *, rerank: bool, drop_unparsable: bool,
          keep: int) -> list[list[dict[str, Any]]]:
-  """The first `keep` of each text's `candidates`: with `drop_unparsable` those that parse
-  (all when none does); with `rerank` "align" set to the cosine of the description's and the
-  code's vectors (`embed(texts, kind=...)`) and the candidates ordered by it (stable: ties keep
-  score order)."""
+  """The first `keep` of each text's `candidates`: with `drop_unparsable` those that parse (all
+  when none does); with `rerank` ordered by "align", the description-code cosine (stable)."""
   if rerank:
     desc_vecs = embed(list(texts), kind="desc")
     flat = [(i, c) for i, cands in enumerate(results) for c in cands]

@@ -1,15 +1,8 @@
 """Each example's retrieved neighbours in the train split: mined, saved beside the run, loaded.
 
-A retrieval-augmented model (config.retrieval.k > 0) reads, for generation, its description
-followed by the code of k train functions retrieved for it (`tokenizer.frame_context`). Which
-ones is decided here, once per split, by `retrieval.retriever.Retriever` over the train split:
-- leakage: a query never retrieves a function of its own source file (the target itself, and its
-  siblings), in every split; valid/test files are disjoint from train anyway (split by file);
-- the store: `<workdir>/retrieval/neighbours_<step>.npz`, written to a temporary name and
-  renamed, holding for each split [N, k] train indices (-1: none) and scores, and the method;
-  step 0 is mined before training (BM25, or the warm-started model), later steps when the
-  trainer refreshes them with its own aligned encoder (config.retrieval.refresh_steps). A
-  resumed run loads the newest file not after its step, so it sees what an uninterrupted run saw.
+A query never retrieves a function of its own source file (no leakage of the target). Saved as
+`<workdir>/retrieval/neighbours_<step>.npz` (written to a temporary name and renamed); a resumed
+run loads the newest file not after its step, so it sees what an uninterrupted run saw.
 """
 from __future__ import annotations
 
@@ -61,9 +54,9 @@ def mine(prepared, k: int, method: str, embed: Embed | None = None, step: int = 
     raise ValueError(f"Retrieval method {method!r} needs the model's vectors; mine with 'bm25'.")
   train = texts(prepared, "train")
   descs, codes, paths = train
-  vectors = embed(codes, "code") if method != "bm25" else None
-  retriever = retriever_lib.Retriever(codes, vectors, groups=paths,
-                                  keys=[retriever_lib.key_text(d, c) for d, c in zip(descs, codes)])
+  keys = [retriever_lib.key_text(d, c) for d, c in zip(descs, codes)]
+  retriever = retriever_lib.Retriever(codes, embed(codes, "code") if method != "bm25" else None,
+                                      groups=paths, keys=keys)
   ids, scores = {}, {}
   for split in SPLITS:
     descs, _, split_paths = train if split == "train" else texts(prepared, split)
