@@ -35,8 +35,7 @@ def quiet_logs() -> None:
 
 
 def config_argv(argv: Sequence[str]) -> list[str]:
-  """argv with each `--config X` resolved (`config.with_shipped_configs`); one that names no
-  config file exits with one `error:` line listing the shipped configs."""
+  """argv with each `--config X` resolved; an unknown one exits with one `error:` line."""
   out = config_lib.with_shipped_configs(list(argv))
   for i, arg in enumerate(out):
     spec = (arg[len("--config="):] if arg.startswith("--config=") else

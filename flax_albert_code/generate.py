@@ -81,8 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = gen.generate(
         texts, strategy=args.strategy, num_samples=args.num_samples, num_beams=args.num_beams,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, rerank=args.rerank,
-        max_new_tokens=args.max_new_tokens, seed=args.seed,
-        length_penalty=args.length_penalty,
+        max_new_tokens=args.max_new_tokens, seed=args.seed, length_penalty=args.length_penalty,
         repetition_penalty=args.repetition_penalty, drop_unparsable=args.drop_unparsable,
         no_repeat_ngram_size=args.no_repeat_ngram_size,
         retrieve=False if args.no_retrieve else (True if args.corpus else None),

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID
-from flax_albert_code.inference import options
 
 Array = jax.Array
 TokensToLogits = Callable[[Array, Any], tuple[Array, Any]]
@@ -41,9 +40,7 @@ def ban_special(logits_NxV: Array) -> Array:
 
 def filter_logits(logits_NxV: Array, *, top_k: int | Array = 0, top_p: Array | float = 1.0,
                   nucleus: bool = False) -> Array:
-  """Keeps the `top_k` largest logits (0: all), then (with `nucleus`) the smallest set whose
-  probability reaches `top_p`; the rest become -inf, ties kept. A traced `top_k` reads its
-  threshold off the sorted row (`lax.top_k` needs a static k)."""
+  """Keeps the `top_k` largest logits (0: all), then (`nucleus`) the top-p set; ties kept."""
   sorted_NxK = None
   if not isinstance(top_k, numbers.Integral):
     sorted_NxK = -jnp.sort(-logits_NxV, axis=-1)
@@ -78,15 +75,13 @@ class _SampleState(NamedTuple):
 
 
 def penalize_repeats(logits_NxV: Array, seen_NxV: Array, penalty: Array) -> Array:
-  """CTRL's repetition penalty: a seen token's logit is divided by `penalty` when positive and
-  multiplied by it when negative (1.0: unchanged)."""
+  """CTRL's repetition penalty: seen tokens' logits divided (> 0) or multiplied by `penalty`."""
   penalized = jnp.where(logits_NxV > 0, logits_NxV / penalty, logits_NxV * penalty)
   return jnp.where(seen_NxV, penalized, logits_NxV)
 
 
 def ban_repeated_ngrams(tokens_NxT: Array, step: Array, n: int, vocab_size: int) -> Array:
-  """[N, V] True where the token next would repeat an n-gram of its row (Hugging Face's
-  `no_repeat_ngram_size`); `tokens_NxT` holds the row's tokens at positions < `step`."""
+  """[N, V] True where the token next would repeat an n-gram of its row (positions < `step`)."""
   rows, t = tokens_NxT.shape
   if n < 1 or t < n:
     return jnp.zeros((rows, vocab_size), bool)
@@ -123,10 +118,8 @@ def _call(fn: Callable[..., Any], a, b, end: int | None):
 
 def sample_loop(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int,
                 max_new_tokens: int, choose: Callable[[Array, Array], Array], rng: Array,
-                done_N: Array | None = None,
-                phase_ends: Sequence[int] | None = None,
-                repetition_penalty: Array | None = None,
-                no_repeat_ngram_size: int = 0,
+                done_N: Array | None = None, phase_ends: Sequence[int] | None = None,
+                repetition_penalty: Array | None = None, no_repeat_ngram_size: int = 0,
                 limit: Array | None = None) -> tuple[Array, Array, Array, Array]:
   """Decodes one token per step until every row emitted EOS, or `max_new_tokens` (or the traced
   `limit`) steps. `choose(logits, step_rng)` picks the tokens; `rng` is one key or [N, 2] keys,
@@ -176,8 +169,7 @@ def greedy_choice(logits_NxV: Array, rng: Array) -> Array:
 
 def sample_choice(temperature, top_k: int | Array, top_p,
                   nucleus: bool) -> Callable[[Array, Array], Array]:
-  """Draws from softmax(logits / temperature) restricted by top-k and top-p; with keys [N, 2]
-  each row draws with its own key."""
+  """Draws from softmax(logits / temperature) within top-k/top-p; keys [N, 2]: one a row."""
   def choose(logits_NxV: Array, rng: Array) -> Array:
     logits = filter_logits(logits_NxV / temperature, top_k=top_k, top_p=top_p, nucleus=nucleus)
     if jnp.ndim(rng) == 2:
@@ -214,12 +206,9 @@ def gather_beams(x_BxKx: Array, idx_BxJ: Array) -> Array:
 
 def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int, beam_size: int,
                 max_new_tokens: int, length_penalty: Array | float = 1.0,
-                active_B: Array | None = None,
-                reorder_cache: Callable[..., Any] | None = None,
-                phase_ends: Sequence[int] | None = None,
-                repetition_penalty: Array | None = None,
-                no_repeat_ngram_size: int = 0,
-                limit: Array | None = None) -> tuple[Array, Array]:
+                active_B: Array | None = None, reorder_cache: Callable[..., Any] | None = None,
+                phase_ends: Sequence[int] | None = None, repetition_penalty: Array | None = None,
+                no_repeat_ngram_size: int = 0, limit: Array | None = None) -> tuple[Array, Array]:
   """Beam search over a cache of `batch_size * beam_size` rows (beams of a row adjacent).
   `reorder_cache(cache, parent_BxK)` gives each beam its parent's cache. Returns sequences
   [B, K, T] and scores [B, K]: finished beams best first, then unfinished ones scored at length
@@ -305,14 +294,3 @@ def num_candidates(strategy: str, num_beams: int, num_samples: int) -> int:
   """Candidates a strategy decodes per description: 1 (greedy), every sample, every beam."""
   return {"greedy": 1, "sample": num_samples, "beam": num_beams}[strategy]
 
-
-def check_options(strategy: str, *, max_new_tokens: int, num_beams: int, num_samples: int,
-                  top_k: int, top_p=1.0, temperature=1.0, vocab_size: int | None = None,
-                  max_positions: int | None = None, repetition_penalty=1.0,
-                  length_penalty=1.0, no_repeat_ngram_size: int = 0) -> None:
-  """`options.check` with this module's strategies; traced values are not checked."""
-  options.check(strategies=STRATEGIES, strategy=strategy, max_new_tokens=max_new_tokens,
-                num_beams=num_beams, num_samples=num_samples, top_k=top_k, top_p=top_p,
-                temperature=temperature, repetition_penalty=repetition_penalty,
-                length_penalty=length_penalty, max_tokens=max_positions, vocab_size=vocab_size,
-                no_repeat_ngram_size=no_repeat_ngram_size)

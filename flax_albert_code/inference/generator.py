@@ -1,12 +1,5 @@
-"""CodeGenerator: descriptions -> ranked code candidates; texts -> alignment vectors.
-
-  gen = CodeGenerator.from_checkpoint("runs/small")        # a workdir or one checkpoint dir
-  gen.generate(["return the sum of two integers"], strategy="beam", num_samples=4, rerank=True)
-  gen.embed(["def add(a, b):\\n  return a + b"], kind="code")
-
-Descriptions are batched into `config.sample.batch_buckets`, so repeated calls reuse one compiled
-program per (bucket, strategy, options).
-"""
+"""CodeGenerator: descriptions -> ranked code candidates; texts -> alignment vectors. Batches
+are padded to `config.sample.batch_buckets`, so calls reuse one program per bucket and options."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,16 +16,9 @@ import numpy as np
 
 from flax_albert_code import config as config_lib
 from flax_albert_code.data import prepared as prepared_lib
-from flax_albert_code.inference import decoding
-from flax_albert_code.retrieval import index as index_lib
-from flax_albert_code.inference import memory
-from flax_albert_code.inference import model_decoding
-from flax_albert_code.inference import options
-from flax_albert_code.inference import postprocess
-from flax_albert_code.retrieval import retriever as retriever_lib
-from flax_albert_code.model import albert as model_lib
-from flax_albert_code.model import checkpoint_io
-from flax_albert_code.model import sharding
+from flax_albert_code.inference import decoding, memory, model_decoding, options, postprocess
+from flax_albert_code.model import albert as model_lib, checkpoint_io, sharding
+from flax_albert_code.retrieval import index as index_lib, retriever as retriever_lib
 from flax_albert_code.model.layers import ModelConfig
 from flax_albert_code.tokenizer import Tokenizer, frame_context
 
@@ -53,8 +39,7 @@ def full_config(config) -> ml_collections.ConfigDict:
 
 
 def inference_params(params, compute_dtype) -> Any:
-  """The model's variables for inference: unboxed, matrices in the compute dtype (every layer
-  casts them to it anyway, so outputs are unchanged and the weights take half the memory)."""
+  """Unboxed variables, matrices in the compute dtype (layers cast them anyway): half the memory."""
   params = nn.meta.unbox(params)
   variables = params if "params" in params else {"params": params}
   return jax.tree.map(lambda x: jnp.asarray(x).astype(compute_dtype)
@@ -86,9 +71,8 @@ class CodeGenerator:
     self.default_max_new_tokens = min(int(self.config.sample.max_new_tokens), limit)
     # Configs saved before the field existed decode with the default.
     self.decode_phase = int(self.config.sample.get("decode_phase", 64))
-    divisor = sharding.batch_divisor(mesh) if mesh is not None else 1
-    self.batch_buckets = sorted({-(-int(b) // divisor) * divisor
-                                 for b in self.config.sample.batch_buckets})
+    self._divisor = sharding.batch_divisor(mesh) if mesh is not None else 1
+    self.batch_buckets = memory.buckets(self.config, self._divisor)
     model_lib.check_params(self.model, nn.meta.unbox(params))
     self.variables = self._place(params)
     self.step: int | None = None
@@ -101,8 +85,7 @@ class CodeGenerator:
 
   @classmethod
   def from_checkpoint(cls, path: str, *, mesh: jax.sharding.Mesh | None = None) -> CodeGenerator:
-    """From a workdir (its latest checkpoint) or a checkpoint step directory; the tokenizer
-    comes from the run's prepared data (or `config.data.tokenizer_path`)."""
+    """From a workdir (its latest checkpoint) or a checkpoint step directory."""
     config, params, step = checkpoint_io.load_for_inference(path)
     directory, _ = checkpoint_io.resolve(path)
     prepared = _find_prepared(config, os.fspath(directory.parent))
@@ -146,8 +129,7 @@ class CodeGenerator:
                   no_repeat_ngram_size=no_repeat_ngram_size)
     max_new = int(max_new)
     memory.check(self.config, num_texts=len(texts), strategy=strategy, num_samples=num_samples,
-                 num_beams=num_beams, max_new_tokens=max_new,
-                 divisor=sharding.batch_divisor(self.mesh) if self.mesh is not None else 1)
+                 num_beams=num_beams, max_new_tokens=max_new, divisor=self._divisor)
     if not texts:
       return []
     used = postprocess.retrieves(retrieve, self.retrieval_k, "drop retrieve/--corpus or train "
@@ -157,8 +139,7 @@ class CodeGenerator:
     ids = np.array([postprocess.pad(self._input_ids(t, i, [n["tokens"] for n in neighbours[i]]),
                                     width) for i, t in enumerate(texts)], np.int32)
     k = decoding.num_candidates(strategy, num_beams, num_samples)
-    keys = (options.candidate_keys(seed, range(len(texts)), k) if strategy == "sample"
-            else None)
+    keys = options.candidate_keys(seed, range(len(texts)), k) if strategy == "sample" else None
     tokens, scores = [], []
     for start, size, bucket in postprocess.chunks(len(texts), self.batch_buckets):
       batch = np.zeros((bucket, width), np.int32)
@@ -169,11 +150,10 @@ class CodeGenerator:
         rng[:size] = keys[start:start + size]
         rng = self._put(rng)
       t, s = model_decoding.generate(
-          self.model, self.variables, self._put(batch), strategy=strategy,
-          max_new_tokens=max_new, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
-          num_beams=num_beams, length_penalty=length_penalty, num_samples=num_samples,
-          decode_phase=self.decode_phase, mesh=self.mesh,
-          axis_rules=self.axis_rules, repetition_penalty=repetition_penalty,
+          self.model, self.variables, self._put(batch), strategy=strategy, max_new_tokens=max_new,
+          rng=rng, temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
+          length_penalty=length_penalty, num_samples=num_samples, decode_phase=self.decode_phase,
+          mesh=self.mesh, axis_rules=self.axis_rules, repetition_penalty=repetition_penalty,
           no_repeat_ngram_size=no_repeat_ngram_size)
       tokens.append(np.asarray(jax.device_get(t))[:size])
       scores.append(np.asarray(jax.device_get(s))[:size])
@@ -184,8 +164,7 @@ class CodeGenerator:
 
   def retrieve(self, texts: Sequence[str], corpus: str | None = None, k: int | None = None,
                method: str | None = None) -> list[list[dict[str, Any]]]:
-    """Per description, the `k` nearest functions of `corpus` by `method`, best first:
-    {"path", "name", "lineno", "code", "score", "tokens"}."""
+    """Per description, the `k` nearest functions of `corpus` by `method`, best first."""
     retriever, items = self.retriever(corpus)
     k = self.retrieval_k if k is None else int(k)
     method = method or self.config.retrieval.method
@@ -201,8 +180,7 @@ class CodeGenerator:
         raise ValueError(f"The retrieval corpus {spec} holds no functions; name another with "
                          "--corpus (e.g. dir:PATH) or pass --no-retrieve.")
       if self.checkpoint_path:
-        index = index_lib.load_or_build(self, examples, fingerprint,
-                                        index_lib.default_root(self))
+        index = index_lib.load_or_build(self, examples, fingerprint, index_lib.default_root(self))
         vectors, items = index.vectors, index.items
       else:
         vectors, items = index_lib.build_index(self, examples), examples

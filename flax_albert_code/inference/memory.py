@@ -17,11 +17,16 @@ def bytes_per_row(config, max_new_tokens: int) -> int:
   return cache * np.dtype(str(m.dtype)).itemsize + 2 * 4 * int(m.vocab_size)
 
 
+def buckets(config, divisor: int = 1) -> list[int]:
+  """config.sample.batch_buckets rounded up to multiples of `divisor` (the mesh's batch axes)."""
+  return sorted({-(-int(b) // divisor) * divisor for b in config.sample.batch_buckets})
+
+
 def rows(config, num_texts: int, candidates: int, divisor: int = 1) -> int:
   """Rows decoded at once: the batch bucket of the largest chunk times the candidates of each."""
-  buckets = sorted({-(-int(b) // divisor) * divisor for b in config.sample.batch_buckets})
-  largest = min(max(int(num_texts), 1), buckets[-1])
-  return next(b for b in buckets if b >= largest) * int(candidates)
+  sizes = buckets(config, divisor)
+  largest = min(max(int(num_texts), 1), sizes[-1])
+  return next(b for b in sizes if b >= largest) * int(candidates)
 
 
 def free_bytes() -> int | None:
@@ -45,8 +50,7 @@ def free_bytes() -> int | None:
 
 def check(config, *, num_texts: int, strategy: str, num_samples: int = 1, num_beams: int = 4,
           max_new_tokens: int | None = None, free: int | None = None, divisor: int = 1) -> None:
-  """OptionError when `max_new_tokens` is more than the model's positions, or one call's rows
-  cannot fit in `free` bytes (default `free_bytes()`), saying how many would."""
+  """OptionError when `max_new_tokens` exceeds the positions or the rows cannot fit in `free`."""
   positions = int(config.model.max_position_embeddings)
   new = min(int(config.sample.max_new_tokens), positions) if max_new_tokens is None else int(
       max_new_tokens)

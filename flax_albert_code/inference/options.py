@@ -40,16 +40,11 @@ def _is_static(x: Any) -> bool:
   return isinstance(x, (numbers.Number, np.generic)) and not isinstance(x, bool)
 
 
-def _interval(low, low_in, high, high_in) -> str:
-  return f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
-
-
 def check(*, strategies: Sequence[str], strategy: str = "greedy",
           max_new_tokens: int | None = None, num_samples: int = 1, num_beams: int = 4,
-          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-          length_penalty: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
-          max_tokens: int | None = None, vocab_size: int | None = None,
-          max_samples: int | None = None, beams_fixed: bool = False,
+          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, length_penalty: float = 1.0,
+          repetition_penalty: float = 1.0, seed: int = 0, max_tokens: int | None = None,
+          vocab_size: int | None = None, max_samples: int | None = None, beams_fixed: bool = False,
           max_tokens_why: str = "the model's positions", no_repeat_ngram_size: int = 0) -> None:
   """Raises OptionError (one sentence) for the first option out of range; `max_tokens`,
   `vocab_size` and `max_samples` are limits where known; `beams_fixed`: the export's width."""
@@ -59,9 +54,7 @@ def check(*, strategies: Sequence[str], strategy: str = "greedy",
   if strategy not in strategies:
     fail(lambda n: f"Unknown decoding strategy {strategy!r}; use {', '.join(strategies)}.")
   ints = {"num_samples": num_samples, "num_beams": num_beams, "top_k": top_k, "seed": seed,
-          "no_repeat_ngram_size": no_repeat_ngram_size}
-  if max_new_tokens is not None:
-    ints["max_new_tokens"] = max_new_tokens
+          "no_repeat_ngram_size": no_repeat_ngram_size, "max_new_tokens": max_new_tokens}
   for name, v in ints.items():
     if isinstance(v, bool) or (_is_static(v) and not isinstance(v, (numbers.Integral))):
       fail(lambda n, name=name, v=v: f"{n(name)} must be a whole number, got {v!r}.")
@@ -75,16 +68,16 @@ def check(*, strategies: Sequence[str], strategy: str = "greedy",
     ok = math.isfinite(v) and (v >= low if low_in else v > low) and (
         v <= high if high_in else v < high)
     if not ok:
-      span = _interval(*RANGES[name])
+      span = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
       what = {"temperature": f"must be positive and at most {high:g}",
               "repetition_penalty": f"must be in {span} (1.0: off)"}.get(name, f"must be in {span}")
       fail(lambda n, name=name, v=v, what=what: f"{n(name)} {what}, got {v:g}.")
   for name, v, most, why in (("max_new_tokens", max_new_tokens, max_tokens, f" ({max_tokens_why})"),
                              ("num_samples", num_samples, max_samples, ""),
                              ("num_beams", num_beams, None, "")):
-    if v is not None and _is_static(v) and v < 1:
+    if _is_static(v) and v < 1:
       fail(lambda n, name=name, v=v: f"{n(name)} must be at least 1, got {v}.")
-    if v is not None and _is_static(v) and most is not None and v > most:
+    if _is_static(v) and most is not None and v > most:
       fail(lambda n, name=name, v=v, most=most, why=why:
            f"{n(name)} must be at most {most}{why}, got {v}.")
   if _is_static(top_k):
@@ -118,8 +111,7 @@ def _setting(name_of: Callable[[str], str], field: str, value: Any) -> str:
 
 
 def candidate_keys(seed: int, indices: Sequence[int], k: int) -> np.ndarray:
-  """uint32 [len(indices), k, 2]: candidate j of description indices[i] draws with
-  fold_in(fold_in(PRNGKey(seed), index), j), whatever else is in the batch."""
+  """uint32 [len(indices), k, 2]: fold_in(fold_in(PRNGKey(seed), indices[i]), j)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   base = jax.random.PRNGKey(int(seed))

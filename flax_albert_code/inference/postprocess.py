@@ -33,8 +33,7 @@ def check_texts(texts, what: str, allow_blank: bool = False) -> list[str]:
 
 
 def pad(ids: Sequence[int], width: int) -> list[int]:
-  ids = list(ids[:width])
-  return ids + [PAD_ID] * (width - len(ids))
+  return list(ids[:width]) + [PAD_ID] * (width - len(ids))
 
 
 def chunks(n: int, buckets: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -54,8 +53,7 @@ def code_ids(tokens: Sequence[int], max_width: int) -> list[int]:
 def embed_ids(texts, kind: str, tokenizer, desc_len: int, code_widths: Sequence[int],
               description_ids: Callable[[str, int], list[int]] | None = None
               ) -> tuple[list[list[int]], list[int]]:
-  """The encoder inputs of `embed(texts, kind)` and the widths to encode them at: descriptions
-  framed to `desc_len` (`description_ids(text, i)`), or [CLS] + code tokens."""
+  """The encoder inputs of `embed(texts, kind)` and the widths to encode them at."""
   if kind not in ("desc", "code"):
     raise ValueError(f"Unknown embedding kind {kind!r}; use 'desc' or 'code'.")
   texts = check_texts(texts, "Description" if kind == "desc" else "Code",
@@ -69,8 +67,7 @@ def embed_ids(texts, kind: str, tokenizer, desc_len: int, code_widths: Sequence[
 def vectors_by_width(ids: Sequence[Sequence[int]], widths: Sequence[int],
                      batch_buckets: Sequence[int], dim: int,
                      encode: Callable[[np.ndarray, int, int], np.ndarray]) -> np.ndarray:
-  """[len(ids), dim] float32: each row encoded at the smallest of `widths` that holds it, in
-  batches padded to `batch_buckets`; `encode(batch, bucket, width)` gives their vectors."""
+  """[len(ids), dim]: each row encoded at the smallest width that holds it, in padded batches."""
   out = np.zeros((len(ids), dim), np.float32)
   groups = np.searchsorted(np.asarray(widths), np.array([len(x) for x in ids], int))
   for g, width in enumerate(widths):
@@ -84,8 +81,7 @@ def vectors_by_width(ids: Sequence[Sequence[int]], widths: Sequence[int],
 
 
 def parses(code: str) -> bool:
-  """Whether `ast.parse` accepts `code` and it holds a real statement: empty, comment-only and
-  lone-name or lone-constant outputs (`x`, `def______`) parse trivially but are no code."""
+  """Whether `code` parses to a real statement (not empty, a comment or a lone name or constant)."""
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")   # SyntaxWarning for odd escapes in generated strings
@@ -97,8 +93,7 @@ def parses(code: str) -> bool:
 
 
 def retrieves(retrieve: bool | None, k: int, fix: str) -> bool:
-  """Whether a call with `retrieve` (None: when `k` > 0) draws on neighbours; ValueError ending
-  with `fix` when it asks for them and k is 0."""
+  """Whether a call with `retrieve` (None: `k` > 0) uses neighbours; ValueError ending in `fix`."""
   if retrieve and not k:
     raise ValueError("This model was trained without retrieval (config.retrieval.k = 0), so "
                      f"it cannot use neighbours; {fix}")
@@ -109,8 +104,7 @@ def candidates(decode: Callable[[list[int]], str], tokens_NxKxT: np.ndarray,
                scores_NxK: np.ndarray, neighbours: Sequence[Sequence[dict]] | None = None, *,
                max_new_tokens: int | None = None,
                by_score: bool = False) -> list[list[dict[str, Any]]]:
-  """Per text, its K candidates {"code", "score", "align" (None), "parses", "finish_reason"},
-  with "neighbours" when `neighbours` is given; `by_score` orders a row best first (stable)."""
+  """Per text, its K candidate dicts (with "neighbours" when given); `by_score`: best first."""
   results = []
   for i, (row_tokens, row_scores) in enumerate(zip(tokens_NxKxT, scores_NxK)):
     order = np.argsort(-row_scores, kind="stable") if by_score else range(len(row_scores))
@@ -119,8 +113,7 @@ def candidates(decode: Callable[[list[int]], str], tokens_NxKxT: np.ndarray,
       seq = row_tokens[j][:max_new_tokens].tolist()
       code = decode(seq)
       cands.append({"code": code, "score": float(row_scores[j]), "align": None,
-                    "parses": parses(code),
-                    "finish_reason": "eos" if EOS_ID in seq else "length"})
+                    "parses": parses(code), "finish_reason": "eos" if EOS_ID in seq else "length"})
       if neighbours is not None:
         cands[-1]["neighbours"] = retriever_lib.listed(neighbours[i])
     results.append(cands)
@@ -130,8 +123,8 @@ def candidates(decode: Callable[[list[int]], str], tokens_NxKxT: np.ndarray,
 def rank(results: list[list[dict[str, Any]]], texts: Sequence[str],
          embed: Callable[..., np.ndarray], *, rerank: bool, drop_unparsable: bool,
          keep: int) -> list[list[dict[str, Any]]]:
-  """The first `keep` of each text's `candidates`: with `drop_unparsable` those that parse (all
-  when none does); with `rerank` ordered by "align", the description-code cosine (stable)."""
+  """The first `keep` of each text's candidates: with `drop_unparsable` those that parse (all
+  when none does), with `rerank` ordered by "align", the description-code cosine (stable)."""
   if rerank:
     desc_vecs = embed(list(texts), kind="desc")
     flat = [(i, c) for i, cands in enumerate(results) for c in cands]

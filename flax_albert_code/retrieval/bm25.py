@@ -57,8 +57,7 @@ class BM25:
 
   def score_matrix(self, queries: Sequence[Sequence[str]],
                    dtype: np.dtype = np.float64) -> np.ndarray:
-    """[Q, D] scores, as `scores` row by row, in one sparse product (scipy releases the GIL in
-    it, so threads can score row blocks side by side)."""
+    """[Q, D] scores, as `scores` row by row, in one sparse product."""
     if not queries:
       return np.zeros((0, self.num_docs), dtype)
     weights = self._weights()

@@ -17,10 +17,9 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from flax_albert_code.data import mining, sources
-from flax_albert_code.utils import files
+from flax_albert_code.utils import files, progress as progress_lib
 
 INDEX_FORMAT = 2      # 2: every function of a source, not only documented ones
 ITEM_FIELDS = ("name", "path", "lineno", "description", "code")
@@ -46,8 +45,7 @@ def item(it: dict[str, Any]) -> dict[str, Any]:
 
 
 def read(directory: str) -> Index:
-  """The index saved in `directory`; OSError, ValueError, TypeError or AttributeError when it
-  cannot be read."""
+  """The index saved in `directory`; OSError, ValueError, TypeError or AttributeError if not."""
   vectors = np.load(os.path.join(directory, VECTORS), allow_pickle=False)
   with open(os.path.join(directory, ITEMS), encoding="utf-8", errors="surrogateescape") as f:
     items = [item(it) for it in json.load(f)]
@@ -62,8 +60,7 @@ def write(directory: str, vectors: np.ndarray, items: Sequence[dict],
           meta: dict[str, Any]) -> dict[str, Any]:
   """Saves an index into an existing `directory`; returns what index.json holds."""
   np.save(os.path.join(directory, VECTORS), np.asarray(vectors, np.float32))
-  with open(os.path.join(directory, ITEMS), "w", encoding="utf-8",
-            errors="surrogateescape") as f:
+  with open(os.path.join(directory, ITEMS), "w", encoding="utf-8", errors="surrogateescape") as f:
     json.dump([{k: e[k] for k in ITEM_FIELDS} for e in items], f)
   meta = {"format": INDEX_FORMAT, "count": len(items), **meta}
   with open(os.path.join(directory, META), "w", encoding="utf-8") as f:
@@ -93,8 +90,7 @@ def corpus(spec: str, prepared=None,
   skipped: collections.Counter = collections.Counter()
   every = mining.Filters(every_function=True)
   examples = [{k: getattr(p, k) for k in ITEM_FIELDS}
-              for u in tqdm(units, desc="reading", unit="file", disable=not progress,
-                            leave=False, dynamic_ncols=True)
+              for u in progress_lib.bar(len(units), "reading", "file", progress, iterable=units)
               for p in u.read(every, skipped)]
   stamp = hashlib.sha256("\n".join(f"{u.label}\0{u.stamp}" for u in units).encode(
       "utf-8", "surrogateescape")).hexdigest()
@@ -130,8 +126,7 @@ def build_index(generator, examples: Sequence[dict], batch_size: int = 256,
   """Code vectors of `examples`, [N, align_dim]."""
   codes = [e["code"] for e in examples]
   parts = []
-  with tqdm(total=len(codes), desc="indexing", unit="function", disable=not progress,
-            leave=False, dynamic_ncols=True) as bar:
+  with progress_lib.bar(len(codes), "indexing", "function", progress) as bar:
     for i in range(0, len(codes), batch_size):
       parts.append(generator.embed(codes[i:i + batch_size], kind="code"))
       bar.update(len(parts[-1]))

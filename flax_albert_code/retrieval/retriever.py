@@ -1,8 +1,5 @@
-"""Retrieval for generation: the k nearest functions of a corpus for each description, by
-"dense" (the cosine of the model's aligned vectors), "bm25" (against `key_text`) or "hybrid" (both
-as z-scores over the query's candidates, added). `exclude` keeps a query from retrieving its own
-source file, so training's decoder never sees its target among its neighbours.
-"""
+"""The k nearest functions of a corpus for each description: "dense" (cosine of aligned vectors),
+"bm25" or "hybrid" (both as z-scores, added). `exclude` keeps a query from its own source file."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -39,8 +36,7 @@ class Retriever:
     self.groups = None if groups is None else np.array([self._group_names[g] for g in groups])
 
   def search(self, queries: Sequence[str], k: int, *, method: str = "hybrid",
-             query_vectors_QxA: np.ndarray | None = None,
-             exclude: Sequence[str] | None = None,
+             query_vectors_QxA: np.ndarray | None = None, exclude: Sequence[str] | None = None,
              chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """([Q, k] corpus indices best first, [Q, k] scores); -1 / -inf where fewer than k remain.
     `exclude[q]` names query q's group (source file), whose functions are skipped."""
@@ -76,10 +72,9 @@ class Retriever:
       self.bm25.score_matrix(words[:1], np.float32)   # builds the cached weights, once
     if q <= chunk:   # one block (a served request): no thread pool
       block(0)
-      return idx, scores
-    # Blocks in threads: the sparse product, argmax and matmul run without the GIL.
-    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-      list(pool.map(block, range(0, q, chunk)))
+    else:   # blocks in threads: the sparse product, argmax and matmul run without the GIL
+      with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(block, range(0, q, chunk)))
     return idx, scores
 
   def _scores(self, words: list[list[str]], qv: np.ndarray | None, method: str) -> np.ndarray:
@@ -120,8 +115,7 @@ def zscore(s_QxC: np.ndarray) -> np.ndarray:
 
 
 def key_text(description: str, code: str) -> str:
-  """What BM25 matches a query against: the function's docstring (empty for undocumented
-  code) and its code."""
+  """What BM25 matches a query against: the function's docstring (if any) and its code."""
   return f"{description}\n{code}" if description else code
 
 
@@ -134,8 +128,7 @@ def over_items(items: Sequence[dict[str, Any]], vectors_NxA: np.ndarray | None) 
 def neighbours(retriever: Retriever, items: Sequence[dict[str, Any]], texts: Sequence[str],
                k: int, method: str, embed: Callable[..., np.ndarray],
                encode: Callable[[str], list[int]]) -> list[list[dict[str, Any]]]:
-  """Per description, its `k` nearest items best first: {"path", "name", "lineno", "code",
-  "score", "tokens"} (`encode(code)`)."""
+  """Per description, its `k` nearest items best first, with their code's tokens."""
   qv = None if method == "bm25" else embed(list(texts), kind="desc")
   idx, scores = retriever.search(list(texts), k, method=method, query_vectors_QxA=qv)
   return [[{**{f: items[j][f] for f in ("path", "name", "lineno", "code")},

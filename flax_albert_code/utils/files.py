@@ -43,8 +43,7 @@ def sha256(path: Any) -> str:
 
 
 def _walk(root: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-  """(relative path, path) of every file below `root`, sorted (epath has no recursive glob on
-  GCS)."""
+  """(relative path, path) of every file below `root`, sorted (epath has no recursive glob)."""
   for p in sorted(root.iterdir()):
     if p.is_dir():
       yield from _walk(p, f"{prefix}{p.name}/")
@@ -53,8 +52,7 @@ def _walk(root: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def digests(root: Any, skip: Collection[str] = ()) -> dict[str, dict[str, Any]]:
-  """{relative path ("/"-separated): {"sha256", "size"}} of every file below `root` but those
-  named (at any depth) in `skip`."""
+  """{relative path: {"sha256", "size"}} of every file below `root` not named in `skip`."""
   out = {}
   for rel, p in _walk(_path(root)):
     if p.name not in skip:
@@ -88,8 +86,7 @@ class Mismatch:
 
 
 def check(root: Any, files: Mapping[str, Mapping[str, Any]]) -> Mismatch | None:
-  """The first file (by name) of a manifest's `files` that differs below `root`; None when every
-  one matches."""
+  """The first file (by name) of a manifest's `files` that differs below `root`, else None."""
   root = _path(root)
   for rel, want in sorted(files.items()):
     p = root / rel

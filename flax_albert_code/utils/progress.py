@@ -17,8 +17,7 @@ def bar(total: int, desc: str, unit: str, progress: bool | str, **kw):
 
 
 class Lines:
-  """tqdm's update, close and `with`, as a line on stderr at the start, at most every `every_s`
-  seconds, and at the end."""
+  """tqdm's update, close and `with`, as a line on stderr at most every `every_s` seconds."""
 
   def __init__(self, total: int, desc: str, unit: str, every_s: float = 10.0, file=None):
     self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
