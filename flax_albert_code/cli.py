@@ -91,8 +91,7 @@ def read_texts(args: Sequence[str], input_path: str, what: str = "description") 
 def check_decoding(path: str, strategies: Sequence[str], **decode) -> None:
   """Before the model of checkpoint `path` loads: `memory.check` for each of `strategies`."""
   # Here, not at the top: orbax would make the commands' `--help` slow.
-  from flax_albert_code.inference import generator  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.inference import memory  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.inference import generator, memory  # pylint: disable=import-outside-toplevel
   from flax_albert_code.model import checkpoint_io  # pylint: disable=import-outside-toplevel
   config = generator.full_config(checkpoint_io.read_config(path))
   for strategy in strategies:
@@ -105,9 +104,7 @@ def load_generator(path: str):
   import jax  # pylint: disable=import-outside-toplevel
   from flax_albert_code.model import sharding  # pylint: disable=import-outside-toplevel
   from flax_albert_code.inference import generator  # pylint: disable=import-outside-toplevel
-  mesh = None
-  if jax.device_count() > 1:
-    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+  mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)) if jax.device_count() > 1 else None
   return generator.CodeGenerator.from_checkpoint(path, mesh=mesh)
 
 

@@ -2,9 +2,6 @@
 
   python -m flax_albert_code.search --checkpoint runs/small --corpus stdlib "parse a date string"
   python -m flax_albert_code.search --checkpoint DIR --corpus dir:~/src/repo --top-k 5 --json "..."
-
-The corpus is any data source spec or `prepared[:SPLIT]` (default split test). The index is saved
-under `<workdir>/search_index/<key>/`, reused while the parameters and corpus files are unchanged.
 """
 from __future__ import annotations
 

@@ -1,11 +1,7 @@
-"""Generic decoding: greedy, temperature/top-k/top-p sampling and beam search over any model.
-
-The loops see only `tokens_to_logits(ids_Nx1, cache) -> (logits_NxV, cache)`, so tests drive them
-with a toy model; each is one `lax.while_loop` that stops once every row is done. Phased decoding
-(`phase_ends`): one loop per phase, each calling `tokens_to_logits(ids, cache, end)` with a
-static `end`, so a step attends to (and beam search reorders) only the cache positions < end.
-Scores are `sum log p / ((5 + length) / 6) ** alpha` (GNMT), length counting EOS; best first.
-"""
+"""Greedy, sampling and beam search over any `tokens_to_logits(ids_Nx1, cache)`, each one
+`lax.while_loop` that stops once every row is done. With `phase_ends`, one loop per phase calls
+`tokens_to_logits(ids, cache, end)` with a static `end`: a step attends only to positions < end.
+Scores are `sum log p / ((5 + length) / 6) ** alpha` (GNMT), length counting EOS; best first."""
 from __future__ import annotations
 
 import functools
@@ -121,10 +117,9 @@ def sample_loop(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
                 done_N: Array | None = None, phase_ends: Sequence[int] | None = None,
                 repetition_penalty: Array | None = None, no_repeat_ngram_size: int = 0,
                 limit: Array | None = None) -> tuple[Array, Array, Array, Array]:
-  """Decodes one token per step until every row emitted EOS, or `max_new_tokens` (or the traced
-  `limit`) steps. `choose(logits, step_rng)` picks the tokens; `rng` is one key or [N, 2] keys,
-  one a row. Returns tokens [N, T] (PAD after EOS), summed log-probs, lengths (EOS counted) and
-  the steps run. Log-probs stay the model's under `repetition_penalty`."""
+  """Decodes until every row emitted EOS or `max_new_tokens` (or traced `limit`) steps; `rng` is
+  one key or [N, 2] keys, one a row. Returns tokens [N, T] (PAD after EOS), summed log-probs (the
+  model's, even under `repetition_penalty`), lengths (EOS counted) and the steps run."""
   n, t = batch_size, max_new_tokens
   done0 = jnp.zeros((n,), bool) if done_N is None else done_N
   state = _SampleState(jnp.zeros((), jnp.int32), jnp.full((n,), BOS_ID, jnp.int32),
@@ -209,10 +204,9 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
                 active_B: Array | None = None, reorder_cache: Callable[..., Any] | None = None,
                 phase_ends: Sequence[int] | None = None, repetition_penalty: Array | None = None,
                 no_repeat_ngram_size: int = 0, limit: Array | None = None) -> tuple[Array, Array]:
-  """Beam search over a cache of `batch_size * beam_size` rows (beams of a row adjacent).
-  `reorder_cache(cache, parent_BxK)` gives each beam its parent's cache. Returns sequences
-  [B, K, T] and scores [B, K]: finished beams best first, then unfinished ones scored at length
-  T to fill empty slots. Rows where `active_B` is False are not searched."""
+  """Beam search over a cache of `batch_size * beam_size` rows (beams of a row adjacent). Returns
+  sequences [B, K, T] and scores [B, K]: finished beams best first, then unfinished ones scored
+  at length T to fill empty slots. Rows where `active_B` is False are not searched."""
   b, k, t = batch_size, beam_size, max_new_tokens
   last = t if limit is None else jnp.minimum(limit, t)
   if reorder_cache is None:

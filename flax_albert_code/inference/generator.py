@@ -61,9 +61,7 @@ class CodeGenerator:
                mesh: jax.sharding.Mesh | None = None):
     self.config = full_config(config)
     self.model, self.cfg = model_lib.build(self.config)
-    self.tokenizer = tokenizer
-    self.prepared = prepared
-    self.mesh = mesh
+    self.tokenizer, self.prepared, self.mesh = tokenizer, prepared, mesh
     self.axis_rules = sharding.rules(self.config) if mesh is not None else None
     self.max_desc_len = int(self.config.data.max_desc_len)
     limit = self.cfg.max_position_embeddings
@@ -109,11 +107,9 @@ class CodeGenerator:
                drop_unparsable: bool = False, retrieve: bool | None = None,
                corpus: str | None = None) -> list[list[dict[str, Any]]]:
     """Per description, candidates best first: {"code", "score", "align", "parses",
-    "finish_reason"} (and "neighbours" with retrieval). Beam keeps the best `num_samples` of
-    `num_beams`; "align" is None unless `rerank`. Penalties None take config.sample's. Sample j
-    of description i is drawn with `options.candidate_keys(seed, [i], ...)`, independent of the
-    other descriptions. A model trained with retrieval retrieves from `corpus` (None: the run's
-    train split) unless `retrieve=False`."""
+    "finish_reason"} (and "neighbours" with retrieval). Penalties None take config.sample's;
+    sample j of description i draws with `options.candidate_keys(seed, [i], ...)`. A model
+    trained with retrieval retrieves from `corpus` (None: its train split) unless not `retrieve`."""
     texts = postprocess.check_texts(descriptions, "Description")
     max_new = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
     sc = self.config.sample

@@ -40,10 +40,8 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
              num_samples: int = 1, decode_phase: int = 64, mesh: jax.sharding.Mesh | None = None,
              axis_rules: tuple | None = None, repetition_penalty=1.0, no_repeat_ngram_size: int = 0,
              limit: Array | int | None = None) -> tuple[Array, Array]:
-  """Tokens [B, K, T] int32 (PAD after EOS) and scores [B, K], best first; K is 1 (greedy),
-  `num_samples` or `num_beams`. All-PAD rows of `desc_ids` are not decoded. With `mesh` the batch
-  is sharded over (data, fsdp). Temperature, top_p and the penalties' values are traced (top_k
-  too when not a Python int). `rng` (sample): a seed, a key, or keys [B, K, 2], one a candidate.
+  """Tokens [B, K, T] int32 (PAD after EOS) and scores [B, K], best first; all-PAD rows of
+  `desc_ids` are not decoded. `rng` (sample): a seed, a key, or keys [B, K, 2], one a candidate.
   `limit` (traced, <= max_new_tokens) stops decoding there; outputs keep max_new_tokens."""
   cfg = model.cfg
   options.check(strategies=decoding.STRATEGIES, strategy=strategy, max_new_tokens=max_new_tokens,
@@ -70,11 +68,8 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
                    penalize=not (isinstance(repetition_penalty, numbers.Real)
                                  and repetition_penalty == 1.0),
                    no_repeat_ngram_size=int(no_repeat_ngram_size),
-                   axis_rules=None if axis_rules is None else _hashable(axis_rules))
-
-
-def _hashable(rules) -> tuple:
-  return tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in rules)
+                   axis_rules=None if axis_rules is None else tuple(   # hashable: static
+                       (n, tuple(ax) if isinstance(ax, list) else ax) for n, ax in axis_rules))
 
 
 @contextlib.contextmanager

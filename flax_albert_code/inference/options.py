@@ -62,12 +62,9 @@ def check(*, strategies: Sequence[str], strategy: str = "greedy",
                   "repetition_penalty": repetition_penalty}.items():
     if isinstance(v, bool) or not (_is_static(v) or hasattr(v, "shape")):
       fail(lambda n, name=name, v=v: f"{n(name)} must be a number, got {v!r}.")
-    if not _is_static(v):
-      continue
     low, low_in, high, high_in = RANGES[name]
-    ok = math.isfinite(v) and (v >= low if low_in else v > low) and (
-        v <= high if high_in else v < high)
-    if not ok:
+    if _is_static(v) and not (math.isfinite(v) and (v >= low if low_in else v > low)
+                              and (v <= high if high_in else v < high)):
       span = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
       what = {"temperature": f"must be positive and at most {high:g}",
               "repetition_penalty": f"must be in {span} (1.0: off)"}.get(name, f"must be in {span}")

@@ -104,7 +104,8 @@ def candidates(decode: Callable[[list[int]], str], tokens_NxKxT: np.ndarray,
                scores_NxK: np.ndarray, neighbours: Sequence[Sequence[dict]] | None = None, *,
                max_new_tokens: int | None = None,
                by_score: bool = False) -> list[list[dict[str, Any]]]:
-  """Per text, its K candidate dicts (with "neighbours" when given); `by_score`: best first."""
+  """Per text, its K candidates {"code", "score", "align" (None), "parses", "finish_reason"}
+  (and "neighbours" when given); `by_score` orders a row best first (stable)."""
   results = []
   for i, (row_tokens, row_scores) in enumerate(zip(tokens_NxKxT, scores_NxK)):
     order = np.argsort(-row_scores, kind="stable") if by_score else range(len(row_scores))

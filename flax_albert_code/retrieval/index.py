@@ -1,11 +1,6 @@
-"""The code index: a corpus encoded once into code vectors, ranked for queries (search.py and
-the export runtime, which pass as `generator` anything with `embed(texts, kind)`).
-
-A source spec gives every function, documented or not. The index is saved under
-`<workdir>/search_index/<key>/`, keyed by a hash of the parameters and the corpus files, written
-to a temporary directory and renamed; index.json records the parameters' fingerprint, so that a
-reader can refuse another model's index. Imports neither flax nor orbax (the export runtime).
-"""
+"""The code index: a corpus encoded once into code vectors by a `generator` (anything with
+`embed(texts, kind)`), saved under `<workdir>/search_index/<key>/` keyed by a hash of the
+parameters and the corpus files. Imports neither flax nor orbax (the export runtime uses it)."""
 from __future__ import annotations
 
 import collections
@@ -39,9 +34,7 @@ class Index:
 
 def item(it: dict[str, Any]) -> dict[str, Any]:
   """A search item with the fields the index keeps, typed ("" and 0 for what is missing)."""
-  return {"name": str(it.get("name") or ""), "path": str(it.get("path") or ""),
-          "lineno": int(it.get("lineno") or 0), "description": str(it.get("description") or ""),
-          "code": str(it.get("code") or "")}
+  return {k: int(it.get(k) or 0) if k == "lineno" else str(it.get(k) or "") for k in ITEM_FIELDS}
 
 
 def read(directory: str) -> Index:
@@ -114,13 +107,6 @@ def params_fingerprint(variables) -> str:
   return h.hexdigest()
 
 
-def index_key(generator, corpus_fingerprint: str) -> str:
-  h = hashlib.sha256(json.dumps([INDEX_FORMAT, dataclasses.asdict(generator.cfg),
-                                 corpus_fingerprint], sort_keys=True).encode())
-  h.update(params_fingerprint(generator.variables).encode())
-  return h.hexdigest()[:16]
-
-
 def build_index(generator, examples: Sequence[dict], batch_size: int = 256,
                 progress: bool = False) -> np.ndarray:
   """Code vectors of `examples`, [N, align_dim]."""
@@ -145,15 +131,18 @@ def _whole(directory: str) -> Index | None:
 def load_or_build(generator, examples: Sequence[dict], corpus_fingerprint: str,
                   root: str, progress: bool = False) -> Index:
   """The index under `root/<key>/` if complete, else built, saved atomically and returned."""
-  key = index_key(generator, corpus_fingerprint)
+  params = params_fingerprint(generator.variables)
+  h = hashlib.sha256(json.dumps([INDEX_FORMAT, dataclasses.asdict(generator.cfg),
+                                 corpus_fingerprint], sort_keys=True).encode())
+  h.update(params.encode())
+  key = h.hexdigest()[:16]
   final = os.path.join(root, key)
   found = _whole(final)
   if found is not None:
     return dataclasses.replace(found, key=key, reused=True)
   vectors = build_index(generator, examples, progress=progress)
   items = [{k: e[k] for k in ITEM_FIELDS} for e in examples]
-  meta = {"params_fingerprint": params_fingerprint(generator.variables),
-          "corpus": corpus_fingerprint}
+  meta = {"params_fingerprint": params, "corpus": corpus_fingerprint}
   # A damaged index there is replaced; one another process saved meanwhile is kept.
   with files.staged_dir(final, existing="keep", complete=lambda d: _whole(d) is not None) as tmp:
     meta = write(tmp, vectors, items, meta)

@@ -1,9 +1,5 @@
-"""JAX's persistent compilation cache, so a resumed run loads its step programs, not compiles.
-
-`config.train.compilation_cache`: "auto" (the workdir's jax_cache, for gs:// a local ~/.cache
-directory; JAX_COMPILATION_CACHE_DIR wins), a directory, or "" (off). Set once per process by the
-command (train.py), before the first compilation.
-"""
+"""JAX's persistent compilation cache (`config.train.compilation_cache`), so a resumed run loads
+its step programs instead of compiling them; set once per process by train.py."""
 from __future__ import annotations
 
 import logging

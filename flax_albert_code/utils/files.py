@@ -118,9 +118,8 @@ def atomic_write(path: Any, mode: str = "w", **open_kwargs) -> Iterator[IO]:
 @contextlib.contextmanager
 def staged_dir(final: Any, *, existing: str = "replace",
                complete: Callable[[str], bool] | None = None) -> Iterator[str]:
-  """A new empty directory beside `final` (a local path), published as `final` when the block
-  ends and removed if it raises: a killed process leaves a hidden `.tmp-<name>-*`, never a
-  half-written `final`."""
+  """A new directory beside `final` (a local path), published as `final` when the block ends and
+  removed if it raises: a killed process leaves a hidden `.tmp-<name>-*`, never half a `final`."""
   final = os.path.abspath(os.fspath(final))
   _check_existing(existing, complete)
   parent = os.path.dirname(final)

@@ -20,8 +20,7 @@ class Lines:
   """tqdm's update, close and `with`, as a line on stderr at most every `every_s` seconds."""
 
   def __init__(self, total: int, desc: str, unit: str, every_s: float = 10.0, file=None):
-    self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
-    self.file = file
+    self.total, self.desc, self.unit, self.every_s, self.file = total, desc, unit, every_s, file
     self.n = 0
     self.start = self._shown = time.monotonic()   # _shown: when the last line was written
     self._show(self.start)
