@@ -1,8 +1,5 @@
 """Generates code from descriptions with a trained checkpoint.
 
-  python -m flax_albert_code.generate --checkpoint runs/small \\
-      "create a function that takes two integers and returns their sum"
-  python -m flax_albert_code.generate --checkpoint DIR --input descriptions.txt --json
   echo "reverse a string" | python -m flax_albert_code.generate --checkpoint DIR --strategy beam
 """
 from __future__ import annotations

@@ -1,6 +1,5 @@
 """Code search by description: encode a corpus once into an index, then rank it for queries.
 
-  python -m flax_albert_code.search --checkpoint runs/small --corpus stdlib "parse a date string"
   python -m flax_albert_code.search --checkpoint DIR --corpus dir:~/src/repo --top-k 5 --json "..."
 """
 from __future__ import annotations

@@ -28,8 +28,7 @@ class BM25:
     lengths = np.array([len(d) for d in documents], dtype=np.float64)
     avg = lengths.mean() if self.num_docs and lengths.mean() > 0 else 1.0
     self._norm_D = k1 * (1.0 - b + b * lengths / avg)
-    # Postings (term -> ascending docs, term frequencies) from one np.unique over (term, doc)
-    # ids; terms in order of first appearance.
+    # Postings (term -> ascending docs, tfs) from one np.unique over (term, doc) ids.
     vocab: dict[str, int] = {}
     n_tokens = np.fromiter(map(len, documents), np.int64, count=self.num_docs)
     term_ids = np.fromiter((vocab.setdefault(t, len(vocab)) for d in documents for t in d),
