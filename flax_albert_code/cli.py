@@ -1,6 +1,5 @@
-"""What every command shares: one-line errors, quiet library logs, progress bars on a terminal,
-reading texts, loading a model. Not a command: a layer of its own under the commands (the
-import-linter contract in pyproject.toml), so that no command imports another."""
+"""What every command shares: one-line errors, quiet logs, progress bars, reading texts, loading a
+model. A layer of its own under the commands, so that no command imports another."""
 from __future__ import annotations
 
 import logging
@@ -15,8 +14,7 @@ USER_ERRORS: tuple = (ValueError, OSError, RuntimeError)  # CheckpointError is a
 
 
 class _AboveBars(logging.StreamHandler):
-  """Lines written through tqdm, so that a progress bar on the terminal is not broken: the
-  bar is cleared, the line written, the bar drawn again below it."""
+  """Lines written through tqdm, so that a progress bar on the terminal is not broken."""
 
   def emit(self, record: logging.LogRecord) -> None:
     try:
@@ -27,8 +25,7 @@ class _AboveBars(logging.StreamHandler):
 
 
 def quiet_logs() -> None:
-  """Our warnings as `warning: ...` lines (above any progress bar); library chatter (orbax,
-  absl) only when it is an error."""
+  """Our warnings as `warning: ...` lines; library chatter (absl) only when it is an error."""
   handler = _AboveBars()
   handler.setFormatter(logging.Formatter("warning: %(message)s"))
   ours = logging.getLogger("flax_albert_code")
@@ -38,8 +35,7 @@ def quiet_logs() -> None:
 
 
 def config_argv(argv: Sequence[str]) -> list[str]:
-  """argv with each `--config X` resolved (`config.with_shipped_configs`); one that names no
-  config file exits with one `error:` line listing the shipped configs, not a traceback."""
+  """argv with each `--config X` resolved; an unknown one exits with one `error:` line."""
   out = config_lib.with_shipped_configs(list(argv))
   for i, arg in enumerate(out):
     spec = (arg[len("--config="):] if arg.startswith("--config=") else
@@ -52,8 +48,7 @@ def config_argv(argv: Sequence[str]) -> list[str]:
 
 
 def progress() -> bool:
-  """Whether to draw progress bars (tqdm, on stderr): when stderr is a terminal, so that logs
-  and pipes get no carriage-return noise."""
+  """Whether to draw progress bars: when stderr is a terminal."""
   return bool(sys.stderr and sys.stderr.isatty())
 
 
@@ -73,10 +68,9 @@ def _utf8(data: bytes, where: str) -> str:
 
 def read_texts(args: Sequence[str], input_path: str, what: str = "description") -> list[str]:
   """Texts from the arguments, else a file (one a line), else stdin; blank lines skipped."""
-  if args:
-    texts = []
-    for i, a in enumerate(args):   # undecodable argv bytes arrive as lone surrogates
-      texts.append(_utf8(a.encode("utf-8", "surrogateescape"), f"Argument {i + 1}"))
+  if args:   # undecodable argv bytes arrive as lone surrogates
+    texts = [_utf8(a.encode("utf-8", "surrogateescape"), f"Argument {i + 1}")
+             for i, a in enumerate(args)]
   else:
     if input_path and input_path != "-":
       try:
@@ -95,13 +89,9 @@ def read_texts(args: Sequence[str], input_path: str, what: str = "description") 
 
 
 def check_decoding(path: str, strategies: Sequence[str], **decode) -> None:
-  """Before the model of checkpoint `path` is loaded: OptionError if a decoding call of one of
-  `strategies` with `decode` (num_texts, num_samples, num_beams, max_new_tokens) cannot fit in
-  the memory free here, or asks for more tokens than the model has positions
-  (inference/memory.py)."""
+  """Before the model of checkpoint `path` loads: `memory.check` for each of `strategies`."""
   # Here, not at the top: orbax would make the commands' `--help` slow.
-  from flax_albert_code.inference import generator  # pylint: disable=import-outside-toplevel
-  from flax_albert_code.inference import memory  # pylint: disable=import-outside-toplevel
+  from flax_albert_code.inference import generator, memory  # pylint: disable=import-outside-toplevel
   from flax_albert_code.model import checkpoint_io  # pylint: disable=import-outside-toplevel
   config = generator.full_config(checkpoint_io.read_config(path))
   for strategy in strategies:
@@ -110,19 +100,16 @@ def check_decoding(path: str, strategies: Sequence[str], **decode) -> None:
 
 def load_generator(path: str):
   """CodeGenerator over all local devices (the batch sharded over them when there are several)."""
-  # Here, not at the top: flax and orbax would make the commands' `--help` take 1.5 s, not 0.1 s.
+  # Here, not at the top: flax and orbax would make the commands' `--help` slow.
   import jax  # pylint: disable=import-outside-toplevel
   from flax_albert_code.model import sharding  # pylint: disable=import-outside-toplevel
   from flax_albert_code.inference import generator  # pylint: disable=import-outside-toplevel
-  mesh = None
-  if jax.device_count() > 1:
-    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+  mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)) if jax.device_count() > 1 else None
   return generator.CodeGenerator.from_checkpoint(path, mesh=mesh)
 
 
 def embedder(config, params, prepared, mesh):
-  """The model's aligned vectors of texts, `(texts, kind) -> [N, A]`, through CodeGenerator: how
-  training mines neighbours with its own encoder (`training.loop.Embedder`)."""
+  """`(texts, kind) -> [N, A]` aligned vectors through CodeGenerator, for training's mining."""
   from flax_albert_code.inference import generator  # pylint: disable=import-outside-toplevel
   gen = generator.CodeGenerator(config, params, prepared.tokenizer, prepared=prepared, mesh=mesh)
   gen.warn_long = False   # long descriptions are cut as training cuts them: no warning each

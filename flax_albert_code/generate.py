@@ -1,13 +1,6 @@
 """Generates code from descriptions with a trained checkpoint.
 
-  python -m flax_albert_code.generate --checkpoint runs/small \\
-      "create a function that takes two integers and returns their sum"
-  python -m flax_albert_code.generate --checkpoint DIR --input descriptions.txt --json
   echo "reverse a string" | python -m flax_albert_code.generate --checkpoint DIR --strategy beam
-
-Descriptions come from the arguments, else `--input FILE` (one a line; `-` is stdin), else stdin.
-The logic lives in `flax_albert_code.inference.generator`; this file only wires it to the command
-line. Options are checked (`inference/options.py`) before the model loads.
 """
 from __future__ import annotations
 
@@ -52,7 +45,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _print_neighbours(cands: list[dict]) -> None:
-  """The retrieved functions the candidates were written from, as comment lines."""
   # Here, not at the top: scipy (BM25) would slow `--help`.
   from flax_albert_code.retrieval import retriever  # pylint: disable=import-outside-toplevel
   for line in retriever.neighbour_lines(cands[0].get("neighbours", []) if cands else []):
@@ -63,15 +55,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   cli.quiet_logs()
   try:
-    # Here, not at the top: jax would make `--help` 0.8 s instead of 0.1 s (measured).
+    # Here, not at the top: jax would make `--help` slow.
     from flax_albert_code.inference import decoding  # pylint: disable=import-outside-toplevel
-    options.check(strategies=decoding.STRATEGIES, strategy=args.strategy,
-                  max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                  num_samples=args.num_samples, top_k=args.top_k, top_p=args.top_p,
-                  temperature=args.temperature, length_penalty=args.length_penalty,
+    decode = {k: getattr(args, k) for k in (
+        "strategy", "max_new_tokens", "num_beams", "num_samples", "top_k", "top_p", "temperature",
+        "length_penalty", "seed")}   # as generate() and options.check name them
+    options.check(strategies=decoding.STRATEGIES, **decode,
                   repetition_penalty=1.0 if args.repetition_penalty is None
-                  else args.repetition_penalty, seed=args.seed,
-                  no_repeat_ngram_size=args.no_repeat_ngram_size or 0)
+                  else args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size or 0)
     texts = cli.read_texts(args.descriptions, args.input)
     if args.corpus:
       from flax_albert_code.retrieval import index  # pylint: disable=import-outside-toplevel
@@ -81,12 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        max_new_tokens=args.max_new_tokens)
     gen = cli.load_generator(args.checkpoint)
     results = gen.generate(
-        texts, strategy=args.strategy, num_samples=args.num_samples, num_beams=args.num_beams,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, rerank=args.rerank,
-        max_new_tokens=args.max_new_tokens, seed=args.seed,
-        length_penalty=args.length_penalty,
-        repetition_penalty=args.repetition_penalty, drop_unparsable=args.drop_unparsable,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        texts, **decode, rerank=args.rerank, repetition_penalty=args.repetition_penalty,
+        drop_unparsable=args.drop_unparsable, no_repeat_ngram_size=args.no_repeat_ngram_size,
         retrieve=False if args.no_retrieve else (True if args.corpus else None),
         corpus=args.corpus or None)
   except cli.USER_ERRORS as e:

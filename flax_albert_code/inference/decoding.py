@@ -1,23 +1,7 @@
-"""Generic decoding: greedy, temperature/top-k/top-p sampling and beam search over any model.
-
-The loops (`sample_loop`, `beam_search`) only see `tokens_to_logits(ids_Nx1, cache) ->
-(logits_NxV, cache)`, so tests drive them with a toy model whose answer is known (flax lm1b
-`temperature_sampler`, wmt `beam_search`). Each is one `lax.while_loop` that stops as soon as
-every row has emitted EOS (beam search: as soon as no live beam can beat the finished ones) or
-after `max_new_tokens`; nothing leaves the device inside it. This module imports no model code:
-`model_decoding.generate` runs them on `CodeModel` (t5x `decoding.py` vs `models.py`).
-
-Phased decoding (`decode_phase`, config.sample.decode_phase): the cache has a static length
-S = max_new_tokens, but step i only needs positions <= i. With `phase_ends` (e.g. 64, 128, ..,
-S) the loop is one `while_loop` per phase, run while step < end, and each calls
-`tokens_to_logits(ids, cache, end)` with the static `end`, so the step attends to (and beam
-search reorders) only the first `end` cache positions: on average about half the cache instead
-of all of it, for the price of compiling the step once per phase. A phase whose rows are all
-done exits at once, so later phases cost nothing.
-
-Scores are length-penalised log-probabilities, `sum log p / ((5 + length) / 6) ** alpha` (GNMT),
-where the length counts EOS; every strategy returns candidates best first.
-"""
+"""Greedy, sampling and beam search over any `tokens_to_logits(ids_Nx1, cache)`, each one
+`lax.while_loop` that stops once every row is done. With `phase_ends`, one loop per phase calls
+`tokens_to_logits(ids, cache, end)` with a static `end`: a step attends only to positions < end.
+Scores are `sum log p / ((5 + length) / 6) ** alpha` (GNMT), length counting EOS; best first."""
 from __future__ import annotations
 
 import functools
@@ -29,7 +13,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID
-from flax_albert_code.inference import options
 
 Array = jax.Array
 TokensToLogits = Callable[[Array, Any], tuple[Array, Any]]
@@ -53,10 +36,7 @@ def ban_special(logits_NxV: Array) -> Array:
 
 def filter_logits(logits_NxV: Array, *, top_k: int | Array = 0, top_p: Array | float = 1.0,
                   nucleus: bool = False) -> Array:
-  """Keeps the `top_k` largest logits (0: all), then the smallest set whose probability reaches
-  `top_p` (only when `nucleus`); the rest become -inf. Ties with the threshold are kept.
-  A traced `top_k` (exported programs take it as an input) reads its threshold off the sorted
-  row instead of `lax.top_k`, which needs a static k."""
+  """Keeps the `top_k` largest logits (0: all), then (`nucleus`) the top-p set; ties kept."""
   sorted_NxK = None
   if not isinstance(top_k, numbers.Integral):
     sorted_NxK = -jnp.sort(-logits_NxV, axis=-1)
@@ -79,10 +59,6 @@ def filter_logits(logits_NxV: Array, *, top_k: int | Array = 0, top_p: Array | f
   return logits_NxV
 
 
-# ---------------------------------------------------------------------------------------------
-# Greedy and sampling.
-
-
 class _SampleState(NamedTuple):
   step: Array          # scalar int32: tokens generated so far
   last_N: Array        # the token fed next
@@ -95,17 +71,13 @@ class _SampleState(NamedTuple):
 
 
 def penalize_repeats(logits_NxV: Array, seen_NxV: Array, penalty: Array) -> Array:
-  """CTRL's repetition penalty (Keskar et al. 2019; Hugging Face's `repetition_penalty`): the
-  logit of a token already emitted in its row is divided by `penalty` when positive and
-  multiplied by it when negative, so it becomes less likely either way (1.0: unchanged)."""
+  """CTRL's repetition penalty: seen tokens' logits divided (> 0) or multiplied by `penalty`."""
   penalized = jnp.where(logits_NxV > 0, logits_NxV / penalty, logits_NxV * penalty)
   return jnp.where(seen_NxV, penalized, logits_NxV)
 
 
 def ban_repeated_ngrams(tokens_NxT: Array, step: Array, n: int, vocab_size: int) -> Array:
-  """[N, V] True where emitting the token next would repeat an n-gram already in its row
-  (Hugging Face's `no_repeat_ngram_size`): the last n-1 tokens emitted, followed by it, occur
-  earlier. `tokens_NxT` holds the row's tokens at positions < `step`."""
+  """[N, V] True where the token next would repeat an n-gram of its row (positions < `step`)."""
   rows, t = tokens_NxT.shape
   if n < 1 or t < n:
     return jnp.zeros((rows, vocab_size), bool)
@@ -119,8 +91,7 @@ def ban_repeated_ngrams(tokens_NxT: Array, step: Array, n: int, vocab_size: int)
 
 
 def decode_phases(max_new_tokens: int, decode_phase: int) -> tuple[int, ...] | None:
-  """The static ends of the decoding phases: (p, 2p, .., max_new_tokens); None when off (0)
-  or when one phase would span everything."""
+  """(p, 2p, .., max_new_tokens); None when off (0) or one phase would span everything."""
   if decode_phase <= 0 or decode_phase >= max_new_tokens:
     return None
   return tuple(range(decode_phase, max_new_tokens, decode_phase)) + (max_new_tokens,)
@@ -128,8 +99,7 @@ def decode_phases(max_new_tokens: int, decode_phase: int) -> tuple[int, ...] | N
 
 def _phased_loop(cond: Callable[[Any], Array], body: Callable[[Any, int | None], Any], state,
                  ends: Sequence[int] | None):
-  """`while cond(s): s = body(s, None)`, or one loop per phase: `while s.step < end and
-  cond(s): s = body(s, end)` for each static `end`."""
+  """`while cond(s): s = body(s, None)`, or per static `end`: while also s.step < end."""
   if ends is None:
     return lax.while_loop(cond, lambda s: body(s, None), state)
   for end in ends:
@@ -139,30 +109,17 @@ def _phased_loop(cond: Callable[[Any], Array], body: Callable[[Any, int | None],
 
 
 def _call(fn: Callable[..., Any], a, b, end: int | None):
-  """`fn(a, b)`, or `fn(a, b, end)` inside a decoding phase (tokens_to_logits, reorder_cache)."""
   return fn(a, b) if end is None else fn(a, b, end)
 
 
 def sample_loop(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int,
                 max_new_tokens: int, choose: Callable[[Array, Array], Array], rng: Array,
-                done_N: Array | None = None,
-                phase_ends: Sequence[int] | None = None,
-                repetition_penalty: Array | None = None,
-                no_repeat_ngram_size: int = 0,
+                done_N: Array | None = None, phase_ends: Sequence[int] | None = None,
+                repetition_penalty: Array | None = None, no_repeat_ngram_size: int = 0,
                 limit: Array | None = None) -> tuple[Array, Array, Array, Array]:
-  """Decodes `batch_size` rows one token per step until all emitted EOS or `max_new_tokens`
-  (or the traced `limit` <= max_new_tokens, when given: the cache keeps its static length).
-
-  `choose(logits_NxV, step_rng) -> ids_N` picks the next tokens (argmax, or a draw). `rng` is
-  one key for the whole batch, or raw keys [N, 2], one a row: then a row's draws depend on its
-  own key only, not on the other rows of the batch. Returns
-  tokens [N, T] (PAD after EOS), summed log-probs [N], lengths [N] (EOS counted) and the
-  number of steps run. Rows where `done_N` is True from the start are not decoded. With
-  `phase_ends` (increasing, the last `max_new_tokens`) the steps before `end` call
-  `tokens_to_logits(ids, cache, end)` (see the module docstring). With `repetition_penalty`
-  (None: off) tokens are chosen from `penalize_repeats` logits; log-probs stay the model's.
-  `no_repeat_ngram_size` n > 0 never chooses a token that repeats an n-gram of its row.
-  """
+  """Decodes until every row emitted EOS or `max_new_tokens` (or traced `limit`) steps; `rng` is
+  one key or [N, 2] keys, one a row. Returns tokens [N, T] (PAD after EOS), summed log-probs (the
+  model's, even under `repetition_penalty`), lengths (EOS counted) and the steps run."""
   n, t = batch_size, max_new_tokens
   done0 = jnp.zeros((n,), bool) if done_N is None else done_N
   state = _SampleState(jnp.zeros((), jnp.int32), jnp.full((n,), BOS_ID, jnp.int32),
@@ -207,8 +164,7 @@ def greedy_choice(logits_NxV: Array, rng: Array) -> Array:
 
 def sample_choice(temperature, top_k: int | Array, top_p,
                   nucleus: bool) -> Callable[[Array, Array], Array]:
-  """Draws from softmax(logits / temperature) restricted by top-k and top-p; with keys [N, 2]
-  each row draws with its own key."""
+  """Draws from softmax(logits / temperature) within top-k/top-p; keys [N, 2]: one a row."""
   def choose(logits_NxV: Array, rng: Array) -> Array:
     logits = filter_logits(logits_NxV / temperature, top_k=top_k, top_p=top_p, nucleus=nucleus)
     if jnp.ndim(rng) == 2:
@@ -217,10 +173,8 @@ def sample_choice(temperature, top_k: int | Array, top_p,
   return choose
 
 
-# ---------------------------------------------------------------------------------------------
-# Beam search (flax examples/wmt/decode.py, t5x; EOS handling as in Hugging Face's): 2K
-# candidates per step, so that K live beams remain even when K of them end; finished beams are
-# kept aside with their penalised score, and the search stops when no live beam can beat them.
+# Beam search (flax wmt, t5x): 2K candidates per step, so that K live beams remain even when K of
+# them end; finished beams are kept aside and the search stops when no live beam can beat them.
 
 
 class _BeamState(NamedTuple):
@@ -235,7 +189,7 @@ class _BeamState(NamedTuple):
 
 
 def reorder_leading(cache: Any, flat_idx_N: Array) -> Any:
-  """Gathers every non-scalar leaf of `cache` along axis 0 (a batch-major toy cache)."""
+  """Gathers every non-scalar leaf of `cache` along axis 0."""
   return jax.tree.map(lambda x: x if x.ndim == 0 else jnp.take(x, flat_idx_N, axis=0), cache)
 
 
@@ -247,24 +201,12 @@ def gather_beams(x_BxKx: Array, idx_BxJ: Array) -> Array:
 
 def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int, beam_size: int,
                 max_new_tokens: int, length_penalty: Array | float = 1.0,
-                active_B: Array | None = None,
-                reorder_cache: Callable[..., Any] | None = None,
-                phase_ends: Sequence[int] | None = None,
-                repetition_penalty: Array | None = None,
-                no_repeat_ngram_size: int = 0,
-                limit: Array | None = None) -> tuple[Array, Array]:
-  """Beam search over a cache holding `batch_size * beam_size` rows (beams of a row adjacent).
-
-  `reorder_cache(cache, parent_BxK)` makes each beam take over its parent's cache (default:
-  gather every leaf along axis 0). Returns sequences [B, K, T] (PAD after EOS) and scores
-  [B, K], best first: finished beams by penalised score, then (only if fewer than K finished
-  before `max_new_tokens`) unfinished beams scored at length T. Rows where `active_B` is False
-  are not searched (they stop the loop from waiting on them). With `phase_ends` the steps
-  before `end` call `tokens_to_logits(ids, cache, end)` and `reorder_cache(cache, parent, end)`
-  (see the module docstring). `no_repeat_ngram_size` n > 0: no beam repeats an n-gram;
-  `repetition_penalty` (None: off): `penalize_repeats` of the logits by the beam's own tokens.
-  A traced `limit` <= max_new_tokens ends the search there, as if it were `max_new_tokens`.
-  """
+                active_B: Array | None = None, reorder_cache: Callable[..., Any] | None = None,
+                phase_ends: Sequence[int] | None = None, repetition_penalty: Array | None = None,
+                no_repeat_ngram_size: int = 0, limit: Array | None = None) -> tuple[Array, Array]:
+  """Beam search over a cache of `batch_size * beam_size` rows (beams of a row adjacent). Returns
+  sequences [B, K, T] and scores [B, K]: finished beams best first, then unfinished ones scored
+  at length T to fill empty slots. Rows where `active_B` is False are not searched."""
   b, k, t = batch_size, beam_size, max_new_tokens
   last = t if limit is None else jnp.minimum(limit, t)
   if reorder_cache is None:
@@ -342,23 +284,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
   return seqs, jnp.where(active[:, None], scores, 0.0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Strategies and their options.
-
-
 def num_candidates(strategy: str, num_beams: int, num_samples: int) -> int:
   """Candidates a strategy decodes per description: 1 (greedy), every sample, every beam."""
   return {"greedy": 1, "sample": num_samples, "beam": num_beams}[strategy]
 
-
-def check_options(strategy: str, *, max_new_tokens: int, num_beams: int, num_samples: int,
-                  top_k: int, top_p=1.0, temperature=1.0, vocab_size: int | None = None,
-                  max_positions: int | None = None, repetition_penalty=1.0,
-                  length_penalty=1.0, no_repeat_ngram_size: int = 0) -> None:
-  """Raises ValueError (one sentence) for an unknown strategy or options that cannot work
-  (`options.check`, the one set of ranges); traced values are not checked."""
-  options.check(strategies=STRATEGIES, strategy=strategy, max_new_tokens=max_new_tokens,
-                num_beams=num_beams, num_samples=num_samples, top_k=top_k, top_p=top_p,
-                temperature=temperature, repetition_penalty=repetition_penalty,
-                length_penalty=length_penalty, max_tokens=max_positions, vocab_size=vocab_size,
-                no_repeat_ngram_size=no_repeat_ngram_size)

@@ -1,14 +1,5 @@
-"""CodeGenerator: descriptions -> ranked code candidates; texts -> alignment vectors.
-
-  gen = CodeGenerator.from_checkpoint("runs/small")        # a workdir or one checkpoint dir
-  gen.generate(["return the sum of two integers"], strategy="beam", num_samples=4, rerank=True)
-  gen.embed(["def add(a, b):\\n  return a + b"], kind="code")
-
-Descriptions are batched into the buckets of `config.sample.batch_buckets` (padding rows are not
-decoded), so repeated calls reuse one compiled program per (bucket, strategy, options).
-`rerank` orders candidates by the cosine similarity between the description's alignment vector
-and the encoder's vector of each candidate (the alignment objective used at inference time).
-"""
+"""CodeGenerator: descriptions -> ranked code candidates; texts -> alignment vectors. Batches
+are padded to `config.sample.batch_buckets`, so calls reuse one program per bucket and options."""
 from __future__ import annotations
 
 import dataclasses
@@ -25,16 +16,9 @@ import numpy as np
 
 from flax_albert_code import config as config_lib
 from flax_albert_code.data import prepared as prepared_lib
-from flax_albert_code.inference import decoding
-from flax_albert_code.retrieval import index as index_lib
-from flax_albert_code.inference import memory
-from flax_albert_code.inference import model_decoding
-from flax_albert_code.inference import options
-from flax_albert_code.inference import postprocess
-from flax_albert_code.retrieval import retriever as retriever_lib
-from flax_albert_code.model import albert as model_lib
-from flax_albert_code.model import checkpoint_io
-from flax_albert_code.model import sharding
+from flax_albert_code.inference import decoding, memory, model_decoding, options, postprocess
+from flax_albert_code.model import albert as model_lib, checkpoint_io, sharding
+from flax_albert_code.retrieval import index as index_lib, retriever as retriever_lib
 from flax_albert_code.model.layers import ModelConfig
 from flax_albert_code.tokenizer import Tokenizer, frame_context
 
@@ -50,16 +34,12 @@ def full_config(config) -> ml_collections.ConfigDict:
     c.retrieval = config_lib.get_config().retrieval
     return c
   c = config_lib.get_config()
-  if isinstance(config, ModelConfig):
-    c.model.update(dataclasses.asdict(config))
-  else:
-    c.model.update(dict(config))
+  c.model.update(dataclasses.asdict(config) if isinstance(config, ModelConfig) else dict(config))
   return c
 
 
 def inference_params(params, compute_dtype) -> Any:
-  """The model's variables for inference: unboxed, matrices in the compute dtype (every layer
-  casts them to it anyway, so outputs are unchanged and the weights take half the memory)."""
+  """Unboxed variables, matrices in the compute dtype (layers cast them anyway): half the memory."""
   params = nn.meta.unbox(params)
   variables = params if "params" in params else {"params": params}
   return jax.tree.map(lambda x: jnp.asarray(x).astype(compute_dtype)
@@ -81,9 +61,7 @@ class CodeGenerator:
                mesh: jax.sharding.Mesh | None = None):
     self.config = full_config(config)
     self.model, self.cfg = model_lib.build(self.config)
-    self.tokenizer = tokenizer
-    self.prepared = prepared
-    self.mesh = mesh
+    self.tokenizer, self.prepared, self.mesh = tokenizer, prepared, mesh
     self.axis_rules = sharding.rules(self.config) if mesh is not None else None
     self.max_desc_len = int(self.config.data.max_desc_len)
     limit = self.cfg.max_position_embeddings
@@ -91,9 +69,8 @@ class CodeGenerator:
     self.default_max_new_tokens = min(int(self.config.sample.max_new_tokens), limit)
     # Configs saved before the field existed decode with the default.
     self.decode_phase = int(self.config.sample.get("decode_phase", 64))
-    divisor = sharding.batch_divisor(mesh) if mesh is not None else 1
-    self.batch_buckets = sorted({-(-int(b) // divisor) * divisor
-                                 for b in self.config.sample.batch_buckets})
+    self._divisor = sharding.batch_divisor(mesh) if mesh is not None else 1
+    self.batch_buckets = memory.buckets(self.config, self._divisor)
     model_lib.check_params(self.model, nn.meta.unbox(params))
     self.variables = self._place(params)
     self.step: int | None = None
@@ -101,14 +78,12 @@ class CodeGenerator:
     self.retrieval_k = int(self.config.retrieval.k)
     self.max_ctx_len = int(self.config.retrieval.max_ctx_len)
     self._corpus: tuple[str, Any] | None = None   # (spec, Retriever over its index)
-    # A warning for each description cut to max_desc_len; off where a caller summarises them
-    # (evaluation: one line for a split, `long_descriptions`).
+    # A warning for each description cut to max_desc_len; off where a caller summarises them.
     self.warn_long = True
 
   @classmethod
   def from_checkpoint(cls, path: str, *, mesh: jax.sharding.Mesh | None = None) -> CodeGenerator:
-    """From a training workdir (its latest checkpoint) or one checkpoint step directory; the
-    tokenizer comes from the run's prepared data (or `config.data.tokenizer_path`)."""
+    """From a workdir (its latest checkpoint) or a checkpoint step directory."""
     config, params, step = checkpoint_io.load_for_inference(path)
     directory, _ = checkpoint_io.resolve(path)
     prepared = _find_prepared(config, os.fspath(directory.parent))
@@ -124,9 +99,6 @@ class CodeGenerator:
     gen.step, gen.checkpoint_path = step, os.fspath(directory / str(step))
     return gen
 
-  # -------------------------------------------------------------------------------------------
-  # Generation.
-
   def generate(self, descriptions: Sequence[str], strategy: str = "greedy", num_samples: int = 1,
                num_beams: int = 4, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                rerank: bool = False, max_new_tokens: int | None = None, seed: int = 0,
@@ -135,26 +107,9 @@ class CodeGenerator:
                drop_unparsable: bool = False, retrieve: bool | None = None,
                corpus: str | None = None) -> list[list[dict[str, Any]]]:
     """Per description, candidates best first: {"code", "score", "align", "parses",
-    "finish_reason"} (and "neighbours" with retrieval).
-
-    greedy gives 1 candidate, sample `num_samples`, beam the best `num_samples` of `num_beams`
-    (after reranking when `rerank`). "score" is the length-penalised log-probability of the
-    candidate's tokens (its EOS included when it has one); "finish_reason" is "eos" when the
-    model ended the code and "length" when `max_new_tokens` cut it; "align" the cosine
-    similarity of description and code vectors (None unless `rerank`). With `drop_unparsable`,
-    candidates that are not code (`postprocess.parses`) are dropped unless none is.
-    `repetition_penalty` > 1 makes tokens already emitted less likely
-    (`decoding.penalize_repeats`); `no_repeat_ngram_size` n > 0 never repeats an n-gram; None
-    takes each from config.sample (chosen on the valid split). Sample j of description i is
-    drawn with `options.candidate_keys(seed, [i], ...)`, so it does not depend on the other
-    descriptions of the call. Options out of range raise `options.OptionError` (a ValueError).
-
-    A model trained with retrieval (config.retrieval.k > 0) retrieves by default (`retrieve`
-    None or True): the k functions of `corpus` (a data source spec, `prepared:SPLIT`, or None for
-    the run's train split) nearest to each description join its input, and every candidate
-    lists them under "neighbours" ({"path", "name", "lineno", "score"}, best first).
-    `retrieve=False` generates from the description alone.
-    """
+    "finish_reason"} (and "neighbours" with retrieval). Penalties None take config.sample's;
+    sample j of description i draws with `options.candidate_keys(seed, [i], ...)`. A model
+    trained with retrieval retrieves from `corpus` (None: its train split) unless not `retrieve`."""
     texts = postprocess.check_texts(descriptions, "Description")
     max_new = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
     sc = self.config.sample
@@ -170,8 +125,7 @@ class CodeGenerator:
                   no_repeat_ngram_size=no_repeat_ngram_size)
     max_new = int(max_new)
     memory.check(self.config, num_texts=len(texts), strategy=strategy, num_samples=num_samples,
-                 num_beams=num_beams, max_new_tokens=max_new,
-                 divisor=sharding.batch_divisor(self.mesh) if self.mesh is not None else 1)
+                 num_beams=num_beams, max_new_tokens=max_new, divisor=self._divisor)
     if not texts:
       return []
     used = postprocess.retrieves(retrieve, self.retrieval_k, "drop retrieve/--corpus or train "
@@ -181,8 +135,7 @@ class CodeGenerator:
     ids = np.array([postprocess.pad(self._input_ids(t, i, [n["tokens"] for n in neighbours[i]]),
                                     width) for i, t in enumerate(texts)], np.int32)
     k = decoding.num_candidates(strategy, num_beams, num_samples)
-    keys = (options.candidate_keys(seed, range(len(texts)), k) if strategy == "sample"
-            else None)
+    keys = options.candidate_keys(seed, range(len(texts)), k) if strategy == "sample" else None
     tokens, scores = [], []
     for start, size, bucket in postprocess.chunks(len(texts), self.batch_buckets):
       batch = np.zeros((bucket, width), np.int32)
@@ -193,11 +146,10 @@ class CodeGenerator:
         rng[:size] = keys[start:start + size]
         rng = self._put(rng)
       t, s = model_decoding.generate(
-          self.model, self.variables, self._put(batch), strategy=strategy,
-          max_new_tokens=max_new, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
-          num_beams=num_beams, length_penalty=length_penalty, num_samples=num_samples,
-          decode_phase=self.decode_phase, mesh=self.mesh,
-          axis_rules=self.axis_rules, repetition_penalty=repetition_penalty,
+          self.model, self.variables, self._put(batch), strategy=strategy, max_new_tokens=max_new,
+          rng=rng, temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
+          length_penalty=length_penalty, num_samples=num_samples, decode_phase=self.decode_phase,
+          mesh=self.mesh, axis_rules=self.axis_rules, repetition_penalty=repetition_penalty,
           no_repeat_ngram_size=no_repeat_ngram_size)
       tokens.append(np.asarray(jax.device_get(t))[:size])
       scores.append(np.asarray(jax.device_get(s))[:size])
@@ -206,14 +158,9 @@ class CodeGenerator:
     return postprocess.rank(results, texts, self.embed, rerank=rerank,
                             drop_unparsable=drop_unparsable, keep=num_samples)
 
-  # -------------------------------------------------------------------------------------------
-  # Retrieval.
-
   def retrieve(self, texts: Sequence[str], corpus: str | None = None, k: int | None = None,
                method: str | None = None) -> list[list[dict[str, Any]]]:
-    """Per description, the `k` (default the model's) nearest functions of `corpus` (see
-    `generate`) by `method` (default config.retrieval.method), best first:
-    {"path", "name", "lineno", "code", "score", "tokens"}."""
+    """Per description, the `k` nearest functions of `corpus` by `method`, best first."""
     retriever, items = self.retriever(corpus)
     k = self.retrieval_k if k is None else int(k)
     method = method or self.config.retrieval.method
@@ -221,8 +168,7 @@ class CodeGenerator:
                                     self.tokenizer.encode)
 
   def retriever(self, corpus: str | None = None):
-    """(Retriever, items) over `corpus`'s index (built once with this model, saved under the
-    run's search_index/ and reused while the parameters and the corpus files are unchanged)."""
+    """(Retriever, items) over `corpus`'s index, built once and saved under search_index/."""
     spec = corpus or "prepared:train"
     if self._corpus is None or self._corpus[0] != spec:
       examples, fingerprint, _ = index_lib.corpus(spec, self.prepared)
@@ -230,16 +176,12 @@ class CodeGenerator:
         raise ValueError(f"The retrieval corpus {spec} holds no functions; name another with "
                          "--corpus (e.g. dir:PATH) or pass --no-retrieve.")
       if self.checkpoint_path:
-        index = index_lib.load_or_build(self, examples, fingerprint,
-                                        index_lib.default_root(self))
+        index = index_lib.load_or_build(self, examples, fingerprint, index_lib.default_root(self))
         vectors, items = index.vectors, index.items
       else:
         vectors, items = index_lib.build_index(self, examples), examples
       self._corpus = (spec, (retriever_lib.over_items(items, vectors), items))
     return self._corpus[1]
-
-  # -------------------------------------------------------------------------------------------
-  # Embedding.
 
   def embed(self, texts: Sequence[str], kind: str = "desc") -> np.ndarray:
     """L2-normalised alignment vectors [N, align_dim] of descriptions or code."""
@@ -252,20 +194,15 @@ class CodeGenerator:
                                      mesh=self.mesh, axis_rules=self.axis_rules))
     return postprocess.vectors_by_width(ids, widths, self.batch_buckets, self.cfg.align_dim, encode)
 
-  # -------------------------------------------------------------------------------------------
-  # Helpers.
-
   def _input_ids(self, text: str, i: int, neighbour_tokens: list[list[int]]) -> list[int]:
-    """The encoder input for generation: the framed description, or with neighbours its
-    retrieval context (`tokenizer.frame_context`, as training builds it)."""
+    """The framed description, or with neighbours its retrieval context (as training's)."""
     if not neighbour_tokens:
       return self._description_ids(text, i)
     return frame_context(self.tokenizer.encode(text), neighbour_tokens, self.max_desc_len,
                          self.max_ctx_len)
 
   def long_descriptions(self, texts: Sequence[str]) -> list[int]:
-    """Indices of the `texts` longer than the model reads (max_desc_len - 2 tokens), which it
-    cuts."""
+    """Indices of the `texts` longer than the model reads (max_desc_len - 2 tokens)."""
     return [i for i, t in enumerate(texts)
             if len(self.tokenizer.encode(t)) > self.max_desc_len - 2]
 
@@ -296,9 +233,7 @@ def _find_prepared(config, workdir: str):
   candidates = [config.data.get("data_dir") or "", workdir]
   if "://" in workdir:  # a gs:// run prepared its data on the local disk (prepared.data_root)
     candidates.append(prepared_lib.REMOTE_WORKDIR_DATA)
-  for path in candidates:
-    if not path:
-      continue
+  for path in filter(None, candidates):
     try:
       return prepared_lib.load_prepared(path, config.data)
     except (prepared_lib.DataError, OSError, ValueError):

@@ -1,11 +1,6 @@
-"""Whether a decoding call fits in memory, checked before it runs (and by the commands before
-they load a model): a lower bound of what the call allocates against what the device has free.
-
-The bound counts the self-attention KV cache of every decoded row (descriptions of the largest
-batch bucket x candidates: samples or beams) and two vocabulary-wide float32 buffers a row; the
-real call needs more (activations, the encoder's states), so a call refused here would have run
-out of memory, and one let through may still.
-"""
+"""Whether a decoding call fits in memory, checked before it runs (and before the commands load
+a model): a lower bound of what it allocates (each decoded row's KV cache and two vocabulary-wide
+float32 buffers) against what is free, so a call refused here would have run out of memory."""
 from __future__ import annotations
 
 import os
@@ -22,17 +17,20 @@ def bytes_per_row(config, max_new_tokens: int) -> int:
   return cache * np.dtype(str(m.dtype)).itemsize + 2 * 4 * int(m.vocab_size)
 
 
+def buckets(config, divisor: int = 1) -> list[int]:
+  """config.sample.batch_buckets rounded up to multiples of `divisor` (the mesh's batch axes)."""
+  return sorted({-(-int(b) // divisor) * divisor for b in config.sample.batch_buckets})
+
+
 def rows(config, num_texts: int, candidates: int, divisor: int = 1) -> int:
-  """Rows decoded at once for `num_texts` descriptions: the batch bucket of the largest chunk
-  (postprocess.chunks) times the candidates of each."""
-  buckets = sorted({-(-int(b) // divisor) * divisor for b in config.sample.batch_buckets})
-  largest = min(max(int(num_texts), 1), buckets[-1])
-  return next(b for b in buckets if b >= largest) * int(candidates)
+  """Rows decoded at once: the batch bucket of the largest chunk times the candidates of each."""
+  sizes = buckets(config, divisor)
+  largest = min(max(int(num_texts), 1), sizes[-1])
+  return next(b for b in sizes if b >= largest) * int(candidates)
 
 
 def free_bytes() -> int | None:
-  """Memory free for a decoding call: the first device's (an accelerator's, as its allocator
-  reports it) or the host's (MemAvailable); None when unknown."""
+  """Bytes free on the first device (as its allocator reports) or the host; None if unknown."""
   import jax  # pylint: disable=import-outside-toplevel
   stats = jax.devices()[0].memory_stats() or {}
   if "bytes_limit" in stats:
@@ -52,9 +50,7 @@ def free_bytes() -> int | None:
 
 def check(config, *, num_texts: int, strategy: str, num_samples: int = 1, num_beams: int = 4,
           max_new_tokens: int | None = None, free: int | None = None, divisor: int = 1) -> None:
-  """OptionError (naming num_samples, num_beams or max_new_tokens) when `max_new_tokens` is more
-  than the model's positions, or one call's rows cannot fit in `free` bytes (default
-  `free_bytes()`), saying how many would."""
+  """OptionError when `max_new_tokens` exceeds the positions or the rows cannot fit in `free`."""
   positions = int(config.model.max_position_embeddings)
   new = min(int(config.sample.max_new_tokens), positions) if max_new_tokens is None else int(
       max_new_tokens)

@@ -1,12 +1,5 @@
-"""`CodeModel` decoding: `generate` runs the generic loops of decoding.py on the model.
-
-`generate` runs the encoder once; `CodeModel.init_cache` computes the cross-attention keys and
-values once and a zeroed self-attention cache of static shape; `decoding.sample_loop` or
-`decoding.beam_search` then decode with `CodeModel.decode_step` as `tokens_to_logits`, and beam
-search reorders the beams' indices into the cache with `reorder_decode_cache`. All of it is one
-jitted program per (shapes, strategy, options), sharded over a mesh when one is given
-(`mesh_context`).
-"""
+"""`CodeModel` decoding: the loops of decoding.py with `CodeModel.decode_step`, in one jitted
+program per (shapes, strategy, options), sharded over a mesh when one is given."""
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_albert_code.config import PAD_ID
-from flax_albert_code.inference import decoding
+from flax_albert_code.inference import decoding, options
 from flax_albert_code.model.albert import CodeModel, DecodeCache
 
 Array = jax.Array
@@ -29,13 +22,7 @@ Array = jax.Array
 
 def reorder_decode_cache(cache: DecodeCache, parent_BxK: Array,
                          end: int | None = None) -> DecodeCache:
-  """Beam `k` of description `b` continues beam `parent[b, k]`.
-
-  The KV cache does not move: only `beam_src_BxKxS` (which beam wrote each position, read by
-  the attention) is reordered, batched over descriptions so it stays local to each shard. The
-  copy head's score history is a beam's own state and moves with it. `end` (the decoding
-  phase's end) is unused: the index table is small.
-  """
+  """Beam k of row b continues beam parent[b, k]: the beam-source table and copy history move."""
   del end
   b, k = parent_BxK.shape
   if cache.copy_history_BxLxC is not None:
@@ -51,37 +38,17 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
              max_new_tokens: int = 256, rng: Array | int = 0, temperature=1.0,
              top_k: int | Array = 0, top_p=1.0, num_beams: int = 4, length_penalty=1.0,
              num_samples: int = 1, decode_phase: int = 64, mesh: jax.sharding.Mesh | None = None,
-             axis_rules: tuple | None = None, repetition_penalty=1.0,
-             no_repeat_ngram_size: int = 0,
+             axis_rules: tuple | None = None, repetition_penalty=1.0, no_repeat_ngram_size: int = 0,
              limit: Array | int | None = None) -> tuple[Array, Array]:
-  """Decodes code for each description: tokens [B, K, T] int32 (PAD after EOS), scores [B, K].
-
-  K is 1 (greedy), `num_samples` (sample) or `num_beams` (beam); candidates best first. Rows of
-  `desc_ids` that are all PAD (bucket padding) are not decoded. `params` is the model's
-  variables ({"params": ...}). With `mesh` (and `config.logical_axis_rules` as `axis_rules`) the
-  batch is sharded over (data, fsdp) as in training; B must divide by data * fsdp.
-  `decode_phase` (config.sample.decode_phase): decode in phases of that many steps, each
-  attending to (and, for beams, reordering) only the cache positions it can have written
-  (decoding.py's docstring); 0 attends to the whole cache at every step. Outputs are the same.
-  Compiled once per (shapes, strategy, max_new_tokens, K, top_k, top_p < 1, decode_phase,
-  mesh, repetition_penalty != 1, no_repeat_ngram_size); temperature, top_p, length_penalty
-  and a repetition penalty's value are traced, and so is top_k when it is not a Python int
-  (exported programs). `repetition_penalty` (1.0: off) is `decoding.penalize_repeats`;
-  `no_repeat_ngram_size` (0: off) `decoding.ban_repeated_ngrams`, both in every strategy.
-  `rng` (sample): a seed, one key, or raw keys [B, K, 2], one per candidate
-  (`options.candidate_keys`), which make each candidate independent of the rest of the batch.
-  `limit` (traced, <= max_new_tokens) stops decoding there; the outputs keep length
-  max_new_tokens (PAD after).
-  Beam search leaves the KV cache in place and moves only a [B, K, T] table of which beam wrote
-  each position, which the attention reads through (`reorder_decode_cache`).
-  """
+  """Tokens [B, K, T] int32 (PAD after EOS) and scores [B, K], best first; all-PAD rows of
+  `desc_ids` are not decoded. `rng` (sample): a seed, a key, or keys [B, K, 2], one a candidate.
+  `limit` (traced, <= max_new_tokens) stops decoding there; outputs keep max_new_tokens."""
   cfg = model.cfg
-  decoding.check_options(strategy, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                         num_samples=num_samples, top_k=top_k, top_p=top_p,
-                         temperature=temperature, vocab_size=cfg.vocab_size,
-                         max_positions=cfg.max_position_embeddings,
-                         repetition_penalty=repetition_penalty, length_penalty=length_penalty,
-                         no_repeat_ngram_size=no_repeat_ngram_size)
+  options.check(strategies=decoding.STRATEGIES, strategy=strategy, max_new_tokens=max_new_tokens,
+                num_beams=num_beams, num_samples=num_samples, top_k=top_k, top_p=top_p,
+                temperature=temperature, repetition_penalty=repetition_penalty,
+                length_penalty=length_penalty, max_tokens=cfg.max_position_embeddings,
+                vocab_size=cfg.vocab_size, no_repeat_ngram_size=no_repeat_ngram_size)
   if mesh is not None and mesh.size > 1 and cfg.decode_attention == "auto":
     # GSPMD does not partition a Pallas call (it would gather the sharded cache onto every
     # device): a batch sharded over several devices decodes with XLA's attention.
@@ -90,29 +57,24 @@ def generate(model: CodeModel, params: Any, desc_ids_BxL: Array, *, strategy: st
   if isinstance(rng, int):
     rng = jax.random.PRNGKey(rng)
   static_top_k = isinstance(top_k, numbers.Integral)
-  return _generate(model, params, desc_ids_BxL, rng, jnp.float32(temperature),
-                   jnp.float32(top_p), jnp.float32(length_penalty),
-                   jnp.float32(repetition_penalty),
+  return _generate(model, params, desc_ids_BxL, rng, jnp.float32(temperature), jnp.float32(top_p),
+                   jnp.float32(length_penalty), jnp.float32(repetition_penalty),
                    jnp.int32(max_new_tokens if limit is None else limit),
                    jnp.int32(0 if static_top_k else top_k), strategy=strategy,
-                   max_new_tokens=max_new_tokens,
+                   max_new_tokens=max_new_tokens, nucleus=nucleus,
                    k=decoding.num_candidates(strategy, num_beams, num_samples),
                    top_k=(int(top_k) if static_top_k else None) if strategy == "sample" else 0,
-                   nucleus=nucleus,
                    phases=decoding.decode_phases(max_new_tokens, int(decode_phase)), mesh=mesh,
                    penalize=not (isinstance(repetition_penalty, numbers.Real)
                                  and repetition_penalty == 1.0),
                    no_repeat_ngram_size=int(no_repeat_ngram_size),
-                   axis_rules=None if axis_rules is None else _hashable(axis_rules))
-
-
-def _hashable(rules) -> tuple:
-  return tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in rules)
+                   axis_rules=None if axis_rules is None else tuple(   # hashable: static
+                       (n, tuple(ax) if isinstance(ax, list) else ax) for n, ax in axis_rules))
 
 
 @contextlib.contextmanager
 def mesh_context(mesh: jax.sharding.Mesh | None, axis_rules: tuple | None):
-  """Inside a jitted function: the mesh and logical axis rules the layers' constraints use."""
+  """The mesh and logical axis rules the layers' constraints use, inside a jitted function."""
   if mesh is None:
     yield
     return
@@ -126,8 +88,7 @@ def mesh_context(mesh: jax.sharding.Mesh | None, axis_rules: tuple | None):
 def _generate(model: CodeModel, params, desc_ids_BxL, rng, temperature, top_p, length_penalty,
               repetition_penalty, limit, top_k_value, *, strategy: str, max_new_tokens: int,
               k: int, top_k: int | None, nucleus: bool, mesh, axis_rules,
-              phases: tuple[int, ...] | None = None, penalize: bool = False,
-              no_repeat_ngram_size: int = 0):
+              phases: tuple[int, ...] | None, penalize: bool, no_repeat_ngram_size: int):
   # top_k None: the traced `top_k_value` (0: off).
   with mesh_context(mesh, axis_rules):
     b = desc_ids_BxL.shape[0]
@@ -137,16 +98,14 @@ def _generate(model: CodeModel, params, desc_ids_BxL, rng, temperature, top_p, l
                         method=CodeModel.init_cache)
 
     def tokens_to_logits(ids_Nx1, cache, attend_len=None):
-      logits, cache = model.apply(params, ids_Nx1, cache, attend_len,
-                                  method=CodeModel.decode_step)
+      logits, cache = model.apply(params, ids_Nx1, cache, attend_len, method=CodeModel.decode_step)
       return logits[:, -1], cache
 
-    alpha = length_penalty
     penalty = repetition_penalty if penalize else None
     if strategy == "beam":
       tokens, scores = decoding.beam_search(
           tokens_to_logits, cache, batch_size=b, beam_size=k, max_new_tokens=max_new_tokens,
-          length_penalty=alpha, active_B=active_B, reorder_cache=reorder_decode_cache,
+          length_penalty=length_penalty, active_B=active_B, reorder_cache=reorder_decode_cache,
           phase_ends=phases, repetition_penalty=penalty,
           no_repeat_ngram_size=no_repeat_ngram_size, limit=limit)
     else:
@@ -158,13 +117,13 @@ def _generate(model: CodeModel, params, desc_ids_BxL, rng, temperature, top_p, l
           tokens_to_logits, cache, batch_size=b * k, max_new_tokens=max_new_tokens,
           choose=choose, rng=rng, done_N=jnp.repeat(~active_B, k), phase_ends=phases,
           repetition_penalty=penalty, no_repeat_ngram_size=no_repeat_ngram_size, limit=limit)
-      scores = jnp.where(length > 0, logprob / decoding.length_penalty_fn(length, alpha), 0.0)
+      scores = jnp.where(length > 0, logprob / decoding.length_penalty_fn(length, length_penalty),
+                       0.0)
       tokens, scores = tokens.reshape(b, k, max_new_tokens), scores.reshape(b, k)
       if k > 1:   # samples best first
         order = jnp.argsort(-scores, axis=1, stable=True)
         tokens, scores = decoding.gather_beams(tokens, order), decoding.gather_beams(scores, order)
     if mesh is not None:
-      spec = jax.sharding.PartitionSpec(("data", "fsdp"))
-      tokens = lax.with_sharding_constraint(tokens, jax.sharding.NamedSharding(mesh, spec))
-      scores = lax.with_sharding_constraint(scores, jax.sharding.NamedSharding(mesh, spec))
+      spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+      tokens, scores = lax.with_sharding_constraint((tokens, scores), spec)
     return tokens, scores

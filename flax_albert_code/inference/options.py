@@ -1,16 +1,6 @@
-"""The decoding options a user sets, checked in one place for every way in: the commands
-(generate, evaluate), the Python API (CodeGenerator, load_export) and the HTTP server.
-
-  check(strategies=("greedy", "beam"), strategy="beam", num_beams=0)
-  -> OptionError: num_beams must be at least 1, got 0.
-
-Each option has one range and one message. An `OptionError` reads with the option's Python and
-JSON name (`num_beams`); `OptionError.for_flags()` gives the same sentence with the command-line
-flag (`--num-beams`), which the commands print. Values that are not Python numbers (traced inside
-a jitted function) are left to the caller.
-
-A candidate's random key depends only on the seed, its description's index and its own index
-(`candidate_keys`), so a seeded request draws the same candidates alone or batched with others.
+"""The decoding options a user sets, checked in one place for the commands, the Python API and
+the HTTP server: each option has one range and one message, naming the field (`num_beams`) or,
+through `OptionError.for_flags()`, the flag (`--num-beams`). Traced values are left alone.
 """
 from __future__ import annotations
 
@@ -50,32 +40,21 @@ def _is_static(x: Any) -> bool:
   return isinstance(x, (numbers.Number, np.generic)) and not isinstance(x, bool)
 
 
-def _interval(low, low_in, high, high_in) -> str:
-  return f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
-
-
 def check(*, strategies: Sequence[str], strategy: str = "greedy",
           max_new_tokens: int | None = None, num_samples: int = 1, num_beams: int = 4,
-          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-          length_penalty: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
-          max_tokens: int | None = None, vocab_size: int | None = None,
-          max_samples: int | None = None, beams_fixed: bool = False,
+          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, length_penalty: float = 1.0,
+          repetition_penalty: float = 1.0, seed: int = 0, max_tokens: int | None = None,
+          vocab_size: int | None = None, max_samples: int | None = None, beams_fixed: bool = False,
           max_tokens_why: str = "the model's positions", no_repeat_ngram_size: int = 0) -> None:
-  """Raises OptionError (one sentence) for the first option out of range.
-
-  `strategies`: the strategies there are programs for; `max_tokens`, `vocab_size`,
-  `max_samples`: the model's (or export's, or server's) limits where known, `max_tokens_why`
-  what sets `max_tokens`; `beams_fixed`: the beam width is the export's, not the caller's.
-  """
+  """Raises OptionError (one sentence) for the first option out of range; `max_tokens`,
+  `vocab_size` and `max_samples` are limits where known; `beams_fixed`: the export's width."""
   def fail(render):
     raise OptionError(render)
 
   if strategy not in strategies:
     fail(lambda n: f"Unknown decoding strategy {strategy!r}; use {', '.join(strategies)}.")
   ints = {"num_samples": num_samples, "num_beams": num_beams, "top_k": top_k, "seed": seed,
-          "no_repeat_ngram_size": no_repeat_ngram_size}
-  if max_new_tokens is not None:
-    ints["max_new_tokens"] = max_new_tokens
+          "no_repeat_ngram_size": no_repeat_ngram_size, "max_new_tokens": max_new_tokens}
   for name, v in ints.items():
     if isinstance(v, bool) or (_is_static(v) and not isinstance(v, (numbers.Integral))):
       fail(lambda n, name=name, v=v: f"{n(name)} must be a whole number, got {v!r}.")
@@ -83,29 +62,21 @@ def check(*, strategies: Sequence[str], strategy: str = "greedy",
                   "repetition_penalty": repetition_penalty}.items():
     if isinstance(v, bool) or not (_is_static(v) or hasattr(v, "shape")):
       fail(lambda n, name=name, v=v: f"{n(name)} must be a number, got {v!r}.")
-    if not _is_static(v):
-      continue
     low, low_in, high, high_in = RANGES[name]
-    ok = math.isfinite(v) and (v >= low if low_in else v > low) and (
-        v <= high if high_in else v < high)
-    if not ok:
-      span = _interval(*RANGES[name])
+    if _is_static(v) and not (math.isfinite(v) and (v >= low if low_in else v > low)
+                              and (v <= high if high_in else v < high)):
+      span = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
       what = {"temperature": f"must be positive and at most {high:g}",
               "repetition_penalty": f"must be in {span} (1.0: off)"}.get(name, f"must be in {span}")
       fail(lambda n, name=name, v=v, what=what: f"{n(name)} {what}, got {v:g}.")
-  if max_new_tokens is not None and _is_static(max_new_tokens):
-    if max_new_tokens < 1:
-      fail(lambda n: f"{n('max_new_tokens')} must be at least 1, got {max_new_tokens}.")
-    if max_tokens is not None and max_new_tokens > max_tokens:
-      fail(lambda n: f"{n('max_new_tokens')} must be at most {max_tokens} ({max_tokens_why}), "
-                     f"got {max_new_tokens}.")
-  if _is_static(num_samples):
-    if num_samples < 1:
-      fail(lambda n: f"{n('num_samples')} must be at least 1, got {num_samples}.")
-    if max_samples is not None and num_samples > max_samples:
-      fail(lambda n: f"{n('num_samples')} must be at most {max_samples}, got {num_samples}.")
-  if _is_static(num_beams) and num_beams < 1:
-    fail(lambda n: f"{n('num_beams')} must be at least 1, got {num_beams}.")
+  for name, v, most, why in (("max_new_tokens", max_new_tokens, max_tokens, f" ({max_tokens_why})"),
+                             ("num_samples", num_samples, max_samples, ""),
+                             ("num_beams", num_beams, None, "")):
+    if _is_static(v) and v < 1:
+      fail(lambda n, name=name, v=v: f"{n(name)} must be at least 1, got {v}.")
+    if _is_static(v) and most is not None and v > most:
+      fail(lambda n, name=name, v=v, most=most, why=why:
+           f"{n(name)} must be at most {most}{why}, got {v}.")
   if _is_static(top_k):
     if top_k < 0:
       fail(lambda n: f"{n('top_k')} must be 0 (off) or positive, got {top_k}.")
@@ -137,8 +108,7 @@ def _setting(name_of: Callable[[str], str], field: str, value: Any) -> str:
 
 
 def candidate_keys(seed: int, indices: Sequence[int], k: int) -> np.ndarray:
-  """uint32 [len(indices), k, 2]: the PRNG key of candidate j of the description numbered
-  indices[i] in its request, fold_in(fold_in(PRNGKey(seed), index), j)."""
+  """uint32 [len(indices), k, 2]: fold_in(fold_in(PRNGKey(seed), indices[i]), j)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   base = jax.random.PRNGKey(int(seed))

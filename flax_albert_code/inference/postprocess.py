@@ -1,10 +1,6 @@
 """What CodeGenerator and the export runtime share around the model: text checks, embedding
-inputs, batch-bucket padding, the retrieve decision, result assembly and ranking (`candidates`,
-`rank`), and `parses`, the one meaning of "this candidate is code" (generation's "parses"
-field, `drop_unparsable` and the evaluation parse rate all use it).
-
-Kept free of flax/orbax so that `load_export` stays light.
-"""
+inputs, bucket padding, result assembly and ranking, and `parses`, the one meaning of "this
+candidate is code". Free of flax/orbax so that `load_export` stays light."""
 from __future__ import annotations
 
 import ast
@@ -18,8 +14,7 @@ from flax_albert_code.retrieval import retriever as retriever_lib
 
 
 def check_texts(texts, what: str, allow_blank: bool = False) -> list[str]:
-  """A list of str (UTF-8 bytes decoded); one ValueError sentence for anything else, naming the
-  text by its 1-based number."""
+  """A list of str (UTF-8 bytes decoded); one ValueError sentence for anything else."""
   if isinstance(texts, (str, bytes)):
     raise ValueError(f"Pass a list of {what.lower()}s, not a single string.")
   out = []
@@ -38,8 +33,7 @@ def check_texts(texts, what: str, allow_blank: bool = False) -> list[str]:
 
 
 def pad(ids: Sequence[int], width: int) -> list[int]:
-  ids = list(ids[:width])
-  return ids + [PAD_ID] * (width - len(ids))
+  return list(ids[:width]) + [PAD_ID] * (width - len(ids))
 
 
 def chunks(n: int, buckets: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -59,9 +53,7 @@ def code_ids(tokens: Sequence[int], max_width: int) -> list[int]:
 def embed_ids(texts, kind: str, tokenizer, desc_len: int, code_widths: Sequence[int],
               description_ids: Callable[[str, int], list[int]] | None = None
               ) -> tuple[list[list[int]], list[int]]:
-  """The encoder inputs of `embed(texts, kind)` and the widths to encode them at: descriptions
-  framed to `desc_len` (`description_ids(text, i)`, default `tokenizer.encode_description`), or
-  what training encodes for code, [CLS] + code tokens, in the code's bucket."""
+  """The encoder inputs of `embed(texts, kind)` and the widths to encode them at."""
   if kind not in ("desc", "code"):
     raise ValueError(f"Unknown embedding kind {kind!r}; use 'desc' or 'code'.")
   texts = check_texts(texts, "Description" if kind == "desc" else "Code",
@@ -75,9 +67,7 @@ def embed_ids(texts, kind: str, tokenizer, desc_len: int, code_widths: Sequence[
 def vectors_by_width(ids: Sequence[Sequence[int]], widths: Sequence[int],
                      batch_buckets: Sequence[int], dim: int,
                      encode: Callable[[np.ndarray, int, int], np.ndarray]) -> np.ndarray:
-  """[len(ids), dim] float32: each row encoded at the smallest of `widths` that holds it, in
-  batches padded to `batch_buckets`; `encode(batch[bucket, width] int32, bucket, width)` gives
-  the batch's vectors (a jitted call or an exported program)."""
+  """[len(ids), dim]: each row encoded at the smallest width that holds it, in padded batches."""
   out = np.zeros((len(ids), dim), np.float32)
   groups = np.searchsorted(np.asarray(widths), np.array([len(x) for x in ids], int))
   for g, width in enumerate(widths):
@@ -91,9 +81,7 @@ def vectors_by_width(ids: Sequence[Sequence[int]], widths: Sequence[int],
 
 
 def parses(code: str) -> bool:
-  """Whether `ast.parse` accepts `code` and it holds at least one real statement: empty,
-  comment-only and lone-name or lone-constant outputs (`x`, `def______`) parse trivially but
-  are no code. Nothing runs."""
+  """Whether `code` parses to a real statement (not empty, a comment or a lone name or constant)."""
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")   # SyntaxWarning for odd escapes in generated strings
@@ -105,8 +93,7 @@ def parses(code: str) -> bool:
 
 
 def retrieves(retrieve: bool | None, k: int, fix: str) -> bool:
-  """Whether a call with `retrieve` (None: when the model was trained with retrieval, `k` > 0)
-  draws on neighbours; ValueError ending with `fix` when it asks for them and k is 0."""
+  """Whether a call with `retrieve` (None: `k` > 0) uses neighbours; ValueError ending in `fix`."""
   if retrieve and not k:
     raise ValueError("This model was trained without retrieval (config.retrieval.k = 0), so "
                      f"it cannot use neighbours; {fix}")
@@ -118,9 +105,7 @@ def candidates(decode: Callable[[list[int]], str], tokens_NxKxT: np.ndarray,
                max_new_tokens: int | None = None,
                by_score: bool = False) -> list[list[dict[str, Any]]]:
   """Per text, its K candidates {"code", "score", "align" (None), "parses", "finish_reason"}
-  and, when `neighbours` (per text, what it retrieved) is given, "neighbours"
-  (`retriever.listed`). Each sequence is cut to `max_new_tokens`; `by_score` orders a row best
-  first (stable), for samples drawn in rows of their own."""
+  (and "neighbours" when given); `by_score` orders a row best first (stable)."""
   results = []
   for i, (row_tokens, row_scores) in enumerate(zip(tokens_NxKxT, scores_NxK)):
     order = np.argsort(-row_scores, kind="stable") if by_score else range(len(row_scores))
@@ -129,8 +114,7 @@ def candidates(decode: Callable[[list[int]], str], tokens_NxKxT: np.ndarray,
       seq = row_tokens[j][:max_new_tokens].tolist()
       code = decode(seq)
       cands.append({"code": code, "score": float(row_scores[j]), "align": None,
-                    "parses": parses(code),
-                    "finish_reason": "eos" if EOS_ID in seq else "length"})
+                    "parses": parses(code), "finish_reason": "eos" if EOS_ID in seq else "length"})
       if neighbours is not None:
         cands[-1]["neighbours"] = retriever_lib.listed(neighbours[i])
     results.append(cands)
@@ -140,10 +124,8 @@ def candidates(decode: Callable[[list[int]], str], tokens_NxKxT: np.ndarray,
 def rank(results: list[list[dict[str, Any]]], texts: Sequence[str],
          embed: Callable[..., np.ndarray], *, rerank: bool, drop_unparsable: bool,
          keep: int) -> list[list[dict[str, Any]]]:
-  """The first `keep` of each text's `candidates`: with `drop_unparsable` those that parse
-  (all when none does); with `rerank` "align" set to the cosine of the description's and the
-  code's vectors (`embed(texts, kind=...)`) and the candidates ordered by it (stable: ties keep
-  score order)."""
+  """The first `keep` of each text's candidates: with `drop_unparsable` those that parse (all
+  when none does), with `rerank` ordered by "align", the description-code cosine (stable)."""
   if rerank:
     desc_vecs = embed(list(texts), kind="desc")
     flat = [(i, c) for i, cands in enumerate(results) for c in cands]

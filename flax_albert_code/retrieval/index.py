@@ -1,22 +1,6 @@
-"""The code index: a corpus encoded once into code vectors, ranked for queries.
-
-Used by `python -m flax_albert_code.search` (see search.py for the command line) and by the
-export runtime (`Export.load_index`, `Export.search`), which pass themselves as the `generator`:
-anything with `embed(texts, kind)`.
-
-SOURCE is any data source spec (stdlib, site-packages, dir:PATH, jsonl:PATH, csn:PATH, tfds:NAME,
-comma-separated) or `prepared[:SPLIT]` (the checkpoint's prepared data, default split test).
-A source spec gives every function, with or without a docstring (code search is also for
-undocumented code; the training filters do not apply), and counts what it skipped by reason
-(files that do not parse or decode, ...).
-The index (code vectors + where each function is) is saved under `<workdir>/search_index/<key>/`,
-keyed by a hash of the parameters and the corpus files (sizes and mtimes), so it is reused while
-both are unchanged and rebuilt otherwise; it is written to a temporary directory and renamed.
-Beside vectors.npy and items.json, index.json records the fingerprint of the parameters that
-encoded it (`params_fingerprint`), so that a reader can refuse an index of another model
-(indexes saved before it existed have none).
-Imports neither flax nor orbax, so that the export runtime stays light.
-"""
+"""The code index: a corpus encoded once into code vectors by a `generator` (anything with
+`embed(texts, kind)`), saved under `<workdir>/search_index/<key>/` keyed by a hash of the
+parameters and the corpus files. Imports neither flax nor orbax (the export runtime uses it)."""
 from __future__ import annotations
 
 import collections
@@ -28,10 +12,9 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from flax_albert_code.data import mining, sources
-from flax_albert_code.utils import files
+from flax_albert_code.utils import files, progress as progress_lib
 
 INDEX_FORMAT = 2      # 2: every function of a source, not only documented ones
 ITEM_FIELDS = ("name", "path", "lineno", "description", "code")
@@ -40,8 +23,7 @@ VECTORS, ITEMS, META = "vectors.npy", "items.json", "index.json"
 
 @dataclasses.dataclass
 class Index:
-  """Code vectors [N, align_dim] (float32, L2-normalised) and the item (name, path, lineno,
-  description, code) of each; `key` and `reused` are set by `load_or_build`."""
+  """Code vectors [N, align_dim] (float32, L2-normalised) and the item of each."""
   vectors: np.ndarray
   items: list[dict[str, Any]]
   key: str = ""
@@ -52,14 +34,11 @@ class Index:
 
 def item(it: dict[str, Any]) -> dict[str, Any]:
   """A search item with the fields the index keeps, typed ("" and 0 for what is missing)."""
-  return {"name": str(it.get("name") or ""), "path": str(it.get("path") or ""),
-          "lineno": int(it.get("lineno") or 0), "description": str(it.get("description") or ""),
-          "code": str(it.get("code") or "")}
+  return {k: int(it.get(k) or 0) if k == "lineno" else str(it.get(k) or "") for k in ITEM_FIELDS}
 
 
 def read(directory: str) -> Index:
-  """The index saved in `directory` (vectors.npy, items.json); OSError, ValueError, TypeError
-  or AttributeError when it cannot be read."""
+  """The index saved in `directory`; OSError, ValueError, TypeError or AttributeError if not."""
   vectors = np.load(os.path.join(directory, VECTORS), allow_pickle=False)
   with open(os.path.join(directory, ITEMS), encoding="utf-8", errors="surrogateescape") as f:
     items = [item(it) for it in json.load(f)]
@@ -71,29 +50,26 @@ def read(directory: str) -> Index:
 
 
 def write(directory: str, vectors: np.ndarray, items: Sequence[dict],
-          meta: dict[str, Any]) -> list[str]:
-  """Saves an index into an existing `directory`; returns the names of the files written."""
+          meta: dict[str, Any]) -> dict[str, Any]:
+  """Saves an index into an existing `directory`; returns what index.json holds."""
   np.save(os.path.join(directory, VECTORS), np.asarray(vectors, np.float32))
-  with open(os.path.join(directory, ITEMS), "w", encoding="utf-8",
-            errors="surrogateescape") as f:
+  with open(os.path.join(directory, ITEMS), "w", encoding="utf-8", errors="surrogateescape") as f:
     json.dump([{k: e[k] for k in ITEM_FIELDS} for e in items], f)
+  meta = {"format": INDEX_FORMAT, "count": len(items), **meta}
   with open(os.path.join(directory, META), "w", encoding="utf-8") as f:
-    json.dump({"format": INDEX_FORMAT, "count": len(items), **meta}, f, indent=1,
-              sort_keys=True)
-  return [VECTORS, ITEMS, META]
+    json.dump(meta, f, indent=1, sort_keys=True)
+  return meta
 
 
 def check_corpus(spec: str) -> None:
-  """DataError (one sentence naming --corpus) for a corpus spec that names no kind of source or
-  a path that does not exist: checked before a command loads its model."""
+  """DataError naming --corpus for a spec of no kind of source or a missing path."""
   if spec != "prepared" and not spec.startswith("prepared:"):
     sources.check(spec, "--corpus")
 
 
 def corpus(spec: str, prepared=None,
            progress: bool = False) -> tuple[list[dict], str, collections.Counter]:
-  """The (description, code, where) examples of a corpus spec, a fingerprint of its files and
-  what was skipped, counted by reason ("file: syntax error", ...); `progress`: a bar on stderr."""
+  """The examples of a corpus spec, a fingerprint of its files and what was skipped, by reason."""
   if spec == "prepared" or spec.startswith("prepared:"):
     if prepared is None:
       raise ValueError(f"--corpus {spec} needs the checkpoint's prepared data, which was not "
@@ -107,8 +83,7 @@ def corpus(spec: str, prepared=None,
   skipped: collections.Counter = collections.Counter()
   every = mining.Filters(every_function=True)
   examples = [{k: getattr(p, k) for k in ITEM_FIELDS}
-              for u in tqdm(units, desc="reading", unit="file", disable=not progress,
-                            leave=False, dynamic_ncols=True)
+              for u in progress_lib.bar(len(units), "reading", "file", progress, iterable=units)
               for p in u.read(every, skipped)]
   stamp = hashlib.sha256("\n".join(f"{u.label}\0{u.stamp}" for u in units).encode(
       "utf-8", "surrogateescape")).hexdigest()
@@ -132,20 +107,12 @@ def params_fingerprint(variables) -> str:
   return h.hexdigest()
 
 
-def index_key(generator, corpus_fingerprint: str) -> str:
-  h = hashlib.sha256(json.dumps([INDEX_FORMAT, dataclasses.asdict(generator.cfg),
-                                 corpus_fingerprint], sort_keys=True).encode())
-  h.update(params_fingerprint(generator.variables).encode())
-  return h.hexdigest()[:16]
-
-
 def build_index(generator, examples: Sequence[dict], batch_size: int = 256,
                 progress: bool = False) -> np.ndarray:
-  """Code vectors of `examples`, [N, align_dim]; `progress`: a bar on stderr."""
+  """Code vectors of `examples`, [N, align_dim]."""
   codes = [e["code"] for e in examples]
   parts = []
-  with tqdm(total=len(codes), desc="indexing", unit="function", disable=not progress,
-            leave=False, dynamic_ncols=True) as bar:
+  with progress_lib.bar(len(codes), "indexing", "function", progress) as bar:
     for i in range(0, len(codes), batch_size):
       parts.append(generator.embed(codes[i:i + batch_size], kind="code"))
       bar.update(len(parts[-1]))
@@ -163,22 +130,23 @@ def _whole(directory: str) -> Index | None:
 
 def load_or_build(generator, examples: Sequence[dict], corpus_fingerprint: str,
                   root: str, progress: bool = False) -> Index:
-  """The index under `root/<key>/` if complete, else built (`progress`: a bar on stderr),
-  saved atomically and returned."""
-  key = index_key(generator, corpus_fingerprint)
+  """The index under `root/<key>/` if complete, else built, saved atomically and returned."""
+  params = params_fingerprint(generator.variables)
+  h = hashlib.sha256(json.dumps([INDEX_FORMAT, dataclasses.asdict(generator.cfg),
+                                 corpus_fingerprint], sort_keys=True).encode())
+  h.update(params.encode())
+  key = h.hexdigest()[:16]
   final = os.path.join(root, key)
   found = _whole(final)
   if found is not None:
     return dataclasses.replace(found, key=key, reused=True)
   vectors = build_index(generator, examples, progress=progress)
   items = [{k: e[k] for k in ITEM_FIELDS} for e in examples]
-  meta = {"params_fingerprint": params_fingerprint(generator.variables),
-          "corpus": corpus_fingerprint}
+  meta = {"params_fingerprint": params, "corpus": corpus_fingerprint}
   # A damaged index there is replaced; one another process saved meanwhile is kept.
   with files.staged_dir(final, existing="keep", complete=lambda d: _whole(d) is not None) as tmp:
-    write(tmp, vectors, items, meta)
-  return Index(vectors, items, key, final, meta={"format": INDEX_FORMAT, "count": len(items),
-                                                  **meta})
+    meta = write(tmp, vectors, items, meta)
+  return Index(vectors, items, key, final, meta=meta)
 
 
 def query(generator, index: Index, queries: Sequence[str], top_k: int = 10) -> list[list[dict]]:

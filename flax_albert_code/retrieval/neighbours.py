@@ -1,15 +1,8 @@
 """Each example's retrieved neighbours in the train split: mined, saved beside the run, loaded.
 
-A retrieval-augmented model (config.retrieval.k > 0) reads, for generation, its description
-followed by the code of k train functions retrieved for it (`tokenizer.frame_context`). Which
-ones is decided here, once per split, by `retrieval.retriever.Retriever` over the train split:
-- leakage: a query never retrieves a function of its own source file (the target itself, and its
-  siblings), in every split; valid/test files are disjoint from train anyway (split by file);
-- the store: `<workdir>/retrieval/neighbours_<step>.npz`, written to a temporary name and
-  renamed, holding for each split [N, k] train indices (-1: none) and scores, and the method;
-  step 0 is mined before training (BM25, or the warm-started model), later steps when the
-  trainer refreshes them with its own aligned encoder (config.retrieval.refresh_steps). A
-  resumed run loads the newest file not after its step, so it sees what an uninterrupted run saw.
+A query never retrieves a function of its own source file (no leakage of the target). Saved as
+`<workdir>/retrieval/neighbours_<step>.npz` (written to a temporary name and renamed); a resumed
+run loads the newest file not after its step, so it sees what an uninterrupted run saw.
 """
 from __future__ import annotations
 
@@ -17,7 +10,6 @@ import dataclasses
 import logging
 import os
 import re
-import uuid
 import zipfile
 from typing import Callable
 
@@ -25,6 +17,7 @@ import numpy as np
 
 from flax_albert_code.data.sources import DataError
 from flax_albert_code.retrieval import retriever as retriever_lib
+from flax_albert_code.utils import files
 
 log = logging.getLogger("flax_albert_code")
 SPLITS = ("train", "valid", "test")
@@ -50,8 +43,7 @@ def texts(prepared, split: str) -> tuple[list[str], list[str], list[str]]:
     return [], [], []
   source = prepared.source(split)
   rows = [source[i] for i in range(len(source))]
-  return ([r["description"] for r in rows], [r["code"] for r in rows],
-          [r["path"] for r in rows])
+  return [r["description"] for r in rows], [r["code"] for r in rows], [r["path"] for r in rows]
 
 
 def mine(prepared, k: int, method: str, embed: Embed | None = None, step: int = 0) -> Neighbours:
@@ -61,9 +53,9 @@ def mine(prepared, k: int, method: str, embed: Embed | None = None, step: int = 
     raise ValueError(f"Retrieval method {method!r} needs the model's vectors; mine with 'bm25'.")
   train = texts(prepared, "train")
   descs, codes, paths = train
-  vectors = embed(codes, "code") if method != "bm25" else None
-  retriever = retriever_lib.Retriever(codes, vectors, groups=paths,
-                                  keys=[retriever_lib.key_text(d, c) for d, c in zip(descs, codes)])
+  keys = [retriever_lib.key_text(d, c) for d, c in zip(descs, codes)]
+  retriever = retriever_lib.Retriever(codes, embed(codes, "code") if method != "bm25" else None,
+                                      groups=paths, keys=keys)
   ids, scores = {}, {}
   for split in SPLITS:
     descs, _, split_paths = train if split == "train" else texts(prepared, split)
@@ -79,20 +71,17 @@ def mine(prepared, k: int, method: str, embed: Embed | None = None, step: int = 
 
 def save(workdir: str, nb: Neighbours) -> str:
   """Writes `nb` atomically; returns its path."""
-  out = directory(workdir)
-  os.makedirs(out, exist_ok=True)
-  path = os.path.join(out, f"neighbours_{nb.step:08d}.npz")
-  tmp = os.path.join(out, f".tmp-{uuid.uuid4().hex}.npz")
+  os.makedirs(directory(workdir), exist_ok=True)
+  path = os.path.join(directory(workdir), f"neighbours_{nb.step:08d}.npz")
   arrays = {f"ids_{s}": v for s, v in nb.ids.items()}
   arrays.update({f"scores_{s}": v for s, v in nb.scores.items()})
-  np.savez(tmp, method=np.array(nb.method), step=np.array(nb.step), **arrays)
-  os.replace(tmp, path)
+  with files.atomic_write(path, "wb") as f:
+    np.savez(f, method=np.array(nb.method), step=np.array(nb.step), **arrays)
   return path
 
 
 def load(workdir: str, at_step: int, prepared, k: int) -> Neighbours | None:
-  """The newest saved neighbours of a step <= `at_step`, checked against the prepared data;
-  None when there are none. A damaged or mismatched file is an error naming it."""
+  """The newest saved neighbours of a step <= `at_step`, checked against the data; None if none."""
   out = directory(workdir)
   steps = sorted(int(m.group(1)) for f in (os.listdir(out) if os.path.isdir(out) else [])
                  if (m := _FILE.match(f)) and int(m.group(1)) <= at_step)

@@ -1,18 +1,5 @@
-"""Retrieval for generation: the k nearest functions of a corpus for each description.
-
-Three ways to score a (description, corpus function) pair, chosen by `config.retrieval.method`:
-- "dense": the cosine of the model's own aligned vectors, v_d . v_c (what alignment trains);
-- "bm25": Okapi BM25 of the description's words against the function's key text: its docstring
-  and code (`key_text`; on the stdlib's valid split the top function's code scores BLEU 9.36
-  against the reference keyed so, 9.28 by docstring alone, 5.53 by code alone);
-- "hybrid": both, each standardised over the query's candidates (z-scores) and added with equal
-  weights (as `evaluation.harness.fuse`, which measured best on held-out retrieval).
-
-`exclude` keeps a query from retrieving its own source: a candidate whose group (its source file)
-equals the query's is never returned. Training mines each example's neighbours from the train
-split with its own file excluded, so the decoder never sees its target (or anything written beside
-it) among its neighbours and learns to use similar code, not to copy the answer.
-"""
+"""The k nearest functions of a corpus for each description: "dense" (cosine of aligned vectors),
+"bm25" or "hybrid" (both as z-scores, added). `exclude` keeps a query from its own source file."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -49,14 +36,10 @@ class Retriever:
     self.groups = None if groups is None else np.array([self._group_names[g] for g in groups])
 
   def search(self, queries: Sequence[str], k: int, *, method: str = "hybrid",
-             query_vectors_QxA: np.ndarray | None = None,
-             exclude: Sequence[str] | None = None,
+             query_vectors_QxA: np.ndarray | None = None, exclude: Sequence[str] | None = None,
              chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """([Q, k] corpus indices best first, [Q, k] scores); -1 / -inf where fewer than k remain.
-
-    `exclude[q]` names query q's group (source file): the corpus's functions of that group are
-    skipped (needs `groups`).
-    """
+    `exclude[q]` names query q's group (source file), whose functions are skipped."""
     check_method(method)
     if method != "bm25" and (self.vectors is None or query_vectors_QxA is None):
       raise ValueError(f"Retrieval method {method!r} needs the model's vectors of the corpus and "
@@ -89,10 +72,9 @@ class Retriever:
       self.bm25.score_matrix(words[:1], np.float32)   # builds the cached weights, once
     if q <= chunk:   # one block (a served request): no thread pool
       block(0)
-      return idx, scores
-    # Blocks in threads: the sparse product, argmax and matmul run without the GIL.
-    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-      list(pool.map(block, range(0, q, chunk)))
+    else:   # blocks in threads: the sparse product, argmax and matmul run without the GIL
+      with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(block, range(0, q, chunk)))
     return idx, scores
 
   def _scores(self, words: list[list[str]], qv: np.ndarray | None, method: str) -> np.ndarray:
@@ -106,10 +88,8 @@ class Retriever:
 
 def top_k(s_QxC: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
   """([Q, min(k, C)] column indices best first, their scores); -1 where the score is -inf.
-
-  Up to k=8 by repeated argmax (10x faster than a partition for the usual k of 2-4; ties go to
-  the lower index); `s_QxC` is overwritten then. Above, argpartition and a stable sort.
-  """
+  Up to k=8 by repeated argmax (faster for small k; ties to the lower index; overwrites `s_QxC`),
+  above by argpartition and a stable sort."""
   kk = min(k, s_QxC.shape[1])
   if kk <= 8:
     rows = np.arange(len(s_QxC))
@@ -135,14 +115,12 @@ def zscore(s_QxC: np.ndarray) -> np.ndarray:
 
 
 def key_text(description: str, code: str) -> str:
-  """What BM25 matches a query against: the function's docstring (empty for undocumented
-  code) and its code."""
+  """What BM25 matches a query against: the function's docstring (if any) and its code."""
   return f"{description}\n{code}" if description else code
 
 
 def over_items(items: Sequence[dict[str, Any]], vectors_NxA: np.ndarray | None) -> Retriever:
-  """A Retriever over search-index items (retrieval/index.py): their code, BM25 keyed by
-  `key_text`, and their code vectors."""
+  """A Retriever over search-index items: their code, BM25 keyed by `key_text`, their vectors."""
   return Retriever([it["code"] for it in items], vectors_NxA,
                    keys=[key_text(it.get("description", ""), it["code"]) for it in items])
 
@@ -150,9 +128,7 @@ def over_items(items: Sequence[dict[str, Any]], vectors_NxA: np.ndarray | None) 
 def neighbours(retriever: Retriever, items: Sequence[dict[str, Any]], texts: Sequence[str],
                k: int, method: str, embed: Callable[..., np.ndarray],
                encode: Callable[[str], list[int]]) -> list[list[dict[str, Any]]]:
-  """Per description, its `k` nearest items best first: {"path", "name", "lineno", "code",
-  "score", "tokens"} (`encode(code)`, what `tokenizer.frame_context` frames). `embed(texts,
-  kind="desc")` gives the model's vectors of the descriptions (not called for bm25)."""
+  """Per description, its `k` nearest items best first, with their code's tokens."""
   qv = None if method == "bm25" else embed(list(texts), kind="desc")
   idx, scores = retriever.search(list(texts), k, method=method, query_vectors_QxA=qv)
   return [[{**{f: items[j][f] for f in ("path", "name", "lineno", "code")},
@@ -167,7 +143,6 @@ def listed(nbs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def neighbour_lines(nbs: Sequence[dict[str, Any]]) -> list[str]:
-  """The retrieved functions a candidate was written from, as the commands print them above
-  its code: `# neighbour 1: stdlib/codecs.py:609 StreamReader.readlines (score 6.86)`."""
+  """As the commands print them: `# neighbour 1: stdlib/codecs.py:609 f (score 6.86)`."""
   return [f"# neighbour {i + 1}: {n['path']}:{n['lineno']} {n['name']} (score {n['score']:.2f})"
           for i, n in enumerate(nbs)]

@@ -1,12 +1,5 @@
-"""JAX's persistent compilation cache, kept in the run's workdir by default.
-
-A resumed run (after a preemption, or the next call of a long run) loads its step programs from
-`<workdir>/jax_cache` instead of compiling them again: on an H200 the quality recipe's six step
-programs took ~110 s to compile cold. `config.train.compilation_cache`: "auto" (the workdir's
-jax_cache; for a gs:// workdir a local ~/.cache directory), a directory, or "" (off). A
-JAX_COMPILATION_CACHE_DIR in the environment wins over "auto". Set once per process, before the
-first compilation: the command (train.py) calls it, not the library.
-"""
+"""JAX's persistent compilation cache (`config.train.compilation_cache`), so a resumed run loads
+its step programs instead of compiling them; set once per process by train.py."""
 from __future__ import annotations
 
 import logging
@@ -32,8 +25,7 @@ def cache_dir(setting: str, workdir: str) -> str:
 
 
 def enable(setting: str, workdir: str) -> str:
-  """Points JAX's persistent cache at `cache_dir(setting, workdir)`; returns it ("" if off).
-  Programs that compile in under a second are not written (JAX's default threshold)."""
+  """Points JAX's persistent cache at `cache_dir(setting, workdir)`; returns it ("" if off)."""
   path = cache_dir(setting, workdir)
   if not path:
     return ""

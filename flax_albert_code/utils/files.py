@@ -1,15 +1,6 @@
-"""Files written whole or not at all, and checked against their sha256: one helper for each.
-
-  sha256(path)                       the hex sha256 of a file
-  digests(root)                      {relative path: {"sha256", "size"}} of every file below root
-  write_manifest(root, name, extra)  those digests (and `extra`) as the JSON file root/name
-  check(root, files)                 the first listed file that is missing, resized or altered
-  atomic_write(path)                 a file written beside `path` and renamed over it when whole
-  staged_dir(final)                  a directory written beside `final` and renamed into place
-
-Checkpoints, exports, search indexes, prepared data and tokenizers all use these. A path is a
-`str` or `os.PathLike` (a local path) or any object with pathlib's methods (etils `epath.Path`
-for gs://), used as it is. Only the standard library is imported: the export runtime uses this.
+"""Files written whole or not at all, and checked against their sha256 (checkpoints, exports,
+search indexes, prepared data, tokenizers). A path is a str, an os.PathLike or any object with
+pathlib's methods (etils `epath.Path` for gs://). Standard library only: the export runtime uses it.
 """
 from __future__ import annotations
 
@@ -52,8 +43,7 @@ def sha256(path: Any) -> str:
 
 
 def _walk(root: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-  """(relative path, path) of every file below `root`, sorted (epath has no recursive glob on
-  GCS, so this walks with iterdir)."""
+  """(relative path, path) of every file below `root`, sorted (epath has no recursive glob)."""
   for p in sorted(root.iterdir()):
     if p.is_dir():
       yield from _walk(p, f"{prefix}{p.name}/")
@@ -62,8 +52,7 @@ def _walk(root: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def digests(root: Any, skip: Collection[str] = ()) -> dict[str, dict[str, Any]]:
-  """{relative path ("/"-separated): {"sha256", "size"}} of every file below `root` but those
-  named (at any depth) in `skip`."""
+  """{relative path: {"sha256", "size"}} of every file below `root` not named in `skip`."""
   out = {}
   for rel, p in _walk(_path(root)):
     if p.name not in skip:
@@ -74,9 +63,8 @@ def digests(root: Any, skip: Collection[str] = ()) -> dict[str, dict[str, Any]]:
 
 def write_manifest(root: Any, name: str, extra: Mapping[str, Any] | None = None,
                    skip: Collection[str] = (), atomic: bool = True) -> dict[str, Any]:
-  """Writes `{**extra, "files": digests(root)}` as JSON to root/name (the manifest itself and
-  the files named in `skip` are not listed) and returns it. `atomic=False` writes in place, for
-  a `root` that is itself a temporary directory about to be renamed."""
+  """Writes and returns `{**extra, "files": digests(root)}` as JSON root/name (not listing itself
+  or `skip`). `atomic=False` writes in place, for a temporary `root` about to be renamed."""
   root = _path(root)
   manifest = {**(extra or {}), "files": digests(root, {name, *skip})}
   text = json.dumps(manifest, indent=1) + "\n"
@@ -98,8 +86,7 @@ class Mismatch:
 
 
 def check(root: Any, files: Mapping[str, Mapping[str, Any]]) -> Mismatch | None:
-  """The first file (by name) of a manifest's `files` ({relative path: {"sha256", "size"}})
-  that differs below `root`; None when every one matches. Each file is read once."""
+  """The first file (by name) of a manifest's `files` that differs below `root`, else None."""
   root = _path(root)
   for rel, want in sorted(files.items()):
     p = root / rel
@@ -131,10 +118,8 @@ def atomic_write(path: Any, mode: str = "w", **open_kwargs) -> Iterator[IO]:
 @contextlib.contextmanager
 def staged_dir(final: Any, *, existing: str = "replace",
                complete: Callable[[str], bool] | None = None) -> Iterator[str]:
-  """A new empty directory beside `final` (a local path) to write into. When the block ends it
-  is published as `final` (see `publish`); if the block raises, it is removed with what was
-  written. A process killed meanwhile leaves a hidden `.tmp-<name>-*` beside `final`, never a
-  half-written `final`."""
+  """A new directory beside `final` (a local path), published as `final` when the block ends and
+  removed if it raises: a killed process leaves a hidden `.tmp-<name>-*`, never half a `final`."""
   final = os.path.abspath(os.fspath(final))
   _check_existing(existing, complete)
   parent = os.path.dirname(final)

@@ -1,8 +1,5 @@
-"""Progress of long work where no bar can be drawn (stderr is a log file or a pipe): a plain line
-now and then with what a tqdm bar shows, and no carriage returns.
-
-  bar(total, "greedy", "desc", progress)   # progress: True (a tqdm bar), "lines", or False
-"""
+"""Progress of long work: a tqdm bar, or where none can be drawn (stderr is a log file or a
+pipe) a plain line now and then with what the bar shows, and no carriage returns."""
 from __future__ import annotations
 
 import sys
@@ -12,8 +9,7 @@ from tqdm import tqdm
 
 
 def bar(total: int, desc: str, unit: str, progress: bool | str, **kw):
-  """A tqdm bar on stderr (gone when done) for `progress` True, `Lines` for "lines", else a
-  silent bar."""
+  """A tqdm bar on stderr for `progress` True, `Lines` for "lines", else a silent bar."""
   if progress == "lines":
     return Lines(total, desc, unit)
   return tqdm(total=total, desc=desc, unit=unit, disable=progress is not True, leave=False,
@@ -21,12 +17,10 @@ def bar(total: int, desc: str, unit: str, progress: bool | str, **kw):
 
 
 class Lines:
-  """The part of tqdm's interface our loops use (update, close, `with`), as a line on stderr at
-  the start, then at most every `every_s` seconds, and at the end."""
+  """tqdm's update, close and `with`, as a line on stderr at most every `every_s` seconds."""
 
   def __init__(self, total: int, desc: str, unit: str, every_s: float = 10.0, file=None):
-    self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
-    self.file = file
+    self.total, self.desc, self.unit, self.every_s, self.file = total, desc, unit, every_s, file
     self.n = 0
     self.start = self._shown = time.monotonic()   # _shown: when the last line was written
     self._show(self.start)
