@@ -65,7 +65,7 @@ RTOL = {"bfloat16": 2e-2, "float32": 1e-4}
 COMPARED = ("loss", "gen_loss", "infonce_loss")
 RECORDED = COMPARED + ("grad_norm",)
 # The tiny workload is a smoke run (CI, CPU): XLA compiles it ~2x faster without its backend
-# optimisations (tests/test_model.py); set before the first jax call creates the backend.
+# optimisations (tests/model/test_albert.py); set before the first jax call creates the backend.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 MESHES = ("fsdp", "data", "tensor")   # N-device meshes, in the order they run
 START = time.perf_counter()

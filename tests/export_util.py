@@ -41,7 +41,7 @@ def make_checkpoint(workdir: str) -> str:
   from flax_albert_code.training import checkpoint  # pylint: disable=import-outside-toplevel
   from flax_albert_code.model import albert as model_lib  # pylint: disable=import-outside-toplevel
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from test_sampling import random_variables  # pylint: disable=import-outside-toplevel
+  from weights_util import random_variables  # pylint: disable=import-outside-toplevel
   os.makedirs(workdir, exist_ok=True)
   texts = [f"{d} {i}" for i in range(40) for d in DESCRIPTIONS] + CODES * 20
   spm = os.path.join(workdir, "spm.model")

@@ -3,8 +3,8 @@ checkpoints, a full disk, fuzzed inputs. Training runs through the real CLI in s
 CPU device, sharing one prepared dataset and a persistent compilation cache.
 
 Covered elsewhere, not repeated here: tokenizer round trips of arbitrary Unicode incl. U+2581
-(tests/test_tokenizer.py), damaged exports refused by checksum (tests/test_export.py), another
-config's workdir refused in-process (tests/test_train.py; here through the CLI).
+(tests/test_tokenizer.py), damaged exports refused by checksum (tests/deploy/test_export.py),
+another config's workdir refused in-process (tests/test_train.py; here through the CLI).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from etils import epath
 
 from flax_albert_code.utils import files
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def _tree(root) -> None:

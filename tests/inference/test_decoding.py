@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +17,7 @@ from flax_albert_code.model import layers
 from flax_albert_code.model import sharding
 from flax_albert_code.model import albert as model_lib
 from flax_albert_code.config import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID, UNK_ID
+from weights_util import random_variables
 
 V = 8  # toy vocabulary: 0-5 special (PAD, BOS, CLS, SEP are banned), 6 and 7 ordinary
 
@@ -224,25 +224,6 @@ def _config():
   config = config_lib.get_config("tiny")
   config.model.initializer_range = 0.2
   return config
-
-
-def random_variables(model, desc, code, seed: int = 0):
-  """The model's initialisation (normal(initializer_range) weights, zero biases, unit LayerNorm
-  scales) drawn with numpy from the abstract shapes: no compile of `init`."""
-  abstract = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), desc, code))
-  # The copy head draws from a stream of its own, so the rest of the model is the same with
-  # it or without it.
-  rs, rs_copy = np.random.RandomState(seed), np.random.RandomState(seed + 1)
-
-  def draw(path, x):
-    name = jax.tree_util.keystr(path)
-    if "'bias'" in name or "logits_bias" in name:
-      return np.zeros(x.shape, x.dtype)
-    if "'scale'" in name:
-      return np.ones(x.shape, x.dtype)
-    r = rs_copy if "copy_head" in name else rs
-    return (r.standard_normal(x.shape) * model.cfg.initializer_range).astype(x.dtype)
-  return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from flax_albert_code.inference.generator import CodeGenerator
 from flax_albert_code.inference import postprocess
 from flax_albert_code.inference.postprocess import parses
 from flax_albert_code.tokenizer import frame_code, frame_description
-from test_sampling import random_variables
+from weights_util import random_variables
 
 _SPECIAL = frozenset((PAD_ID, 2, CLS_ID, SEP_ID))
 

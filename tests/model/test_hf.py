@@ -24,7 +24,7 @@ from flax_albert_code.model import hf
 from flax_albert_code.model import albert as model_lib
 from flax_albert_code.model.layers import ModelConfig
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf_albert_tiny")
+FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf_albert_tiny")
 ATOL = 1e-5  # max abs, float32
 FAST_CPU = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 _jit = functools.partial(jax.jit, compiler_options=FAST_CPU)

@@ -2,7 +2,7 @@
 import os
 import sys
 
-sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+sys.path.append(os.path.join(os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")),
                              "benchmarks"))   # after the installed packages: it hides none
 import bench_prepare  # noqa: E402
 

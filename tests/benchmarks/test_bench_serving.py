@@ -8,7 +8,7 @@ import pytest
 
 from export_util import shared_export
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def _module():

@@ -1,5 +1,5 @@
 """The reading gauge (training/gauge.py): the spread of collapsed and of distinct states, the
-warning's thresholds. (A retrieval run writing the gauge: tests/test_retrieval.py.)"""
+warning's thresholds. (A retrieval run writing the gauge: tests/retrieval/test_retriever.py.)"""
 from __future__ import annotations
 
 import jax.numpy as jnp

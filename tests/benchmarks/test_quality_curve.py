@@ -4,7 +4,7 @@ import os
 import sys
 
 # Appended, after the installed packages, so that nothing in benchmarks/ can hide one of them.
-sys.path.append(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+sys.path.append(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 import quality_curve  # noqa: E402
 
 

@@ -157,7 +157,8 @@ def test_other_routes(server):
 
 def test_a_plain_model_lists_no_neighbours_and_refuses_retrieve(server):
   """The export of a model trained without retrieval: candidates have no "neighbours" and
-  `retrieve: true` is a 422 naming why (tests/test_retrieval.py serves a retrieval model)."""
+  `retrieve: true` is a 422 naming why (tests/retrieval/test_retriever.py serves
+  a retrieval model)."""
   status, data, _ = request(f"{server.url}/v1/generate", {"descriptions": DESCRIPTIONS[0],
                                                           "retrieve": False})
   assert status == 200 and "neighbours" not in json.loads(data)["results"][0]["candidates"][0]
