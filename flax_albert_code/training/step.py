@@ -1,7 +1,6 @@
 """The pure, jitted training and evaluation steps, and sharded state creation.
 
-`train_step(state, batch) -> (state, metrics)` is one `jax.jit` with explicit in/out shardings
-and the state donated; per-step randomness is `fold_in(state.rng, state.step)`.
+Per-step randomness is `fold_in(state.rng, state.step)`; the train step donates the state.
 """
 from __future__ import annotations
 
@@ -76,13 +75,10 @@ def make_init(model: CodeModel, tx: optax.GradientTransformation, config) -> Cal
 
 
 def create_state(model, tx, config, mesh, rng) -> tuple[TrainState, Any]:
-  """State born sharded: eval_shape -> logical shardings -> jitted init (nothing full-size on
-  one device). Returns the unboxed state and its shardings."""
+  """(state, its shardings), the state born sharded: nothing full-size on one device."""
+  _, shardings = abstract_state(model, tx, config, mesh)
   init = make_init(model, tx, config)
-  rules = sharding.rules(config)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(init, rng)
-    shardings = sharding.logical_shardings(boxed, mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config)):
     state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
   return state, shardings
 
@@ -106,14 +102,9 @@ def _output_weights(model_params, cfg):
 
 
 def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool):
-  """Weighted total loss and metrics for one batch.
-
-  With a `labelled` field [B] (an unlabelled schedule), the generation loss is the token mean
-  over all rows (pairs, and unlabelled code written back from its corrupted copy in the
-  context: data/pipeline.py), reported apart as gen_loss/token_accuracy (pairs) and
-  denoise_loss/denoise_accuracy (unlabelled code); the alignment losses read the labelled rows
-  only.
-  """
+  """Weighted total loss and metrics for one batch. With a `labelled` field [B] (an unlabelled
+  schedule) the generation loss is over all rows, reported as gen_* (pairs) and denoise_*
+  (unlabelled code); alignment reads the labelled rows only."""
   tc, mc = config.train, model.cfg
   gen, align = objectives(tc)
   dropout = train and mc.hidden_dropout_prob > 0
@@ -123,12 +114,10 @@ def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool)
                     encode_code=bool(align), decode=gen, ctx_ids_BxC=batch.get("ctx_ids"),
                     rngs={"dropout": rng})
   metrics, total = {}, 0.0
-  ce_options = dict(chunk=tc.loss_chunk, logits_dtype=tc.logits_dtype)
   if gen:
-    weights = code != PAD_ID
     sums = losses.generation_row_sums(
-        out["hidden"], code, weights, *_output_weights(params["model"], mc),
-        copy=out.get("copy"), **ce_options)
+        out["hidden"], code, code != PAD_ID, *_output_weights(params["model"], mc),
+        copy=out.get("copy"), chunk=tc.loss_chunk, logits_dtype=tc.logits_dtype)
     ce, acc, count = losses.group_mean(*sums)
     total += ce
     if labelled is None:
@@ -221,13 +210,8 @@ def program_key(kind: str, batch) -> tuple:
 
 def precompile(train_fn, eval_fn, state: TrainState, config, mesh,
                code_lengths) -> dict[tuple, Any]:
-  """Compiles the train and eval steps for every code bucket at once, in threads.
-
-  XLA compiles without the GIL, so the buckets' programs (3 train + 3 eval by default) build
-  side by side instead of one after another as the first batch of each shape arrives.
-  Returns {`program_key`: compiled}; call a compiled step like the jitted one (same
-  shardings, the state still donated).
-  """
+  """{`program_key`: compiled step} for every code bucket, compiled side by side in threads
+  (XLA compiles without the GIL); a compiled step is called like the jitted one."""
   start = time.perf_counter()
   futures = precompile_async(train_fn, eval_fn, state, config, mesh, code_lengths)
   compiled = {k: f.result() for k, f in futures.items()}
@@ -238,13 +222,9 @@ def precompile(train_fn, eval_fn, state: TrainState, config, mesh,
 def precompile_async(train_fn, eval_fn, state: TrainState, config, mesh, code_lengths,
                      first: tuple | None = None
                      ) -> dict[tuple, concurrent.futures.Future]:
-  """`precompile` without waiting: {key: Future of the compiled step}.
-
-  One background thread traces and lowers the programs one after another (tracing holds the
-  GIL: threads would not overlap it), `first` first, then the other train programs, then eval;
-  each lowered program compiles in its own thread (XLA releases the GIL). A restart whose
-  programs come from the persistent cache then waits for one program's tracing, not all.
-  """
+  """`precompile` without waiting: {key: Future of the compiled step}. One thread traces and
+  lowers the programs in turn (tracing holds the GIL), `first` first, then train, then eval;
+  each compiles in its own thread. A restart from the cache then waits for one trace."""
   batch_sh = sharding.batch_sharding(mesh)
 
   def batch(b, lc, labelled=False):
@@ -252,7 +232,7 @@ def precompile_async(train_fn, eval_fn, state: TrainState, config, mesh, code_le
     out = {"desc_ids": shape(b, config.data.max_desc_len), "code_ids": shape(b, lc)}
     if retrieval_k(config):
       out["ctx_ids"] = shape(b, int(config.retrieval.max_ctx_len))
-    if labelled:   # training batches with an unlabelled schedule; eval batches never
+    if labelled:   # train batches with an unlabelled schedule
       out["labelled"] = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=batch_sh)
     return out
 
