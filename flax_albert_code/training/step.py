@@ -57,17 +57,13 @@ def retrieval_k(config) -> int:
   return int(config.retrieval.k) if "retrieval" in config else 0
 
 
-def example_batch(config, batch_size: int) -> dict[str, np.ndarray]:
-  return {"desc_ids": np.full((batch_size, config.data.max_desc_len), 7, np.int32),
-          "code_ids": np.full((batch_size, config.data.max_code_len), 7, np.int32)}
-
-
 def make_init(model: CodeModel, tx: optax.GradientTransformation, config) -> Callable:
-  batch = example_batch(config, 2)
+  desc, code = (np.full((2, n), 7, np.int32)
+                for n in (config.data.max_desc_len, config.data.max_code_len))
 
   def init(rng: Array) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
-    params = {"model": model.init(init_rng, batch["desc_ids"], batch["code_ids"])["params"],
+    params = {"model": model.init(init_rng, desc, code)["params"],
               "log_inv_temp": jnp.log(1.0 / INIT_TEMPERATURE).astype(jnp.float32)}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=state_rng)
@@ -142,10 +138,6 @@ def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool)
   return total, metrics
 
 
-def _split_micro(batch, n: int):
-  return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
-
-
 def train_step(state: TrainState, batch, *, model: CodeModel, tx,
                config) -> tuple[TrainState, dict]:
   rng = jax.random.fold_in(state.rng, state.step)
@@ -155,7 +147,8 @@ def train_step(state: TrainState, batch, *, model: CodeModel, tx,
   if n_micro <= 1:
     (_, metrics), grads = grad_fn(state.params, batch, rng)
   else:
-    micro_batches = _split_micro(batch, n_micro)
+    micro_batches = jax.tree.map(
+        lambda x: x.reshape(n_micro, x.shape[0] // n_micro, *x.shape[1:]), batch)
 
     def micro(carry, mb_i):
       mb, i = mb_i
@@ -185,8 +178,7 @@ def eval_step(params, batch, *, model: CodeModel, config) -> dict:
 def jit_steps(model, tx, config, mesh, state_shardings):
   """The jitted train and eval steps with explicit shardings (call under `jax.set_mesh`)."""
   rules = sharding.rules(config)
-  batch_sh = sharding.batch_sharding(mesh)
-  repl = sharding.replicated(mesh)
+  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
   def with_rules(fn):
     @functools.wraps(fn)
@@ -194,7 +186,6 @@ def jit_steps(model, tx, config, mesh, state_shardings):
       with nn.logical_axis_rules(rules):
         return fn(*args)
     return wrapped
-
   train = jax.jit(with_rules(functools.partial(train_step, model=model, tx=tx, config=config)),
                   in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, repl),
                   donate_argnums=0)
@@ -225,28 +216,25 @@ def precompile_async(train_fn, eval_fn, state: TrainState, config, mesh, code_le
   """`precompile` without waiting: {key: Future of the compiled step}. One thread traces and
   lowers the programs in turn (tracing holds the GIL), `first` first, then train, then eval;
   each compiles in its own thread. A restart from the cache then waits for one trace."""
-  batch_sh = sharding.batch_sharding(mesh)
-
-  def batch(b, lc, labelled=False):
-    shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=batch_sh)
-    out = {"desc_ids": shape(b, config.data.max_desc_len), "code_ids": shape(b, lc)}
+  def batch(lc, labelled=False):   # eval batches have the train batch's rows, never `labelled`
+    shape = lambda *s, dtype=jnp.int32: jax.ShapeDtypeStruct(
+        (config.train.batch_size, *s), dtype, sharding=sharding.batch_sharding(mesh))
+    out = {"desc_ids": shape(config.data.max_desc_len), "code_ids": shape(lc)}
     if retrieval_k(config):
-      out["ctx_ids"] = shape(b, int(config.retrieval.max_ctx_len))
-    if labelled:   # train batches with an unlabelled schedule
-      out["labelled"] = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=batch_sh)
+      out["ctx_ids"] = shape(int(config.retrieval.max_ctx_len))
+    if labelled:
+      out["labelled"] = shape(dtype=jnp.bool_)
     return out
 
   # Shapes only: the live state may be donated by training steps while this runs.
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                        state)
-  mixed = bool(config.train.unlabelled_schedule)
   jobs = {}
   for lc in code_lengths:
-    b = batch(config.train.batch_size, lc, mixed)
+    b = batch(lc, bool(config.train.unlabelled_schedule))
     jobs[program_key("train", b)] = (train_fn, (state, b))
     if eval_fn is not None:
-      b = batch(config.train.batch_size, lc)   # eval batches have the train batch's rows
-      jobs[program_key("eval", b)] = (eval_fn, (state.params, b))
+      jobs[program_key("eval", batch(lc))] = (eval_fn, (state.params, batch(lc)))
   order = sorted(jobs, key=lambda k: (k != first, k[0] != "train", k[1]))
   futures = {k: concurrent.futures.Future() for k in order}
   pool = concurrent.futures.ThreadPoolExecutor(len(order))
