@@ -31,8 +31,7 @@ MODEL_PRESETS = {name: dict(zip(_PRESET_FIELDS, sizes)) for name, sizes in {
 
 
 def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
-  """Every model field with its default at the sizes of `preset`: the one declaration of
-  `model.layers.ModelConfig`'s fields."""
+  """Every model field with its default at `preset`'s sizes (ModelConfig's declaration)."""
   if preset not in MODEL_PRESETS:
     raise ValueError(f"Unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}.")
   m = ml_collections.ConfigDict(dict(
@@ -256,8 +255,7 @@ def _out_of_range(value, low, low_in, high, high_in) -> str | None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """ValueError, in one sentence naming the field, for a value of the wrong type or out of range
-  (ml_collections type-checks overrides, but a tuple field takes any string)."""
+  """ValueError, in one sentence naming the field, for a wrong type or out-of-range value."""
   preset = config.model.get("preset", DEFAULT_PRESET) if "model" in config else DEFAULT_PRESET
   schema = get_config(preset)
 

@@ -216,8 +216,7 @@ class Checkpointer:
 
   def check_compatible(self, config, sections: Sequence[str] = MUST_MATCH,
                        ignore: Sequence[str] = ()) -> None:
-    """CheckpointError naming the fields of `sections` (but `ignore`'s "section.key") in which
-    the workdir's newest intact config differs from `config`."""
+    """CheckpointError naming the fields of `sections` where the saved config differs."""
     saved = None
     for step in sorted(self.manager.all_steps(), reverse=True):   # the newest intact config
       if self.verify(step) is None:
@@ -226,12 +225,12 @@ class Checkpointer:
           break
         except CheckpointError:
           pass
-    if saved is None:
-      return      # nothing to compare with: restore() says what is wrong
+    if saved is None:   # nothing to compare with: restore() says what is wrong
+      return
     for section in sections:
       a, b = saved.get(section), config.get(section)
       a = a.to_dict() if a is not None else None
-      b = _jsonable(b.to_dict()) if b is not None else None
+      b = json.loads(json.dumps(b.to_dict())) if b is not None else None
       for path in ignore:
         if path.startswith(section + "."):
           for d in (a, b):
@@ -282,8 +281,7 @@ class Checkpointer:
 
 
 def check_workdir(workdir: str, config, sections: Sequence[str] = MUST_MATCH) -> None:
-  """CheckpointError if `workdir` holds checkpoints of another config in `sections` (but
-  DERIVED); reads only, so call it before a command writes anything there."""
+  """CheckpointError if `workdir` holds checkpoints of another config; reads only."""
   workdir = absolute(workdir)
   if not checkpoint_dir(workdir).is_dir():
     return
@@ -293,7 +291,3 @@ def check_workdir(workdir: str, config, sections: Sequence[str] = MUST_MATCH) ->
       ckpt.check_compatible(config, sections, ignore=DERIVED)
     finally:
       ckpt.manager.close()
-
-
-def _jsonable(d):
-  return json.loads(json.dumps(d))

@@ -113,8 +113,7 @@ def _model_fields(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _mines_with_model(config) -> bool:
-  """Whether this run mines neighbours with the model's encoder (at a refresh step, or from a
-  warm-started model, with a retrieval method other than bm25)."""
+  """Whether this run mines neighbours with the model's encoder (needs an embedder)."""
   k, rc = train_step.retrieval_k(config), config.retrieval
   return bool(k) and rc.method != "bm25" and bool(rc.refresh_steps or config.train.init_from)
 
@@ -240,14 +239,11 @@ class Trainer:
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.train_fn = self.eval_fn = self.gauge_fn = self.bar = None   # made by train()
     self._gauge_warned = False
-    # The last step's metrics on the device, not yet checked; throughput since the last log.
-    self._pending: tuple[int, Any] | None = None
+    self._pending: tuple[int, Any] | None = None   # the last step's metrics, not yet checked
     self._first_batch = None   # taken from the iterator early to compile its program first
-    self._t_last, self._tokens_since, self._flops_since = time.perf_counter(), 0, 0.0
 
   def train(self, max_steps: int | None = None) -> Result:
-    """Steps from the restored one to `config.train.steps` (or `max_steps`); SIGTERM/SIGINT
-    save and stop."""
+    """Steps to `config.train.steps` (or `max_steps`); SIGTERM/SIGINT save and stop."""
     tc = self.tc
     end = tc.steps if max_steps is None else min(tc.steps, max_steps)
     step = self.start
@@ -275,6 +271,7 @@ class Trainer:
       self.bar = tqdm(total=tc.steps, initial=step,
                       disable=not (self.progress and self.is_main), dynamic_ncols=True,
                       desc="train")
+      # Throughput since the last log.
       self._t_last, self._tokens_since, self._flops_since = time.perf_counter(), 0, 0.0
       while step < end:
         step += 1
@@ -354,8 +351,7 @@ class Trainer:
     self.bar.update(step - self.bar.n)
 
   def _diverged(self, step: int, what: str, first_bad: int) -> None:
-    """TrainingError naming the last good checkpoint, where the next run resumes: the
-    checkpoints from `first_bad` on are set aside."""
+    """TrainingError naming the last good checkpoint; the steps from `first_bad` moved aside."""
     moved = self.ckpt.set_aside(first_bad)
     last, where = self.ckpt.latest_step(), checkpoint.checkpoint_dir(self.workdir)
     kept = (f"the last good checkpoint is {where / str(last)}, where the next run resumes"

@@ -58,8 +58,7 @@ def _copy_log_prob(logp_vocab_BxT: Array, targets_BxT: Array, copy: CopyTerms) -
 
 
 def _copy_correct(logits_BxTxV, lse, max_logit, logp_BxT, copy: CopyTerms) -> Array:
-  """Whether the target is the mixture's most likely token: the vocabulary's best token or a
-  context token (copying adds mass only to those), so no [B, T, V] mixture is built."""
+  """Whether the target is the mixture's most likely token (no [B, T, V] mixture built)."""
   b, t, _ = logits_BxTxV.shape
   p_gen = jax.nn.sigmoid(copy.gate_BxT)
   at_ctx = jnp.take_along_axis(logits_BxTxV, jnp.broadcast_to(
@@ -131,8 +130,7 @@ def generation_loss(h_BxTxH: Array, targets_BxT: Array, weights_BxT: Array, proj
 
 def group_mean(nll_B: Array, correct_B: Array, count_B: Array,
                rows_B: Array | None = None) -> tuple[Array, Array, Array]:
-  """(token-mean loss, token accuracy, token count) over the rows where `rows_B` (all rows when
-  None); 0 loss and accuracy for a group without tokens."""
+  """(token-mean loss, accuracy, token count) over the rows where `rows_B` (None: all)."""
   if rows_B is not None:
     w = rows_B.astype(jnp.float32)
     nll_B, correct_B, count_B = nll_B * w, correct_B * w, count_B * w

@@ -58,8 +58,7 @@ def train_flops_per_example(mc, desc_len: int, code_len: int, *, generation: boo
 
 def batch_flops(mc, batch: Mapping[str, Any], *, generation: bool = True,
                 align: bool = True) -> float:
-  """Model FLOPs of one training step on `batch`'s shapes: with a retrieval context, the
-  context encoder and the decoder attend to it and the description encoder runs alone."""
+  """Model FLOPs of one training step on `batch`'s shapes."""
   b, ld = batch["desc_ids"].shape
   lc = batch["code_ids"].shape[1]
   if generation and "ctx_ids" in batch:

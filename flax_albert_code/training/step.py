@@ -201,8 +201,7 @@ def program_key(kind: str, batch) -> tuple:
 
 def precompile(train_fn, eval_fn, state: TrainState, config, mesh,
                code_lengths) -> dict[tuple, Any]:
-  """{`program_key`: compiled step} for every code bucket, compiled side by side in threads
-  (XLA compiles without the GIL); a compiled step is called like the jitted one."""
+  """{`program_key`: compiled step} for every code bucket, compiled side by side in threads."""
   start = time.perf_counter()
   futures = precompile_async(train_fn, eval_fn, state, config, mesh, code_lengths)
   compiled = {k: f.result() for k, f in futures.items()}
