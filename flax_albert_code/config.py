@@ -1,9 +1,7 @@
 """The config schema: every field a run can set, with its default.
 
-Config files in `flax_albert_code/configs/` (shipped in the package) call `get_config(preset)`
-and override what they need; every field is overridable from the command line
-(`--config.train.steps=100`). Model presets follow ALBERT's
-published sizes; `tiny` exists for tests.
+Config files in `configs/` call `get_config(preset)` and override what they need; every field is
+overridable from the command line (`--config.train.steps=100`).
 """
 from __future__ import annotations
 
@@ -21,26 +19,19 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, CLS_ID, SEP_ID = 0, 1, 2, 3, 4, 5
 
 DEFAULT_PRESET = "small"
-MODEL_PRESETS = {
-    # name: (vocab, E, H, heads, FFN, encoder layers, decoder layers, max positions)
-    "tiny": dict(vocab_size=512, embedding_size=16, hidden_size=32, num_attention_heads=4,
-                 intermediate_size=64, num_hidden_layers=2, decoder_layers=2,
-                 max_position_embeddings=128, align_dim=16),
-    "small": dict(vocab_size=4000, embedding_size=64, hidden_size=128, num_attention_heads=4,
-                  intermediate_size=512, num_hidden_layers=4, decoder_layers=3,
-                  max_position_embeddings=512, align_dim=64),
-    "base": dict(vocab_size=32000, embedding_size=128, hidden_size=768, num_attention_heads=12,
-                 intermediate_size=3072, num_hidden_layers=12, decoder_layers=6,
-                 max_position_embeddings=512, align_dim=256),
-    "large": dict(vocab_size=32000, embedding_size=128, hidden_size=1024, num_attention_heads=16,
-                  intermediate_size=4096, num_hidden_layers=24, decoder_layers=12,
-                  max_position_embeddings=512, align_dim=256),
-}
+_PRESET_FIELDS = ("vocab_size", "embedding_size", "hidden_size", "num_attention_heads",
+                  "intermediate_size", "num_hidden_layers", "decoder_layers",
+                  "max_position_embeddings", "align_dim")
+MODEL_PRESETS = {name: dict(zip(_PRESET_FIELDS, sizes)) for name, sizes in {
+    "tiny": (512, 16, 32, 4, 64, 2, 2, 128, 16),
+    "small": (4000, 64, 128, 4, 512, 4, 3, 512, 64),
+    "base": (32000, 128, 768, 12, 3072, 12, 6, 512, 256),
+    "large": (32000, 128, 1024, 16, 4096, 24, 12, 512, 256),
+}.items()}
 
 
 def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
-  """Every model hyper-parameter with its default, at the sizes of `preset`: the one declaration
-  of `model.layers.ModelConfig`'s fields (a new field is written here only) and their values."""
+  """Every model field with its default at `preset`'s sizes (ModelConfig's declaration)."""
   if preset not in MODEL_PRESETS:
     raise ValueError(f"Unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}.")
   m = ml_collections.ConfigDict(dict(
@@ -55,10 +46,9 @@ def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       share_embedding=True,              # decoder reuses the encoder's factorized embedding
       share_encoder_decoder_block=False,  # decoder reuses encoder self-attn + FFN weights
       decoder_memory="states",           # "states": all encoder states; "vector": only v_d
-      # Sentence vector: "mean" (masked mean of the last states), "first_last" (masked mean of
-      # the embedded input and the last states, averaged) or "cls" (ALBERT's tanh pooler over
-      # [CLS], the source design; HF imports). Not "cls" by default: the [CLS] state barely
-      # depends on the input at init, and InfoNCE did not learn through it (RESULTS.md).
+      # Sentence vector: "mean" (of the last states), "first_last" (of the embedded input and
+      # the last states) or "cls" (ALBERT's pooler; HF imports), which InfoNCE did not learn
+      # through (RESULTS.md).
       pooling="mean",
       align_dim=256,                     # sentence vectors of unit length in this many dims
       # Numerics and compilation.
@@ -73,38 +63,27 @@ def model_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       # "post": ALBERT's LN(x + f(x)) (HF weights); "pre": x + f(LN(x)) and a final LN per stack,
       # which trains at higher learning rates (not HF-compatible).
       norm_position="post",
-      # Reading the input (issue 30). copy_head: the output mixes the vocabulary softmax with a
-      # pointer over the encoder's input tokens (See et al. 2017), gated per position, so a
-      # token of the description or a neighbour can be written by pointing at it.
-      # memory_embeddings: the decoder attends to 0.5 * (encoder states + embedded input), which
-      # keeps each input token's identity when the encoder's states lose it.
-      # context_token_types: tokens after the first [SEP] (a retrieval context's neighbours)
-      # get token type 1, the description type 0.
+      # copy_head: a gated pointer over the input tokens mixed into the output (See et al.
+      # 2017). memory_embeddings: the decoder attends to 0.5 * (encoder states + embedded
+      # input). context_token_types: tokens after the first [SEP] (neighbours) get type 1.
       copy_head=True, memory_embeddings=True, context_token_types=True,
   ))
   m.update(MODEL_PRESETS[preset])
   return m
 
 
-# Fields added after checkpoints were written, with the value a saved config without the field
-# stands for (what the code did before it existed) where that is not today's default; any other
-# field a saved config lacks takes the schema's default (of its model preset).
+# Fields added after checkpoints were written, with the value a saved config without them stands
+# for where that is not today's default (others take the schema's default).
 LEGACY_MODEL_VALUES = {"copy_head": False, "memory_embeddings": False,
                        "context_token_types": False}
 
-# Fields older versions saved that this one no longer has (features removed because they
-# measured no gain, fields nothing read): a saved config's values of them are dropped on load.
+# Fields older versions saved that this one no longer has: dropped on load.
 REMOVED_FIELDS = {
-    # Constants since no shipped config changed them: float32 parameters, a float32 scatter-add
-    # embedding backward, unit-length sentence vectors.
     "model": ("attention_probs_dropout_prob", "param_dtype", "embedding_grad", "align_normalize"),
-    # Mining filters and seeds: constants of data/mining.py, data/prepared.py, data/pipeline.py.
     "data": ("num_workers", "min_desc_words", "max_code_lines", "max_code_chars",
              "max_file_bytes", "split_seed", "shuffle_seed"),
     "train": ("eval_batch_size", "pack", "pack_rows", "pack_max_segments", "queue_size",
               "queue_start", "mlm_weight", "decoder_input_dropout",
-              # Module constants since no shipped config changed them (training/optim.py,
-              # training/step.py); checkpoints save asynchronously.
               "b1", "b2", "eps", "weight_decay", "grad_clip", "end_lr_fraction", "gen_weight",
               "init_temperature", "label_smoothing", "z_loss", "async_checkpointing",
               "decay_fraction"),
@@ -115,12 +94,9 @@ REMOVED_MODEL_VALUES = {"decode_attention": {"pallas": "auto"}}
 
 
 def upgrade(config) -> tuple[ml_collections.ConfigDict, list[str]]:
-  """A config saved by an older version (a checkpoint's, or a mapping) as this version reads it,
-  the one place old configs are read: fields in `REMOVED_FIELDS` are dropped, values in
-  `REMOVED_MODEL_VALUES` replaced, and every field the schema has and a present section lacks
-  added (`LEGACY_MODEL_VALUES`, else the schema's default). Returns it and what changed, as
-  "section.field=value" (added with a legacy value) and "section.field" (dropped), for a log
-  line. Keys the schema does not know are kept (`ModelConfig.from_config` refuses them)."""
+  """(a config saved by an older version as this one reads it, what changed as
+  "section.field=value" (added with a legacy value) and "section.field" (dropped)): the one
+  place old configs are read. Keys the schema does not know are kept."""
   values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   preset = (values.get("model") or {}).get("preset", DEFAULT_PRESET)
   schema = get_config(preset if preset in MODEL_PRESETS else DEFAULT_PRESET).to_dict()
@@ -156,19 +132,14 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       sources="stdlib",
       data_dir="",                 # prepared data lives here; "" -> <workdir>/data
       max_examples=0,              # 0: all mined pairs; N: the first N after dedupe (smoke runs)
-      # Which functions make pairs (description words, code lines and characters, file size):
-      # data/mining.py's Filters.
       valid_fraction=0.05, test_fraction=0.05,
       tokenizer_vocab_size=8000, tokenizer_path="",  # "" -> train on the prepared train split
-      # "unigram" | "bpe": BPE joins the space to the word after it ("▁name"); unigram often
-      # leaves it alone ("▁", "name"; RESULTS.md counts them).
-      tokenizer_type="unigram",
+      tokenizer_type="unigram",    # "unigram" | "bpe"
       max_desc_len=64, max_code_len=256,
       # Static batch shapes: each code length goes to the smallest bucket that fits.
       code_buckets=(64, 128, 256),
-      # Unlabelled code for pretraining (split "unlabelled", token ids only): every function
-      # whole and each module in chunks within max_code_lines/max_code_chars, from files that
-      # gave no valid/test pair. max_unlabelled: 0 keeps all, N a fixed sample of N.
+      # Unlabelled code (split "unlabelled"): functions and module chunks from files that gave
+      # no valid/test pair. max_unlabelled: 0 keeps all, N a fixed sample of N.
       unlabelled=False, max_unlabelled=0,
   ))
   c.train = ml_collections.ConfigDict(dict(
@@ -185,27 +156,22 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       loss_chunk=128,
       # CE logits: "float32" (upcast) | "bfloat16" (fp32 sums, a fused bf16 gradient).
       logits_dtype="float32",
-      # Denoising on unlabelled code: the share of batches that are unlabelled code (the
-      # encoder reads it with spans cut, the decoder writes it whole; data/pipeline.py), by
-      # step: "1.0:600,0.25" = all for 600 steps, then one in four; "" off. Needs the prepared
-      # unlabelled split (config.data.unlabelled).
+      # Denoising: the share of batches that are unlabelled code (read with spans cut, written
+      # whole), by step: "1.0:600,0.25" = all for 600 steps, then one in four; "" off. Needs
+      # config.data.unlabelled.
       unlabelled_schedule="",
-      # Compile the train/eval steps of every code bucket at start, side by side in threads
-      # (XLA compiles without the GIL): on a GPU the buckets' programs then cost one compile
-      # time, not one each. Off by default: small CPU runs may never meet every bucket.
+      # Compile every code bucket's train/eval steps at start, side by side in threads. Off by
+      # default: small CPU runs may never meet every bucket.
       precompile=False,
       # JAX's persistent compilation cache: "auto" = <workdir>/jax_cache, a directory, or "" (off).
-      # A resumed run loads its programs from it instead of compiling them again.
       compilation_cache="auto",
       log_every=50, eval_every=500, eval_batches=8,
       checkpoint_every=500, keep_checkpoints=3,
       samples_at_end=4,
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  # Logical axis -> mesh axes. Batch over (data, fsdp); parameters' `embed` over fsdp (ZeRO-3
-  # style), heads/mlp/vocab over tensor (Megatron style). The word embedding (vocab x emb) has no
-  # `embed` axis, so its vocab rows go over fsdp as well: else FSDP leaves it whole on every device
-  # (a fifth of ALBERT-base's parameters).
+  # Logical axis -> mesh axes: batch over (data, fsdp), `embed` over fsdp, heads/mlp/vocab over
+  # tensor. The word embedding has no `embed` axis, so its vocab rows go over fsdp too.
   c.logical_axis_rules = (
       ("batch", ("data", "fsdp")),
       ("embed", "fsdp"),
@@ -238,9 +204,7 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       method="hybrid",             # "dense" (aligned vectors) | "bm25" | "hybrid" (both, z-scored)
       max_ctx_len=256,             # encoder tokens for the description + neighbours
       refresh_steps=(),            # steps after which the model's own encoder re-mines neighbours
-      # Training only: this share of rows gets its own code, about 15% of it cut out in spans,
-      # as the first neighbour (the rest move down one): a near copy, as a close neighbour is,
-      # so copying from the context pays from the first steps. 0: off.
+      # Training only: this share of rows gets its own code, spans cut out, as first neighbour.
       self_neighbour_rate=0.0,
   ))
   return c
@@ -250,8 +214,7 @@ def get_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
 CHOICES = {("model", "decode_attention"): ("auto", "xla", "layer")}
 
 
-# Ranges of the numeric fields that have one: (low, low inclusive, high, high inclusive), None
-# unbounded. The mesh axes (-1 or a size) aside.
+# Numeric fields' ranges: (low, low inclusive, high, high inclusive), None unbounded.
 _AT_LEAST_1, _AT_LEAST_0 = (1, True, None, None), (0, True, None, None)
 _POSITIVE, _SHARE = (0, False, None, None), (0, True, 1, False)
 RANGES = {
@@ -292,11 +255,7 @@ def _out_of_range(value, low, low_in, high, high_in) -> str | None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """ValueError, in one sentence naming the field, for a value of the wrong type or out of range.
-
-  Types are those of `get_config()`'s defaults: `--config.a.b=v` overrides of int, float, bool
-  and str fields are type-checked by ml_collections already, but a tuple field takes any string.
-  """
+  """ValueError, in one sentence naming the field, for a wrong type or out-of-range value."""
   preset = config.model.get("preset", DEFAULT_PRESET) if "model" in config else DEFAULT_PRESET
   schema = get_config(preset)
 
@@ -341,10 +300,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def config_path(spec: str) -> str:
-  """A `--config` value as a file config_flags can load: an existing path as given, else a shipped
-  config named `configs/X.py`, `X.py` or `X` (so the README's commands work from any directory
-  and from a wheel install), a name in `configs.VARIANTS` standing for its file and variant. A
-  `:arg` suffix (big_vision variants) is kept."""
+  """A `--config` value as a file config_flags can load: an existing path as given, else the
+  shipped config `configs/X.py`, `X.py`, `X` or variant `X` (configs.VARIANTS); `:arg` kept."""
   path, colon, arg = spec.partition(":")
   if os.path.exists(path) or not path:
     return spec
@@ -358,8 +315,7 @@ def config_path(spec: str) -> str:
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-  """The config a `--config` value names, as config_flags loads it but without command-line
-  overrides (for scripts and tests): `get_config(arg)` after a colon, else `get_config()`."""
+  """The config a `--config` value names, without command-line overrides."""
   path, colon, arg = config_path(spec).partition(":")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"No config file {path!r}; give a path or a shipped config "

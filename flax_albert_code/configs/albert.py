@@ -25,18 +25,13 @@ def get_config(arg: str | None = None):
   c.data.tokenizer_vocab_size = 32000
   c.train.batch_size = 64
   if arg.size == "base":
-    # Unrolled depth: 32 ms vs 47 ms a BENCH-A step on an H100 (the scan's carry copies and
-    # stacked residuals cost 9%, and XLA schedules across layers); compile 17 s vs 15 s.
+    # Each measured faster on an H100/H200 (benchmarks/RESULTS.md): unrolled depth, bf16 logits
+    # in the loss, the CE in one pass (its 1 GiB of bf16 logits kept for the backward).
     c.model.scan_layers = False
-    # bf16 logits in the loss (fp32 reductions): 31.8 -> 30.2 ms a BENCH-A step on an H100.
     c.train.logits_dtype = "bfloat16"
-    # The CE in one pass, its bf16 logits ([64, 256, 32000]: 1 GiB) kept for the backward
-    # instead of recomputed chunk by chunk: 27.14 (chunks of 128) -> 26.15 (one chunk of 256,
-    # recomputed) -> 25.15 ms (one pass) a BENCH-A step on an H200, peak 6.0 -> 7.1 GiB.
     c.train.loss_chunk = 0
     c.train.precompile = True   # every bucket's steps compiled at once, in threads
-    # 5e-4 kept the post-LayerNorm stack at the unigram solution in the 400-step sweep of
-    # benchmarks/RESULTS.md (configs/quality.py, warmup 150); 2e-4 learnt.
+    # 5e-4 kept the post-LayerNorm stack at the unigram solution (RESULTS.md); 2e-4 learnt.
     c.train.learning_rate = 2e-4
     c.train.steps = 20000
     c.train.warmup_steps = 1000

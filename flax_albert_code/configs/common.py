@@ -27,13 +27,8 @@ def _convert(name: str, text: str, default):
 
 
 def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
-  """A config file's `get_config(arg)` string as named options: `spec` maps each option to its
-  default, whose type converts the given text.
-
-  `arg` is comma-separated `name=value` items; a bare word is the value of the first option, or
-  True for a bool option of that name. An unknown or repeated option is a ValueError in one
-  sentence naming the valid ones.
-  """
+  """`arg` ("name=value,..."; a bare word is the first option's value, or True for a bool option
+  of that name) as options of `spec` (name -> default, whose type converts the text)."""
   values, given = dict(spec), set()
   for item in (arg or "").split(","):
     item = item.strip()

@@ -5,34 +5,21 @@
   python -m flax_albert_code.train --config configs/quality.py --workdir runs/quality
   # local variant (CPU, minutes): --config.train.steps=50 --config.data.max_examples=3000
 
-The long variant trains past one 10-minute window: 100,000 pairs plus every function and module
-of the corpus as unlabelled code, a warmup-stable-decay schedule, a checkpoint every 500 steps
-(all kept: the quality-vs-compute curve evaluates them). Stop it any time (SIGTERM saves) and run
-the same command again to go on; the compilation cache in the workdir makes the restart quick.
+The long variant trains past one 10-minute window (100,000 pairs plus the corpus as unlabelled
+code, a warmup-stable-decay schedule, every checkpoint kept for the quality-vs-compute curve).
+Stop it any time (SIGTERM saves) and run the same command again to go on.
 
   python -m flax_albert_code.train --config configs/quality.py:long --workdir runs/long
   python -m flax_albert_code.train --config configs/quality.py:long,gpus=2 --workdir runs/long2
   QUALITY_CONFIG=configs/quality.py:long QUALITY_TRAIN_SECONDS=570 \
       QUALITY_STAGES=train bash benchmarks/run_quality.sh OUT   # one call; again to continue
 
-Choices, each measured on the VALID split, never on test (benchmarks/RESULTS.md has the tables):
-- LayerNorm before each sublayer (`model.norm_position="pre"`) at peak lr 1e-3, warmup 150:
-  after 400 steps (the sweep in benchmarks/RESULTS.md, 50,000 pairs) valid gen_loss 4.15 vs 4.84
-  for ALBERT's post-norm at its best lr 2e-4 (post-norm at 5e-4 never left the unigram
-  solution; at 1e-4 it learnt slower).
-- pooling "first_last" (mean of the embedded input and the last states): with plain mean
-  pooling the pre-norm alignment stayed at chance (valid InfoNCE 4.852 = ln 128); first_last
-  reached 4.36 and 4.4% in-batch retrieval at a small cost in gen_loss (4.26).
-- base size (H768, encoder 12 / decoder 6 applications): H512 with 6 encoder applications ran
-  2.2x the tokens/s but reached gen_loss 4.53 at 400 steps.
-- 50,000 pairs (5 passes): 25,000 pairs (10 passes) over-fitted the alignment from step ~1000.
-- joint generation + InfoNCE (weight 1.0) from step 0, dropout 0.1, batch 128, code up to 256
-  tokens in buckets of 64/128/256, unrolled depth (nn.scan cost 32% of tokens/s here and saved
-  no compile time: the compile is dominated by autotuning, not depth).
+Each choice was measured on the VALID split (benchmarks/RESULTS.md has the tables): pre-norm at
+peak lr 1e-3, first_last pooling (mean pooling left pre-norm alignment at chance), base size,
+50,000 pairs, joint generation + InfoNCE from step 0, unrolled depth.
 """
 from flax_albert_code import config as config_lib
 from flax_albert_code.configs import common
-
 
 RECIPES = ("short", "long")
 
@@ -68,22 +55,18 @@ def get_config(arg: str | None = None):
   c.train.checkpoint_every = 500
   c.train.samples_at_end = 0   # run_quality.sh evaluates and generates after training
   c.sample.max_new_tokens = 256
-  # Retrieval-augmented generation: 2 train functions per description (BM25 before training,
-  # then the model's own aligned encoder + BM25 from step 900), 320 encoder tokens in all.
+  # 2 neighbours per description: BM25 before training, hybrid with the model from step 900.
   c.retrieval.k = 2
   c.retrieval.method = "hybrid"
   c.retrieval.max_ctx_len = 320
   c.retrieval.refresh_steps = (900,)
-  # Reading the input (issue 30): the copy head (on by default), half of the training rows with
-  # their own code (spans cut out) as first neighbour, and denoising on unlabelled code: half
-  # of the batches for the first 400 steps, then one in five (about 27% of all batches). Both
-  # chosen on the valid split of the default run (benchmarks/RESULTS.md, issue 30).
+  # Reading the input (issue 30): own code as first neighbour in half the rows, and denoising
+  # on unlabelled code (half of the batches for 400 steps, then one in five).
   c.retrieval.self_neighbour_rate = 0.5
   c.data.unlabelled = True
   c.data.max_unlabelled = 100000
   c.train.unlabelled_schedule = "0.5:400,0.2"
-  # Chosen on the valid split (benchmarks/RESULTS.md, issue 19): without it 93% of greedy outputs
-  # looped; with 4, 3% (and BLEU 0.38 -> 0.68).
+  # Without the n-gram ban most greedy outputs loop (benchmarks/RESULTS.md, issue 19).
   c.sample.no_repeat_ngram_size = 4
   if arg.recipe == "long":
     _long(c, arg.gpus)
@@ -91,8 +74,7 @@ def get_config(arg: str | None = None):
 
 
 def _long(c, gpus: int) -> None:
-  """The long recipe: data parallel over `gpus` GPUs at 128 pairs a GPU; the same examples seen
-  in all (steps scale down as the batch grows)."""
+  """Data parallel over `gpus` GPUs at 128 pairs each; steps scale down as the batch grows."""
   if gpus < 1:
     raise ValueError(f"configs/quality.py:long,gpus={gpus} must be at least 1.")
   c.name = "quality_long" if gpus == 1 else f"quality_long_{gpus}gpu"

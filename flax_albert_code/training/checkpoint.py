@@ -1,27 +1,12 @@
 """Orbax checkpoints: train state + data iterator + config, kept as the last K plus the best.
 
-Layout: `<workdir>/checkpoints/<step>/{state,data,config}`. Orbax writes each step into a
-temporary directory and renames it when complete, so a half-written checkpoint is never listed.
-Restores take target shardings from the current mesh, so a checkpoint written on 8 devices
-restores on 1 (and the other way round).
-
-Integrity. Orbax checksums no array data, so each step also holds `sha256_manifest.json`: size and
-sha256 of every file of the step but orbax's own `_CHECKPOINT_METADATA` (which it rewrites at the
-commit; orbax fails to restore a step whose metadata is unreadable). With async saves it is written
-by orbax's post-finalization callback into the temporary directory just before the rename that
-commits the step, so a committed step always carries it; with sync saves it is written (atomically)
-right after the commit. A step without a manifest (written by an older version, or killed between a
-sync commit and its manifest) is trusted on orbax's commit alone: a kill cannot leave a committed
-step partial, and a step whose files do not restore is still skipped below. `restore()` verifies
-the latest step and, when a file is missing, truncated or altered (or orbax cannot read it), falls
-back to the previous step, says which step and file in a warning, and moves the bad step aside to
-`<workdir>/checkpoints_corrupt/` (only once an earlier step has restored, so a bug that fails every
-restore never moves a checkpoint) so that later saves of those step numbers are possible.
-Reading a checkpoint for its model (model/checkpoint_io.py) refuses a step that fails its
-manifest. Hashing reads each step once more after it is written and once before it is restored.
-
-A save that fails (disk full, permissions) raises CheckpointError at the next save or at
-close(), naming the step and the earlier steps that are intact.
+Layout: `<workdir>/checkpoints/<step>/{state,data,config}`; restores reshard onto the current
+mesh. Orbax checksums no array data, so each step also holds `sha256_manifest.json` (every file
+but orbax's `_CHECKPOINT_METADATA`, which it rewrites at the commit), written before the rename
+that commits an async save, right after a sync one. A step without one is trusted on orbax's
+commit. `restore()` falls back from a step whose files fail the manifest or do not restore, with
+a warning, and moves it to `<workdir>/checkpoints_corrupt/` once an earlier step restored. A
+failed save raises CheckpointError at the next save or at close(), naming the intact steps.
 """
 from __future__ import annotations
 
@@ -58,10 +43,15 @@ def checkpoint_dir(workdir: str) -> epath.Path:
   return epath.Path(workdir) / "checkpoints"
 
 
+def absolute(workdir) -> str:
+  """`workdir` as an absolute path (orbax wants them), a URL as given."""
+  workdir = str(workdir)
+  return workdir if "://" in workdir else os.path.abspath(os.path.expanduser(workdir))
+
+
 class _DataHandler(grain.checkpoint.CheckpointHandler):
-  """grain's iterator handler (one `process_<i>-of-<n>.json` per process) that also restores on
-  another process count: our iterator's state is the global batch index, the same on every
-  host (data/pipeline.py), so any process's file holds it."""
+  """grain's iterator handler that also restores on another process count: the iterator's
+  state (the global batch index) is the same in every `process_<i>-of-<n>.json`."""
 
   def restore(self, directory: epath.Path, item=None, args=None):
     item, directory = item or args.item, epath.Path(directory)
@@ -132,8 +122,7 @@ class Checkpointer:
     return saved
 
   def _manifest_before_commit(self) -> None:
-    """Orbax's post-finalization callback: every file of the step is written, the rename that
-    commits it comes next."""
+    """Orbax's post-finalization callback, between the step's last file and its commit."""
     step = self._saving
     if step is None or jax.process_index() != 0:
       return
@@ -154,10 +143,8 @@ class Checkpointer:
     return self._problems[step]
 
   def restore(self, abstract_state, data_iter=None, step: int | None = None):
-    """Restore the state (resharded onto `abstract_state`'s shardings) and the iterator.
-
-    Without `step`: the latest step whose files verify and restore; a newer bad one is reported
-    in a warning and moved aside (see the module docstring)."""
+    """(state resharded onto `abstract_state`'s shardings, step); restores `data_iter` too.
+    Without `step`: the latest step whose files verify and restore (module docstring)."""
     steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
     if not steps:
       raise CheckpointError(f"No complete checkpoint in {self.directory}.")
@@ -188,9 +175,8 @@ class Checkpointer:
         "--workdir.")
 
   def set_aside(self, first: int) -> list[int]:
-    """Moves every step from `first` on (a diverged run's states) to `<workdir>/
-    checkpoints_diverged/`, after the save in flight, so that the next run resumes before them;
-    the steps moved."""
+    """Moves the steps from `first` on (a diverged run's) to `<workdir>/checkpoints_diverged/`
+    after the save in flight, so that the next run resumes before them; returns them."""
     self.wait()
     self.manager.reload()
     moved = [s for s in sorted(self.manager.all_steps()) if s >= first]
@@ -201,8 +187,7 @@ class Checkpointer:
 
   def _move_aside(self, step: int, folder: str = "checkpoints_corrupt",
                   what: str = "corrupt") -> None:
-    """Move a corrupt (or diverged) step out of orbax's sight, so that training can save that
-    step again."""
+    """Move a corrupt (or diverged) step out of orbax's sight, so that it can be saved again."""
     if self.read_only:
       return
     src = self.directory / str(step)
@@ -231,8 +216,7 @@ class Checkpointer:
 
   def check_compatible(self, config, sections: Sequence[str] = MUST_MATCH,
                        ignore: Sequence[str] = ()) -> None:
-    """Refuse to resume a workdir written by another model or data config: CheckpointError
-    naming the fields of `sections` that differ (but those in `ignore`, "section.key")."""
+    """CheckpointError naming the fields of `sections` where the saved config differs."""
     saved = None
     for step in sorted(self.manager.all_steps(), reverse=True):   # the newest intact config
       if self.verify(step) is None:
@@ -241,12 +225,12 @@ class Checkpointer:
           break
         except CheckpointError:
           pass
-    if saved is None:
-      return      # nothing to compare with: restore() says what is wrong
+    if saved is None:   # nothing to compare with: restore() says what is wrong
+      return
     for section in sections:
       a, b = saved.get(section), config.get(section)
       a = a.to_dict() if a is not None else None
-      b = _jsonable(b.to_dict()) if b is not None else None
+      b = json.loads(json.dumps(b.to_dict())) if b is not None else None
       for path in ignore:
         if path.startswith(section + "."):
           for d in (a, b):
@@ -297,10 +281,8 @@ class Checkpointer:
 
 
 def check_workdir(workdir: str, config, sections: Sequence[str] = MUST_MATCH) -> None:
-  """Before a command writes anything into `workdir` (prepared data, CURRENT, a cache):
-  CheckpointError if it holds checkpoints of another config, compared in `sections` (but
-  DERIVED). Reads only, so a refused command leaves the workdir as it was."""
-  workdir = str(workdir) if "://" in str(workdir) else os.path.abspath(os.path.expanduser(workdir))
+  """CheckpointError if `workdir` holds checkpoints of another config; reads only."""
+  workdir = absolute(workdir)
   if not checkpoint_dir(workdir).is_dir():
     return
   with quiet_orbax():
@@ -309,7 +291,3 @@ def check_workdir(workdir: str, config, sections: Sequence[str] = MUST_MATCH) ->
       ckpt.check_compatible(config, sections, ignore=DERIVED)
     finally:
       ckpt.manager.close()
-
-
-def _jsonable(d):
-  return json.loads(json.dumps(d))

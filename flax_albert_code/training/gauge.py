@@ -1,15 +1,10 @@
-"""The reading gauge: does the decoder use its input? Measured at every validation on fixed valid
-batches, beside gen_loss (metrics.jsonl, TensorBoard, the progress line):
+"""The reading gauge: does the decoder use its input? Measured at each validation:
 
-  input_gap       nll per code token with another row's input minus with the row's own: what
-                  the description (and neighbours) are worth to the decoder (0: it ignores them)
-  copy_gap        nll as generated minus with the row's own code, intact, as first neighbour:
-                  whether it can copy what it reads (retrieval models only)
-  encoder_spread  mean |state - its row's mean state| / |state| over the context's real tokens:
-                  near 0 the encoder gives every token the same state (collapsed)
+  input_gap       nll per code token with another row's input minus with the row's own
+  copy_gap        nll as generated minus with the row's own code as first neighbour (retrieval)
+  encoder_spread  mean |state - its row's mean state| / |state| over the context's real tokens
 
-A run whose input_gap stays under `MIN_INPUT_GAP` after warmup, or whose spread falls under
-`MIN_SPREAD`, is not learning to read; the trainer says so in one warning line.
+An input_gap under `MIN_INPUT_GAP` after warmup, or a spread under `MIN_SPREAD`, earns a warning.
 """
 from __future__ import annotations
 
@@ -37,8 +32,7 @@ def encoder_spread(states_BxLxH: Array, mask_BxL: Array) -> tuple[Array, Array]:
 
 
 def _nll_sum(params, model, config, desc, code, ctx) -> tuple[Array, Array]:
-  """(sum of the code tokens' nll, their count) with `ctx` as the decoder's input (None: the
-  description)."""
+  """(sum of the code tokens' nll, their count) with `ctx` (None: the description) as input."""
   out = model.apply({"params": params}, desc, code, encode_code=False, ctx_ids_BxC=ctx)
   nll, _, count = losses.generation_row_sums(
       out["hidden"], code, code != PAD_ID, *train_step._output_weights(params, model.cfg),
@@ -48,9 +42,8 @@ def _nll_sum(params, model, config, desc, code, ctx) -> tuple[Array, Array]:
 
 
 def gauge_sums(params, batch, *, model, config) -> dict[str, Array]:
-  """Sums over one batch, summed again over batches and divided by `finish`: nll with the
-  row's own input, with the next row's, with its own code as first neighbour (when the batch
-  has `own_ctx_ids`), and the context encoder's spread."""
+  """One batch's sums for `finish`: nll with the row's own input, with the next row's, with its
+  own code as first neighbour (given `own_ctx_ids`), and the context encoder's spread."""
   params = params["model"]
   desc, code, ctx = batch["desc_ids"], batch["code_ids"], batch.get("ctx_ids")
   roll = lambda x: None if x is None else jnp.roll(x, 1, axis=0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -33,21 +34,16 @@ from flax_albert_code.data import pipeline
 from flax_albert_code.data.prepared import prepare
 
 log = logging.getLogger("flax_albert_code")
-# A training loss above this many times its start (the first step's, or ln(vocabulary) if that is
-# higher: an untrained model's) has diverged: a run with a healthy learning rate never goes back
-# above its start, a diverging one was at 100x-1e8x within steps (learning rate 1 or 100).
+# A training loss above this many times its start (the first step's, or ln(vocabulary) if higher)
+# has diverged: a healthy run never goes back above its start, a diverging one goes far beyond.
 DIVERGED = 10
-
-
-# (config, params, prepared, mesh) -> the model's aligned vectors of texts (`neighbours.Embed`), for
-# mining neighbours with its own encoder. Given by the caller (the train command passes
-# CodeGenerator's), so that training imports no inference.
+# (config, params, prepared, mesh) -> the model's aligned vectors of texts, for mining neighbours
+# with its own encoder; given by the caller, so that training imports no inference.
 Embedder = Callable[[Any, Any, Any, Any], neighbours_lib.Embed]
 
 
 class TrainingError(RuntimeError):
-  """Training cannot go on (non-finite loss, bad warm start); the message says why and what to
-  do."""
+  """Training cannot go on (non-finite loss, bad warm start); the message says what to do."""
 
 
 @dataclasses.dataclass
@@ -56,19 +52,16 @@ class Result:
   step: int
   history: list[dict[str, float]]      # per-step training metrics fetched from the device
   valid: dict[str, float]               # last validation metrics
-  stopped_by_signal: bool
   state: Any = None
   prepared: Any = None
 
 
 class _Signals:
   """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits cleanly."""
-
-  def __init__(self):
-    self.received = None
-    self._old = {}
+  received = None
 
   def __enter__(self):
+    self._old = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
         self._old[sig] = signal.signal(sig, self._handle)
@@ -76,8 +69,7 @@ class _Signals:
         pass
     return self
 
-  def _handle(self, signum, frame):
-    del frame
+  def _handle(self, signum, _):
     self.received = signal.Signals(signum).name
 
   def __exit__(self, *exc):
@@ -90,18 +82,16 @@ def _warm_start(state, config, model_cfg):
   path = os.path.expanduser(config.train.init_from)
   if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(
       os.path.join(path, "checkpoints")):
-    params, _ = hf.load_hf_encoder(path, params=jax.device_get(state.params["model"]))
-    loaded = params
+    loaded, _ = hf.load_hf_encoder(path, params=jax.device_get(state.params["model"]))
   else:
     _, loaded, _ = checkpoint_io.load_for_inference(path)
   current = state.params["model"]
-  flat_cur = dict(_flatten(current))
-  flat_new = dict(_flatten(loaded))
-  mismatched = [k for k in flat_new if k in flat_cur and flat_new[k].shape != flat_cur[k].shape]
-  if mismatched:
+  flat_cur, flat_new = dict(_flatten(current)), dict(_flatten(loaded))
+  bad = [k for k in flat_new if k in flat_cur and flat_new[k].shape != flat_cur[k].shape]
+  if bad:
     raise TrainingError(f"config.train.init_from={path} has parameters of other shapes "
-                        f"({'/'.join(mismatched[0])}: {flat_new[mismatched[0]].shape} vs "
-                        f"{flat_cur[mismatched[0]].shape}); use the same model config.")
+                        f"({'/'.join(bad[0])}: {flat_new[bad[0]].shape} vs "
+                        f"{flat_cur[bad[0]].shape}); use the same model config.")
   merged = jax.tree_util.tree_map_with_path(
       lambda p, x: jax.device_put(jnp.asarray(flat_new.get(_key(p), x), x.dtype), x.sharding),
       current)
@@ -123,17 +113,15 @@ def _model_fields(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _mines_with_model(config) -> bool:
-  """Whether this run mines neighbours with the model's encoder: at a refresh step, or before
-  training from a warm-started model (config.retrieval.method other than bm25)."""
+  """Whether this run mines neighbours with the model's encoder (needs an embedder)."""
   k, rc = train_step.retrieval_k(config), config.retrieval
   return bool(k) and rc.method != "bm25" and bool(rc.refresh_steps or config.train.init_from)
 
 
 def _neighbours(config, prepared, workdir: str, step: int, params, mesh, *, refresh: bool,
                 embedder: Embedder | None):
-  """This run's retrieval neighbours at `step`: loaded when saved (a resumed run), else mined
-  (before training with BM25, or the warm-started model's vectors; at a refresh step with the
-  model's own encoder) and saved. None for a model without retrieval."""
+  """This run's retrieval neighbours at `step` (None without retrieval): loaded when saved, else
+  mined (BM25 or the warm-started model before training, the model at a refresh) and saved."""
   k = train_step.retrieval_k(config)
   if not k:
     return None
@@ -154,44 +142,46 @@ def evaluate(eval_fn, params, config, prepared, mesh, batch_size: int,
              neighbours=None, gauge_fn=None) -> dict[str, float]:
   """Mean validation metrics over the first `eval_batches` batches of the valid split; with
   `gauge_fn` (`gauge.jit_gauge`) also the reading gauge over the first `gauge.BATCHES`."""
+  def dataset(own_context):
+    return pipeline.make_dataset(config, prepared, "valid", batch_size, shuffle=False,
+                                 num_epochs=1, drop_remainder=True, neighbours=neighbours,
+                                 own_context=own_context)
   try:
-    it = pipeline.make_iterator(config, prepared, "valid", batch_size, shuffle=False,
-                                num_epochs=1, drop_remainder=True, prefetch=0,
-                                neighbours=neighbours, own_context=gauge_fn is not None)
+    plain = dataset(False)
+    # `own_ctx_ids` (a context per row, built on the host) only for the batches the gauge reads.
+    own = plain if gauge_fn is None else dataset(True)
   except (ValueError, pipeline.DataError) as e:
     log.warning("No validation: %s", e)
     return {}
-  sums, gauge_sums, n = {}, {}, 0
-  batch_sharding = sharding.batch_sharding(mesh)
-  for batch in it:
-    m = jax.device_get(eval_fn(params, pipeline.to_global(_model_fields(batch), batch_sharding)))
-    for k, v in m.items():
-      sums[k] = sums.get(k, 0.0) + float(v)
-    if gauge_fn is not None and n < gauge_lib.BATCHES:
+  sums, gauge_sums = {}, {}
+  n = min(len(plain), config.train.eval_batches)
+  to_global = functools.partial(pipeline.to_global, sharding=sharding.batch_sharding(mesh))
+  for i in range(n):
+    batch = (own if i < gauge_lib.BATCHES else plain)[i]
+    _add(sums, eval_fn(params, to_global(_model_fields(batch))))
+    if gauge_fn is not None and i < gauge_lib.BATCHES:
       fields = {**_model_fields(batch), **{k: batch[k] for k in ("own_ctx_ids",) if k in batch}}
-      g = jax.device_get(gauge_fn(params, pipeline.to_global(fields, batch_sharding)))
-      for k, v in g.items():
-        gauge_sums[k] = gauge_sums.get(k, 0.0) + float(v)
-    n += 1
-    if n >= config.train.eval_batches:
-      break
+      _add(gauge_sums, gauge_fn(params, to_global(fields)))
   out = {f"valid_{k}": v / n for k, v in sums.items()} if n else {}
   return {**out, **(gauge_lib.finish(gauge_sums) if gauge_sums else {})}
 
 
+def _add(sums: dict[str, float], device_metrics) -> None:
+  for k, v in jax.device_get(device_metrics).items():
+    sums[k] = sums.get(k, 0.0) + float(v)
+
+
 def run(config, workdir: str, *, progress: bool = True, max_steps: int | None = None,
         devices: Sequence[Any] | None = None, embedder: Embedder | None = None) -> Result:
-  """Train `config` in `workdir`; `max_steps` stops early (tests of resume) without saving;
-  `devices` (default all) are the mesh's devices; `embedder` mines neighbours with the model
-  (needed when the config does, see `Embedder`)."""
+  """Train `config` in `workdir`; `max_steps` stops early without saving; `devices` (default
+  all) make the mesh; `embedder` is needed when the config mines neighbours with the model."""
   return Trainer(config, workdir, progress=progress, devices=devices,
                  embedder=embedder).train(max_steps)
 
 
 class Trainer:
-  """One run: data, sharded state and checkpointer from the config (resumed from the workdir's
-  latest checkpoint), then `train()` calls `do_step` until the end. A step's metrics are fetched
-  while the next step runs (`_process_metrics(step - 1, ...)`): the device never waits."""
+  """One run, resumed from the workdir's latest checkpoint; `train()` calls `do_step` until the
+  end. A step's metrics are fetched while the next step runs: the device never waits."""
 
   def __init__(self, config, workdir: str, *, progress: bool = True,
                devices: Sequence[Any] | None = None, embedder: Embedder | None = None):
@@ -206,10 +196,7 @@ class Trainer:
     t = time.perf_counter()
     self.is_main = jax.process_index() == 0
     self.progress = progress
-    workdir = str(workdir)
-    if "://" not in workdir:   # orbax wants absolute paths; users type relative ones
-      workdir = os.path.abspath(os.path.expanduser(workdir))
-    self.workdir = workdir
+    workdir = self.workdir = checkpoint.absolute(workdir)   # orbax wants absolute paths
     checkpoint.check_workdir(workdir, config)   # refused before anything is written
     self.prepared = prepare(config, workdir, progress=progress and self.is_main)
     self.startup["prepare"], t = time.perf_counter() - t, time.perf_counter()
@@ -252,17 +239,14 @@ class Trainer:
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.train_fn = self.eval_fn = self.gauge_fn = self.bar = None   # made by train()
     self._gauge_warned = False
-    # The last step's metrics on the device, not yet checked; throughput since the last log.
-    self._pending: tuple[int, Any] | None = None
+    self._pending: tuple[int, Any] | None = None   # the last step's metrics, not yet checked
     self._first_batch = None   # taken from the iterator early to compile its program first
-    self._t_last, self._tokens_since, self._flops_since = time.perf_counter(), 0, 0.0
 
   def train(self, max_steps: int | None = None) -> Result:
-    """Steps from the restored one to `config.train.steps` (or `max_steps`); saves on
-    SIGTERM/SIGINT and stops there."""
+    """Steps to `config.train.steps` (or `max_steps`); SIGTERM/SIGINT save and stop."""
     tc = self.tc
     end = tc.steps if max_steps is None else min(tc.steps, max_steps)
-    step, stopped = self.start, None
+    step = self.start
     # Closing the checkpointer waits for in-flight async saves, also when training stops with an
     # error: the last good checkpoint is then complete on disk.
     with contextlib.closing(self.ckpt), contextlib.closing(self.writer), \
@@ -287,6 +271,7 @@ class Trainer:
       self.bar = tqdm(total=tc.steps, initial=step,
                       disable=not (self.progress and self.is_main), dynamic_ncols=True,
                       desc="train")
+      # Throughput since the last log.
       self._t_last, self._tokens_since, self._flops_since = time.perf_counter(), 0, 0.0
       while step < end:
         step += 1
@@ -303,23 +288,20 @@ class Trainer:
         if step % tc.checkpoint_every == 0 or step == tc.steps or stop:
           self._save(step, force=bool(stop) or step == tc.steps)
         if stop:
-          stopped = stop
           log.warning("Received %s at step %d: checkpoint saved, exiting.", stop, step)
           break
       self._flush()
       self.bar.close()
-    return Result(self.workdir, step, self.history, self.valid, bool(stopped), self.state,
-                  self.prepared)
+    return Result(self.workdir, step, self.history, self.valid, self.state, self.prepared)
 
   def do_step(self, step: int) -> None:
-    """Runs training step `step` (1-based) on the next batch; then checks step - 1's metrics,
-    which the device has by now."""
+    """Runs step `step` (1-based) on the next batch, then checks step - 1's metrics."""
     batch = self._first_batch or self._model_batch(next(self.train_iter))
     self._first_batch = None
-    ld, lc = batch["desc_ids"].shape[1], batch["code_ids"].shape[1]
     self.state, metrics = self.train_fn(self.state,
                                         pipeline.to_global(batch, self.batch_sharding))
-    self._tokens_since += self.tc.batch_size * (ld + lc)
+    self._tokens_since += self.tc.batch_size * (batch["desc_ids"].shape[1]
+                                                + batch["code_ids"].shape[1])
     self._flush()
     self._flops_since += metrics_lib.batch_flops(self.model_cfg, batch, generation=self.gen,
                                                  align=bool(self.align))
@@ -346,9 +328,8 @@ class Trainer:
       self._pending = None
 
   def _process_metrics(self, step: int, device_metrics) -> None:
-    """Host copy of one step's metrics: a diverged run (a non-finite loss, gradient or
-    parameter norm, or a loss DIVERGED times its start) stops naming the step and the last good
-    checkpoint; kept in the history, written every `log_every` steps."""
+    """Host copy of one step's metrics, into the history; a diverged run (non-finite loss,
+    gradient or parameter norm, or a loss DIVERGED times its start) stops here."""
     m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     # The loss and gradient are those of the parameters before this step's update, the
     # parameter norm that of the state about to be checkpointed.
@@ -370,8 +351,7 @@ class Trainer:
     self.bar.update(step - self.bar.n)
 
   def _diverged(self, step: int, what: str, first_bad: int) -> None:
-    """TrainingError naming the last good checkpoint; the checkpoints of states from
-    `first_bad` on are set aside, so that the next run resumes from it."""
+    """TrainingError naming the last good checkpoint; the steps from `first_bad` moved aside."""
     moved = self.ckpt.set_aside(first_bad)
     last, where = self.ckpt.latest_step(), checkpoint.checkpoint_dir(self.workdir)
     kept = (f"the last good checkpoint is {where / str(last)}, where the next run resumes"
@@ -399,8 +379,7 @@ class Trainer:
     self._t_last, self._tokens_since, self._flops_since = time.perf_counter(), 0, 0.0
 
   def _refresh_neighbours(self, step: int) -> None:
-    """Re-mines every split's neighbours with the model's own encoder; the train iterator
-    continues where it was, reading them."""
+    """Re-mines every split's neighbours with the model's own encoder."""
     self.neighbours = _neighbours(self.config, self.prepared, self.workdir, step,
                                   self.state.params["model"], self.mesh, refresh=True,
                                   embedder=self.embedder)
@@ -440,8 +419,7 @@ def _with_neighbours(train_iter, config, prepared, nb):
 
 
 def _dispatch(compiled, kind: str, fallback):
-  """A step that runs the precompiled program for its batch's code length (else `fallback`);
-  a program still compiling (a Future) is waited for."""
+  """A step running the precompiled program (or Future) for its batch (else `fallback`)."""
   def step(state_or_params, batch):
     fn = compiled.get(train_step.program_key(kind, batch), fallback)
     if hasattr(fn, "result"):

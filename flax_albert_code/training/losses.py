@@ -1,14 +1,9 @@
 """Training objectives as pure functions: alignment (l2, InfoNCE) and generation (masked CE).
 
-The generation loss never materialises fp32 logits for the whole batch: the sequence is cut
-into chunks and each chunk's logits are recomputed in the backward pass (`jax.checkpoint`).
-With `logits_dtype="bfloat16"` (config.train.logits_dtype) the logits stay bf16 and a custom
-gradient writes d(logits) in bf16 in one elementwise pass; see `_bf16_logit_stats`. With the
-model's copy head the loss is that of its pointer-generator mixture (`generation_row_sums`).
+The generation loss cuts the sequence into chunks whose logits are recomputed in the backward
+pass (`jax.checkpoint`), so fp32 logits of the whole batch never exist at once.
 """
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,53 +14,41 @@ from flax_albert_code.model.layers import tied_logits
 Array = jax.Array
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _bf16_logit_stats(logits_BxTxV: Array, targets_BxT: Array,
-                      with_mean: bool) -> tuple[Array, Array, Array, Array]:
-  """Per token, in fp32 from bf16 logits: (logsumexp, target logit, mean logit or 0, max).
-
-  The same arithmetic as the float32 path, whose logits are these bf16 values upcast: the max
-  is exact, exp and the sums run in fp32, the target logit is read by a gather. Only the
-  gradient differs in form: autodiff of the gather is a scatter into a dense fp32 [B, T, V]
-  buffer that is then cast to bf16; here d(logits) = g_lse p + g_target onehot + g_mean / V is
-  computed in fp32 per element and written in bf16 once. The max carries no gradient (it only
-  counts correct tokens).
-  """
-  return _bf16_stats_fwd(logits_BxTxV, targets_BxT, with_mean)[0]
+@jax.custom_vjp
+def _bf16_logit_stats(logits_BxTxV: Array, targets_BxT: Array) -> tuple[Array, Array, Array]:
+  """Per token, in fp32 from bf16 logits: (logsumexp, target logit, max), as the float32 path
+  computes them. Autodiff of the gather would scatter into a dense fp32 [B, T, V] buffer; here
+  d(logits) = g_lse p + g_target onehot is computed per element and written in bf16 once."""
+  return _bf16_stats_fwd(logits_BxTxV, targets_BxT)[0]
 
 
-def _bf16_stats_fwd(logits, targets, with_mean):
-  f32 = jnp.float32
-  m = jnp.max(logits, axis=-1).astype(f32)
-  lse = m + jnp.log(jnp.sum(jnp.exp(logits.astype(f32) - m[..., None]), axis=-1))
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(f32)
-  mean = jnp.mean(logits.astype(f32), axis=-1) if with_mean else jnp.zeros_like(lse)
-  return (lse, target_logit, mean, m), (logits, targets, lse)
+def _bf16_stats_fwd(logits, targets):
+  m = jnp.max(logits, axis=-1).astype(jnp.float32)
+  lse = m + jnp.log(jnp.sum(jnp.exp(logits.astype(jnp.float32) - m[..., None]), axis=-1))
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return (lse, target_logit.astype(jnp.float32), m), (logits, targets, lse)
 
 
-def _bf16_stats_bwd(with_mean, res, g):
+def _bf16_stats_bwd(res, g):
   logits, targets, lse = res
-  g_lse, g_target, g_mean, _ = g
+  g_lse, g_target, _ = g   # the max only counts correct tokens: no gradient
   p = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
   onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
   d = g_lse[..., None] * p + jnp.where(onehot, g_target[..., None], 0.0)
-  if with_mean:
-    d = d + g_mean[..., None] / logits.shape[-1]
   return d.astype(logits.dtype), None
 
 
 _bf16_logit_stats.defvjp(_bf16_stats_fwd, _bf16_stats_bwd)
 
 
-def _logit_stats(logits, targets, logits_dtype: str, with_mean: bool):
-  """(logsumexp, target logit, mean logit or 0, max logit) per token, float32."""
+def _logit_stats(logits, targets, logits_dtype: str):
+  """(logsumexp, target logit, max logit) per token, float32."""
   if logits_dtype == "bfloat16":
-    return _bf16_logit_stats(logits.astype(jnp.bfloat16), targets, with_mean)
+    return _bf16_logit_stats(logits.astype(jnp.bfloat16), targets)
   logits = logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  mean = logits.mean(-1) if with_mean else jnp.zeros_like(lse)
-  return lse, target_logit, mean, jax.lax.stop_gradient(logits.max(-1))
+  return lse, target_logit, jax.lax.stop_gradient(logits.max(-1))
 
 
 def _copy_log_prob(logp_vocab_BxT: Array, targets_BxT: Array, copy: CopyTerms) -> Array:
@@ -75,9 +58,7 @@ def _copy_log_prob(logp_vocab_BxT: Array, targets_BxT: Array, copy: CopyTerms) -
 
 
 def _copy_correct(logits_BxTxV, lse, max_logit, logp_BxT, copy: CopyTerms) -> Array:
-  """Whether the target is the mixture's most likely token. Copying adds mass only to context
-  tokens, so the mixture's maximum is that of the vocabulary's best token or of a context
-  token: no [B, T, V] mixture is built."""
+  """Whether the target is the mixture's most likely token (no [B, T, V] mixture built)."""
   b, t, _ = logits_BxTxV.shape
   p_gen = jax.nn.sigmoid(copy.gate_BxT)
   at_ctx = jnp.take_along_axis(logits_BxTxV, jnp.broadcast_to(
@@ -89,48 +70,34 @@ def _copy_correct(logits_BxTxV, lse, max_logit, logp_BxT, copy: CopyTerms) -> Ar
   return jnp.exp(logp_BxT) >= best * (1 - 1e-5)
 
 
-def _chunk_stats(h, targets, weights, copy, proj, word, bias, label_smoothing, z_loss,
-                 logits_dtype="float32"):
+def _chunk_stats(h, targets, weights, copy, proj, word, bias, logits_dtype):
   logits = tied_logits(h, proj, word, bias)
-  lse, target_logit, mean, max_logit = _logit_stats(logits, targets, logits_dtype,
-                                                    bool(label_smoothing))
+  lse, target_logit, max_logit = _logit_stats(logits, targets, logits_dtype)
   logp = target_logit - lse
   if copy is not None:
     logp = _copy_log_prob(logp, targets, copy)
     correct = jax.lax.stop_gradient(_copy_correct(logits, lse, max_logit, logp, copy))
   else:
     correct = target_logit >= max_logit
-  nll = -logp
-  if label_smoothing:
-    nll = (1 - label_smoothing) * nll + label_smoothing * (lse - mean)
-  if z_loss:
-    nll = nll + z_loss * jnp.square(lse)
-  return (nll * weights).sum(-1), (correct.astype(jnp.float32) * weights).sum(-1)
+  return (-logp * weights).sum(-1), (correct.astype(jnp.float32) * weights).sum(-1)
 
 
 def generation_row_sums(h_BxTxH: Array, targets_BxT: Array, weights_BxT: Array, proj_ExH: Array,
                         word_VxE: Array, bias_V: Array, *, copy: CopyTerms | None = None,
-                        label_smoothing: float = 0.0, z_loss: float = 0.0, chunk: int = 128,
+                        chunk: int = 128,
                         logits_dtype: str = "float32") -> tuple[Array, Array, Array]:
-  """Per row [B]: (sum of weighted token NLL, sum of weighted correct tokens, weight sum); the
-  chunked cross-entropy `generation_loss` averages. Rows can then be grouped (labelled pairs,
-  unlabelled code) at no extra logits cost.
-
-  `copy` (the model's copy head): the NLL is that of the pointer-generator mixture,
-  -log(p_gen softmax(logits)[y] + (1 - p_gen) sum_j a_j [ctx_j == y]), from each position's
-  target logit and logsumexp and the copy mass on the target: no [B, T, V] mixture.
-  `logits_dtype`: "float32" upcasts each chunk's logits (autodiff gradient), "bfloat16" keeps
-  them bf16 with fp32 reductions and a fused bf16 gradient (`_bf16_logit_stats`).
-  """
+  """Per row [B]: (weighted token NLL sum, weighted correct tokens, weight sum), so that rows can
+  be grouped (`group_mean`) at no extra logits cost. With `copy`, the NLL of the copy head's
+  mixture, from each position's target logit, logsumexp and copy mass: no [B, T, V] mixture."""
   if logits_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"logits_dtype {logits_dtype!r} must be 'float32' or 'bfloat16'; fix "
                      "config.train.logits_dtype.")
   b, t, h = h_BxTxH.shape
-  count = weights_BxT.astype(jnp.float32).sum(-1)
   weights = weights_BxT.astype(jnp.float32)
+  count = weights.sum(-1)
   if not chunk:   # one pass, logits kept for the backward pass
     nll, correct = _chunk_stats(h_BxTxH, targets_BxT, weights, copy, proj_ExH, word_VxE, bias_V,
-                                label_smoothing, z_loss, logits_dtype)
+                                logits_dtype)
     return nll, correct, count
   chunk = min(chunk, t)
   if t % chunk:
@@ -143,7 +110,7 @@ def generation_row_sums(h_BxTxH: Array, targets_BxT: Array, weights_BxT: Array, 
     h_c, targets_c, weights_c, copy_c = args
     copy_c = None if copy_c is None else CopyTerms(*copy_c, ids)
     return _chunk_stats(h_c, targets_c, weights_c, copy_c, proj_ExH, word_VxE, bias_V,
-                        label_smoothing, z_loss, logits_dtype)
+                        logits_dtype)
   copy_split = None if copy is None else (split(copy.attn_BxTxC), split(copy.gate_BxT))
   nll, correct = jax.lax.map(jax.checkpoint(stats), (split(h_BxTxH), split(targets_BxT),
                                                      split(weights), copy_split))
@@ -152,20 +119,18 @@ def generation_row_sums(h_BxTxH: Array, targets_BxT: Array, weights_BxT: Array, 
 
 def generation_loss(h_BxTxH: Array, targets_BxT: Array, weights_BxT: Array, proj_ExH: Array,
                     word_VxE: Array, bias_V: Array, *, copy: CopyTerms | None = None,
-                    label_smoothing: float = 0.0, z_loss: float = 0.0, chunk: int = 128,
+                    chunk: int = 128,
                     logits_dtype: str = "float32") -> tuple[Array, Array, Array]:
-  """Token-mean cross-entropy; returns (loss, token accuracy, token count). The sequence is
-  cut into chunks of `chunk` tokens (0: one pass); see `generation_row_sums`."""
+  """(token-mean cross-entropy, token accuracy, token count) over chunks of `chunk` tokens."""
   nll, correct, count = generation_row_sums(
-      h_BxTxH, targets_BxT, weights_BxT, proj_ExH, word_VxE, bias_V, copy=copy,
-      label_smoothing=label_smoothing, z_loss=z_loss, chunk=chunk, logits_dtype=logits_dtype)
+      h_BxTxH, targets_BxT, weights_BxT, proj_ExH, word_VxE, bias_V, copy=copy, chunk=chunk,
+      logits_dtype=logits_dtype)
   return group_mean(nll, correct, count)
 
 
 def group_mean(nll_B: Array, correct_B: Array, count_B: Array,
                rows_B: Array | None = None) -> tuple[Array, Array, Array]:
-  """(token-mean loss, token accuracy, token count) over the rows where `rows_B` (all rows when
-  None); 0 loss and accuracy for a group without tokens."""
+  """(token-mean loss, accuracy, token count) over the rows where `rows_B` (None: all)."""
   if rows_B is not None:
     w = rows_B.astype(jnp.float32)
     nll_B, correct_B, count_B = nll_B * w, correct_B * w, count_B * w
@@ -191,8 +156,7 @@ def similarity(v_d_BxA: Array, v_c_BxA: Array) -> Array:
 
 
 def _only_pairs(sim_BxB: Array, rows_B: Array | None) -> Array:
-  """Similarities with the columns of rows outside `rows_B` (unlabelled code) pushed to -1e9:
-  they are no one's negatives."""
+  """Similarities with the columns of rows outside `rows_B` at -1e9: no one's negatives."""
   if rows_B is None:
     return sim_BxB
   return jnp.where(rows_B[None, :], sim_BxB, -1e9)
@@ -200,12 +164,8 @@ def _only_pairs(sim_BxB: Array, rows_B: Array | None) -> Array:
 
 def infonce(v_d_BxA: Array, v_c_BxA: Array, log_inv_temp: Array,
             rows_B: Array | None = None) -> Array:
-  """Symmetric in-batch contrastive loss with a learned temperature (CLIP); with `rows_B`,
-  over those rows only (labelled pairs), the others neither anchors nor negatives.
-
-  Under jit over a sharded batch, the similarity matrix spans the global batch, so every
-  device's examples are negatives for every other's.
-  """
+  """Symmetric in-batch contrastive loss with a learned temperature (CLIP), over the global
+  batch; with `rows_B`, over those rows only, the others neither anchors nor negatives."""
   scale = jnp.exp(jnp.clip(log_inv_temp, 0.0, jnp.log(100.0)))
   logits_BxB = similarity(v_d_BxA, v_c_BxA) * scale
   d2c, c2d = _only_pairs(logits_BxB, rows_B), _only_pairs(logits_BxB.T, rows_B)

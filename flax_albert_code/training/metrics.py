@@ -47,10 +47,7 @@ def _decoder_flops(mc, desc_len: int, code_len: int) -> float:
 
 def train_flops_per_example(mc, desc_len: int, code_len: int, *, generation: bool = True,
                             align: bool = True) -> float:
-  """Model FLOPs of one training example (forward + backward = 3x forward).
-
-  Attention scores are counted in full (not halved for the causal mask), as is customary.
-  """
+  """Model FLOPs of one training example (3x forward); attention scores counted in full."""
   fwd = _encoder_flops(mc, desc_len)
   if generation:
     fwd += _decoder_flops(mc, desc_len, code_len)
@@ -61,9 +58,7 @@ def train_flops_per_example(mc, desc_len: int, code_len: int, *, generation: boo
 
 def batch_flops(mc, batch: Mapping[str, Any], *, generation: bool = True,
                 align: bool = True) -> float:
-  """Model FLOPs of one training step on `batch` (only its shapes are read): the description
-  encoder; with a retrieval context (generation) the context encoder and a decoder attending
-  to it; the code encoder."""
+  """Model FLOPs of one training step on `batch`'s shapes."""
   b, ld = batch["desc_ids"].shape
   lc = batch["code_ids"].shape[1]
   if generation and "ctx_ids" in batch:
@@ -73,20 +68,9 @@ def batch_flops(mc, batch: Mapping[str, Any], *, generation: bool = True,
   return b * train_flops_per_example(mc, ld, lc, generation=generation, align=align)
 
 
-def decode_step_flops(mc, batch: int, desc_len: int, cache_len: int) -> float:
-  """FLOPs of one cached decoding step for `batch` sequences (attention over the full cache)."""
-  h, i, e, v = mc.hidden_size, mc.intermediate_size, mc.embedding_size, mc.vocab_size
-  mem = 1 if mc.decoder_memory == "vector" else desc_len
-  per_layer = 8 * h * h + 4 * h * h + 4 * h * i + 4 * cache_len * h + 4 * mem * h
-  return batch * (2 * e * h + mc.decoder_layers * per_layer + 2 * h * e + 2 * e * v)
-
-
 class Writer:
-  """Scalars to `<workdir>/metrics.jsonl` and TensorBoard; only process 0 writes.
-
-  The workdir may be a `gs://` URL (etils.epath; TensorBoard through tensorboardX's GCS writer).
-  A GCS object cannot be appended to, so there metrics.jsonl is rewritten whole on each write.
-  """
+  """Scalars to `<workdir>/metrics.jsonl` and TensorBoard; only process 0 writes. On a `gs://`
+  workdir metrics.jsonl is rewritten whole on each write (no appends there)."""
 
   def __init__(self, workdir: str, tensorboard: bool = True):
     self.active = jax.process_index() == 0

@@ -9,35 +9,30 @@ import jax
 import optax
 
 # AdamW/LAMB moments, epsilon and weight decay; the global-norm clip; the learning rate a decay
-# ends at, as a fraction of the peak. No shipped config ever changed them.
+# ends at (a fraction of the peak); the share of steps "wsd" decays over.
 B1, B2, EPS, WEIGHT_DECAY = 0.9, 0.98, 1e-8, 0.01
-GRAD_CLIP = 1.0
-END_LR_FRACTION = 0.1
-# The "wsd" schedule decays over the last this fraction of the steps.
-DECAY_FRACTION = 0.2
+GRAD_CLIP, END_LR_FRACTION, DECAY_FRACTION = 1.0, 0.1, 0.2
 
 
 def schedule(train_cfg) -> optax.Schedule:
   peak, steps = train_cfg.learning_rate, max(int(train_cfg.steps), 1)
   warmup = min(int(train_cfg.warmup_steps), steps - 1) if steps > 1 else 0
-  end = peak * END_LR_FRACTION
+  end, w = peak * END_LR_FRACTION, max(warmup, 1)
+  ramp = optax.linear_schedule(0.0, peak, w)
   if train_cfg.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1), steps, end)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, w, steps, end)
   if train_cfg.schedule == "linear":
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
-                                 optax.linear_schedule(peak, end, max(steps - warmup, 1))],
-                                [max(warmup, 1)])
+    return optax.join_schedules([ramp, optax.linear_schedule(peak, end, max(steps - warmup, 1))],
+                                [w])
   if train_cfg.schedule == "constant":
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
-                                 optax.constant_schedule(peak)], [max(warmup, 1)])
+    return optax.join_schedules([ramp, optax.constant_schedule(peak)], [w])
   if train_cfg.schedule == "wsd":
-    # Warmup, stable, decay: the peak until the last `DECAY_FRACTION` of the steps. A long run
-    # continued with more steps (`--config.train.steps`) only moves the decay, not the past.
-    decay = min(max(int(steps * DECAY_FRACTION), 1), steps - max(warmup, 1))
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
-                                 optax.constant_schedule(peak),
-                                 optax.linear_schedule(peak, end, max(decay, 1))],
-                                [max(warmup, 1), steps - max(decay, 1)])
+    # The peak until the last `DECAY_FRACTION` of the steps: a run continued with more steps
+    # only moves the decay, not its past.
+    decay = max(min(max(int(steps * DECAY_FRACTION), 1), steps - w), 1)
+    return optax.join_schedules([ramp, optax.constant_schedule(peak),
+                                 optax.linear_schedule(peak, end, decay)],
+                                [w, steps - decay])
   raise ValueError(f"config.train.schedule={train_cfg.schedule!r} is not one of "
                    "'cosine', 'linear', 'constant', 'wsd'.")
 
@@ -47,11 +42,8 @@ def _decay_mask(params):
 
 
 def make(train_cfg) -> optax.GradientTransformation:
-  lr = schedule(train_cfg)
-  if train_cfg.optimizer == "adamw":
-    opt = optax.adamw(lr, b1=B1, b2=B2, eps=EPS, weight_decay=WEIGHT_DECAY, mask=_decay_mask)
-  elif train_cfg.optimizer == "lamb":
-    opt = optax.lamb(lr, b1=B1, b2=B2, eps=EPS, weight_decay=WEIGHT_DECAY, mask=_decay_mask)
-  else:
+  opt = {"adamw": optax.adamw, "lamb": optax.lamb}.get(train_cfg.optimizer)
+  if opt is None:
     raise ValueError(f"config.train.optimizer={train_cfg.optimizer!r} is not 'adamw' or 'lamb'.")
-  return optax.chain(optax.clip_by_global_norm(GRAD_CLIP), opt)
+  return optax.chain(optax.clip_by_global_norm(GRAD_CLIP), opt(
+      schedule(train_cfg), b1=B1, b2=B2, eps=EPS, weight_decay=WEIGHT_DECAY, mask=_decay_mask))

@@ -1,7 +1,6 @@
 """The pure, jitted training and evaluation steps, and sharded state creation.
 
-`train_step(state, batch) -> (state, metrics)` is one `jax.jit` with explicit in/out shardings
-and the state donated; per-step randomness is `fold_in(state.rng, state.step)`.
+Per-step randomness is `fold_in(state.rng, state.step)`; the train step donates the state.
 """
 from __future__ import annotations
 
@@ -58,17 +57,13 @@ def retrieval_k(config) -> int:
   return int(config.retrieval.k) if "retrieval" in config else 0
 
 
-def example_batch(config, batch_size: int) -> dict[str, np.ndarray]:
-  return {"desc_ids": np.full((batch_size, config.data.max_desc_len), 7, np.int32),
-          "code_ids": np.full((batch_size, config.data.max_code_len), 7, np.int32)}
-
-
 def make_init(model: CodeModel, tx: optax.GradientTransformation, config) -> Callable:
-  batch = example_batch(config, 2)
+  desc, code = (np.full((2, n), 7, np.int32)
+                for n in (config.data.max_desc_len, config.data.max_code_len))
 
   def init(rng: Array) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
-    params = {"model": model.init(init_rng, batch["desc_ids"], batch["code_ids"])["params"],
+    params = {"model": model.init(init_rng, desc, code)["params"],
               "log_inv_temp": jnp.log(1.0 / INIT_TEMPERATURE).astype(jnp.float32)}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=state_rng)
@@ -76,13 +71,10 @@ def make_init(model: CodeModel, tx: optax.GradientTransformation, config) -> Cal
 
 
 def create_state(model, tx, config, mesh, rng) -> tuple[TrainState, Any]:
-  """State born sharded: eval_shape -> logical shardings -> jitted init (nothing full-size on
-  one device). Returns the unboxed state and its shardings."""
+  """(state, its shardings), the state born sharded: nothing full-size on one device."""
+  _, shardings = abstract_state(model, tx, config, mesh)
   init = make_init(model, tx, config)
-  rules = sharding.rules(config)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(init, rng)
-    shardings = sharding.logical_shardings(boxed, mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config)):
     state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
   return state, shardings
 
@@ -106,14 +98,9 @@ def _output_weights(model_params, cfg):
 
 
 def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool):
-  """Weighted total loss and metrics for one batch.
-
-  With a `labelled` field [B] (an unlabelled schedule), the generation loss is the token mean
-  over all rows (pairs, and unlabelled code written back from its corrupted copy in the
-  context: data/pipeline.py), reported apart as gen_loss/token_accuracy (pairs) and
-  denoise_loss/denoise_accuracy (unlabelled code); the alignment losses read the labelled rows
-  only.
-  """
+  """Weighted total loss and metrics for one batch. With a `labelled` field [B] (an unlabelled
+  schedule) the generation loss is over all rows, reported as gen_* (pairs) and denoise_*
+  (unlabelled code); alignment reads the labelled rows only."""
   tc, mc = config.train, model.cfg
   gen, align = objectives(tc)
   dropout = train and mc.hidden_dropout_prob > 0
@@ -123,12 +110,10 @@ def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool)
                     encode_code=bool(align), decode=gen, ctx_ids_BxC=batch.get("ctx_ids"),
                     rngs={"dropout": rng})
   metrics, total = {}, 0.0
-  ce_options = dict(chunk=tc.loss_chunk, logits_dtype=tc.logits_dtype)
   if gen:
-    weights = code != PAD_ID
     sums = losses.generation_row_sums(
-        out["hidden"], code, weights, *_output_weights(params["model"], mc),
-        copy=out.get("copy"), **ce_options)
+        out["hidden"], code, code != PAD_ID, *_output_weights(params["model"], mc),
+        copy=out.get("copy"), chunk=tc.loss_chunk, logits_dtype=tc.logits_dtype)
     ce, acc, count = losses.group_mean(*sums)
     total += ce
     if labelled is None:
@@ -153,10 +138,6 @@ def compute_losses(params, batch, rng, *, model: CodeModel, config, train: bool)
   return total, metrics
 
 
-def _split_micro(batch, n: int):
-  return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
-
-
 def train_step(state: TrainState, batch, *, model: CodeModel, tx,
                config) -> tuple[TrainState, dict]:
   rng = jax.random.fold_in(state.rng, state.step)
@@ -166,7 +147,8 @@ def train_step(state: TrainState, batch, *, model: CodeModel, tx,
   if n_micro <= 1:
     (_, metrics), grads = grad_fn(state.params, batch, rng)
   else:
-    micro_batches = _split_micro(batch, n_micro)
+    micro_batches = jax.tree.map(
+        lambda x: x.reshape(n_micro, x.shape[0] // n_micro, *x.shape[1:]), batch)
 
     def micro(carry, mb_i):
       mb, i = mb_i
@@ -196,8 +178,7 @@ def eval_step(params, batch, *, model: CodeModel, config) -> dict:
 def jit_steps(model, tx, config, mesh, state_shardings):
   """The jitted train and eval steps with explicit shardings (call under `jax.set_mesh`)."""
   rules = sharding.rules(config)
-  batch_sh = sharding.batch_sharding(mesh)
-  repl = sharding.replicated(mesh)
+  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
   def with_rules(fn):
     @functools.wraps(fn)
@@ -205,7 +186,6 @@ def jit_steps(model, tx, config, mesh, state_shardings):
       with nn.logical_axis_rules(rules):
         return fn(*args)
     return wrapped
-
   train = jax.jit(with_rules(functools.partial(train_step, model=model, tx=tx, config=config)),
                   in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, repl),
                   donate_argnums=0)
@@ -221,13 +201,7 @@ def program_key(kind: str, batch) -> tuple:
 
 def precompile(train_fn, eval_fn, state: TrainState, config, mesh,
                code_lengths) -> dict[tuple, Any]:
-  """Compiles the train and eval steps for every code bucket at once, in threads.
-
-  XLA compiles without the GIL, so the buckets' programs (3 train + 3 eval by default) build
-  side by side instead of one after another as the first batch of each shape arrives.
-  Returns {`program_key`: compiled}; call a compiled step like the jitted one (same
-  shardings, the state still donated).
-  """
+  """{`program_key`: compiled step} for every code bucket, compiled side by side in threads."""
   start = time.perf_counter()
   futures = precompile_async(train_fn, eval_fn, state, config, mesh, code_lengths)
   compiled = {k: f.result() for k, f in futures.items()}
@@ -238,35 +212,28 @@ def precompile(train_fn, eval_fn, state: TrainState, config, mesh,
 def precompile_async(train_fn, eval_fn, state: TrainState, config, mesh, code_lengths,
                      first: tuple | None = None
                      ) -> dict[tuple, concurrent.futures.Future]:
-  """`precompile` without waiting: {key: Future of the compiled step}.
-
-  One background thread traces and lowers the programs one after another (tracing holds the
-  GIL: threads would not overlap it), `first` first, then the other train programs, then eval;
-  each lowered program compiles in its own thread (XLA releases the GIL). A restart whose
-  programs come from the persistent cache then waits for one program's tracing, not all.
-  """
-  batch_sh = sharding.batch_sharding(mesh)
-
-  def batch(b, lc, labelled=False):
-    shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=batch_sh)
-    out = {"desc_ids": shape(b, config.data.max_desc_len), "code_ids": shape(b, lc)}
+  """`precompile` without waiting: {key: Future of the compiled step}. One thread traces and
+  lowers the programs in turn (tracing holds the GIL), `first` first, then train, then eval;
+  each compiles in its own thread. A restart from the cache then waits for one trace."""
+  def batch(lc, labelled=False):   # eval batches have the train batch's rows, never `labelled`
+    shape = lambda *s, dtype=jnp.int32: jax.ShapeDtypeStruct(
+        (config.train.batch_size, *s), dtype, sharding=sharding.batch_sharding(mesh))
+    out = {"desc_ids": shape(config.data.max_desc_len), "code_ids": shape(lc)}
     if retrieval_k(config):
-      out["ctx_ids"] = shape(b, int(config.retrieval.max_ctx_len))
-    if labelled:   # training batches with an unlabelled schedule; eval batches never
-      out["labelled"] = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=batch_sh)
+      out["ctx_ids"] = shape(int(config.retrieval.max_ctx_len))
+    if labelled:
+      out["labelled"] = shape(dtype=jnp.bool_)
     return out
 
   # Shapes only: the live state may be donated by training steps while this runs.
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                        state)
-  mixed = bool(config.train.unlabelled_schedule)
   jobs = {}
   for lc in code_lengths:
-    b = batch(config.train.batch_size, lc, mixed)
+    b = batch(lc, bool(config.train.unlabelled_schedule))
     jobs[program_key("train", b)] = (train_fn, (state, b))
     if eval_fn is not None:
-      b = batch(config.train.batch_size, lc)   # eval batches have the train batch's rows
-      jobs[program_key("eval", b)] = (eval_fn, (state.params, b))
+      jobs[program_key("eval", batch(lc))] = (eval_fn, (state.params, batch(lc)))
   order = sorted(jobs, key=lambda k: (k != first, k[0] != "train", k[1]))
   futures = {k: concurrent.futures.Future() for k in order}
   pool = concurrent.futures.ThreadPoolExecutor(len(order))
